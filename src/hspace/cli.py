@@ -1,0 +1,273 @@
+"""The `hspace` command line: sample, edit, swap, arith, demo, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import HspaceError
+
+
+def parse_seeds(items: list[str]) -> list[int]:
+    """Seeds from words like '0-7', '3', '1,5,9'."""
+    seeds: list[int] = []
+    for item in items:
+        for part in str(item).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                if "-" in part[1:]:
+                    lo, hi = part.split("-", 1)
+                    lo, hi = int(lo), int(hi)
+                    if hi < lo:
+                        raise ValueError
+                    seeds.extend(range(lo, hi + 1))
+                else:
+                    seeds.append(int(part))
+            except ValueError:
+                raise HspaceError(f"bad seed {part!r}; valid: an integer like 7, a range like 0-15, or a list like 1,5,9") from None
+    return seeds
+
+
+def parse_eta(text: str):
+    """One number, or a comma-separated list with one value per step."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise HspaceError(f"bad --eta {text!r}; valid: a number like 1.0, or one number per step separated by commas") from None
+    return values[0] if len(values) == 1 else values
+
+
+def parse_window(text: str | None):
+    if text is None:
+        return None
+    try:
+        start, end = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise HspaceError(f"bad --window {text!r}; valid: T_START:T_END in timesteps, e.g. 1000:500") from None
+    return start, end
+
+
+class Progress:
+    """A tqdm bar fed by the engine's per-step callback."""
+
+    def __init__(self, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, info: dict) -> None:
+        total = info["num_steps"] * info.get("num_chunks", 1)
+        if self.bar.total != total:
+            self.bar.total = total
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
+
+
+def _engine(args):
+    from .engine import Engine
+
+    return Engine.load(args.model, h_location=args.h_location, device=args.device, dtype=args.dtype)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .hooks import DEFAULT_H_LOCATION
+    from .loading import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name, local diffusers folder or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--h-location", default=DEFAULT_H_LOCATION, help="where h lives: mid.out (the paper's h) or mid.in")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    p.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per U-Net batch")
+
+
+def _add_process_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=50, help="number of generative steps (default 50)")
+    p.add_argument("--eta", default="1.0", help="eta: 0 = DDIM, 1 = DDPM, or one value per step, comma-separated")
+
+
+def _sample(engine, args, seeds, desc="sampling"):
+    progress = Progress(desc)
+    try:
+        return engine.sample(seeds, args.steps, parse_eta(args.eta), batch_size=args.batch_size, callback=progress)
+    finally:
+        progress.close()
+
+
+def cmd_sample(args) -> None:
+    from .images import labelled_grid, save_images
+
+    engine = _engine(args)
+    trajectory = _sample(engine, args, parse_seeds(args.seeds))
+    out = Path(args.out)
+    save_images(trajectory.images, out, [f"seed{s}" for s in trajectory.seeds])
+    labelled_grid(trajectory.images[None], col_labels=[str(s) for s in trajectory.seeds]).save(out / "grid.png")
+    if args.save_trajectory:
+        trajectory.save(args.save_trajectory)
+    print(f"wrote {len(trajectory)} samples and grid.png to {out}")
+
+
+def cmd_edit(args) -> None:
+    from .directions.direction import Direction
+    from .images import labelled_grid, to_pil
+
+    engine = _engine(args)
+    directions = [Direction.load(p) for p in args.direction]
+    scales = [float(s) for s in args.scales]
+    trajectory = _sample(engine, args, parse_seeds(args.seeds))
+    progress = Progress("editing")
+    try:
+        images = engine.edit(
+            trajectory, directions, scales, window=parse_window(args.window), asyrp=args.asyrp,
+            batch_size=args.batch_size, callback=progress,
+        )
+    finally:
+        progress.close()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [d.name for d in directions]
+    cols = [f"{s:g}" for s in scales]
+    for b, seed in enumerate(trajectory.seeds):
+        labelled_grid(images[:, :, b], rows, cols).save(out / f"edit_seed{seed}.png")
+        if args.save_each:
+            for d, direction in enumerate(directions):
+                for s, scale in enumerate(scales):
+                    to_pil(images[d, s, b]).save(out / f"seed{seed}_{d}_{direction.name}_{scale:g}.png")
+    print(f"wrote edit grids for {len(trajectory)} samples to {out}")
+
+
+def cmd_swap(args) -> None:
+    import torch
+
+    from .images import labelled_grid
+
+    engine = _engine(args)
+    seeds, donors = parse_seeds(args.seeds), parse_seeds(args.donors)
+    if len(seeds) != len(donors):
+        raise HspaceError(f"{len(seeds)} seeds but {len(donors)} donors; swap pairs them one to one")
+    both = _sample(engine, args, seeds + donors)
+    a, b = both[list(range(len(seeds)))], both[list(range(len(seeds), len(both)))]
+    progress = Progress("swapping")
+    try:
+        swapped = engine.swap(a, b, window=parse_window(args.window), batch_size=args.batch_size, callback=progress)
+    finally:
+        progress.close()
+    grid = torch.stack([a.images, b.images, swapped.images], dim=1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    labelled_grid(grid, [f"{s}<-h{d}" for s, d in zip(seeds, donors)], ["sample", "h donor", "swapped"]).save(out / "swap.png")
+    print(f"wrote {out / 'swap.png'}")
+
+
+def cmd_arith(args) -> None:
+    from .directions.supervised import mean_difference
+
+    engine = _engine(args)
+    plus, minus = parse_seeds(args.plus), parse_seeds(args.minus)
+    trajectory = _sample(engine, args, plus + minus)
+    positive = trajectory[list(range(len(plus)))]
+    negative = trajectory[list(range(len(plus), len(trajectory)))]
+    direction = mean_difference(positive, negative, name=args.name)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    direction.save(args.output)
+    print(f"wrote direction {args.name!r} ({direction.num_steps} steps, h {direction.h_shape}) to {args.output}")
+
+
+def cmd_info(args) -> None:
+    from .hooks import H_LOCATIONS
+
+    engine = _engine(args)
+    info = {
+        "model": engine.name,
+        "sample_shape": engine.sample_shape,
+        "h_location": engine.h_location,
+        "h_shape": engine.h_shape,
+        "h_locations": H_LOCATIONS,
+        "latent": engine.decoder is not None,
+        "device": str(engine.device),
+        "dtype": str(engine.dtype),
+        "scheduler": engine.scheduler_config,
+    }
+    print(json.dumps(info, indent=2, default=str))
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    paths = run_demo(args.out, model=args.model, steps=args.steps, device=args.device, progress_factory=Progress)
+    for path in paths:
+        print(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hspace", description="Discover and apply editing directions in the h-space of diffusion models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("sample", help="draw samples, recording h at every step")
+    _add_model_args(p)
+    _add_process_args(p)
+    p.add_argument("--seeds", nargs="+", default=["0-7"], help="seeds: 7, 0-15, 1,5,9 (default 0-7)")
+    p.add_argument("--out", default="out/samples", help="output folder for PNGs")
+    p.add_argument("--save-trajectory", default=None, help="also save the trajectories (safetensors)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("edit", help="edit samples along directions at several scales (one batched replay)")
+    _add_model_args(p)
+    _add_process_args(p)
+    p.add_argument("--direction", nargs="+", required=True, help="direction files (.safetensors)")
+    p.add_argument("--seeds", nargs="+", default=["0-3"], help="seeds of the samples to edit")
+    p.add_argument("--scales", nargs="+", default=["-2", "-1", "0", "1", "2"], help="edit scales gamma")
+    p.add_argument("--window", default=None, help="only edit at timesteps T_START:T_END, e.g. 1000:500")
+    p.add_argument("--asyrp", action="store_true", help="inject into P_t only (Asyrp, two U-Net passes per step)")
+    p.add_argument("--save-each", action="store_true", help="also save every edited image on its own")
+    p.add_argument("--out", default="out/edits", help="output folder")
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("swap", help="replay samples with h taken from other samples (paper Fig. 3)")
+    _add_model_args(p)
+    _add_process_args(p)
+    p.add_argument("--seeds", nargs="+", required=True, help="seeds whose noise x_T, z is kept")
+    p.add_argument("--donors", nargs="+", required=True, help="seeds whose h is swapped in (one per seed)")
+    p.add_argument("--window", default=None, help="only swap at timesteps T_START:T_END")
+    p.add_argument("--out", default="out/swap", help="output folder")
+    p.set_defaults(func=cmd_swap)
+
+    p = sub.add_parser("arith", help="a direction from h of positive minus negative samples (paper Fig. 4, eq. 10)")
+    _add_model_args(p)
+    _add_process_args(p)
+    p.add_argument("--plus", nargs="+", required=True, help="seeds of samples with the attribute")
+    p.add_argument("--minus", nargs="+", required=True, help="seeds of samples without it")
+    p.add_argument("--name", default="difference", help="name stored in the direction")
+    p.add_argument("-o", "--output", required=True, help="direction file to write (.safetensors)")
+    p.set_defaults(func=cmd_arith)
+
+    p = sub.add_parser("info", help="model, h location and h shape")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="the main job: samples, swaps and edits of the bundled model into a folder")
+    p.add_argument("--model", default=None, help="model (default: the bundled model)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="out/demo", help="output folder")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except HspaceError as e:
+        print(f"hspace {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,183 @@
+"""Find and load a model: a built-in name, a local diffusers folder, or a Hugging Face hub id.
+
+Layouts understood (what diffusers writes):
+- a U-Net folder: config.json (UNet2DModel) + weights, scheduler_config.json beside it or in scheduler/
+  (e.g. google/ddpm-ema-celebahq-256);
+- a pipeline folder: model_index.json with unet/, scheduler/ and optionally vqvae/ or vae/
+  (a latent model, e.g. CompVis/ldm-celebahq-256).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import HspaceError
+
+# The noise schedule of google/ddpm-ema-celebahq-256 (and the church and bedroom models).
+CELEBAHQ_SCHEDULER_CONFIG = {
+    "_class_name": "DDPMScheduler",
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": True,
+    "variance_type": "fixed_small",
+    "prediction_type": "epsilon",
+}
+
+DECODER_FOLDERS = ("vqvae", "vae")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Components:
+    unet: torch.nn.Module
+    scheduler_config: dict
+    decoder: torch.nn.Module | None  # VQModel or AutoencoderKL of a latent model
+    name: str
+
+
+def tiny_unet_config(sample_size: int = 32, channels=(32, 64, 64)) -> dict:
+    """A small UNet2DModel config: attention at the lowest resolution, mid block at sample_size/4."""
+    return dict(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=tuple(channels),
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    )
+
+
+def _tiny_random() -> Components:
+    from diffusers import UNet2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DModel(**tiny_unet_config())
+    return Components(unet, dict(CELEBAHQ_SCHEDULER_CONFIG), None, "tiny-random")
+
+
+# Built-in models, loadable by name wherever a model id is accepted.
+BUILTIN: dict[str, Callable[[], Components]] = {
+    "tiny-random": _tiny_random,
+}
+DEFAULT_MODEL = "tiny-random"
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HspaceError(f"unknown device {device!r}; valid: 'cpu', 'cuda', 'cuda:N', 'mps'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HspaceError(f"device {str(device)!r} requested but CUDA is not available here; use 'cpu'")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise HspaceError(f"unsupported dtype {dtype}; valid: {', '.join(DTYPES)}")
+        return dtype
+    if dtype not in DTYPES:
+        raise HspaceError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise HspaceError(f"cannot read {str(path)!r}: {e}") from None
+
+
+def _scheduler_config(folder: Path) -> dict:
+    for candidate in (folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json"):
+        if candidate.is_file():
+            return _read_json(candidate)
+    raise HspaceError(
+        f"no scheduler_config.json in {str(folder)!r} or its scheduler/ folder; the noise schedule is needed to sample"
+    )
+
+
+def _load_unet(folder: Path):
+    from diffusers import UNet2DModel
+
+    cls_name = _read_json(folder / "config.json").get("_class_name", "UNet2DModel")
+    if cls_name != "UNet2DModel":
+        raise HspaceError(f"{str(folder)!r} holds a {cls_name}; hspace supports UNet2DModel (unconditional) models")
+    return UNet2DModel.from_pretrained(str(folder))
+
+
+def _load_decoder(folder: Path):
+    from diffusers import AutoencoderKL, VQModel
+
+    cls_name = _read_json(folder / "config.json").get("_class_name")
+    classes = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}
+    if cls_name not in classes:
+        raise HspaceError(f"decoder in {str(folder)!r} is a {cls_name!r}; valid: {', '.join(classes)}")
+    return classes[cls_name].from_pretrained(str(folder))
+
+
+def load_folder(folder: Path, name: str) -> Components:
+    """Load a U-Net folder or a pipeline folder (see the module docstring)."""
+    if (folder / "model_index.json").is_file() or (folder / "unet" / "config.json").is_file():
+        if not (folder / "unet" / "config.json").is_file():
+            raise HspaceError(f"pipeline folder {str(folder)!r} has no unet/config.json")
+        unet = _load_unet(folder / "unet")
+        decoders = [folder / d for d in DECODER_FOLDERS if (folder / d / "config.json").is_file()]
+        decoder = _load_decoder(decoders[0]) if decoders else None
+        return Components(unet, _scheduler_config(folder), decoder, name)
+    if (folder / "config.json").is_file():
+        return Components(_load_unet(folder), _scheduler_config(folder), None, name)
+    raise HspaceError(
+        f"{str(folder)!r} is not a diffusers model folder: expected config.json (a UNet2DModel) or model_index.json"
+    )
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.bin"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise HspaceError(
+            f"model {repo_id!r} is not a built-in name ({', '.join(BUILTIN)}), not a local folder, and could not "
+            f"be fetched from the Hugging Face hub ({type(e).__name__}). Offline? On a machine with internet run "
+            f"`huggingface-cli download {repo_id} --local-dir DIR`, copy DIR here and pass --model DIR."
+        ) from None
+
+
+def load_components(model: str | Path) -> Components:
+    """A built-in name, a local folder, or a hub id (from the local cache first)."""
+    model = str(model)
+    if model in BUILTIN:
+        return BUILTIN[model]()
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise HspaceError(f"model {model!r} is a file; pass a diffusers model folder, a hub id or one of {', '.join(BUILTIN)}")
+        return load_folder(path, model)
+    if model.count("/") != 1 or model.startswith(("/", ".", "~")):
+        raise HspaceError(
+            f"model {model!r} is not a built-in name ({', '.join(BUILTIN)}), an existing folder, or a hub id like 'google/ddpm-ema-celebahq-256'"
+        )
+    return load_folder(_hub_snapshot(model), model)

@@ -1,0 +1,162 @@
+"""A Trajectory: everything that makes a sample's generative process replayable (paper eq. 2).
+
+seed, x_T, z_t and eta_t per step, the timesteps, h_t at every step and x_0; a batch of samples in one
+object (leading dimension B). Every sample owns its seed: its noise comes from its own generator,
+never from the global RNG, so a sample drawn in a batch equals the same seed drawn alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import HspaceError
+
+MAX_SEED = 2**63 - 1
+
+
+def check_seeds(seeds) -> list[int]:
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    try:
+        seeds = list(seeds)
+    except TypeError:
+        raise HspaceError(f"seeds must be an integer or a list of integers, got {seeds!r}") from None
+    if not seeds:
+        raise HspaceError("seeds is empty; give at least one integer seed")
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
+            raise HspaceError(f"seed {s!r} is not an integer from 0 to 2**63-1")
+    return seeds
+
+
+def seeded_noise(seed: int, shape: Sequence[int], num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_T, z_{T..1}) of one sample, from a generator of its own seeded with ``seed``.
+
+    x_T is drawn first, so it does not depend on the number of steps; z is [num_steps, *shape].
+    Drawn on the CPU so that a seed gives the same noise on every device.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    x_T = torch.randn(tuple(shape), generator=generator)
+    z = torch.randn((num_steps, *shape), generator=generator)
+    return x_T, z
+
+
+@dataclass
+class Trajectory:
+    """The generative process of a batch of B samples, with T steps each."""
+
+    seeds: list[int]  # one per sample; -1 where the sample did not come from a seed (an inverted image)
+    timesteps: torch.Tensor  # [T] long, descending
+    eta: torch.Tensor  # [T] float64
+    x_T: torch.Tensor  # [B, C, H, W]
+    x0: torch.Tensor  # [B, C, H, W], in the U-Net's space (latents for a latent model)
+    h: torch.Tensor | None = None  # [B, T, *h_shape]: h_t as the decoder half of the U-Net saw it
+    z: torch.Tensor | None = None  # [B, T, C, H, W]; None: regenerate from the seeds
+    image: torch.Tensor | None = None  # [B, 3, H', W'] decoded images in [-1, 1]; None: x0 is the image
+    meta: dict = field(default_factory=dict)  # model, h_location
+
+    def __post_init__(self):
+        if self.x_T.ndim != 4:
+            raise HspaceError(f"x_T must be [B, C, H, W], got shape {tuple(self.x_T.shape)}")
+        if len(self.seeds) != self.x_T.shape[0]:
+            raise HspaceError(f"{len(self.seeds)} seeds for a batch of {self.x_T.shape[0]} samples")
+
+    def __len__(self) -> int:
+        return self.x_T.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """Decoded samples in [-1, 1], [B, 3, H, W]."""
+        return self.x0 if self.image is None else self.image
+
+    def __getitem__(self, index) -> "Trajectory":
+        """The sub-batch at ``index`` (an int keeps a batch dimension of 1)."""
+        if isinstance(index, int):
+            if not -len(self) <= index < len(self):
+                raise HspaceError(f"sample index {index} out of range for a trajectory of {len(self)} samples")
+            index = [index % len(self)]
+        pick = torch.arange(len(self))[index]
+        take = lambda x: None if x is None else x[pick]  # noqa: E731
+        return replace(
+            self,
+            seeds=[self.seeds[i] for i in pick.tolist()],
+            x_T=self.x_T[pick],
+            x0=self.x0[pick],
+            h=take(self.h),
+            z=take(self.z),
+            image=take(self.image),
+            meta=dict(self.meta),
+        )
+
+    def noise(self) -> torch.Tensor:
+        """z [B, T, C, H, W]: stored, or regenerated from the seeds (and checked against x_T)."""
+        if self.z is not None:
+            return self.z
+        zs = []
+        for b, seed in enumerate(self.seeds):
+            if seed < 0:
+                raise HspaceError(f"sample {b} has no seed and no stored noise z; it cannot be replayed")
+            x_T, z = seeded_noise(seed, self.x_T.shape[1:], self.num_steps)
+            if not torch.equal(x_T, self.x_T[b].cpu().float()):
+                raise HspaceError(f"sample {b}: x_T does not come from seed {seed}; keep the noise z to replay it")
+            zs.append(z)
+        return torch.stack(zs)
+
+    @staticmethod
+    def cat(trajectories: Sequence["Trajectory"]) -> "Trajectory":
+        """Concatenate batches drawn with the same steps, eta and engine."""
+        first = trajectories[0]
+        for other in trajectories[1:]:
+            if not torch.equal(other.timesteps, first.timesteps) or not torch.equal(other.eta, first.eta):
+                raise HspaceError("cannot concatenate trajectories with different timesteps or eta")
+            if other.meta != first.meta:
+                raise HspaceError(f"cannot concatenate trajectories of different engines: {first.meta} vs {other.meta}")
+
+        def cat(name):
+            parts = [getattr(t, name) for t in trajectories]
+            if any(p is None for p in parts):
+                return None
+            return torch.cat(parts)
+
+        return Trajectory(
+            seeds=[s for t in trajectories for s in t.seeds],
+            timesteps=first.timesteps,
+            eta=first.eta,
+            x_T=cat("x_T"),
+            x0=cat("x0"),
+            h=cat("h"),
+            z=cat("z"),
+            image=cat("image"),
+            meta=dict(first.meta),
+        )
+
+    def save(self, path: str | Path) -> None:
+        """Write to a safetensors file; the metadata (seeds, model, h location) goes inside it."""
+        from safetensors.torch import save_file
+
+        tensors = {"timesteps": self.timesteps, "eta": self.eta, "x_T": self.x_T, "x0": self.x0}
+        for name in ("h", "z", "image"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
+        meta = {"kind": "hspace.Trajectory", "seeds": json.dumps(self.seeds), "meta": json.dumps(self.meta)}
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Trajectory":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("kind") != "hspace.Trajectory":
+                raise HspaceError(f"{path} is not an hspace trajectory file (kind={meta.get('kind')!r})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(seeds=json.loads(meta["seeds"]), meta=json.loads(meta["meta"]), **tensors)
