@@ -116,15 +116,21 @@ def cmd_edit(args) -> None:
     from .directions.direction import Direction
     from .images import labelled_grid, to_pil
 
-    engine = _engine(args)
+    # Check every input before the first U-Net pass.
+    window, seeds = parse_window(args.window), parse_seeds(args.seeds)
+    try:
+        scales = [float(s) for s in args.scales]
+    except ValueError:
+        raise HspaceError(f"bad --scales {args.scales}; valid: numbers like -2 0 2") from None
     directions = [Direction.load(p) for p in args.direction]
-    scales = [float(s) for s in args.scales]
-    trajectory = _sample(engine, args, parse_seeds(args.seeds))
+    engine = _engine(args)
+    for direction in directions:
+        direction.check_compatible(engine.h_shape, args.steps, engine.h_location)
+    trajectory = _sample(engine, args, seeds)
     progress = Progress("editing")
     try:
         images = engine.edit(
-            trajectory, directions, scales, window=parse_window(args.window), asyrp=args.asyrp,
-            batch_size=args.batch_size, callback=progress,
+            trajectory, directions, scales, window=window, asyrp=args.asyrp, batch_size=args.batch_size, callback=progress
         )
     finally:
         progress.close()
@@ -146,15 +152,15 @@ def cmd_swap(args) -> None:
 
     from .images import labelled_grid
 
-    engine = _engine(args)
-    seeds, donors = parse_seeds(args.seeds), parse_seeds(args.donors)
+    seeds, donors, window = parse_seeds(args.seeds), parse_seeds(args.donors), parse_window(args.window)
     if len(seeds) != len(donors):
         raise HspaceError(f"{len(seeds)} seeds but {len(donors)} donors; swap pairs them one to one")
+    engine = _engine(args)
     both = _sample(engine, args, seeds + donors)
     a, b = both[list(range(len(seeds)))], both[list(range(len(seeds), len(both)))]
     progress = Progress("swapping")
     try:
-        swapped = engine.swap(a, b, window=parse_window(args.window), batch_size=args.batch_size, callback=progress)
+        swapped = engine.swap(a, b, window=window, batch_size=args.batch_size, callback=progress)
     finally:
         progress.close()
     grid = torch.stack([a.images, b.images, swapped.images], dim=1)

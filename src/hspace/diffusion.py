@@ -99,7 +99,7 @@ class Schedule:
         if sigma > 0:
             if z is None:
                 raise HspaceError(f"step {i} has sigma_t = {sigma:.4g} > 0 but no noise z_t was given")
-            x_prev = x_prev + sigma * z
+            x_prev = x_prev + sigma * z.to(x_prev.dtype)
         return x_prev.to(x_t.dtype)
 
 

@@ -59,6 +59,8 @@ class Engine:
         self.h_location = check_location(h_location)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
+        # The step arithmetic runs in float32 at least, whatever the U-Net's dtype.
+        self.compute_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         self.name = components.name
         self.scheduler_config = dict(components.scheduler_config)
         self.unet = _prepare(components.unet, self.device, self.dtype)
@@ -149,9 +151,9 @@ class Engine:
             return h
 
         def eps_model(x_t: torch.Tensor, t: int) -> torch.Tensor:
-            return self.unet(x_t.to(self.dtype), torch.tensor(t, device=self.device)).sample.float()
+            return self.unet(x_t.to(self.dtype), torch.tensor(t, device=self.device)).sample.to(self.compute_dtype)
 
-        x = x_T.to(self.device, torch.float32)
+        x = x_T.to(self.device, self.compute_dtype)
         with torch.no_grad(), h_hook(self.unet, self.h_location, on_h):
             for i, t in enumerate(schedule.timesteps.tolist()):
                 current.update(i=i, edit=True)

@@ -31,7 +31,7 @@ CELEBAHQ_SCHEDULER_CONFIG = {
 }
 
 DECODER_FOLDERS = ("vqvae", "vae")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass

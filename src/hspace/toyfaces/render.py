@@ -1,0 +1,687 @@
+"""Procedural renderer of simple cartoon faces ("toy faces").
+
+Every image is drawn from a small set of ground-truth attributes, so the
+effect of an editing direction can be measured exactly: which attribute it
+changes, and where in the image (per-part masks are rendered alongside).
+
+Attributes
+----------
+Binary (``BINARY``):
+
+* ``smile`` (local, mouth): a wide open grin curved up, versus a short,
+  flat, slightly down-turned neutral mouth.
+* ``eyes_open`` (local, eyes): round white eyes with dark pupils, versus
+  closed eyes drawn as a thin dark arc.
+* ``glasses`` (local, eyes region): two dark rims around the eyes, a bridge,
+  short temple arms and faintly tinted lenses.
+* ``hat`` (local, top of the head): a blue cap with a yellow band and a
+  brim, covering the top of the head and the hair there.
+
+Continuous (``CONTINUOUS``):
+
+* ``hair_color`` in [0, 1]: along the palette black -> dark brown ->
+  auburn -> blonde.
+* ``skin_tone`` in [0, 1]: light -> dark.
+* ``yaw`` in [-1, 1]: head turned left (negative) or right (positive); the
+  facial features slide sideways and foreshorten, the face ellipse narrows,
+  hair, ears and hat move the other way.  A global change of the whole head.
+* ``background`` in [0, 1]: hue of the pastel background (1.0 is the same
+  hue as 0.0).  A global change outside the head.
+
+Nuisance factors (``NUISANCE``), drawn from the same per-seed generator but
+not labels: ``face_scale`` (head size, 0.95 to 1.05 when sampled) and
+``face_dy`` (vertical offset of the head as a fraction of the image size,
+-0.02 to 0.02 when sampled).
+
+Correlations in the training distribution
+-----------------------------------------
+``sample_attributes(rng, correlated=True)`` (the default, and what
+``render_seed`` / ``render_batch`` use) draws two deliberately entangled
+pairs, imitating the spurious correlations of real face datasets:
+
+1. ``glasses`` depends on ``hair_color`` ("darker hair wears glasses more"):
+   P(glasses | hair_color < 0.5) = 0.55 and P(glasses | hair_color >= 0.5)
+   = 0.15, so the marginal P(glasses) = 0.35.
+2. ``hat`` depends on ``smile``: P(hat | smile) = 0.6 and
+   P(hat | no smile) = 0.2; with P(smile) = 0.5 the marginal P(hat) = 0.4.
+
+Everything else is independent: P(smile) = 0.5, P(eyes_open) = 0.5, and
+``hair_color``, ``skin_tone``, ``background`` ~ U[0, 1), ``yaw`` ~ U[-1, 1).
+With ``correlated=False`` all attributes are independent with the *same
+marginals* (P(glasses) = 0.35, P(hat) = 0.4).  Both modes consume the
+generator identically, so for one seed the two modes differ only in the
+``glasses`` and ``hat`` bits.
+
+Masks
+-----
+``render`` returns one boolean mask per part in ``PARTS`` at the output
+resolution.  A pixel is in a part's mask when that part covers at least
+1/255 of it, so changing only that part changes no pixel outside its mask by
+more than 1/255 (invisible in 8 bits).
+
+* ``eyes`` / ``mouth``: a fixed region around both eyes / around the mouth,
+  containing both variants (open and closed, smile and neutral), so it does
+  not depend on the binary attribute and is comparable across samples.
+* ``face``: the skin of the head (face, ears, nose and the features drawn
+  on it) where not hidden by hair or hat.
+* ``hair``: visible hair (behind the head and the fringe) not under the hat.
+* ``glasses`` / ``hat``: where they are drawn; empty when absent.
+
+Rendering is pure numpy: signed-distance shapes with analytic anti-aliasing,
+evaluated on a 2x supersampled grid and box-downsampled, vectorised over a
+batch of faces.  It is deterministic (only IEEE-exact pixel arithmetic), so a
+face renders to the same pixels alone or inside a batch.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import dataclasses
+import math
+import numbers
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "BINARY",
+    "CONTINUOUS",
+    "ATTRIBUTES",
+    "NUISANCE",
+    "PARTS",
+    "MIN_SIZE",
+    "MAX_SIZE",
+    "P_SMILE",
+    "P_EYES_OPEN",
+    "P_GLASSES_DARK_HAIR",
+    "P_GLASSES_LIGHT_HAIR",
+    "DARK_HAIR_THRESHOLD",
+    "P_GLASSES",
+    "P_HAT_SMILE",
+    "P_HAT_NO_SMILE",
+    "P_HAT",
+    "FaceAttributes",
+    "sample_attributes",
+    "render",
+    "render_seed",
+    "render_many",
+    "render_batch",
+]
+
+BINARY: tuple[str, ...] = ("smile", "eyes_open", "glasses", "hat")
+CONTINUOUS: tuple[str, ...] = ("hair_color", "skin_tone", "yaw", "background")
+ATTRIBUTES: tuple[str, ...] = BINARY + CONTINUOUS
+NUISANCE: tuple[str, ...] = ("face_scale", "face_dy")
+PARTS: tuple[str, ...] = ("eyes", "mouth", "hair", "face", "glasses", "hat")
+
+MIN_SIZE = 16
+MAX_SIZE = 1024
+
+# Sampling distribution (see the module docstring).
+P_SMILE = 0.5
+P_EYES_OPEN = 0.5
+DARK_HAIR_THRESHOLD = 0.5
+P_GLASSES_DARK_HAIR = 0.55
+P_GLASSES_LIGHT_HAIR = 0.15
+P_GLASSES = 0.5 * (P_GLASSES_DARK_HAIR + P_GLASSES_LIGHT_HAIR)  # marginal, 0.35
+P_HAT_SMILE = 0.6
+P_HAT_NO_SMILE = 0.2
+P_HAT = P_SMILE * P_HAT_SMILE + (1 - P_SMILE) * P_HAT_NO_SMILE  # marginal, 0.4
+FACE_SCALE_SAMPLE_RANGE = (0.95, 1.05)
+FACE_DY_SAMPLE_RANGE = (-0.02, 0.02)
+
+# Ranges accepted by FaceAttributes (name -> (low, high), inclusive).
+_RANGES: dict[str, tuple[float, float]] = {
+    "hair_color": (0.0, 1.0),
+    "skin_tone": (0.0, 1.0),
+    "yaw": (-1.0, 1.0),
+    "background": (0.0, 1.0),
+    "face_scale": (0.8, 1.2),
+    "face_dy": (-0.05, 0.05),
+}
+
+_SUPERSAMPLE = 2
+_CHUNK = 64  # faces rendered together in one vectorised pass
+_MASK_THRESHOLD = 1.0 / 255.0
+_YAW_ANGLE = 0.55  # radians of head rotation at |yaw| = 1
+_FEATURE_DEPTH = 0.9  # features lie on a cylinder of this fraction of the face radius
+
+# Palettes (linear interpolation between evenly spaced stops).
+_HAIR_STOPS = np.array(
+    [
+        [0.09, 0.07, 0.07],  # black
+        [0.32, 0.19, 0.10],  # dark brown
+        [0.66, 0.33, 0.13],  # auburn
+        [0.95, 0.82, 0.44],  # blonde
+    ]
+)
+_SKIN_STOPS = np.array(
+    [
+        [1.00, 0.87, 0.76],
+        [0.90, 0.69, 0.53],
+        [0.72, 0.50, 0.34],
+        [0.48, 0.31, 0.20],
+    ]
+)
+_WHITE = (0.98, 0.98, 0.98)
+_DARK = (0.07, 0.05, 0.05)
+_MOUTH = (0.32, 0.03, 0.07)
+_TEETH = (0.97, 0.96, 0.92)
+_FRAME = (0.04, 0.04, 0.06)
+_LENS = (0.80, 0.92, 1.00)
+_LENS_ALPHA = 0.3
+_HAT = (0.16, 0.26, 0.78)
+_HAT_BRIM = (0.10, 0.16, 0.52)
+_HAT_BAND = (0.98, 0.80, 0.15)
+
+
+def _palette(stops: np.ndarray, t: float) -> tuple[float, float, float]:
+    """Colour at position ``t`` in [0, 1] along evenly spaced palette stops."""
+    x = t * (len(stops) - 1)
+    i = min(int(x), len(stops) - 2)
+    f = x - i
+    c = stops[i] * (1.0 - f) + stops[i + 1] * f
+    return (float(c[0]), float(c[1]), float(c[2]))
+
+
+def _background_rgb(hue: float) -> tuple[float, float, float]:
+    return colorsys.hsv_to_rgb(hue % 1.0, 0.38, 0.93)
+
+
+def _coerce_bool(name: str, value: object) -> bool:
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Real) and value in (0, 1):  # e.g. labels from as_dict()
+        return bool(value)
+    raise ValueError(f"{name} must be a bool (or 0/1), got {value!r}")
+
+
+def _coerce_float(name: str, value: object) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    x = float(value)
+    lo, hi = _RANGES[name]
+    if not (math.isfinite(x) and lo <= x <= hi):
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+    return x
+
+
+@dataclass(frozen=True)
+class FaceAttributes:
+    """Ground-truth description of one toy face.
+
+    Binary fields are bools; ``hair_color``, ``skin_tone`` and ``background``
+    lie in [0, 1] and ``yaw`` in [-1, 1].  ``face_scale`` and ``face_dy`` are
+    nuisance factors (not labels).  Invalid values raise ``ValueError``.
+    """
+
+    smile: bool
+    eyes_open: bool
+    glasses: bool
+    hat: bool
+    hair_color: float
+    skin_tone: float
+    yaw: float
+    background: float
+    face_scale: float = 1.0
+    face_dy: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in BINARY:
+            object.__setattr__(self, name, _coerce_bool(name, getattr(self, name)))
+        for name in CONTINUOUS + NUISANCE:
+            object.__setattr__(self, name, _coerce_float(name, getattr(self, name)))
+
+    def as_dict(self) -> dict[str, float]:
+        """The labels (``ATTRIBUTES``) as floats; binaries as 0.0 / 1.0."""
+        return {name: float(getattr(self, name)) for name in ATTRIBUTES}
+
+    def replace(self, **changes: object) -> FaceAttributes:
+        """A copy with some fields changed (validated like the constructor)."""
+        valid = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - valid)
+        if unknown:
+            raise ValueError(
+                f"unknown FaceAttributes field(s) {unknown}; valid fields are {sorted(valid)}"
+            )
+        return dataclasses.replace(self, **changes)
+
+
+def sample_attributes(rng: np.random.Generator, correlated: bool = True) -> FaceAttributes:
+    """Draw one face from the training distribution.
+
+    With ``correlated=True`` glasses depend on hair colour and hat on smile
+    (see the module docstring); with ``correlated=False`` every attribute is
+    independent with the same marginals.  The generator is advanced by the
+    same number of draws in both modes.
+    """
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    hair_color = float(rng.random())
+    skin_tone = float(rng.random())
+    yaw = float(rng.uniform(-1.0, 1.0))
+    background = float(rng.random())
+    u_smile, u_eyes, u_glasses, u_hat = (float(u) for u in rng.random(4))
+    face_scale = float(rng.uniform(*FACE_SCALE_SAMPLE_RANGE))
+    face_dy = float(rng.uniform(*FACE_DY_SAMPLE_RANGE))
+
+    smile = u_smile < P_SMILE
+    eyes_open = u_eyes < P_EYES_OPEN
+    if correlated:
+        p_glasses = (
+            P_GLASSES_DARK_HAIR if hair_color < DARK_HAIR_THRESHOLD else P_GLASSES_LIGHT_HAIR
+        )
+        p_hat = P_HAT_SMILE if smile else P_HAT_NO_SMILE
+    else:
+        p_glasses, p_hat = P_GLASSES, P_HAT
+    return FaceAttributes(
+        smile=smile,
+        eyes_open=eyes_open,
+        glasses=u_glasses < p_glasses,
+        hat=u_hat < p_hat,
+        hair_color=hair_color,
+        skin_tone=skin_tone,
+        yaw=yaw,
+        background=background,
+        face_scale=face_scale,
+        face_dy=face_dy,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Geometry: per-face parameters (computed in Python floats), then vectorised
+# signed distances on the supersampled grid.  Coordinates are fractions of the
+# image size, x to the right and y downwards.
+
+
+def _face_params(a: FaceAttributes) -> dict[str, float]:
+    s = a.face_scale
+    cx, cy = 0.5, 0.55 + a.face_dy
+    ang = a.yaw * _YAW_ANGLE
+    sa, ca = math.sin(ang), math.cos(ang)
+    rx0, ry = 0.27 * s, 0.33 * s
+    rxf = rx0 * (1.0 - 0.15 * abs(a.yaw))  # the face narrows when turned
+    p: dict[str, float] = {"cx": cx, "cy": cy, "frx": rxf, "fry": ry}
+
+    # Eyes sit at +-0.5 rad on the head "cylinder": they slide with the yaw
+    # and the far eye foreshortens.
+    ey = cy - 0.04 * s
+    for side, phi in (("l", -0.52), ("r", 0.52)):
+        p["ex" + side] = cx + _FEATURE_DEPTH * rxf * math.sin(phi + ang)
+        # width factor, 1 when facing the viewer, never below 0.55
+        p["ef" + side] = max(0.55, math.cos(phi + ang) / math.cos(phi))
+    p["ey"] = ey
+    p["s"] = s
+
+    p["nx"] = cx + rxf * sa  # the nose sticks out: slides further
+    p["ny"] = cy + 0.06 * s
+    p["mx"] = cx + _FEATURE_DEPTH * rxf * sa
+    p["my"] = cy + 0.15 * s
+    p["mf"] = ca
+
+    ear_shift = -0.45 * rxf * sa  # the back of the head moves the other way
+    p["earlx"] = cx - 0.97 * rxf + ear_shift
+    p["earrx"] = cx + 0.97 * rxf + ear_shift
+    p["eary"] = cy + 0.0 * s
+
+    p["hcx"] = cx - 0.45 * rxf * sa
+    p["hcy"] = cy - 0.05 * s
+    p["hrx"] = rx0 * 1.28
+    p["hry"] = ry * 1.06
+    p["hbot"] = cy + 0.14 * s
+    p["hlx"] = cx + 0.9 * rxf * sa  # centre of the fringe's hairline
+
+    p["hat_y"] = cy - 0.19 * s
+    p["dome_x"] = p["hcx"]
+    p["brim_x"] = cx - 0.2 * rxf * sa
+    return p
+
+
+def _ellipse(X, Y, cx, cy, rx, ry):
+    """Approximate signed distance to an axis-aligned ellipse (negative inside)."""
+    nx = (X - cx) / rx
+    ny = (Y - cy) / ry
+    f2 = nx * nx + ny * ny
+    gx = nx / rx
+    gy = ny / ry
+    g2 = gx * gx + gy * gy
+    ratio = np.sqrt(f2 / np.maximum(g2, np.float32(1e-12)))
+    ratio = np.maximum(ratio, np.minimum(rx, ry))
+    return (np.sqrt(f2) - np.float32(1.0)) * ratio
+
+
+def _hcapsule(X, Y, x0, x1, y, r):
+    """Signed distance to a horizontal capsule from (x0, y) to (x1, y), radius r."""
+    dx = np.maximum(np.maximum(x0 - X, X - x1), np.float32(0.0))
+    dy = Y - y
+    return np.sqrt(dx * dx + dy * dy) - r
+
+
+def _curve_stroke(X, Y, cx, y0, half_w, bend, thick):
+    """Stroke along y = y0 + bend * (1 - t^2), t = (x - cx) / half_w, |t| <= 1.
+
+    ``bend > 0`` bows the middle downwards (a smile); ``bend < 0`` upwards.
+    """
+    t = (X - cx) / half_w
+    yc = y0 + bend * (np.float32(1.0) - t * t)
+    slope = np.float32(-2.0) * bend * t / half_w
+    inv_norm = np.float32(1.0) / np.sqrt(np.float32(1.0) + slope * slope)
+    d = np.abs(Y - yc) * inv_norm - thick * np.float32(0.5)
+    # Round caps: distance to the end points beyond |t| > 1.
+    dx_end = np.maximum(np.abs(X - cx) - half_w, np.float32(0.0))
+    dy_end = Y - y0
+    d_cap = np.sqrt(dx_end * dx_end + dy_end * dy_end) - thick * np.float32(0.5)
+    return np.where(np.abs(t) <= 1.0, d, d_cap)
+
+
+def _between_curves(X, Y, cx, y0, half_w, bend_top, bend_bot):
+    """Region between y0 + bend_top*(1-t^2) and y0 + bend_bot*(1-t^2), |t| <= 1."""
+    t = (X - cx) / half_w
+    q = np.float32(1.0) - t * t
+    ytop = y0 + bend_top * q
+    ybot = y0 + bend_bot * q
+    s_top = np.float32(-2.0) * bend_top * t / half_w
+    s_bot = np.float32(-2.0) * bend_bot * t / half_w
+    d_top = (ytop - Y) / np.sqrt(np.float32(1.0) + s_top * s_top)
+    d_bot = (Y - ybot) / np.sqrt(np.float32(1.0) + s_bot * s_bot)
+    d_side = np.abs(X - cx) - half_w
+    return np.maximum(np.maximum(d_top, d_bot), d_side)
+
+
+def _render_chunk(
+    attrs: Sequence[FaceAttributes], size: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Render faces; images [B, 3, H, W] in [0, 1] and masks [B, H, W]."""
+    B = len(attrs)
+    ss = _SUPERSAMPLE
+    n = size * ss
+    f32 = np.float32
+    coords = ((np.arange(n, dtype=np.float64) + 0.5) / n).astype(f32)
+    X = coords.reshape(1, 1, n)
+    Y = coords.reshape(1, n, 1)
+    inv_pw = f32(n)  # one supersampled pixel is 1/n
+
+    params = [_face_params(a) for a in attrs]
+
+    def col(key: str) -> np.ndarray:
+        return np.array([p[key] for p in params], dtype=f32).reshape(B, 1, 1)
+
+    def flag(name: str) -> np.ndarray:
+        return np.array([getattr(a, name) for a in attrs], dtype=f32).reshape(B, 1, 1)
+
+    def cover(d: np.ndarray) -> np.ndarray:
+        return np.clip(f32(0.5) - d * inv_pw, f32(0.0), f32(1.0))
+
+    def rgb(colors: Sequence[Sequence[float]]) -> np.ndarray:
+        return np.asarray(colors, dtype=f32).reshape(B, 3, 1, 1)
+
+    s = col("s")
+    cx, cy, frx, fry = col("cx"), col("cy"), col("frx"), col("fry")
+    hair_rgb = rgb([_palette(_HAIR_STOPS, a.hair_color) for a in attrs])
+    skin = [_palette(_SKIN_STOPS, a.skin_tone) for a in attrs]
+    skin_rgb = rgb(skin)
+    ear_rgb = skin_rgb * f32(0.9)
+    nose_rgb = skin_rgb * f32(0.8)
+    smile, eyes_open = flag("smile"), flag("eyes_open")
+    glasses, hat = flag("glasses"), flag("hat")
+
+    # --- shapes -----------------------------------------------------------
+    a_face = cover(_ellipse(X, Y, cx, cy, frx, fry))
+    a_ears = cover(
+        np.minimum(
+            _ellipse(X, Y, col("earlx"), col("eary"), f32(0.055) * s, f32(0.08) * s),
+            _ellipse(X, Y, col("earrx"), col("eary"), f32(0.055) * s, f32(0.08) * s),
+        )
+    )
+    a_nose = cover(_ellipse(X, Y, col("nx"), col("ny"), f32(0.028) * s, f32(0.04) * s))
+
+    d_back = np.maximum(
+        _ellipse(X, Y, col("hcx"), col("hcy"), col("hrx"), col("hry")), Y - col("hbot")
+    )
+    a_back = cover(d_back)
+    # Fringe: the part of the face above a hairline that dips at the temples.
+    hlx = col("hlx")
+    t = (X - hlx) / frx
+    hl = cy - f32(0.21) * s + f32(0.11) * s * t * t
+    hl_slope = f32(0.22) * s * t / frx
+    d_hairline = (Y - hl) / np.sqrt(f32(1.0) + hl_slope * hl_slope)
+    # The fringe reaches a little past the face outline (over the back hair,
+    # same colour) so that no skin-coloured seam shows along the outline.
+    d_fringe_outline = _ellipse(X, Y, cx, cy, frx + f32(0.02) * s, fry + f32(0.02) * s)
+    a_fringe = cover(np.maximum(d_fringe_outline, d_hairline))
+
+    # Eyes: both variants are computed (the masks need both footprints).
+    ey = col("ey")
+    exl, exr, efl, efr = col("exl"), col("exr"), col("efl"), col("efr")
+    eye_w, eye_h = f32(0.07) * s, f32(0.056) * s
+    d_sclera = np.minimum(
+        _ellipse(X, Y, exl, ey, eye_w * efl, eye_h),
+        _ellipse(X, Y, exr, ey, eye_w * efr, eye_h),
+    )
+    pupil_y, pupil_w, pupil_h = ey + f32(0.006) * s, f32(0.031) * s, f32(0.036) * s
+    d_pupil = np.minimum(
+        _ellipse(X, Y, exl, pupil_y, pupil_w * efl, pupil_h),
+        _ellipse(X, Y, exr, pupil_y, pupil_w * efr, pupil_h),
+    )
+    lid_bend, lid_thick = f32(0.018) * s, f32(0.032) * s
+    d_closed = np.minimum(
+        _curve_stroke(X, Y, exl, ey, eye_w * efl, lid_bend, lid_thick),
+        _curve_stroke(X, Y, exr, ey, eye_w * efr, lid_bend, lid_thick),
+    )
+    a_sclera, a_pupil, a_closed = cover(d_sclera), cover(d_pupil), cover(d_closed)
+    margin = f32(0.03)
+    d_eye_region = np.minimum(
+        _ellipse(X, Y, exl, ey, eye_w * efl + margin, eye_h + margin),
+        _ellipse(X, Y, exr, ey, eye_w * efr + margin, eye_h + margin),
+    )
+
+    # Mouth: open grin (smile) or short, slightly down-turned line (neutral).
+    mx, my, mf = col("mx"), col("my"), col("mf")
+    smile_w = f32(0.11) * s * mf
+    d_smile = np.minimum(
+        _between_curves(X, Y, mx, my, smile_w, f32(0.012) * s, f32(0.085) * s),
+        _curve_stroke(X, Y, mx, my, smile_w, f32(0.012) * s, f32(0.03) * s),
+    )
+    # a strip of teeth along the top of the grin
+    d_teeth = np.maximum(
+        _between_curves(X, Y, mx, my, smile_w * f32(0.85), f32(0.012) * s, f32(0.036) * s),
+        d_smile,
+    )
+    a_teeth = cover(d_teeth)
+    d_neutral = _curve_stroke(
+        X, Y, mx, my + f32(0.035) * s, f32(0.075) * s * mf, f32(-0.012) * s, f32(0.03) * s
+    )
+    a_smile, a_neutral = cover(d_smile), cover(d_neutral)
+    d_mouth_region = _ellipse(
+        X, Y, mx, my + f32(0.04) * s, f32(0.11) * s * mf + margin, f32(0.055) * s + margin
+    )
+
+    # Glasses: rims around the eyes, a bridge, arms to the face edge, lenses.
+    grx_l, grx_r = f32(0.09) * s * efl, f32(0.09) * s * efr
+    gry = f32(0.08) * s
+    gthick = f32(0.036) * s
+    d_lens_l = _ellipse(X, Y, exl, ey, grx_l, gry)
+    d_lens_r = _ellipse(X, Y, exr, ey, grx_r, gry)
+    d_lens = np.minimum(d_lens_l, d_lens_r)
+    d_rims = np.abs(d_lens) - gthick * f32(0.5)
+    bridge_y = ey - f32(0.012) * s
+    d_bridge = _hcapsule(X, Y, exl + grx_l, exr - grx_r, bridge_y, gthick * f32(0.5))
+    d_face_edge = _ellipse(X, Y, cx, cy, frx, fry)
+    d_arms = np.maximum(
+        np.minimum(
+            _hcapsule(X, Y, exl - grx_l - f32(0.2), exl - grx_l, bridge_y, gthick * f32(0.5)),
+            _hcapsule(X, Y, exr + grx_r, exr + grx_r + f32(0.2), bridge_y, gthick * f32(0.5)),
+        ),
+        d_face_edge,
+    )
+    # Everything is clipped to the face outline (the far rim of a turned head).
+    d_frame = np.maximum(np.minimum(np.minimum(d_rims, d_bridge), d_arms), d_face_edge)
+    a_frame = cover(d_frame) * glasses
+    a_lens = cover(np.maximum(d_lens, d_face_edge)) * glasses
+
+    # Hat: a dome over the top of the head with a band, and a brim.
+    hat_y = col("hat_y")
+    d_dome = np.maximum(
+        _ellipse(X, Y, col("dome_x"), hat_y, f32(0.345) * s, f32(0.24) * s), Y - hat_y
+    )
+    d_band = np.maximum(d_dome, hat_y - f32(0.055) * s - Y)
+    brim_x = col("brim_x")
+    d_brim = _hcapsule(
+        X, Y, brim_x - f32(0.36) * s, brim_x + f32(0.36) * s, hat_y, f32(0.028) * s
+    )
+    a_dome = cover(d_dome) * hat
+    a_band = cover(d_band) * hat
+    a_brim = cover(d_brim) * hat
+    a_hat = np.maximum(a_dome, a_brim)
+
+    # --- compositing (back to front) ---------------------------------------
+    bg = rgb([_background_rgb(a.background) for a in attrs])
+    shade = f32(1.0) - f32(0.12) * Y.reshape(1, 1, n, 1)  # slightly darker lower down
+    img = np.broadcast_to(bg * shade, (B, 3, n, n)).copy()
+
+    def over(alpha: np.ndarray, color) -> None:
+        if isinstance(color, tuple):
+            color = np.asarray(color, dtype=f32).reshape(1, 3, 1, 1)
+        a = alpha[:, None]
+        img[...] += a * (color - img)
+
+    over(a_back, hair_rgb)
+    over(a_ears, ear_rgb)
+    over(a_face, skin_rgb)
+    over(a_nose, nose_rgb)
+    over(a_fringe, hair_rgb)
+    over(a_sclera * eyes_open, _WHITE)
+    over(a_pupil * eyes_open, _DARK)
+    over(a_closed * (f32(1.0) - eyes_open), _DARK)
+    over(a_smile * smile + a_neutral * (f32(1.0) - smile), _MOUTH)
+    over(a_teeth * smile, _TEETH)
+    over(a_lens * f32(_LENS_ALPHA), _LENS)
+    over(a_frame, _FRAME)
+    over(a_dome, _HAT)
+    over(a_band, _HAT_BAND)
+    over(a_brim, _HAT_BRIM)
+
+    # --- masks -------------------------------------------------------------
+    not_hat = f32(1.0) - a_hat
+    head_skin = f32(1.0) - (f32(1.0) - a_face) * (f32(1.0) - a_ears)
+    vis = {
+        "face": head_skin * (f32(1.0) - a_fringe) * not_hat,
+        "hair": (a_fringe + a_back * (f32(1.0) - head_skin) * (f32(1.0) - a_fringe)) * not_hat,
+        "eyes": np.maximum(
+            np.maximum(cover(d_eye_region), np.maximum(a_sclera, a_closed)), a_pupil
+        ),
+        "mouth": np.maximum(cover(d_mouth_region), np.maximum(a_smile, a_neutral)),
+        "glasses": np.maximum(a_frame, a_lens) * not_hat,
+        "hat": a_hat,
+    }
+
+    def down(x: np.ndarray) -> np.ndarray:
+        sh = x.shape[:-2] + (size, ss, size, ss)
+        return x.reshape(sh).mean(axis=(-3, -1), dtype=f32)
+
+    image = np.clip(down(img), f32(0.0), f32(1.0))
+    masks = {part: down(vis[part]) > f32(_MASK_THRESHOLD) for part in PARTS}
+    return image, masks
+
+
+# ---------------------------------------------------------------------------
+# Public rendering API
+
+
+def _check_size(size: object) -> int:
+    if isinstance(size, (bool, np.bool_)) or not isinstance(size, numbers.Integral):
+        raise ValueError(f"size must be an integer in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
+    if not MIN_SIZE <= int(size) <= MAX_SIZE:
+        raise ValueError(f"size must be an integer in [{MIN_SIZE}, {MAX_SIZE}], got {size!r}")
+    return int(size)
+
+
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if int(seed) < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def _check_attrs(attrs: object) -> FaceAttributes:
+    if not isinstance(attrs, FaceAttributes):
+        raise ValueError(f"expected a FaceAttributes, got {type(attrs).__name__}")
+    return attrs
+
+
+def render(attrs: FaceAttributes, size: int = 32) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Render one face.
+
+    Returns the image, float32 of shape (size, size, 3) in [0, 1], and a dict
+    of boolean (size, size) masks, one per part in ``PARTS``.
+    """
+    attrs = _check_attrs(attrs)
+    size = _check_size(size)
+    image, masks = _render_chunk([attrs], size)
+    return (
+        np.ascontiguousarray(image[0].transpose(1, 2, 0)),
+        {part: m[0] for part, m in masks.items()},
+    )
+
+
+def render_seed(
+    seed: int, size: int = 32, correlated: bool = True
+) -> tuple[np.ndarray, FaceAttributes, dict[str, np.ndarray]]:
+    """Sample the attributes of face ``seed`` and render it.
+
+    The attributes come from ``sample_attributes(np.random.default_rng(seed),
+    correlated)``.  Returns (image (H, W, 3) in [0, 1], attributes, masks).
+    """
+    seed = _check_seed(seed)
+    size = _check_size(size)
+    attrs = sample_attributes(np.random.default_rng(seed), correlated=correlated)
+    image, masks = render(attrs, size)
+    return image, attrs, masks
+
+
+def render_many(
+    attrs: Sequence[FaceAttributes], size: int = 32
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Render a batch of given attributes (e.g. edited copies of sampled ones).
+
+    Returns images float32 [N, 3, H, W] in [-1, 1], labels (one float32 array
+    of N per name in ``ATTRIBUTES``, binaries as 0/1) and boolean masks
+    [N, H, W] per part.  Pixels equal those of ``render`` for each face.
+    """
+    attrs = [_check_attrs(a) for a in attrs]
+    size = _check_size(size)
+    N = len(attrs)
+    images = np.empty((N, 3, size, size), dtype=np.float32)
+    masks = {part: np.empty((N, size, size), dtype=bool) for part in PARTS}
+    for start in range(0, N, _CHUNK):
+        chunk = attrs[start : start + _CHUNK]
+        img, m = _render_chunk(chunk, size)
+        images[start : start + len(chunk)] = img * np.float32(2.0) - np.float32(1.0)
+        for part in PARTS:
+            masks[part][start : start + len(chunk)] = m[part]
+    labels = {
+        name: np.array([float(getattr(a, name)) for a in attrs], dtype=np.float32)
+        for name in ATTRIBUTES
+    }
+    return images, labels, masks
+
+
+def render_batch(
+    seeds: Iterable[int], size: int = 32, correlated: bool = True
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Render the faces of several seeds (as ``render_seed`` would, batched).
+
+    Returns images float32 [N, 3, H, W] in [-1, 1], labels (one float32 array
+    of N per name in ``ATTRIBUTES``, binaries as 0/1) and boolean masks
+    [N, H, W] per part in ``PARTS``.
+    """
+    if isinstance(seeds, (numbers.Integral, str, bytes)):
+        raise ValueError(f"seeds must be an iterable of non-negative integers, got {seeds!r}")
+    seed_list = [_check_seed(s) for s in seeds]
+    size = _check_size(size)
+    attrs = [
+        sample_attributes(np.random.default_rng(s), correlated=correlated) for s in seed_list
+    ]
+    return render_many(attrs, size)

@@ -1,0 +1,40 @@
+"""Tiny random U-Nets built in the tests themselves (CPU, a few steps)."""
+
+import pytest
+import torch
+
+from hspace.engine import Engine
+from hspace.loading import CELEBAHQ_SCHEDULER_CONFIG, Components
+
+
+def tiny_unet(seed: int = 0, sample_size: int = 16, in_channels: int = 3):
+    from diffusers import UNet2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DModel(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            layers_per_block=1,
+            block_out_channels=(16, 32),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=8,
+            attention_head_dim=8,
+        )
+
+
+def tiny_engine(h_location: str = "mid.out", scheduler_config: dict | None = None, seed: int = 0, dtype=None) -> Engine:
+    config = dict(scheduler_config or CELEBAHQ_SCHEDULER_CONFIG)
+    return Engine(Components(tiny_unet(seed), config, None, "tiny-test"), h_location=h_location, device="cpu", dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return tiny_engine()
+
+
+@pytest.fixture(scope="module")
+def trajectory(engine):
+    return engine.sample([3, 11, 42], num_steps=6, eta=1.0)

@@ -1,0 +1,62 @@
+"""The Direction type: save/load with metadata inside, compatibility checks, arithmetic."""
+
+import pytest
+import torch
+
+from hspace import Direction, HspaceError
+
+
+def make(steps=6, shape=(32, 8, 8), **meta):
+    return Direction(torch.randn(steps, *shape), sigma=torch.rand(steps), meta={"name": "d", "h_location": "mid.out", **meta})
+
+
+def test_save_load_round_trip(tmp_path):
+    d = make(model="tiny-test", method="pca", params={"k": 3, "component": 1})
+    d.save(tmp_path / "d.safetensors")
+    loaded = Direction.load(tmp_path / "d.safetensors")
+    assert torch.equal(loaded.delta, d.delta) and torch.equal(loaded.sigma, d.sigma)
+    assert loaded.meta == d.meta and loaded.meta["params"] == {"k": 3, "component": 1}
+    assert loaded.meta["num_steps"] == 6
+
+
+def test_mismatches_are_clear_errors(engine, trajectory):
+    with pytest.raises(HspaceError, match=r"h shape \(16, 8, 8\) but the engine's h at 'mid.out' is \(32, 8, 8\)"):
+        engine.edit(trajectory, make(shape=(16, 8, 8)), [1.0])
+    with pytest.raises(HspaceError, match="has 10 steps but the process has 6"):
+        engine.edit(trajectory, make(steps=10), [1.0])
+    with pytest.raises(HspaceError, match="found at h location 'mid.in'"):
+        engine.edit(trajectory, make(h_location="mid.in"), [1.0])
+    with pytest.raises(HspaceError, match="scales is empty"):
+        engine.edit(trajectory, make(), [])
+    with pytest.raises(HspaceError, match=r"scales must be a list of numbers, got \['big'\]"):
+        engine.edit(trajectory, make(), ["big"])
+
+
+def test_single_step_direction_applies_at_every_step(engine, trajectory):
+    one = make(steps=1)
+    repeated = Direction(one.delta.repeat(6, 1, 1, 1), meta=one.meta)
+    a = engine.edit(trajectory, one, [1.5])
+    b = engine.edit(trajectory, repeated, [1.5])
+    assert torch.equal(a, b)
+
+
+def test_arithmetic():
+    a, b = make(), make()
+    assert torch.allclose((a + b).delta, a.delta + b.delta)
+    assert torch.allclose((a - 2 * b).delta, a.delta - 2 * b.delta)
+    assert torch.allclose((-a).delta, -a.delta)
+    with pytest.raises(HspaceError, match="cannot combine directions of h shapes"):
+        a + make(shape=(4, 2, 2))
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(HspaceError, match="does not exist"):
+        Direction.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(HspaceError, match="is not a safetensors file"):
+        Direction.load(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(HspaceError, match="is not an hspace direction file"):
+        Direction.load(tmp_path / "other.safetensors")
