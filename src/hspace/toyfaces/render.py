@@ -142,7 +142,7 @@ _RANGES: dict[str, tuple[float, float]] = {
 }
 
 _SUPERSAMPLE = 2
-_CHUNK = 64  # faces rendered together in one vectorised pass
+_CHUNK_PIXELS = 1 << 18  # supersampled pixels rendered together in one vectorised pass
 _MASK_THRESHOLD = 1.0 / 255.0
 _YAW_ANGLE = 0.55  # radians of head rotation at |yaw| = 1
 _FEATURE_DEPTH = 0.9  # features lie on a cylinder of this fraction of the face radius
@@ -258,6 +258,8 @@ def sample_attributes(rng: np.random.Generator, correlated: bool = True) -> Face
     """
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    if not isinstance(correlated, (bool, np.bool_)):
+        raise ValueError(f"correlated must be a bool, got {correlated!r}")
     hair_color = float(rng.random())
     skin_tone = float(rng.random())
     yaw = float(rng.uniform(-1.0, 1.0))
@@ -299,12 +301,12 @@ def _face_params(a: FaceAttributes) -> dict[str, float]:
     s = a.face_scale
     cx, cy = 0.5, 0.55 + a.face_dy
     ang = a.yaw * _YAW_ANGLE
-    sa, ca = math.sin(ang), math.cos(ang)
+    sa = math.sin(ang)
     rx0, ry = 0.27 * s, 0.33 * s
     rxf = rx0 * (1.0 - 0.15 * abs(a.yaw))  # the face narrows when turned
     p: dict[str, float] = {"cx": cx, "cy": cy, "frx": rxf, "fry": ry}
 
-    # Eyes sit at +-0.5 rad on the head "cylinder": they slide with the yaw
+    # Eyes sit at +-0.52 rad on the head "cylinder": they slide with the yaw
     # and the far eye foreshortens.
     ey = cy - 0.04 * s
     for side, phi in (("l", -0.52), ("r", 0.52)):
@@ -316,14 +318,17 @@ def _face_params(a: FaceAttributes) -> dict[str, float]:
 
     p["nx"] = cx + rxf * sa  # the nose sticks out: slides further
     p["ny"] = cy + 0.06 * s
-    p["mx"] = cx + _FEATURE_DEPTH * rxf * sa
+    # Mouth corners at +-0.45 rad on the same cylinder as the eyes.
+    x_left = _FEATURE_DEPTH * rxf * math.sin(ang - 0.45)
+    x_right = _FEATURE_DEPTH * rxf * math.sin(ang + 0.45)
+    p["mx"] = cx + 0.5 * (x_left + x_right)
+    p["mw"] = 0.5 * (x_right - x_left)  # half width of the grin
     p["my"] = cy + 0.15 * s
-    p["mf"] = ca
 
     ear_shift = -0.45 * rxf * sa  # the back of the head moves the other way
     p["earlx"] = cx - 0.97 * rxf + ear_shift
     p["earrx"] = cx + 0.97 * rxf + ear_shift
-    p["eary"] = cy + 0.0 * s
+    p["eary"] = cy
 
     p["hcx"] = cx - 0.45 * rxf * sa
     p["hcy"] = cy - 0.05 * s
@@ -338,7 +343,9 @@ def _face_params(a: FaceAttributes) -> dict[str, float]:
     return p
 
 
-def _ellipse(X, Y, cx, cy, rx, ry):
+def _ellipse(
+    X: np.ndarray, Y: np.ndarray, cx: np.ndarray, cy: np.ndarray, rx: np.ndarray, ry: np.ndarray
+) -> np.ndarray:
     """Approximate signed distance to an axis-aligned ellipse (negative inside)."""
     nx = (X - cx) / rx
     ny = (Y - cy) / ry
@@ -351,14 +358,24 @@ def _ellipse(X, Y, cx, cy, rx, ry):
     return (np.sqrt(f2) - np.float32(1.0)) * ratio
 
 
-def _hcapsule(X, Y, x0, x1, y, r):
+def _hcapsule(
+    X: np.ndarray, Y: np.ndarray, x0: np.ndarray, x1: np.ndarray, y: np.ndarray, r: np.ndarray
+) -> np.ndarray:
     """Signed distance to a horizontal capsule from (x0, y) to (x1, y), radius r."""
     dx = np.maximum(np.maximum(x0 - X, X - x1), np.float32(0.0))
     dy = Y - y
     return np.sqrt(dx * dx + dy * dy) - r
 
 
-def _curve_stroke(X, Y, cx, y0, half_w, bend, thick):
+def _curve_stroke(
+    X: np.ndarray,
+    Y: np.ndarray,
+    cx: np.ndarray,
+    y0: np.ndarray,
+    half_w: np.ndarray,
+    bend: np.ndarray,
+    thick: np.ndarray,
+) -> np.ndarray:
     """Stroke along y = y0 + bend * (1 - t^2), t = (x - cx) / half_w, |t| <= 1.
 
     ``bend > 0`` bows the middle downwards (a smile); ``bend < 0`` upwards.
@@ -375,7 +392,15 @@ def _curve_stroke(X, Y, cx, y0, half_w, bend, thick):
     return np.where(np.abs(t) <= 1.0, d, d_cap)
 
 
-def _between_curves(X, Y, cx, y0, half_w, bend_top, bend_bot):
+def _between_curves(
+    X: np.ndarray,
+    Y: np.ndarray,
+    cx: np.ndarray,
+    y0: np.ndarray,
+    half_w: np.ndarray,
+    bend_top: np.ndarray,
+    bend_bot: np.ndarray,
+) -> np.ndarray:
     """Region between y0 + bend_top*(1-t^2) and y0 + bend_bot*(1-t^2), |t| <= 1."""
     t = (X - cx) / half_w
     q = np.float32(1.0) - t * t
@@ -427,7 +452,8 @@ def _render_chunk(
     glasses, hat = flag("glasses"), flag("hat")
 
     # --- shapes -----------------------------------------------------------
-    a_face = cover(_ellipse(X, Y, cx, cy, frx, fry))
+    d_face_edge = _ellipse(X, Y, cx, cy, frx, fry)
+    a_face = cover(d_face_edge)
     a_ears = cover(
         np.minimum(
             _ellipse(X, Y, col("earlx"), col("eary"), f32(0.055) * s, f32(0.08) * s),
@@ -448,7 +474,7 @@ def _render_chunk(
     d_hairline = (Y - hl) / np.sqrt(f32(1.0) + hl_slope * hl_slope)
     # The fringe reaches a little past the face outline (over the back hair,
     # same colour) so that no skin-coloured seam shows along the outline.
-    d_fringe_outline = _ellipse(X, Y, cx, cy, frx + f32(0.02) * s, fry + f32(0.02) * s)
+    d_fringe_outline = d_face_edge - f32(0.02) * s
     a_fringe = cover(np.maximum(d_fringe_outline, d_hairline))
 
     # Eyes: both variants are computed (the masks need both footprints).
@@ -477,8 +503,7 @@ def _render_chunk(
     )
 
     # Mouth: open grin (smile) or short, slightly down-turned line (neutral).
-    mx, my, mf = col("mx"), col("my"), col("mf")
-    smile_w = f32(0.11) * s * mf
+    mx, my, smile_w = col("mx"), col("my"), col("mw")
     d_smile = np.minimum(
         _between_curves(X, Y, mx, my, smile_w, f32(0.012) * s, f32(0.085) * s),
         _curve_stroke(X, Y, mx, my, smile_w, f32(0.012) * s, f32(0.03) * s),
@@ -490,11 +515,11 @@ def _render_chunk(
     )
     a_teeth = cover(d_teeth)
     d_neutral = _curve_stroke(
-        X, Y, mx, my + f32(0.035) * s, f32(0.075) * s * mf, f32(-0.012) * s, f32(0.03) * s
+        X, Y, mx, my + f32(0.035) * s, smile_w * f32(0.68), f32(-0.012) * s, f32(0.03) * s
     )
     a_smile, a_neutral = cover(d_smile), cover(d_neutral)
     d_mouth_region = _ellipse(
-        X, Y, mx, my + f32(0.04) * s, f32(0.11) * s * mf + margin, f32(0.055) * s + margin
+        X, Y, mx, my + f32(0.04) * s, smile_w + margin, f32(0.055) * s + margin
     )
 
     # Glasses: rims around the eyes, a bridge, arms to the face edge, lenses.
@@ -507,7 +532,6 @@ def _render_chunk(
     d_rims = np.abs(d_lens) - gthick * f32(0.5)
     bridge_y = ey - f32(0.012) * s
     d_bridge = _hcapsule(X, Y, exl + grx_l, exr - grx_r, bridge_y, gthick * f32(0.5))
-    d_face_edge = _ellipse(X, Y, cx, cy, frx, fry)
     d_arms = np.maximum(
         np.minimum(
             _hcapsule(X, Y, exl - grx_l - f32(0.2), exl - grx_l, bridge_y, gthick * f32(0.5)),
@@ -540,7 +564,7 @@ def _render_chunk(
     shade = f32(1.0) - f32(0.12) * Y.reshape(1, 1, n, 1)  # slightly darker lower down
     img = np.broadcast_to(bg * shade, (B, 3, n, n)).copy()
 
-    def over(alpha: np.ndarray, color) -> None:
+    def over(alpha: np.ndarray, color: np.ndarray | tuple[float, float, float]) -> None:
         if isinstance(color, tuple):
             color = np.asarray(color, dtype=f32).reshape(1, 3, 1, 1)
         a = alpha[:, None]
@@ -569,9 +593,12 @@ def _render_chunk(
         "face": head_skin * (f32(1.0) - a_fringe) * not_hat,
         "hair": (a_fringe + a_back * (f32(1.0) - head_skin) * (f32(1.0) - a_fringe)) * not_hat,
         "eyes": np.maximum(
-            np.maximum(cover(d_eye_region), np.maximum(a_sclera, a_closed)), a_pupil
+            cover(np.maximum(d_eye_region, d_face_edge)),
+            np.maximum(np.maximum(a_sclera, a_closed), a_pupil),
         ),
-        "mouth": np.maximum(cover(d_mouth_region), np.maximum(a_smile, a_neutral)),
+        "mouth": np.maximum(
+            cover(np.maximum(d_mouth_region, d_face_edge)), np.maximum(a_smile, a_neutral)
+        ),
         "glasses": np.maximum(a_frame, a_lens) * not_hat,
         "hat": a_hat,
     }
@@ -655,8 +682,9 @@ def render_many(
     N = len(attrs)
     images = np.empty((N, 3, size, size), dtype=np.float32)
     masks = {part: np.empty((N, size, size), dtype=bool) for part in PARTS}
-    for start in range(0, N, _CHUNK):
-        chunk = attrs[start : start + _CHUNK]
+    step = max(1, _CHUNK_PIXELS // (size * _SUPERSAMPLE) ** 2)  # 64 faces at size 32
+    for start in range(0, N, step):
+        chunk = attrs[start : start + step]
         img, m = _render_chunk(chunk, size)
         images[start : start + len(chunk)] = img * np.float32(2.0) - np.float32(1.0)
         for part in PARTS:
