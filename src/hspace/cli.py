@@ -210,6 +210,40 @@ def cmd_demo(args) -> None:
         print(path)
 
 
+def cmd_toyfaces_train(args) -> None:
+    from dataclasses import fields
+
+    from tqdm.auto import tqdm
+
+    from .toyfaces.train import TrainConfig, train
+
+    if args.steps < 1:
+        raise HspaceError(f"--steps must be a positive integer, got {args.steps}")
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None})
+    bar = tqdm(desc="training", total=config.steps, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(info):
+        if bar.n == 0:
+            bar.update(info["step"] - 1)  # resumed runs start past zero
+        bar.update(1)
+        bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}")
+
+    try:
+        checkpoint = train(args.run, config, callback=progress)
+    finally:
+        bar.close()
+    print(f"checkpoint: {checkpoint}")
+
+
+def cmd_toyfaces_export(args) -> None:
+    from .toyfaces.train import export
+
+    checkpoint = Path(args.run) / "checkpoint.pt"
+    if not checkpoint.is_file():
+        raise HspaceError(f"no checkpoint at {str(checkpoint)!r}; train first with `hspace toyfaces train --run {args.run}`")
+    print(f"exported to {export(checkpoint, args.out)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hspace", description="Discover and apply editing directions in the h-space of diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,6 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="model, h location and h shape")
     _add_model_args(p)
     p.set_defaults(func=cmd_info)
+
+    toy = sub.add_parser("toyfaces", help="the bundled toy-faces domain: train and export its diffusion model")
+    toy_sub = toy.add_subparsers(dest="toyfaces_command", required=True)
+    p = toy_sub.add_parser("train", help="train (or resume) the toy-faces U-Net with EMA; checkpoints in --run")
+    p.add_argument("--run", default="runs/toyfaces", help="run folder (checkpoint.pt; the same command resumes)")
+    p.add_argument("--steps", type=int, default=8000, help="total training steps")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--pool", type=int, default=None, help="number of rendered training faces")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=None)
+    p.set_defaults(func=cmd_toyfaces_train)
+    p = toy_sub.add_parser("export", help="write the EMA weights in float16 as a diffusers folder")
+    p.add_argument("--run", default="runs/toyfaces")
+    p.add_argument("--out", default="src/hspace/toyfaces/model", help="model folder to write")
+    p.set_defaults(func=cmd_toyfaces_export)
 
     p = sub.add_parser("demo", help="the main job: samples, swaps and edits of the bundled model into a folder")
     p.add_argument("--model", default=None, help="model (default: the bundled model)")

@@ -1,0 +1,164 @@
+"""Train the bundled toy-faces diffusion model: a small diffusers UNet2DModel with EMA.
+
+epsilon prediction, 1000 training steps and the noise schedule of google/ddpm-ema-celebahq-256
+(linear betas 1e-4 .. 0.02), on faces rendered by ``render.py`` from seeds 0 .. pool-1. Checkpoints are
+written atomically every ``checkpoint_every`` steps; running the same command again resumes from the
+last one (a session may end mid-run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import HspaceError
+from ..loading import CELEBAHQ_SCHEDULER_CONFIG
+from .render import render_batch
+
+# The bundled model's architecture: 2.7M parameters, h = mid-block output of 128 x 8 x 8 at 32 px.
+TOYFACES_UNET_CONFIG = dict(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 128),
+    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    norm_num_groups=8,
+    attention_head_dim=32,
+)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 8000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    min_lr_ratio: float = 0.05  # cosine decay to lr * min_lr_ratio at the last step
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    pool: int = 60000  # training faces: seeds 0 .. pool-1
+    size: int = 32
+    seed: int = 0
+    checkpoint_every: int = 200
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def render_pool(n: int, size: int, chunk: int = 5000) -> torch.Tensor:
+    """uint8 [n, 3, size, size] faces of seeds 0 .. n-1."""
+    parts = []
+    for start in range(0, n, chunk):
+        images, _, _ = render_batch(range(start, min(n, start + chunk)), size=size)
+        parts.append(torch.from_numpy(((images + 1) * 127.5).round().clip(0, 255).astype(np.uint8)))
+    return torch.cat(parts)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(run_dir: str | Path, config: TrainConfig | None = None, callback: Callable[[dict], None] | None = None) -> Path:
+    """Train (or resume) in ``run_dir``; returns the checkpoint path. ``callback`` gets each step's loss."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "checkpoint.pt"
+    config = config or TrainConfig()
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+    if state is not None:
+        saved = TrainConfig(**state["config"])
+        # The run's total length may grow on resume; nothing else may change under it.
+        if {**asdict(saved), "steps": 0} != {**asdict(config), "steps": 0}:
+            raise HspaceError(f"{ckpt_path} was trained with {asdict(saved)}; resume it with the same settings")
+    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+
+    torch.manual_seed(config.seed)
+    model = UNet2DModel(**TOYFACES_UNET_CONFIG)
+    ema = UNet2DModel(**TOYFACES_UNET_CONFIG).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        step = state["step"]
+
+    scheduler = DDPMScheduler.from_config({k: v for k, v in CELEBAHQ_SCHEDULER_CONFIG.items() if not k.startswith("_")})
+    alphas = scheduler.alphas_cumprod.float()
+    pool = render_pool(config.pool, config.size)
+
+    def save():
+        _atomic_save(
+            {
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+                "step": step,
+                "config": asdict(config),
+            },
+            ckpt_path,
+        )
+
+    model.train()
+    while step < config.steps:
+        index = torch.randint(0, len(pool), (config.batch_size,), generator=generator)
+        x0 = pool[index].float() / 127.5 - 1
+        t = torch.randint(0, len(alphas), (config.batch_size,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        a = alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = F.mse_loss(model(x_t, t).sample, noise)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        # EMA with a warm-up so that early weights do not linger (as diffusers' EMAModel).
+        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - decay)
+        step += 1
+        if callback is not None:
+            callback({"step": step, "steps": config.steps, "loss": float(loss), "lr": learning_rate(config, step - 1)})
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            save()
+    return ckpt_path
+
+
+def export(checkpoint: str | Path, folder: str | Path) -> Path:
+    """Write the EMA weights in float16 as a diffusers model folder, with the scheduler config beside them."""
+    from diffusers import UNet2DModel
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model = UNet2DModel(**TOYFACES_UNET_CONFIG)
+    model.load_state_dict(state["ema"])
+    folder = Path(folder)
+    model.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+    (folder / "scheduler_config.json").write_text(json.dumps(CELEBAHQ_SCHEDULER_CONFIG, indent=2))
+    (folder / "training.json").write_text(json.dumps({"steps": state["step"], **state["config"]}, indent=2))
+    return folder
