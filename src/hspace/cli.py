@@ -244,6 +244,47 @@ def cmd_toyfaces_export(args) -> None:
     print(f"exported to {export(checkpoint, args.out)}")
 
 
+def cmd_toyfaces_train_classifier(args) -> None:
+    from tqdm.auto import tqdm
+
+    from .toyfaces.classifier import ClassifierConfig, train_classifier
+
+    config = ClassifierConfig(epochs=args.epochs, train_faces=args.faces)
+    bar = tqdm(desc="classifier", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(info):
+        bar.total = info["steps"]
+        bar.update(1)
+        bar.set_postfix(epoch=info["epoch"], loss=f"{info['loss']:.4f}")
+
+    try:
+        metrics = train_classifier(config, args.out, callback=progress)
+    finally:
+        bar.close()
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_toyfaces_evaluate(args) -> None:
+    from .images import labelled_grid
+    from .toyfaces.quality import evaluate_model
+
+    engine = _engine(args)
+    progress = Progress("sampling")
+    try:
+        report = evaluate_model(engine, args.n, args.steps, parse_eta(args.eta), batch_size=args.batch_size, callback=progress)
+    finally:
+        progress.close()
+    images = report.pop("images")
+    if args.grid:
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+        labelled_grid(images[:64].reshape(8, 8, *images.shape[1:]), min_cell=32, pad=1).save(args.grid)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+    print(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hspace", description="Discover and apply editing directions in the h-space of diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -300,6 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=int, default=None, help="number of rendered training faces")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=None)
     p.set_defaults(func=cmd_toyfaces_train)
+    p = toy_sub.add_parser("train-classifier", help="train the attribute classifier; prints held-out accuracy and R^2")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--faces", type=int, default=40000, help="training faces (independent attributes)")
+    p.add_argument("--out", default="src/hspace/toyfaces/classifier.safetensors")
+    p.set_defaults(func=cmd_toyfaces_train_classifier)
+    p = toy_sub.add_parser("evaluate", help="sample n images and compare classifier statistics with the training data")
+    _add_model_args(p)
+    _add_process_args(p)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--grid", default=None, help="write an 8x8 sample grid here (PNG)")
+    p.add_argument("--json", default=None, help="write the report here")
+    p.set_defaults(func=cmd_toyfaces_evaluate, batch_size=100)
     p = toy_sub.add_parser("export", help="write the EMA weights in float16 as a diffusers folder")
     p.add_argument("--run", default="runs/toyfaces")
     p.add_argument("--out", default="src/hspace/toyfaces/model", help="model folder to write")

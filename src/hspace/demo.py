@@ -57,15 +57,40 @@ def run_demo(
         "h-swap (paper Fig. 3): each sample replayed with its own x_T and z but the donor's h_t at every step.",
     )
 
-    direction = mean_difference(ddpm[[0]], ddpm[[1]], name="h(seed0)-h(seed1)")
     scales = [-1.0, -0.5, 0.0, 0.5, 1.0]
     targets = ddpm[[2, 3, 4, 5]]
+    # Vector arithmetic (Fig. 4): h of one sample minus h of another; on toy faces, the sample the
+    # classifier finds most smiling minus the least smiling one.
+    plus, minus, label = ddpm[[0]], ddpm[[1]], "h(seed 0) - h(seed 1)"
+    if engine.name == "toyfaces":
+        from .toyfaces.classifier import classify
+
+        pool = run("annotated samples", lambda cb: engine.sample(range(1000, 1048), steps, eta=1.0, callback=cb))
+        scores = classify(pool.images)
+        smile = scores["smile"].argsort(descending=True).tolist()
+        plus, minus, label = pool[smile[:1]], pool[smile[-1:]], "h(smiling) - h(not smiling)"
+    direction = mean_difference(plus, minus, name=label)
     edits = run("vector arithmetic", lambda cb: engine.edit(targets, direction, scales, callback=cb))[0]
     save(
         labelled_grid(edits.transpose(0, 1), [f"seed {s}" for s in targets.seeds], [f"{s:g}" for s in scales]),
         "arithmetic.png",
-        "Vector arithmetic (paper Fig. 4): h(seed 0) - h(seed 1) added to other samples at scales gamma (one batched replay).",
+        f"Vector arithmetic (paper Fig. 4): {label} added to other samples at scales gamma (one batched replay).",
     )
+    if engine.name == "toyfaces":
+        # Directions from classifier annotation (eq. 10): top 8 minus bottom 8 of the 48 samples per attribute.
+        names = ("smile", "glasses", "hat", "eyes_open")
+        directions = []
+        for name in names:
+            order = scores[name].argsort(descending=True).tolist()
+            directions.append(mean_difference(pool[order[:8]], pool[order[-8:]], name=name))
+        edits = run("attribute edits", lambda cb: engine.edit(targets[[0, 1]], directions, scales, callback=cb))
+        rows = [f"{d.name} / seed {s}" for d in directions for s in targets.seeds[:2]]
+        save(
+            labelled_grid(edits.transpose(1, 2).reshape(-1, len(scales), *edits.shape[3:]), rows, [f"{s:g}" for s in scales]),
+            "attributes.png",
+            "Attribute directions from classifier annotation (paper eq. 10): mean h of the 8 samples the classifier "
+            "scores highest minus the 8 lowest, of 48, added at scales gamma.",
+        )
 
     single = run("single pass", lambda cb: engine.edit(targets[[0]], direction, scales, callback=cb))[0, :, 0]
     asyrp = run("asyrp", lambda cb: engine.edit(targets[[0]], direction, scales, asyrp=True, callback=cb))[0, :, 0]

@@ -66,11 +66,24 @@ def _tiny_random() -> Components:
     return Components(unet, dict(CELEBAHQ_SCHEDULER_CONFIG), None, "tiny-random")
 
 
+TOYFACES_FOLDER = Path(__file__).parent / "toyfaces" / "model"
+
+
+def _toyfaces() -> Components:
+    if not (TOYFACES_FOLDER / "config.json").is_file():
+        raise HspaceError(
+            f"the bundled toy-faces weights are missing from {str(TOYFACES_FOLDER)!r}; "
+            "train and export them with `hspace toyfaces train` and `hspace toyfaces export`"
+        )
+    return load_folder(TOYFACES_FOLDER, "toyfaces")
+
+
 # Built-in models, loadable by name wherever a model id is accepted.
 BUILTIN: dict[str, Callable[[], Components]] = {
+    "toyfaces": _toyfaces,
     "tiny-random": _tiny_random,
 }
-DEFAULT_MODEL = "tiny-random"
+DEFAULT_MODEL = "toyfaces" if (TOYFACES_FOLDER / "config.json").is_file() else "tiny-random"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -119,7 +132,8 @@ def _load_unet(folder: Path):
     cls_name = _read_json(folder / "config.json").get("_class_name", "UNet2DModel")
     if cls_name != "UNet2DModel":
         raise HspaceError(f"{str(folder)!r} holds a {cls_name}; hspace supports UNet2DModel (unconditional) models")
-    return UNet2DModel.from_pretrained(str(folder))
+    # Weights may be stored in float16 (the bundled model is); the engine casts to its own dtype.
+    return UNet2DModel.from_pretrained(str(folder), torch_dtype=torch.float32)
 
 
 def _load_decoder(folder: Path):
@@ -129,7 +143,7 @@ def _load_decoder(folder: Path):
     classes = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}
     if cls_name not in classes:
         raise HspaceError(f"decoder in {str(folder)!r} is a {cls_name!r}; valid: {', '.join(classes)}")
-    return classes[cls_name].from_pretrained(str(folder))
+    return classes[cls_name].from_pretrained(str(folder), torch_dtype=torch.float32)
 
 
 def load_folder(folder: Path, name: str) -> Components:
