@@ -32,6 +32,10 @@ def test_sample_edit_swap_arith(tmp_path):
     unedited = np.asarray(Image.open(tmp_path / "e" / "seed2_0_zero-minus-one_0.png"))
     assert np.array_equal(unedited, to_uint8(traj.images[2]))
 
+    assert main(["edit", "--direction", str(direction), "--trajectory", str(tmp_path / "t.safetensors"), "--scales", "0", "--out", str(tmp_path / "e2"), "--save-each", "--device", "cpu"]) == 0
+    unedited = np.asarray(Image.open(tmp_path / "e2" / "seed1_0_zero-minus-one_0.png"))
+    assert np.array_equal(unedited, to_uint8(traj.images[1]))
+
     assert main(["swap", "--seeds", "0", "--donors", "1", "--out", str(tmp_path / "w"), *common]) == 0
     assert (tmp_path / "w" / "swap.png").is_file()
 

@@ -123,10 +123,16 @@ def cmd_edit(args) -> None:
     except ValueError:
         raise HspaceError(f"bad --scales {args.scales}; valid: numbers like -2 0 2") from None
     directions = [Direction.load(p) for p in args.direction]
+    saved = None
+    if args.trajectory:
+        from .trajectory import Trajectory
+
+        saved = Trajectory.load(args.trajectory)
+        args.steps = saved.num_steps
     engine = _engine(args)
     for direction in directions:
         direction.check_compatible(engine.h_shape, args.steps, engine.h_location)
-    trajectory = _sample(engine, args, seeds)
+    trajectory = saved if saved is not None else _sample(engine, args, seeds)
     progress = Progress("editing")
     try:
         images = engine.edit(
@@ -302,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_process_args(p)
     p.add_argument("--direction", nargs="+", required=True, help="direction files (.safetensors)")
     p.add_argument("--seeds", nargs="+", default=["0-3"], help="seeds of the samples to edit")
+    p.add_argument("--trajectory", default=None, help="edit the samples of a saved trajectory file instead of --seeds")
     p.add_argument("--scales", nargs="+", default=["-2", "-1", "0", "1", "2"], help="edit scales gamma")
     p.add_argument("--window", default=None, help="only edit at timesteps T_START:T_END, e.g. 1000:500")
     p.add_argument("--asyrp", action="store_true", help="inject into P_t only (Asyrp, two U-Net passes per step)")

@@ -154,6 +154,8 @@ class Trajectory:
     def load(cls, path: str | Path) -> "Trajectory":
         from safetensors import safe_open
 
+        if not Path(path).is_file():
+            raise HspaceError(f"trajectory file {str(path)!r} does not exist")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("kind") != "hspace.Trajectory":
