@@ -356,6 +356,31 @@ class Engine:
         edit = HEdit(self.active_steps(trajectory.num_steps, window), replace=donor.h)
         return self._replay(trajectory, torch.arange(len(trajectory)), edit, False, True, batch_size, callback)
 
+    def x_t(self, trajectory: Trajectory, step: int, *, batch_size: int = 32) -> torch.Tensor:
+        """x_t at the start of step ``step`` (0 = x_T, num_steps = x_0) of every sample, [B, C, H, W].
+
+        Replays the first ``step`` steps of eq. 2 with the trajectory's x_T, z and eta through the
+        sampling loop itself, so this is the x_t the U-Net saw at that step (no delta-h: for an edited
+        replay it is the unedited process).
+        """
+        from dataclasses import replace
+
+        _check_batch_size(batch_size)
+        schedule = self._check_trajectory(trajectory)
+        n = trajectory.num_steps
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= n:
+            raise HspaceError(f"step must be an integer from 0 to {n} (0 = x_T, {n} = x_0), got {step!r}")
+        head = replace(
+            schedule, timesteps=schedule.timesteps[:step], alpha=schedule.alpha[:step], alpha_prev=schedule.alpha_prev[:step]
+        )
+        eta = trajectory.eta[:step]
+        noise = trajectory.noise()[:, :step] if bool((head.sigma(eta) > 0).any()) else None
+        parts = []
+        for rows in torch.arange(len(trajectory)).split(batch_size):
+            z = None if noise is None else noise[rows]
+            parts.append(self._generate(trajectory.x_T[rows], z, head, eta, None, False, False, None, {})[0])
+        return torch.cat(parts)
+
 
 def _prepare(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     module = module.to(device)

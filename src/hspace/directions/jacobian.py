@@ -1,0 +1,397 @@
+"""Image-specific directions: top right singular vectors of J_t = d eps(x_t, h_t) / d h_t (paper Sec. 4.2).
+
+The Jacobian (eq. 6) is never formed. Subspace iteration on J_t^T J_t (Alg. 1; SM Alg. 2 for the
+low-memory sequential variant) needs only products: J v by forward-mode differentiation (eq. 8) and
+J^T u by a vector-Jacobian product (eq. 9), both for a batch of vectors at once. h feeds only the
+decoder half of the U-Net, so eps is differentiated through ``unet_split.decode`` from a cache of the
+encoder half computed once per (x_t, t).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..errors import HspaceError, check_choice
+from .direction import Direction
+
+BATCHING = ("vmap", "repeat")
+METHODS = ("batched", "sequential")
+
+
+@dataclass
+class SVDResult:
+    """k top singular triplets of a Jacobian, vectors as rows: J V[i] = S[i] U[i] (eq. 7)."""
+
+    U: torch.Tensor  # [k, *out_shape] left singular vectors, orthonormal
+    S: torch.Tensor  # [k] singular values, descending
+    V: torch.Tensor  # [k, *in_shape] right singular vectors, orthonormal
+    iterations: list[int] = field(default_factory=list)  # per mini-batch (one for Alg. 1)
+    converged: bool = True  # every mini-batch met the tolerance before max_iter
+
+
+class JacobianProducts:
+    """J v (eq. 8) and J^T u (eq. 9) of f at h for a batch of vectors, reusing one forward pass of f.
+
+    ``f`` maps [n, *in_shape] -> [n, *out_shape] row by row. Alg. 1 evaluates y = f(h) once and
+    takes every J^T u as the gradient of <u, y>; this keeps that graph. ``batching="vmap"`` keeps it
+    at batch 1 and vectorises over the k vectors (torch.func.vmap); the primal of the JVP is then
+    computed once, not k times. ``"repeat"`` runs f at h repeated k times (the literal batched
+    form; f need not be vmap-able).
+    """
+
+    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, batching: str = "vmap"):
+        check_choice("batching", batching, BATCHING)
+        self.f, self.h, self.batching = f, h.detach().contiguous(), batching
+        self._graph: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (batch, leaf, y)
+        self.out_shape = tuple(self._forward(1)[2].shape[1:])
+
+    def _forward(self, n: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        if self._graph is None or self._graph[0] != n:
+            self._graph = None  # drop the old graph before building the next one
+            with torch.enable_grad():
+                leaf = self.h.expand(n, *self.h.shape).clone().requires_grad_(True)
+                self._graph = (n, leaf, self.f(leaf))
+        return self._graph
+
+    def jvp(self, V: torch.Tensor) -> torch.Tensor:
+        """J V[i] for every row (eq. 8), by forward-mode differentiation. [k, *in] -> [k, *out]."""
+        V = V.to(self.h.dtype).contiguous()
+        with torch.no_grad():
+            if self.batching == "vmap":
+                h1 = self.h[None]
+                return torch.func.vmap(lambda v: torch.func.jvp(self.f, (h1,), (v[None],))[1][0])(V)
+            h_rep = self.h.expand(V.shape[0], *self.h.shape).contiguous()
+            return torch.func.jvp(self.f, (h_rep,), (V,))[1]
+
+    def vjp(self, U: torch.Tensor) -> torch.Tensor:
+        """J^T U[i] for every row (eq. 9), the gradient of <U[i], y>. [k, *out] -> [k, *in]."""
+        U = U.to(self.h.dtype)
+        if self.batching == "vmap":
+            _, leaf, y = self._forward(1)
+            (g,) = torch.autograd.grad(y, leaf, U[:, None], retain_graph=True, is_grads_batched=True)
+            return g[:, 0]
+        _, leaf, y = self._forward(U.shape[0])
+        (g,) = torch.autograd.grad(y, leaf, U, retain_graph=True)
+        return g
+
+
+def subspace_iteration(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    h: torch.Tensor,
+    k: int,
+    V0: torch.Tensor | None = None,
+    max_iter: int = 50,
+    tol: float = 1e-4,
+    generator: torch.Generator | None = None,
+    *,
+    oversample: int = 0,
+    batching: str = "vmap",
+) -> SVDResult:
+    """Top-k singular values and vectors of df/dh at ``h`` by Jacobian subspace iteration (Alg. 1).
+
+    ``f`` maps a batch [n, *h.shape] -> [n, *out_shape] row by row; ``h`` is one point (no batch
+    dimension). All k vectors iterate in one batch: U = J V (eq. 8), V_hat = J^T U (eq. 9),
+    V, S^2, _ = SVD(V_hat); stop when the largest relative change of one of the k singular values
+    is below ``tol`` or after ``max_iter`` iterations. ``V0`` [k, *h.shape] is the initial guess
+    (default: Gaussian from ``generator``). U is orthonormalised at the end.
+
+    ``oversample`` p > 0 iterates k + p vectors and keeps the top k (not in the paper; the standard
+    remedy when s_{k+1} is close to s_k, where the k-th vector converges like (s_{k+p+1}/s_k)^2
+    per iteration instead of (s_{k+1}/s_k)^2).
+    """
+    d = _check_k(k, h)
+    _check_iteration(max_iter, tol, oversample)
+    products = JacobianProducts(f, h, batching)
+    V = _initial(V0, k, h, generator, "V0")
+    extra = min(oversample, d - k)
+    if extra:
+        V = torch.cat([V, _initial(None, extra, h, generator, "")])
+    V, S, U, iterations, converged = _iterate(products, V, None, max_iter, tol, k)
+    return _result(U, S, V, h.shape, products.out_shape, [iterations], converged)
+
+
+def sequential_subspace_iteration(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    h: torch.Tensor,
+    k: int,
+    b: int,
+    V0: torch.Tensor | None = None,
+    max_iter: int = 50,
+    tol: float = 1e-4,
+    generator: torch.Generator | None = None,
+    *,
+    oversample: int = 0,
+    batching: str = "vmap",
+) -> SVDResult:
+    """Top-k singular triplets in mini-batches of ``b`` vectors (SM Sec. C, Alg. 2): low memory.
+
+    Each mini-batch runs Alg. 1 with its vectors projected, before every product, onto the
+    complement of the vectors found so far, [I - V (V^T V)^-1 V^T] Phi, then re-orthonormalised;
+    the converged block is projected once more, so that V is orthonormal across blocks too.
+    ``V0`` [k, *h.shape] gives the initial guess of every mini-batch (its rows in order);
+    ``oversample`` adds p vectors to every mini-batch (see ``subspace_iteration``).
+    """
+    d = _check_k(k, h)
+    _check_iteration(max_iter, tol, oversample)
+    _check_b(b, k)
+    products = JacobianProducts(f, h, batching)
+    init = None if V0 is None else _initial(V0, k, h, None, "V0")
+    Vs, Ss, Us, iterations, converged = [], [], [], [], True
+    for start in range(0, k, b):
+        n = min(b, k - start)
+        Phi = _initial(None, n, h, generator, "") if init is None else init[start : start + n]
+        extra = min(oversample, d - start - n)
+        if extra:
+            Phi = torch.cat([Phi, _initial(None, extra, h, generator, "")])
+        found = torch.cat(Vs) if Vs else None
+        Phi, S, Psi, its, ok = _iterate(products, Phi, found, max_iter, tol, n)
+        if found is not None:  # the last SVD step leaves Phi slightly outside the complement
+            Phi = _orthonormal_rows(_deflate(Phi, found))
+        Vs.append(Phi)
+        Ss.append(S)
+        Us.append(Psi)
+        iterations.append(its)
+        converged = converged and ok
+    return _result(torch.cat(Us), torch.cat(Ss), torch.cat(Vs), h.shape, products.out_shape, iterations, converged)
+
+
+def _iterate(products: JacobianProducts, V: torch.Tensor, found: torch.Tensor | None, max_iter: int, tol: float, keep: int):
+    """The inner loop of Alg. 1 / Alg. 2 on flat float32 rows V [n, d]; deflates against ``found``.
+
+    Returns the top ``keep`` <= n triplets; the tolerance applies to those only (the other rows
+    are oversampling: they speed up convergence of the kept ones when the spectrum is flat).
+    """
+    shape = products.h.shape
+    V = _orthonormal_rows(V)
+    S = None
+    for it in range(1, max_iter + 1):
+        if found is not None:
+            V = _orthonormal_rows(_deflate(V, found))
+        U = products.jvp(V.reshape(-1, *shape)).float()
+        V_hat = products.vjp(U).float().reshape(V.shape[0], -1)
+        # V_hat^T = W S^2 Z^T (reduced SVD): the new vectors are W; since J V_old Z = J W once the
+        # subspace is invariant, Z rotates U along so that U[i] = J V[i] without another product.
+        W, S2, Zt = torch.linalg.svd(V_hat.T.double(), full_matrices=False)
+        V = W.T.float()
+        U = torch.einsum("ij,j...->i...", Zt.float(), U)
+        S_new = S2[:keep].clamp(min=0).sqrt().float()
+        if S is not None:
+            scale = S_new.clamp(min=float(S_new.max()) * 1e-6 + 1e-30)
+            if float(((S_new - S).abs() / scale).max()) < tol:
+                return V[:keep], S_new, U[:keep], it, True
+        S = S_new
+    return V[:keep], S, U[:keep], max_iter, False
+
+
+def _deflate(Phi: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """[I - V^T (V V^T)^-1 V] applied to the rows of Phi (Alg. 2), V and Phi as rows."""
+    coef = torch.linalg.solve(V.double() @ V.double().T, V.double() @ Phi.double().T)
+    return (Phi.double() - coef.T @ V.double()).float()
+
+
+def _orthonormal_rows(V: torch.Tensor) -> torch.Tensor:
+    Q, R = torch.linalg.qr(V.T.double())
+    sign = torch.sign(torch.diagonal(R))
+    sign[sign == 0] = 1
+    return (Q * sign).T.float()
+
+
+def _result(U, S, V, in_shape, out_shape, iterations, converged) -> SVDResult:
+    k = V.shape[0]
+    order = torch.argsort(S, descending=True)  # Alg. 2's mini-batches are ordered only approximately
+    U, S, V = U[order], S[order], V[order]
+    U = _orthonormal_rows(U.reshape(k, -1))  # "Orthonormalize U" (Alg. 1, 2); keeps U[i] ~ J V[i] / S[i]
+    return SVDResult(U.reshape(k, *out_shape).cpu(), S.cpu(), V.reshape(k, *in_shape).cpu(), iterations, converged)
+
+
+def _initial(V0, k: int, h: torch.Tensor, generator, name: str) -> torch.Tensor:
+    d = h.numel()
+    if V0 is None:
+        return torch.randn(k, d, generator=generator).to(h.device)
+    V0 = torch.as_tensor(V0)
+    if V0.ndim < 1 or V0.shape[0] != k or V0[0].numel() != d:
+        raise HspaceError(f"{name} has shape {tuple(V0.shape)}; valid: [{k}, {', '.join(map(str, h.shape))}] (k rows of h's size)")
+    return V0.reshape(k, d).float().to(h.device)
+
+
+def _check_k(k, h: torch.Tensor) -> int:
+    d = h.numel()
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
+        raise HspaceError(f"k (number of singular vectors) must be an integer from 1 to dim h = {d}, got {k!r}")
+    return d
+
+
+def _check_b(b, k: int) -> None:
+    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= k:
+        raise HspaceError(f"mini-batch size b must be an integer from 1 to k={k}, got {b!r}")
+
+
+def _check_iteration(max_iter, tol, oversample) -> None:
+    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+        raise HspaceError(f"oversample must be an integer >= 0, got {oversample!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise HspaceError(f"max_iter must be a positive integer, got {max_iter!r}")
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol > 0:
+        raise HspaceError(f"tol must be a positive number, got {tol!r}")
+
+
+# ------------------------------------------------------------------ on a diffusion model
+
+
+def check_mask(mask, out_shape: Sequence[int]) -> torch.Tensor:
+    """The output mask as float [C or 1, H, W]: [H, W] or [C, H, W] over the U-Net's output."""
+    out_shape = tuple(out_shape)
+    mask = torch.as_tensor(mask)
+    given = tuple(mask.shape)
+    c, hw = out_shape[0], out_shape[1:]
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3 or tuple(mask.shape[1:]) != hw or mask.shape[0] not in (1, c):
+        raise HspaceError(
+            f"mask has shape {given}; valid: {hw} or {(c, *hw)} (or {(1, *hw)}), the U-Net output's spatial size"
+        )
+    mask = mask.float()
+    if not torch.isfinite(mask).all() or (mask < 0).any() or not (mask > 0).any():
+        raise HspaceError("mask values must be finite and >= 0, with at least one > 0")
+    return mask
+
+
+@dataclass
+class JacobianResult:
+    """Directions found at one step of one sample: its singular triplets and a Direction per vector."""
+
+    step: int
+    timestep: int
+    svd: SVDResult
+    directions: list[Direction]
+    h_norm: float  # ||h_t||: the unit of every direction's delta
+
+    @property
+    def singular_values(self) -> torch.Tensor:
+        return self.svd.S
+
+
+def jacobian_directions(
+    engine,
+    trajectory,
+    sample: int = 0,
+    steps: int | Sequence[int] | None = None,
+    k: int = 4,
+    *,
+    mask: torch.Tensor | None = None,
+    mask_name: str | None = None,
+    method: str = "batched",
+    b: int | None = None,
+    max_iter: int = 50,
+    tol: float = 1e-4,
+    oversample: int | None = None,
+    generator: torch.Generator | None = None,
+    batching: str = "vmap",
+) -> list[JacobianResult]:
+    """Image-specific directions of one sample: top right singular vectors of J_t (eq. 6-9) at each step.
+
+    For each step index in ``steps`` (default: the middle step) x_t is replayed (``Engine.x_t``), the
+    encoder half is cached and J_t of eps with respect to h_t is decomposed by Alg. 1
+    (``method="batched"``) or Alg. 2 (``"sequential"``, mini-batches of ``b``). ``mask`` ([H, W] or
+    [C, H, W] over the U-Net output) restricts eps to a region: the Jacobian of mask * eps.
+    Singular values are those of eps (for v- or x0-predicting U-Nets the output's Jacobian differs
+    by a constant per step, SM Sec. E, which is divided out; the vectors are the same).
+    ``oversample`` (default: the block size, k or b) extra vectors iterate alongside and are dropped
+    (see ``subspace_iteration``); 0 runs the paper's algorithms exactly.
+
+    Every direction applies at all timesteps (Sec. 4.2: directions found at t are applied across all
+    timesteps): delta is [1, *h_shape] = ||h_t|| v with ||v|| = 1, so an edit with scale gamma moves
+    h by gamma times its own norm at step t (the unit is stored as params["h_norm"]). The sign of v
+    is fixed so that its largest-magnitude entry is positive.
+    """
+    from ..unet_split import check_unet, decode, encode, forward_mode
+
+    check_choice("method", method, METHODS)
+    _check_k(k, torch.empty(engine.h_shape))
+    if method == "sequential":
+        _check_b(b, k)
+    if isinstance(sample, bool) or not isinstance(sample, int):
+        raise HspaceError(f"sample must be the integer index of one sample of the trajectory, got {sample!r}")
+    check_unet(engine.unet)
+    if oversample is None:
+        oversample = k if method == "batched" else b
+    one = trajectory[sample]
+    n = one.num_steps
+    if steps is None:
+        steps = [n // 2]
+    elif isinstance(steps, int) and not isinstance(steps, bool):
+        steps = [steps]
+    steps = list(steps)
+    for s in steps:
+        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < n:
+            raise HspaceError(f"step {s!r} is out of range; valid: integers from 0 to {n - 1} (the trajectory has {n} steps)")
+    out_mask = None if mask is None else check_mask(mask, engine.sample_shape).to(engine.device, engine.dtype)
+    schedule = engine.schedule(n)
+    seed = one.seeds[0]
+
+    results = []
+    for step in steps:
+        t = int(schedule.timesteps[step])
+        cache = encode(engine.unet, engine.x_t(one, step), t, engine.h_location)
+        scale = _eps_scale(schedule, step)
+
+        def f(h: torch.Tensor, cache=cache, scale=scale) -> torch.Tensor:
+            eps = decode(engine.unet, h, cache) * scale
+            return eps if out_mask is None else eps * out_mask
+
+        h = cache.h[0]
+        with forward_mode(engine.unet):
+            if method == "batched":
+                svd = subspace_iteration(f, h, k, None, max_iter, tol, generator, oversample=oversample, batching=batching)
+            else:
+                svd = sequential_subspace_iteration(
+                    f, h, k, b, None, max_iter, tol, generator, oversample=oversample, batching=batching
+                )
+        svd = _fix_signs(svd)
+        h_norm = float(h.float().norm())
+        directions = []
+        for i in range(k):
+            params = {
+                "step": step,
+                "timestep": t,
+                "index": i,
+                "singular_value": float(svd.S[i]),
+                "iterations": svd.iterations,
+                "converged": svd.converged,
+                "seed": seed,
+                "k": k,
+                "algorithm": "Alg. 1" if method == "batched" else f"Alg. 2 (b={b})",
+                "oversample": oversample,
+                "unit": "||h_t||",
+                "h_norm": h_norm,
+            }
+            if out_mask is not None:
+                params["mask"] = mask_name or "mask"
+            meta = {**engine.meta, "name": f"j{step}_{i}", "method": "jacobian", "params": params}
+            directions.append(Direction(svd.V[i][None] * h_norm, meta=meta))
+        results.append(JacobianResult(step, t, svd, directions, h_norm))
+    return results
+
+
+def _eps_scale(schedule, step: int) -> float:
+    """d eps / d(U-Net output) at that step: 1 for eps-prediction; SM Sec. E for the others."""
+    a = float(schedule.alpha[step])
+    if schedule.prediction_type == "v_prediction":
+        return math.sqrt(a)  # eps = sqrt(a) v + sqrt(1 - a) x_t
+    if schedule.prediction_type == "sample":
+        return -math.sqrt(a) / math.sqrt(1 - a)  # eps = (x_t - sqrt(a) x_0) / sqrt(1 - a)
+    return 1.0
+
+
+def _fix_signs(svd: SVDResult) -> SVDResult:
+    """Singular vectors are defined up to sign: make each v's largest-magnitude entry positive."""
+    flat = svd.V.reshape(svd.V.shape[0], -1)
+    sign = torch.sign(flat.gather(1, flat.abs().argmax(1, keepdim=True)))[:, 0]
+    sign[sign == 0] = 1
+    shape = (-1,) + (1,) * (svd.V.ndim - 1)
+    out_shape = (-1,) + (1,) * (svd.U.ndim - 1)
+    return SVDResult(svd.U * sign.reshape(out_shape), svd.S, svd.V * sign.reshape(shape), svd.iterations, svd.converged)
