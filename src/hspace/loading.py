@@ -83,7 +83,7 @@ BUILTIN: dict[str, Callable[[], Components]] = {
     "toyfaces": _toyfaces,
     "tiny-random": _tiny_random,
 }
-DEFAULT_MODEL = "toyfaces" if (TOYFACES_FOLDER / "config.json").is_file() else "tiny-random"
+DEFAULT_MODEL = "toyfaces"
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
