@@ -15,7 +15,7 @@ def test_parse_seeds():
 
 
 def test_sample_edit_swap_arith(tmp_path):
-    common = ["--steps", "2", "--device", "cpu"]
+    common = ["--steps", "2", "--device", "cpu", "--model", "tiny-random"]
     assert main(["sample", "--seeds", "0-2", "--out", str(tmp_path / "s"), "--save-trajectory", str(tmp_path / "t.safetensors"), *common]) == 0
     traj = Trajectory.load(tmp_path / "t.safetensors")
     assert traj.seeds == [0, 1, 2] and traj.h.shape == (3, 2, 64, 8, 8)
@@ -32,7 +32,7 @@ def test_sample_edit_swap_arith(tmp_path):
     unedited = np.asarray(Image.open(tmp_path / "e" / "seed2_0_zero-minus-one_0.png"))
     assert np.array_equal(unedited, to_uint8(traj.images[2]))
 
-    assert main(["edit", "--direction", str(direction), "--trajectory", str(tmp_path / "t.safetensors"), "--scales", "0", "--out", str(tmp_path / "e2"), "--save-each", "--device", "cpu"]) == 0
+    assert main(["edit", "--direction", str(direction), "--trajectory", str(tmp_path / "t.safetensors"), "--scales", "0", "--out", str(tmp_path / "e2"), "--save-each", "--device", "cpu", "--model", "tiny-random"]) == 0
     unedited = np.asarray(Image.open(tmp_path / "e2" / "seed1_0_zero-minus-one_0.png"))
     assert np.array_equal(unedited, to_uint8(traj.images[1]))
 
