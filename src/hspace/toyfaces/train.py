@@ -160,5 +160,5 @@ def export(checkpoint: str | Path, folder: str | Path) -> Path:
     folder = Path(folder)
     model.to(torch.float16).save_pretrained(folder, safe_serialization=True)
     (folder / "scheduler_config.json").write_text(json.dumps(CELEBAHQ_SCHEDULER_CONFIG, indent=2))
-    (folder / "training.json").write_text(json.dumps({"steps": state["step"], **state["config"]}, indent=2))
+    (folder / "training.json").write_text(json.dumps({"trained_steps": state["step"], "config": state["config"]}, indent=2))
     return folder
