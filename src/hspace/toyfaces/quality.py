@@ -9,7 +9,8 @@ import torch
 
 from ..engine import Engine
 from .classifier import classify
-from .render import BINARY, DARK_HAIR_THRESHOLD, render_batch
+from .train import TrainConfig
+from .render import ATTRIBUTES, BINARY, DARK_HAIR_THRESHOLD, sample_attributes
 
 
 def attribute_statistics(scores: dict[str, torch.Tensor], confidence: float = 0.9) -> dict[str, dict[str, float]]:
@@ -43,6 +44,12 @@ def correlations(labels: dict[str, np.ndarray]) -> dict[str, float]:
     }
 
 
+def training_labels(pool: int) -> dict[str, np.ndarray]:
+    """Ground-truth labels of the model's training faces (seeds 0 .. pool-1), without rendering them."""
+    attrs = [sample_attributes(np.random.default_rng(seed)) for seed in range(pool)]
+    return {name: np.array([float(getattr(a, name)) for a in attrs]) for name in ATTRIBUTES}
+
+
 def evaluate_model(
     engine: Engine,
     n: int = 1000,
@@ -50,12 +57,13 @@ def evaluate_model(
     eta: float = 1.0,
     seed0: int = 0,
     batch_size: int = 100,
+    pool: int = TrainConfig.pool,
     callback: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Sample n images and compare the classifier's view of them with the training distribution."""
+    """Sample n images and compare the classifier's view of them with the training faces' true labels."""
     trajectory = engine.sample(range(seed0, seed0 + n), num_steps, eta, record_h=False, keep_noise=False, batch_size=batch_size, callback=callback)
     generated = {k: v.numpy() for k, v in classify(trajectory.images).items()}
-    _, truth, _ = render_batch(range(n))  # the training faces are seeds 0 .. pool-1
+    truth = training_labels(pool)
     stats = attribute_statistics({k: torch.from_numpy(v) for k, v in generated.items()})
     for name in BINARY:
         stats[name]["training_frequency"] = float(truth[name].mean())
