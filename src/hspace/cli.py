@@ -68,6 +68,12 @@ class Progress:
     def close(self):
         self.bar.close()
 
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def _engine(args):
     from .engine import Engine
@@ -92,11 +98,8 @@ def _add_process_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sample(engine, args, seeds, desc="sampling"):
-    progress = Progress(desc)
-    try:
+    with Progress(desc) as progress:
         return engine.sample(seeds, args.steps, parse_eta(args.eta), batch_size=args.batch_size, callback=progress)
-    finally:
-        progress.close()
 
 
 def cmd_sample(args) -> None:
@@ -133,13 +136,10 @@ def cmd_edit(args) -> None:
     for direction in directions:
         direction.check_compatible(engine.h_shape, args.steps, engine.h_location)
     trajectory = saved if saved is not None else _sample(engine, args, seeds)
-    progress = Progress("editing")
-    try:
+    with Progress("editing") as progress:
         images = engine.edit(
             trajectory, directions, scales, window=window, asyrp=args.asyrp, batch_size=args.batch_size, callback=progress
         )
-    finally:
-        progress.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [d.name for d in directions]
@@ -164,11 +164,8 @@ def cmd_swap(args) -> None:
     engine = _engine(args)
     both = _sample(engine, args, seeds + donors)
     a, b = both[list(range(len(seeds)))], both[list(range(len(seeds), len(both)))]
-    progress = Progress("swapping")
-    try:
+    with Progress("swapping") as progress:
         swapped = engine.swap(a, b, window=window, batch_size=args.batch_size, callback=progress)
-    finally:
-        progress.close()
     grid = torch.stack([a.images, b.images, swapped.images], dim=1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -275,11 +272,8 @@ def cmd_toyfaces_evaluate(args) -> None:
     from .toyfaces.quality import evaluate_model
 
     engine = _engine(args)
-    progress = Progress("sampling")
-    try:
+    with Progress("sampling") as progress:
         report = evaluate_model(engine, args.n, args.steps, parse_eta(args.eta), batch_size=args.batch_size, callback=progress)
-    finally:
-        progress.close()
     images = report.pop("images")
     if args.grid:
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
