@@ -1,0 +1,386 @@
+"""A Bank: many trajectories of one engine on disk, what the direction methods read (paper Sec. 4-5).
+
+A bank is a folder:
+
+    bank.json                 what drew it: model, h location, dtype, steps, eta, timesteps, base seed,
+                              shard size, h and sample shapes; and how many samples it should hold
+    shard-000000000000.safetensors   samples from 0 on: seeds, h [b, T, *h_shape] in float16,
+    shard-000000000064.safetensors   x_0 thumbnails (uint8, at most ``thumbnail_size`` px) ...
+    scores/NAME.safetensors   optional per-sample scores (labels, classifier outputs), [n] per key
+
+Sample i has seed ``base_seed + i``; a shard's name is its first sample, and it holds at most
+``shard_size`` samples. The per-step noise z is not stored: a
+sample is reproducible from its seed and the bank's settings (``Bank.trajectory``).
+
+Writing is atomic (a temporary file, then ``os.replace``) and every shard is drawn on its own, in the
+same batches whenever it is drawn, so a bank interrupted at any point and built again by the same call
+equals a bank built in one go: no sample is lost or drawn twice. Asking for more samples extends the
+bank with new shards. A bank refuses to be extended or read by a different engine (model, h location,
+dtype), number of steps or eta.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import HspaceError
+from .trajectory import MAX_SEED, Trajectory
+
+__all__ = ["Bank", "build_bank"]
+
+FORMAT = 1
+MANIFEST = "bank.json"
+FLOAT16_MAX = 65504.0
+_SHARD = re.compile(r"shard-(\d{12})\.safetensors")
+# What a bank's samples depend on: a bank refuses to mix samples that differ in any of these.
+IDENTITY = ("model", "h_location", "dtype", "num_steps", "eta", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise HspaceError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [B, 3, h, w] from images [B, 3, H, W] in [-1, 1], shrunk by area so the longer side is <= size."""
+    x = images.detach().float().cpu()
+    H, W = x.shape[-2:]
+    if max(H, W) > size:
+        factor = max(H, W) / size
+        x = F.interpolate(x, size=(max(1, round(H / factor)), max(1, round(W / factor))), mode="area")
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class Bank:
+    """An open bank folder (see the module docstring). ``Bank.open(path)`` or ``build_bank(...)``."""
+
+    def __init__(self, path: str | Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+
+    # ------------------------------------------------------------------ opening and checking
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Bank":
+        path = Path(path)
+        file = path / MANIFEST
+        if not file.is_file():
+            raise HspaceError(f"{str(path)!r} is not a bank: it has no {MANIFEST} (build one with `hspace bank {path}`)")
+        try:
+            manifest = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise HspaceError(f"{file} is not valid JSON: {e}") from None
+        if manifest.get("kind") != "hspace.Bank":
+            raise HspaceError(f"{file} is not an hspace bank manifest (kind={manifest.get('kind')!r})")
+        if manifest.get("format") != FORMAT:
+            raise HspaceError(f"{file} has bank format {manifest.get('format')!r}; this hspace reads format {FORMAT}")
+        return cls(path, manifest)
+
+    @staticmethod
+    def identity_of(engine, num_steps: int, eta, base_seed: int, shard_size: int, thumbnail_size: int) -> dict:
+        from .diffusion import eta_schedule
+
+        schedule = engine.schedule(num_steps)
+        return {
+            "model": engine.name,
+            "h_location": engine.h_location,
+            "dtype": str(engine.dtype).replace("torch.", ""),
+            "num_steps": num_steps,
+            "eta": [float(e) for e in eta_schedule(eta, num_steps)],
+            "timesteps": [int(t) for t in schedule.timesteps],
+            "base_seed": base_seed,
+            "shard_size": shard_size,
+            "h_shape": list(engine.h_shape),
+            "sample_shape": list(engine.sample_shape),
+            "thumbnail_size": thumbnail_size,
+        }
+
+    def _mismatch(self, identity: dict) -> list[str]:
+        return [f"{key}: bank has {self.manifest.get(key)!r}, requested {identity[key]!r}" for key in IDENTITY if self.manifest.get(key) != identity[key]]
+
+    def check_engine(self, engine) -> None:
+        """Raise unless ``engine`` is the engine that drew this bank (model, h location, dtype)."""
+        theirs = {"model": engine.name, "h_location": engine.h_location, "dtype": str(engine.dtype).replace("torch.", "")}
+        bad = [f"{k}: bank has {self.manifest[k]!r}, engine has {v!r}" for k, v in theirs.items() if self.manifest[k] != v]
+        if bad:
+            raise HspaceError(f"bank {str(self.path)!r} was drawn by a different engine ({'; '.join(bad)})")
+
+    # ------------------------------------------------------------------ what it holds
+
+    @property
+    def n(self) -> int:
+        """The number of samples the bank is meant to hold (``complete`` says whether it does)."""
+        return self.manifest["n"]
+
+    @property
+    def num_steps(self) -> int:
+        return self.manifest["num_steps"]
+
+    @property
+    def eta(self) -> list[float]:
+        return self.manifest["eta"]
+
+    @property
+    def shard_size(self) -> int:
+        return self.manifest["shard_size"]
+
+    @property
+    def h_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["h_shape"])
+
+    @property
+    def seeds(self) -> list[int]:
+        base = self.manifest["base_seed"]
+        return list(range(base, base + self.n))
+
+    def _scan(self) -> list[tuple[int, int]]:
+        """(start, count) of every valid shard file, by start. A partial write never gets a shard's name;
+        a file that cannot be read or holds other seeds than its name says is ignored (and drawn again)."""
+        from safetensors import safe_open
+
+        base, found = self.manifest["base_seed"], []
+        for path in sorted(self.path.glob("shard-*.safetensors")):
+            match = _SHARD.fullmatch(path.name)
+            if not match:
+                continue
+            start = int(match.group(1))
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    seeds = f.get_tensor("seeds").tolist()
+            except Exception:
+                continue
+            if seeds and seeds == list(range(base + start, base + start + len(seeds))):
+                found.append((start, len(seeds)))
+        return found
+
+    def shards(self) -> list[tuple[int, int]]:
+        """(start, count) of the shards that make up samples 0 .. n-1, in order; raises if any is missing."""
+        shards, end = [], 0
+        for start, count in self._scan():
+            if start == end and end < self.n:
+                shards.append((start, count))
+                end += count
+        if end < self.n:
+            raise HspaceError(
+                f"bank {str(self.path)!r} is incomplete: it holds samples 0 to {end - 1} of {self.n} "
+                f"(sample {end} is missing); run the same `hspace bank` command again to finish it"
+            )
+        return shards
+
+    def missing(self) -> list[tuple[int, int]]:
+        """(start, count) of the shards still to draw, shard_size samples each, filling every gap in 0 .. n-1."""
+        todo, end = [], 0
+        for start, count in self._scan() + [(self.n, 0)]:
+            if start < end:  # overlaps what is already covered: not part of this bank's layout
+                continue
+            stop = min(start, self.n)
+            todo += [(a, min(self.shard_size, stop - a)) for a in range(end, stop, self.shard_size)]
+            end = max(end, start + count)
+            if end >= self.n:
+                break
+        return todo
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing()
+
+    def shard_path(self, start: int) -> Path:
+        return self.path / f"shard-{start:012d}.safetensors"
+
+    def read_shard(self, start: int, names: Sequence[str] = ("seeds", "h", "thumbnails")) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        path = self.shard_path(start)
+        if not path.is_file():
+            raise HspaceError(f"bank {str(self.path)!r} has no shard starting at sample {start}")
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in names}
+
+    def _check_steps(self, steps) -> list[int] | None:
+        if steps is None:
+            return None
+        steps = list(steps)
+        for s in steps:
+            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < self.num_steps:
+                raise HspaceError(f"step {s!r} is out of range; valid: integers from 0 to {self.num_steps - 1}")
+        return steps
+
+    def h_chunks(self, steps: Sequence[int] | None = None, dtype: torch.dtype = torch.float32) -> Callable[[], Iterator[torch.Tensor]]:
+        """A callable that streams h [b, T', *h_shape] shard by shard (a fresh pass at every call).
+
+        ``steps`` picks step indices (default: all T). This is what ``pca_per_timestep`` takes.
+        """
+        shards, steps = self.shards(), self._check_steps(steps)
+
+        def chunks() -> Iterator[torch.Tensor]:
+            for start, _ in shards:
+                h = self.read_shard(start, ("h",))["h"]
+                yield (h if steps is None else h[:, steps]).to(dtype)
+
+        return chunks
+
+    def h(self, indices: Sequence[int] | None = None, steps: Sequence[int] | None = None) -> torch.Tensor:
+        """h of the given samples (default: all) as float32 [N, T', *h_shape]; mind the memory for big banks."""
+        if indices is None:
+            return torch.cat(list(self.h_chunks(steps)()))
+        indices, steps = self._check_indices(indices), self._check_steps(steps)
+        out = torch.empty(len(indices), len(steps) if steps else self.num_steps, *self.h_shape)
+        want = torch.tensor(indices)
+        for start, count in self.shards():
+            rows = ((want >= start) & (want < start + count)).nonzero()[:, 0]
+            if len(rows):
+                h = self.read_shard(start, ("h",))["h"][want[rows] - start]
+                out[rows] = (h if steps is None else h[:, steps]).float()
+        return out
+
+    def thumbnails(self) -> torch.Tensor:
+        """uint8 [n, 3, h, w] thumbnails of every sample's x_0 image."""
+        return torch.cat([self.read_shard(start, ("thumbnails",))["thumbnails"] for start, _ in self.shards()])
+
+    def _check_indices(self, indices) -> list[int]:
+        indices = [int(i) for i in indices]
+        bad = [i for i in indices if not 0 <= i < self.n]
+        if bad:
+            raise HspaceError(f"sample index {bad[0]} out of range; valid: 0 to {self.n - 1}")
+        return indices
+
+    def trajectory(self, engine, indices: Sequence[int], *, batch_size: int = 32, callback=None) -> Trajectory:
+        """Draw the given samples again from their seeds (with noise and h), e.g. to edit them."""
+        self.check_engine(engine)
+        indices = self._check_indices(indices)
+        seeds = [self.manifest["base_seed"] + i for i in indices]
+        return engine.sample(seeds, self.num_steps, self.eta, batch_size=batch_size, callback=callback)
+
+    # ------------------------------------------------------------------ scores and labels
+
+    def scores_path(self, name: str) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
+            raise HspaceError(f"bad scores name {name!r}; valid: letters, digits, '_', '.', '-'")
+        return self.path / "scores" / f"{name}.safetensors"
+
+    def set_scores(self, name: str, scores: dict[str, torch.Tensor], meta: dict | None = None) -> Path:
+        """Store per-sample scores (e.g. classifier outputs or labels): every value has n rows."""
+        from safetensors.torch import save_file
+
+        path = self.scores_path(name)
+        tensors = {}
+        for key, value in scores.items():
+            value = torch.as_tensor(value)
+            if value.ndim < 1 or value.shape[0] != self.n:
+                raise HspaceError(f"scores {key!r} has shape {tuple(value.shape)}; valid: {self.n} rows, one per sample")
+            tensors[key] = value.detach().cpu().contiguous()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"kind": "hspace.BankScores", "meta": json.dumps(meta or {})}
+        _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        return path
+
+    def scores(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        path = self.scores_path(name)
+        if not path.is_file():
+            have = sorted(p.stem for p in (self.path / "scores").glob("*.safetensors"))
+            raise HspaceError(f"bank {str(self.path)!r} has no scores {name!r}; it has: {', '.join(have) or 'none'}")
+        return load_file(str(path))
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Bank({str(self.path)!r}, n={self.n}, model={m['model']!r}, steps={self.num_steps}, h={self.h_shape})"
+
+
+def build_bank(
+    path: str | Path,
+    engine,
+    n: int,
+    num_steps: int = 50,
+    eta: float | Sequence[float] = 1.0,
+    *,
+    base_seed: int = 0,
+    shard_size: int = 64,
+    batch_size: int = 32,
+    thumbnail_size: int = 64,
+    callback: Callable[[dict], None] | None = None,
+) -> Bank:
+    """Create, resume or extend the bank at ``path`` so that it holds ``n`` samples; returns it.
+
+    Sample i has seed ``base_seed + i``. Missing shards are drawn in order, each in batches of
+    ``batch_size`` (so a shard is the same whenever it is drawn) and written atomically; extending a
+    bank keeps every shard it has and draws new ones from its old end. A bank that
+    exists must have been drawn with the same engine, steps, eta, base seed, shard size and thumbnail
+    size; otherwise it is an error naming what differs and nothing is written. ``callback`` gets
+    the engine's per-step info plus "shard" and "num_shards" (counting the shards this call draws),
+    "start" (the shard's first sample), "done" (samples already in the bank) and "n".
+    """
+    from safetensors.torch import save_file
+
+    _positive_int("n", n)
+    _positive_int("num_steps", num_steps)
+    _positive_int("shard_size", shard_size)
+    _positive_int("batch_size", batch_size)
+    _positive_int("thumbnail_size", thumbnail_size)
+    _positive_int("base_seed", base_seed, 0)
+    if base_seed + n - 1 > MAX_SEED:
+        raise HspaceError(f"base_seed + n - 1 = {base_seed + n - 1} exceeds the largest seed 2**63-1")
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise HspaceError(f"bank path {str(path)!r} exists and is not a folder")
+    identity = Bank.identity_of(engine, num_steps, eta, base_seed, shard_size, thumbnail_size)
+    if (path / MANIFEST).is_file():
+        bank = Bank.open(path)
+        bad = bank._mismatch(identity)
+        if bad:
+            raise HspaceError(
+                f"bank {str(path)!r} exists with different settings, so it cannot be extended or resumed by this call "
+                f"({'; '.join(bad)}); use another folder or the bank's settings"
+            )
+        if n > bank.n:
+            bank.manifest["n"] = n
+            _write_json(path / MANIFEST, bank.manifest)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        if any(_SHARD.fullmatch(p.name) for p in path.iterdir()):
+            raise HspaceError(f"{str(path)!r} holds shard files but no {MANIFEST}; refusing to overwrite them")
+        bank = Bank(path, {"kind": "hspace.Bank", "format": FORMAT, **identity, "n": n})
+        _write_json(path / MANIFEST, bank.manifest)
+
+    missing = bank.missing()
+    done = bank.n - sum(count for _, count in missing)
+    for index, (start, count) in enumerate(missing):
+        seeds = list(range(base_seed + start, base_seed + start + count))
+
+        def on_step(info: dict, index=index, start=start) -> None:
+            if callback is not None:
+                callback({**info, "shard": index, "num_shards": len(missing), "start": start, "done": done, "n": bank.n})
+
+        trajectory = engine.sample(seeds, num_steps, eta, keep_noise=False, batch_size=batch_size, callback=on_step)
+        h = trajectory.h
+        if float(h.abs().max()) <= FLOAT16_MAX:
+            h = h.half()  # else keep float32: float16 would turn these values into inf
+        tensors = {
+            "seeds": torch.tensor(seeds, dtype=torch.int64),
+            "h": h.contiguous(),
+            "thumbnails": thumbnails(trajectory.images, thumbnail_size).contiguous(),
+        }
+        metadata = {"kind": "hspace.BankShard", "start": str(start)}
+        _write_atomic(bank.shard_path(start), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        done += count
+    return bank

@@ -1,0 +1,123 @@
+"""Banks: sharded, atomic, resumable, tied to their engine."""
+
+import json
+
+import pytest
+import torch
+
+from hspace.bank import Bank, build_bank
+from hspace.errors import HspaceError
+
+from conftest import tiny_engine
+
+STEPS = 4
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _all(bank: Bank) -> dict:
+    shards = [bank.read_shard(start) for start, _ in bank.shards()]
+    return {k: torch.cat([s[k] for s in shards]) for k in shards[0]}
+
+
+def test_bank_holds_the_trajectories_of_its_seeds(tmp_path, engine):
+    bank = build_bank(tmp_path / "b", engine, 7, STEPS, eta=1.0, base_seed=100, shard_size=3, batch_size=2)
+    assert bank.complete and bank.shards() == [(0, 3), (3, 3), (6, 1)] and bank.seeds == list(range(100, 107))
+    data = _all(bank)
+    assert data["seeds"].tolist() == list(range(100, 107))
+    assert data["h"].dtype == torch.float16 and data["h"].shape == (7, STEPS, *engine.h_shape)
+    # The stored h is the h of sampling these seeds, to float16 precision.
+    direct = engine.sample([100, 104, 106], STEPS, 1.0)
+    stored = bank.h([0, 4, 6])
+    assert torch.allclose(stored, direct.h, atol=2e-3, rtol=2e-3)
+    thumbs = bank.thumbnails()
+    assert thumbs.dtype == torch.uint8 and thumbs.shape == (7, 3, 16, 16)
+    expected = ((direct.images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    assert (thumbs[[0, 4, 6]].int() - expected.int()).abs().max() <= 1
+    # h_chunks streams the same numbers, shard by shard, optionally a subset of steps.
+    chunks = list(bank.h_chunks(steps=[0, 3])())
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    assert torch.equal(torch.cat(chunks), data["h"][:, [0, 3]].float())
+    # Reopening reads the same bank; a replayed trajectory equals the stored one.
+    again = Bank.open(tmp_path / "b")
+    assert again.n == 7 and again.eta == [1.0] * STEPS
+    replay = again.trajectory(engine, [4])
+    assert torch.allclose(replay.h.half().float(), stored[1:2], atol=2e-3)
+
+
+def test_interrupted_bank_resumed_equals_bank_drawn_in_one_go(tmp_path, engine):
+    settings = dict(num_steps=STEPS, eta=[1.0, 0.0, 0.5, 1.0], base_seed=7, shard_size=4, batch_size=3)
+    whole = build_bank(tmp_path / "whole", engine, 10, **settings)
+
+    calls = {"n": 0}
+
+    def kill(info):  # dies in the middle of the second shard
+        calls["n"] += 1
+        if info["shard"] == 1 and info["step"] == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        build_bank(tmp_path / "part", engine, 10, callback=kill, **settings)
+    part = Bank.open(tmp_path / "part")
+    assert part.missing() == [(4, 4), (8, 2)]
+    assert [p.name for p in (tmp_path / "part").iterdir()] == ["bank.json", "shard-000000000000.safetensors"]
+    with pytest.raises(HspaceError, match="incomplete"):
+        part.h()
+
+    seen = []
+    resumed = build_bank(tmp_path / "part", engine, 10, callback=lambda i: seen.append((i["start"], i["done"])), **settings)
+    assert sorted({s for s, _ in seen}) == [4, 8]  # the first shard is not drawn again
+    assert seen[0][1] == 4
+    a, b = _all(whole), _all(resumed)
+    for key in ("seeds", "h", "thumbnails"):
+        assert torch.equal(a[key], b[key]), key
+
+    # A lost shard in the middle is drawn again, and only that one.
+    (tmp_path / "part" / "shard-000000000004.safetensors").unlink()
+    assert Bank.open(tmp_path / "part").missing() == [(4, 4)]
+    refilled = _all(build_bank(tmp_path / "part", engine, 10, **settings))
+    assert torch.equal(refilled["h"], a["h"])
+
+
+def test_bank_extends_and_refuses_other_settings_or_engines(tmp_path, engine):
+    path = tmp_path / "b"
+    build_bank(path, engine, 5, STEPS, shard_size=4)
+    first = _all(Bank.open(path))
+    bank = build_bank(path, engine, 9, STEPS, shard_size=4)
+    assert bank.n == 9 and bank.complete
+    data = _all(bank)
+    assert torch.equal(data["h"][:5], first["h"])  # extending keeps what was drawn
+    assert data["seeds"].tolist() == list(range(9))
+    assert bank.shards() == [(0, 4), (4, 1), (5, 4)]
+
+    manifest = json.loads((path / "bank.json").read_text())
+    with pytest.raises(HspaceError, match="num_steps: bank has 4, requested 5"):
+        build_bank(path, engine, 9, 5, shard_size=4)
+    with pytest.raises(HspaceError, match="eta"):
+        build_bank(path, engine, 9, STEPS, eta=0.0, shard_size=4)
+    other = tiny_engine(h_location="mid.in")
+    with pytest.raises(HspaceError, match="h_location"):
+        build_bank(path, other, 12, STEPS, shard_size=4)
+    with pytest.raises(HspaceError, match="different engine.*h_location"):
+        bank.check_engine(other)
+    with pytest.raises(HspaceError, match="different engine"):
+        bank.trajectory(other, [0])
+    assert json.loads((path / "bank.json").read_text()) == manifest  # refused calls wrote nothing
+
+
+def test_bank_scores_and_bad_input(tmp_path, engine):
+    bank = build_bank(tmp_path / "b", engine, 3, STEPS, shard_size=2)
+    bank.set_scores("labels", {"smile": torch.tensor([0.1, 0.9, 0.5])}, meta={"source": "test"})
+    assert torch.equal(Bank.open(tmp_path / "b").scores("labels")["smile"], torch.tensor([0.1, 0.9, 0.5]))
+    with pytest.raises(HspaceError, match="4 rows|3 rows"):
+        bank.set_scores("labels", {"smile": torch.zeros(4)})
+    with pytest.raises(HspaceError, match="has no scores 'clf'; it has: labels"):
+        bank.scores("clf")
+    with pytest.raises(HspaceError, match="out of range"):
+        bank.h([3])
+    with pytest.raises(HspaceError, match="n must be an integer >= 1"):
+        build_bank(tmp_path / "c", engine, 0)
+    with pytest.raises(HspaceError, match="not a bank"):
+        Bank.open(tmp_path / "nothing")
