@@ -328,7 +328,7 @@ def build_bank(
     exists must have been drawn with the same engine, steps, eta, base seed, shard size and thumbnail
     size; otherwise it is an error naming what differs and nothing is written. ``callback`` gets
     the engine's per-step info plus "shard" and "num_shards" (counting the shards this call draws),
-    "start" (the shard's first sample), "done" (samples already in the bank) and "n".
+    "start" and "count" (the shard's first sample and size), "done" (samples already in the bank) and "n".
     """
     from safetensors.torch import save_file
 
@@ -367,9 +367,10 @@ def build_bank(
     for index, (start, count) in enumerate(missing):
         seeds = list(range(base_seed + start, base_seed + start + count))
 
-        def on_step(info: dict, index=index, start=start) -> None:
+        def on_step(info: dict, index=index, start=start, count=count) -> None:
             if callback is not None:
-                callback({**info, "shard": index, "num_shards": len(missing), "start": start, "done": done, "n": bank.n})
+                shard = {"shard": index, "num_shards": len(missing), "start": start, "count": count}
+                callback({**info, **shard, "done": done, "n": bank.n})
 
         trajectory = engine.sample(seeds, num_steps, eta, keep_noise=False, batch_size=batch_size, callback=on_step)
         h = trajectory.h

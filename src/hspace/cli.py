@@ -121,18 +121,25 @@ def cmd_edit(args) -> None:
 
     # Check every input before the first U-Net pass.
     window, seeds = parse_window(args.window), parse_seeds(args.seeds)
-    try:
-        scales = [float(s) for s in args.scales]
-    except ValueError:
-        raise HspaceError(f"bad --scales {args.scales}; valid: numbers like -2 0 2") from None
-    directions = [Direction.load(p) for p in args.direction]
-    saved = None
+    scales = _scales(args.scales)
+    directions = [Direction.load(p) for p in direction_files(args.direction)]
+    saved = bank = None
+    if args.trajectory and args.bank:
+        raise HspaceError("give --trajectory or --bank, not both")
     if args.trajectory:
         from .trajectory import Trajectory
 
         saved = Trajectory.load(args.trajectory)
         args.steps = saved.num_steps
+    if args.bank:
+        from .bank import Bank
+
+        bank = Bank.open(args.bank)
+        args.steps, args.eta = bank.num_steps, ",".join(map(str, bank.eta))
+        seeds = [bank.seeds[i] for i in bank._check_indices(parse_seeds(args.samples))]
     engine = _engine(args)
+    if bank is not None:
+        bank.check_engine(engine)
     for direction in directions:
         direction.check_compatible(engine.h_shape, args.steps, engine.h_location)
     trajectory = saved if saved is not None else _sample(engine, args, seeds)
@@ -151,6 +158,181 @@ def cmd_edit(args) -> None:
                 for s, scale in enumerate(scales):
                     to_pil(images[d, s, b]).save(out / f"seed{seed}_{d}_{direction.name}_{scale:g}.png")
     print(f"wrote edit grids for {len(trajectory)} samples to {out}")
+
+
+def direction_files(items: list[str]) -> list[Path]:
+    """Direction files from paths of files and folders (a folder gives its .safetensors files, pc2 before pc10)."""
+    import re
+
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(path.glob("*.safetensors"), key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.stem)])
+            if not found:
+                raise HspaceError(f"folder {item!r} holds no direction files (*.safetensors)")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
+def _save_directions(directions, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for direction in directions:
+        path = out / f"{direction.name}.safetensors"
+        direction.save(path)
+        paths.append(path)
+    return paths
+
+
+def cmd_bank(args) -> None:
+    from tqdm.auto import tqdm
+
+    from .bank import build_bank
+
+    eta = parse_eta(args.eta)
+    engine = _engine(args)
+    bar = tqdm(desc="bank", unit="sample", file=sys.stderr, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}]")
+
+    def progress(info):
+        if bar.total != info["n"]:
+            bar.total, bar.n = info["n"], info["done"]
+        batch = min(args.batch_size, info["count"] - info["chunk"] * args.batch_size)
+        bar.update(batch / info["num_steps"])
+
+    with bar:
+        bank = build_bank(
+            args.out, engine, args.n, args.steps, eta,
+            base_seed=args.base_seed, shard_size=args.shard_size, batch_size=args.batch_size, callback=progress,
+        )
+    print(f"{bank}: complete, seeds {bank.seeds[0]}..{bank.seeds[-1]}")
+
+
+def cmd_pca(args) -> None:
+    from .bank import Bank
+    from .directions.pca import pca_per_timestep, random_directions
+
+    bank = Bank.open(args.bank)
+    if args.memory_gb <= 0:
+        raise HspaceError(f"--memory-gb must be positive, got {args.memory_gb}")
+    result = pca_per_timestep(
+        bank.h_chunks(),
+        args.k,
+        per_timestep=not args.concat,
+        method=args.method,
+        memory_budget_bytes=int(args.memory_gb * 2**30),
+        expected_n=bank.n,
+    )
+    model, location = bank.manifest["model"], bank.manifest["h_location"]
+    directions = result.directions(model, location)
+    if args.random:
+        directions += random_directions(result, args.random, args.random_seed, model, location)
+    out = Path(args.out)
+    paths = _save_directions(directions, out)
+    summary = {
+        "bank": str(bank.path),
+        "n": result.n,
+        "per_timestep": result.per_timestep,
+        "route": result.route,
+        "steps": bank.num_steps,
+        "variance_ratio_mean_over_steps": [float(v) for v in result.variance_ratio.mean(1)],
+        "sigma_mean_over_steps": [float(v) for v in result.sigma.mean(1)],
+        "directions": [p.name for p in paths],
+    }
+    (out / "pca.json").write_text(json.dumps(summary, indent=2))
+    for j, ratio in enumerate(summary["variance_ratio_mean_over_steps"]):
+        print(f"pc{j + 1}: {100 * ratio:.2f}% of the variance (mean over steps)")
+    print(f"wrote {len(paths)} directions to {out}; render them with: hspace edit --bank {bank.path} --direction {out}")
+
+
+def load_mask(spec: str, engine):
+    """A Jacobian output mask: a toy-faces part name, or an image (.png/.jpg) or .npy file over the U-Net output."""
+    import numpy as np
+    import torch
+
+    size = engine.sample_shape[1:]
+    from .toyfaces.render import PARTS
+
+    if spec in PARTS:
+        if engine.name != "toyfaces":
+            raise HspaceError(f"part masks like {spec!r} exist for the bundled toyfaces model only; give a mask image or .npy file")
+        from .toyfaces.render import region_mask
+
+        if size[0] != size[1]:
+            raise HspaceError(f"toy-faces part masks are square; the U-Net output is {size}")
+        return torch.from_numpy(region_mask(spec, size[0])).float()
+    path = Path(spec)
+    if not path.is_file():
+        raise HspaceError(f"--mask {spec!r} is neither a part name ({', '.join(PARTS)}) nor a file")
+    if path.suffix == ".npy":
+        mask = torch.from_numpy(np.load(path)).float()
+    else:
+        from PIL import Image
+
+        image = Image.open(path).convert("L")
+        if image.size != (size[1], size[0]):  # documented: a mask image is resized to the U-Net output
+            image = image.resize((size[1], size[0]), Image.BILINEAR)
+        mask = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    return mask
+
+
+def cmd_jacobian(args) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .directions.jacobian import jacobian_directions
+    from .images import labelled_grid
+
+    at = parse_seeds(args.at) if args.at else None
+    scales = _scales(args.scales)
+    engine = _engine(args)
+    mask = load_mask(args.mask, engine) if args.mask else None
+    if args.trajectory:
+        from .trajectory import Trajectory
+
+        trajectory = Trajectory.load(args.trajectory)[args.sample]
+    else:
+        trajectory = _sample(engine, args, [args.seed])
+    bar = tqdm(desc="jacobian", unit="it", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(info):
+        bar.set_description(f"jacobian step {info['step']} block {info['block'] + 1}/{info['num_blocks']}")
+        bar.update(1)
+        bar.set_postfix(change=f"{info['change']:.1e}")
+
+    with bar:
+        results = jacobian_directions(
+            engine, trajectory, 0, at, args.k,
+            mask=mask, mask_name=args.mask, method=args.method, b=args.b, max_iter=args.max_iter, tol=args.tol,
+            oversample=args.oversample, generator=torch.Generator().manual_seed(args.vector_seed), callback=progress,
+        )
+    out = Path(args.out)
+    directions = [d for r in results for d in r.directions]
+    paths = _save_directions(directions, out)
+    summary = [
+        {
+            "step": r.step, "timestep": r.timestep, "singular_values": [float(v) for v in r.singular_values],
+            "iterations": r.svd.iterations, "converged": r.svd.converged, "h_norm": r.h_norm,
+        }
+        for r in results
+    ]
+    (out / "jacobian.json").write_text(json.dumps({"seed": trajectory.seeds[0], "mask": args.mask, "results": summary}, indent=2))
+    with Progress("editing") as bar:
+        images = engine.edit(trajectory, directions, scales, batch_size=args.batch_size, callback=bar)
+    labelled_grid(images[:, :, 0], [d.name for d in directions], [f"{s:g}" for s in scales]).save(out / "grid.png")
+    for r in summary:
+        state = "converged" if r["converged"] else "NOT converged"
+        print(f"step {r['step']} (t={r['timestep']}): singular values {', '.join(f'{v:.3g}' for v in r['singular_values'])}; iterations {r['iterations']} ({state})")
+    print(f"wrote {len(paths)} directions, jacobian.json and grid.png to {out}")
+
+
+def _scales(items: list[str]) -> list[float]:
+    try:
+        return [float(s) for s in items]
+    except ValueError:
+        raise HspaceError(f"bad --scales {items}; valid: numbers like -2 0 2") from None
 
 
 def cmd_swap(args) -> None:
@@ -300,15 +482,56 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edit", help="edit samples along directions at several scales (one batched replay)")
     _add_model_args(p)
     _add_process_args(p)
-    p.add_argument("--direction", nargs="+", required=True, help="direction files (.safetensors)")
+    p.add_argument("--direction", nargs="+", required=True, help="direction files (.safetensors) or folders of them")
     p.add_argument("--seeds", nargs="+", default=["0-3"], help="seeds of the samples to edit")
     p.add_argument("--trajectory", default=None, help="edit the samples of a saved trajectory file instead of --seeds")
+    p.add_argument("--bank", default=None, help="edit samples of this bank (its steps, eta and seeds) instead of --seeds")
+    p.add_argument("--samples", nargs="+", default=["0-3"], help="with --bank: sample indices (default 0-3)")
     p.add_argument("--scales", nargs="+", default=["-2", "-1", "0", "1", "2"], help="edit scales gamma")
     p.add_argument("--window", default=None, help="only edit at timesteps T_START:T_END, e.g. 1000:500")
     p.add_argument("--asyrp", action="store_true", help="inject into P_t only (Asyrp, two U-Net passes per step)")
     p.add_argument("--save-each", action="store_true", help="also save every edited image on its own")
     p.add_argument("--out", default="out/edits", help="output folder")
     p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("bank", help="draw (or resume, or extend) a bank of samples with h at every step, sharded on disk")
+    _add_model_args(p)
+    _add_process_args(p)
+    p.add_argument("out", help="bank folder (the same command resumes an interrupted bank)")
+    p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    p.add_argument("--base-seed", type=int, default=0, help="sample i has seed base_seed + i (default 0)")
+    p.add_argument("--shard-size", type=int, default=64, help="samples per shard file (default 64)")
+    p.set_defaults(func=cmd_bank)
+
+    p = sub.add_parser("pca", help="per-timestep PCA of a bank's h (paper Sec. 4.1), plus matched-norm random directions")
+    p.add_argument("bank", help="bank folder")
+    p.add_argument("--k", type=int, default=10, help="number of principal components (default 10)")
+    p.add_argument("--concat", action="store_true", help="one PCA over all timesteps concatenated instead of one per timestep")
+    p.add_argument("--method", default="auto", help="auto, covariance or gram (default auto)")
+    p.add_argument("--memory-gb", type=float, default=2.0, help="memory budget of the accumulators (default 2)")
+    p.add_argument("--random", type=int, default=0, help="also write this many random directions of matched per-step norm (Fig. 6)")
+    p.add_argument("--random-seed", type=int, default=0)
+    p.add_argument("--out", default="out/pca", help="folder for pc1..pcK.safetensors and pca.json")
+    p.set_defaults(func=cmd_pca)
+
+    p = sub.add_parser("jacobian", help="image-specific directions: top singular vectors of d eps / d h_t (paper Sec. 4.2)")
+    _add_model_args(p)
+    _add_process_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    p.add_argument("--trajectory", default=None, help="take the sample from a saved trajectory file instead")
+    p.add_argument("--sample", type=int, default=0, help="with --trajectory: which sample (default 0)")
+    p.add_argument("--at", nargs="+", default=None, help="step indices to decompose at, e.g. 25 or 10,25,40 (default: the middle step)")
+    p.add_argument("--k", type=int, default=4, help="number of singular vectors (default 4)")
+    p.add_argument("--method", default="batched", help="batched (Alg. 1) or sequential (Alg. 2)")
+    p.add_argument("--b", type=int, default=None, help="mini-batch size of Alg. 2")
+    p.add_argument("--mask", default=None, help="only this region of the output counts: a toy-faces part (eyes, mouth, hair, face, glasses, hat) or a mask image/.npy (resized to the U-Net output)")
+    p.add_argument("--max-iter", type=int, default=50)
+    p.add_argument("--tol", type=float, default=1e-4, help="stop when no singular value changes by more than this (relative)")
+    p.add_argument("--oversample", type=int, default=None, help="extra vectors iterated alongside (default: the block size; 0 = the paper's algorithm)")
+    p.add_argument("--vector-seed", type=int, default=0, help="seed of the random initial vectors")
+    p.add_argument("--scales", nargs="+", default=["-1", "-0.5", "0", "0.5", "1"], help="scales of the preview grid (units of ||h_t||)")
+    p.add_argument("--out", default="out/jacobian", help="folder for the directions, jacobian.json and grid.png")
+    p.set_defaults(func=cmd_jacobian)
 
     p = sub.add_parser("swap", help="replay samples with h taken from other samples (paper Fig. 3)")
     _add_model_args(p)

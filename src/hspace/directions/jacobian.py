@@ -90,6 +90,7 @@ def subspace_iteration(
     *,
     oversample: int = 0,
     batching: str = "vmap",
+    callback: Callable[[dict], None] | None = None,
 ) -> SVDResult:
     """Top-k singular values and vectors of df/dh at ``h`` by Jacobian subspace iteration (Alg. 1).
 
@@ -101,7 +102,8 @@ def subspace_iteration(
 
     ``oversample`` p > 0 iterates k + p vectors and keeps the top k (not in the paper; the standard
     remedy when s_{k+1} is close to s_k, where the k-th vector converges like (s_{k+p+1}/s_k)^2
-    per iteration instead of (s_{k+1}/s_k)^2).
+    per iteration instead of (s_{k+1}/s_k)^2). ``callback`` gets {"iteration", "max_iter", "change",
+    "block", "num_blocks"} after every iteration.
     """
     d = _check_k(k, h)
     _check_iteration(max_iter, tol, oversample)
@@ -110,7 +112,7 @@ def subspace_iteration(
     extra = min(oversample, d - k)
     if extra:
         V = torch.cat([V, _initial(None, extra, h, generator, "")])
-    V, S, U, iterations, converged = _iterate(products, V, None, max_iter, tol, k)
+    V, S, U, iterations, converged = _iterate(products, V, None, max_iter, tol, k, _block(callback, 0, 1))
     return _result(U, S, V, h.shape, products.out_shape, [iterations], converged)
 
 
@@ -126,6 +128,7 @@ def sequential_subspace_iteration(
     *,
     oversample: int = 0,
     batching: str = "vmap",
+    callback: Callable[[dict], None] | None = None,
 ) -> SVDResult:
     """Top-k singular triplets in mini-batches of ``b`` vectors (SM Sec. C, Alg. 2): low memory.
 
@@ -148,7 +151,8 @@ def sequential_subspace_iteration(
         if extra:
             Phi = torch.cat([Phi, _initial(None, extra, h, generator, "")])
         found = torch.cat(Vs) if Vs else None
-        Phi, S, Psi, its, ok = _iterate(products, Phi, found, max_iter, tol, n)
+        blocks = _block(callback, start // b, math.ceil(k / b))
+        Phi, S, Psi, its, ok = _iterate(products, Phi, found, max_iter, tol, n, blocks)
         if found is not None:  # the last SVD step leaves Phi slightly outside the complement
             Phi = _orthonormal_rows(_deflate(Phi, found))
         Vs.append(Phi)
@@ -159,7 +163,13 @@ def sequential_subspace_iteration(
     return _result(torch.cat(Us), torch.cat(Ss), torch.cat(Vs), h.shape, products.out_shape, iterations, converged)
 
 
-def _iterate(products: JacobianProducts, V: torch.Tensor, found: torch.Tensor | None, max_iter: int, tol: float, keep: int):
+def _block(callback, block: int, num_blocks: int):
+    if callback is None:
+        return None
+    return lambda info: callback({**info, "block": block, "num_blocks": num_blocks})
+
+
+def _iterate(products: JacobianProducts, V: torch.Tensor, found: torch.Tensor | None, max_iter: int, tol: float, keep: int, callback=None):
     """The inner loop of Alg. 1 / Alg. 2 on flat float32 rows V [n, d]; deflates against ``found``.
 
     Returns the top ``keep`` <= n triplets; the tolerance applies to those only (the other rows
@@ -179,10 +189,14 @@ def _iterate(products: JacobianProducts, V: torch.Tensor, found: torch.Tensor | 
         V = W.T.float()
         U = torch.einsum("ij,j...->i...", Zt.float(), U)
         S_new = S2[:keep].clamp(min=0).sqrt().float()
+        change = float("inf")
         if S is not None:
             scale = S_new.clamp(min=float(S_new.max()) * 1e-6 + 1e-30)
-            if float(((S_new - S).abs() / scale).max()) < tol:
-                return V[:keep], S_new, U[:keep], it, True
+            change = float(((S_new - S).abs() / scale).max())
+        if callback is not None:
+            callback({"iteration": it, "max_iter": max_iter, "change": change})
+        if change < tol:
+            return V[:keep], S_new, U[:keep], it, True
         S = S_new
     return V[:keep], S, U[:keep], max_iter, False
 
@@ -291,6 +305,7 @@ def jacobian_directions(
     oversample: int | None = None,
     generator: torch.Generator | None = None,
     batching: str = "vmap",
+    callback: Callable[[dict], None] | None = None,
 ) -> list[JacobianResult]:
     """Image-specific directions of one sample: top right singular vectors of J_t (eq. 6-9) at each step.
 
@@ -306,7 +321,8 @@ def jacobian_directions(
     Every direction applies at all timesteps (Sec. 4.2: directions found at t are applied across all
     timesteps): delta is [1, *h_shape] = ||h_t|| v with ||v|| = 1, so an edit with scale gamma moves
     h by gamma times its own norm at step t (the unit is stored as params["h_norm"]). The sign of v
-    is fixed so that its largest-magnitude entry is positive.
+    is fixed so that its largest-magnitude entry is positive. ``callback`` gets the iteration info of
+    ``subspace_iteration`` plus "step" and "num_steps" (the number of steps in ``steps``).
     """
     from ..unet_split import check_unet, decode, encode, forward_mode
 
@@ -334,8 +350,11 @@ def jacobian_directions(
     seed = one.seeds[0]
 
     results = []
-    for step in steps:
+    for position, step in enumerate(steps):
         t = int(schedule.timesteps[step])
+        report = None
+        if callback is not None:
+            report = lambda info, step=step, position=position: callback({**info, "step": step, "position": position, "num_steps": len(steps)})  # noqa: E731
         cache = encode(engine.unet, engine.x_t(one, step), t, engine.h_location)
         scale = _eps_scale(schedule, step)
 
@@ -346,10 +365,12 @@ def jacobian_directions(
         h = cache.h[0]
         with forward_mode(engine.unet):
             if method == "batched":
-                svd = subspace_iteration(f, h, k, None, max_iter, tol, generator, oversample=oversample, batching=batching)
+                svd = subspace_iteration(
+                    f, h, k, None, max_iter, tol, generator, oversample=oversample, batching=batching, callback=report
+                )
             else:
                 svd = sequential_subspace_iteration(
-                    f, h, k, b, None, max_iter, tol, generator, oversample=oversample, batching=batching
+                    f, h, k, b, None, max_iter, tol, generator, oversample=oversample, batching=batching, callback=report
                 )
         svd = _fix_signs(svd)
         h_norm = float(h.float().norm())

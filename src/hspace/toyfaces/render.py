@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Iterable, Sequence
@@ -107,6 +108,7 @@ __all__ = [
     "render_seed",
     "render_many",
     "render_batch",
+    "region_mask",
 ]
 
 BINARY: tuple[str, ...] = ("smile", "eyes_open", "glasses", "hat")
@@ -713,3 +715,26 @@ def render_batch(
         sample_attributes(np.random.default_rng(s), correlated=correlated) for s in seed_list
     ]
     return render_many(attrs, size)
+
+
+REGION_FACES = 2000
+REGION_THRESHOLD = 0.1
+
+
+@functools.lru_cache(maxsize=32)
+def _region(part: str, size: int) -> np.ndarray:
+    _, _, masks = render_batch(range(REGION_FACES), size=size)
+    return masks[part].mean(axis=0) >= REGION_THRESHOLD
+
+
+def region_mask(part: str, size: int = 32) -> np.ndarray:
+    """Where ``part`` can be in a face of the training distribution: boolean (size, size).
+
+    A generated face has no masks of its own, so an image region for it (e.g. the output mask of
+    a Jacobian direction) is the set of pixels that the part covers in at least 10% of the
+    training faces 0..1999.  It holds about 98-99% of each face's own part pixels (mouth: 82 of
+    1024 pixels at size 32).
+    """
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; valid: {', '.join(PARTS)}")
+    return _region(part, _check_size(size)).copy()
