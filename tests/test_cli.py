@@ -65,3 +65,64 @@ def test_labelled_grid_layout():
     # the last cell holds the last image, enlarged 4x by nearest neighbour
     tile = to_uint8(images[1, 2]).repeat(4, 0).repeat(4, 1)
     assert np.array_equal(array[-2 - 32 : -2, -2 - 32 : -2], tile)
+
+
+def test_bank_pca_edit_and_jacobian_commands(tmp_path):
+    import json
+
+    from hspace.bank import Bank
+    from hspace.directions.pca import pca_from_h
+
+    common = ["--device", "cpu", "--model", "tiny-random"]
+    bank_dir = tmp_path / "bank"
+    assert main(["bank", str(bank_dir), "--n", "6", "--steps", "3", "--shard-size", "4", *common]) == 0
+    bank = Bank.open(bank_dir)
+    assert bank.complete and bank.shards() == [(0, 4), (4, 2)]
+    # The same command again draws nothing and changes nothing.
+    before = {p.name: p.stat().st_mtime_ns for p in bank_dir.iterdir()}
+    assert main(["bank", str(bank_dir), "--n", "6", "--steps", "3", "--shard-size", "4", *common]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in bank_dir.iterdir() if p.is_file()} == before
+
+    assert main(["pca", str(bank_dir), "--k", "2", "--random", "1", "--out", str(tmp_path / "pca")]) == 0
+    summary = json.loads((tmp_path / "pca" / "pca.json").read_text())
+    assert summary["directions"] == ["pc1.safetensors", "pc2.safetensors", "random1.safetensors"] and summary["n"] == 6
+    expected = pca_from_h(bank.h(), 2)
+    pc2 = Direction.load(tmp_path / "pca" / "pc2.safetensors")
+    assert torch.allclose(pc2.delta, expected.directions()[1].delta, atol=1e-5)
+    assert pc2.meta["model"] == "tiny-random" and pc2.num_steps == 3
+    rnd = Direction.load(tmp_path / "pca" / "random1.safetensors")
+    assert torch.allclose(rnd.norms(), Direction.load(tmp_path / "pca" / "pc1.safetensors").norms(), rtol=1e-5)
+
+    # A folder of directions renders as one grid per sample, with the bank's steps and seeds.
+    assert main(["edit", "--bank", str(bank_dir), "--samples", "1", "--direction", str(tmp_path / "pca"), "--scales", "0", "--save-each", "--out", str(tmp_path / "e"), *common]) == 0
+    thumbs = bank.thumbnails()
+    unedited = np.asarray(Image.open(tmp_path / "e" / "seed1_0_pc1_0.png"))
+    assert np.abs(unedited.astype(int) - thumbs[1].permute(1, 2, 0).numpy().astype(int)).max() <= 1
+
+    np.save(tmp_path / "mask.npy", np.pad(np.ones((8, 8), np.float32), 12))
+    out = tmp_path / "jac"
+    assert main(["jacobian", "--seed", "5", "--steps", "3", "--at", "0,2", "--k", "2", "--mask", str(tmp_path / "mask.npy"), "--out", str(out), *common]) == 0
+    report = json.loads((out / "jacobian.json").read_text())
+    assert [r["step"] for r in report["results"]] == [0, 2] and report["seed"] == 5
+    for r in report["results"]:
+        assert r["converged"] and r["singular_values"][0] >= r["singular_values"][1] > 0
+    d = Direction.load(out / "j2_1.safetensors")
+    assert d.num_steps == 1 and d.meta["params"]["mask"].endswith("mask.npy")
+    assert d.meta["params"]["singular_value"] == pytest.approx(report["results"][1]["singular_values"][1])
+    assert torch.linalg.vector_norm(d.delta) == pytest.approx(report["results"][1]["h_norm"], rel=1e-5)
+    assert (out / "grid.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["jacobian", "--model", "tiny-random", "--mask", "mouth", "--steps", "2"], "part masks like 'mouth' exist for the bundled toyfaces model only"),
+        (["jacobian", "--model", "tiny-random", "--mask", "nose.png", "--steps", "2"], "--mask 'nose.png' is neither a part name"),
+        (["pca", "no-bank"], "'no-bank' is not a bank"),
+        (["bank", "b", "--n", "0", "--model", "tiny-random"], "n must be an integer >= 1, got 0"),
+    ],
+)
+def test_direction_commands_reject_bad_input(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -343,3 +343,16 @@ def test_numpy_integer_seeds_and_empty_batch() -> None:
     imgs, labels, masks = tf.render_batch([])
     assert imgs.shape == (0, 3, 32, 32) and labels["smile"].shape == (0,)
     assert masks["eyes"].shape == (0, 32, 32)
+
+
+def test_region_masks_hold_the_parts_of_unseen_faces():
+    _, _, masks = tf.render_batch(range(90000, 90300), size=32)
+    for part in ("eyes", "mouth", "hat"):
+        region = tf.region_mask(part)
+        own = masks[part]
+        inside = (own & region[None]).sum() / own.sum()
+        assert inside >= 0.95, (part, inside)
+        assert region.sum() < 0.25 * region.size  # a region, not the whole image
+    assert not (tf.region_mask("eyes") & tf.region_mask("mouth")).any()
+    with pytest.raises(ValueError, match="unknown part 'nose'"):
+        tf.region_mask("nose")

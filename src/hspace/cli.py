@@ -197,10 +197,11 @@ def cmd_bank(args) -> None:
     bar = tqdm(desc="bank", unit="sample", file=sys.stderr, dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}]")
 
     def progress(info):
-        if bar.total != info["n"]:
-            bar.total, bar.n = info["n"], info["done"]
-        batch = min(args.batch_size, info["count"] - info["chunk"] * args.batch_size)
-        bar.update(batch / info["num_steps"])
+        bar.total = info["n"]
+        first = info["chunk"] * args.batch_size  # the chunk's first sample within the shard
+        batch = min(args.batch_size, info["count"] - first)
+        bar.n = min(info["n"], info["done"] + first + batch * (info["step"] + 1) / info["num_steps"])
+        bar.update(0)  # redraws at tqdm's usual rate
 
     with bar:
         bank = build_bank(
@@ -529,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tol", type=float, default=1e-4, help="stop when no singular value changes by more than this (relative)")
     p.add_argument("--oversample", type=int, default=None, help="extra vectors iterated alongside (default: the block size; 0 = the paper's algorithm)")
     p.add_argument("--vector-seed", type=int, default=0, help="seed of the random initial vectors")
-    p.add_argument("--scales", nargs="+", default=["-1", "-0.5", "0", "0.5", "1"], help="scales of the preview grid (units of ||h_t||)")
+    p.add_argument("--scales", nargs="+", default=["-0.3", "-0.15", "0", "0.15", "0.3"], help="scales of the preview grid (units of ||h_t||)")
     p.add_argument("--out", default="out/jacobian", help="folder for the directions, jacobian.json and grid.png")
     p.set_defaults(func=cmd_jacobian)
 

@@ -721,10 +721,10 @@ REGION_FACES = 2000
 REGION_THRESHOLD = 0.1
 
 
-@functools.lru_cache(maxsize=32)
-def _region(part: str, size: int) -> np.ndarray:
+@functools.lru_cache(maxsize=4)
+def _regions(size: int) -> dict[str, np.ndarray]:
     _, _, masks = render_batch(range(REGION_FACES), size=size)
-    return masks[part].mean(axis=0) >= REGION_THRESHOLD
+    return {part: m.mean(axis=0) >= REGION_THRESHOLD for part, m in masks.items()}
 
 
 def region_mask(part: str, size: int = 32) -> np.ndarray:
@@ -737,4 +737,4 @@ def region_mask(part: str, size: int = 32) -> np.ndarray:
     """
     if part not in PARTS:
         raise ValueError(f"unknown part {part!r}; valid: {', '.join(PARTS)}")
-    return _region(part, _check_size(size)).copy()
+    return _regions(_check_size(size))[part].copy()
