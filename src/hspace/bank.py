@@ -152,6 +152,42 @@ class Bank:
         base = self.manifest["base_seed"]
         return list(range(base, base + self.n))
 
+    @classmethod
+    def create(cls, path: str | Path, identity: dict, n: int) -> "Bank":
+        """A new, empty bank folder with its manifest (``identity``: the keys of ``IDENTITY``)."""
+        path = Path(path)
+        missing = [key for key in IDENTITY if key not in identity]
+        if missing:
+            raise HspaceError(f"a bank identity needs {', '.join(missing)}")
+        path.mkdir(parents=True, exist_ok=True)
+        if (path / MANIFEST).exists() or any(_SHARD.fullmatch(p.name) for p in path.iterdir()):
+            raise HspaceError(f"{str(path)!r} already holds a bank or shard files; refusing to overwrite them")
+        bank = cls(path, {"kind": "hspace.Bank", "format": FORMAT, **{k: identity[k] for k in IDENTITY}, "n": n})
+        _write_json(path / MANIFEST, bank.manifest)
+        return bank
+
+    def write_shard(self, start: int, h: torch.Tensor, thumbs: torch.Tensor) -> Path:
+        """Write samples start .. start+len(h)-1 atomically: h [b, T, *h_shape] (stored in float16 unless
+        a value exceeds its range) and uint8 thumbnails [b, 3, h, w]."""
+        from safetensors.torch import save_file
+
+        count = h.shape[0]
+        expected = (count, self.num_steps, *self.h_shape)
+        if tuple(h.shape) != expected or thumbs.dtype != torch.uint8 or thumbs.shape[0] != count:
+            raise HspaceError(f"a shard needs h of shape {expected} and {count} uint8 thumbnails, got {tuple(h.shape)} and {thumbs.dtype} {tuple(thumbs.shape)}")
+        if float(h.abs().max()) <= FLOAT16_MAX:
+            h = h.half()  # else keep float32: float16 would turn these values into inf
+        base = self.manifest["base_seed"]
+        tensors = {
+            "seeds": torch.arange(base + start, base + start + count, dtype=torch.int64),
+            "h": h.detach().cpu().contiguous(),
+            "thumbnails": thumbs.detach().cpu().contiguous(),
+        }
+        metadata = {"kind": "hspace.BankShard", "start": str(start)}
+        path = self.shard_path(start)
+        _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        return path
+
     def _scan(self) -> list[tuple[int, int]]:
         """(start, count) of every valid shard file, by start. A partial write never gets a shard's name;
         a file that cannot be read or holds other seeds than its name says is ignored (and drawn again)."""
@@ -330,8 +366,6 @@ def build_bank(
     the engine's per-step info plus "shard" and "num_shards" (counting the shards this call draws),
     "start" and "count" (the shard's first sample and size), "done" (samples already in the bank) and "n".
     """
-    from safetensors.torch import save_file
-
     _positive_int("n", n)
     _positive_int("num_steps", num_steps)
     _positive_int("shard_size", shard_size)
@@ -356,11 +390,7 @@ def build_bank(
             bank.manifest["n"] = n
             _write_json(path / MANIFEST, bank.manifest)
     else:
-        path.mkdir(parents=True, exist_ok=True)
-        if any(_SHARD.fullmatch(p.name) for p in path.iterdir()):
-            raise HspaceError(f"{str(path)!r} holds shard files but no {MANIFEST}; refusing to overwrite them")
-        bank = Bank(path, {"kind": "hspace.Bank", "format": FORMAT, **identity, "n": n})
-        _write_json(path / MANIFEST, bank.manifest)
+        bank = Bank.create(path, identity, n)
 
     missing = bank.missing()
     done = bank.n - sum(count for _, count in missing)
@@ -373,15 +403,6 @@ def build_bank(
                 callback({**info, **shard, "done": done, "n": bank.n})
 
         trajectory = engine.sample(seeds, num_steps, eta, keep_noise=False, batch_size=batch_size, callback=on_step)
-        h = trajectory.h
-        if float(h.abs().max()) <= FLOAT16_MAX:
-            h = h.half()  # else keep float32: float16 would turn these values into inf
-        tensors = {
-            "seeds": torch.tensor(seeds, dtype=torch.int64),
-            "h": h.contiguous(),
-            "thumbnails": thumbnails(trajectory.images, thumbnail_size).contiguous(),
-        }
-        metadata = {"kind": "hspace.BankShard", "start": str(start)}
-        _write_atomic(bank.shard_path(start), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        bank.write_shard(start, trajectory.h, thumbnails(trajectory.images, thumbnail_size))
         done += count
     return bank
