@@ -126,3 +126,14 @@ def test_direction_commands_reject_bad_input(argv, message, capsys, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_demo_writes_every_figure_it_lists(tmp_path):
+    assert main(["demo", "--model", "tiny-random", "--steps", "3", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    index = (tmp_path / "index.md").read_text()
+    listed = [line[3:] for line in index.splitlines() if line.startswith("## ")]
+    assert listed == ["samples.png", "swap.png", "arithmetic.png", "pca.png", "jacobian.png", "asyrp.png"]
+    for name in listed:
+        with Image.open(tmp_path / name) as image:
+            assert image.width > 100 and image.height > 100
+    assert "pc1" in index and "singular values" in index

@@ -1,4 +1,6 @@
-"""The main job: sample the bundled model, swap h between samples, edit by vector arithmetic."""
+"""The main job: sample the bundled model, swap h between samples, edit by vector arithmetic, by
+classifier-annotated attribute directions, by the top PCA directions against random ones, and by
+Jacobian directions of one sample."""
 
 from __future__ import annotations
 
@@ -7,10 +9,17 @@ from typing import Callable
 
 import torch
 
+from .directions.jacobian import jacobian_directions
+from .directions.pca import pca_from_h, random_directions
 from .directions.supervised import mean_difference
 from .engine import Engine
 from .images import labelled_grid
 from .loading import DEFAULT_MODEL
+
+
+POOL = 64  # samples with h for the PCA and the annotation
+PCS = 6
+JACOBIAN_K = 2
 
 
 def run_demo(
@@ -59,13 +68,14 @@ def run_demo(
 
     scales = [-1.0, -0.5, 0.0, 0.5, 1.0]
     targets = ddpm[[2, 3, 4, 5]]
+    # One pool of samples with h recorded serves the PCA and the classifier annotation.
+    pool = run("sample pool", lambda cb: engine.sample(range(1000, 1000 + POOL), steps, eta=1.0, callback=cb))
     # Vector arithmetic (Fig. 4): h of one sample minus h of another; on toy faces, the sample the
     # classifier finds most smiling minus the least smiling one.
     plus, minus, label = ddpm[[0]], ddpm[[1]], "h(seed 0) - h(seed 1)"
     if engine.name == "toyfaces":
         from .toyfaces.classifier import classify
 
-        pool = run("annotated samples", lambda cb: engine.sample(range(1000, 1048), steps, eta=1.0, callback=cb))
         scores = classify(pool.images)
         smile = scores["smile"].argsort(descending=True).tolist()
         plus, minus, label = pool[smile[:1]], pool[smile[-1:]], "h(smiling) - h(not smiling)"
@@ -77,7 +87,7 @@ def run_demo(
         f"Vector arithmetic (paper Fig. 4): {label} added to other samples at scales gamma (one batched replay).",
     )
     if engine.name == "toyfaces":
-        # Directions from classifier annotation (eq. 10): top 8 minus bottom 8 of the 48 samples per attribute.
+        # Directions from classifier annotation (eq. 10): top 8 minus bottom 8 of the pool per attribute.
         names = ("smile", "glasses", "hat", "eyes_open")
         directions = []
         for name in names:
@@ -89,8 +99,60 @@ def run_demo(
             labelled_grid(edits.transpose(1, 2).reshape(-1, len(scales), *edits.shape[3:]), rows, [f"{s:g}" for s in scales]),
             "attributes.png",
             "Attribute directions from classifier annotation (paper eq. 10): mean h of the 8 samples the classifier "
-            "scores highest minus the 8 lowest, of 48, added at scales gamma.",
+            f"scores highest minus the 8 lowest, of {POOL}, added at scales gamma.",
         )
+
+    # Global directions (Sec. 4.1, Fig. 5-6): per-timestep PCA of the pool's h, and random directions
+    # with the same per-timestep norm. Scales in units of sigma (std of the data along the component).
+    pca = pca_from_h(pool.h, PCS)
+    pcs = pca.directions(engine.name, engine.h_location)
+    randoms = random_directions(pca, 2, seed=0, model=engine.name, h_location=engine.h_location)
+    sigmas = [-3.0, -1.5, 0.0, 1.5, 3.0]
+    edits = run("PCA edits", lambda cb: engine.edit(targets[[0, 1]], pcs + randoms, sigmas, callback=cb))
+    rows = [f"{d.name} / seed {s}" for d in pcs + randoms for s in targets.seeds[:2]]
+    ratios = ", ".join(f"pc{j + 1} {100 * float(r):.1f}%" for j, r in enumerate(pca.variance_ratio.mean(1)))
+    save(
+        labelled_grid(edits.transpose(1, 2).reshape(-1, len(sigmas), *edits.shape[3:]), rows, [f"{s:g} sigma" for s in sigmas]),
+        "pca.png",
+        f"Top {PCS} principal components of h per timestep over {POOL} samples (paper Sec. 4.1, Fig. 5) and two random "
+        f"directions of the same per-timestep norm (Fig. 6), at -3..3 sigma. Variance explained (mean over steps): {ratios}.",
+    )
+
+    # Image-specific directions (Sec. 4.2, Fig. 7): top right singular vectors of d eps / d h_t of one
+    # sample, at 70% of the process (where the toy model's edits are most local), restricted to a region of
+    # the output on toy faces; applied at all steps.
+    source, at = targets[[0]], (7 * steps) // 10
+    regions = ["eyes", "mouth"] if engine.name == "toyfaces" else [None]
+    jacobian, lines = [], []
+    for region in regions:
+        mask = None
+        if region is not None:
+            from .toyfaces.render import region_mask
+
+            mask = torch.from_numpy(region_mask(region, engine.sample_shape[-1])).float()
+        found = run(
+            f"Jacobian {region or 'directions'}",
+            lambda cb, mask=mask, region=region: jacobian_directions(
+                engine, source, 0, at, k=JACOBIAN_K, mask=mask, mask_name=region, generator=torch.Generator().manual_seed(0)
+            ),
+        )[0]
+        for d in found.directions:
+            d.meta["name"] = f"{region or 'j'}{d.meta['params']['index'] + 1}"
+        jacobian += found.directions
+        values = ", ".join(f"{float(v):.3g}" for v in found.singular_values)
+        lines.append(f"{region or 'whole image'}: singular values {values}, {found.svd.iterations[0]} iterations")
+    gammas = [-0.3, -0.15, 0.0, 0.15, 0.3]
+    others = targets[[0, 1, 2]]  # the source sample, then two others (transfer)
+    edits = run("Jacobian edits", lambda cb: engine.edit(others, jacobian, gammas, callback=cb))
+    rows = [f"{d.name} / seed {s}" for d in jacobian for s in others.seeds]
+    save(
+        labelled_grid(edits.transpose(1, 2).reshape(-1, len(gammas), *edits.shape[3:]), rows, [f"{g:g}" for g in gammas]),
+        "jacobian.png",
+        f"Jacobian directions of seed {source.seeds[0]} at step {at} of {steps} (paper Alg. 1, Fig. 7), "
+        + ("restricted to the eyes and the mouth region; " if engine.name == "toyfaces" else "")
+        + "applied at every step with gamma in units of ||h_t||, to the source (first row of each) and transferred to "
+        f"two other samples. {'; '.join(lines)}.",
+    )
 
     single = run("single pass", lambda cb: engine.edit(targets[[0]], direction, scales, callback=cb))[0, :, 0]
     asyrp = run("asyrp", lambda cb: engine.edit(targets[[0]], direction, scales, asyrp=True, callback=cb))[0, :, 0]
