@@ -278,7 +278,7 @@ class Bank:
         """h of the given samples (default: all) as float32 [N, T', *h_shape]; mind the memory for big banks."""
         if indices is None:
             return torch.cat(list(self.h_chunks(steps)()))
-        indices, steps = self._check_indices(indices), self._check_steps(steps)
+        indices, steps = self.check_indices(indices), self._check_steps(steps)
         out = torch.empty(len(indices), len(steps) if steps else self.num_steps, *self.h_shape)
         want = torch.tensor(indices)
         for start, count in self.shards():
@@ -292,7 +292,7 @@ class Bank:
         """uint8 [n, 3, h, w] thumbnails of every sample's x_0 image."""
         return torch.cat([self.read_shard(start, ("thumbnails",))["thumbnails"] for start, _ in self.shards()])
 
-    def _check_indices(self, indices) -> list[int]:
+    def check_indices(self, indices) -> list[int]:
         indices = [int(i) for i in indices]
         bad = [i for i in indices if not 0 <= i < self.n]
         if bad:
@@ -302,7 +302,7 @@ class Bank:
     def trajectory(self, engine, indices: Sequence[int], *, batch_size: int = 32, callback=None) -> Trajectory:
         """Draw the given samples again from their seeds (with noise and h), e.g. to edit them."""
         self.check_engine(engine)
-        indices = self._check_indices(indices)
+        indices = self.check_indices(indices)
         seeds = [self.manifest["base_seed"] + i for i in indices]
         return engine.sample(seeds, self.num_steps, self.eta, batch_size=batch_size, callback=callback)
 

@@ -136,7 +136,7 @@ def cmd_edit(args) -> None:
 
         bank = Bank.open(args.bank)
         args.steps, args.eta = bank.num_steps, ",".join(map(str, bank.eta))
-        seeds = [bank.seeds[i] for i in bank._check_indices(parse_seeds(args.samples))]
+        seeds = [bank.seeds[i] for i in bank.check_indices(parse_seeds(args.samples))]
     engine = _engine(args)
     if bank is not None:
         bank.check_engine(engine)
@@ -287,6 +287,8 @@ def cmd_jacobian(args) -> None:
     from .images import labelled_grid
 
     at = parse_seeds(args.at) if args.at else None
+    if at and max(at) >= args.steps and not args.trajectory:
+        raise HspaceError(f"--at {max(at)} is out of range; valid: step indices from 0 to {args.steps - 1} (--steps {args.steps})")
     scales = _scales(args.scales)
     engine = _engine(args)
     mask = load_mask(args.mask, engine) if args.mask else None

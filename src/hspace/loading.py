@@ -189,7 +189,8 @@ def load_components(model: str | Path) -> Components:
     if path.exists():
         if not path.is_dir():
             raise HspaceError(f"model {model!r} is a file; pass a diffusers model folder, a hub id or one of {', '.join(BUILTIN)}")
-        return load_folder(path, model)
+        # Named by its absolute path, so that a bank or trajectory recognises the model however it is spelled.
+        return load_folder(path, str(path.resolve()))
     if model.count("/") != 1 or model.startswith(("/", ".", "~")):
         raise HspaceError(
             f"model {model!r} is not a built-in name ({', '.join(BUILTIN)}), an existing folder, or a hub id like 'google/ddpm-ema-celebahq-256'"
