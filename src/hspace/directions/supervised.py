@@ -1,10 +1,29 @@
-"""Directions from examples (paper Sec. 5, eq. 10): the mean difference of h between positives and negatives."""
+"""Directions from examples (paper Sec. 5): eq. 10, the mean difference of h between positives and
+negatives, from trajectories, from a bank's h, or from the top and bottom k of a bank by a score
+(classifier annotation, Fig. 9)."""
 
 from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
 
 from ..errors import HspaceError
 from ..trajectory import Trajectory
 from .direction import Direction
+
+Scorer = Callable[[torch.Tensor], dict]  # images [N, 3, H, W] in [-1, 1] -> {name: [N] scores}
+
+
+def h_difference(h_positive: torch.Tensor, h_negative: torch.Tensor) -> torch.Tensor:
+    """eq. 10: mean_i h+_i - mean_i h-_i over the leading (example) dimension, in float64."""
+    for label, h in (("positive", h_positive), ("negative", h_negative)):
+        if not isinstance(h, torch.Tensor) or h.ndim < 2 or h.shape[0] < 1:
+            got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+            raise HspaceError(f"the {label} examples must be a tensor [n >= 1, ...], got {got}")
+    if h_positive.shape[1:] != h_negative.shape[1:]:
+        raise HspaceError(f"positive h {tuple(h_positive.shape[1:])} and negative h {tuple(h_negative.shape[1:])} differ in steps or shape")
+    return h_positive.double().mean(0) - h_negative.double().mean(0)
 
 
 def mean_difference(positive: Trajectory, negative: Trajectory, name: str = "difference") -> Direction:
@@ -12,12 +31,69 @@ def mean_difference(positive: Trajectory, negative: Trajectory, name: str = "dif
     for label, t in (("positive", positive), ("negative", negative)):
         if t.h is None:
             raise HspaceError(f"the {label} trajectories have no recorded h; sample them with record_h=True")
-    if positive.num_steps != negative.num_steps or positive.h.shape[2:] != negative.h.shape[2:]:
-        raise HspaceError(
-            f"positive h {tuple(positive.h.shape[1:])} and negative h {tuple(negative.h.shape[1:])} differ in steps or shape"
-        )
     if positive.meta != negative.meta:
         raise HspaceError(f"positives and negatives come from different engines: {positive.meta} vs {negative.meta}")
-    delta = positive.h.double().mean(0) - negative.h.double().mean(0)
+    delta = h_difference(positive.h, negative.h)
     params = {"positive_seeds": positive.seeds, "negative_seeds": negative.seeds, "eta": positive.eta.tolist()}
     return Direction(delta.float(), meta={**positive.meta, "name": name, "method": "mean_difference", "params": params})
+
+
+def top_bottom(scores: torch.Tensor, k: int) -> tuple[list[int], list[int]]:
+    """Indices of exactly the k highest and the k lowest scores (ties: the lower index first)."""
+    scores = torch.as_tensor(scores).flatten()
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or 2 * k > len(scores):
+        raise HspaceError(f"k must be an integer from 1 to n/2 = {len(scores) // 2} (top k and bottom k of {len(scores)} samples), got {k!r}")
+    if not torch.isfinite(scores).all():
+        raise HspaceError("scores contain NaN or infinite values")
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    low = sorted(range(len(scores)), key=lambda i: (float(scores[i]), i))
+    return order[:k], low[:k]
+
+
+def annotate_bank(bank, scorer: Scorer | None = None, name: str = "classifier", batch_size: int = 256) -> dict[str, torch.Tensor]:
+    """Score every sample of a bank from its x_0 thumbnails and store the scores in it (``scores/NAME``).
+
+    ``scorer`` maps images [N, 3, H, W] in [-1, 1] to named scores [N]; the default is the bundled
+    toy-faces classifier (for a bank of the toyfaces model). Thumbnails are at most the bank's
+    ``thumbnail_size`` (draw the bank with a thumbnail size equal to the image size to score full images).
+    """
+    if scorer is None:
+        if bank.manifest["model"] != "toyfaces":
+            raise HspaceError(
+                f"the bundled classifier scores toy faces only; this bank is of {bank.manifest['model']!r}: pass a scorer "
+                "(a callable from images [N, 3, H, W] in [-1, 1] to named scores)"
+            )
+        from ..toyfaces.classifier import classify as scorer
+    thumbs = bank.thumbnails()
+    parts: dict[str, list[torch.Tensor]] = {}
+    for chunk in thumbs.split(batch_size):
+        out = scorer(chunk.float() / 127.5 - 1.0)
+        if not isinstance(out, dict) or not out:
+            raise HspaceError(f"the scorer must return a dict of named scores, got {type(out).__name__}")
+        for key, value in out.items():
+            value = torch.as_tensor(value).detach().float().cpu()
+            if value.shape != (len(chunk),):
+                raise HspaceError(f"the scorer's {key!r} has shape {tuple(value.shape)}; valid: ({len(chunk)},), one score per image")
+            parts.setdefault(key, []).append(value)
+    scores = {key: torch.cat(values) for key, values in parts.items()}
+    bank.set_scores(name, scores, meta={"scorer": getattr(scorer, "__qualname__", type(scorer).__name__)})
+    return scores
+
+
+def direction_from_scores(bank, attribute: str, k: int, scores: str = "classifier", name: str | None = None) -> Direction:
+    """eq. 10 over a bank: mean h of the k samples scored highest on ``attribute`` minus the k lowest (Fig. 9)."""
+    table = bank.scores(scores)
+    if attribute not in table:
+        raise HspaceError(f"scores {scores!r} of bank {str(bank.path)!r} have no {attribute!r}; valid: {', '.join(sorted(table))}")
+    values = table[attribute]
+    top, bottom = top_bottom(values, k)
+    delta = h_difference(bank.h(top), bank.h(bottom))
+    seeds = bank.seeds
+    params = {
+        "bank": str(bank.path), "scores": scores, "attribute": attribute, "k": k,
+        "positive_seeds": [seeds[i] for i in top], "negative_seeds": [seeds[i] for i in bottom],
+        "positive_mean_score": float(values[top].mean()), "negative_mean_score": float(values[bottom].mean()),
+        "eta": bank.eta,
+    }
+    meta = {"model": bank.manifest["model"], "h_location": bank.manifest["h_location"], "name": name or attribute}
+    return Direction(delta.float(), meta={**meta, "method": "mean_difference", "params": params})

@@ -1,0 +1,86 @@
+"""eq. 10 and eq. 11 on hand-made tensors; annotation picks exactly the top and bottom k."""
+
+import pytest
+import torch
+
+from hspace.bank import build_bank
+from hspace.directions import Direction
+from hspace.directions.disentangle import disentangle
+from hspace.directions.supervised import annotate_bank, direction_from_scores, h_difference, mean_difference, top_bottom
+from hspace.errors import HspaceError
+
+
+def test_eq10_is_the_difference_of_means():
+    pos = torch.tensor([[[1.0, 2.0]], [[3.0, 4.0]]])  # [2 examples, 1 step, 2]
+    neg = torch.tensor([[[0.5, -1.0]], [[0.5, 1.0]], [[2.0, 3.0]]])
+    assert torch.equal(h_difference(pos, neg), torch.tensor([[2.0 - 1.0, 3.0 - 1.0]], dtype=torch.float64))
+    with pytest.raises(HspaceError, match="differ in steps or shape"):
+        h_difference(pos, neg[:, :, :1])
+
+
+def test_mean_difference_of_trajectories(engine, trajectory):
+    d = mean_difference(trajectory[[0, 1]], trajectory[[2]], name="x")
+    expected = trajectory.h[:2].double().mean(0) - trajectory.h[2].double()
+    assert torch.allclose(d.delta.double(), expected, atol=1e-6) and d.name == "x"
+
+
+def _dir(delta, name):
+    return Direction(torch.as_tensor(delta, dtype=torch.float32), meta={"name": name})
+
+
+def test_eq11_removes_the_span_of_the_others():
+    g = torch.Generator().manual_seed(0)
+    v = _dir(torch.randn(4, 3, 2, 2, generator=g), "v")
+    others = [_dir(torch.randn(4, 3, 2, 2, generator=g), f"u{i}") for i in range(3)]
+    out = disentangle(v, others)
+    flat = out.delta.double().flatten()
+    U = torch.stack([o.delta.double().flatten() for o in others])
+    # Orthogonal to every other direction, over the whole h_{T:1}.
+    assert (U @ flat).abs().max() / (U.norm(dim=1) * flat.norm()).min() < 1e-6
+    # And what was removed lies in their span: v - v' = U^T c for the least-squares c.
+    removed = v.delta.double().flatten() - flat
+    c = torch.linalg.lstsq(U.T, removed[:, None]).solution
+    assert torch.allclose(U.T @ c, removed[:, None], atol=1e-6)
+    assert out.name == "v-disentangled" and out.meta["params"]["removed"] == ["u0", "u1", "u2"]
+    # Per timestep: orthogonal at every step separately.
+    per = disentangle(v, others, per_timestep=True)
+    for t in range(4):
+        for o in others:
+            cos = torch.dot(per.delta[t].double().flatten(), o.delta[t].double().flatten())
+            assert abs(float(cos)) / (per.delta[t].norm() * o.delta[t].norm()) < 1e-6
+    # A direction orthogonal already is unchanged; one inside the span vanishes.
+    e1 = _dir([[1.0, 0.0, 0.0]], "e1")
+    assert torch.equal(disentangle(_dir([[0.0, 2.0, 3.0]], "w"), [e1]).delta, torch.tensor([[0.0, 2.0, 3.0]]))
+    assert disentangle(_dir([[5.0, 0.0, 0.0]], "w"), [e1]).delta.abs().max() < 1e-6
+    with pytest.raises(HspaceError, match="linearly dependent"):
+        disentangle(v, [others[0], others[0] * 2.0])
+
+
+def test_top_bottom_picks_exactly_k():
+    scores = torch.tensor([0.5, 0.9, 0.1, 0.9, 0.3, 0.0, 0.7])
+    top, bottom = top_bottom(scores, 2)
+    assert top == [1, 3] and bottom == [5, 2]
+    with pytest.raises(HspaceError, match="k must be an integer from 1 to n/2 = 3"):
+        top_bottom(scores, 4)
+
+
+def test_annotation_is_stored_and_drives_the_direction(tmp_path, engine):
+    bank = build_bank(tmp_path / "b", engine, 8, 3, shard_size=3)
+    calls = []
+
+    def brightness(images):
+        calls.append(len(images))
+        return {"bright": images.mean(dim=(1, 2, 3)), "red": images[:, 0].mean(dim=(1, 2))}
+
+    scores = annotate_bank(bank, brightness, name="mine", batch_size=5)
+    assert calls == [5, 3]
+    assert torch.equal(bank.scores("mine")["bright"], scores["bright"])
+    d = direction_from_scores(bank, "bright", 3, scores="mine")
+    top, bottom = top_bottom(scores["bright"], 3)
+    expected = bank.h(top).double().mean(0) - bank.h(bottom).double().mean(0)
+    assert torch.allclose(d.delta.double(), expected, atol=1e-6)
+    assert d.meta["params"]["positive_seeds"] == top and d.name == "bright"
+    with pytest.raises(HspaceError, match="no 'smile'; valid: bright, red"):
+        direction_from_scores(bank, "smile", 3, scores="mine")
+    with pytest.raises(HspaceError, match="bundled classifier scores toy faces only"):
+        annotate_bank(bank)
