@@ -137,3 +137,23 @@ def test_demo_writes_every_figure_it_lists(tmp_path):
         with Image.open(tmp_path / name) as image:
             assert image.width > 100 and image.height > 100
     assert "pc1" in index and "singular values" in index
+
+
+def test_supervised_and_disentangle_commands(tmp_path):
+    from hspace.bank import build_bank
+    from hspace.directions.supervised import annotate_bank
+    from hspace.engine import Engine
+
+    engine = Engine.load("tiny-random", device="cpu")
+    bank = build_bank(tmp_path / "bank", engine, 8, 2, shard_size=4)
+    annotate_bank(bank, lambda im: {"bright": im.mean(dim=(1, 2, 3)), "red": im[:, 0].mean(dim=(1, 2))}, name="classifier")
+    out = tmp_path / "sup"
+    assert main(["supervised", str(tmp_path / "bank"), "--attribute", "bright", "red", "--k", "2", "--out", str(out)]) == 0
+    bright, red = Direction.load(out / "bright.safetensors"), Direction.load(out / "red.safetensors")
+    assert bright.meta["params"]["k"] == 2 and bright.num_steps == 2
+    assert main(["disentangle", str(out / "bright.safetensors"), "--remove", str(out), "-o", str(tmp_path / "d.safetensors")]) == 0
+    d = Direction.load(tmp_path / "d.safetensors")
+    assert d.meta["params"]["removed"] == ["red"]  # the folder's own copy of bright is skipped
+    cos = torch.dot(d.delta.flatten().double(), red.delta.flatten().double()) / (d.delta.norm() * red.delta.norm())
+    assert abs(float(cos)) < 1e-6
+    assert main(["annotate", str(tmp_path / "bank")]) == 2  # the bundled classifier is for toyfaces banks only

@@ -206,7 +206,8 @@ def cmd_bank(args) -> None:
     with bar:
         bank = build_bank(
             args.out, engine, args.n, args.steps, eta,
-            base_seed=args.base_seed, shard_size=args.shard_size, batch_size=args.batch_size, callback=progress,
+            base_seed=args.base_seed, shard_size=args.shard_size, batch_size=args.batch_size,
+            thumbnail_size=args.thumbnail_size, callback=progress,
         )
     print(f"{bank}: complete, seeds {bank.seeds[0]}..{bank.seeds[-1]}")
 
@@ -329,6 +330,45 @@ def cmd_jacobian(args) -> None:
         state = "converged" if r["converged"] else "NOT converged"
         print(f"step {r['step']} (t={r['timestep']}): singular values {', '.join(f'{v:.3g}' for v in r['singular_values'])}; iterations {r['iterations']} ({state})")
     print(f"wrote {len(paths)} directions, jacobian.json and grid.png to {out}")
+
+
+def cmd_annotate(args) -> None:
+    from .bank import Bank
+    from .directions.supervised import annotate_bank
+
+    bank = Bank.open(args.bank)
+    scores = annotate_bank(bank, name=args.name)
+    for key, value in scores.items():
+        print(f"{key}: mean {float(value.mean()):.3f}, min {float(value.min()):.3f}, max {float(value.max()):.3f}")
+    print(f"stored {len(scores)} scores of {bank.n} samples as {bank.scores_path(args.name)}")
+
+
+def cmd_supervised(args) -> None:
+    from .bank import Bank
+    from .directions.supervised import direction_from_scores
+
+    bank = Bank.open(args.bank)
+    directions = [direction_from_scores(bank, attribute, args.k, scores=args.scores) for attribute in args.attribute]
+    for d in directions:
+        p = d.meta["params"]
+        print(f"{d.name}: top {args.k} (mean score {p['positive_mean_score']:.3f}) minus bottom {args.k} (mean score {p['negative_mean_score']:.3f})")
+    paths = _save_directions(directions, Path(args.out))
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+def cmd_disentangle(args) -> None:
+    from .directions.direction import Direction
+    from .directions.disentangle import disentangle
+
+    direction = Direction.load(args.direction)
+    # A folder given to --remove may hold the direction itself: it is skipped, not projected out of itself.
+    own = Path(args.direction).resolve()
+    others = [Direction.load(p) for p in direction_files(args.remove) if p.resolve() != own]
+    out = disentangle(direction, others, per_timestep=args.per_timestep, name=args.name)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    out.save(args.output)
+    before, after = direction.delta.flatten().norm(), out.delta.flatten().norm()
+    print(f"{out.name}: removed the span of {', '.join(o.name for o in others)}; norm {float(before):.4g} -> {float(after):.4g}; wrote {args.output}")
 
 
 def _scales(items: list[str]) -> list[float]:
@@ -504,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
     p.add_argument("--base-seed", type=int, default=0, help="sample i has seed base_seed + i (default 0)")
     p.add_argument("--shard-size", type=int, default=64, help="samples per shard file (default 64)")
+    p.add_argument("--thumbnail-size", type=int, default=64, help="longest side of the stored x_0 thumbnails (default 64)")
     p.set_defaults(func=cmd_bank)
 
     p = sub.add_parser("pca", help="per-timestep PCA of a bank's h (paper Sec. 4.1), plus matched-norm random directions")
@@ -535,6 +576,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", nargs="+", default=["-0.3", "-0.15", "0", "0.15", "0.3"], help="scales of the preview grid (units of ||h_t||)")
     p.add_argument("--out", default="out/jacobian", help="folder for the directions, jacobian.json and grid.png")
     p.set_defaults(func=cmd_jacobian)
+
+    p = sub.add_parser("annotate", help="score every sample of a bank with the toy-faces classifier; stored in the bank")
+    p.add_argument("bank", help="bank folder (of the toyfaces model)")
+    p.add_argument("--name", default="classifier", help="name of the stored scores (default classifier)")
+    p.set_defaults(func=cmd_annotate)
+
+    p = sub.add_parser("supervised", help="eq. 10 directions: mean h of a bank's top-k minus bottom-k samples by a score")
+    p.add_argument("bank", help="bank folder with scores (hspace annotate)")
+    p.add_argument("--attribute", nargs="+", required=True, help="score names, e.g. smile glasses")
+    p.add_argument("--k", type=int, default=20, help="samples on each side (default 20)")
+    p.add_argument("--scores", default="classifier", help="which stored scores (default classifier)")
+    p.add_argument("--out", default="out/supervised", help="folder for ATTRIBUTE.safetensors")
+    p.set_defaults(func=cmd_supervised)
+
+    p = sub.add_parser("disentangle", help="eq. 11: remove from a direction its projection onto other directions")
+    p.add_argument("direction", help="direction file")
+    p.add_argument("--remove", nargs="+", required=True, help="direction files or folders whose span is removed")
+    p.add_argument("--per-timestep", action="store_true", help="project at every step separately (default: over all of h_{T:1})")
+    p.add_argument("--name", default=None, help="name of the result (default NAME-disentangled)")
+    p.add_argument("-o", "--output", required=True, help="direction file to write")
+    p.set_defaults(func=cmd_disentangle)
 
     p = sub.add_parser("swap", help="replay samples with h taken from other samples (paper Fig. 3)")
     _add_model_args(p)
