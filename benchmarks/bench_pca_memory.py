@@ -47,7 +47,7 @@ def write_bank(folder: Path, n: int, steps: int, h_shape: tuple[int, ...], shard
     if folder.exists():
         shutil.rmtree(folder)
     identity = {
-        "model": "synthetic", "h_location": "mid.out", "dtype": "float32", "num_steps": steps, "eta": [1.0] * steps,
+        "model": "synthetic", "h_location": "mid.out", "dtype": "float32", "clip_sample": None, "num_steps": steps, "eta": [1.0] * steps,
         "timesteps": list(range(999, -1, -1000 // steps))[:steps], "base_seed": 0, "shard_size": shard_size,
         "h_shape": list(h_shape), "sample_shape": [3, 256, 256], "thumbnail_size": 8,
     }

@@ -41,7 +41,7 @@ MANIFEST = "bank.json"
 FLOAT16_MAX = 65504.0
 _SHARD = re.compile(r"shard-(\d{12})\.safetensors")
 # What a bank's samples depend on: a bank refuses to mix samples that differ in any of these.
-IDENTITY = ("model", "h_location", "dtype", "num_steps", "eta", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
+IDENTITY = ("model", "h_location", "dtype", "clip_sample", "num_steps", "eta", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -104,6 +104,7 @@ class Bank:
             "model": engine.name,
             "h_location": engine.h_location,
             "dtype": str(engine.dtype).replace("torch.", ""),
+            "clip_sample": engine.clip_override,
             "num_steps": num_steps,
             "eta": [float(e) for e in eta_schedule(eta, num_steps)],
             "timesteps": [int(t) for t in schedule.timesteps],
@@ -118,8 +119,11 @@ class Bank:
         return [f"{key}: bank has {self.manifest.get(key)!r}, requested {identity[key]!r}" for key in IDENTITY if self.manifest.get(key) != identity[key]]
 
     def check_engine(self, engine) -> None:
-        """Raise unless ``engine`` is the engine that drew this bank (model, h location, dtype)."""
-        theirs = {"model": engine.name, "h_location": engine.h_location, "dtype": str(engine.dtype).replace("torch.", "")}
+        """Raise unless ``engine`` is the engine that drew this bank (model, h location, dtype, clipping)."""
+        theirs = {
+            "model": engine.name, "h_location": engine.h_location, "dtype": str(engine.dtype).replace("torch.", ""),
+            "clip_sample": engine.clip_override,
+        }
         bad = [f"{k}: bank has {self.manifest[k]!r}, engine has {v!r}" for k, v in theirs.items() if self.manifest[k] != v]
         if bad:
             raise HspaceError(f"bank {str(self.path)!r} was drawn by a different engine ({'; '.join(bad)})")

@@ -78,7 +78,8 @@ class Progress:
 def _engine(args):
     from .engine import Engine
 
-    return Engine.load(args.model, h_location=args.h_location, device=args.device, dtype=args.dtype)
+    clip = False if getattr(args, "no_clip", False) else None
+    return Engine.load(args.model, h_location=args.h_location, device=args.device, dtype=args.dtype, clip_sample=clip)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -90,6 +91,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     p.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
     p.add_argument("--batch-size", type=int, default=32, help="samples per U-Net batch")
+    p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 (the scheduler's clip_sample); DDIM inversion needs it")
 
 
 def _add_process_args(p: argparse.ArgumentParser) -> None:

@@ -55,6 +55,7 @@ class Engine:
         h_location: str = DEFAULT_H_LOCATION,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        clip_sample: bool | None = None,
     ):
         self.h_location = check_location(h_location)
         self.device = resolve_device(device)
@@ -63,6 +64,13 @@ class Engine:
         self.compute_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         self.name = components.name
         self.scheduler_config = dict(components.scheduler_config)
+        # None keeps the model's own setting. Clipping P_t makes high-noise DDIM steps many-to-one, which
+        # DDIM inversion cannot undo; clip_sample=False is part of the engine's identity (meta).
+        if clip_sample is not None and not isinstance(clip_sample, bool):
+            raise HspaceError(f"clip_sample must be True, False or None (the model's setting), got {clip_sample!r}")
+        self.clip_override = clip_sample
+        if clip_sample is not None:
+            self.scheduler_config["clip_sample"] = clip_sample
         self.unet = _prepare(components.unet, self.device, self.dtype)
         self.decoder = None if components.decoder is None else _prepare(components.decoder, self.device, self.dtype)
         size = self.unet.config.sample_size
@@ -78,14 +86,20 @@ class Engine:
         h_location: str = DEFAULT_H_LOCATION,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        clip_sample: bool | None = None,
     ) -> "Engine":
-        """Load a built-in model by name, a local diffusers folder, or a hub id."""
+        """Load a built-in model by name, a local diffusers folder, or a hub id.
+
+        ``clip_sample`` overrides the scheduler's clipping of P_t (None: the model's own setting)."""
         check_location(h_location)
-        return cls(load_components(model), h_location, device, dtype)
+        return cls(load_components(model), h_location, device, dtype, clip_sample)
 
     @property
     def meta(self) -> dict:
-        return {"model": self.name, "h_location": self.h_location}
+        meta = {"model": self.name, "h_location": self.h_location}
+        if self.clip_override is not None:
+            meta["clip_sample"] = self.clip_override
+        return meta
 
     @property
     def h_shape(self) -> tuple[int, ...]:
@@ -120,6 +134,24 @@ class Engine:
                 out.append(self.decoder.decode(latents).sample.float().cpu())
         return torch.cat(out)
 
+    def encode(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """x_0 in the U-Net's space from images [B, 3, H, W] in [-1, 1]: the images themselves for a
+        pixel model, the autoencoder's latents (times scaling_factor) for a latent model."""
+        if self.decoder is None:
+            return images.to(self.compute_dtype)
+        scale = float(getattr(self.decoder.config, "scaling_factor", 1.0) or 1.0)
+        out = []
+        with torch.no_grad():
+            for part in images.split(batch_size):
+                encoded = self.decoder.encode(part.to(self.device, self.dtype))
+                latents = encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mean
+                out.append((latents * scale).to(self.compute_dtype).cpu())
+        return torch.cat(out)
+
+    def model_output(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """The U-Net's output at (x_t, t) in the compute dtype (hooks on h apply)."""
+        return self.unet(x_t.to(self.device, self.dtype), torch.tensor(t, device=self.device)).sample.to(self.compute_dtype)
+
     # ------------------------------------------------------------------ the generative process
 
     def _generate(
@@ -150,18 +182,15 @@ class Engine:
                 recorded[:, i] = h.detach().float().cpu()
             return h
 
-        def eps_model(x_t: torch.Tensor, t: int) -> torch.Tensor:
-            return self.unet(x_t.to(self.dtype), torch.tensor(t, device=self.device)).sample.to(self.compute_dtype)
-
         x = x_T.to(self.device, self.compute_dtype)
         with torch.no_grad(), h_hook(self.unet, self.h_location, on_h):
             for i, t in enumerate(schedule.timesteps.tolist()):
                 current.update(i=i, edit=True)
-                p, eps = schedule.split_output(i, x, eps_model(x, t))
+                p, eps = schedule.split_output(i, x, self.model_output(x, t))
                 if asyrp and edit is not None and bool(edit.active[i]):
                     # Asyrp: delta-h reaches P_t only; D_t takes eps of a second, unedited pass.
                     current["edit"] = False
-                    _, eps = schedule.split_output(i, x, eps_model(x, t))
+                    _, eps = schedule.split_output(i, x, self.model_output(x, t))
                 s = float(sigma[i])
                 x = schedule.step(i, x, p, eps, s, z[:, i].to(self.device) if s > 0 else None)
                 if callback is not None:
