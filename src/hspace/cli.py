@@ -133,6 +133,7 @@ def cmd_edit(args) -> None:
 
         saved = Trajectory.load(args.trajectory)
         args.steps = saved.num_steps
+        args.no_clip = args.no_clip or saved.meta.get("clip_sample") is False  # e.g. an inverted image
     if args.bank:
         from .bank import Bank
 
@@ -154,11 +155,12 @@ def cmd_edit(args) -> None:
     rows = [d.name for d in directions]
     cols = [f"{s:g}" for s in scales]
     for b, seed in enumerate(trajectory.seeds):
-        labelled_grid(images[:, :, b], rows, cols).save(out / f"edit_seed{seed}.png")
+        who = f"seed{seed}" if seed >= 0 else f"sample{b}"  # an inverted image has no seed
+        labelled_grid(images[:, :, b], rows, cols).save(out / f"edit_{who}.png")
         if args.save_each:
             for d, direction in enumerate(directions):
                 for s, scale in enumerate(scales):
-                    to_pil(images[d, s, b]).save(out / f"seed{seed}_{d}_{direction.name}_{scale:g}.png")
+                    to_pil(images[d, s, b]).save(out / f"{who}_{d}_{direction.name}_{scale:g}.png")
     print(f"wrote edit grids for {len(trajectory)} samples to {out}")
 
 
@@ -371,6 +373,36 @@ def cmd_disentangle(args) -> None:
     out.save(args.output)
     before, after = direction.delta.flatten().norm(), out.delta.flatten().norm()
     print(f"{out.name}: removed the span of {', '.join(o.name for o in others)}; norm {float(before):.4g} -> {float(after):.4g}; wrote {args.output}")
+
+
+def cmd_invert(args) -> None:
+    import torch
+
+    from .images import labelled_grid, save_images
+    from .inversion import invert, load_images
+
+    eta = parse_eta(args.eta)
+    engine = _engine(args)
+    images = load_images(args.images, tuple(engine.decode(torch.zeros(1, *engine.sample_shape)).shape[2:]), resize=args.resize)
+    deterministic = not any(e > 0 for e in (eta if isinstance(eta, list) else [eta]))
+    if deterministic and engine.scheduler_config.get("clip_sample") and not args.no_clip:
+        print("note: this model clips the predicted x_0; DDIM inversion cannot undo clipped steps, pass --no-clip for a far better one", file=sys.stderr)
+    with Progress("inverting") as progress:
+        trajectory = invert(
+            engine, images, args.steps, eta, seed=args.seed, fixed_point_iterations=args.fixed_point,
+            batch_size=args.batch_size, callback=progress,
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    trajectory.save(out / "trajectory.safetensors")
+    names = [Path(p).stem for p in args.images]
+    save_images(trajectory.images, out, [f"{n}_reconstruction" for n in names])
+    labelled_grid(torch.stack([images, trajectory.images], 1), names, ["image", "reconstruction"]).save(out / "inversion.png")
+    mse = ((trajectory.images - images) ** 2).mean(dim=(1, 2, 3))
+    for name, m, err in zip(names, mse, (trajectory.images - images).abs().flatten(1).max(1).values):
+        print(f"{name}: PSNR {float(10 * torch.log10(4 / m.clamp_min(1e-20))):.1f} dB, max |error| {float(err):.2g}")
+    flag = " --no-clip" if engine.clip_override is False else ""
+    print(f"wrote {out / 'trajectory.safetensors'}; edit it with: hspace edit --trajectory {out / 'trajectory.safetensors'}{flag} --direction ...")
 
 
 def _scales(items: list[str]) -> list[float]:
@@ -599,6 +631,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="name of the result (default NAME-disentangled)")
     p.add_argument("-o", "--output", required=True, help="direction file to write")
     p.set_defaults(func=cmd_disentangle)
+
+    p = sub.add_parser("invert", help="real images into trajectories: DDIM inversion (eta 0) or edit-friendly DDPM inversion (eta > 0)")
+    _add_model_args(p)
+    _add_process_args(p)
+    p.add_argument("images", nargs="+", help="image files (the model's size, or pass --resize)")
+    p.add_argument("--resize", action="store_true", help="centre-crop and resize images of another size to the model's")
+    p.add_argument("--fixed-point", type=int, default=3, help="fixed-point refinements per deterministic step (0: classic DDIM inversion)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fresh noise of DDPM inversion")
+    p.add_argument("--out", default="out/invert", help="folder for trajectory.safetensors and the reconstructions")
+    p.set_defaults(func=cmd_invert, eta="0", batch_size=16)
 
     p = sub.add_parser("swap", help="replay samples with h taken from other samples (paper Fig. 3)")
     _add_model_args(p)
