@@ -84,3 +84,42 @@ def test_annotation_is_stored_and_drives_the_direction(tmp_path, engine):
         direction_from_scores(bank, "smile", 3, scores="mine")
     with pytest.raises(HspaceError, match="bundled classifier scores toy faces only"):
         annotate_bank(bank)
+
+
+def test_labels_csv_and_x_T_space(tmp_path, engine, trajectory):
+    from hspace.directions.supervised import edit_x_T, read_labels, x_T_difference
+
+    path = tmp_path / "l.csv"
+    path.write_text("seed,label\n3,1\n11,no\n\n42,+\n")
+    assert read_labels(path) == ("seed", [3, 11, 42], [True, False, True])
+    path.write_text("image,label\nfaces/a.png,true\nb.png,0\n")
+    kind, items, labels = read_labels(path)
+    assert kind == "image" and items == [tmp_path / "faces" / "a.png", tmp_path / "b.png"] and labels == [True, False]
+    for text, message in [
+        ("seed,label\n1,maybe\n", "label 'maybe' is not one of"),
+        ("name,label\n1,1\n", "header 'seed,label' or 'image,label'"),
+        ("seed,label\n1,1\n2,1\n", "needs positive and negative examples"),
+        ("seed,label\nx,1\n", "seed 'x' is not an integer"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(HspaceError, match=message):
+            read_labels(path)
+
+    delta = x_T_difference(trajectory[[0, 2]], trajectory[[1]])
+    assert torch.allclose(delta, (trajectory.x_T[[0, 2]].double().mean(0) - trajectory.x_T[1].double()), atol=1e-12)
+    images = edit_x_T(engine, trajectory, delta, [0.0, 0.5])
+    assert torch.allclose(images[0], trajectory.images, atol=1e-5)  # scale 0 is the sample itself
+    moved = engine.sample([3], trajectory.num_steps, 1.0)
+    moved.x_T = moved.x_T + 0.5 * delta.float()
+    assert torch.allclose(images[1, :1], engine.replay(moved).images, atol=1e-5)
+
+
+def test_supervised_from_a_csv_of_seeds(tmp_path):
+    from hspace.cli import main
+    from hspace.engine import Engine
+
+    (tmp_path / "smile.csv").write_text("seed,label\n0,1\n1,1\n2,0\n")
+    assert main(["supervised", "--labels", str(tmp_path / "smile.csv"), "--model", "tiny-random", "--steps", "2", "--out", str(tmp_path / "o")]) == 0
+    d = Direction.load(tmp_path / "o" / "smile.safetensors")
+    t = Engine.load("tiny-random", device="cpu").sample([0, 1, 2], 2, 1.0)
+    assert torch.allclose(d.delta, t.h[:2].mean(0) - t.h[2], atol=1e-5)

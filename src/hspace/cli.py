@@ -348,14 +348,38 @@ def cmd_annotate(args) -> None:
 
 
 def cmd_supervised(args) -> None:
-    from .bank import Bank
-    from .directions.supervised import direction_from_scores
+    from .directions.supervised import direction_from_scores, mean_difference, read_labels
 
-    bank = Bank.open(args.bank)
-    directions = [direction_from_scores(bank, attribute, args.k, scores=args.scores) for attribute in args.attribute]
-    for d in directions:
-        p = d.meta["params"]
-        print(f"{d.name}: top {args.k} (mean score {p['positive_mean_score']:.3f}) minus bottom {args.k} (mean score {p['negative_mean_score']:.3f})")
+    if (args.bank is None) == (args.labels is None):
+        raise HspaceError("give a bank (with --attribute) or --labels FILE.csv, one of the two")
+    if args.labels:
+        kind, items, labels = read_labels(args.labels)
+        engine = _engine(args)
+        if kind == "seed":
+            trajectory = _sample(engine, args, items)
+        else:
+            from .inversion import invert, load_images
+
+            images = load_images(items, engine.image_size, resize=args.resize)
+            with Progress("inverting") as progress:
+                trajectory = invert(engine, images, args.steps, parse_eta(args.eta), batch_size=args.batch_size, callback=progress)
+        pos = [i for i, label in enumerate(labels) if label]
+        neg = [i for i, label in enumerate(labels) if not label]
+        name = args.name or Path(args.labels).stem
+        direction = mean_difference(trajectory[pos], trajectory[neg], name=name)
+        direction.meta["params"]["labels"] = str(args.labels)
+        print(f"{name}: mean h of {len(pos)} positive minus {len(neg)} negative {kind}s")
+        directions = [direction]
+    else:
+        from .bank import Bank
+
+        if not args.attribute:
+            raise HspaceError("with a bank, give --attribute NAME ... (the stored scores to sort by)")
+        bank = Bank.open(args.bank)
+        directions = [direction_from_scores(bank, attribute, args.k, scores=args.scores) for attribute in args.attribute]
+        for d in directions:
+            p = d.meta["params"]
+            print(f"{d.name}: top {args.k} (mean score {p['positive_mean_score']:.3f}) minus bottom {args.k} (mean score {p['negative_mean_score']:.3f})")
     paths = _save_directions(directions, Path(args.out))
     print(f"wrote {', '.join(str(p) for p in paths)}")
 
@@ -383,7 +407,7 @@ def cmd_invert(args) -> None:
 
     eta = parse_eta(args.eta)
     engine = _engine(args)
-    images = load_images(args.images, tuple(engine.decode(torch.zeros(1, *engine.sample_shape)).shape[2:]), resize=args.resize)
+    images = load_images(args.images, engine.image_size, resize=args.resize)
     deterministic = not any(e > 0 for e in (eta if isinstance(eta, list) else [eta]))
     if deterministic and engine.scheduler_config.get("clip_sample") and not args.no_clip:
         print("note: this model clips the predicted x_0; DDIM inversion cannot undo clipped steps, pass --no-clip for a far better one", file=sys.stderr)
@@ -616,9 +640,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="classifier", help="name of the stored scores (default classifier)")
     p.set_defaults(func=cmd_annotate)
 
-    p = sub.add_parser("supervised", help="eq. 10 directions: mean h of a bank's top-k minus bottom-k samples by a score")
-    p.add_argument("bank", help="bank folder with scores (hspace annotate)")
-    p.add_argument("--attribute", nargs="+", required=True, help="score names, e.g. smile glasses")
+    p = sub.add_parser("supervised", help="eq. 10 directions: a bank's top-k minus bottom-k by a score, or labelled seeds/images")
+    _add_model_args(p)
+    _add_process_args(p)
+    p.add_argument("bank", nargs="?", default=None, help="bank folder with scores (hspace annotate)")
+    p.add_argument("--attribute", nargs="+", default=None, help="with a bank: score names, e.g. smile glasses")
+    p.add_argument("--labels", default=None, help="instead of a bank: a CSV 'seed,label' or 'image,label' (images are inverted)")
+    p.add_argument("--name", default=None, help="with --labels: the direction's name (default: the CSV's name)")
+    p.add_argument("--resize", action="store_true", help="with image labels: centre-crop and resize images to the model's size")
     p.add_argument("--k", type=int, default=20, help="samples on each side (default 20)")
     p.add_argument("--scores", default="classifier", help="which stored scores (default classifier)")
     p.add_argument("--out", default="out/supervised", help="folder for ATTRIBUTE.safetensors")

@@ -117,6 +117,13 @@ class Engine:
             self._h_shape = seen[0]
         return self._h_shape
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the images: the sample size, or what the decoder of a latent model makes of it."""
+        if self.decoder is None:
+            return tuple(self.sample_shape[1:])
+        return tuple(self.decode(torch.zeros(1, *self.sample_shape)).shape[2:])
+
     def schedule(self, num_steps: int) -> Schedule:
         if num_steps not in self._schedules:
             self._schedules[num_steps] = Schedule.from_config(self.scheduler_config, num_steps)

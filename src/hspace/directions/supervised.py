@@ -97,3 +97,66 @@ def direction_from_scores(bank, attribute: str, k: int, scores: str = "classifie
     }
     meta = {"model": bank.manifest["model"], "h_location": bank.manifest["h_location"], "name": name or attribute}
     return Direction(delta.float(), meta={**meta, "method": "mean_difference", "params": params})
+
+
+_TRUE, _FALSE = {"1", "true", "yes", "y", "+", "pos", "positive"}, {"0", "false", "no", "n", "-", "neg", "negative"}
+
+
+def read_labels(path) -> tuple[str, list, list[bool]]:
+    """A CSV of labelled examples: a header ``seed,label`` or ``image,label``, then one example per row.
+
+    Labels are 1/0, true/false, yes/no or +/-. Image paths are relative to the CSV's folder. Returns
+    ("seed" or "image", the seeds or image paths, the labels).
+    """
+    import csv
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise HspaceError(f"labels file {str(path)!r} does not exist")
+    with path.open(newline="") as f:
+        rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
+    if not rows:
+        raise HspaceError(f"labels file {str(path)!r} is empty")
+    header = [cell.strip().lower() for cell in rows[0]]
+    if len(header) < 2 or header[0] not in ("seed", "image") or header[1] != "label":
+        raise HspaceError(f"{str(path)!r} must start with a header 'seed,label' or 'image,label', got {','.join(rows[0])!r}")
+    kind, items, labels = header[0], [], []
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) < 2:
+            raise HspaceError(f"{path}:{number}: expected two columns ({kind},label), got {row!r}")
+        item, label = row[0].strip(), row[1].strip().lower()
+        if label not in _TRUE | _FALSE:
+            raise HspaceError(f"{path}:{number}: label {row[1]!r} is not one of 1/0, true/false, yes/no, +/-")
+        if kind == "seed":
+            try:
+                value = int(item)
+            except ValueError:
+                raise HspaceError(f"{path}:{number}: seed {item!r} is not an integer") from None
+        else:
+            value = path.parent / item
+        items.append(value)
+        labels.append(label in _TRUE)
+    if all(labels) or not any(labels):
+        raise HspaceError(f"{str(path)!r} needs positive and negative examples; it has {sum(labels)} positive of {len(labels)}")
+    return kind, items, labels
+
+
+def x_T_difference(positive: Trajectory, negative: Trajectory) -> torch.Tensor:
+    """eq. 10 in the space of x_T instead of h (the paper's Fig. 8 comparison): [C, H, W] float64."""
+    return h_difference(positive.x_T[:, None], negative.x_T[:, None])[0]
+
+
+def edit_x_T(engine, trajectory: Trajectory, delta: torch.Tensor, scales: Sequence[float], batch_size: int = 32) -> torch.Tensor:
+    """Images [S, B, C, H, W] of every sample regenerated from x_T + scale * delta (with its own z)."""
+    from dataclasses import replace
+
+    delta = torch.as_tensor(delta, dtype=torch.float32)
+    if tuple(delta.shape) != tuple(trajectory.x_T.shape[1:]):
+        raise HspaceError(f"an x_T direction has the shape of x_T, {tuple(trajectory.x_T.shape[1:])}; got {tuple(delta.shape)}")
+    noise = trajectory.noise() if trajectory.z is None and bool((trajectory.eta > 0).any()) else trajectory.z
+    out = []
+    for scale in scales:
+        moved = replace(trajectory, x_T=trajectory.x_T + float(scale) * delta, z=noise, h=None, image=None)
+        out.append(engine.replay(moved, batch_size=batch_size).images)
+    return torch.stack(out)
