@@ -157,3 +157,21 @@ def test_supervised_and_disentangle_commands(tmp_path):
     cos = torch.dot(d.delta.flatten().double(), red.delta.flatten().double()) / (d.delta.norm() * red.delta.norm())
     assert abs(float(cos)) < 1e-6
     assert main(["annotate", str(tmp_path / "bank")]) == 2  # the bundled classifier is for toyfaces banks only
+
+
+def test_sequential_edit_adds_directions_one_after_another(tmp_path):
+    from hspace.engine import Engine
+
+    common = ["--steps", "2", "--device", "cpu", "--model", "tiny-random"]
+    engine = Engine.load("tiny-random", device="cpu")
+    t = engine.sample([0, 1, 2], 2, 1.0)
+    a, b = Direction(t.h[0] - t.h[1], meta={"name": "a"}), Direction(t.h[2] - t.h[1], meta={"name": "b"})
+    a.save(tmp_path / "a.safetensors")
+    b.save(tmp_path / "b.safetensors")
+    argv = ["edit", "--direction", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--seeds", "0", "--sequential"]
+    assert main([*argv, "--scales", "0.5", "1", "--out", str(tmp_path / "s"), *common]) == 0
+    grid = np.asarray(Image.open(tmp_path / "s" / "sequential.png"))
+    both = engine.edit(t[[0]], a * 0.5 + b, [1.0])[0, 0, 0]
+    expected = np.asarray(labelled_grid(torch.stack([t.images[0], engine.edit(t[[0]], a * 0.5, [1.0])[0, 0, 0], both])[None], ["seed 0"], ["original", "+a (0.5)", "+b (1)"]))
+    assert grid.shape == expected.shape and np.abs(grid.astype(int) - expected.astype(int)).max() <= 1
+    assert main([*argv, "--scales", "1", *common]) == 2

@@ -124,7 +124,7 @@ class Bank:
             "model": engine.name, "h_location": engine.h_location, "dtype": str(engine.dtype).replace("torch.", ""),
             "clip_sample": engine.clip_override,
         }
-        bad = [f"{k}: bank has {self.manifest[k]!r}, engine has {v!r}" for k, v in theirs.items() if self.manifest[k] != v]
+        bad = [f"{k}: bank has {self.manifest.get(k)!r}, engine has {v!r}" for k, v in theirs.items() if self.manifest.get(k) != v]
         if bad:
             raise HspaceError(f"bank {str(self.path)!r} was drawn by a different engine ({'; '.join(bad)})")
 

@@ -125,6 +125,8 @@ def cmd_edit(args) -> None:
     window, seeds = parse_window(args.window), parse_seeds(args.seeds)
     scales = _scales(args.scales)
     directions = [Direction.load(p) for p in direction_files(args.direction)]
+    if args.sequential and len(scales) != len(directions):
+        raise HspaceError(f"--sequential takes one scale per direction: {len(directions)} directions, {len(scales)} scales")
     saved = bank = None
     if args.trajectory and args.bank:
         raise HspaceError("give --trajectory or --bank, not both")
@@ -146,6 +148,8 @@ def cmd_edit(args) -> None:
     for direction in directions:
         direction.check_compatible(engine.h_shape, args.steps, engine.h_location)
     trajectory = saved if saved is not None else _sample(engine, args, seeds)
+    if args.sequential:
+        return _sequential_edit(engine, trajectory, directions, scales, window, args)
     with Progress("editing") as progress:
         images = engine.edit(
             trajectory, directions, scales, window=window, asyrp=args.asyrp, batch_size=args.batch_size, callback=progress
@@ -162,6 +166,28 @@ def cmd_edit(args) -> None:
                 for s, scale in enumerate(scales):
                     to_pil(images[d, s, b]).save(out / f"{who}_{d}_{direction.name}_{scale:g}.png")
     print(f"wrote edit grids for {len(trajectory)} samples to {out}")
+
+
+def _sequential_edit(engine, trajectory, directions, scales, window, args) -> None:
+    """Fig. 11: the directions added one after another, gamma_1 v_1, + gamma_2 v_2, ..., one grid."""
+    import torch
+
+    from .images import labelled_grid
+
+    combos, total, names = [], None, []
+    for direction, scale in zip(directions, scales):
+        step = direction * scale
+        total = step if total is None else total + step
+        names.append(f"+{direction.name} ({scale:g})")
+        combos.append(total)
+    with Progress("editing") as progress:
+        images = engine.edit(trajectory, combos, [1.0], window=window, asyrp=args.asyrp, batch_size=args.batch_size, callback=progress)
+    grid = torch.cat([trajectory.images[:, None], images[:, 0].transpose(0, 1)], dim=1)
+    rows = [f"seed {s}" if s >= 0 else f"sample {b}" for b, s in enumerate(trajectory.seeds)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    labelled_grid(grid, rows, ["original"] + names).save(out / "sequential.png")
+    print(f"wrote {out / 'sequential.png'}: {len(trajectory)} samples, each with {' then '.join(names)}")
 
 
 def direction_files(items: list[str]) -> list[Path]:
@@ -568,6 +594,44 @@ def cmd_toyfaces_evaluate(args) -> None:
     print(text)
 
 
+def cmd_toyfaces_edit_success(args) -> None:
+    from .bank import Bank
+    from .directions.disentangle import disentangle
+    from .directions.supervised import direction_from_scores
+    from .evaluate import flip_rates, mean_off_target
+    from .toyfaces.classifier import classify
+    from .toyfaces.render import BINARY
+
+    bank = Bank.open(args.bank)
+    args.steps, args.eta = bank.num_steps, ",".join(map(str, bank.eta))
+    engine = _engine(args)
+    bank.check_engine(engine)
+    names = list(BINARY)
+    supervised = {n: direction_from_scores(bank, n, args.k) for n in names}
+    sets = {
+        "supervised": supervised,
+        "disentangled": {n: disentangle(supervised[n], [supervised[m] for m in names if m != n]) for n in names},
+    }
+    held_out = list(range(args.first_seed, args.first_seed + args.n))
+    bank_seeds = set(bank.seeds)
+    if any(s in bank_seeds for s in held_out):
+        raise HspaceError(f"held-out seeds {held_out[0]}..{held_out[-1]} overlap the bank's seeds; pass another --first-seed")
+    trajectory = _sample(engine, args, held_out, desc="held-out samples")
+    report = {"bank": str(bank.path), "k": args.k, "n": args.n, "first_seed": args.first_seed, "scale": args.scale}
+    for label, directions in sets.items():
+        with Progress(f"{label} edits") as progress:
+            r = flip_rates(engine, trajectory, directions, args.scale, classify, batch_size=args.batch_size, callback=progress)
+        r["mean_off_target"] = mean_off_target(r)
+        report[label] = r
+        for name, a in r["attributes"].items():
+            others = ", ".join(f"{k} {100 * v:.0f}%" for k, v in a["others_flipped"].items())
+            print(f"{label:12s} {name:9s}: flipped {100 * a['flipped']:.0f}% (others: {others})")
+        print(f"{label:12s} mean share of other attributes flipped: {100 * r['mean_off_target']:.1f}%")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hspace", description="Discover and apply editing directions in the h-space of diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -592,6 +656,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", default=None, help="only edit at timesteps T_START:T_END, e.g. 1000:500")
     p.add_argument("--asyrp", action="store_true", help="inject into P_t only (Asyrp, two U-Net passes per step)")
     p.add_argument("--save-each", action="store_true", help="also save every edited image on its own")
+    p.add_argument("--sequential", action="store_true", help="add the directions one after another (paper Fig. 11), one scale per direction")
     p.add_argument("--out", default="out/edits", help="output folder")
     p.set_defaults(func=cmd_edit)
 
@@ -715,6 +780,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default=None, help="write an 8x8 sample grid here (PNG)")
     p.add_argument("--json", default=None, help="write the report here")
     p.set_defaults(func=cmd_toyfaces_evaluate, batch_size=100)
+    p = toy_sub.add_parser("edit-success", help="share of held-out samples whose attribute flips under its supervised and disentangled direction")
+    _add_model_args(p)
+    p.add_argument("bank", help="a bank of the toyfaces model with classifier scores (hspace annotate)")
+    p.add_argument("--k", type=int, default=20, help="top/bottom k of the bank per attribute (default 20)")
+    p.add_argument("--scale", type=float, default=1.0, help="edit scale (default 1)")
+    p.add_argument("--n", type=int, default=100, help="held-out samples (default 100)")
+    p.add_argument("--first-seed", type=int, default=10000, help="seeds of the held-out samples start here")
+    p.add_argument("--json", default=None, help="write the report here")
+    p.set_defaults(func=cmd_toyfaces_edit_success, batch_size=100)
+
     p = toy_sub.add_parser("export", help="write the EMA weights in float16 as a diffusers folder")
     p.add_argument("--run", default="runs/toyfaces")
     p.add_argument("--out", default="src/hspace/toyfaces/model", help="model folder to write")

@@ -9,11 +9,13 @@ from typing import Callable
 
 import torch
 
+from .directions.disentangle import disentangle
 from .directions.jacobian import jacobian_directions
 from .directions.pca import pca_from_h, random_directions
 from .directions.supervised import mean_difference
 from .engine import Engine
 from .images import labelled_grid
+from .inversion import invert
 from .loading import DEFAULT_MODEL
 
 
@@ -100,6 +102,35 @@ def run_demo(
             "attributes.png",
             "Attribute directions from classifier annotation (paper eq. 10): mean h of the 8 samples the classifier "
             f"scores highest minus the 8 lowest, of {POOL}, added at scales gamma.",
+        )
+
+        # Disentanglement (eq. 11): the smile direction also adds hats (the training data correlates them);
+        # removing its projection onto the other attribute directions keeps the smile only.
+        by_name = {d.name: d for d in directions}
+        clean = disentangle(by_name["smile"], [d for d in directions if d.name != "smile"])
+        edits = run("disentangled edits", lambda cb: engine.edit(targets[[0, 1, 2]], [by_name["smile"], clean], scales, callback=cb))
+        rows = [f"{d.name} / seed {s}" for d in (by_name["smile"], clean) for s in targets.seeds[:3]]
+        save(
+            labelled_grid(edits.transpose(1, 2).reshape(-1, len(scales), *edits.shape[3:]), rows, [f"{s:g}" for s in scales]),
+            "disentangled.png",
+            "Disentanglement (paper eq. 11): the smile direction above, and the same with its projection onto the "
+            "glasses, hat and eyes directions removed (over the concatenated h_T..h_1).",
+        )
+
+        # A real image (a face drawn by the renderer, not by the model) through edit-friendly DDPM inversion,
+        # then edited like any sample.
+        from .toyfaces.render import render_batch
+
+        face = torch.from_numpy(render_batch([20_000_000], size=engine.image_size[0])[0])
+        inverted = run("inversion", lambda cb: invert(engine, face, steps, 1.0, callback=cb))
+        edits = run("inverted edits", lambda cb: engine.edit(inverted, [by_name["glasses"], by_name["hat"], clean], scales, callback=cb))
+        error = float((inverted.images - face).abs().max())
+        grid = torch.cat([torch.stack([face[0], inverted.images[0], face[0], inverted.images[0], face[0]])[None], edits[:, :, 0]])
+        save(
+            labelled_grid(grid, ["image / reconstruction", "glasses", "hat", "smile (disentangled)"], [f"{s:g}" for s in scales]),
+            "inversion.png",
+            "A rendered face (not a model sample) inverted by edit-friendly DDPM inversion (eta 1; max |reconstruction "
+            f"error| {error:.2g}), then edited by the attribute directions. First row: the image and its reconstruction.",
         )
 
     # Global directions (Sec. 4.1, Fig. 5-6): per-timestep PCA of the pool's h, and random directions
