@@ -123,3 +123,27 @@ def test_supervised_from_a_csv_of_seeds(tmp_path):
     d = Direction.load(tmp_path / "o" / "smile.safetensors")
     t = Engine.load("tiny-random", device="cpu").sample([0, 1, 2], 2, 1.0)
     assert torch.allclose(d.delta, t.h[:2].mean(0) - t.h[2], atol=1e-5)
+
+
+def test_flip_rates_push_each_sample_towards_the_opposite_label(engine):
+    from hspace.evaluate import flip_rates, mean_off_target
+
+    t = engine.sample(range(6), 3, 1.0)
+    threshold = float(t.images.mean(dim=(1, 2, 3)).median())
+
+    def classify(images):
+        m = images.mean(dim=(1, 2, 3))
+        return {"bright": torch.sigmoid(50 * (m - threshold)), "red": torch.sigmoid(50 * images[:, 0].mean(dim=(1, 2)))}
+
+    d = mean_difference(t[[0, 1]], t[[2, 3]], name="bright")
+    report = flip_rates(engine, t, {"bright": d}, 2.0, classify, watch=["red"])
+    before = classify(t.images)
+    flipped, red = [], []
+    for i in range(6):
+        sign = -1.0 if before["bright"][i] > 0.5 else 1.0
+        after = classify(engine.replay(t[[i]], d, scale=2.0 * sign).images)
+        flipped.append(bool((after["bright"][0] > 0.5) != (before["bright"][i] > 0.5)))
+        red.append(bool((after["red"][0] > 0.5) != (before["red"][i] > 0.5)))
+    assert report["attributes"]["bright"]["flipped"] == pytest.approx(sum(flipped) / 6)
+    assert report["attributes"]["bright"]["others_flipped"] == {"red": pytest.approx(sum(red) / 6)}
+    assert mean_off_target(report) == pytest.approx(sum(red) / 6)

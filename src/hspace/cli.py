@@ -60,7 +60,7 @@ class Progress:
         self.bar = tqdm(desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def __call__(self, info: dict) -> None:
-        total = info["num_steps"] * info.get("num_chunks", 1)
+        total = info["num_steps"] * info.get("num_chunks", 1) * info.get("num_parts", 1)  # parts: several replays
         if self.bar.total != total:
             self.bar.total = total
         self.bar.update(1)
