@@ -147,3 +147,53 @@ def test_flip_rates_push_each_sample_towards_the_opposite_label(engine):
     assert report["attributes"]["bright"]["flipped"] == pytest.approx(sum(flipped) / 6)
     assert report["attributes"]["bright"]["others_flipped"] == {"red": pytest.approx(sum(red) / 6)}
     assert mean_off_target(report) == pytest.approx(sum(red) / 6)
+
+
+def _tiny_clip(folder):
+    import json
+
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=32, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+
+
+def test_clip_scorer_is_the_softmax_of_each_prompt_pair(tmp_path, engine):
+    pytest.importorskip("transformers")
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from hspace.cli import main
+    from hspace.directions.supervised import clip_scorer
+
+    _tiny_clip(tmp_path)
+    prompts = {"smile": ("a smiling face", "a face"), "hat": ("a face with a hat", "a face")}
+    scorer = clip_scorer(str(tmp_path), prompts)
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    scores = scorer(images)
+    # The same through CLIPModel's own forward: logits_per_image over the four prompts.
+    model, tokenizer = CLIPModel.from_pretrained(tmp_path).eval(), CLIPTokenizer.from_pretrained(tmp_path)
+    x = torch.nn.functional.interpolate((images + 1) / 2, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    tokens = tokenizer(["a smiling face", "a face", "a face with a hat", "a face"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**tokens, pixel_values=(x - mean) / std).logits_per_image
+    assert torch.allclose(scores["smile"], logits[:, :2].softmax(-1)[:, 0], atol=1e-5)
+    assert torch.allclose(scores["hat"], logits[:, 2:].softmax(-1)[:, 0], atol=1e-5)
+
+    bank = build_bank(tmp_path / "b", engine, 4, 2, shard_size=4)
+    argv = ["annotate", str(tmp_path / "b"), "--clip", str(tmp_path), "--name", "clip", "--prompt"]
+    assert main([*argv, "smile=a smiling face|a face"]) == 0
+    assert torch.allclose(bank.scores("clip")["smile"], clip_scorer(str(tmp_path), {"smile": prompts["smile"]})(bank.thumbnails().float() / 127.5 - 1)["smile"], atol=1e-6)
+    assert main([*argv, "smile=a smiling face"]) == 2

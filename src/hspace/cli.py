@@ -367,7 +367,23 @@ def cmd_annotate(args) -> None:
     from .directions.supervised import annotate_bank
 
     bank = Bank.open(args.bank)
-    scores = annotate_bank(bank, name=args.name)
+    scorer = None
+    if args.clip:
+        from .directions.supervised import clip_scorer
+
+        if not args.prompt:
+            raise HspaceError("--clip needs at least one --prompt NAME='with the attribute|without it'")
+        prompts = {}
+        for item in args.prompt:
+            name, _, pair = item.partition("=")
+            texts = pair.split("|")
+            if not name or len(texts) != 2 or not all(t.strip() for t in texts):
+                raise HspaceError(f"bad --prompt {item!r}; valid: NAME='a photo of a smiling person|a photo of a person'")
+            prompts[name.strip()] = (texts[0].strip(), texts[1].strip())
+        scorer = clip_scorer(args.clip, prompts)
+    elif args.prompt:
+        raise HspaceError("--prompt needs --clip MODEL_DIR (a local CLIP model)")
+    scores = annotate_bank(bank, scorer, name=args.name)
     for key, value in scores.items():
         print(f"{key}: mean {float(value.mean()):.3f}, min {float(value.min()):.3f}, max {float(value.max()):.3f}")
     print(f"stored {len(scores)} scores of {bank.n} samples as {bank.scores_path(args.name)}")
@@ -700,9 +716,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/jacobian", help="folder for the directions, jacobian.json and grid.png")
     p.set_defaults(func=cmd_jacobian)
 
-    p = sub.add_parser("annotate", help="score every sample of a bank with the toy-faces classifier; stored in the bank")
-    p.add_argument("bank", help="bank folder (of the toyfaces model)")
+    p = sub.add_parser("annotate", help="score every sample of a bank (toy-faces classifier or a local CLIP); stored in the bank")
+    p.add_argument("bank", help="bank folder")
     p.add_argument("--name", default="classifier", help="name of the stored scores (default classifier)")
+    p.add_argument("--clip", default=None, help="score with a local CLIP model folder instead (zero-shot; needs transformers)")
+    p.add_argument("--prompt", nargs="+", default=None, help="with --clip: NAME='prompt with it|prompt without it', one per attribute")
     p.set_defaults(func=cmd_annotate)
 
     p = sub.add_parser("supervised", help="eq. 10 directions: a bank's top-k minus bottom-k by a score, or labelled seeds/images")

@@ -160,3 +160,55 @@ def edit_x_T(engine, trajectory: Trajectory, delta: torch.Tensor, scales: Sequen
         moved = replace(trajectory, x_T=trajectory.x_T + float(scale) * delta, z=noise, h=None, image=None)
         out.append(engine.replay(moved, batch_size=batch_size).images)
     return torch.stack(out)
+
+
+def clip_scorer(model: str, prompts: dict[str, tuple[str, str]], device: str | None = None) -> Scorer:
+    """A zero-shot scorer from a local CLIP model (transformers ``CLIPModel`` folder): for every attribute
+    a pair (prompt with it, prompt without it), scored as the softmax probability of the first.
+
+    Needs the optional ``transformers`` package (``pip install 'hspace[clip]'``) and the model on disk;
+    nothing is downloaded.
+    """
+    from pathlib import Path
+
+    try:
+        from transformers import CLIPModel, CLIPTokenizer
+    except ImportError:
+        raise HspaceError("a CLIP scorer needs the transformers package: pip install 'hspace[clip]' (or transformers)") from None
+    if not Path(model).is_dir():
+        raise HspaceError(f"CLIP model {model!r} is not a local folder; save a CLIPModel and its tokenizer there first")
+    for name, pair in prompts.items():
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(p, str) and p for p in pair)):
+            raise HspaceError(f"prompts[{name!r}] must be a pair (with the attribute, without it), got {pair!r}")
+    clip = CLIPModel.from_pretrained(model).eval().to(device or "cpu")
+    tokenizer = CLIPTokenizer.from_pretrained(model)
+    texts = [p for pair in prompts.values() for p in pair]
+    with torch.no_grad():
+        tokens = tokenizer(texts, padding=True, return_tensors="pt").to(clip.device)
+        text = torch.nn.functional.normalize(_features(clip.get_text_features(**tokens)), dim=-1)
+    size = clip.config.vision_config.image_size
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+    def score(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = torch.nn.functional.interpolate((images.float().cpu() + 1) / 2, size=(size, size), mode="bicubic", align_corners=False)
+        x = ((x.clamp(0, 1) - mean) / std).to(clip.device)
+        with torch.no_grad():
+            image = torch.nn.functional.normalize(_features(clip.get_image_features(pixel_values=x)), dim=-1)
+            logits = clip.logit_scale.exp() * image @ text.T  # [N, 2 * attributes]
+        pairs = logits.view(len(images), len(prompts), 2).softmax(dim=-1)[..., 0].cpu()
+        return {name: pairs[:, j] for j, name in enumerate(prompts)}
+
+    score.__qualname__ = f"clip_scorer({model})"
+    return score
+
+
+def _features(out) -> torch.Tensor:
+    """transformers returns a tensor, or (in newer versions) an output object holding the embeddings."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("text_embeds", "image_embeds", "pooler_output"):
+        value = getattr(out, key, None)
+        if value is not None:
+            return value
+    raise HspaceError(f"unexpected CLIP output {type(out).__name__}")
