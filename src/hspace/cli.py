@@ -648,6 +648,14 @@ def cmd_toyfaces_edit_success(args) -> None:
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
+def cmd_reproduce(args) -> None:
+    from .reproduce import run_reproduce
+
+    engine = _engine(args)
+    report = run_reproduce(args.out, quick=args.quick, engine=engine, progress=Progress)
+    print(f"wrote {report}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hspace", description="Discover and apply editing directions in the h-space of diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -812,6 +820,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default="runs/toyfaces")
     p.add_argument("--out", default="src/hspace/toyfaces/model", help="model folder to write")
     p.set_defaults(func=cmd_toyfaces_export)
+
+    p = sub.add_parser("reproduce", help="measure the paper's claims on the bundled model; a Markdown report with figures")
+    _add_model_args(p)
+    p.add_argument("--quick", action="store_true", help="small counts and 8 steps: minutes instead of half an hour")
+    p.add_argument("--out", default="out/reproduce", help="report folder (an interrupted run resumes from it)")
+    p.set_defaults(func=cmd_reproduce, batch_size=64)
 
     p = sub.add_parser("demo", help="the main job: samples, swaps and edits of the bundled model into a folder")
     p.add_argument("--model", default=None, help="model (default: the bundled model)")
