@@ -175,3 +175,24 @@ def test_sequential_edit_adds_directions_one_after_another(tmp_path):
     expected = np.asarray(labelled_grid(torch.stack([t.images[0], engine.edit(t[[0]], a * 0.5, [1.0])[0, 0, 0], both])[None], ["seed 0"], ["original", "+a (0.5)", "+b (1)"]))
     assert grid.shape == expected.shape and np.abs(grid.astype(int) - expected.astype(int)).max() <= 1
     assert main([*argv, "--scales", "1", *common]) == 2
+
+
+def test_toyfaces_edit_success_command(tmp_path):
+    import json
+
+    from hspace.bank import build_bank
+    from hspace.directions.supervised import annotate_bank
+    from hspace.engine import Engine
+
+    bank = build_bank(tmp_path / "bank", Engine.load("toyfaces", device="cpu"), 40, 3, shard_size=20)
+    annotate_bank(bank)
+    argv = ["toyfaces", "edit-success", str(tmp_path / "bank"), "--k", "5", "--n", "6", "--device", "cpu"]
+    assert main([*argv, "--json", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    for label in ("supervised", "disentangled"):
+        attributes = report[label]["attributes"]
+        assert sorted(attributes) == ["eyes_open", "glasses", "hat", "smile"]
+        for a in attributes.values():
+            assert 0 <= a["flipped"] <= 1 and len(a["others_flipped"]) == 3
+        assert report[label]["n"] == 6 and 0 <= report[label]["mean_off_target"] <= 1
+    assert main([*argv, "--first-seed", "30"]) == 2  # held-out seeds must not be bank seeds
