@@ -185,7 +185,7 @@ class Reproduction:
 
         c = self.config
         pca = pca_per_timestep(self.bank.h_chunks(), c.pca_k, expected_n=self.bank.n)
-        pcs = pca.directions("toyfaces", self.engine.h_location)
+        pcs = pca.directions(self.engine.name, self.engine.h_location)
         randoms = random_directions(pca, c.pca_k, seed=0)
         test = self.test_samples(c.pca_samples)
         before = self.classify(test.images)
