@@ -70,6 +70,16 @@ def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def _engine_identity(engine) -> dict:
+    """What of the engine a bank's samples depend on: model, h location, dtype and clipping."""
+    return {
+        "model": engine.name,
+        "h_location": engine.h_location,
+        "dtype": str(engine.dtype).replace("torch.", ""),
+        "clip_sample": engine.clip_override,
+    }
+
+
 class Bank:
     """An open bank folder (see the module docstring). ``Bank.open(path)`` or ``build_bank(...)``."""
 
@@ -101,10 +111,7 @@ class Bank:
 
         schedule = engine.schedule(num_steps)
         return {
-            "model": engine.name,
-            "h_location": engine.h_location,
-            "dtype": str(engine.dtype).replace("torch.", ""),
-            "clip_sample": engine.clip_override,
+            **_engine_identity(engine),
             "num_steps": num_steps,
             "eta": [float(e) for e in eta_schedule(eta, num_steps)],
             "timesteps": [int(t) for t in schedule.timesteps],
@@ -120,10 +127,7 @@ class Bank:
 
     def check_engine(self, engine) -> None:
         """Raise unless ``engine`` is the engine that drew this bank (model, h location, dtype, clipping)."""
-        theirs = {
-            "model": engine.name, "h_location": engine.h_location, "dtype": str(engine.dtype).replace("torch.", ""),
-            "clip_sample": engine.clip_override,
-        }
+        theirs = _engine_identity(engine)
         bad = [f"{k}: bank has {self.manifest.get(k)!r}, engine has {v!r}" for k, v in theirs.items() if self.manifest.get(k) != v]
         if bad:
             raise HspaceError(f"bank {str(self.path)!r} was drawn by a different engine ({'; '.join(bad)})")

@@ -612,7 +612,7 @@ def cmd_toyfaces_evaluate(args) -> None:
 
 def cmd_toyfaces_edit_success(args) -> None:
     from .bank import Bank
-    from .directions.disentangle import disentangle
+    from .directions.disentangle import disentangle_each
     from .directions.supervised import direction_from_scores
     from .evaluate import flip_rates, mean_off_target
     from .toyfaces.classifier import classify
@@ -622,12 +622,8 @@ def cmd_toyfaces_edit_success(args) -> None:
     args.steps, args.eta = bank.num_steps, ",".join(map(str, bank.eta))
     engine = _engine(args)
     bank.check_engine(engine)
-    names = list(BINARY)
-    supervised = {n: direction_from_scores(bank, n, args.k) for n in names}
-    sets = {
-        "supervised": supervised,
-        "disentangled": {n: disentangle(supervised[n], [supervised[m] for m in names if m != n]) for n in names},
-    }
+    supervised = {n: direction_from_scores(bank, n, args.k) for n in BINARY}
+    sets = {"supervised": supervised, "disentangled": disentangle_each(supervised)}
     held_out = list(range(args.first_seed, args.first_seed + args.n))
     bank_seeds = set(bank.seeds)
     if any(s in bank_seeds for s in held_out):

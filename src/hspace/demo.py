@@ -17,11 +17,18 @@ from .engine import Engine
 from .images import labelled_grid
 from .inversion import invert
 from .loading import DEFAULT_MODEL
+from .progress import staged
 
 
 POOL = 64  # samples with h for the PCA and the annotation
 PCS = 6
 JACOBIAN_K = 2
+
+
+def _edit_grid(edits: torch.Tensor, directions, seeds, columns):
+    """Edits [D, S, B, ...] as one grid: a row per (direction, sample), a column per scale."""
+    rows = [f"{d.name} / seed {s}" for d in directions for s in seeds]
+    return labelled_grid(edits.transpose(1, 2).reshape(-1, edits.shape[1], *edits.shape[3:]), rows, columns)
 
 
 def run_demo(
@@ -37,13 +44,7 @@ def run_demo(
     engine = Engine.load(model or DEFAULT_MODEL, device=device)
 
     def run(desc: str, fn: Callable):
-        """Call ``fn(callback)`` under a progress bar of its own, closed when the stage ends."""
-        bar = None if progress_factory is None else progress_factory(desc)
-        try:
-            return fn(bar)
-        finally:
-            if bar is not None:
-                bar.close()
+        return staged(progress_factory, desc, fn)
 
     figures: list[tuple[str, str]] = []
 
@@ -96,9 +97,8 @@ def run_demo(
             order = scores[name].argsort(descending=True).tolist()
             directions.append(mean_difference(pool[order[:8]], pool[order[-8:]], name=name))
         edits = run("attribute edits", lambda cb: engine.edit(targets[[0, 1]], directions, scales, callback=cb))
-        rows = [f"{d.name} / seed {s}" for d in directions for s in targets.seeds[:2]]
         save(
-            labelled_grid(edits.transpose(1, 2).reshape(-1, len(scales), *edits.shape[3:]), rows, [f"{s:g}" for s in scales]),
+            _edit_grid(edits, directions, targets.seeds[:2], [f"{s:g}" for s in scales]),
             "attributes.png",
             "Attribute directions from classifier annotation (paper eq. 10): mean h of the 8 samples the classifier "
             f"scores highest minus the 8 lowest, of {POOL}, added at scales gamma.",
@@ -109,9 +109,8 @@ def run_demo(
         by_name = {d.name: d for d in directions}
         clean = disentangle(by_name["smile"], [d for d in directions if d.name != "smile"])
         edits = run("disentangled edits", lambda cb: engine.edit(targets[[0, 1, 2]], [by_name["smile"], clean], scales, callback=cb))
-        rows = [f"{d.name} / seed {s}" for d in (by_name["smile"], clean) for s in targets.seeds[:3]]
         save(
-            labelled_grid(edits.transpose(1, 2).reshape(-1, len(scales), *edits.shape[3:]), rows, [f"{s:g}" for s in scales]),
+            _edit_grid(edits, [by_name["smile"], clean], targets.seeds[:3], [f"{s:g}" for s in scales]),
             "disentangled.png",
             "Disentanglement (paper eq. 11): the smile direction above, and the same with its projection onto the "
             "glasses, hat and eyes directions removed (over the concatenated h_T..h_1).",
@@ -140,10 +139,9 @@ def run_demo(
     randoms = random_directions(pca, 2, seed=0, model=engine.name, h_location=engine.h_location)
     sigmas = [-3.0, -1.5, 0.0, 1.5, 3.0]
     edits = run("PCA edits", lambda cb: engine.edit(targets[[0, 1]], pcs + randoms, sigmas, callback=cb))
-    rows = [f"{d.name} / seed {s}" for d in pcs + randoms for s in targets.seeds[:2]]
     ratios = ", ".join(f"pc{j + 1} {100 * float(r):.1f}%" for j, r in enumerate(pca.variance_ratio.mean(1)))
     save(
-        labelled_grid(edits.transpose(1, 2).reshape(-1, len(sigmas), *edits.shape[3:]), rows, [f"{s:g} sigma" for s in sigmas]),
+        _edit_grid(edits, pcs + randoms, targets.seeds[:2], [f"{s:g} sigma" for s in sigmas]),
         "pca.png",
         f"Top {PCS} principal components of h per timestep over {POOL} samples (paper Sec. 4.1, Fig. 5) and two random "
         f"directions of the same per-timestep norm (Fig. 6), at -3..3 sigma. Variance explained (mean over steps): {ratios}.",
@@ -175,9 +173,8 @@ def run_demo(
     gammas = [-0.3, -0.15, 0.0, 0.15, 0.3]
     others = targets[[0, 1, 2]]  # the source sample, then two others (transfer)
     edits = run("Jacobian edits", lambda cb: engine.edit(others, jacobian, gammas, callback=cb))
-    rows = [f"{d.name} / seed {s}" for d in jacobian for s in others.seeds]
     save(
-        labelled_grid(edits.transpose(1, 2).reshape(-1, len(gammas), *edits.shape[3:]), rows, [f"{g:g}" for g in gammas]),
+        _edit_grid(edits, jacobian, others.seeds, [f"{g:g}" for g in gammas]),
         "jacobian.png",
         f"Jacobian directions of seed {source.seeds[0]} at step {at} of {steps} (paper Alg. 1, Fig. 7), "
         + ("restricted to the eyes and the mouth region; " if engine.name == "toyfaces" else "")

@@ -17,6 +17,7 @@ import torch
 
 from .errors import HspaceError
 from .images import labelled_grid
+from .progress import staged
 
 BINARY = ("smile", "eyes_open", "glasses", "hat")
 CONTINUOUS = ("hair_color", "skin_tone", "yaw", "background")
@@ -92,12 +93,7 @@ class Reproduction:
     # ------------------------------------------------------------------ helpers
 
     def run_stage(self, desc: str, fn: Callable):
-        bar = None if self.progress is None else self.progress(desc)
-        try:
-            return fn(bar)
-        finally:
-            if bar is not None:
-                bar.close()
+        return staged(self.progress, desc, fn)
 
     def section(self, name: str, compute: Callable[[], dict]) -> dict:
         """A cached section: computed once, then read from sections/NAME.json (resume after interruption)."""
@@ -130,12 +126,12 @@ class Reproduction:
             c = self.config
             record = self.out / "sections" / "bank.json"
             path = self.out / "bank"
-            if record.is_file() and (path / "bank.json").is_file() and Bank.open(path).complete:
-                saved = json.loads(record.read_text())
-                if saved.get("config") == asdict(c) and Bank.open(path).scores_path("classifier").is_file():
-                    self._cache["bank"] = Bank.open(path)
+            if record.is_file() and (path / "bank.json").is_file():
+                saved, bank = json.loads(record.read_text()), Bank.open(path)
+                if saved.get("config") == asdict(c) and bank.complete and bank.scores_path("classifier").is_file():
+                    self._cache["bank"] = bank
                     self.timings["bank"] = saved["seconds"]
-                    return self._cache["bank"]
+                    return bank
             start = time.perf_counter()
             bank = self.run_stage(
                 "bank", lambda cb: build_bank(path, self.engine, c.bank_n, c.steps, c.eta, batch_size=c.batch_size, callback=cb)
@@ -159,15 +155,13 @@ class Reproduction:
         return self._cache[key]
 
     def supervised(self, disentangled: bool) -> dict:
-        from .directions.disentangle import disentangle
+        from .directions.disentangle import disentangle_each
         from .directions.supervised import direction_from_scores
 
         if "supervised" not in self._cache:
             self._cache["supervised"] = {a: direction_from_scores(self.bank, a, self.config.table_k) for a in TABLE_ATTRIBUTES}
         sup = self._cache["supervised"]
-        if not disentangled:
-            return sup
-        return {a: disentangle(sup[a], [sup[b] for b in TABLE_ATTRIBUTES if b != a]) for a in TABLE_ATTRIBUTES}
+        return disentangle_each(sup) if disentangled else sup
 
     def edit_scores(self, trajectory, directions, scales, asyrp: bool = False):
         """Classifier scores of every (direction, scale, sample): dict name -> [D, S, B]."""

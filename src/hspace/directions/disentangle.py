@@ -58,3 +58,11 @@ def disentangle(direction: Direction, others: Sequence[Direction], per_timestep:
     params = {"source": direction.name, "removed": [o.name for o in others], "per_timestep": per_timestep}
     meta = {**direction.meta, "name": name or f"{direction.name}-disentangled", "method": "disentangle", "params": params}
     return Direction(out.float(), direction.sigma if steps == direction.num_steps else None, meta)
+
+
+def disentangle_each(directions: dict[str, Direction], per_timestep: bool = False) -> dict[str, Direction]:
+    """Every direction of a set with the span of all the others removed (Table 1's disentangled rows)."""
+    return {
+        name: disentangle(d, [o for other, o in directions.items() if other != name], per_timestep)
+        for name, d in directions.items()
+    }
