@@ -196,3 +196,17 @@ def test_toyfaces_edit_success_command(tmp_path):
             assert 0 <= a["flipped"] <= 1 and len(a["others_flipped"]) == 3
         assert report[label]["n"] == 6 and 0 <= report[label]["mean_off_target"] <= 1
     assert main([*argv, "--first-seed", "30"]) == 2  # held-out seeds must not be bank seeds
+
+
+def test_jacobian_of_a_saved_trajectory_follows_its_steps_and_clipping(tmp_path, capsys):
+    import json
+
+    common = ["--device", "cpu", "--model", "tiny-random"]
+    path = tmp_path / "t.safetensors"
+    assert main(["sample", "--seeds", "4", "--steps", "3", "--no-clip", "--out", str(tmp_path / "s"), "--save-trajectory", str(path), *common]) == 0
+    assert Trajectory.load(path).meta["clip_sample"] is False
+    argv = ["jacobian", "--trajectory", str(path), "--k", "1", "--scales", "0", "--out", str(tmp_path / "j"), *common]
+    assert main([*argv, "--at", "2"]) == 0  # no --no-clip needed: the file says how it was drawn
+    assert json.loads((tmp_path / "j" / "jacobian.json").read_text())["results"][0]["step"] == 2
+    assert main([*argv, "--at", "3"]) == 2
+    assert "--at 3 is out of range; valid: step indices from 0 to 2" in capsys.readouterr().err

@@ -131,11 +131,7 @@ def cmd_edit(args) -> None:
     if args.trajectory and args.bank:
         raise HspaceError("give --trajectory or --bank, not both")
     if args.trajectory:
-        from .trajectory import Trajectory
-
-        saved = Trajectory.load(args.trajectory)
-        args.steps = saved.num_steps
-        args.no_clip = args.no_clip or saved.meta.get("clip_sample") is False  # e.g. an inverted image
+        saved = _saved_trajectory(args)
     if args.bank:
         from .bank import Bank
 
@@ -166,6 +162,17 @@ def cmd_edit(args) -> None:
                 for s, scale in enumerate(scales):
                     to_pil(images[d, s, b]).save(out / f"{who}_{d}_{direction.name}_{scale:g}.png")
     print(f"wrote edit grids for {len(trajectory)} samples to {out}")
+
+
+def _saved_trajectory(args):
+    """A trajectory file's samples. The process follows the file: its step count, and no clipping when
+    it was drawn without (e.g. an inverted image)."""
+    from .trajectory import Trajectory
+
+    saved = Trajectory.load(args.trajectory)
+    args.steps = saved.num_steps
+    args.no_clip = args.no_clip or saved.meta.get("clip_sample") is False
+    return saved
 
 
 def _sequential_edit(engine, trajectory, directions, scales, window, args) -> None:
@@ -317,18 +324,14 @@ def cmd_jacobian(args) -> None:
     from .directions.jacobian import jacobian_directions
     from .images import labelled_grid
 
+    saved = _saved_trajectory(args) if args.trajectory else None
     at = parse_seeds(args.at) if args.at else None
-    if at and max(at) >= args.steps and not args.trajectory:
-        raise HspaceError(f"--at {max(at)} is out of range; valid: step indices from 0 to {args.steps - 1} (--steps {args.steps})")
+    if at and max(at) >= args.steps:
+        raise HspaceError(f"--at {max(at)} is out of range; valid: step indices from 0 to {args.steps - 1} (the process has {args.steps} steps)")
     scales = _scales(args.scales)
     engine = _engine(args)
     mask = load_mask(args.mask, engine) if args.mask else None
-    if args.trajectory:
-        from .trajectory import Trajectory
-
-        trajectory = Trajectory.load(args.trajectory)[args.sample]
-    else:
-        trajectory = _sample(engine, args, [args.seed])
+    trajectory = saved[args.sample] if saved is not None else _sample(engine, args, [args.seed])
     bar = tqdm(desc="jacobian", unit="it", file=sys.stderr, dynamic_ncols=True)
 
     def progress(info):
