@@ -41,3 +41,44 @@ def test_export_is_a_float16_diffusers_folder_the_engine_loads(tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["ema"]
     key = "conv_in.weight"
     assert torch.equal(engine.unet.state_dict()[key], state[key].half().float())
+
+
+def test_region_weights_are_parsed_into_a_per_pixel_map():
+    from hspace.toyfaces.render import region_mask
+    from hspace.toyfaces.train import loss_weight_map
+
+    assert loss_weight_map("", 32) is None
+    w = loss_weight_map("mouth=3, eyes=0.5", 32)
+    expected = 1 + 3 * torch.from_numpy(region_mask("mouth", 32)).float() + 0.5 * torch.from_numpy(region_mask("eyes", 32)).float()
+    assert w.shape == (1, 1, 32, 32)
+    assert torch.equal(w[0, 0], expected)
+    assert float(w.max()) == 4.0  # the mouth region is not empty
+    for bad in ("nose=2", "mouth", "mouth=-1", "mouth=x"):
+        with pytest.raises(HspaceError, match=f"region weight '{bad}'"):
+            loss_weight_map(bad, 32)
+
+
+def test_fine_tuning_starts_from_the_init_checkpoint(tmp_path):
+    train(tmp_path / "base", small(2))
+    base = torch.load(tmp_path / "base" / "checkpoint.pt", weights_only=False)
+    # lr 0 keeps the model at the init weights; the EMA then moves towards them at the full decay.
+    config = TrainConfig(steps=2, batch_size=4, pool=32, warmup=2, checkpoint_every=2, lr=0.0, init=str(tmp_path / "base" / "checkpoint.pt"), region_weights="mouth=4")
+    train(tmp_path / "ft", config)
+    ft = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=False)
+    for key, value in base["model"].items():
+        assert torch.equal(ft["model"][key], value), key
+        expected = base["ema"][key].clone()
+        for _ in range(2):
+            expected.lerp_(value, 1 - config.ema_decay)
+        assert torch.allclose(ft["ema"][key], expected, atol=1e-7), key
+    with pytest.raises(HspaceError, match="not a checkpoint file"):
+        train(tmp_path / "missing", TrainConfig(steps=2, batch_size=4, pool=32, init=str(tmp_path / "nope.pt")))
+
+
+def test_bf16_autocast_computes_the_same_loss_to_bf16_precision(tmp_path):
+    losses = {}
+    for bf16 in (False, True):
+        config = TrainConfig(steps=1, batch_size=4, pool=32, warmup=2, checkpoint_every=2, bf16=bf16)
+        train(tmp_path / str(bf16), config, callback=lambda info, key=bf16: losses.setdefault(key, info["loss"]))
+    assert losses[True] != losses[False]  # autocast did run in bfloat16
+    assert abs(losses[True] - losses[False]) < 0.02 * losses[False]

@@ -613,6 +613,24 @@ def cmd_toyfaces_evaluate(args) -> None:
     print(text)
 
 
+def cmd_toyfaces_renoise(args) -> None:
+    from .toyfaces.quality import renoise_flips
+
+    engine = _engine(args)
+    with Progress("renoised faces") as progress:
+        report = renoise_flips(
+            engine, args.attribute, args.start, args.n, args.steps, parse_eta(args.eta), args.seed, args.batch_size, progress
+        )
+    for row in report["starts"]:
+        print(
+            f"start step {row['start_step']:3d} (t = {row['timestep']:4d}): {args.attribute} {100 * row['frequency']:.1f}% "
+            f"(balanced input: 50%); lost {100 * row['lost']:.1f}%, gained {100 * row['gained']:.1f}%"
+        )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
 def cmd_toyfaces_edit_success(args) -> None:
     from .bank import Bank
     from .directions.disentangle import disentangle_each
@@ -792,6 +810,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--pool", type=int, default=None, help="number of rendered training faces")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps of the learning rate")
+    p.add_argument(
+        "--region-weights", dest="region_weights", default=None,
+        help="extra loss weight on fixed face regions, e.g. mouth=3 (parts: eyes, mouth, hair, face, glasses, hat)",
+    )
+    p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast (faster on CPUs with AVX512-BF16)")
+    p.add_argument("--init", default=None, help="start a new run from the weights of this checkpoint.pt (fine-tuning)")
     p.set_defaults(func=cmd_toyfaces_train)
     p = toy_sub.add_parser("train-classifier", help="train the attribute classifier; prints held-out accuracy and R^2")
     p.add_argument("--epochs", type=int, default=6)
@@ -805,6 +830,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", default=None, help="write an 8x8 sample grid here (PNG)")
     p.add_argument("--json", default=None, help="write the report here")
     p.set_defaults(func=cmd_toyfaces_evaluate, batch_size=100)
+    p = toy_sub.add_parser(
+        "renoise",
+        help="where the model loses an attribute: training faces noised to a step and generated back (SDEdit), flip rates",
+    )
+    _add_model_args(p)
+    _add_process_args(p)
+    p.add_argument("--attribute", default="smile", help="binary attribute (default smile)")
+    p.add_argument("--start", type=int, nargs="+", default=[10, 20, 30, 40], help="start steps (0 = pure noise; default 10 20 30 40)")
+    p.add_argument("--n", type=int, default=400, help="training faces, half with the attribute (default 400)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the forward noise")
+    p.add_argument("--json", default=None, help="write the report here")
+    p.set_defaults(func=cmd_toyfaces_renoise, batch_size=100)
     p = toy_sub.add_parser("edit-success", help="share of held-out samples whose attribute flips under its supervised and disentangled direction")
     _add_model_args(p)
     p.add_argument("bank", help="a bank of the toyfaces model with classifier scores (hspace annotate)")

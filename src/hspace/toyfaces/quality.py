@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from ..engine import Engine
+from ..errors import HspaceError
 from .classifier import classify
 from .train import TrainConfig
-from .render import ATTRIBUTES, BINARY, DARK_HAIR_THRESHOLD, sample_attributes
+from .render import _RANGES, ATTRIBUTES, BINARY, CONTINUOUS, DARK_HAIR_THRESHOLD, sample_attributes
 
 
 def attribute_statistics(scores: dict[str, torch.Tensor], confidence: float = 0.9) -> dict[str, dict[str, float]]:
@@ -44,9 +45,32 @@ def correlations(labels: dict[str, np.ndarray]) -> dict[str, float]:
     }
 
 
+def by_thirds(labels: dict[str, np.ndarray]) -> dict[str, dict[str, list[float]]]:
+    """Frequency of every binary attribute in each third of every continuous attribute's range.
+
+    ``[binary][continuous]`` is a list of three frequencies (low, middle, high third); a third with
+    no image is NaN. It shows where a generated frequency departs from the training data (e.g. a
+    smile lost on dark skin only).
+    """
+    table: dict[str, dict[str, list[float]]] = {}
+    for name in BINARY:
+        present = np.asarray(labels[name]) > 0.5
+        table[name] = {}
+        for cont in CONTINUOUS:
+            lo, hi = _RANGES[cont]
+            third = np.clip(((np.asarray(labels[cont]) - lo) / (hi - lo) * 3).astype(int), 0, 2)
+            table[name][cont] = [float(present[third == k].mean()) if (third == k).any() else float("nan") for k in range(3)]
+    return table
+
+
 def training_labels(pool: int) -> dict[str, np.ndarray]:
     """Ground-truth labels of the model's training faces (seeds 0 .. pool-1), without rendering them."""
-    attrs = [sample_attributes(np.random.default_rng(seed)) for seed in range(pool)]
+    return training_labels_range(0, pool)
+
+
+def training_labels_range(start: int, stop: int) -> dict[str, np.ndarray]:
+    """Ground-truth labels of the training faces of seeds start .. stop-1."""
+    attrs = [sample_attributes(np.random.default_rng(seed)) for seed in range(start, stop)]
     return {name: np.array([float(getattr(a, name)) for a in attrs]) for name in ATTRIBUTES}
 
 
@@ -75,5 +99,86 @@ def evaluate_model(
         "binary": stats,
         "correlations_generated": correlations(generated),
         "correlations_training": correlations(truth),
+        "by_thirds_generated": by_thirds(generated),
+        "by_thirds_training": by_thirds(truth),
         "images": trajectory.images,
     }
+
+
+def renoise_flips(
+    engine: Engine,
+    attribute: str = "smile",
+    start_steps: Sequence[int] = (10, 20, 30, 40),
+    n: int = 400,
+    num_steps: int = 50,
+    eta: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 100,
+    callback: Callable[[dict], None] | None = None,
+) -> dict:
+    """At which noise levels the model loses or gains a binary attribute (SDEdit from training faces).
+
+    ``n`` training faces, half with the attribute and half without (the first such seeds from 0 up),
+    are noised by q(x_t | x_0) to the timestep of each start step and generated from there to x_0
+    (steps ``start .. num_steps-1`` of the ``num_steps``-step process with ``eta``). The forward
+    noising keeps the training distribution, so for an exact model the attribute's frequency stays at
+    50%, whatever the start step; ``lost`` and ``gained`` (the share of faces with / without it that
+    come back without / with it) show where this model departs, as judged by the classifier.
+    """
+    from dataclasses import replace
+
+    from ..diffusion import eta_schedule
+    from .render import render_batch
+
+    if attribute not in BINARY:
+        raise HspaceError(f"unknown attribute {attribute!r}; valid: {', '.join(BINARY)}")
+    if n < 2 or n % 2:
+        raise HspaceError(f"n must be an even number >= 2 (half with, half without the attribute), got {n}")
+    bad = [k for k in start_steps if not 0 <= k < num_steps]
+    if bad or not start_steps:
+        raise HspaceError(f"start steps must lie in 0..{num_steps - 1} (0 = pure noise), got {list(start_steps)}")
+    with_, without = [], []
+    for first in range(0, 10**7, 2000):  # the first n/2 seeds on each side
+        labels = training_labels_range(first, first + 2000)[attribute] > 0.5
+        with_ += [first + int(i) for i in np.flatnonzero(labels)]
+        without += [first + int(i) for i in np.flatnonzero(~labels)]
+        if min(len(with_), len(without)) >= n // 2:
+            break
+    seeds = with_[: n // 2] + without[: n // 2]
+    truth = np.array([1] * (n // 2) + [0] * (n // 2), dtype=bool)
+    x0 = engine.encode(torch.from_numpy(render_batch(seeds, size=engine.image_size[0])[0]))
+    schedule = engine.schedule(num_steps)
+    eta_t = eta_schedule(eta, num_steps)
+    batches = list(torch.arange(n).split(batch_size))
+    total = sum(num_steps - k for k in start_steps) * len(batches)
+    done = [0]
+
+    def progress(info: dict) -> None:  # one bar over every start step and batch
+        done[0] += 1
+        if callback is not None:
+            callback({"step": done[0], "num_steps": total, "timestep": info["timestep"]})
+
+    report = {"attribute": attribute, "n": n, "num_steps": num_steps, "eta": eta, "seeds": [seeds[0], seeds[-1]], "starts": []}
+    for k in start_steps:
+        tail = replace(schedule, timesteps=schedule.timesteps[k:], alpha=schedule.alpha[k:], alpha_prev=schedule.alpha_prev[k:])
+        generator = torch.Generator().manual_seed(seed * 1000 + k)
+        a = float(schedule.alpha[k])
+        x_k = a**0.5 * x0 + (1 - a) ** 0.5 * torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        z = torch.randn((n, num_steps - k, *x0.shape[1:]), generator=generator, dtype=x0.dtype)
+        out = torch.cat(
+            [
+                engine._generate(x_k[rows], z[rows], tail, eta_t[k:], None, False, False, progress, {})[0]
+                for rows in batches
+            ]
+        )
+        present = classify(engine.decode(out))[attribute].numpy() > 0.5
+        report["starts"].append(
+            {
+                "start_step": k,
+                "timestep": int(schedule.timesteps[k]),
+                "frequency": float(present.mean()),
+                "lost": float((~present[truth]).mean()),
+                "gained": float(present[~truth].mean()),
+            }
+        )
+    return report

@@ -17,7 +17,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import HspaceError
 from ..loading import CELEBAHQ_SCHEDULER_CONFIG
@@ -50,6 +49,42 @@ class TrainConfig:
     size: int = 32
     seed: int = 0
     checkpoint_every: int = 200
+    # Extra loss weight on fixed image regions, e.g. "mouth=3": the squared error of a pixel in the
+    # mouth region (render.region_mask) counts 1 + 3 times. A fixed per-pixel weight leaves the optimum
+    # (the conditional mean of the noise) unchanged and moves the small model's capacity to that part.
+    region_weights: str = ""
+    bf16: bool = False  # bfloat16 autocast for the forward and backward pass (about 1.5x on AVX512-BF16 CPUs)
+    init: str = ""  # start from the weights (model and EMA) of this checkpoint; the optimizer starts fresh
+
+
+def parse_region_weights(spec: str) -> dict[str, float]:
+    """ "mouth=3,eyes=1" -> {"mouth": 3.0, "eyes": 1.0}; parts as in render.PARTS, weights >= 0."""
+    from .render import PARTS
+
+    weights = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            weight = float(value) if sep else float("nan")
+        except ValueError:
+            weight = float("nan")
+        if name not in PARTS or not weight >= 0:
+            raise HspaceError(f"region weight {item!r} is not PART=WEIGHT with PART one of {', '.join(PARTS)} and WEIGHT >= 0")
+        weights[name] = weight
+    return weights
+
+
+def loss_weight_map(spec: str, size: int) -> torch.Tensor | None:
+    """[1, 1, size, size] per-pixel weight 1 + sum of the weights of the regions a pixel is in; None when empty."""
+    from .render import region_mask
+
+    weights = parse_region_weights(spec)
+    if not weights:
+        return None
+    w = torch.ones(size, size)
+    for name, weight in weights.items():
+        w += weight * torch.from_numpy(region_mask(name, size)).float()
+    return w[None, None]
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -84,6 +119,9 @@ def train(run_dir: str | Path, config: TrainConfig | None = None, callback: Call
     ckpt_path = run_dir / "checkpoint.pt"
     config = config or TrainConfig()
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+    weight_map = loss_weight_map(config.region_weights, config.size)  # checks the spec before any work
+    if state is None and config.init and not Path(config.init).is_file():
+        raise HspaceError(f"--init {config.init!r} is not a checkpoint file")
     if state is not None:
         saved = TrainConfig(**state["config"])
         # The run's total length may grow on resume; nothing else may change under it.
@@ -98,6 +136,10 @@ def train(run_dir: str | Path, config: TrainConfig | None = None, callback: Call
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     step = 0
+    if state is None and config.init:
+        init = torch.load(config.init, map_location="cpu", weights_only=False)
+        model.load_state_dict(init["model"])
+        ema.load_state_dict(init["ema"])
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -130,7 +172,10 @@ def train(run_dir: str | Path, config: TrainConfig | None = None, callback: Call
         noise = torch.randn(x0.shape, generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(model(x_t, t).sample, noise)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            prediction = model(x_t, t).sample
+        error = (prediction.float() - noise) ** 2
+        loss = error.mean() if weight_map is None else (error * weight_map).mean() / weight_map.mean()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
         optimizer.zero_grad(set_to_none=True)
@@ -138,13 +183,13 @@ def train(run_dir: str | Path, config: TrainConfig | None = None, callback: Call
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         # EMA with a warm-up so that early weights do not linger (as diffusers' EMAModel).
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        decay = config.ema_decay if config.init else min(config.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for e, p in zip(ema.parameters(), model.parameters()):
                 e.lerp_(p, 1 - decay)
         step += 1
         if callback is not None:
-            callback({"step": step, "steps": config.steps, "loss": float(loss), "lr": learning_rate(config, step - 1)})
+            callback({"step": step, "steps": config.steps, "loss": loss.item(), "lr": learning_rate(config, step - 1)})
         if step % config.checkpoint_every == 0 or step == config.steps:
             save()
     return ckpt_path
