@@ -158,7 +158,7 @@ def renoise_flips(
         if callback is not None:
             callback({"step": done[0], "num_steps": total, "timestep": info["timestep"]})
 
-    report = {"attribute": attribute, "n": n, "num_steps": num_steps, "eta": eta, "seeds": [seeds[0], seeds[-1]], "starts": []}
+    report = {"attribute": attribute, "n": n, "num_steps": num_steps, "eta": eta, "seeds": seeds, "starts": []}
     for k in start_steps:
         tail = replace(schedule, timesteps=schedule.timesteps[k:], alpha=schedule.alpha[k:], alpha_prev=schedule.alpha_prev[k:])
         generator = torch.Generator().manual_seed(seed * 1000 + k)
