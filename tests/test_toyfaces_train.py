@@ -82,3 +82,16 @@ def test_bf16_autocast_computes_the_same_loss_to_bf16_precision(tmp_path):
         train(tmp_path / str(bf16), config, callback=lambda info, key=bf16: losses.setdefault(key, info["loss"]))
     assert losses[True] != losses[False]  # autocast did run in bfloat16
     assert abs(losses[True] - losses[False]) < 0.02 * losses[False]
+
+
+def test_a_wider_deeper_unet_trains_exports_and_loads(tmp_path):
+    config = TrainConfig(steps=2, batch_size=4, pool=32, warmup=2, checkpoint_every=2, channels="16,32,48", layers_per_block=2)
+    train(tmp_path / "run", config)
+    folder = export(tmp_path / "run" / "checkpoint.pt", tmp_path / "model")
+    engine = Engine.load(str(folder), device="cpu")
+    assert engine.h_shape == (48, 8, 8)
+    assert tuple(engine.unet.config.block_out_channels) == (16, 32, 48) and engine.unet.config.layers_per_block == 2
+    for bad, match in (({"channels": "32,64"}, "channels '32,64'"), ({"channels": "32,60,128"}, "multiples of 8"), ({"layers_per_block": 0}, "layers_per_block")):
+        with pytest.raises(HspaceError, match=match):
+            train(tmp_path / "bad", TrainConfig(steps=1, batch_size=4, pool=32, **bad))
+    assert not (tmp_path / "bad" / "checkpoint.pt").exists()

@@ -546,6 +546,7 @@ def cmd_toyfaces_train(args) -> None:
 
     from tqdm.auto import tqdm
 
+    from .loading import resolve_device
     from .toyfaces.train import TrainConfig, train
 
     if args.steps < 1:
@@ -560,7 +561,7 @@ def cmd_toyfaces_train(args) -> None:
         bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}")
 
     try:
-        checkpoint = train(args.run, config, callback=progress)
+        checkpoint = train(args.run, config, callback=progress, device=resolve_device(args.device))
     finally:
         bar.close()
     print(f"checkpoint: {checkpoint}")
@@ -817,6 +818,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast (faster on CPUs with AVX512-BF16)")
     p.add_argument("--init", default=None, help="start a new run from the weights of this checkpoint.pt (fine-tuning)")
+    p.add_argument("--channels", default=None, help="block channels of the U-Net (default 32,64,128, the bundled model)")
+    p.add_argument("--layers-per-block", dest="layers_per_block", type=int, default=None, help="layers per U-Net block (default 1)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present); a run may resume on another device")
     p.set_defaults(func=cmd_toyfaces_train)
     p = toy_sub.add_parser("train-classifier", help="train the attribute classifier; prints held-out accuracy and R^2")
     p.add_argument("--epochs", type=int, default=6)

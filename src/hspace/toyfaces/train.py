@@ -55,6 +55,22 @@ class TrainConfig:
     region_weights: str = ""
     bf16: bool = False  # bfloat16 autocast for the forward and backward pass (about 1.5x on AVX512-BF16 CPUs)
     init: str = ""  # start from the weights (model and EMA) of this checkpoint; the optimizer starts fresh
+    # The U-Net's width and depth; the bundled model is 32,64,128 with one layer per block.
+    channels: str = "32,64,128"
+    layers_per_block: int = 1
+
+
+def unet_config(config: "TrainConfig") -> dict:
+    """The UNet2DModel arguments of a run: TOYFACES_UNET_CONFIG with the run's channels and layers."""
+    try:
+        channels = tuple(int(c) for c in config.channels.split(","))
+    except ValueError:
+        channels = ()
+    if len(channels) != 3 or any(c <= 0 or c % 8 for c in channels):
+        raise HspaceError(f"channels {config.channels!r} must be three positive multiples of 8 (8 groups per norm), e.g. 32,64,128")
+    if isinstance(config.layers_per_block, bool) or not isinstance(config.layers_per_block, int) or config.layers_per_block < 1:
+        raise HspaceError(f"layers_per_block must be a positive integer, got {config.layers_per_block!r}")
+    return {**TOYFACES_UNET_CONFIG, "block_out_channels": channels, "layers_per_block": config.layers_per_block}
 
 
 def parse_region_weights(spec: str) -> dict[str, float]:
@@ -110,16 +126,27 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(run_dir: str | Path, config: TrainConfig | None = None, callback: Callable[[dict], None] | None = None) -> Path:
-    """Train (or resume) in ``run_dir``; returns the checkpoint path. ``callback`` gets each step's loss."""
+def train(
+    run_dir: str | Path,
+    config: TrainConfig | None = None,
+    callback: Callable[[dict], None] | None = None,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Train (or resume) in ``run_dir``; returns the checkpoint path. ``callback`` gets each step's loss.
+
+    Random numbers are drawn on the CPU, so a run may be resumed on another device.
+    """
     from diffusers import DDPMScheduler, UNet2DModel
+
+    device = torch.device(device)
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
     config = config or TrainConfig()
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
-    weight_map = loss_weight_map(config.region_weights, config.size)  # checks the spec before any work
+    weight_map = loss_weight_map(config.region_weights, config.size)  # checks the specs before any work
+    architecture = unet_config(config)
     if state is None and config.init and not Path(config.init).is_file():
         raise HspaceError(f"--init {config.init!r} is not a checkpoint file")
     if state is not None:
@@ -130,9 +157,10 @@ def train(run_dir: str | Path, config: TrainConfig | None = None, callback: Call
     (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
 
     torch.manual_seed(config.seed)
-    model = UNet2DModel(**TOYFACES_UNET_CONFIG)
-    ema = UNet2DModel(**TOYFACES_UNET_CONFIG).requires_grad_(False)
+    model = UNet2DModel(**architecture)
+    ema = UNet2DModel(**architecture).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
+    model, ema = model.to(device), ema.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     step = 0
@@ -150,6 +178,8 @@ def train(run_dir: str | Path, config: TrainConfig | None = None, callback: Call
     scheduler = DDPMScheduler.from_config({k: v for k, v in CELEBAHQ_SCHEDULER_CONFIG.items() if not k.startswith("_")})
     alphas = scheduler.alphas_cumprod.float()
     pool = render_pool(config.pool, config.size)
+    if weight_map is not None:
+        weight_map = weight_map.to(device)
 
     def save():
         _atomic_save(
@@ -171,9 +201,10 @@ def train(run_dir: str | Path, config: TrainConfig | None = None, callback: Call
         t = torch.randint(0, len(alphas), (config.batch_size,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
-            prediction = model(x_t, t).sample
+        x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(device)
+        noise = noise.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            prediction = model(x_t, t.to(device)).sample
         error = (prediction.float() - noise) ** 2
         loss = error.mean() if weight_map is None else (error * weight_map).mean() / weight_map.mean()
         for group in optimizer.param_groups:
@@ -200,7 +231,7 @@ def export(checkpoint: str | Path, folder: str | Path) -> Path:
     from diffusers import UNet2DModel
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model = UNet2DModel(**TOYFACES_UNET_CONFIG)
+    model = UNet2DModel(**unet_config(TrainConfig(**state["config"])))
     model.load_state_dict(state["ema"])
     folder = Path(folder)
     model.to(torch.float16).save_pretrained(folder, safe_serialization=True)
