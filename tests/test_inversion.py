@@ -9,8 +9,6 @@ from hspace.engine import Engine
 from hspace.errors import HspaceError
 from hspace.inversion import invert, load_images
 
-from conftest import tiny_engine
-
 
 def _images(n=3, size=16, seed=0):
     g = torch.Generator().manual_seed(seed)

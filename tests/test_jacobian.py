@@ -15,7 +15,7 @@ from hspace.directions.jacobian import (
 from hspace.hooks import h_hook, hook_count
 from hspace.unet_split import decode, encode, forward_mode
 
-from conftest import tiny_engine, tiny_unet
+from conftest import tiny_unet
 
 STEP, K = 2, 4
 
@@ -167,6 +167,17 @@ def test_x_t_replays_what_sampling_saw(engine, trajectory):
     for bad in (-1, n + 1, 1.5):
         with pytest.raises(HspaceError, match=f"from 0 to {n}"):
             engine.x_t(trajectory, bad)
+
+
+def test_finish_from_x_t_with_the_rest_of_the_noise_ends_at_the_sample(engine, trajectory):
+    n, eta = trajectory.num_steps, trajectory.eta
+    noise = trajectory.noise()
+    for step in (0, 1, n - 1):
+        x0 = engine.finish(engine.x_t(trajectory, step), step, n, eta, noise[:, step:], batch_size=2)
+        assert (x0 - trajectory.x0).abs().max() < 1e-5
+    for bad in (-1, n, 1.5):
+        with pytest.raises(HspaceError, match=f"from 0 to {n - 1}"):
+            engine.finish(trajectory.x_T, bad, n, eta, noise)
 
 
 # ------------------------------------------------------------------ subspace iteration vs the explicit SVD

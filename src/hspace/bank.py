@@ -22,7 +22,6 @@ dtype), number of steps or eta.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path

@@ -177,16 +177,14 @@ def _saved_trajectory(args):
 
 def _sequential_edit(engine, trajectory, directions, scales, window, args) -> None:
     """Fig. 11: the directions added one after another, gamma_1 v_1, + gamma_2 v_2, ..., one grid."""
+    import itertools
+
     import torch
 
     from .images import labelled_grid
 
-    combos, total, names = [], None, []
-    for direction, scale in zip(directions, scales):
-        step = direction * scale
-        total = step if total is None else total + step
-        names.append(f"+{direction.name} ({scale:g})")
-        combos.append(total)
+    combos = list(itertools.accumulate(direction * scale for direction, scale in zip(directions, scales)))
+    names = [f"+{direction.name} ({scale:g})" for direction, scale in zip(directions, scales)]
     with Progress("editing") as progress:
         images = engine.edit(trajectory, combos, [1.0], window=window, asyrp=args.asyrp, batch_size=args.batch_size, callback=progress)
     grid = torch.cat([trajectory.images[:, None], images[:, 0].transpose(0, 1)], dim=1)
@@ -607,11 +605,15 @@ def cmd_toyfaces_evaluate(args) -> None:
     if args.grid:
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
         labelled_grid(images[:64].reshape(8, 8, *images.shape[1:]), min_cell=32, pad=1).save(args.grid)
-    text = json.dumps(report, indent=2)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text)
-    print(text)
+    _write_json(args.json, report)
+    print(json.dumps(report, indent=2))
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    """Write a report as indented JSON (creating its folder); nothing when no path was given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2))
 
 
 def cmd_toyfaces_renoise(args) -> None:
@@ -627,9 +629,7 @@ def cmd_toyfaces_renoise(args) -> None:
             f"start step {row['start_step']:3d} (t = {row['timestep']:4d}): {args.attribute} {100 * row['frequency']:.1f}% "
             f"(balanced input: 50%); lost {100 * row['lost']:.1f}%, gained {100 * row['gained']:.1f}%"
         )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    _write_json(args.json, report)
 
 
 def cmd_toyfaces_edit_success(args) -> None:
@@ -661,9 +661,7 @@ def cmd_toyfaces_edit_success(args) -> None:
             others = ", ".join(f"{k} {100 * v:.0f}%" for k, v in a["others_flipped"].items())
             print(f"{label:12s} {name:9s}: flipped {100 * a['flipped']:.0f}% (others: {others})")
         print(f"{label:12s} mean share of other attributes flipped: {100 * r['mean_off_target']:.1f}%")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    _write_json(args.json, report)
 
 
 def cmd_reproduce(args) -> None:

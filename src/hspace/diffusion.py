@@ -9,7 +9,7 @@ where a_t is the cumulative product of alphas (the paper's alpha_t). eta_t = 0 i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -60,6 +60,11 @@ class Schedule:
         alpha_prev = torch.where(prev >= 0, alphas_cumprod[prev.clamp(min=0)], torch.tensor(final, dtype=torch.float64))
         clip = float(scheduler.config.clip_sample_range) if scheduler.config.clip_sample else None
         return cls(timesteps, alpha, alpha_prev, prediction_type, clip)
+
+    def steps(self, start: int, stop: int | None = None) -> "Schedule":
+        """The schedule of steps ``start .. stop-1`` only (a head or tail of the process)."""
+        part = slice(start, stop)
+        return replace(self, timesteps=self.timesteps[part], alpha=self.alpha[part], alpha_prev=self.alpha_prev[part])
 
     def sigma(self, eta: torch.Tensor) -> torch.Tensor:
         """sigma_t for every step (eq. 5); ``eta`` has one value per step."""

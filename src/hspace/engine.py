@@ -221,7 +221,7 @@ class Engine:
         ``keep_noise=False`` drops z (it is regenerated from the seeds when needed).
         """
         seeds = check_seeds(seeds)
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         schedule = self.schedule(num_steps)
         eta_t = eta_schedule(eta, num_steps)
         chunks = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
@@ -261,7 +261,7 @@ class Engine:
         callback: Callback | None,
     ) -> Trajectory:
         """Replay samples ``source`` [N] (indices into ``trajectory``) with its x_T and z, editing h."""
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         schedule = self._check_trajectory(trajectory)
         noise = trajectory.noise() if bool((schedule.sigma(trajectory.eta) > 0).any()) else None
         rows = torch.arange(len(source)).split(batch_size)
@@ -399,22 +399,43 @@ class Engine:
         sampling loop itself, so this is the x_t the U-Net saw at that step (no delta-h: for an edited
         replay it is the unedited process).
         """
-        from dataclasses import replace
-
-        _check_batch_size(batch_size)
+        check_batch_size(batch_size)
         schedule = self._check_trajectory(trajectory)
         n = trajectory.num_steps
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= n:
             raise HspaceError(f"step must be an integer from 0 to {n} (0 = x_T, {n} = x_0), got {step!r}")
-        head = replace(
-            schedule, timesteps=schedule.timesteps[:step], alpha=schedule.alpha[:step], alpha_prev=schedule.alpha_prev[:step]
-        )
+        head = schedule.steps(0, step)
         eta = trajectory.eta[:step]
         noise = trajectory.noise()[:, :step] if bool((head.sigma(eta) > 0).any()) else None
+        return self._run_steps(trajectory.x_T, noise, head, eta, batch_size, None)
+
+    def finish(
+        self,
+        x: torch.Tensor,
+        step: int,
+        num_steps: int,
+        eta: float | Sequence[float] = 1.0,
+        z: torch.Tensor | None = None,
+        *,
+        batch_size: int = 32,
+        callback: Callback | None = None,
+    ) -> torch.Tensor:
+        """x_0 from x, taken as x_t at the start of step ``step`` of the ``num_steps``-step process: steps
+        ``step .. num_steps-1`` of eq. 2 without delta-h (SDEdit when x is a noised image).
+
+        ``z`` [B, num_steps - step, C, H, W] is the noise of those steps, needed where sigma_t > 0.
+        """
+        check_batch_size(batch_size)
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < num_steps:
+            raise HspaceError(f"step must be an integer from 0 to {num_steps - 1} (0 = x_T), got {step!r}")
+        tail = self.schedule(num_steps).steps(step)
+        return self._run_steps(x, z, tail, eta_schedule(eta, num_steps)[step:], batch_size, callback)
+
+    def _run_steps(self, x, z, schedule: Schedule, eta, batch_size: int, callback: Callback | None) -> torch.Tensor:
+        """Run ``schedule`` (a part of a process) from x in batches, without delta-h; returns where it ends."""
         parts = []
-        for rows in torch.arange(len(trajectory)).split(batch_size):
-            z = None if noise is None else noise[rows]
-            parts.append(self._generate(trajectory.x_T[rows], z, head, eta, None, False, False, None, {})[0])
+        for rows in torch.arange(len(x)).split(batch_size):
+            parts.append(self._generate(x[rows], None if z is None else z[rows], schedule, eta, None, False, False, callback, {})[0])
         return torch.cat(parts)
 
 
@@ -425,6 +446,6 @@ def _prepare(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) 
     return module.eval().requires_grad_(False)
 
 
-def _check_batch_size(batch_size) -> None:
+def check_batch_size(batch_size) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise HspaceError(f"batch_size must be a positive integer, got {batch_size!r}")

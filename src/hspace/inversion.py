@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from .diffusion import eta_schedule
+from .engine import check_batch_size
 from .errors import HspaceError
 from .trajectory import Trajectory
 
@@ -97,8 +98,7 @@ def invert(
     """
     if isinstance(fixed_point_iterations, bool) or not isinstance(fixed_point_iterations, int) or fixed_point_iterations < 0:
         raise HspaceError(f"fixed_point_iterations must be an integer >= 0, got {fixed_point_iterations!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise HspaceError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_batch_size(batch_size)
     x0_all = _check_images(engine, images)
     schedule = engine.schedule(num_steps)
     eta_t = eta_schedule(eta, num_steps)

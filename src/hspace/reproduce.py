@@ -6,10 +6,10 @@ JSON in the output folder, so an interrupted run resumes where it stopped (the b
 
 from __future__ import annotations
 
+import itertools
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -18,9 +18,8 @@ import torch
 from .errors import HspaceError
 from .images import labelled_grid
 from .progress import staged
+from .toyfaces.render import BINARY, CONTINUOUS
 
-BINARY = ("smile", "eyes_open", "glasses", "hat")
-CONTINUOUS = ("hair_color", "skin_tone", "yaw", "background")
 TABLE_ATTRIBUTES = ("smile", "eyes_open", "glasses", "hat", "hair_color")
 HELD_OUT = 50_000  # seeds of held-out test samples start here (the bank uses 0 .. n-1)
 
@@ -252,7 +251,7 @@ class Reproduction:
         return result
 
     def fig8(self) -> dict:
-        from .directions.supervised import edit_x_T, h_difference
+        from .directions.supervised import bank_difference, edit_x_T, h_difference
         from .trajectory import seeded_noise
 
         c = self.config
@@ -271,9 +270,9 @@ class Reproduction:
             if n > min(len(positives), len(negatives)):
                 break
             pos, neg = positives[:n], negatives[:n]
-            h_dir = _direction(h_difference(bank.h(pos), bank.h(neg)), attr, self.engine.h_location)
+            h_dir = bank_difference(bank, pos, neg, attr)
             x_T = lambda idx: torch.stack([seeded_noise(bank.seeds[i], self.engine.sample_shape, c.steps)[0] for i in idx])  # noqa: E731
-            x_delta = (x_T(pos).double().mean(0) - x_T(neg).double().mean(0)).float()
+            x_delta = h_difference(x_T(pos)[:, None], x_T(neg)[:, None])[0].float()  # eq. 10 in x_T (x_T_difference)
             h_images = self.engine.edit(test, h_dir, [1.0], batch_size=c.batch_size)[0, 0]
             x_images = edit_x_T(self.engine, test, x_delta, [1.0], batch_size=c.batch_size)[0]
             rows.append({
@@ -369,10 +368,7 @@ class Reproduction:
         test = pool[lacking]
         dirs = self.supervised(True)
         steps = ["smile", "glasses", "hat"]
-        combos, total = [], None
-        for name in steps:
-            total = dirs[name] if total is None else total + dirs[name]
-            combos.append(total)
+        combos = list(itertools.accumulate(dirs[name] for name in steps))
         scores, images = self.edit_scores(test, combos, [c.table_scale])
         rows = [{"after": "+".join(steps[: i + 1]), "present": {a: float((scores[a][i, 0] > 0.5).float().mean()) for a in steps}} for i in range(len(steps))]
         grid = self.figure(
@@ -380,12 +376,6 @@ class Reproduction:
             "sequential.png",
         )
         return {"samples": len(lacking), "rows": rows, "grid": grid}
-
-
-def _direction(delta, name, h_location):
-    from .directions.direction import Direction
-
-    return Direction(delta.float(), meta={"name": name, "h_location": h_location, "method": "mean_difference"})
 
 
 def _pct(x: float) -> str:
@@ -468,7 +458,7 @@ def _report_pca(res, config) -> list[str]:
         f"Unedited confidence {res['confidence_unedited']:.2f}. Variance explained per PC (mean over steps): "
         + ", ".join(f"{100 * v:.1f}%" for v in res["variance_ratio"]),
         "",
-        f"![plot](figures/pca_vs_random_plot.png)",
+        "![plot](figures/pca_vs_random_plot.png)",
         "",
         f"![grid]({res['grid']})",
         "",

@@ -87,15 +87,22 @@ def direction_from_scores(bank, attribute: str, k: int, scores: str = "classifie
         raise HspaceError(f"scores {scores!r} of bank {str(bank.path)!r} have no {attribute!r}; valid: {', '.join(sorted(table))}")
     values = table[attribute]
     top, bottom = top_bottom(values, k)
-    delta = h_difference(bank.h(top), bank.h(bottom))
-    seeds = bank.seeds
     params = {
         "bank": str(bank.path), "scores": scores, "attribute": attribute, "k": k,
-        "positive_seeds": [seeds[i] for i in top], "negative_seeds": [seeds[i] for i in bottom],
         "positive_mean_score": float(values[top].mean()), "negative_mean_score": float(values[bottom].mean()),
-        "eta": bank.eta,
     }
-    meta = {"model": bank.manifest["model"], "h_location": bank.manifest["h_location"], "name": name or attribute}
+    return bank_difference(bank, top, bottom, name or attribute, params)
+
+
+def bank_difference(bank, positive: Sequence[int], negative: Sequence[int], name: str, params: dict | None = None) -> Direction:
+    """eq. 10 over a bank: mean h of the samples ``positive`` (indices) minus that of ``negative``."""
+    delta = h_difference(bank.h(positive), bank.h(negative))
+    seeds = bank.seeds
+    params = {
+        **(params or {}),
+        "positive_seeds": [seeds[i] for i in positive], "negative_seeds": [seeds[i] for i in negative], "eta": bank.eta,
+    }
+    meta = {"model": bank.manifest["model"], "h_location": bank.manifest["h_location"], "name": name}
     return Direction(delta.float(), meta={**meta, "method": "mean_difference", "params": params})
 
 

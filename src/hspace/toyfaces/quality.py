@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -125,9 +126,6 @@ def renoise_flips(
     50%, whatever the start step; ``lost`` and ``gained`` (the share of faces with / without it that
     come back without / with it) show where this model departs, as judged by the classifier.
     """
-    from dataclasses import replace
-
-    from ..diffusion import eta_schedule
     from .render import render_batch
 
     if attribute not in BINARY:
@@ -147,10 +145,8 @@ def renoise_flips(
     seeds = with_[: n // 2] + without[: n // 2]
     truth = np.array([1] * (n // 2) + [0] * (n // 2), dtype=bool)
     x0 = engine.encode(torch.from_numpy(render_batch(seeds, size=engine.image_size[0])[0]))
-    schedule = engine.schedule(num_steps)
-    eta_t = eta_schedule(eta, num_steps)
-    batches = list(torch.arange(n).split(batch_size))
-    total = sum(num_steps - k for k in start_steps) * len(batches)
+    schedule = engine.schedule(num_steps)  # checks num_steps
+    total = sum(num_steps - k for k in start_steps) * math.ceil(n / batch_size)
     done = [0]
 
     def progress(info: dict) -> None:  # one bar over every start step and batch
@@ -160,17 +156,11 @@ def renoise_flips(
 
     report = {"attribute": attribute, "n": n, "num_steps": num_steps, "eta": eta, "seeds": seeds, "starts": []}
     for k in start_steps:
-        tail = replace(schedule, timesteps=schedule.timesteps[k:], alpha=schedule.alpha[k:], alpha_prev=schedule.alpha_prev[k:])
         generator = torch.Generator().manual_seed(seed * 1000 + k)
         a = float(schedule.alpha[k])
         x_k = a**0.5 * x0 + (1 - a) ** 0.5 * torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
         z = torch.randn((n, num_steps - k, *x0.shape[1:]), generator=generator, dtype=x0.dtype)
-        out = torch.cat(
-            [
-                engine._generate(x_k[rows], z[rows], tail, eta_t[k:], None, False, False, progress, {})[0]
-                for rows in batches
-            ]
-        )
+        out = engine.finish(x_k, k, num_steps, eta, z, batch_size=batch_size, callback=progress)
         present = classify(engine.decode(out))[attribute].numpy() > 0.5
         report["starts"].append(
             {

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import HspaceError
 from ..loading import CELEBAHQ_SCHEDULER_CONFIG
-from .render import render_batch
+from .render import PARTS, region_mask, render_batch
 
 # The bundled model's architecture: 2.7M parameters, h = mid-block output of 128 x 8 x 8 at 32 px.
 TOYFACES_UNET_CONFIG = dict(
@@ -75,8 +75,6 @@ def unet_config(config: "TrainConfig") -> dict:
 
 def parse_region_weights(spec: str) -> dict[str, float]:
     """ "mouth=3,eyes=1" -> {"mouth": 3.0, "eyes": 1.0}; parts as in render.PARTS, weights >= 0."""
-    from .render import PARTS
-
     weights = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, sep, value = item.partition("=")
@@ -92,8 +90,6 @@ def parse_region_weights(spec: str) -> dict[str, float]:
 
 def loss_weight_map(spec: str, size: int) -> torch.Tensor | None:
     """[1, 1, size, size] per-pixel weight 1 + sum of the weights of the regions a pixel is in; None when empty."""
-    from .render import region_mask
-
     weights = parse_region_weights(spec)
     if not weights:
         return None
