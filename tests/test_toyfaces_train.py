@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hspace import Engine, HspaceError
-from hspace.toyfaces.train import TrainConfig, export, train
+from hspace.toyfaces.train import TOYFACES_UNET_CONFIG, TrainConfig, deepen, export, train
 
 
 def small(steps):
@@ -71,7 +71,7 @@ def test_fine_tuning_starts_from_the_init_checkpoint(tmp_path):
         for _ in range(2):
             expected.lerp_(value, 1 - config.ema_decay)
         assert torch.allclose(ft["ema"][key], expected, atol=1e-7), key
-    with pytest.raises(HspaceError, match="not a checkpoint file"):
+    with pytest.raises(HspaceError, match="neither a checkpoint file"):
         train(tmp_path / "missing", TrainConfig(steps=2, batch_size=4, pool=32, init=str(tmp_path / "nope.pt")))
 
 
@@ -95,3 +95,49 @@ def test_a_wider_deeper_unet_trains_exports_and_loads(tmp_path):
         with pytest.raises(HspaceError, match=match):
             train(tmp_path / "bad", TrainConfig(steps=1, batch_size=4, pool=32, **bad))
     assert not (tmp_path / "bad" / "checkpoint.pt").exists()
+
+
+def perturbed_unet(layers_per_block=1, channels=(16, 32, 48)):
+    """A small toy-faces-shaped U-Net (attention at 8x8) with every weight, norms included, off its init."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(1)
+    unet = UNet2DModel(**{**TOYFACES_UNET_CONFIG, "block_out_channels": channels, "layers_per_block": layers_per_block})
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return unet.eval()
+
+
+@pytest.mark.parametrize("before, after", [(1, 2), (1, 3), (2, 3)])
+def test_deepen_adds_layers_and_computes_the_same_function(before, after):
+    unet = perturbed_unet(before)
+    deep = deepen(unet, after).eval()
+    assert deep.config.layers_per_block == after
+    assert sum(p.numel() for p in deep.parameters()) > sum(p.numel() for p in unet.parameters())
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([3, 400, 999])
+    with torch.no_grad():
+        assert (deep(x, t).sample - unet(x, t).sample).abs().max() < 1e-6
+    # The new layers are not dead: one gradient step on the deep model moves their zeroed convolutions.
+    deep.train()
+    deep(x, t).sample.square().mean().backward()
+    assert deep.down_blocks[0].resnets[after - 1].conv2.weight.grad.abs().max() > 0
+    assert deep.up_blocks[0].attentions[1].to_out[0].weight.grad.abs().max() > 0
+    with pytest.raises(HspaceError, match=f"layers_per_block must be an integer >= the model's {before}"):
+        deepen(unet, before - 1)
+
+
+def test_training_can_start_from_a_model_folder_deepened(tmp_path):
+    unet = perturbed_unet(1)
+    unet.save_pretrained(tmp_path / "base")
+    config = TrainConfig(steps=2, batch_size=4, pool=32, warmup=2, checkpoint_every=2, lr=0.0, init=str(tmp_path / "base"), channels="16,32,48", layers_per_block=2)
+    train(tmp_path / "ft", config)
+    ft = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=False)
+    expected = deepen(unet, 2).state_dict()
+    assert ft["model"].keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(ft["model"][key], value), key  # lr 0: still the deepened init
+        assert torch.allclose(ft["ema"][key], value), key
+    with pytest.raises(HspaceError, match="has channels 16,32,48, the run 32,64,128"):
+        train(tmp_path / "wide", TrainConfig(steps=2, batch_size=4, pool=32, init=str(tmp_path / "base")))
+    assert not (tmp_path / "wide" / "checkpoint.pt").exists()

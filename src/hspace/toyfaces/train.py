@@ -99,6 +99,84 @@ def loss_weight_map(spec: str, size: int) -> torch.Tensor | None:
     return w[None, None]
 
 
+def deepen(model, layers_per_block: int):
+    """A copy of a trained UNet2DModel with more layers per block that computes exactly the same function.
+
+    Each down block gets identity layers after its last one (a resnet whose conv2 is zero, and an
+    attention whose output projection is zero), so the extra skip tensors repeat the last one. Each up
+    block gets the same number of identity layers after its first one; these ignore their skip input
+    (the 1x1 shortcut passes the hidden channels through and drops the skip channels), so every old up
+    layer still receives the skip tensor it was trained with. Training then grows the new layers from
+    zero: more capacity, starting from the trained model rather than from noise.
+    """
+    from diffusers import UNet2DModel
+
+    old = model.config.layers_per_block
+    if isinstance(layers_per_block, bool) or not isinstance(layers_per_block, int) or layers_per_block < old:
+        raise HspaceError(f"layers_per_block must be an integer >= the model's {old}, got {layers_per_block!r}")
+    extra = layers_per_block - old
+    torch.manual_seed(0)  # the new layers' first convolutions start random but reproducible
+    new = UNet2DModel.from_config({**model.config, "layers_per_block": layers_per_block}).to(model.dtype)
+    for name in ("conv_in", "time_proj", "time_embedding", "mid_block", "conv_norm_out", "conv_out"):
+        getattr(new, name).load_state_dict(getattr(model, name).state_dict())
+
+    def identity(resnet, attention):
+        with torch.no_grad():
+            resnet.conv2.weight.zero_()
+            resnet.conv2.bias.zero_()
+            if resnet.conv_shortcut is not None:  # hidden channels first, then the skip's: pass the hidden ones
+                out = resnet.conv_shortcut.weight.shape[0]
+                resnet.conv_shortcut.weight.zero_()
+                resnet.conv_shortcut.weight[:, :out, 0, 0] = torch.eye(out)
+                resnet.conv_shortcut.bias.zero_()
+            if attention is not None:
+                attention.to_out[0].weight.zero_()
+                attention.to_out[0].bias.zero_()
+
+    def copy(blocks_new, blocks_old, mapping):
+        for block_new, block_old in zip(blocks_new, blocks_old):
+            attentions = getattr(block_new, "attentions", None)
+            for i, source in enumerate(mapping(len(block_new.resnets))):
+                attention = attentions[i] if attentions is not None else None
+                if source is None:
+                    identity(block_new.resnets[i], attention)
+                    continue
+                block_new.resnets[i].load_state_dict(block_old.resnets[source].state_dict())
+                if attention is not None:
+                    attention.load_state_dict(block_old.attentions[source].state_dict())
+            for sampler in ("downsamplers", "upsamplers"):
+                if getattr(block_old, sampler, None) is not None:
+                    getattr(block_new, sampler).load_state_dict(getattr(block_old, sampler).state_dict())
+
+    copy(new.down_blocks, model.down_blocks, lambda n: [i if i < old else None for i in range(n)])
+    copy(new.up_blocks, model.up_blocks, lambda n: [0] + [None] * extra + list(range(1, n - extra)))
+    return new
+
+
+def load_init(config: "TrainConfig"):
+    """(model weights, EMA weights) to start a run from: a checkpoint.pt, or a diffusers model folder or
+    built-in name (its weights serve as both), deepened to the run's layers per block."""
+    from diffusers import UNet2DModel
+
+    from ..loading import TOYFACES_FOLDER
+
+    source = TOYFACES_FOLDER if config.init == "toyfaces" else Path(config.init)
+    if source.is_file():
+        init = torch.load(source, map_location="cpu", weights_only=False)
+        return init["model"], init["ema"]
+    if not (source / "config.json").is_file():
+        raise HspaceError(f"--init {config.init!r} is neither a checkpoint file, a diffusers model folder nor 'toyfaces'")
+    unet = UNet2DModel.from_pretrained(source).float()
+    architecture = unet_config(config)
+    if tuple(unet.config.block_out_channels) != tuple(architecture["block_out_channels"]):
+        raise HspaceError(
+            f"--init {config.init!r} has channels {','.join(map(str, unet.config.block_out_channels))}, "
+            f"the run {config.channels}; only the layers per block can grow"
+        )
+    state = deepen(unet, architecture["layers_per_block"]).state_dict()
+    return state, state
+
+
 def learning_rate(config: TrainConfig, step: int) -> float:
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
@@ -143,8 +221,7 @@ def train(
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
     weight_map = loss_weight_map(config.region_weights, config.size)  # checks the specs before any work
     architecture = unet_config(config)
-    if state is None and config.init and not Path(config.init).is_file():
-        raise HspaceError(f"--init {config.init!r} is not a checkpoint file")
+    init = load_init(config) if state is None and config.init else None  # checked before any work
     if state is not None:
         saved = TrainConfig(**state["config"])
         # The run's total length may grow on resume; nothing else may change under it.
@@ -160,10 +237,9 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     step = 0
-    if state is None and config.init:
-        init = torch.load(config.init, map_location="cpu", weights_only=False)
-        model.load_state_dict(init["model"])
-        ema.load_state_dict(init["ema"])
+    if init is not None:
+        model.load_state_dict(init[0])
+        ema.load_state_dict(init[1])
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
