@@ -141,3 +141,37 @@ def test_training_can_start_from_a_model_folder_deepened(tmp_path):
     with pytest.raises(HspaceError, match="has channels 16,32,48, the run 32,64,128"):
         train(tmp_path / "wide", TrainConfig(steps=2, batch_size=4, pool=32, init=str(tmp_path / "base")))
     assert not (tmp_path / "wide" / "checkpoint.pt").exists()
+
+
+def test_v_weight_cap_weights_each_timestep_of_the_epsilon_loss(tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from hspace.loading import CELEBAHQ_SCHEDULER_CONFIG
+    from hspace.toyfaces.train import render_pool, timestep_weights, unet_config
+
+    alphas = DDPMScheduler.from_config({k: v for k, v in CELEBAHQ_SCHEDULER_CONFIG.items() if not k.startswith("_")}).alphas_cumprod
+    w = timestep_weights(alphas, 5.0)
+    assert abs(float(w.mean()) - 1) < 1e-6
+    assert torch.allclose(w / w[0], (1 / alphas).clamp(max=5) / (1 / alphas[0]), rtol=1e-5)
+    assert float(w.max() / w.min()) == pytest.approx(5.0 * float(alphas[0]), rel=1e-5)  # the noisiest steps reach the cap
+    assert torch.equal(timestep_weights(alphas, 1.0), torch.ones(len(alphas)))
+    for bad in (0.5, float("nan")):
+        with pytest.raises(HspaceError, match="v_weight_cap must be a number >= 1"):
+            train(tmp_path / "bad", TrainConfig(steps=1, batch_size=4, pool=32, v_weight_cap=bad))
+
+    # The first step's loss, recomputed by hand from the run's seeded draws.
+    config = TrainConfig(steps=1, batch_size=4, pool=32, warmup=2, checkpoint_every=2, v_weight_cap=5.0)
+    losses = []
+    train(tmp_path / "run", config, callback=lambda info: losses.append(info["loss"]))
+    torch.manual_seed(config.seed)
+    model = UNet2DModel(**unet_config(config))
+    generator = torch.Generator().manual_seed(config.seed)
+    index = torch.randint(0, config.pool, (4,), generator=generator)
+    t = torch.randint(0, len(alphas), (4,), generator=generator)
+    x0 = render_pool(config.pool, 32)[index].float() / 127.5 - 1
+    noise = torch.randn(x0.shape, generator=generator)
+    a = alphas[t].float().view(-1, 1, 1, 1)
+    with torch.no_grad():
+        error = (model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample - noise) ** 2
+    assert losses[0] == pytest.approx(float((error * w[t].view(-1, 1, 1, 1)).mean()), rel=1e-5)
+    assert losses[0] != pytest.approx(float(error.mean()), rel=1e-3)  # the weights did change the loss

@@ -58,6 +58,12 @@ class TrainConfig:
     # The U-Net's width and depth; the bundled model is 32,64,128 with one layer per block.
     channels: str = "32,64,128"
     layers_per_block: int = 1
+    # The epsilon loss at timestep t counts min(1 / alpha_bar_t, v_weight_cap) times, normalised to a mean
+    # weight of 1 over t: the v-prediction loss (1 / alpha_bar_t times the epsilon loss) truncated at the cap.
+    # 1 is the plain epsilon loss. Above 1 it moves the model's capacity to the noisy steps, where the
+    # epsilon loss barely sees the predicted x_0 (its error counts SNR_t times) yet the sampler decides the
+    # attributes. The optimum (the conditional mean of the noise) is unchanged: the model stays epsilon.
+    v_weight_cap: float = 1.0
 
 
 def unet_config(config: "TrainConfig") -> dict:
@@ -71,6 +77,14 @@ def unet_config(config: "TrainConfig") -> dict:
     if isinstance(config.layers_per_block, bool) or not isinstance(config.layers_per_block, int) or config.layers_per_block < 1:
         raise HspaceError(f"layers_per_block must be a positive integer, got {config.layers_per_block!r}")
     return {**TOYFACES_UNET_CONFIG, "block_out_channels": channels, "layers_per_block": config.layers_per_block}
+
+
+def timestep_weights(alphas_cumprod: torch.Tensor, cap: float) -> torch.Tensor:
+    """Weight of each timestep's epsilon loss: min(1 / alpha_bar_t, cap), with mean 1 over the timesteps."""
+    if not cap >= 1:
+        raise HspaceError(f"v_weight_cap must be a number >= 1 (1 = the plain epsilon loss), got {cap!r}")
+    w = (1 / alphas_cumprod.double()).clamp(max=cap)
+    return (w / w.mean()).float()
 
 
 def parse_region_weights(spec: str) -> dict[str, float]:
@@ -220,6 +234,7 @@ def train(
     config = config or TrainConfig()
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
     weight_map = loss_weight_map(config.region_weights, config.size)  # checks the specs before any work
+    timestep_weights(torch.ones(1), config.v_weight_cap)  # checks the cap before any work
     architecture = unet_config(config)
     init = load_init(config) if state is None and config.init else None  # checked before any work
     if state is not None:
@@ -249,6 +264,7 @@ def train(
 
     scheduler = DDPMScheduler.from_config({k: v for k, v in CELEBAHQ_SCHEDULER_CONFIG.items() if not k.startswith("_")})
     alphas = scheduler.alphas_cumprod.float()
+    t_weights = timestep_weights(scheduler.alphas_cumprod, config.v_weight_cap)
     pool = render_pool(config.pool, config.size)
     if weight_map is not None:
         weight_map = weight_map.to(device)
@@ -278,6 +294,8 @@ def train(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             prediction = model(x_t, t.to(device)).sample
         error = (prediction.float() - noise) ** 2
+        if config.v_weight_cap != 1:
+            error = error * t_weights[t].view(-1, 1, 1, 1).to(device)
         loss = error.mean() if weight_map is None else (error * weight_map).mean() / weight_map.mean()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
