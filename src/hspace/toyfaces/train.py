@@ -22,7 +22,8 @@ from ..errors import HspaceError
 from ..loading import CELEBAHQ_SCHEDULER_CONFIG
 from .render import PARTS, region_mask, render_batch
 
-# The bundled model's architecture: 2.7M parameters, h = mid-block output of 128 x 8 x 8 at 32 px.
+# The base architecture (v1, 2.7M parameters), h = mid-block output of 128 x 8 x 8 at 32 px. The bundled
+# model (v2, 3.9M) is this with two layers per block (docs/toyfaces.md has its three training stages).
 TOYFACES_UNET_CONFIG = dict(
     sample_size=32,
     in_channels=3,
