@@ -56,7 +56,7 @@ class TrainConfig:
     region_weights: str = ""
     bf16: bool = False  # bfloat16 autocast for the forward and backward pass (about 1.5x on AVX512-BF16 CPUs)
     init: str = ""  # start from the weights (model and EMA) of this checkpoint; the optimizer starts fresh
-    # The U-Net's width and depth; the bundled model is 32,64,128 with one layer per block.
+    # The U-Net's width and depth: v1 is 32,64,128 with one layer per block, the bundled v2 has two.
     channels: str = "32,64,128"
     layers_per_block: int = 1
     # The epsilon loss at timestep t counts min(1 / alpha_bar_t, v_weight_cap) times, normalised to a mean
@@ -130,8 +130,9 @@ def deepen(model, layers_per_block: int):
     if isinstance(layers_per_block, bool) or not isinstance(layers_per_block, int) or layers_per_block < old:
         raise HspaceError(f"layers_per_block must be an integer >= the model's {old}, got {layers_per_block!r}")
     extra = layers_per_block - old
-    torch.manual_seed(0)  # the new layers' first convolutions start random but reproducible
-    new = UNet2DModel.from_config({**model.config, "layers_per_block": layers_per_block}).to(model.dtype)
+    with torch.random.fork_rng(devices=[]):  # the new layers' first convolutions: random, reproducible, global RNG untouched
+        torch.manual_seed(0)
+        new = UNet2DModel.from_config({**model.config, "layers_per_block": layers_per_block}).to(model.dtype)
     for name in ("conv_in", "time_proj", "time_embedding", "mid_block", "conv_norm_out", "conv_out"):
         getattr(new, name).load_state_dict(getattr(model, name).state_dict())
 
