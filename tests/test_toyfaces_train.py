@@ -144,12 +144,11 @@ def test_training_can_start_from_a_model_folder_deepened(tmp_path):
 
 
 def test_v_weight_cap_weights_each_timestep_of_the_epsilon_loss(tmp_path):
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import UNet2DModel
 
-    from hspace.loading import CELEBAHQ_SCHEDULER_CONFIG
-    from hspace.toyfaces.train import render_pool, timestep_weights, unet_config
+    from hspace.toyfaces.train import render_pool, timestep_weights, training_alphas, unet_config
 
-    alphas = DDPMScheduler.from_config({k: v for k, v in CELEBAHQ_SCHEDULER_CONFIG.items() if not k.startswith("_")}).alphas_cumprod
+    alphas = training_alphas()
     w = timestep_weights(alphas, 5.0)
     assert abs(float(w.mean()) - 1) < 1e-6
     assert torch.allclose(w / w[0], (1 / alphas).clamp(max=5) / (1 / alphas[0]), rtol=1e-5)

@@ -80,6 +80,13 @@ def unet_config(config: "TrainConfig") -> dict:
     return {**TOYFACES_UNET_CONFIG, "block_out_channels": channels, "layers_per_block": config.layers_per_block}
 
 
+def training_alphas() -> torch.Tensor:
+    """alpha_bar_t of the 1000 training timesteps (the CelebA-HQ schedule)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config({k: v for k, v in CELEBAHQ_SCHEDULER_CONFIG.items() if not k.startswith("_")}).alphas_cumprod
+
+
 def timestep_weights(alphas_cumprod: torch.Tensor, cap: float) -> torch.Tensor:
     """Weight of each timestep's epsilon loss: min(1 / alpha_bar_t, cap), with mean 1 over the timesteps."""
     if not cap >= 1:
@@ -226,7 +233,7 @@ def train(
 
     Random numbers are drawn on the CPU, so a run may be resumed on another device.
     """
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import UNet2DModel
 
     device = torch.device(device)
 
@@ -236,7 +243,9 @@ def train(
     config = config or TrainConfig()
     state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
     weight_map = loss_weight_map(config.region_weights, config.size)  # checks the specs before any work
-    timestep_weights(torch.ones(1), config.v_weight_cap)  # checks the cap before any work
+    alphas = training_alphas()
+    t_weights = timestep_weights(alphas, config.v_weight_cap)  # checks the cap before any work
+    alphas = alphas.float()
     architecture = unet_config(config)
     init = load_init(config) if state is None and config.init else None  # checked before any work
     if state is not None:
@@ -264,9 +273,6 @@ def train(
         generator.set_state(state["generator"])
         step = state["step"]
 
-    scheduler = DDPMScheduler.from_config({k: v for k, v in CELEBAHQ_SCHEDULER_CONFIG.items() if not k.startswith("_")})
-    alphas = scheduler.alphas_cumprod.float()
-    t_weights = timestep_weights(scheduler.alphas_cumprod, config.v_weight_cap)
     pool = render_pool(config.pool, config.size)
     if weight_map is not None:
         weight_map = weight_map.to(device)
