@@ -1,5 +1,9 @@
 """Tiny random U-Nets built in the tests themselves (CPU, a few steps)."""
 
+import os
+
+os.environ.setdefault("HSPACE_NO_PROGRESS", "1")  # bars are tested on their own (test_progress.py)
+
 import pytest
 import torch
 

@@ -53,9 +53,9 @@ def test_interrupted_bank_resumed_equals_bank_drawn_in_one_go(tmp_path, engine):
 
     calls = {"n": 0}
 
-    def kill(info):  # dies in the middle of the second shard
+    def kill(event):  # dies in the middle of the second shard (samples 4..7, seeds 11..14)
         calls["n"] += 1
-        if info["shard"] == 1 and info["step"] == 2:
+        if event.done > 4 * STEPS and event.step == 2:
             raise Interrupt
 
     with pytest.raises(Interrupt):
@@ -67,9 +67,10 @@ def test_interrupted_bank_resumed_equals_bank_drawn_in_one_go(tmp_path, engine):
         part.h()
 
     seen = []
-    resumed = build_bank(tmp_path / "part", engine, 10, callback=lambda i: seen.append((i["start"], i["done"])), **settings)
-    assert sorted({s for s, _ in seen}) == [4, 8]  # the first shard is not drawn again
-    assert seen[0][1] == 4
+    resumed = build_bank(tmp_path / "part", engine, 10, callback=lambda e: seen.append((e.done, e.total)), **settings)
+    assert len(seen) == 3 * STEPS  # three batches (shard 4..7 as 3 + 1 samples, shard 8..9 as 2), STEPS steps each
+    assert seen[0] == (4 * STEPS + 3, 10 * STEPS)  # counting starts at the first shard, not drawn again
+    assert seen[-1] == (10 * STEPS, 10 * STEPS)
     a, b = _all(whole), _all(resumed)
     for key in ("seeds", "h", "thumbnails"):
         assert torch.equal(a[key], b[key]), key
@@ -100,7 +101,7 @@ def test_bank_extends_and_refuses_other_settings_or_engines(tmp_path, engine):
     other = tiny_engine(h_location="mid.in")
     with pytest.raises(HspaceError, match="h_location"):
         build_bank(path, other, 12, STEPS, shard_size=4)
-    with pytest.raises(HspaceError, match="different engine.*h_location"):
+    with pytest.raises(HspaceError, match="different engine .h_location"):
         bank.check_engine(other)
     with pytest.raises(HspaceError, match="different engine"):
         bank.trajectory(other, [0])

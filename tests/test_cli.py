@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from hspace import Direction, Trajectory
-from hspace.cli import main, parse_seeds
+from hspace.cli import main
+from hspace.cli.common import parse_seeds
 from hspace.images import labelled_grid, to_uint8
 
 
@@ -89,7 +90,7 @@ def test_bank_pca_edit_and_jacobian_commands(tmp_path):
     expected = pca_from_h(bank.h(), 2)
     pc2 = Direction.load(tmp_path / "pca" / "pc2.safetensors")
     assert torch.allclose(pc2.delta, expected.directions()[1].delta, atol=1e-5)
-    assert pc2.meta["model"] == "tiny-random" and pc2.num_steps == 3
+    assert pc2.spec.model == "tiny-random" and pc2.num_steps == 3
     rnd = Direction.load(tmp_path / "pca" / "random1.safetensors")
     assert torch.allclose(rnd.norms(), Direction.load(tmp_path / "pca" / "pc1.safetensors").norms(), rtol=1e-5)
 
@@ -116,7 +117,7 @@ def test_bank_pca_edit_and_jacobian_commands(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["jacobian", "--model", "tiny-random", "--mask", "mouth", "--steps", "2"], "part masks like 'mouth' exist for the bundled toyfaces model only"),
+        (["jacobian", "--model", "tiny-random", "--mask", "mouth", "--steps", "2"], "part masks like 'mouth' exist for the toyfaces domain's models only"),
         (["jacobian", "--model", "tiny-random", "--mask", "nose.png", "--steps", "2"], "--mask 'nose.png' is neither a part name"),
         (["pca", "no-bank"], "'no-bank' is not a bank"),
         (["bank", "b", "--n", "0", "--model", "tiny-random"], "n must be an integer >= 1, got 0"),
@@ -204,7 +205,7 @@ def test_jacobian_of_a_saved_trajectory_follows_its_steps_and_clipping(tmp_path,
     common = ["--device", "cpu", "--model", "tiny-random"]
     path = tmp_path / "t.safetensors"
     assert main(["sample", "--seeds", "4", "--steps", "3", "--no-clip", "--out", str(tmp_path / "s"), "--save-trajectory", str(path), *common]) == 0
-    assert Trajectory.load(path).meta["clip_sample"] is False
+    assert Trajectory.load(path).spec.clip_sample is False
     argv = ["jacobian", "--trajectory", str(path), "--k", "1", "--scales", "0", "--out", str(tmp_path / "j"), *common]
     assert main([*argv, "--at", "2"]) == 0  # no --no-clip needed: the file says how it was drawn
     assert json.loads((tmp_path / "j" / "jacobian.json").read_text())["results"][0]["step"] == 2

@@ -4,18 +4,19 @@ import pytest
 import torch
 
 from hspace import Direction, HspaceError
+from hspace.spec import Spec
 
 
-def make(steps=6, shape=(32, 8, 8), **meta):
-    return Direction(torch.randn(steps, *shape), sigma=torch.rand(steps), meta={"name": "d", "h_location": "mid.out", **meta})
+def make(steps=6, shape=(32, 8, 8), model="tiny-test", h_location="mid.out", **meta):
+    return Direction(torch.randn(steps, *shape), sigma=torch.rand(steps), meta={"name": "d", **meta}, spec=Spec(model, h_location))
 
 
 def test_save_load_round_trip(tmp_path):
-    d = make(model="tiny-test", method="pca", params={"k": 3, "component": 1})
+    d = make(method="pca", params={"k": 3, "component": 1})
     d.save(tmp_path / "d.safetensors")
     loaded = Direction.load(tmp_path / "d.safetensors")
     assert torch.equal(loaded.delta, d.delta) and torch.equal(loaded.sigma, d.sigma)
-    assert loaded.meta == d.meta and loaded.meta["params"] == {"k": 3, "component": 1}
+    assert loaded.meta == d.meta and loaded.spec == d.spec and loaded.meta["params"] == {"k": 3, "component": 1}
     assert loaded.meta["num_steps"] == 6
 
 
@@ -24,7 +25,7 @@ def test_mismatches_are_clear_errors(engine, trajectory):
         engine.edit(trajectory, make(shape=(16, 8, 8)), [1.0])
     with pytest.raises(HspaceError, match="has 10 steps but the process has 6"):
         engine.edit(trajectory, make(steps=10), [1.0])
-    with pytest.raises(HspaceError, match="found at h location 'mid.in'"):
+    with pytest.raises(HspaceError, match="made by a different engine .h_location: 'mid.in' vs 'mid.out'"):
         engine.edit(trajectory, make(h_location="mid.in"), [1.0])
     with pytest.raises(HspaceError, match="scales is empty"):
         engine.edit(trajectory, make(), [])
@@ -34,7 +35,7 @@ def test_mismatches_are_clear_errors(engine, trajectory):
 
 def test_single_step_direction_applies_at_every_step(engine, trajectory):
     one = make(steps=1)
-    repeated = Direction(one.delta.repeat(6, 1, 1, 1), meta=one.meta)
+    repeated = Direction(one.delta.repeat(6, 1, 1, 1), meta=one.meta, spec=one.spec)
     a = engine.edit(trajectory, one, [1.5])
     b = engine.edit(trajectory, repeated, [1.5])
     assert torch.equal(a, b)

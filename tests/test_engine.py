@@ -110,10 +110,10 @@ def test_x_T_does_not_depend_on_the_number_of_steps():
 
 def test_asyrp_with_zero_delta_equals_the_plain_process(engine, trajectory):
     zero = torch.zeros(6, *engine.h_shape)
-    assert torch.equal(engine.replay(trajectory, zero, asyrp=True).x0, engine.replay(trajectory).x0)
+    assert torch.equal(engine.replay(trajectory, zero, eps_pass="clean").x0, engine.replay(trajectory).x0)
     delta = torch.randn(6, *engine.h_shape)
     single = engine.replay(trajectory, delta).x0
-    asyrp = engine.replay(trajectory, delta, asyrp=True).x0
+    asyrp = engine.replay(trajectory, delta, eps_pass="clean").x0
     assert (single - asyrp).abs().max().item() > 1e-3
 
 
@@ -166,8 +166,8 @@ def test_vector_arithmetic_direction(engine, trajectory):
 def test_no_hook_remains_after_an_edit_that_raised(engine, trajectory):
     before = hook_count(engine.unet)
 
-    def boom(info):
-        if info["step"] == 2:
+    def boom(event):
+        if event.step == 2:
             raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
@@ -207,7 +207,7 @@ def test_bad_delta_shape_names_the_valid_shapes(engine, trajectory):
 
 def test_trajectory_from_another_engine_is_rejected(trajectory):
     other = tiny_engine("mid.in")
-    with pytest.raises(HspaceError, match="drawn by engine"):
+    with pytest.raises(HspaceError, match="made by a different engine"):
         other.replay(trajectory)
 
 
@@ -217,7 +217,7 @@ def test_trajectory_indexing_and_save_load(tmp_path, trajectory):
     path = tmp_path / "t.safetensors"
     trajectory.save(path)
     loaded = Trajectory.load(path)
-    assert loaded.seeds == trajectory.seeds and loaded.meta == trajectory.meta
+    assert loaded.seeds == trajectory.seeds and loaded.spec == trajectory.spec
     for name in ("x_T", "x0", "h", "z", "timesteps", "eta"):
         assert torch.equal(getattr(loaded, name), getattr(trajectory, name))
     one = trajectory[1]

@@ -45,7 +45,7 @@ def test_ddim_inversion_of_rendered_faces_on_the_bundled_model():
     assert _psnr(refined.images, faces).min() > 50
     classic = invert(engine, faces, 50, 0.0, fixed_point_iterations=0)
     assert _psnr(classic.images, faces).min() > 30
-    assert refined.meta["clip_sample"] is False
+    assert refined.spec.clip_sample is False
 
 
 def test_wrong_images_are_clear_errors(tmp_path, engine):

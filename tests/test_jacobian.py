@@ -13,7 +13,7 @@ from hspace.directions.jacobian import (
     subspace_iteration,
 )
 from hspace.hooks import h_hook, hook_count
-from hspace.unet_split import decode, encode, forward_mode
+from hspace.models.unet import decode, encode, forward_mode
 
 from conftest import tiny_unet
 
@@ -235,7 +235,7 @@ def test_masked_directions_match_the_masked_jacobian(engine, trajectory, point):
     d = result.directions[0]
     assert isinstance(d, Direction) and d.delta.shape == (1, *engine.h_shape)
     assert float(d.norms()[0]) == pytest.approx(h_norm, rel=1e-4)
-    assert d.meta["name"] == f"j{STEP}_0" and d.meta["method"] == "jacobian" and d.meta["h_location"] == "mid.out"
+    assert d.meta["name"] == f"j{STEP}_0" and d.meta["method"] == "jacobian" and d.spec.h_location == "mid.out"
     p = d.meta["params"]
     assert p["step"] == STEP and p["index"] == 0 and p["seed"] == trajectory.seeds[0] and p["mask"] == "eyes"
     assert p["singular_value"] == pytest.approx(float(masked_svd[1][0]), rel=1e-3) and p["iterations"]

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from hspace import Direction, HspaceError
+from hspace.spec import Spec
 from hspace.directions.pca import PCAResult, StreamingPCA, pca_from_h, pca_per_timestep, random_directions
 
 K = 4
@@ -118,13 +119,13 @@ def test_signs_are_consistent_across_timesteps(method):
 def test_directions_shape_meta_and_round_trip(tmp_path):
     h = synthetic_h()
     res = pca_from_h(h, K)
-    dirs = res.directions(model="tiny-test", h_location="mid.out", num_steps=3)
+    dirs = res.directions(Spec("tiny-test", "mid.out"), num_steps=3)
     assert [d.name for d in dirs] == ["pc1", "pc2", "pc3", "pc4"]
     for j, d in enumerate(dirs):
         assert d.delta.shape == (3, 4, 3, 3) and d.delta.dtype == torch.float32
         torch.testing.assert_close(d.norms().double(), res.sigma[j], rtol=1e-6, atol=0)
         torch.testing.assert_close(d.delta, (res.sigma[j].float()[:, None, None, None] * res.components[j]))
-        assert d.meta["method"] == "pca" and d.meta["model"] == "tiny-test" and d.meta["h_location"] == "mid.out"
+        assert d.meta["method"] == "pca" and d.spec.model == "tiny-test" and d.spec.h_location == "mid.out"
         assert d.meta["params"]["component"] == j and d.meta["params"]["n"] == 40
         assert d.meta["params"]["per_timestep"] is True
         d.save(tmp_path / f"{d.name}.safetensors")
@@ -138,7 +139,7 @@ def test_random_baseline_matches_norms_and_is_seeded(tmp_path):
     res = pca_from_h(synthetic_h(), K)
     pcs = res.directions()
     state = torch.get_rng_state()
-    a = random_directions(res, 3, seed=7, model="m", h_location="mid.out")
+    a = random_directions(res, 3, seed=7, spec=Spec("m", "mid.out"))
     assert torch.equal(torch.get_rng_state(), state)
     assert [d.name for d in a] == ["random1", "random2", "random3"]
     for j, d in enumerate(a):
@@ -155,6 +156,7 @@ def test_random_baseline_matches_norms_and_is_seeded(tmp_path):
     assert torch.equal(random_directions(res, 1, seed=7)[0].delta, a[0].delta)
     a[0].save(tmp_path / "r.safetensors")
     assert Direction.load(tmp_path / "r.safetensors").meta == a[0].meta
+    assert Direction.load(tmp_path / "r.safetensors").spec == Spec("m", "mid.out")
 
 
 def test_random_baseline_matches_concatenated_pc_norms():

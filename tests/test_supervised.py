@@ -82,7 +82,7 @@ def test_annotation_is_stored_and_drives_the_direction(tmp_path, engine):
     assert d.meta["params"]["positive_seeds"] == top and d.name == "bright"
     with pytest.raises(HspaceError, match="no 'smile'; valid: bright, red"):
         direction_from_scores(bank, "smile", 3, scores="mine")
-    with pytest.raises(HspaceError, match="bundled classifier scores toy faces only"):
+    with pytest.raises(HspaceError, match="no domain is registered for model .tiny-test."):
         annotate_bank(bank)
 
 

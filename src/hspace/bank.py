@@ -2,8 +2,9 @@
 
 A bank is a folder:
 
-    bank.json                 what drew it: model, h location, dtype, steps, eta, timesteps, base seed,
-                              shard size, h and sample shapes; and how many samples it should hold
+    bank.json                 what drew it: the engine's spec (model, h location, dtype, clipping), steps,
+                              eta, timesteps, base seed, shard size, h and sample shapes; and how many
+                              samples it should hold
     shard-000000000000.safetensors   samples from 0 on: seeds, h [b, T, *h_shape] in float16,
     shard-000000000064.safetensors   x_0 thumbnails (uint8, at most ``thumbnail_size`` px) ...
     scores/NAME.safetensors   optional per-sample scores (labels, classifier outputs), [n] per key
@@ -15,8 +16,9 @@ sample is reproducible from its seed and the bank's settings (``Bank.trajectory`
 Writing is atomic (a temporary file, then ``os.replace``) and every shard is drawn on its own, in the
 same batches whenever it is drawn, so a bank interrupted at any point and built again by the same call
 equals a bank built in one go: no sample is lost or drawn twice. Asking for more samples extends the
-bank with new shards. A bank refuses to be extended or read by a different engine (model, h location,
-dtype), number of steps or eta.
+bank with new shards. Extending needs exactly the bank's settings (its spec included, dtype too);
+reading and editing its samples needs a compatible engine (``Spec.check``: any dtype), and
+``Engine.load(bank.spec)`` rebuilds the one that drew it.
 """
 
 from __future__ import annotations
@@ -31,16 +33,18 @@ import torch
 import torch.nn.functional as F
 
 from .errors import HspaceError
+from .progress import Meter
+from .spec import Spec
 from .trajectory import MAX_SEED, Trajectory
 
 __all__ = ["Bank", "build_bank"]
 
-FORMAT = 1
+FORMAT = 2  # 2: the engine identity is one "spec" object
 MANIFEST = "bank.json"
 FLOAT16_MAX = 65504.0
 _SHARD = re.compile(r"shard-(\d{12})\.safetensors")
 # What a bank's samples depend on: a bank refuses to mix samples that differ in any of these.
-IDENTITY = ("model", "h_location", "dtype", "clip_sample", "num_steps", "eta", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
+IDENTITY = ("spec", "num_steps", "eta", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
@@ -59,6 +63,13 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+def _flat(settings: dict) -> dict:
+    """Bank settings with the spec's fields as "spec.FIELD" keys (so that a mismatch names the field)."""
+    flat = {key: settings.get(key) for key in IDENTITY if key != "spec"}
+    flat.update({f"spec.{k}": v for k, v in (settings.get("spec") or {}).items()})
+    return flat
+
+
 def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [B, 3, h, w] from images [B, 3, H, W] in [-1, 1], shrunk by area so the longer side is <= size."""
     x = images.detach().float().cpu()
@@ -67,16 +78,6 @@ def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
         factor = max(H, W) / size
         x = F.interpolate(x, size=(max(1, round(H / factor)), max(1, round(W / factor))), mode="area")
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def _engine_identity(engine) -> dict:
-    """What of the engine a bank's samples depend on: model, h location, dtype and clipping."""
-    return {
-        "model": engine.name,
-        "h_location": engine.h_location,
-        "dtype": str(engine.dtype).replace("torch.", ""),
-        "clip_sample": engine.clip_override,
-    }
 
 
 class Bank:
@@ -110,7 +111,7 @@ class Bank:
 
         schedule = engine.schedule(num_steps)
         return {
-            **_engine_identity(engine),
+            "spec": engine.spec.to_dict(),
             "num_steps": num_steps,
             "eta": [float(e) for e in eta_schedule(eta, num_steps)],
             "timesteps": [int(t) for t in schedule.timesteps],
@@ -122,14 +123,18 @@ class Bank:
         }
 
     def _mismatch(self, identity: dict) -> list[str]:
-        return [f"{key}: bank has {self.manifest.get(key)!r}, requested {identity[key]!r}" for key in IDENTITY if self.manifest.get(key) != identity[key]]
+        """What differs between the bank's settings and ``identity`` (the spec field by field)."""
+        ours, theirs = _flat(self.manifest), _flat(identity)
+        return [f"{key}: bank has {ours.get(key)!r}, requested {theirs[key]!r}" for key in theirs if ours.get(key) != theirs[key]]
+
+    @property
+    def spec(self) -> Spec:
+        """The spec of the engine that drew the bank: ``Engine.load(bank.spec)`` rebuilds it."""
+        return Spec.from_dict(self.manifest["spec"])
 
     def check_engine(self, engine) -> None:
-        """Raise unless ``engine`` is the engine that drew this bank (model, h location, dtype, clipping)."""
-        theirs = _engine_identity(engine)
-        bad = [f"{k}: bank has {self.manifest.get(k)!r}, engine has {v!r}" for k, v in theirs.items() if self.manifest.get(k) != v]
-        if bad:
-            raise HspaceError(f"bank {str(self.path)!r} was drawn by a different engine ({'; '.join(bad)})")
+        """Raise unless ``engine`` is compatible with the one that drew this bank (``Spec.check``)."""
+        engine.spec.check(self.spec, f"bank {str(self.path)!r}")
 
     # ------------------------------------------------------------------ what it holds
 
@@ -306,12 +311,12 @@ class Bank:
             raise HspaceError(f"sample index {bad[0]} out of range; valid: 0 to {self.n - 1}")
         return indices
 
-    def trajectory(self, engine, indices: Sequence[int], *, batch_size: int = 32, callback=None) -> Trajectory:
+    def trajectory(self, engine, indices: Sequence[int], *, batch_size: int = 32, callback=None, progress: bool | None = None) -> Trajectory:
         """Draw the given samples again from their seeds (with noise and h), e.g. to edit them."""
         self.check_engine(engine)
         indices = self.check_indices(indices)
         seeds = [self.manifest["base_seed"] + i for i in indices]
-        return engine.sample(seeds, self.num_steps, self.eta, batch_size=batch_size, callback=callback)
+        return engine.sample(seeds, self.num_steps, self.eta, batch_size=batch_size, callback=callback, progress=progress)
 
     # ------------------------------------------------------------------ scores and labels
 
@@ -347,7 +352,7 @@ class Bank:
 
     def __repr__(self) -> str:
         m = self.manifest
-        return f"Bank({str(self.path)!r}, n={self.n}, model={m['model']!r}, steps={self.num_steps}, h={self.h_shape})"
+        return f"Bank({str(self.path)!r}, n={self.n}, model={m['spec']['model']!r}, steps={self.num_steps}, h={self.h_shape})"
 
 
 def build_bank(
@@ -361,7 +366,8 @@ def build_bank(
     shard_size: int = 64,
     batch_size: int = 32,
     thumbnail_size: int = 64,
-    callback: Callable[[dict], None] | None = None,
+    callback: Callable | None = None,
+    progress: bool | None = None,
 ) -> Bank:
     """Create, resume or extend the bank at ``path`` so that it holds ``n`` samples; returns it.
 
@@ -369,9 +375,8 @@ def build_bank(
     ``batch_size`` (so a shard is the same whenever it is drawn) and written atomically; extending a
     bank keeps every shard it has and draws new ones from its old end. A bank that
     exists must have been drawn with the same engine, steps, eta, base seed, shard size and thumbnail
-    size; otherwise it is an error naming what differs and nothing is written. ``callback`` gets
-    the engine's per-step info plus "shard" and "num_shards" (counting the shards this call draws),
-    "start" and "count" (the shard's first sample and size), "done" (samples already in the bank) and "n".
+    size; otherwise it is an error naming what differs and nothing is written. ``callback`` gets the
+    engine's ``StepEvent``s, counted over the whole bank (``done`` starts at the samples already drawn).
     """
     _positive_int("n", n)
     _positive_int("num_steps", num_steps)
@@ -401,15 +406,9 @@ def build_bank(
 
     missing = bank.missing()
     done = bank.n - sum(count for _, count in missing)
-    for index, (start, count) in enumerate(missing):
-        seeds = list(range(base_seed + start, base_seed + start + count))
-
-        def on_step(info: dict, index=index, start=start, count=count) -> None:
-            if callback is not None:
-                shard = {"shard": index, "num_shards": len(missing), "start": start, "count": count}
-                callback({**info, **shard, "done": done, "n": bank.n})
-
-        trajectory = engine.sample(seeds, num_steps, eta, keep_noise=False, batch_size=batch_size, callback=on_step)
-        bank.write_shard(start, trajectory.h, thumbnails(trajectory.images, thumbnail_size))
-        done += count
+    with Meter.job(callback, bank.n * num_steps, progress, "bank", done=done * num_steps) as meter:
+        for start, count in missing:
+            seeds = list(range(base_seed + start, base_seed + start + count))
+            trajectory = engine.sample(seeds, num_steps, eta, keep_noise=False, batch_size=batch_size, callback=meter)
+            bank.write_shard(start, trajectory.h, thumbnails(trajectory.images, thumbnail_size))
     return bank

@@ -4,6 +4,7 @@ Jacobian directions of one sample."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -17,8 +18,10 @@ from .engine import Engine
 from .images import labelled_grid
 from .inversion import invert
 from .loading import DEFAULT_MODEL
-from .progress import staged
+from .domains import domain_of
 
+
+logger = logging.getLogger(__name__)
 
 POOL = 64  # samples with h for the PCA and the annotation
 PCS = 6
@@ -36,15 +39,16 @@ def run_demo(
     model: str | None = None,
     steps: int = 50,
     device: str | None = None,
-    progress_factory: Callable[[str], Callable] | None = None,
 ) -> list[Path]:
     """Write the demo figures into ``out``; returns their paths (an index.md first)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     engine = Engine.load(model or DEFAULT_MODEL, device=device)
+    domain = domain_of(engine.name, required=False)
 
     def run(desc: str, fn: Callable):
-        return staged(progress_factory, desc, fn)
+        logger.info(desc)  # each stage draws its own progress bar
+        return fn(None)
 
     figures: list[tuple[str, str]] = []
 
@@ -76,10 +80,8 @@ def run_demo(
     # Vector arithmetic (Fig. 4): h of one sample minus h of another; on toy faces, the sample the
     # classifier finds most smiling minus the least smiling one.
     plus, minus, label = ddpm[[0]], ddpm[[1]], "h(seed 0) - h(seed 1)"
-    if engine.name == "toyfaces":
-        from .toyfaces.classifier import classify
-
-        scores = classify(pool.images)
+    if domain is not None:
+        scores = domain.scorer()(pool.images)
         smile = scores["smile"].argsort(descending=True).tolist()
         plus, minus, label = pool[smile[:1]], pool[smile[-1:]], "h(smiling) - h(not smiling)"
     direction = mean_difference(plus, minus, name=label)
@@ -89,7 +91,7 @@ def run_demo(
         "arithmetic.png",
         f"Vector arithmetic (paper Fig. 4): {label} added to other samples at scales gamma (one batched replay).",
     )
-    if engine.name == "toyfaces":
+    if domain is not None and {"smile", "glasses", "hat", "eyes_open"} <= set(scores):
         # Directions from classifier annotation (eq. 10): top 8 minus bottom 8 of the pool per attribute.
         names = ("smile", "glasses", "hat", "eyes_open")
         directions = []
@@ -118,9 +120,7 @@ def run_demo(
 
         # A real image (a face drawn by the renderer, not by the model) through edit-friendly DDPM inversion,
         # then edited like any sample.
-        from .toyfaces.render import render_batch
-
-        face = torch.from_numpy(render_batch([20_000_000], size=engine.image_size[0])[0])
+        face = domain.render([20_000_000], engine.image_size[0])[0]
         inverted = run("inversion", lambda cb: invert(engine, face, steps, 1.0, callback=cb))
         edits = run("inverted edits", lambda cb: engine.edit(inverted, [by_name["glasses"], by_name["hat"], clean], scales, callback=cb))
         error = float((inverted.images - face).abs().max())
@@ -135,8 +135,8 @@ def run_demo(
     # Global directions (Sec. 4.1, Fig. 5-6): per-timestep PCA of the pool's h, and random directions
     # with the same per-timestep norm. Scales in units of sigma (std of the data along the component).
     pca = pca_from_h(pool.h, PCS)
-    pcs = pca.directions(engine.name, engine.h_location)
-    randoms = random_directions(pca, 2, seed=0, model=engine.name, h_location=engine.h_location)
+    pcs = pca.directions(engine.spec)
+    randoms = random_directions(pca, 2, seed=0, spec=engine.spec)
     sigmas = [-3.0, -1.5, 0.0, 1.5, 3.0]
     edits = run("PCA edits", lambda cb: engine.edit(targets[[0, 1]], pcs + randoms, sigmas, callback=cb))
     ratios = ", ".join(f"pc{j + 1} {100 * float(r):.1f}%" for j, r in enumerate(pca.variance_ratio.mean(1)))
@@ -151,14 +151,10 @@ def run_demo(
     # sample, at 70% of the process (where the toy model's edits are most local), restricted to a region of
     # the output on toy faces; applied at all steps.
     source, at = targets[[0]], (7 * steps) // 10
-    regions = ["eyes", "mouth"] if engine.name == "toyfaces" else [None]
+    regions = ["eyes", "mouth"] if domain is not None and {"eyes", "mouth"} <= set(domain.parts) else [None]
     jacobian, lines = [], []
     for region in regions:
-        mask = None
-        if region is not None:
-            from .toyfaces.render import region_mask
-
-            mask = torch.from_numpy(region_mask(region, engine.sample_shape[-1])).float()
+        mask = None if region is None else domain.part_mask(region, engine.sample_shape[-1])
         found = run(
             f"Jacobian {region or 'directions'}",
             lambda cb, mask=mask, region=region: jacobian_directions(
@@ -177,13 +173,13 @@ def run_demo(
         _edit_grid(edits, jacobian, others.seeds, [f"{g:g}" for g in gammas]),
         "jacobian.png",
         f"Jacobian directions of seed {source.seeds[0]} at step {at} of {steps} (paper Alg. 1, Fig. 7), "
-        + ("restricted to the eyes and the mouth region; " if engine.name == "toyfaces" else "")
+        + ("restricted to the eyes and the mouth region; " if regions != [None] else "")
         + "applied at every step with gamma in units of ||h_t||, to the source (first row of each) and transferred to "
         f"two other samples. {'; '.join(lines)}.",
     )
 
     single = run("single pass", lambda cb: engine.edit(targets[[0]], direction, scales, callback=cb))[0, :, 0]
-    asyrp = run("asyrp", lambda cb: engine.edit(targets[[0]], direction, scales, asyrp=True, callback=cb))[0, :, 0]
+    asyrp = run("asyrp", lambda cb: engine.edit(targets[[0]], direction, scales, eps_pass="clean", callback=cb))[0, :, 0]
     save(
         labelled_grid(torch.stack([single, asyrp]), ["single pass", "Asyrp"], [f"{s:g}" for s in scales]),
         "asyrp.png",

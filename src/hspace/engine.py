@@ -1,53 +1,34 @@
-"""The h-space engine: a diffusers U-Net (+ optional VQ/VAE decoder), its noise schedule, and a hook on h.
+"""The h-space engine: a model wrapper, its noise schedule, and one loop over the generative process.
 
-Sampling records h_t at every step (paper Sec. 3); a replay injects delta-h_t through the hook into
-both P_t and D_t with one U-Net pass per step, or into P_t only with Asyrp's two passes (Kwon et al.).
+``Engine.run`` drives eq. 2 from x_T with given noise and applies interventions on h at every step
+(``interventions.py``); sampling records h_t (paper Sec. 3), a replay adds delta-h_t into both P_t and
+D_t with one U-Net pass per step, or into P_t only with Asyrp's second, clean pass (Kwon et al.).
+``sample``, ``replay``, ``edit``, ``swap``, ``x_t`` and ``finish`` are thin wrappers over it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
 from .diffusion import Schedule, eta_schedule
 from .directions.direction import Direction, stack_directions
-from .errors import HspaceError
-from .hooks import DEFAULT_H_LOCATION, check_location, h_hook
+from .errors import HspaceError, check_choice
+from .hooks import DEFAULT_H_LOCATION
+from .interventions import LinearEdit, Record, Replace, StepContext, apply_all, edits_at
 from .loading import DEFAULT_MODEL, Components, load_components, resolve_device, resolve_dtype
-from .trajectory import Trajectory, check_seeds, seeded_noise
+from .models import UNetModel
+from .progress import Meter, StepEvent
+from .spec import Spec
+from .trajectory import Trajectory, check_seeds, seeded_noise, seeded_x_T
 
-Callback = Callable[[dict], None]
-
-
-@dataclass
-class HEdit:
-    """What happens to h_t at step i of a batch of N: h_t <- (replace_t or h_t) + sum_d coef[n, d] v_d[t]."""
-
-    active: torch.Tensor  # [T] bool: steps at which h is touched at all
-    directions: torch.Tensor | None = None  # [D, T, *h_shape]
-    coefficients: torch.Tensor | None = None  # [N, D]
-    replace: torch.Tensor | None = None  # [N, T, *h_shape]
-
-    def apply(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        if not self.active[i]:
-            return h
-        if self.replace is not None:
-            h = self.replace[:, i].to(h.device, h.dtype)
-        if self.directions is not None:
-            v = self.directions[:, i].to(h.device, torch.float32)
-            delta = torch.einsum("nd,d...->n...", self.coefficients.to(h.device, torch.float32), v)
-            h = h + delta.to(h.dtype)
-        return h
-
-    def chunk(self, rows: torch.Tensor) -> "HEdit":
-        pick = lambda x: None if x is None else x[rows]  # noqa: E731
-        return HEdit(self.active, self.directions, pick(self.coefficients), pick(self.replace))
+EPS_PASSES = ("edited", "clean")  # where D_t's eps comes from: the edited pass, or Asyrp's clean one
+Noise = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
 
 
 class Engine:
-    """A diffusion model with its h-space exposed: sample, replay, edit, swap."""
+    """A diffusion model with its h-space exposed: one loop (``run``) and its wrappers."""
 
     def __init__(
         self,
@@ -57,65 +38,68 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         clip_sample: bool | None = None,
     ):
-        self.h_location = check_location(h_location)
+        dtype = resolve_dtype(dtype)
+        self.spec = Spec(components.name, h_location, str(dtype).replace("torch.", ""), clip_sample)
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = dtype
         # The step arithmetic runs in float32 at least, whatever the U-Net's dtype.
-        self.compute_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
-        self.name = components.name
+        self.compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.scheduler_config = dict(components.scheduler_config)
         # None keeps the model's own setting. Clipping P_t makes high-noise DDIM steps many-to-one, which
-        # DDIM inversion cannot undo; clip_sample=False is part of the engine's identity (meta).
-        if clip_sample is not None and not isinstance(clip_sample, bool):
-            raise HspaceError(f"clip_sample must be True, False or None (the model's setting), got {clip_sample!r}")
-        self.clip_override = clip_sample
+        # DDIM inversion cannot undo; clip_sample=False is part of the spec.
         if clip_sample is not None:
             self.scheduler_config["clip_sample"] = clip_sample
-        self.unet = _prepare(components.unet, self.device, self.dtype)
-        self.decoder = None if components.decoder is None else _prepare(components.decoder, self.device, self.dtype)
-        size = self.unet.config.sample_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        self.sample_shape = (self.unet.config.in_channels, *size)
-        self._h_shape: tuple[int, ...] | None = None
+        self.model = UNetModel(components.unet, components.decoder, h_location, self.device, dtype)
         self._schedules: dict[int, Schedule] = {}
 
     @classmethod
     def load(
         cls,
-        model: str = DEFAULT_MODEL,
-        h_location: str = DEFAULT_H_LOCATION,
+        model: str | Spec = DEFAULT_MODEL,
+        h_location: str | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         clip_sample: bool | None = None,
     ) -> "Engine":
-        """Load a built-in model by name, a local diffusers folder, or a hub id.
+        """Load a built-in model by name, a local diffusers folder or a hub id; or rebuild the engine of a
+        ``Spec`` (``Engine.load(bank.spec)``), where ``device`` may still be chosen and nothing else.
 
         ``clip_sample`` overrides the scheduler's clipping of P_t (None: the model's own setting)."""
-        check_location(h_location)
-        return cls(load_components(model), h_location, device, dtype, clip_sample)
+        if isinstance(model, Spec):
+            given = {"h_location": h_location, "dtype": dtype, "clip_sample": clip_sample}
+            extra = [k for k, v in given.items() if v is not None]
+            if extra:
+                raise HspaceError(f"a spec fixes {', '.join(extra)}; load it alone (Engine.load(spec, device=...))")
+            spec = model
+            return cls(load_components(spec.model), spec.h_location, device, spec.dtype, spec.clip_sample)
+        spec = Spec(str(model), h_location or DEFAULT_H_LOCATION)  # checks the h location before loading
+        return cls(load_components(model), spec.h_location, device, dtype, clip_sample)
+
+    # ------------------------------------------------------------------ what the engine is
 
     @property
-    def meta(self) -> dict:
-        meta = {"model": self.name, "h_location": self.h_location}
-        if self.clip_override is not None:
-            meta["clip_sample"] = self.clip_override
-        return meta
+    def name(self) -> str:
+        return self.spec.model
+
+    @property
+    def h_location(self) -> str:
+        return self.spec.h_location
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.model.unet
+
+    @property
+    def decoder(self) -> torch.nn.Module | None:
+        return self.model.decoder
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.model.sample_shape
 
     @property
     def h_shape(self) -> tuple[int, ...]:
-        """Shape of h_t for one sample, found by one U-Net pass the first time it is asked for."""
-        if self._h_shape is None:
-            seen = []
-
-            def look(h):
-                seen.append(tuple(h.shape[1:]))
-                return h
-
-            x = torch.zeros(1, *self.sample_shape, device=self.device, dtype=self.dtype)
-            with torch.no_grad(), h_hook(self.unet, self.h_location, look):
-                self.unet(x, torch.tensor(0, device=self.device))
-            self._h_shape = seen[0]
-        return self._h_shape
+        return self.model.h_shape
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -131,78 +115,88 @@ class Engine:
 
     def decode(self, x0: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """Images in [-1, 1] from x_0 (through the VQ/VAE decoder of a latent model)."""
-        if self.decoder is None:
-            return x0
-        scale = float(getattr(self.decoder.config, "scaling_factor", 1.0) or 1.0)
-        out = []
-        with torch.no_grad():
-            for part in x0.split(batch_size):
-                latents = part.to(self.device, self.dtype) / scale
-                out.append(self.decoder.decode(latents).sample.float().cpu())
-        return torch.cat(out)
+        return self.model.decode(x0, batch_size)
 
     def encode(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
-        """x_0 in the U-Net's space from images [B, 3, H, W] in [-1, 1]: the images themselves for a
-        pixel model, the autoencoder's latents (times scaling_factor) for a latent model."""
-        if self.decoder is None:
-            return images.to(self.compute_dtype)
-        scale = float(getattr(self.decoder.config, "scaling_factor", 1.0) or 1.0)
-        out = []
-        with torch.no_grad():
-            for part in images.split(batch_size):
-                encoded = self.decoder.encode(part.to(self.device, self.dtype))
-                latents = encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mean
-                out.append((latents * scale).to(self.compute_dtype).cpu())
-        return torch.cat(out)
+        """x_0 in the U-Net's space from images [B, 3, H, W] in [-1, 1] (latents for a latent model)."""
+        return self.model.encode(images, batch_size).to(self.compute_dtype)
 
     def model_output(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        """The U-Net's output at (x_t, t) in the compute dtype (hooks on h apply)."""
-        return self.unet(x_t.to(self.device, self.dtype), torch.tensor(t, device=self.device)).sample.to(self.compute_dtype)
+        """The U-Net's output at (x_t, t) in the compute dtype, without interventions."""
+        return self.model.output(x_t, t).to(self.compute_dtype)
 
-    # ------------------------------------------------------------------ the generative process
+    def decoder_half(self, x_t: torch.Tensor, t: int):
+        """eps as a function of h at (x_t, t): ``models.DecoderHalf`` (what the Jacobian differentiates)."""
+        return self.model.decoder_half(x_t, t)
 
-    def _generate(
+    def check_direction(self, direction: Direction, num_steps: int) -> None:
+        """Raise a clear error unless ``direction`` applies to this engine's h in a ``num_steps`` process."""
+        self.spec.check(direction.spec, f"direction {direction.name!r}", "direction")
+        direction.check_compatible(self.h_shape, num_steps, self.h_location)
+
+    # ------------------------------------------------------------------ the one loop
+
+    def run(
         self,
-        x_T: torch.Tensor,
-        z: torch.Tensor | None,
-        schedule: Schedule,
-        eta: torch.Tensor,
-        edit: HEdit | None,
-        asyrp: bool,
-        record_h: bool,
-        callback: Callback | None,
-        progress: dict,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run eq. 2 from x_T with the given noise; returns x_0 and (optionally) h_t at every step."""
-        n, steps = x_T.shape[0], schedule.num_steps
+        x: torch.Tensor,
+        num_steps: int,
+        eta: float | Sequence[float] | torch.Tensor,
+        *,
+        noise: Noise = None,
+        start: int = 0,
+        stop: int | None = None,
+        interventions: Sequence[Callable] = (),
+        eps_pass: str = "edited",
+        batch_size: int = 32,
+        callback: Callable | None = None,
+        progress: bool | None = None,
+        stage: str = "run",
+    ) -> torch.Tensor:
+        """Steps ``start .. stop-1`` of eq. 2 of the ``num_steps``-step process from x (x_t at the start of
+        step ``start``; x_T for 0), in batches; returns the state where it stops (x_0 for the whole process).
+
+        ``noise`` is z [N, num_steps, C, H, W], or a callable from a batch's rows to theirs (needed where
+        sigma_t > 0). ``interventions`` act on h at every step, in order (see ``interventions.py``);
+        ``eps_pass="clean"`` takes D_t's eps from a second pass without them (Asyrp), at the steps where
+        one of them edits. ``callback`` gets a ``StepEvent`` after every step of every batch.
+        """
+        check_batch_size(batch_size)
+        check_choice("eps_pass", eps_pass, EPS_PASSES)
+        schedule = self.schedule(num_steps)
+        eta = eta_schedule(eta, num_steps)
+        stop = num_steps if stop is None else stop
+        if not 0 <= start <= stop <= num_steps:
+            raise HspaceError(f"steps {start}..{stop} are not a part of a {num_steps}-step process")
         sigma = schedule.sigma(eta)
-        recorded = torch.empty(n, steps, *self.h_shape) if record_h else None
-        current = {"i": 0, "edit": True}
+        interventions = list(interventions)
+        clean = [eps_pass == "clean" and any(edits_at(iv, i) for iv in interventions) for i in range(num_steps)]
+        n = len(x)
+        total = n * sum(1 + c for c in clean[start:stop])
+        out = []
+        with Meter.job(callback, total, progress, stage) as meter:
+            for rows in torch.arange(n).split(batch_size):
+                z = noise(rows) if callable(noise) else (None if noise is None else noise[rows])
+                state = x[rows].to(self.device, self.compute_dtype)
+                for i in range(start, stop):
+                    t = int(schedule.timesteps[i])
+                    ctx = StepContext(i, t, num_steps, rows, n)
+                    edit_h = (lambda h, ctx=ctx: apply_all(interventions, h, ctx)) if interventions else None
+                    p, eps = schedule.split_output(i, state, self.model.output(state, t, edit_h).to(self.compute_dtype))
+                    if clean[i]:
+                        _, eps = schedule.split_output(i, state, self.model_output(state, t))
+                    s = float(sigma[i])
+                    if s > 0 and z is None:
+                        raise HspaceError(f"step {i} has sigma_t = {s:.4g} > 0 but no noise z_t was given")
+                    following = schedule.step(i, state, p, eps, s, z[:, i].to(self.device) if s > 0 else None)
+                    meter.emit(
+                        StepEvent, len(rows) * (1 + clean[i]), stage=stage, step=i, num_steps=num_steps, timestep=t,
+                        rows=rows, x_t=state, x0_pred=p, x_next=following,
+                    )
+                    state = following
+                out.append(state.cpu())
+        return torch.cat(out)
 
-        def on_h(h: torch.Tensor) -> torch.Tensor:
-            if not current["edit"]:  # Asyrp's second, unedited pass
-                return h
-            i = current["i"]
-            if edit is not None:
-                h = edit.apply(i, h)
-            if recorded is not None:
-                recorded[:, i] = h.detach().float().cpu()
-            return h
-
-        x = x_T.to(self.device, self.compute_dtype)
-        with torch.no_grad(), h_hook(self.unet, self.h_location, on_h):
-            for i, t in enumerate(schedule.timesteps.tolist()):
-                current.update(i=i, edit=True)
-                p, eps = schedule.split_output(i, x, self.model_output(x, t))
-                if asyrp and edit is not None and bool(edit.active[i]):
-                    # Asyrp: delta-h reaches P_t only; D_t takes eps of a second, unedited pass.
-                    current["edit"] = False
-                    _, eps = schedule.split_output(i, x, self.model_output(x, t))
-                s = float(sigma[i])
-                x = schedule.step(i, x, p, eps, s, z[:, i].to(self.device) if s > 0 else None)
-                if callback is not None:
-                    callback({"step": i, "num_steps": steps, "timestep": t, **progress})
-        return x.cpu(), recorded
+    # ------------------------------------------------------------------ wrappers over the loop
 
     def sample(
         self,
@@ -213,7 +207,8 @@ class Engine:
         record_h: bool = True,
         keep_noise: bool = True,
         batch_size: int = 32,
-        callback: Callback | None = None,
+        callback: Callable | None = None,
+        progress: bool | None = None,
     ) -> Trajectory:
         """Draw one sample per seed (paper eq. 2-5) and record its trajectory.
 
@@ -224,25 +219,28 @@ class Engine:
         check_batch_size(batch_size)
         schedule = self.schedule(num_steps)
         eta_t = eta_schedule(eta, num_steps)
-        chunks = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
-        parts = []
-        for c, chunk in enumerate(chunks):
-            noise = [seeded_noise(s, self.sample_shape, num_steps) for s in chunk]
-            x_T = torch.stack([x for x, _ in noise])
-            z = torch.stack([z for _, z in noise])
-            x0, h = self._generate(
-                x_T, z, schedule, eta_t, None, False, record_h, callback, {"chunk": c, "num_chunks": len(chunks)}
-            )
-            parts.append(self._trajectory(chunk, schedule, eta_t, x_T, x0, h, z if keep_noise else None))
-        return Trajectory.cat(parts)
+        x_T = torch.stack([seeded_x_T(s, self.sample_shape) for s in seeds])
+        kept: list[torch.Tensor] = []
+
+        def noise(rows: torch.Tensor) -> torch.Tensor:
+            z = torch.stack([seeded_noise(seeds[r], self.sample_shape, num_steps)[1] for r in rows.tolist()])
+            if keep_noise:
+                kept.append(z)
+            return z
+
+        record = Record() if record_h else None
+        x0 = self.run(
+            x_T, num_steps, eta_t, noise=noise, interventions=[record] if record else [],
+            batch_size=batch_size, callback=callback, progress=progress, stage="sampling",
+        )
+        return self._trajectory(seeds, schedule, eta_t, x_T, x0, record and record.h, torch.cat(kept) if keep_noise else None)
 
     def _trajectory(self, seeds, schedule, eta, x_T, x0, h, z) -> Trajectory:
         image = None if self.decoder is None else self.decode(x0)
-        return Trajectory(seeds, schedule.timesteps, eta, x_T, x0, h, z, image, self.meta)
+        return Trajectory(seeds, schedule.timesteps, eta, x_T, x0, h, z, image, self.spec)
 
     def _check_trajectory(self, trajectory: Trajectory) -> Schedule:
-        if trajectory.meta and trajectory.meta != self.meta:
-            raise HspaceError(f"trajectory was drawn by engine {trajectory.meta}, this engine is {self.meta}")
+        self.spec.check(trajectory.spec, "the trajectory")
         if tuple(trajectory.x_T.shape[1:]) != self.sample_shape:
             raise HspaceError(f"trajectory x_T has shape {tuple(trajectory.x_T.shape[1:])}, the model samples {self.sample_shape}")
         schedule = self.schedule(trajectory.num_steps)
@@ -250,39 +248,66 @@ class Engine:
             raise HspaceError("trajectory timesteps differ from this engine's schedule for the same number of steps")
         return schedule
 
-    def _replay(
+    def _noise_of(self, trajectory: Trajectory, source: torch.Tensor) -> Noise:
+        """z of the samples ``source`` (stored, or regenerated batch by batch), None where no step needs it."""
+        if not bool((self.schedule(trajectory.num_steps).sigma(trajectory.eta) > 0).any()):
+            return None
+        if trajectory.z is not None:
+            return lambda rows: trajectory.z[source[rows]]
+        return lambda rows: trajectory.noise(source[rows].tolist())
+
+    def replay(
         self,
         trajectory: Trajectory,
-        source: torch.Tensor,
-        edit: HEdit | None,
-        asyrp: bool,
-        record_h: bool,
-        batch_size: int,
-        callback: Callback | None,
+        delta: Direction | torch.Tensor | None = None,
+        *,
+        scale: float = 1.0,
+        window: tuple[float, float] | None = None,
+        interventions: Sequence[Callable] = (),
+        source: Sequence[int] | torch.Tensor | None = None,
+        eps_pass: str = "edited",
+        record_h: bool = False,
+        batch_size: int = 32,
+        callback: Callable | None = None,
+        progress: bool | None = None,
     ) -> Trajectory:
-        """Replay samples ``source`` [N] (indices into ``trajectory``) with its x_T and z, editing h."""
+        """Replay samples with their x_T and z, h_t + scale * delta_t injected (paper Sec. 3); no delta and
+        no interventions is a plain (exact) replay.
+
+        ``delta`` is a Direction, a tensor [T, *h_shape] for every sample, or [B, T, *h_shape] per sample;
+        ``interventions`` are applied after it. ``source`` picks (and may repeat) the samples to replay.
+        """
         check_batch_size(batch_size)
         schedule = self._check_trajectory(trajectory)
-        noise = trajectory.noise() if bool((schedule.sigma(trajectory.eta) > 0).any()) else None
-        rows = torch.arange(len(source)).split(batch_size)
-        parts = []
-        for c, chunk in enumerate(rows):
-            src = source[chunk]
-            x0, h = self._generate(
-                trajectory.x_T[src],
-                None if noise is None else noise[src],
-                schedule,
-                trajectory.eta,
-                None if edit is None else edit.chunk(chunk),
-                asyrp,
-                record_h,
-                callback,
-                {"chunk": c, "num_chunks": len(rows)},
-            )
-            seeds = [trajectory.seeds[i] for i in src.tolist()]
-            z = None if trajectory.z is None else trajectory.z[src]
-            parts.append(self._trajectory(seeds, schedule, trajectory.eta, trajectory.x_T[src], x0, h, z))
-        return Trajectory.cat(parts)
+        source = torch.arange(len(trajectory)) if source is None else torch.as_tensor(source, dtype=torch.long).flatten()
+        if len(source) and not (0 <= int(source.min()) and int(source.max()) < len(trajectory)):
+            raise HspaceError(f"source indices must lie in 0..{len(trajectory) - 1}")
+        steps = list(interventions)
+        if delta is not None:
+            steps.insert(0, self._delta_edit(delta, len(source), trajectory.num_steps, scale, window))
+        record = Record() if record_h else None
+        x0 = self.run(
+            trajectory.x_T[source], schedule.num_steps, trajectory.eta, noise=self._noise_of(trajectory, source),
+            interventions=steps + ([record] if record else []), eps_pass=eps_pass,
+            batch_size=batch_size, callback=callback, progress=progress, stage="replay",
+        )
+        seeds = [trajectory.seeds[i] for i in source.tolist()]
+        z = None if trajectory.z is None else trajectory.z[source]
+        return self._trajectory(seeds, schedule, trajectory.eta, trajectory.x_T[source], x0, record and record.h, z)
+
+    def _delta_edit(self, delta, n: int, num_steps: int, scale: float, window) -> LinearEdit:
+        if isinstance(delta, Direction):
+            self.check_direction(delta, num_steps)
+            delta = delta.per_step(num_steps)
+        delta = torch.as_tensor(delta, dtype=torch.float32)
+        shape = (num_steps, *self.h_shape)
+        if tuple(delta.shape) == shape:
+            directions, coefficients = delta[None], torch.full((n, 1), float(scale))
+        elif tuple(delta.shape) == (n, *shape):
+            directions, coefficients = delta, float(scale) * torch.eye(n)
+        else:
+            raise HspaceError(f"delta has shape {tuple(delta.shape)}; valid: {shape} or {(n, *shape)}")
+        return LinearEdit(directions, coefficients, self.active_steps(num_steps, window))
 
     def active_steps(self, num_steps: int, window: tuple[float, float] | None) -> torch.Tensor:
         """[T] bool: steps whose timestep t lies in ``window`` = (t_start, t_end), t_start >= t >= t_end."""
@@ -303,39 +328,6 @@ class Engine:
             )
         return active
 
-    def replay(
-        self,
-        trajectory: Trajectory,
-        delta: Direction | torch.Tensor | None = None,
-        *,
-        scale: float = 1.0,
-        window: tuple[float, float] | None = None,
-        asyrp: bool = False,
-        record_h: bool = False,
-        batch_size: int = 32,
-        callback: Callback | None = None,
-    ) -> Trajectory:
-        """Replay every sample with h_t + scale * delta_t injected (paper Sec. 3); no delta is a plain replay.
-
-        ``delta`` is a Direction, a tensor [T, *h_shape] for every sample, or [B, T, *h_shape] per sample.
-        """
-        n = len(trajectory)
-        edit = None
-        if delta is not None:
-            if isinstance(delta, Direction):
-                delta.check_compatible(self.h_shape, trajectory.num_steps, self.h_location)
-                delta = delta.per_step(trajectory.num_steps)
-            delta = torch.as_tensor(delta, dtype=torch.float32)
-            shape = (trajectory.num_steps, *self.h_shape)
-            if tuple(delta.shape) == shape:
-                directions, coefficients = delta[None], torch.full((n, 1), float(scale))
-            elif tuple(delta.shape) == (n, *shape):
-                directions, coefficients = delta, float(scale) * torch.eye(n)
-            else:
-                raise HspaceError(f"delta has shape {tuple(delta.shape)}; valid: {shape} or {(n, *shape)}")
-            edit = HEdit(self.active_steps(trajectory.num_steps, window), directions, coefficients)
-        return self._replay(trajectory, torch.arange(n), edit, asyrp, record_h, batch_size, callback)
-
     def edit(
         self,
         trajectory: Trajectory,
@@ -343,11 +335,12 @@ class Engine:
         scales: Sequence[float],
         *,
         window: tuple[float, float] | None = None,
-        asyrp: bool = False,
+        eps_pass: str = "edited",
         batch_size: int = 32,
-        callback: Callback | None = None,
+        callback: Callable | None = None,
+        progress: bool | None = None,
     ) -> torch.Tensor:
-        """Images [D, S, B, C, H, W] of every sample edited by every direction at every scale, batched."""
+        """Images [D, S, B, C, H, W] of every sample edited by every direction at every scale: one batched run."""
         if isinstance(directions, Direction):
             directions = [directions]
         directions = list(directions)
@@ -361,14 +354,17 @@ class Engine:
             raise HspaceError("scales is empty; give at least one scale, e.g. [-2, 0, 2]")
         steps = trajectory.num_steps
         for d in directions:
-            d.check_compatible(self.h_shape, steps, self.h_location)
+            self.check_direction(d, steps)
         n_d, n_s, n_b = len(directions), len(scales), len(trajectory)
         # Batch item (d, s, b) in row-major order: sample b edited by direction d at scale s.
         d_idx, s_idx, b_idx = torch.meshgrid(torch.arange(n_d), torch.arange(n_s), torch.arange(n_b), indexing="ij")
         coefficients = torch.zeros(n_d * n_s * n_b, n_d)
         coefficients[torch.arange(coefficients.shape[0]), d_idx.flatten()] = torch.tensor(scales)[s_idx.flatten()]
-        edit = HEdit(self.active_steps(steps, window), stack_directions(directions, steps), coefficients)
-        out = self._replay(trajectory, b_idx.flatten(), edit, asyrp, False, batch_size, callback)
+        edit = LinearEdit(stack_directions(directions, steps), coefficients, self.active_steps(steps, window))
+        out = self.replay(
+            trajectory, interventions=[edit], source=b_idx.flatten(), eps_pass=eps_pass,
+            batch_size=batch_size, callback=callback, progress=progress,
+        )
         return out.images.reshape(n_d, n_s, n_b, *out.images.shape[1:])
 
     def swap(
@@ -378,7 +374,8 @@ class Engine:
         *,
         window: tuple[float, float] | None = None,
         batch_size: int = 32,
-        callback: Callback | None = None,
+        callback: Callable | None = None,
+        progress: bool | None = None,
     ) -> Trajectory:
         """Replay ``trajectory`` (its x_T and z) with h_t replaced by ``donor``'s h_t (paper Fig. 3)."""
         if donor.h is None:
@@ -389,25 +386,18 @@ class Engine:
             raise HspaceError(f"donor has {donor.num_steps} steps, the trajectory {trajectory.num_steps}; they must match")
         if tuple(donor.h.shape[2:]) != self.h_shape:
             raise HspaceError(f"donor h has shape {tuple(donor.h.shape[2:])}, this engine's h is {self.h_shape}")
-        edit = HEdit(self.active_steps(trajectory.num_steps, window), replace=donor.h)
-        return self._replay(trajectory, torch.arange(len(trajectory)), edit, False, True, batch_size, callback)
+        replace = Replace(donor.h, self.active_steps(trajectory.num_steps, window))
+        return self.replay(trajectory, interventions=[replace], record_h=True, batch_size=batch_size, callback=callback, progress=progress)
 
     def x_t(self, trajectory: Trajectory, step: int, *, batch_size: int = 32) -> torch.Tensor:
-        """x_t at the start of step ``step`` (0 = x_T, num_steps = x_0) of every sample, [B, C, H, W].
-
-        Replays the first ``step`` steps of eq. 2 with the trajectory's x_T, z and eta through the
-        sampling loop itself, so this is the x_t the U-Net saw at that step (no delta-h: for an edited
-        replay it is the unedited process).
-        """
-        check_batch_size(batch_size)
-        schedule = self._check_trajectory(trajectory)
+        """x_t at the start of step ``step`` (0 = x_T, num_steps = x_0) of every sample, [B, C, H, W]:
+        the first ``step`` steps of eq. 2 with the trajectory's x_T, z and eta, without delta-h."""
+        self._check_trajectory(trajectory)
         n = trajectory.num_steps
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= n:
             raise HspaceError(f"step must be an integer from 0 to {n} (0 = x_T, {n} = x_0), got {step!r}")
-        head = schedule.steps(0, step)
-        eta = trajectory.eta[:step]
-        noise = trajectory.noise()[:, :step] if bool((head.sigma(eta) > 0).any()) else None
-        return self._run_steps(trajectory.x_T, noise, head, eta, batch_size, None)
+        noise = self._noise_of(trajectory, torch.arange(len(trajectory)))
+        return self.run(trajectory.x_T, n, trajectory.eta, noise=noise, stop=step, batch_size=batch_size, progress=False)
 
     def finish(
         self,
@@ -418,32 +408,18 @@ class Engine:
         z: torch.Tensor | None = None,
         *,
         batch_size: int = 32,
-        callback: Callback | None = None,
+        callback: Callable | None = None,
+        progress: bool | None = None,
     ) -> torch.Tensor:
         """x_0 from x, taken as x_t at the start of step ``step`` of the ``num_steps``-step process: steps
         ``step .. num_steps-1`` of eq. 2 without delta-h (SDEdit when x is a noised image).
 
         ``z`` [B, num_steps - step, C, H, W] is the noise of those steps, needed where sigma_t > 0.
         """
-        check_batch_size(batch_size)
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < num_steps:
             raise HspaceError(f"step must be an integer from 0 to {num_steps - 1} (0 = x_T), got {step!r}")
-        tail = self.schedule(num_steps).steps(step)
-        return self._run_steps(x, z, tail, eta_schedule(eta, num_steps)[step:], batch_size, callback)
-
-    def _run_steps(self, x, z, schedule: Schedule, eta, batch_size: int, callback: Callback | None) -> torch.Tensor:
-        """Run ``schedule`` (a part of a process) from x in batches, without delta-h; returns where it ends."""
-        parts = []
-        for rows in torch.arange(len(x)).split(batch_size):
-            parts.append(self._generate(x[rows], None if z is None else z[rows], schedule, eta, None, False, False, callback, {})[0])
-        return torch.cat(parts)
-
-
-def _prepare(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    module = module.to(device)
-    if next(module.parameters()).dtype != dtype:
-        module = module.to(dtype)
-    return module.eval().requires_grad_(False)
+        noise = None if z is None else (lambda rows: torch.cat([torch.zeros(len(rows), step, *z.shape[2:]), z[rows]], 1))
+        return self.run(x, num_steps, eta, noise=noise, start=step, batch_size=batch_size, callback=callback, progress=progress, stage="finish")
 
 
 def check_batch_size(batch_size) -> None:

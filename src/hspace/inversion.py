@@ -29,6 +29,7 @@ import torch
 from .diffusion import eta_schedule
 from .engine import check_batch_size
 from .errors import HspaceError
+from .progress import Meter, StepEvent
 from .trajectory import Trajectory
 
 
@@ -89,7 +90,8 @@ def invert(
     seed: int = 0,
     fixed_point_iterations: int = 3,
     batch_size: int = 16,
-    callback: Callable[[dict], None] | None = None,
+    callback: Callable | None = None,
+    progress: bool | None = None,
 ) -> Trajectory:
     """Trajectories whose generative process (``num_steps`` steps, ``eta`` per step) reproduces ``images``.
 
@@ -106,56 +108,62 @@ def invert(
     stochastic = (sigma > 0).nonzero()
     last = int(stochastic[-1]) if len(stochastic) else -1  # the last step with sigma > 0
     generator = torch.Generator().manual_seed(int(seed))
-    T = num_steps
+    n, T = len(x0_all), num_steps
+    total = n * ((T - 1 - last) * (1 + fixed_point_iterations) + (last + 1) + T)  # + the replay that records h
     x_Ts, zs = [], []
-    rows = list(range(0, len(x0_all), batch_size))
-    for c, start in enumerate(rows):
-        x0 = x0_all[start : start + batch_size].to(engine.device)
-        report = (lambda info, c=c: callback({**info, "chunk": c, "num_chunks": len(rows)})) if callback else None
-        with torch.no_grad():
-            # Backward from x_0 through the final run of deterministic steps (all of them for pure DDIM).
-            target = x0
-            for i in range(T - 1, last, -1):
-                target = _invert_step(engine, schedule, i, target, float(sigma[i]), fixed_point_iterations)
-                if report:
-                    report({"stage": "ddim", "step": T - 1 - i, "num_steps": T})
-            z = torch.zeros(len(x0), T, *engine.sample_shape, dtype=engine.compute_dtype)
-            if last < 0:
-                x_T = target
+    with Meter.job(callback, total, progress, "inversion") as meter:
+        for start in range(0, n, batch_size):
+            x0 = x0_all[start : start + batch_size].to(engine.device)
+            with torch.no_grad():
+                # Backward from x_0 through the final run of deterministic steps (all of them for pure DDIM).
+                target = x0
+                for i in range(T - 1, last, -1):
+                    target = _invert_step(engine, schedule, i, target, float(sigma[i]), fixed_point_iterations, meter)
+                x_T, z = _invert_stochastic(engine, schedule, sigma, last, x0, target, generator, meter)
+            x_Ts.append(x_T.cpu())
+            zs.append(z)
+        x_T, z = torch.cat(x_Ts), torch.cat(zs)
+        draft = Trajectory([-1] * n, schedule.timesteps, eta_t, x_T.to(torch.float32), x0_all.to(torch.float32), None, z.float(), None, engine.spec)
+        return engine.replay(draft, record_h=True, batch_size=batch_size, callback=meter)
+
+
+def _invert_stochastic(engine, schedule, sigma, last: int, x0, target, generator, meter: Meter):
+    """x_T and z of the steps up to ``last`` (edit-friendly DDPM inversion), landing on ``target`` there."""
+    z = torch.zeros(len(x0), schedule.num_steps, *engine.sample_shape, dtype=engine.compute_dtype)
+    if last < 0:
+        return target, z
+    a0 = float(schedule.alpha[0])
+    x_T = a0**0.5 * x0 + (1 - a0) ** 0.5 * _noise(generator, x0)
+    x = x_T
+    for i in range(last + 1):
+        t = int(schedule.timesteps[i])
+        p, eps = schedule.split_output(i, x, engine.model_output(x, t))
+        s = float(sigma[i])
+        mu = schedule.step(i, x, p, eps, s, torch.zeros_like(x))
+        following = mu
+        if s > 0:
+            if i == last:
+                goal = target
             else:
-                a0 = float(schedule.alpha[0])
-                x_T = a0**0.5 * x0 + (1 - a0) ** 0.5 * _noise(generator, x0)
-                x = x_T
-                for i in range(last + 1):
-                    t = int(schedule.timesteps[i])
-                    p, eps = schedule.split_output(i, x, engine.model_output(x, t))
-                    s = float(sigma[i])
-                    mu = schedule.step(i, x, p, eps, s, torch.zeros_like(x))
-                    if s > 0:
-                        if i == last:
-                            goal = target
-                        else:
-                            ap = float(schedule.alpha_prev[i])
-                            goal = ap**0.5 * x0 + (1 - ap) ** 0.5 * _noise(generator, x0)
-                        z[:, i] = ((goal - mu) / s).cpu()
-                        x = schedule.step(i, x, p, eps, s, z[:, i].to(x.device))
-                    else:
-                        x = mu
-                    if report:
-                        report({"stage": "ddpm", "step": i, "num_steps": last + 1})
-        x_Ts.append(x_T.cpu())
-        zs.append(z)
-    x_T, z = torch.cat(x_Ts), torch.cat(zs)
-    seeds = [-1] * len(x_T)
-    draft = Trajectory(seeds, schedule.timesteps, eta_t, x_T.to(torch.float32), x0_all.to(torch.float32), None, z.float(), None, engine.meta)
-    return engine.replay(draft, record_h=True, batch_size=batch_size)
+                ap = float(schedule.alpha_prev[i])
+                goal = ap**0.5 * x0 + (1 - ap) ** 0.5 * _noise(generator, x0)
+            z[:, i] = ((goal - mu) / s).cpu()
+            following = schedule.step(i, x, p, eps, s, z[:, i].to(x.device))
+        meter.emit(StepEvent, len(x), **_event(schedule, i, x, p, following))
+        x = following
+    return x_T, z
+
+
+def _event(schedule, i: int, x, p, following) -> dict:
+    return dict(stage="inversion", step=i, num_steps=schedule.num_steps, timestep=int(schedule.timesteps[i]),
+                rows=torch.arange(len(x)), x_t=x, x0_pred=p, x_next=following)
 
 
 def _noise(generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     return torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device, like.dtype)
 
 
-def _invert_step(engine, schedule, i: int, x_prev: torch.Tensor, sigma: float, iterations: int) -> torch.Tensor:
+def _invert_step(engine, schedule, i: int, x_prev: torch.Tensor, sigma: float, iterations: int, meter: Meter) -> torch.Tensor:
     """x_t with step i (deterministic, sigma = 0) taking x_t to ``x_prev``: DDIM inversion, refined by fixed point."""
     if sigma > 0:
         raise HspaceError(f"step {i} is not deterministic (sigma = {sigma:.3g})")
@@ -167,4 +175,5 @@ def _invert_step(engine, schedule, i: int, x_prev: torch.Tensor, sigma: float, i
         x_t = a**0.5 * p + (1 - a) ** 0.5 * eps
         if k < iterations:
             _, eps = schedule.split_output(i, x_t, engine.model_output(x_t, t))
+    meter.emit(StepEvent, len(x_t) * (1 + iterations), **_event(schedule, i, x_t, p, x_prev))
     return x_t

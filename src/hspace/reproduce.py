@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,8 +18,12 @@ import torch
 
 from .errors import HspaceError
 from .images import labelled_grid
-from .progress import staged
-from .toyfaces.render import BINARY, CONTINUOUS
+
+logger = logging.getLogger(__name__)
+from .domains import get_domain
+
+DOMAIN = get_domain("toyfaces")  # the claims are measured with its classifier and attributes
+BINARY, CONTINUOUS = DOMAIN.binary, DOMAIN.continuous
 
 TABLE_ATTRIBUTES = ("smile", "eyes_open", "glasses", "hat", "hair_color")
 HELD_OUT = 50_000  # seeds of held-out test samples start here (the bank uses 0 .. n-1)
@@ -73,17 +78,15 @@ def _confidence(scores: dict) -> torch.Tensor:
 
 
 class Reproduction:
-    def __init__(self, out: str | Path, config: Config, engine=None, progress: Callable[[str], Callable] | None = None):
+    def __init__(self, out: str | Path, config: Config, engine=None):
         from .engine import Engine
-        from .toyfaces.classifier import classify
 
         self.out = Path(out)
         self.config = config
         self.engine = engine or Engine.load("toyfaces")
-        if self.engine.name != "toyfaces":
+        if self.engine.name not in DOMAIN.models:
             raise HspaceError(f"reproduce measures with the toy-faces classifier; the engine is {self.engine.name!r}")
-        self.classify = classify
-        self.progress = progress
+        self.classify = DOMAIN.scorer()
         self.timings: dict[str, float] = {}
         (self.out / "sections").mkdir(parents=True, exist_ok=True)
         (self.out / "figures").mkdir(exist_ok=True)
@@ -92,7 +95,8 @@ class Reproduction:
     # ------------------------------------------------------------------ helpers
 
     def run_stage(self, desc: str, fn: Callable):
-        return staged(self.progress, desc, fn)
+        logger.info(desc)  # each stage draws its own progress bar
+        return fn(None)
 
     def section(self, name: str, compute: Callable[[], dict]) -> dict:
         """A cached section: computed once, then read from sections/NAME.json (resume after interruption)."""
@@ -165,7 +169,7 @@ class Reproduction:
     def edit_scores(self, trajectory, directions, scales, asyrp: bool = False):
         """Classifier scores of every (direction, scale, sample): dict name -> [D, S, B]."""
         images = self.run_stage(
-            "edits", lambda cb: self.engine.edit(trajectory, directions, scales, asyrp=asyrp, batch_size=self.config.batch_size, callback=cb)
+            "edits", lambda cb: self.engine.edit(trajectory, directions, scales, eps_pass="clean" if asyrp else "edited", batch_size=self.config.batch_size, callback=cb)
         )
         D, S, B = images.shape[:3]
         scores = self.classify(images.reshape(D * S * B, *images.shape[3:]))
@@ -178,7 +182,7 @@ class Reproduction:
 
         c = self.config
         pca = pca_per_timestep(self.bank.h_chunks(), c.pca_k, expected_n=self.bank.n)
-        pcs = pca.directions(self.engine.name, self.engine.h_location)
+        pcs = pca.directions(self.engine.spec)
         randoms = random_directions(pca, c.pca_k, seed=0)
         test = self.test_samples(c.pca_samples)
         before = self.classify(test.images)
@@ -300,7 +304,6 @@ class Reproduction:
 
     def jacobian(self) -> dict:
         from .directions.jacobian import jacobian_directions
-        from .toyfaces.render import region_mask
 
         c = self.config
         samples = self.test_samples(c.jacobian_transfer + 1, offset=20_000)
@@ -308,7 +311,7 @@ class Reproduction:
         at = (7 * c.steps) // 10
         rows, grids = [], []
         for part in ("eyes", "mouth"):
-            mask = torch.from_numpy(region_mask(part, self.engine.sample_shape[-1])).float()
+            mask = DOMAIN.part_mask(part, self.engine.sample_shape[-1])
             found = self.run_stage(
                 f"jacobian {part}",
                 lambda cb, mask=mask: jacobian_directions(self.engine, source, 0, at, k=c.jacobian_k, mask=mask, mask_name=part, generator=torch.Generator().manual_seed(0)),
@@ -389,10 +392,10 @@ def _holds(ok: bool) -> str:
 SECTIONS = ("pca_vs_random", "table1", "fig8", "jacobian", "swap", "asyrp", "sequential")
 
 
-def run_reproduce(out: str | Path, quick: bool = False, engine=None, progress=None) -> Path:
+def run_reproduce(out: str | Path, quick: bool = False, engine=None) -> Path:
     """Measure every section (cached, resumable) and write ``out/report.md``; returns its path."""
     config = QUICK if quick else FULL
-    r = Reproduction(out, config, engine, progress)
+    r = Reproduction(out, config, engine)
     start = time.perf_counter()
     r.bank  # drawn (or resumed) and annotated first, so that its time is its own stage
     results = {name: r.section(name, getattr(r, name)) for name in SECTIONS}

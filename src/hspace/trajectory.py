@@ -8,13 +8,14 @@ never from the global RNG, so a sample drawn in a batch equals the same seed dra
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .errors import HspaceError
+from .spec import Spec
 
 MAX_SEED = 2**63 - 1
 
@@ -46,6 +47,11 @@ def seeded_noise(seed: int, shape: Sequence[int], num_steps: int) -> tuple[torch
     return x_T, z
 
 
+def seeded_x_T(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """x_T of ``seeded_noise`` alone (the first draw of the seed's generator)."""
+    return torch.randn(tuple(shape), generator=torch.Generator(device="cpu").manual_seed(int(seed)))
+
+
 @dataclass
 class Trajectory:
     """The generative process of a batch of B samples, with T steps each."""
@@ -58,9 +64,11 @@ class Trajectory:
     h: torch.Tensor | None = None  # [B, T, *h_shape]: h_t as the decoder half of the U-Net saw it
     z: torch.Tensor | None = None  # [B, T, C, H, W]; None: regenerate from the seeds
     image: torch.Tensor | None = None  # [B, 3, H', W'] decoded images in [-1, 1]; None: x0 is the image
-    meta: dict = field(default_factory=dict)  # model, h_location
+    spec: Spec | None = None  # the engine that drew it; None: unknown (any engine may replay it)
 
     def __post_init__(self):
+        if self.spec is not None and not isinstance(self.spec, Spec):
+            raise HspaceError(f"a trajectory's spec must be a Spec or None, got {type(self.spec).__name__}")
         if self.x_T.ndim != 4:
             raise HspaceError(f"x_T must be [B, C, H, W], got shape {tuple(self.x_T.shape)}")
         if len(self.seeds) != self.x_T.shape[0]:
@@ -94,15 +102,17 @@ class Trajectory:
             h=take(self.h),
             z=take(self.z),
             image=take(self.image),
-            meta=dict(self.meta),
         )
 
-    def noise(self) -> torch.Tensor:
-        """z [B, T, C, H, W]: stored, or regenerated from the seeds (and checked against x_T)."""
+    def noise(self, indices: Sequence[int] | None = None) -> torch.Tensor:
+        """z [B, T, C, H, W] of the samples ``indices`` (default all): stored, or regenerated from the
+        seeds (and checked against x_T)."""
+        indices = range(len(self)) if indices is None else list(indices)
         if self.z is not None:
-            return self.z
+            return self.z[list(indices)]
         zs = []
-        for b, seed in enumerate(self.seeds):
+        for b in indices:
+            seed = self.seeds[b]
             if seed < 0:
                 raise HspaceError(f"sample {b} has no seed and no stored noise z; it cannot be replayed")
             x_T, z = seeded_noise(seed, self.x_T.shape[1:], self.num_steps)
@@ -118,8 +128,8 @@ class Trajectory:
         for other in trajectories[1:]:
             if not torch.equal(other.timesteps, first.timesteps) or not torch.equal(other.eta, first.eta):
                 raise HspaceError("cannot concatenate trajectories with different timesteps or eta")
-            if other.meta != first.meta:
-                raise HspaceError(f"cannot concatenate trajectories of different engines: {first.meta} vs {other.meta}")
+            if other.spec != first.spec:
+                raise HspaceError(f"cannot concatenate trajectories of different engines: {first.spec} vs {other.spec}")
 
         def cat(name):
             parts = [getattr(t, name) for t in trajectories]
@@ -136,18 +146,20 @@ class Trajectory:
             h=cat("h"),
             z=cat("z"),
             image=cat("image"),
-            meta=dict(first.meta),
+            spec=first.spec,
         )
 
     def save(self, path: str | Path) -> None:
-        """Write to a safetensors file; the metadata (seeds, model, h location) goes inside it."""
+        """Write to a safetensors file; the metadata (seeds, spec) goes inside it."""
         from safetensors.torch import save_file
 
         tensors = {"timesteps": self.timesteps, "eta": self.eta, "x_T": self.x_T, "x0": self.x0}
         for name in ("h", "z", "image"):
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name)
-        meta = {"kind": "hspace.Trajectory", "seeds": json.dumps(self.seeds), "meta": json.dumps(self.meta)}
+        meta = {"kind": "hspace.Trajectory", "seeds": json.dumps(self.seeds)}
+        if self.spec is not None:
+            meta["spec"] = self.spec.to_json()
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=meta)
 
     @classmethod
@@ -161,4 +173,5 @@ class Trajectory:
             if meta.get("kind") != "hspace.Trajectory":
                 raise HspaceError(f"{path} is not an hspace trajectory file (kind={meta.get('kind')!r})")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        return cls(seeds=json.loads(meta["seeds"]), meta=json.loads(meta["meta"]), **tensors)
+        spec = Spec.from_json(meta["spec"]) if "spec" in meta else None
+        return cls(seeds=json.loads(meta["seeds"]), spec=spec, **tensors)

@@ -3,7 +3,8 @@
 An edit adds gamma * delta[t] to h_t at step t (paper Sec. 3: h_edit = h + gamma v). A direction with
 a single step applies the same offset at every step (e.g. a Jacobian direction found at one t).
 Methods that know a natural unit store delta already scaled by it (PCA: one sigma per step), so that
-scales read in that unit; ``sigma`` keeps the per-step std for reference.
+scales read in that unit; ``sigma`` keeps the per-step std for reference. ``spec`` is the engine the
+direction was found with (model and h location must match where it is applied; see ``spec.py``).
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ from typing import Sequence
 import torch
 
 from ..errors import HspaceError
-
-META_KEYS = ("name", "model", "num_steps", "h_location", "method", "params")
+from ..spec import Spec
 
 
 @dataclass
 class Direction:
     delta: torch.Tensor  # [T, C, H, W] float32
     sigma: torch.Tensor | None = None  # [T]
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # name, method, params (num_steps is added)
+    spec: Spec | None = None  # None: found without an engine (applies to any with the same h shape)
 
     def __post_init__(self):
         if self.delta.ndim < 2:
@@ -34,7 +35,9 @@ class Direction:
             self.sigma = self.sigma.detach().float().cpu().flatten()
             if len(self.sigma) != self.num_steps:
                 raise HspaceError(f"sigma has {len(self.sigma)} values for a direction of {self.num_steps} steps")
-        self.meta = {"name": "", "model": "", "h_location": "", "method": "", "params": {}, **self.meta}
+        if self.spec is not None and not isinstance(self.spec, Spec):
+            raise HspaceError(f"a direction's spec must be a Spec or None, got {type(self.spec).__name__}")
+        self.meta = {"name": "", "method": "", "params": {}, **self.meta}
         self.meta["num_steps"] = self.num_steps
 
     @property
@@ -53,8 +56,12 @@ class Direction:
         """||delta_t|| per step."""
         return self.delta.flatten(1).norm(dim=1)
 
+    @property
+    def h_location(self) -> str | None:
+        return None if self.spec is None else self.spec.h_location
+
     def check_compatible(self, h_shape: Sequence[int], num_steps: int, h_location: str) -> None:
-        """Raise a clear error unless this direction can be applied to that engine and process."""
+        """Raise a clear error unless this direction's shape and steps fit that engine and process."""
         if tuple(h_shape) != self.h_shape:
             raise HspaceError(
                 f"direction {self.name!r} has h shape {self.h_shape} but the engine's h at {h_location!r} is {tuple(h_shape)}"
@@ -64,7 +71,7 @@ class Direction:
                 f"direction {self.name!r} has {self.num_steps} steps but the process has {num_steps}; "
                 f"use a direction found with {num_steps} steps (or a single-step one)"
             )
-        loc = self.meta.get("h_location")
+        loc = self.h_location
         if loc and loc != h_location:
             raise HspaceError(f"direction {self.name!r} was found at h location {loc!r}, the engine edits {h_location!r}")
 
@@ -82,13 +89,13 @@ class Direction:
             return NotImplemented
         if other.h_shape != self.h_shape:
             raise HspaceError(f"cannot combine directions of h shapes {self.h_shape} and {other.h_shape}")
+        if self.spec is not None and other.spec is not None:
+            self.spec.check(other.spec, f"direction {other.name!r} (combined with {self.name!r})", "direction")
         steps = max(self.num_steps, other.num_steps)
         delta = self.per_step(steps) + sign * other.per_step(steps)
         op = "+" if sign > 0 else "-"
-        return Direction(delta, meta={**self._shared_meta(other), "name": f"{self.name}{op}{other.name}", "method": "combination"})
-
-    def _shared_meta(self, other: "Direction") -> dict:
-        return {k: self.meta[k] for k in ("model", "h_location") if self.meta.get(k) == other.meta.get(k)}
+        meta = {"name": f"{self.name}{op}{other.name}", "method": "combination"}
+        return Direction(delta, meta=meta, spec=self.spec or other.spec)
 
     def __add__(self, other):
         return self._combine(other, 1.0)
@@ -98,7 +105,7 @@ class Direction:
 
     def __mul__(self, gamma: float) -> "Direction":
         meta = {**self.meta, "name": f"{gamma:g}*{self.name}"}
-        return Direction(self.delta * float(gamma), self.sigma, meta)
+        return Direction(self.delta * float(gamma), self.sigma, meta, self.spec)
 
     __rmul__ = __mul__
 
@@ -111,7 +118,10 @@ class Direction:
         tensors = {"delta": self.delta.contiguous()}
         if self.sigma is not None:
             tensors["sigma"] = self.sigma.contiguous()
-        save_file(tensors, str(path), metadata={"kind": "hspace.Direction", "meta": json.dumps(self.meta)})
+        metadata = {"kind": "hspace.Direction", "meta": json.dumps(self.meta)}
+        if self.spec is not None:
+            metadata["spec"] = self.spec.to_json()
+        save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> "Direction":
@@ -128,9 +138,56 @@ class Direction:
             raise HspaceError(f"{str(path)!r} is not a safetensors file: {e}") from None
         if meta.get("kind") != "hspace.Direction" or "delta" not in tensors:
             raise HspaceError(f"{str(path)!r} is not an hspace direction file (kind={meta.get('kind')!r})")
-        return cls(tensors["delta"], tensors.get("sigma"), json.loads(meta.get("meta", "{}")))
+        spec = Spec.from_json(meta["spec"]) if "spec" in meta else None
+        return cls(tensors["delta"], tensors.get("sigma"), json.loads(meta.get("meta", "{}")), spec)
 
 
 def stack_directions(directions: Sequence[Direction], num_steps: int) -> torch.Tensor:
     """[D, T, *h_shape] from directions of one h shape."""
     return torch.stack([d.per_step(num_steps) for d in directions])
+
+
+def save_directions(directions: Sequence[Direction], folder: str | Path) -> list[Path]:
+    """Write every direction as ``folder/NAME.safetensors``; returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for direction in directions:
+        path = folder / f"{direction.name}.safetensors"
+        direction.save(path)
+        paths.append(path)
+    return paths
+
+
+def direction_files(items: Sequence[str | Path]) -> list[Path]:
+    """Direction files from paths of files and folders (a folder gives its direction files, pc2 before pc10)."""
+    import re
+
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = [p for p in path.glob("*.safetensors") if _is_direction_file(p)]
+            found.sort(key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.stem)])
+            if not found:
+                raise HspaceError(f"folder {str(item)!r} holds no direction files (*.safetensors)")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
+def _is_direction_file(path: Path) -> bool:
+    """A folder of a method's result also holds the result's own tensors (pca.safetensors, ...)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("kind") == "hspace.Direction"
+    except Exception:
+        return True  # let Direction.load name what is wrong with it
+
+
+def load_directions(items: Sequence[str | Path]) -> list[Direction]:
+    """The directions of files and folders (see ``direction_files``)."""
+    return [Direction.load(p) for p in direction_files(items)]

@@ -42,6 +42,8 @@ def disentangle(direction: Direction, others: Sequence[Direction], per_timestep:
     if not others:
         raise HspaceError("give at least one direction to project out")
     for other in others:
+        if direction.spec is not None and other.spec is not None:
+            direction.spec.check(other.spec, f"direction {other.name!r}", "direction")
         if other.h_shape != direction.h_shape:
             raise HspaceError(f"direction {other.name!r} has h shape {other.h_shape}, {direction.name!r} has {direction.h_shape}")
         if other.num_steps not in (1, direction.num_steps) and direction.num_steps != 1:
@@ -57,7 +59,7 @@ def disentangle(direction: Direction, others: Sequence[Direction], per_timestep:
         out = project_out(v.flatten(), U.flatten(1), "over h_{T:1}").reshape(v.shape)
     params = {"source": direction.name, "removed": [o.name for o in others], "per_timestep": per_timestep}
     meta = {**direction.meta, "name": name or f"{direction.name}-disentangled", "method": "disentangle", "params": params}
-    return Direction(out.float(), direction.sigma if steps == direction.num_steps else None, meta)
+    return Direction(out.float(), direction.sigma if steps == direction.num_steps else None, meta, direction.spec)
 
 
 def disentangle_each(directions: dict[str, Direction], per_timestep: bool = False) -> dict[str, Direction]:

@@ -3,20 +3,23 @@
 The Jacobian (eq. 6) is never formed. Subspace iteration on J_t^T J_t (Alg. 1; SM Alg. 2 for the
 low-memory sequential variant) needs only products: J v by forward-mode differentiation (eq. 8) and
 J^T u by a vector-Jacobian product (eq. 9), both for a batch of vectors at once. h feeds only the
-decoder half of the U-Net, so eps is differentiated through ``unet_split.decode`` from a cache of the
-encoder half computed once per (x_t, t).
+decoder half of the U-Net, so eps is differentiated through the engine's ``decoder_half`` (the
+encoder half is computed once per (x_t, t)).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from ..errors import HspaceError, check_choice
-from .direction import Direction
+from ..progress import IterationEvent, Meter
+from .direction import Direction, save_directions
 
 BATCHING = ("vmap", "repeat")
 METHODS = ("batched", "sequential")
@@ -275,7 +278,7 @@ def check_mask(mask, out_shape: Sequence[int]) -> torch.Tensor:
 
 
 @dataclass
-class JacobianResult:
+class JacobianStep:
     """Directions found at one step of one sample: its singular triplets and a Direction per vector."""
 
     step: int
@@ -305,8 +308,9 @@ def jacobian_directions(
     oversample: int | None = None,
     generator: torch.Generator | None = None,
     batching: str = "vmap",
-    callback: Callable[[dict], None] | None = None,
-) -> list[JacobianResult]:
+    callback: Callable | None = None,
+    progress: bool | None = None,
+) -> "JacobianDirections":
     """Image-specific directions of one sample: top right singular vectors of J_t (eq. 6-9) at each step.
 
     For each step index in ``steps`` (default: the middle step) x_t is replayed (``Engine.x_t``), the
@@ -321,81 +325,155 @@ def jacobian_directions(
     Every direction applies at all timesteps (Sec. 4.2: directions found at t are applied across all
     timesteps): delta is [1, *h_shape] = ||h_t|| v with ||v|| = 1, so an edit with scale gamma moves
     h by gamma times its own norm at step t (the unit is stored as params["h_norm"]). The sign of v
-    is fixed so that its largest-magnitude entry is positive. ``callback`` gets the iteration info of
-    ``subspace_iteration`` plus "step" and "num_steps" (the number of steps in ``steps``).
+    is fixed so that its largest-magnitude entry is positive. ``callback`` gets an ``IterationEvent``
+    after every iteration; ``done``/``total`` count decoder-half passes (a JVP and a VJP per vector).
     """
-    from ..unet_split import check_unet, decode, encode, forward_mode
-
     check_choice("method", method, METHODS)
     _check_k(k, torch.empty(engine.h_shape))
     if method == "sequential":
         _check_b(b, k)
     if isinstance(sample, bool) or not isinstance(sample, int):
         raise HspaceError(f"sample must be the integer index of one sample of the trajectory, got {sample!r}")
-    check_unet(engine.unet)
     if oversample is None:
         oversample = k if method == "batched" else b
     one = trajectory[sample]
-    n = one.num_steps
+    steps = _check_steps(steps, one.num_steps)
+    out_mask = None if mask is None else check_mask(mask, engine.sample_shape).to(engine.device, engine.dtype)
+    schedule = engine.schedule(one.num_steps)
+    block, num_blocks = (k, 1) if method == "batched" else (b, math.ceil(k / b))
+    per_iteration = 2 * (block + oversample)  # decoder-half passes: a JVP and a VJP per vector
+    results = []
+    with Meter.job(callback, len(steps) * num_blocks * max_iter * per_iteration, progress, "jacobian") as meter:
+        for step in steps:
+            half = engine.decoder_half(engine.x_t(one, step), int(schedule.timesteps[step]))
+            svd = _decompose(half, _eps_scale(schedule, step), out_mask, method, k, b, max_iter, tol, generator,
+                             oversample, batching, _iteration_events(meter, step, per_iteration))
+            meter.skip(num_blocks * max_iter * per_iteration - sum(svd.iterations) * per_iteration)
+            results.append(_step_result(engine, one, schedule, step, svd, float(half.h[0].float().norm()), method, b, oversample, mask, mask_name))
+    return JacobianDirections(results)
+
+
+def _check_steps(steps, n: int) -> list[int]:
     if steps is None:
-        steps = [n // 2]
-    elif isinstance(steps, int) and not isinstance(steps, bool):
+        return [n // 2]
+    if isinstance(steps, int) and not isinstance(steps, bool):
         steps = [steps]
     steps = list(steps)
     for s in steps:
         if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < n:
             raise HspaceError(f"step {s!r} is out of range; valid: integers from 0 to {n - 1} (the trajectory has {n} steps)")
-    out_mask = None if mask is None else check_mask(mask, engine.sample_shape).to(engine.device, engine.dtype)
-    schedule = engine.schedule(n)
-    seed = one.seeds[0]
+    return steps
 
-    results = []
-    for position, step in enumerate(steps):
-        t = int(schedule.timesteps[step])
-        report = None
-        if callback is not None:
-            report = lambda info, step=step, position=position: callback({**info, "step": step, "position": position, "num_steps": len(steps)})  # noqa: E731
-        cache = encode(engine.unet, engine.x_t(one, step), t, engine.h_location)
-        scale = _eps_scale(schedule, step)
 
-        def f(h: torch.Tensor, cache=cache, scale=scale) -> torch.Tensor:
-            eps = decode(engine.unet, h, cache) * scale
-            return eps if out_mask is None else eps * out_mask
+def _iteration_events(meter: Meter, step: int, passes: int):
+    def report(info: dict) -> None:
+        meter.emit(IterationEvent, passes, stage="jacobian", step=step, **info)
 
-        h = cache.h[0]
-        with forward_mode(engine.unet):
-            if method == "batched":
-                svd = subspace_iteration(
-                    f, h, k, None, max_iter, tol, generator, oversample=oversample, batching=batching, callback=report
-                )
-            else:
-                svd = sequential_subspace_iteration(
-                    f, h, k, b, None, max_iter, tol, generator, oversample=oversample, batching=batching, callback=report
-                )
-        svd = _fix_signs(svd)
-        h_norm = float(h.float().norm())
-        directions = []
-        for i in range(k):
-            params = {
-                "step": step,
-                "timestep": t,
-                "index": i,
-                "singular_value": float(svd.S[i]),
-                "iterations": svd.iterations,
-                "converged": svd.converged,
-                "seed": seed,
-                "k": k,
-                "algorithm": "Alg. 1" if method == "batched" else f"Alg. 2 (b={b})",
-                "oversample": oversample,
-                "unit": "||h_t||",
-                "h_norm": h_norm,
+    return report
+
+
+def _decompose(half, scale, out_mask, method, k, b, max_iter, tol, generator, oversample, batching, report) -> SVDResult:
+    """Alg. 1 or 2 on the decoder half (times the eps scale, masked), signs fixed."""
+
+    def f(h: torch.Tensor) -> torch.Tensor:
+        eps = half(h) * scale
+        return eps if out_mask is None else eps * out_mask
+
+    h = half.h[0]
+    with half.forward_mode():
+        if method == "batched":
+            svd = subspace_iteration(f, h, k, None, max_iter, tol, generator, oversample=oversample, batching=batching, callback=report)
+        else:
+            svd = sequential_subspace_iteration(
+                f, h, k, b, None, max_iter, tol, generator, oversample=oversample, batching=batching, callback=report
+            )
+    return _fix_signs(svd)
+
+
+def _step_result(engine, one, schedule, step, svd, h_norm, method, b, oversample, mask, mask_name) -> JacobianStep:
+    t = int(schedule.timesteps[step])
+    k = len(svd.S)
+    directions = []
+    for i in range(k):
+        params = {
+            "step": step,
+            "timestep": t,
+            "index": i,
+            "singular_value": float(svd.S[i]),
+            "iterations": svd.iterations,
+            "converged": svd.converged,
+            "seed": one.seeds[0],
+            "k": k,
+            "algorithm": "Alg. 1" if method == "batched" else f"Alg. 2 (b={b})",
+            "oversample": oversample,
+            "unit": "||h_t||",
+            "h_norm": h_norm,
+        }
+        if mask is not None:
+            params["mask"] = mask_name or "mask"
+        meta = {"name": f"j{step}_{i}", "method": "jacobian", "params": params}
+        directions.append(Direction(svd.V[i][None] * h_norm, meta=meta, spec=engine.spec))
+    return JacobianStep(step, t, svd, directions, h_norm)
+
+
+@dataclass
+class JacobianDirections:
+    """The result of ``jacobian_directions``: one ``JacobianStep`` per step decomposed (iterable)."""
+
+    steps: list[JacobianStep]
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i: int) -> JacobianStep:
+        return self.steps[i]
+
+    @property
+    def directions(self) -> list[Direction]:
+        return [d for r in self.steps for d in r.directions]
+
+    def summary(self) -> list[dict]:
+        return [
+            {
+                "step": r.step, "timestep": r.timestep, "singular_values": [float(v) for v in r.singular_values],
+                "iterations": r.svd.iterations, "converged": r.svd.converged, "h_norm": r.h_norm,
             }
-            if out_mask is not None:
-                params["mask"] = mask_name or "mask"
-            meta = {**engine.meta, "name": f"j{step}_{i}", "method": "jacobian", "params": params}
-            directions.append(Direction(svd.V[i][None] * h_norm, meta=meta))
-        results.append(JacobianResult(step, t, svd, directions, h_norm))
-    return results
+            for r in self.steps
+        ]
+
+    def save(self, folder: str | Path) -> list[Path]:
+        """Every direction as NAME.safetensors, the singular triplets in jacobian.safetensors, jacobian.json."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        paths = save_directions(self.directions, folder)
+        tensors = {}
+        for r in self.steps:
+            tensors.update({f"U{r.step}": r.svd.U.contiguous(), f"S{r.step}": r.svd.S.contiguous(), f"V{r.step}": r.svd.V.contiguous()})
+        save_file(tensors, str(folder / "jacobian.safetensors"))
+        (folder / "jacobian.json").write_text(json.dumps({"results": self.summary(), "directions": [p.name for p in paths]}, indent=2))
+        return paths
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "JacobianDirections":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / "jacobian.json").is_file():
+            raise HspaceError(f"{str(folder)!r} holds no Jacobian result (jacobian.json); write one with `hspace jacobian`")
+        info = json.loads((folder / "jacobian.json").read_text())
+        tensors = load_file(str(folder / "jacobian.safetensors"))
+        directions = {p: Direction.load(folder / p) for p in info["directions"]}
+        steps = []
+        for r in info["results"]:
+            s = r["step"]
+            svd = SVDResult(tensors[f"U{s}"], tensors[f"S{s}"], tensors[f"V{s}"], r["iterations"], r["converged"])
+            own = [d for d in directions.values() if d.meta["params"]["step"] == s]
+            steps.append(JacobianStep(s, r["timestep"], svd, own, r["h_norm"]))
+        return cls(steps)
 
 
 def _eps_scale(schedule, step: int) -> float:

@@ -48,7 +48,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from ..errors import HspaceError
-from .direction import Direction
+from ..spec import Spec
+from .direction import Direction, save_directions
 
 __all__ = ["PCAResult", "StreamingPCA", "pca_per_timestep", "pca_from_h", "random_directions"]
 
@@ -210,6 +211,7 @@ class PCAResult:
     n: int
     per_timestep: bool = True
     route: str = ""
+    spec: Spec | None = None  # the engine whose h this is (set from the bank); the directions carry it
 
     @property
     def k(self) -> int:
@@ -228,12 +230,14 @@ class PCAResult:
         view = (self.k, self.num_steps) + (1,) * len(self.h_shape)
         return self.sigma.to(_F64).reshape(view) * self.components.to(_F64)
 
-    def directions(self, model: str = "", h_location: str = "", num_steps: int | None = None) -> list[Direction]:
+    def directions(self, spec: Spec | None = None, num_steps: int | None = None) -> list[Direction]:
         """One Direction per component: v_j of Sec. 4.1, named pc1, pc2, ...
 
         delta[t] = sigma[j, t] * components[j, t], so an edit scale gamma is in units of the data's std
-        along the component; ``sigma`` holds sigma[j]. ``num_steps``, if given, must equal T.
+        along the component; ``sigma`` holds sigma[j]. ``spec`` defaults to the result's own; ``num_steps``,
+        if given, must equal T.
         """
+        spec = spec or self.spec
         if num_steps is not None and num_steps != self.num_steps:
             raise HspaceError(f"num_steps={num_steps!r} but this PCA has {self.num_steps} steps")
         deltas = self.deltas()
@@ -245,9 +249,57 @@ class PCAResult:
                 "per_timestep": self.per_timestep,
                 "variance_ratio": [float(v) for v in self.variance_ratio[j]],
             }
-            meta = {"name": f"pc{j + 1}", "model": model, "h_location": h_location, "method": "pca", "params": params}
-            out.append(Direction(deltas[j].float(), sigma=self.sigma[j].float(), meta=meta))
+            meta = {"name": f"pc{j + 1}", "method": "pca", "params": params}
+            out.append(Direction(deltas[j].float(), sigma=self.sigma[j].float(), meta=meta, spec=spec))
         return out
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """Coordinates of h [N, T, *h_shape] along the components, in units of sigma: [N, k, T] per
+        timestep (<h_t - mean_t, v_{j,t}> / sigma_{j,t}), [N, k] for the concatenated PCA."""
+        h = torch.as_tensor(h)
+        if h.ndim < 2 or tuple(h.shape[1:]) != (self.num_steps, *self.h_shape):
+            raise HspaceError(f"h has shape {tuple(h.shape)}; valid: [N, {self.num_steps}, {', '.join(map(str, self.h_shape))}]")
+        centred = (h.to(_F64) - self.mean.to(_F64)).flatten(2)  # [N, T, D]
+        comps = self.components.to(_F64).flatten(2)  # [k, T, D]
+        per_step = torch.einsum("ntd,ktd->nkt", centred, comps)
+        if self.per_timestep:
+            return per_step / self.sigma[None]
+        return per_step.sum(2) / self.sigma[:, 0][None]
+
+    def save(self, folder) -> list:
+        """The directions (pc1.safetensors, ...) and the whole result in pca.safetensors (components,
+        sigma, variance ratio, mean; n, route, spec), so that ``PCAResult.load(folder)`` can project new h."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        paths = save_directions(self.directions(), folder)
+        tensors = {"components": self.components, "sigma": self.sigma, "variance_ratio": self.variance_ratio, "mean": self.mean}
+        meta = {"kind": "hspace.PCAResult", "n": str(self.n), "per_timestep": json.dumps(self.per_timestep), "route": self.route}
+        if self.spec is not None:
+            meta["spec"] = self.spec.to_json()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "pca.safetensors"), metadata=meta)
+        return paths
+
+    @classmethod
+    def load(cls, folder) -> "PCAResult":
+        import json
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        path = Path(folder) / "pca.safetensors"
+        if not path.is_file():
+            raise HspaceError(f"{str(folder)!r} holds no PCA result (pca.safetensors); write one with `hspace pca`")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("kind") != "hspace.PCAResult":
+            raise HspaceError(f"{str(path)!r} is not an hspace PCA result (kind={meta.get('kind')!r})")
+        spec = Spec.from_json(meta["spec"]) if "spec" in meta else None
+        return cls(**tensors, n=int(meta["n"]), per_timestep=json.loads(meta["per_timestep"]), route=meta["route"], spec=spec)
 
 
 def _fix_signs(v: torch.Tensor) -> torch.Tensor:
@@ -318,8 +370,8 @@ class StreamingPCA:
     to start when that exceeds ``memory_budget_bytes``; use ``pca_per_timestep`` (Gram route) then.
     """
 
-    def __init__(self, per_timestep: bool = True, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET):
-        self._shape = _Shape(per_timestep)
+    def __init__(self, per_timestep: bool = True, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET, shape: "_Shape | None" = None):
+        self._shape = shape or _Shape(per_timestep)
         self.memory_budget_bytes = _check_budget(memory_budget_bytes)
         self.n = 0
         self._shift = self._sum = self._second = None
@@ -329,10 +381,14 @@ class StreamingPCA:
         return self._shape.per_timestep
 
     def update(self, h_batch: torch.Tensor) -> "StreamingPCA":
-        self._add(self._shape.check(h_batch, -1))
+        """Accumulate h [B, T, *h_shape] (GANSpace's ``fit_partial``)."""
+        self.add_groups(self._shape.check(h_batch, -1))
         return self
 
-    def _add(self, x: torch.Tensor) -> None:
+    fit_partial = update
+
+    def add_groups(self, x: torch.Tensor) -> None:
+        """Accumulate samples already checked and viewed as [b, G, D] groups (see ``_Shape.check``)."""
         if not x.shape[0]:
             return
         if self._second is None:
@@ -515,8 +571,7 @@ def pca_per_timestep(
 
     # The route depends on D: read the first chunk, then go on with this pass (covariance) or restart the
     # passes from scratch (gram; the first chunk is read once more).
-    streaming = StreamingPCA(per_timestep, memory_budget_bytes)
-    streaming._shape = source.shape
+    streaming = StreamingPCA(per_timestep, memory_budget_bytes, shape=source.shape)
     it = iter(source)
     first = next(it, None)
     if first is None:
@@ -529,9 +584,9 @@ def pca_per_timestep(
             return _GramPCA(source, k, memory_budget_bytes).run()
     if k > D:  # before a whole pass: no number of samples can make k components of dimension D
         raise HspaceError(f"k={k} components requested, but h has dimension D={D}; use 1 <= k <= min(n-1, {D})")
-    streaming._add(first[2])
+    streaming.add_groups(first[2])
     for _, _, x in it:
-        streaming._add(x)
+        streaming.add_groups(x)
     return streaming.result(k)
 
 
@@ -562,9 +617,7 @@ def pca_from_h(
     )
 
 
-def random_directions(
-    result: PCAResult, k: int, seed: int, model: str = "", h_location: str = ""
-) -> list[Direction]:
+def random_directions(result: PCAResult, k: int, seed: int, spec: Spec | None = None) -> list[Direction]:
     """Random baseline of Fig. 6: Gaussian directions with the PCs' ||delta_t|| at every timestep.
 
     Direction j (named random{j+1}) is drawn per timestep from N(0, I) with a generator of its own seeded
@@ -588,6 +641,6 @@ def random_directions(
         g = torch.randn((T, D), generator=generator, dtype=_F64)
         delta = g * (target[j] / g.norm(dim=1))[:, None]
         params = {"component": j, "seed": seed, "matched_to": f"pc{j + 1}", "n": result.n, "per_timestep": result.per_timestep}
-        meta = {"name": f"random{j + 1}", "model": model, "h_location": h_location, "method": "random", "params": params}
-        out.append(Direction(delta.reshape(T, *result.h_shape).float(), meta=meta))
+        meta = {"name": f"random{j + 1}", "method": "random", "params": params}
+        out.append(Direction(delta.reshape(T, *result.h_shape).float(), meta=meta, spec=spec or result.spec))
     return out

@@ -31,11 +31,11 @@ def mean_difference(positive: Trajectory, negative: Trajectory, name: str = "dif
     for label, t in (("positive", positive), ("negative", negative)):
         if t.h is None:
             raise HspaceError(f"the {label} trajectories have no recorded h; sample them with record_h=True")
-    if positive.meta != negative.meta:
-        raise HspaceError(f"positives and negatives come from different engines: {positive.meta} vs {negative.meta}")
+    if positive.spec != negative.spec:
+        raise HspaceError(f"positives and negatives come from different engines: {positive.spec} vs {negative.spec}")
     delta = h_difference(positive.h, negative.h)
     params = {"positive_seeds": positive.seeds, "negative_seeds": negative.seeds, "eta": positive.eta.tolist()}
-    return Direction(delta.float(), meta={**positive.meta, "name": name, "method": "mean_difference", "params": params})
+    return Direction(delta.float(), meta={"name": name, "method": "mean_difference", "params": params}, spec=positive.spec)
 
 
 def top_bottom(scores: torch.Tensor, k: int) -> tuple[list[int], list[int]]:
@@ -53,17 +53,14 @@ def top_bottom(scores: torch.Tensor, k: int) -> tuple[list[int], list[int]]:
 def annotate_bank(bank, scorer: Scorer | None = None, name: str = "classifier", batch_size: int = 256) -> dict[str, torch.Tensor]:
     """Score every sample of a bank from its x_0 thumbnails and store the scores in it (``scores/NAME``).
 
-    ``scorer`` maps images [N, 3, H, W] in [-1, 1] to named scores [N]; the default is the bundled
-    toy-faces classifier (for a bank of the toyfaces model). Thumbnails are at most the bank's
+    ``scorer`` maps images [N, 3, H, W] in [-1, 1] to named scores [N]; the default is the scorer of the
+    domain registered for the bank's model (``hspace.domains``; the toy-faces classifier). Thumbnails are at most the bank's
     ``thumbnail_size`` (draw the bank with a thumbnail size equal to the image size to score full images).
     """
     if scorer is None:
-        if bank.manifest["model"] != "toyfaces":
-            raise HspaceError(
-                f"the bundled classifier scores toy faces only; this bank is of {bank.manifest['model']!r}: pass a scorer "
-                "(a callable from images [N, 3, H, W] in [-1, 1] to named scores)"
-            )
-        from ..toyfaces.classifier import classify as scorer
+        from ..domains import domain_of
+
+        scorer = domain_of(bank.spec.model).scorer()
     thumbs = bank.thumbnails()
     parts: dict[str, list[torch.Tensor]] = {}
     for chunk in thumbs.split(batch_size):
@@ -102,8 +99,7 @@ def bank_difference(bank, positive: Sequence[int], negative: Sequence[int], name
         **(params or {}),
         "positive_seeds": [seeds[i] for i in positive], "negative_seeds": [seeds[i] for i in negative], "eta": bank.eta,
     }
-    meta = {"model": bank.manifest["model"], "h_location": bank.manifest["h_location"], "name": name}
-    return Direction(delta.float(), meta={**meta, "method": "mean_difference", "params": params})
+    return Direction(delta.float(), meta={"name": name, "method": "mean_difference", "params": params}, spec=bank.spec)
 
 
 _TRUE, _FALSE = {"1", "true", "yes", "y", "+", "pos", "positive"}, {"0", "false", "no", "n", "-", "neg", "negative"}
@@ -154,19 +150,27 @@ def x_T_difference(positive: Trajectory, negative: Trajectory) -> torch.Tensor:
     return h_difference(positive.x_T[:, None], negative.x_T[:, None])[0]
 
 
-def edit_x_T(engine, trajectory: Trajectory, delta: torch.Tensor, scales: Sequence[float], batch_size: int = 32) -> torch.Tensor:
-    """Images [S, B, C, H, W] of every sample regenerated from x_T + scale * delta (with its own z)."""
+def edit_x_T(engine, trajectory: Trajectory, delta: torch.Tensor, scales: Sequence[float], batch_size: int = 32, **run) -> torch.Tensor:
+    """Images [S, B, C, H, W] of every sample regenerated from x_T + scale * delta (with its own z): one batched run."""
     from dataclasses import replace
 
     delta = torch.as_tensor(delta, dtype=torch.float32)
     if tuple(delta.shape) != tuple(trajectory.x_T.shape[1:]):
         raise HspaceError(f"an x_T direction has the shape of x_T, {tuple(trajectory.x_T.shape[1:])}; got {tuple(delta.shape)}")
+    scales = torch.tensor([float(s) for s in scales])
+    n = len(trajectory)
     noise = trajectory.noise() if trajectory.z is None and bool((trajectory.eta > 0).any()) else trajectory.z
-    out = []
-    for scale in scales:
-        moved = replace(trajectory, x_T=trajectory.x_T + float(scale) * delta, z=noise, h=None, image=None)
-        out.append(engine.replay(moved, batch_size=batch_size).images)
-    return torch.stack(out)
+    moved = replace(
+        trajectory,
+        seeds=trajectory.seeds * len(scales),
+        x_T=(trajectory.x_T[None] + scales.view(-1, 1, 1, 1, 1) * delta).flatten(0, 1),
+        x0=trajectory.x0.repeat(len(scales), 1, 1, 1),
+        z=None if noise is None else noise.repeat(len(scales), *([1] * (noise.ndim - 1))),
+        h=None,
+        image=None,
+    )
+    images = engine.replay(moved, batch_size=batch_size, **run).images
+    return images.reshape(len(scales), n, *images.shape[1:])
 
 
 def clip_scorer(model: str, prompts: dict[str, tuple[str, str]], device: str | None = None) -> Scorer:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 
 from ..engine import Engine
 from ..errors import HspaceError
+from ..progress import Meter
 from .classifier import classify
 from .train import TrainConfig
 from .render import _RANGES, ATTRIBUTES, BINARY, CONTINUOUS, DARK_HAIR_THRESHOLD, sample_attributes
@@ -83,10 +83,13 @@ def evaluate_model(
     seed0: int = 0,
     batch_size: int = 100,
     pool: int = TrainConfig.pool,
-    callback: Callable[[dict], None] | None = None,
+    callback: Callable | None = None,
+    progress: bool | None = None,
 ) -> dict:
     """Sample n images and compare the classifier's view of them with the training faces' true labels."""
-    trajectory = engine.sample(range(seed0, seed0 + n), num_steps, eta, record_h=False, keep_noise=False, batch_size=batch_size, callback=callback)
+    trajectory = engine.sample(
+        range(seed0, seed0 + n), num_steps, eta, record_h=False, keep_noise=False, batch_size=batch_size, callback=callback, progress=progress
+    )
     generated = {k: v.numpy() for k, v in classify(trajectory.images).items()}
     truth = training_labels(pool)
     stats = attribute_statistics({k: torch.from_numpy(v) for k, v in generated.items()})
@@ -115,7 +118,8 @@ def renoise_flips(
     eta: float = 1.0,
     seed: int = 0,
     batch_size: int = 100,
-    callback: Callable[[dict], None] | None = None,
+    callback: Callable | None = None,
+    progress: bool | None = None,
 ) -> dict:
     """At which noise levels the model loses or gains a binary attribute (SDEdit from training faces).
 
@@ -146,29 +150,26 @@ def renoise_flips(
     truth = np.array([1] * (n // 2) + [0] * (n // 2), dtype=bool)
     x0 = engine.encode(torch.from_numpy(render_batch(seeds, size=engine.image_size[0])[0]))
     schedule = engine.schedule(num_steps)  # checks num_steps
-    total = sum(num_steps - k for k in start_steps) * math.ceil(n / batch_size)
-    done = [0]
-
-    def progress(info: dict) -> None:  # one bar over every start step and batch
-        done[0] += 1
-        if callback is not None:
-            callback({"step": done[0], "num_steps": total, "timestep": info["timestep"]})
-
+    total = sum(num_steps - k for k in start_steps) * n  # one bar over every start step
     report = {"attribute": attribute, "n": n, "num_steps": num_steps, "eta": eta, "seeds": seeds, "starts": []}
-    for k in start_steps:
-        generator = torch.Generator().manual_seed(seed * 1000 + k)
-        a = float(schedule.alpha[k])
-        x_k = a**0.5 * x0 + (1 - a) ** 0.5 * torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
-        z = torch.randn((n, num_steps - k, *x0.shape[1:]), generator=generator, dtype=x0.dtype)
-        out = engine.finish(x_k, k, num_steps, eta, z, batch_size=batch_size, callback=progress)
-        present = classify(engine.decode(out))[attribute].numpy() > 0.5
-        report["starts"].append(
-            {
-                "start_step": k,
-                "timestep": int(schedule.timesteps[k]),
-                "frequency": float(present.mean()),
-                "lost": float((~present[truth]).mean()),
-                "gained": float(present[~truth].mean()),
-            }
-        )
+    with Meter.job(callback, total, progress, "renoised faces") as meter:
+        for k in start_steps:
+            report["starts"].append(_renoise_from(engine, schedule, x0, truth, attribute, k, eta, seed, batch_size, meter))
     return report
+
+
+def _renoise_from(engine, schedule, x0, truth, attribute: str, k: int, eta, seed: int, batch_size: int, meter) -> dict:
+    """Training faces noised to step k and generated back: the attribute's frequency, lost and gained."""
+    generator = torch.Generator().manual_seed(seed * 1000 + k)
+    a = float(schedule.alpha[k])
+    x_k = a**0.5 * x0 + (1 - a) ** 0.5 * torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    z = torch.randn((len(x0), schedule.num_steps - k, *x0.shape[1:]), generator=generator, dtype=x0.dtype)
+    out = engine.finish(x_k, k, schedule.num_steps, eta, z, batch_size=batch_size, callback=meter)
+    present = classify(engine.decode(out))[attribute].numpy() > 0.5
+    return {
+        "start_step": k,
+        "timestep": int(schedule.timesteps[k]),
+        "frequency": float(present.mean()),
+        "lost": float((~present[truth]).mean()),
+        "gained": float(present[~truth].mean()),
+    }

@@ -1,4 +1,8 @@
-"""A diffusers ``UNet2DModel`` forward split at h: an encoder half run once, a decoder half that h feeds.
+"""The unconditional diffusers ``UNet2DModel`` behind the engine, and its forward split at h.
+
+``UNetModel`` is what the engine asks of a model (k-diffusion's wrappers are the pattern): the U-Net's
+output at (x_t, t) with an intervention on h, the shape of h, the decoder half at h for the Jacobian,
+and the latent autoencoder of a latent model. The split: an encoder half run once, a decoder half that h feeds.
 
 eps(x_t, h_t) depends on h_t only through the decoder half of the U-Net (paper Sec. 4.2: the skip
 tensors carry x_t's own dependency). ``encode`` computes once per (x_t, t) what does not depend on h
@@ -11,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from .errors import HspaceError
-from .hooks import DEFAULT_H_LOCATION, bottleneck, check_location
+from ..errors import HspaceError
+from ..hooks import DEFAULT_H_LOCATION, bottleneck, check_location, h_hook
 
 
 @dataclass
@@ -155,3 +159,94 @@ def forward_mode(unet: nn.Module) -> Iterator[None]:
 
 def _contiguous_input(_module, args):
     return (args[0].contiguous(), *args[1:])
+
+
+@dataclass
+class DecoderHalf:
+    """eps(x_t, h) as a function of h alone at one (x_t, t): the function whose Jacobian J_t (eq. 6) the
+    Jacobian directions decompose. ``h`` is h_t of the unedited pass; ``forward_mode()`` must enclose
+    forward-mode differentiation."""
+
+    unet: nn.Module
+    cache: EncoderCache
+
+    @property
+    def h(self) -> torch.Tensor:
+        return self.cache.h
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return decode(self.unet, h, self.cache)
+
+    def forward_mode(self):
+        return forward_mode(self.unet)
+
+
+def _prepare(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    module = module.to(device)
+    if next(module.parameters()).dtype != dtype:
+        module = module.to(dtype)
+    return module.eval().requires_grad_(False)
+
+
+class UNetModel:
+    """An unconditional U-Net (+ the VQ/VAE of a latent model) on a device, in a dtype, with h at ``h_location``."""
+
+    def __init__(self, unet: nn.Module, decoder: nn.Module | None, h_location: str, device: torch.device, dtype: torch.dtype):
+        self.h_location = check_location(h_location)
+        self.device, self.dtype = device, dtype
+        self.unet = _prepare(unet, device, dtype)
+        self.decoder = None if decoder is None else _prepare(decoder, device, dtype)
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        self.sample_shape = (self.unet.config.in_channels, *size)
+        self._h_shape: tuple[int, ...] | None = None
+
+    def output(self, x_t: torch.Tensor, t: int, edit_h: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The U-Net's output at (x_t, t), h routed through ``edit_h`` (no gradient; hook removed after)."""
+        x = x_t.to(self.device, self.dtype)
+        t = torch.tensor(t, device=self.device)
+        with torch.no_grad():
+            if edit_h is None:
+                return self.unet(x, t).sample
+            with h_hook(self.unet, self.h_location, edit_h):
+                return self.unet(x, t).sample
+
+    @property
+    def h_shape(self) -> tuple[int, ...]:
+        """Shape of h_t for one sample, found by one U-Net pass the first time it is asked for."""
+        if self._h_shape is None:
+            seen = []
+            self.output(torch.zeros(1, *self.sample_shape), 0, lambda h: seen.append(tuple(h.shape[1:])) or h)
+            self._h_shape = seen[0]
+        return self._h_shape
+
+    def decoder_half(self, x_t: torch.Tensor, t: int) -> DecoderHalf:
+        """The decoder half at (x_t, t) (encoder half computed once here), for the Jacobian of eq. 6."""
+        return DecoderHalf(self.unet, encode(self.unet, x_t, t, self.h_location))
+
+    @property
+    def latent_scale(self) -> float:
+        return float(getattr(self.decoder.config, "scaling_factor", 1.0) or 1.0)
+
+    def decode(self, x0: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """Images in [-1, 1] from x_0 (through the VQ/VAE decoder of a latent model)."""
+        if self.decoder is None:
+            return x0
+        out = []
+        with torch.no_grad():
+            for part in x0.split(batch_size):
+                out.append(self.decoder.decode(part.to(self.device, self.dtype) / self.latent_scale).sample.float().cpu())
+        return torch.cat(out)
+
+    def encode(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+        """x_0 from images [B, 3, H, W] in [-1, 1]: the images for a pixel model, the autoencoder's latents
+        (times its scaling factor) for a latent model. float32 on the CPU."""
+        if self.decoder is None:
+            return images.float()
+        out = []
+        with torch.no_grad():
+            for part in images.split(batch_size):
+                encoded = self.decoder.encode(part.to(self.device, self.dtype))
+                latents = encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mean
+                out.append((latents * self.latent_scale).float().cpu())
+        return torch.cat(out)

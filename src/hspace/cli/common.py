@@ -1,0 +1,106 @@
+"""What every command shares: parsing seeds, eta, windows and scales; the model flags; JSON reports."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from ..errors import HspaceError
+
+
+def parse_seeds(items: list[str]) -> list[int]:
+    """Seeds from words like '0-7', '3', '1,5,9'."""
+    seeds: list[int] = []
+    for item in items:
+        for part in str(item).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                if "-" in part[1:]:
+                    lo, hi = part.split("-", 1)
+                    lo, hi = int(lo), int(hi)
+                    if hi < lo:
+                        raise ValueError
+                    seeds.extend(range(lo, hi + 1))
+                else:
+                    seeds.append(int(part))
+            except ValueError:
+                raise HspaceError(f"bad seed {part!r}; valid: an integer like 7, a range like 0-15, or a list like 1,5,9") from None
+    return seeds
+
+
+def parse_eta(text: str):
+    """One number, or a comma-separated list with one value per step."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise HspaceError(f"bad --eta {text!r}; valid: a number like 1.0, or one number per step separated by commas") from None
+    return values[0] if len(values) == 1 else values
+
+
+def parse_window(text: str | None):
+    if text is None:
+        return None
+    try:
+        start, end = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise HspaceError(f"bad --window {text!r}; valid: T_START:T_END in timesteps, e.g. 1000:500") from None
+    return start, end
+
+
+def parse_scales(items: list[str]) -> list[float]:
+    try:
+        scales = [float(s) for s in items]
+    except ValueError:
+        raise HspaceError(f"bad --scales {items}; valid: numbers like -2 0 2") from None
+    bad = [s for s in scales if not math.isfinite(s)]
+    if bad:
+        raise HspaceError(f"bad --scales {bad[0]}; valid: finite numbers like -2 0 2")
+    return scales
+
+
+def eps_pass(args) -> str:
+    return "clean" if args.asyrp else "edited"
+
+
+def engine_from(args, clip_sample: bool | None = None):
+    """The engine the model flags name; ``clip_sample`` overrides --no-clip (e.g. from a trajectory file)."""
+    from ..engine import Engine
+
+    if clip_sample is None:
+        clip_sample = False if getattr(args, "no_clip", False) else None
+    return Engine.load(args.model, h_location=args.h_location, device=args.device, dtype=args.dtype, clip_sample=clip_sample)
+
+
+def engine_of_spec(spec, args):
+    """The engine of a bank's or trajectory's spec, on the device the flags name."""
+    from ..engine import Engine
+
+    return Engine.load(spec, device=args.device)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    from ..hooks import DEFAULT_H_LOCATION
+    from ..loading import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name, local diffusers folder or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--h-location", default=DEFAULT_H_LOCATION, help="where h lives: mid.out (the paper's h) or mid.in")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    p.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per U-Net batch")
+    p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 (the scheduler's clip_sample); DDIM inversion needs it")
+
+
+def add_process_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=50, help="number of generative steps (default 50)")
+    p.add_argument("--eta", default="1.0", help="eta: 0 = DDIM, 1 = DDPM, or one value per step, comma-separated")
+
+
+def write_json(path: str | Path | None, report: dict) -> None:
+    """Write a report as indented JSON (creating its folder); nothing when no path was given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(report, indent=2))

@@ -1,0 +1,263 @@
+"""Direction commands: bank, pca, jacobian, annotate, supervised, disentangle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import HspaceError, check_choice
+from .common import add_model_args, add_process_args, engine_from, engine_of_spec, parse_eta, parse_scales, parse_seeds
+from .generation import sample
+
+OVER = ("timestep", "trajectory")  # per timestep, or over the whole concatenated h_{T:1}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bank", help="draw (or resume, or extend) a bank of samples with h at every step, sharded on disk")
+    add_model_args(p)
+    add_process_args(p)
+    p.add_argument("out", help="bank folder (the same command resumes an interrupted bank)")
+    p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    p.add_argument("--base-seed", type=int, default=0, help="sample i has seed base_seed + i (default 0)")
+    p.add_argument("--shard-size", type=int, default=64, help="samples per shard file (default 64)")
+    p.add_argument("--thumbnail-size", type=int, default=64, help="longest side of the stored x_0 thumbnails (default 64)")
+    p.set_defaults(func=run_bank)
+
+    p = sub.add_parser("pca", help="per-timestep PCA of a bank's h (paper Sec. 4.1), plus matched-norm random directions")
+    p.add_argument("bank", help="bank folder")
+    p.add_argument("--k", type=int, default=10, help="number of principal components (default 10)")
+    p.add_argument("--over", default="timestep", help="timestep: one PCA per timestep (default); trajectory: one over all timesteps concatenated")
+    p.add_argument("--method", default="auto", help="auto, covariance or gram (default auto)")
+    p.add_argument("--memory-gb", type=float, default=2.0, help="memory budget of the accumulators (default 2)")
+    p.add_argument("--random", type=int, default=0, help="also write this many random directions of matched per-step norm (Fig. 6)")
+    p.add_argument("--random-seed", type=int, default=0)
+    p.add_argument("--out", default="out/pca", help="folder for pc1..pcK.safetensors, pca.safetensors (the whole result) and pca.json")
+    p.set_defaults(func=run_pca)
+
+    p = sub.add_parser("jacobian", help="image-specific directions: top singular vectors of d eps / d h_t (paper Sec. 4.2)")
+    add_model_args(p)
+    add_process_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    p.add_argument("--trajectory", default=None, help="take the sample from a saved trajectory file (its engine and steps) instead")
+    p.add_argument("--sample", type=int, default=0, help="with --trajectory: which sample (default 0)")
+    p.add_argument("--at", nargs="+", default=None, help="step indices to decompose at, e.g. 25 or 10,25,40 (default: the middle step)")
+    p.add_argument("--k", type=int, default=4, help="number of singular vectors (default 4)")
+    p.add_argument("--method", default="batched", help="batched (Alg. 1) or sequential (Alg. 2)")
+    p.add_argument("--b", type=int, default=None, help="mini-batch size of Alg. 2")
+    p.add_argument("--mask", default=None, help="only this region of the output counts: a part of the model's domain (toyfaces: eyes, mouth, hair, face, glasses, hat) or a mask image/.npy (resized to the U-Net output)")
+    p.add_argument("--max-iter", type=int, default=50)
+    p.add_argument("--tol", type=float, default=1e-4, help="stop when no singular value changes by more than this (relative)")
+    p.add_argument("--oversample", type=int, default=None, help="extra vectors iterated alongside (default: the block size; 0 = the paper's algorithm)")
+    p.add_argument("--vector-seed", type=int, default=0, help="seed of the random initial vectors")
+    p.add_argument("--scales", nargs="+", default=["-0.3", "-0.15", "0", "0.15", "0.3"], help="scales of the preview grid (units of ||h_t||)")
+    p.add_argument("--out", default="out/jacobian", help="folder for the directions, jacobian.json and grid.png")
+    p.set_defaults(func=run_jacobian)
+
+    p = sub.add_parser("annotate", help="score every sample of a bank (the model's domain classifier or a local CLIP); stored in the bank")
+    p.add_argument("bank", help="bank folder")
+    p.add_argument("--name", default="classifier", help="name of the stored scores (default classifier)")
+    p.add_argument("--scorer", default="domain", help="domain (the classifier of the bank's model's domain; default), a domain name, or clip:DIR (a local CLIP model)")
+    p.add_argument("--clip", default=None, help="the same as --scorer clip:DIR")
+    p.add_argument("--prompt", nargs="+", default=None, help="with a CLIP scorer: NAME='prompt with it|prompt without it', one per attribute")
+    p.set_defaults(func=run_annotate)
+
+    p = sub.add_parser("supervised", help="eq. 10 directions: a bank's top-k minus bottom-k by a score, or labelled seeds/images")
+    add_model_args(p)
+    add_process_args(p)
+    p.add_argument("bank", nargs="?", default=None, help="bank folder with scores (hspace annotate)")
+    p.add_argument("--attribute", nargs="+", default=None, help="with a bank: score names, e.g. smile glasses")
+    p.add_argument("--labels", default=None, help="instead of a bank: a CSV 'seed,label' or 'image,label' (images are inverted)")
+    p.add_argument("--name", default=None, help="with --labels: the direction's name (default: the CSV's name)")
+    p.add_argument("--resize", action="store_true", help="with image labels: centre-crop and resize images to the model's size")
+    p.add_argument("--k", type=int, default=20, help="samples on each side (default 20)")
+    p.add_argument("--scores", default="classifier", help="which stored scores (default classifier)")
+    p.add_argument("--out", default="out/supervised", help="folder for ATTRIBUTE.safetensors")
+    p.set_defaults(func=run_supervised)
+
+    p = sub.add_parser("disentangle", help="eq. 11: remove from a direction its projection onto other directions")
+    p.add_argument("direction", help="direction file")
+    p.add_argument("--remove", nargs="+", required=True, help="direction files or folders whose span is removed")
+    p.add_argument("--over", default="trajectory", help="trajectory: project over all of h_{T:1} (default, the paper's); timestep: at every step separately")
+    p.add_argument("--name", default=None, help="name of the result (default NAME-disentangled)")
+    p.add_argument("-o", "--output", required=True, help="direction file to write")
+    p.set_defaults(func=run_disentangle)
+
+
+def run_bank(args) -> None:
+    from ..bank import build_bank
+
+    eta = parse_eta(args.eta)
+    engine = engine_from(args)
+    bank = build_bank(
+        args.out, engine, args.n, args.steps, eta,
+        base_seed=args.base_seed, shard_size=args.shard_size, batch_size=args.batch_size, thumbnail_size=args.thumbnail_size,
+    )
+    print(f"{bank}: complete, seeds {bank.seeds[0]}..{bank.seeds[-1]}")
+
+
+def run_pca(args) -> None:
+    from dataclasses import replace
+
+    from ..bank import Bank
+    from ..directions.direction import save_directions
+    from ..directions.pca import pca_per_timestep, random_directions
+
+    check_choice("--over", args.over, OVER)
+    bank = Bank.open(args.bank)
+    if not args.memory_gb > 0:
+        raise HspaceError(f"--memory-gb must be positive, got {args.memory_gb}")
+    result = pca_per_timestep(
+        bank.h_chunks(), args.k, per_timestep=args.over == "timestep", method=args.method,
+        memory_budget_bytes=int(args.memory_gb * 2**30), expected_n=bank.n,
+    )
+    result = replace(result, spec=bank.spec)
+    out = Path(args.out)
+    paths = result.save(out)
+    if args.random:
+        paths += save_directions(random_directions(result, args.random, args.random_seed), out)
+    summary = {
+        "bank": str(bank.path), "n": result.n, "over": args.over, "route": result.route, "steps": bank.num_steps,
+        "variance_ratio_mean_over_steps": [float(v) for v in result.variance_ratio.mean(1)],
+        "sigma_mean_over_steps": [float(v) for v in result.sigma.mean(1)],
+        "directions": [p.name for p in paths],
+    }
+    (out / "pca.json").write_text(json.dumps(summary, indent=2))
+    for j, ratio in enumerate(summary["variance_ratio_mean_over_steps"]):
+        print(f"pc{j + 1}: {100 * ratio:.2f}% of the variance (mean over steps)")
+    print(f"wrote {len(paths)} directions to {out}; render them with: hspace edit --bank {bank.path} --direction {out}")
+
+
+def run_jacobian(args) -> None:
+    import torch
+
+    from ..directions.jacobian import jacobian_directions
+    from ..domains import domain_of, load_mask
+    from ..images import labelled_grid
+
+    scales = parse_scales(args.scales)
+    if args.trajectory:
+        from ..trajectory import Trajectory
+
+        saved = Trajectory.load(args.trajectory)
+        engine = engine_of_spec(saved.spec, args) if saved.spec is not None else engine_from(args)
+        steps = saved.num_steps
+    else:
+        saved, engine, steps = None, None, args.steps
+    at = parse_seeds(args.at) if args.at else None
+    if at and max(at) >= steps:
+        raise HspaceError(f"--at {max(at)} is out of range; valid: step indices from 0 to {steps - 1} (the process has {steps} steps)")
+    engine = engine or engine_from(args)
+    mask = load_mask(args.mask, engine.sample_shape[1:], domain_of(engine.name, required=False), "--mask") if args.mask else None
+    trajectory = saved[args.sample] if saved is not None else sample(engine, args, [args.seed])
+    result = jacobian_directions(
+        engine, trajectory, 0, at, args.k,
+        mask=mask, mask_name=args.mask, method=args.method, b=args.b, max_iter=args.max_iter, tol=args.tol,
+        oversample=args.oversample, generator=torch.Generator().manual_seed(args.vector_seed),
+    )
+    out = Path(args.out)
+    paths = result.save(out)
+    info = json.loads((out / "jacobian.json").read_text())
+    (out / "jacobian.json").write_text(json.dumps({"seed": trajectory.seeds[0], "mask": args.mask, **info}, indent=2))
+    images = engine.edit(trajectory, result.directions, scales, batch_size=args.batch_size)
+    labelled_grid(images[:, :, 0], [d.name for d in result.directions], [f"{s:g}" for s in scales]).save(out / "grid.png")
+    for r in result.summary():
+        state = "converged" if r["converged"] else "NOT converged"
+        print(f"step {r['step']} (t={r['timestep']}): singular values {', '.join(f'{v:.3g}' for v in r['singular_values'])}; iterations {r['iterations']} ({state})")
+    print(f"wrote {len(paths)} directions, jacobian.json and grid.png to {out}")
+
+
+def _clip_prompts(items: list[str] | None) -> dict[str, tuple[str, str]]:
+    if not items:
+        raise HspaceError("a CLIP scorer needs at least one --prompt NAME='with the attribute|without it'")
+    prompts = {}
+    for item in items:
+        name, _, pair = item.partition("=")
+        texts = pair.split("|")
+        if not name or len(texts) != 2 or not all(t.strip() for t in texts):
+            raise HspaceError(f"bad --prompt {item!r}; valid: NAME='a photo of a smiling person|a photo of a person'")
+        prompts[name.strip()] = (texts[0].strip(), texts[1].strip())
+    return prompts
+
+
+def scorer_from(text: str, prompts: list[str] | None, model: str):
+    """A scorer named on the command line: "domain" (the model's), a domain name, or "clip:DIR"."""
+    from ..domains import domain_of, get_domain
+
+    if text.startswith("clip:"):
+        from ..directions.supervised import clip_scorer
+
+        return clip_scorer(text[len("clip:"):], _clip_prompts(prompts))
+    if prompts:
+        raise HspaceError("--prompt needs a CLIP scorer (--scorer clip:DIR)")
+    return (domain_of(model) if text == "domain" else get_domain(text)).scorer()
+
+
+def run_annotate(args) -> None:
+    from ..bank import Bank
+    from ..directions.supervised import annotate_bank
+
+    bank = Bank.open(args.bank)
+    scorer = scorer_from(f"clip:{args.clip}" if args.clip else args.scorer, args.prompt, bank.spec.model)
+    scores = annotate_bank(bank, scorer, name=args.name)
+    for key, value in scores.items():
+        print(f"{key}: mean {float(value.mean()):.3f}, min {float(value.min()):.3f}, max {float(value.max()):.3f}")
+    print(f"stored {len(scores)} scores of {bank.n} samples as {bank.scores_path(args.name)}")
+
+
+def _labelled_direction(args):
+    from ..directions.supervised import mean_difference, read_labels
+
+    kind, items, labels = read_labels(args.labels)
+    engine = engine_from(args)
+    if kind == "seed":
+        trajectory = sample(engine, args, items)
+    else:
+        from ..inversion import invert, load_images
+
+        images = load_images(items, engine.image_size, resize=args.resize)
+        trajectory = invert(engine, images, args.steps, parse_eta(args.eta), batch_size=args.batch_size)
+    pos = [i for i, label in enumerate(labels) if label]
+    neg = [i for i, label in enumerate(labels) if not label]
+    name = args.name or Path(args.labels).stem
+    direction = mean_difference(trajectory[pos], trajectory[neg], name=name)
+    direction.meta["params"]["labels"] = str(args.labels)
+    print(f"{name}: mean h of {len(pos)} positive minus {len(neg)} negative {kind}s")
+    return direction
+
+
+def run_supervised(args) -> None:
+    from ..directions.direction import save_directions
+    from ..directions.supervised import direction_from_scores
+
+    if (args.bank is None) == (args.labels is None):
+        raise HspaceError("give a bank (with --attribute) or --labels FILE.csv, one of the two")
+    if args.labels:
+        directions = [_labelled_direction(args)]
+    else:
+        from ..bank import Bank
+
+        if not args.attribute:
+            raise HspaceError("with a bank, give --attribute NAME ... (the stored scores to sort by)")
+        bank = Bank.open(args.bank)
+        directions = [direction_from_scores(bank, attribute, args.k, scores=args.scores) for attribute in args.attribute]
+        for d in directions:
+            p = d.meta["params"]
+            print(f"{d.name}: top {args.k} (mean score {p['positive_mean_score']:.3f}) minus bottom {args.k} (mean score {p['negative_mean_score']:.3f})")
+    paths = save_directions(directions, Path(args.out))
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+
+
+def run_disentangle(args) -> None:
+    from ..directions.direction import Direction, direction_files
+    from ..directions.disentangle import disentangle
+
+    check_choice("--over", args.over, OVER)
+    direction = Direction.load(args.direction)
+    # A folder given to --remove may hold the direction itself: it is skipped, not projected out of itself.
+    own = Path(args.direction).resolve()
+    others = [Direction.load(p) for p in direction_files(args.remove) if p.resolve() != own]
+    out = disentangle(direction, others, per_timestep=args.over == "timestep", name=args.name)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    out.save(args.output)
+    before, after = direction.delta.flatten().norm(), out.delta.flatten().norm()
+    print(f"{out.name}: removed the span of {', '.join(o.name for o in others)}; norm {float(before):.4g} -> {float(after):.4g}; wrote {args.output}")

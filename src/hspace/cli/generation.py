@@ -1,0 +1,235 @@
+"""Generation commands: sample, edit, swap, arith, invert, info."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..errors import HspaceError
+from .common import (
+    add_model_args, add_process_args, engine_from, engine_of_spec, eps_pass, parse_eta, parse_scales, parse_seeds, parse_window,
+)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="draw samples, recording h at every step")
+    add_model_args(p)
+    add_process_args(p)
+    p.add_argument("--seeds", nargs="+", default=["0-7"], help="seeds: 7, 0-15, 1,5,9 (default 0-7)")
+    p.add_argument("--out", default="out/samples", help="output folder for PNGs")
+    p.add_argument("--save-trajectory", default=None, help="also save the trajectories (safetensors)")
+    p.set_defaults(func=run_sample)
+
+    p = sub.add_parser("edit", help="edit samples along directions at several scales (one batched replay)")
+    add_model_args(p)
+    add_process_args(p)
+    p.add_argument("--direction", nargs="+", required=True, help="direction files (.safetensors) or folders of them")
+    p.add_argument("--seeds", nargs="+", default=["0-3"], help="seeds of the samples to edit")
+    p.add_argument("--trajectory", default=None, help="edit the samples of a saved trajectory file (its engine and steps) instead of --seeds")
+    p.add_argument("--bank", default=None, help="edit samples of this bank (its engine, steps, eta and seeds) instead of --seeds")
+    p.add_argument("--samples", nargs="+", default=["0-3"], help="with --bank: sample indices (default 0-3)")
+    p.add_argument("--scales", nargs="+", default=["-2", "-1", "0", "1", "2"], help="edit scales gamma")
+    p.add_argument("--window", default=None, help="only edit at timesteps T_START:T_END, e.g. 1000:500")
+    p.add_argument("--asyrp", action="store_true", help="inject into P_t only (Asyrp, two U-Net passes per step)")
+    p.add_argument("--save-each", action="store_true", help="also save every edited image on its own")
+    p.add_argument("--sequential", action="store_true", help="mode: add the directions one after another (paper Fig. 11), one scale per direction")
+    p.add_argument("--out", default="out/edits", help="output folder")
+    p.set_defaults(func=run_edit)
+
+    p = sub.add_parser("swap", help="replay samples with h taken from other samples (paper Fig. 3)")
+    add_model_args(p)
+    add_process_args(p)
+    p.add_argument("--seeds", nargs="+", required=True, help="seeds whose noise x_T, z is kept")
+    p.add_argument("--donors", nargs="+", required=True, help="seeds whose h is swapped in (one per seed)")
+    p.add_argument("--window", default=None, help="only swap at timesteps T_START:T_END")
+    p.add_argument("--out", default="out/swap", help="output folder")
+    p.set_defaults(func=run_swap)
+
+    p = sub.add_parser("arith", help="a direction from h of positive minus negative samples (paper Fig. 4, eq. 10)")
+    add_model_args(p)
+    add_process_args(p)
+    p.add_argument("--plus", nargs="+", required=True, help="seeds of samples with the attribute")
+    p.add_argument("--minus", nargs="+", required=True, help="seeds of samples without it")
+    p.add_argument("--name", default="difference", help="name stored in the direction")
+    p.add_argument("-o", "--output", required=True, help="direction file to write (.safetensors)")
+    p.set_defaults(func=run_arith)
+
+    p = sub.add_parser("invert", help="real images into trajectories: DDIM inversion (eta 0) or edit-friendly DDPM inversion (eta > 0)")
+    add_model_args(p)
+    add_process_args(p)
+    p.add_argument("images", nargs="+", help="image files (the model's size, or pass --resize)")
+    p.add_argument("--resize", action="store_true", help="centre-crop and resize images of another size to the model's")
+    p.add_argument("--fixed-point", type=int, default=3, help="fixed-point refinements per deterministic step (0: classic DDIM inversion)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fresh noise of DDPM inversion")
+    p.add_argument("--out", default="out/invert", help="folder for trajectory.safetensors and the reconstructions")
+    p.set_defaults(func=run_invert, eta="0", batch_size=16)
+
+    p = sub.add_parser("info", help="model, h location and h shape")
+    add_model_args(p)
+    p.set_defaults(func=run_info)
+
+
+def sample(engine, args, seeds, steps: int | None = None, eta=None):
+    return engine.sample(seeds, steps or args.steps, parse_eta(args.eta) if eta is None else eta, batch_size=args.batch_size)
+
+
+def run_sample(args) -> None:
+    from ..images import labelled_grid, save_images
+
+    engine = engine_from(args)
+    trajectory = sample(engine, args, parse_seeds(args.seeds))
+    out = Path(args.out)
+    save_images(trajectory.images, out, [f"seed{s}" for s in trajectory.seeds])
+    labelled_grid(trajectory.images[None], col_labels=[str(s) for s in trajectory.seeds]).save(out / "grid.png")
+    if args.save_trajectory:
+        trajectory.save(args.save_trajectory)
+    print(f"wrote {len(trajectory)} samples and grid.png to {out}")
+
+
+def edit_source(args):
+    """(engine, trajectory) of what to edit: a trajectory file or a bank (each with its own engine, so
+    no model flags are needed), or --seeds with the model flags."""
+    if args.trajectory and args.bank:
+        raise HspaceError("give --trajectory or --bank, not both")
+    if args.trajectory:
+        from ..trajectory import Trajectory
+
+        saved = Trajectory.load(args.trajectory)
+        engine = engine_of_spec(saved.spec, args) if saved.spec is not None else engine_from(args)
+        return engine, saved
+    if args.bank:
+        from ..bank import Bank
+
+        bank = Bank.open(args.bank)
+        indices = bank.check_indices(parse_seeds(args.samples))
+        engine = engine_of_spec(bank.spec, args)
+        return engine, bank.trajectory(engine, indices, batch_size=args.batch_size)
+    engine = engine_from(args)
+    return engine, sample(engine, args, parse_seeds(args.seeds))
+
+
+def run_edit(args) -> None:
+    from ..directions.direction import load_directions
+
+    # Check every input before the first U-Net pass.
+    window, scales = parse_window(args.window), parse_scales(args.scales)
+    parse_seeds(args.seeds)
+    directions = load_directions(args.direction)
+    if args.sequential and len(scales) != len(directions):
+        raise HspaceError(f"--sequential takes one scale per direction: {len(directions)} directions, {len(scales)} scales")
+    engine, trajectory = edit_source(args)
+    for direction in directions:
+        engine.check_direction(direction, trajectory.num_steps)
+    if args.sequential:
+        return _sequential_edit(engine, trajectory, directions, scales, window, args)
+    images = engine.edit(trajectory, directions, scales, window=window, eps_pass=eps_pass(args), batch_size=args.batch_size)
+    _save_edit_grids(images, trajectory, directions, scales, Path(args.out), args.save_each)
+    print(f"wrote edit grids for {len(trajectory)} samples to {args.out}")
+
+
+def _save_edit_grids(images, trajectory, directions, scales, out: Path, save_each: bool) -> None:
+    from ..images import labelled_grid, to_pil
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows, cols = [d.name for d in directions], [f"{s:g}" for s in scales]
+    for b, seed in enumerate(trajectory.seeds):
+        who = f"seed{seed}" if seed >= 0 else f"sample{b}"  # an inverted image has no seed
+        labelled_grid(images[:, :, b], rows, cols).save(out / f"edit_{who}.png")
+        if save_each:
+            for d, direction in enumerate(directions):
+                for s, scale in enumerate(scales):
+                    to_pil(images[d, s, b]).save(out / f"{who}_{d}_{direction.name}_{scale:g}.png")
+
+
+def _sequential_edit(engine, trajectory, directions, scales, window, args) -> None:
+    """Fig. 11: the directions added one after another, gamma_1 v_1, + gamma_2 v_2, ..., one grid."""
+    import itertools
+
+    import torch
+
+    from ..images import labelled_grid
+
+    combos = list(itertools.accumulate(direction * scale for direction, scale in zip(directions, scales)))
+    names = [f"+{direction.name} ({scale:g})" for direction, scale in zip(directions, scales)]
+    images = engine.edit(trajectory, combos, [1.0], window=window, eps_pass=eps_pass(args), batch_size=args.batch_size)
+    grid = torch.cat([trajectory.images[:, None], images[:, 0].transpose(0, 1)], dim=1)
+    rows = [f"seed {s}" if s >= 0 else f"sample {b}" for b, s in enumerate(trajectory.seeds)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    labelled_grid(grid, rows, ["original"] + names).save(out / "sequential.png")
+    print(f"wrote {out / 'sequential.png'}: {len(trajectory)} samples, each with {' then '.join(names)}")
+
+
+def run_swap(args) -> None:
+    import torch
+
+    from ..images import labelled_grid
+
+    seeds, donors, window = parse_seeds(args.seeds), parse_seeds(args.donors), parse_window(args.window)
+    if len(seeds) != len(donors):
+        raise HspaceError(f"{len(seeds)} seeds but {len(donors)} donors; swap pairs them one to one")
+    engine = engine_from(args)
+    both = sample(engine, args, seeds + donors)
+    a, b = both[list(range(len(seeds)))], both[list(range(len(seeds), len(both)))]
+    swapped = engine.swap(a, b, window=window, batch_size=args.batch_size)
+    grid = torch.stack([a.images, b.images, swapped.images], dim=1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    labelled_grid(grid, [f"{s}<-h{d}" for s, d in zip(seeds, donors)], ["sample", "h donor", "swapped"]).save(out / "swap.png")
+    print(f"wrote {out / 'swap.png'}")
+
+
+def run_arith(args) -> None:
+    from ..directions.supervised import mean_difference
+
+    engine = engine_from(args)
+    plus, minus = parse_seeds(args.plus), parse_seeds(args.minus)
+    trajectory = sample(engine, args, plus + minus)
+    positive = trajectory[list(range(len(plus)))]
+    negative = trajectory[list(range(len(plus), len(trajectory)))]
+    direction = mean_difference(positive, negative, name=args.name)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    direction.save(args.output)
+    print(f"wrote direction {args.name!r} ({direction.num_steps} steps, h {direction.h_shape}) to {args.output}")
+
+
+def run_invert(args) -> None:
+    import torch
+
+    from ..images import labelled_grid, save_images
+    from ..inversion import invert, load_images
+
+    eta = parse_eta(args.eta)
+    engine = engine_from(args)
+    images = load_images(args.images, engine.image_size, resize=args.resize)
+    deterministic = not any(e > 0 for e in (eta if isinstance(eta, list) else [eta]))
+    if deterministic and engine.scheduler_config.get("clip_sample") and not args.no_clip:
+        print("note: this model clips the predicted x_0; DDIM inversion cannot undo clipped steps, pass --no-clip for a far better one", file=sys.stderr)
+    trajectory = invert(engine, images, args.steps, eta, seed=args.seed, fixed_point_iterations=args.fixed_point, batch_size=args.batch_size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    trajectory.save(out / "trajectory.safetensors")
+    names = [Path(p).stem for p in args.images]
+    save_images(trajectory.images, out, [f"{n}_reconstruction" for n in names])
+    labelled_grid(torch.stack([images, trajectory.images], 1), names, ["image", "reconstruction"]).save(out / "inversion.png")
+    mse = ((trajectory.images - images) ** 2).mean(dim=(1, 2, 3))
+    for name, m, err in zip(names, mse, (trajectory.images - images).abs().flatten(1).max(1).values):
+        print(f"{name}: PSNR {float(10 * torch.log10(4 / m.clamp_min(1e-20))):.1f} dB, max |error| {float(err):.2g}")
+    print(f"wrote {out / 'trajectory.safetensors'}; edit it with: hspace edit --trajectory {out / 'trajectory.safetensors'} --direction ...")
+
+
+def run_info(args) -> None:
+    from ..hooks import H_LOCATIONS
+
+    engine = engine_from(args)
+    info = {
+        "spec": engine.spec.to_dict(),
+        "sample_shape": engine.sample_shape,
+        "h_shape": engine.h_shape,
+        "h_locations": H_LOCATIONS,
+        "latent": engine.decoder is not None,
+        "device": str(engine.device),
+        "scheduler": engine.scheduler_config,
+    }
+    print(json.dumps(info, indent=2, default=str))

@@ -1,0 +1,33 @@
+"""Report commands: demo (the main job) and reproduce (the paper's claims measured)."""
+
+from __future__ import annotations
+
+from .common import add_model_args, engine_from
+
+
+def register(sub) -> None:
+    p = sub.add_parser("reproduce", help="measure the paper's claims on the bundled model; a Markdown report with figures")
+    add_model_args(p)
+    p.add_argument("--quick", action="store_true", help="small counts and 8 steps: minutes instead of half an hour")
+    p.add_argument("--out", default="out/reproduce", help="report folder (an interrupted run resumes from it)")
+    p.set_defaults(func=run_reproduce, batch_size=64)
+
+    p = sub.add_parser("demo", help="the main job: samples, swaps and edits of the bundled model into a folder")
+    p.add_argument("--model", default=None, help="model (default: the bundled model)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="out/demo", help="output folder")
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args) -> None:
+    from ..demo import run_demo as demo
+
+    for path in demo(args.out, model=args.model, steps=args.steps, device=args.device):
+        print(path)
+
+
+def run_reproduce(args) -> None:
+    from ..reproduce import run_reproduce as reproduce
+
+    print(f"wrote {reproduce(args.out, quick=args.quick, engine=engine_from(args))}")

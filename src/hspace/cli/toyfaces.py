@@ -1,0 +1,187 @@
+"""The bundled toy-faces domain's commands: train, train-classifier, evaluate, renoise, edit-success, export."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ..errors import HspaceError
+from .common import add_model_args, add_process_args, engine_from, engine_of_spec, parse_eta, write_json
+
+
+def register(sub) -> None:
+    toy = sub.add_parser("toyfaces", help="the bundled toy-faces domain: train and export its diffusion model")
+    toy_sub = toy.add_subparsers(dest="toyfaces_command", required=True)
+    p = toy_sub.add_parser("train", help="train (or resume) the toy-faces U-Net with EMA; checkpoints in --run")
+    p.add_argument("--run", default="runs/toyfaces", help="run folder (checkpoint.pt; the same command resumes)")
+    p.add_argument("--steps", type=int, default=8000, help="total training steps")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--pool", type=int, default=None, help="number of rendered training faces")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps of the learning rate")
+    p.add_argument(
+        "--region-weights", dest="region_weights", default=None,
+        help="extra loss weight on fixed face regions, e.g. mouth=3 (parts: eyes, mouth, hair, face, glasses, hat)",
+    )
+    p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast (faster on CPUs with AVX512-BF16)")
+    p.add_argument(
+        "--v-weight-cap", dest="v_weight_cap", type=float, default=None,
+        help="weight the epsilon loss at step t by min(1/alpha_bar_t, CAP) (the v loss, truncated; mean weight 1): "
+        "capacity moves to the noisy steps, where attributes are decided (default 1: the plain epsilon loss)",
+    )
+    p.add_argument("--init", default=None, help="start a new run from the weights of a checkpoint.pt, a diffusers model folder or toyfaces (the bundled model); a folder or toyfaces is deepened, function unchanged, to --layers-per-block")
+    p.add_argument("--channels", default=None, help="block channels of the U-Net (default 32,64,128, the bundled model)")
+    p.add_argument("--layers-per-block", dest="layers_per_block", type=int, default=None, help="layers per U-Net block (default 1)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present); a run may resume on another device")
+    p.set_defaults(func=run_train)
+    p = toy_sub.add_parser("train-classifier", help="train the attribute classifier; prints held-out accuracy and R^2")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--faces", type=int, default=40000, help="training faces (independent attributes)")
+    p.add_argument("--out", default="src/hspace/toyfaces/classifier.safetensors")
+    p.set_defaults(func=run_train_classifier)
+    p = toy_sub.add_parser("evaluate", help="sample n images and compare classifier statistics with the training data")
+    add_model_args(p)
+    add_process_args(p)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--grid", default=None, help="write an 8x8 sample grid here (PNG)")
+    p.add_argument("--json", default=None, help="write the report here")
+    p.set_defaults(func=run_evaluate, batch_size=100)
+    p = toy_sub.add_parser(
+        "renoise",
+        help="where the model loses an attribute: training faces noised to a step and generated back (SDEdit), flip rates",
+    )
+    add_model_args(p)
+    add_process_args(p)
+    p.add_argument("--attribute", default="smile", help="binary attribute (default smile)")
+    p.add_argument("--start", type=int, nargs="+", default=[10, 20, 30, 40], help="start steps (0 = pure noise; default 10 20 30 40)")
+    p.add_argument("--n", type=int, default=400, help="training faces, half with the attribute (default 400)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the forward noise")
+    p.add_argument("--json", default=None, help="write the report here")
+    p.set_defaults(func=run_renoise, batch_size=100)
+    p = toy_sub.add_parser("edit-success", help="share of held-out samples whose attribute flips under its supervised and disentangled direction")
+    add_model_args(p)
+    p.add_argument("bank", help="a bank of the toyfaces model with classifier scores (hspace annotate)")
+    p.add_argument("--k", type=int, default=20, help="top/bottom k of the bank per attribute (default 20)")
+    p.add_argument("--scale", type=float, default=1.0, help="edit scale (default 1)")
+    p.add_argument("--n", type=int, default=100, help="held-out samples (default 100)")
+    p.add_argument("--first-seed", type=int, default=10000, help="seeds of the held-out samples start here")
+    p.add_argument("--json", default=None, help="write the report here")
+    p.set_defaults(func=run_edit_success, batch_size=100)
+
+    p = toy_sub.add_parser("export", help="write the EMA weights in float16 as a diffusers folder")
+    p.add_argument("--run", default="runs/toyfaces")
+    p.add_argument("--out", default="src/hspace/toyfaces/model", help="model folder to write")
+    p.set_defaults(func=run_export)
+
+
+
+def run_train(args) -> None:
+    from dataclasses import fields
+
+    from tqdm.auto import tqdm
+
+    from ..loading import resolve_device
+    from ..toyfaces.train import TrainConfig, train
+
+    if args.steps < 1:
+        raise HspaceError(f"--steps must be a positive integer, got {args.steps}")
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None})
+    bar = tqdm(desc="training", total=config.steps, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(info):
+        if bar.n == 0:
+            bar.update(info["step"] - 1)  # resumed runs start past zero
+        bar.update(1)
+        bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}")
+
+    try:
+        checkpoint = train(args.run, config, callback=progress, device=resolve_device(args.device))
+    finally:
+        bar.close()
+    print(f"checkpoint: {checkpoint}")
+
+
+def run_export(args) -> None:
+    from ..toyfaces.train import export
+
+    checkpoint = Path(args.run) / "checkpoint.pt"
+    if not checkpoint.is_file():
+        raise HspaceError(f"no checkpoint at {str(checkpoint)!r}; train first with `hspace toyfaces train --run {args.run}`")
+    print(f"exported to {export(checkpoint, args.out)}")
+
+
+def run_train_classifier(args) -> None:
+    from tqdm.auto import tqdm
+
+    from ..toyfaces.classifier import ClassifierConfig, train_classifier
+
+    config = ClassifierConfig(epochs=args.epochs, train_faces=args.faces)
+    bar = tqdm(desc="classifier", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(info):
+        bar.total = info["steps"]
+        bar.update(1)
+        bar.set_postfix(epoch=info["epoch"], loss=f"{info['loss']:.4f}")
+
+    try:
+        metrics = train_classifier(config, args.out, callback=progress)
+    finally:
+        bar.close()
+    print(json.dumps(metrics, indent=2))
+
+
+def run_evaluate(args) -> None:
+    from ..images import labelled_grid
+    from ..toyfaces.quality import evaluate_model
+
+    engine = engine_from(args)
+    report = evaluate_model(engine, args.n, args.steps, parse_eta(args.eta), batch_size=args.batch_size)
+    images = report.pop("images")
+    if args.grid:
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+        labelled_grid(images[:64].reshape(8, 8, *images.shape[1:]), min_cell=32, pad=1).save(args.grid)
+    write_json(args.json, report)
+    print(json.dumps(report, indent=2))
+
+
+def run_renoise(args) -> None:
+    from ..toyfaces.quality import renoise_flips
+
+    engine = engine_from(args)
+    report = renoise_flips(engine, args.attribute, args.start, args.n, args.steps, parse_eta(args.eta), args.seed, args.batch_size)
+    for row in report["starts"]:
+        print(
+            f"start step {row['start_step']:3d} (t = {row['timestep']:4d}): {args.attribute} {100 * row['frequency']:.1f}% "
+            f"(balanced input: 50%); lost {100 * row['lost']:.1f}%, gained {100 * row['gained']:.1f}%"
+        )
+    write_json(args.json, report)
+
+
+def run_edit_success(args) -> None:
+    from ..bank import Bank
+    from ..directions.disentangle import disentangle_each
+    from ..directions.supervised import direction_from_scores
+    from ..evaluate import flip_rates, mean_off_target
+    from ..toyfaces.domain import TOYFACES
+
+    bank = Bank.open(args.bank)
+    engine = engine_of_spec(bank.spec, args)
+    supervised = {n: direction_from_scores(bank, n, args.k) for n in TOYFACES.binary}
+    sets = {"supervised": supervised, "disentangled": disentangle_each(supervised)}
+    held_out = list(range(args.first_seed, args.first_seed + args.n))
+    bank_seeds = set(bank.seeds)
+    if any(s in bank_seeds for s in held_out):
+        raise HspaceError(f"held-out seeds {held_out[0]}..{held_out[-1]} overlap the bank's seeds; pass another --first-seed")
+    trajectory = engine.sample(held_out, bank.num_steps, bank.eta, batch_size=args.batch_size)
+    report = {"bank": str(bank.path), "k": args.k, "n": args.n, "first_seed": args.first_seed, "scale": args.scale}
+    for label, directions in sets.items():
+        r = flip_rates(engine, trajectory, directions, args.scale, TOYFACES.scorer(), domain=TOYFACES, batch_size=args.batch_size)
+        r["mean_off_target"] = mean_off_target(r)
+        report[label] = r
+        for name, a in r["attributes"].items():
+            others = ", ".join(f"{k} {100 * v:.0f}%" for k, v in a["others_flipped"].items())
+            print(f"{label:12s} {name:9s}: flipped {100 * a['flipped']:.0f}% (others: {others})")
+        print(f"{label:12s} mean share of other attributes flipped: {100 * r['mean_off_target']:.1f}%")
+    write_json(args.json, report)
