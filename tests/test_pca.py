@@ -202,3 +202,27 @@ def test_errors():
     with pytest.raises(HspaceError, match="seed must be an integer"):
         random_directions(res, 1, seed=-1)
     assert isinstance(res, PCAResult)
+
+
+@pytest.mark.parametrize("per_timestep", [True, False])
+def test_saved_result_reloads_and_projects_new_h(tmp_path, per_timestep):
+    from dataclasses import replace
+
+    h = synthetic_h()
+    res = replace(pca_from_h(h, K, per_timestep=per_timestep), spec=Spec("tiny-test"))
+    paths = res.save(tmp_path / "pca")
+    assert [p.name for p in paths] == [f"pc{j + 1}.safetensors" for j in range(K)]
+    loaded = PCAResult.load(tmp_path / "pca")
+    for name in ("components", "sigma", "variance_ratio", "mean"):
+        assert torch.equal(getattr(loaded, name), getattr(res, name)), name
+    assert (loaded.n, loaded.per_timestep, loaded.route, loaded.spec) == (res.n, per_timestep, res.route, Spec("tiny-test"))
+    # Projecting new h: h = mean + c * sigma_j v_j has coordinate c along component j and 0 along the others.
+    new = res.mean[None].float() + 2.5 * res.directions()[1].delta[None]
+    coords = loaded.project(new)
+    expected = torch.zeros_like(coords)
+    expected[:, 1] = 2.5
+    torch.testing.assert_close(coords, expected, atol=1e-4, rtol=0)
+    # The projections of the data have variance sigma^2 / sigma^2 = 1 per component (unit sigma).
+    assert torch.allclose(loaded.project(h).var(0), torch.ones(1, dtype=torch.float64), atol=1e-6)
+    with pytest.raises(HspaceError, match="holds no PCA result"):
+        PCAResult.load(tmp_path)
