@@ -1,31 +1,48 @@
 """The main job: sample the bundled model, swap h between samples, edit by vector arithmetic, by
 classifier-annotated attribute directions, by the top PCA directions against random ones, and by
-Jacobian directions of one sample."""
+Jacobian directions of one sample. Attribute figures need a domain (``hspace.domains``) for the model."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from .directions.disentangle import disentangle
 from .directions.jacobian import jacobian_directions
 from .directions.pca import pca_from_h, random_directions
-from .directions.supervised import mean_difference
+from .directions.supervised import mean_difference, top_bottom
+from .domains import Domain, domain_of
 from .engine import Engine
 from .images import labelled_grid
 from .inversion import invert
 from .loading import DEFAULT_MODEL
-from .domains import domain_of
-
 
 logger = logging.getLogger(__name__)
 
 POOL = 64  # samples with h for the PCA and the annotation
 PCS = 6
 JACOBIAN_K = 2
+SCALES = [-1.0, -0.5, 0.0, 0.5, 1.0]
+ATTRIBUTES = ("smile", "glasses", "hat", "eyes_open")
+
+
+@dataclass
+class Demo:
+    """What the figures share: the engine, its domain (or None), the output folder and the figures so far."""
+
+    engine: Engine
+    domain: Domain | None
+    out: Path
+    steps: int
+    figures: list[tuple[str, str]] = field(default_factory=list)
+
+    def save(self, image, name: str, caption: str) -> None:
+        logger.info("writing %s", name)
+        image.save(self.out / name)
+        self.figures.append((name, caption))
 
 
 def _edit_grid(edits: torch.Tensor, directions, seeds, columns):
@@ -34,133 +51,139 @@ def _edit_grid(edits: torch.Tensor, directions, seeds, columns):
     return labelled_grid(edits.transpose(1, 2).reshape(-1, edits.shape[1], *edits.shape[3:]), rows, columns)
 
 
-def run_demo(
-    out: str | Path,
-    model: str | None = None,
-    steps: int = 50,
-    device: str | None = None,
-) -> list[Path]:
+def run_demo(out: str | Path, model: str | None = None, steps: int = 50, device: str | None = None) -> list[Path]:
     """Write the demo figures into ``out``; returns their paths (an index.md first)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     engine = Engine.load(model or DEFAULT_MODEL, device=device)
-    domain = domain_of(engine.name, required=False)
+    demo = Demo(engine, domain_of(engine.name, required=False), out, steps)
+    ddpm = _samples_and_swap(demo)
+    targets = ddpm[[2, 3, 4, 5]]
+    pool = engine.sample(range(1000, 1000 + POOL), steps, eta=1.0)  # serves the PCA and the annotation
+    scores = None if demo.domain is None else demo.domain.scorer()(pool.images)
+    direction = _arithmetic(demo, ddpm, pool, scores, targets)
+    if scores is not None and set(ATTRIBUTES) <= set(scores):
+        _attributes(demo, pool, scores, targets)
+    _pca(demo, pool, targets)
+    _jacobian(demo, targets)
+    single = engine.edit(targets[[0]], direction, SCALES)[0, :, 0]
+    asyrp = engine.edit(targets[[0]], direction, SCALES, eps_pass="clean")[0, :, 0]
+    demo.save(
+        labelled_grid(torch.stack([single, asyrp]), ["single pass", "Asyrp"], [f"{s:g}" for s in SCALES]),
+        "asyrp.png",
+        "Injection into P_t and D_t (one U-Net pass per step, the paper's choice) vs Asyrp (P_t only, two passes).",
+    )
+    index = out / "index.md"
+    lines = [f"# hspace demo: {engine.name}", ""]
+    for name, caption in demo.figures:
+        lines += [f"## {name}", "", caption, "", f"![{name}]({name})", ""]
+    index.write_text("\n".join(lines))
+    return [index] + [out / name for name, _ in demo.figures]
 
-    def run(desc: str, fn: Callable):
-        logger.info(desc)  # each stage draws its own progress bar
-        return fn(None)
 
-    figures: list[tuple[str, str]] = []
-
-    def save(image, name, caption):
-        image.save(out / name)
-        figures.append((name, caption))
-
-    seeds = list(range(8))
-    ddpm = run("samples, eta=1", lambda cb: engine.sample(seeds, steps, eta=1.0, callback=cb))
-    ddim = run("samples, eta=0", lambda cb: engine.sample(seeds, steps, eta=0.0, callback=cb))
-    save(
+def _samples_and_swap(demo: Demo):
+    engine, steps, seeds = demo.engine, demo.steps, list(range(8))
+    ddpm, ddim = engine.sample(seeds, steps, eta=1.0), engine.sample(seeds, steps, eta=0.0)
+    demo.save(
         labelled_grid(torch.stack([ddpm.images, ddim.images]), ["eta=1", "eta=0"], [f"seed {s}" for s in seeds]),
         "samples.png",
         f"Samples of {engine.name} ({steps} steps): DDPM (eta=1) and DDIM (eta=0) from the same seeds.",
     )
-
     a, b = ddpm[[0, 1, 2, 3]], ddpm[[4, 5, 6, 7]]
-    swapped = run("h-swap", lambda cb: engine.swap(a, b, callback=cb))
-    save(
+    swapped = engine.swap(a, b)
+    demo.save(
         labelled_grid(torch.stack([a.images, b.images, swapped.images], 1), [f"{i}<-h{j}" for i, j in zip(a.seeds, b.seeds)], ["sample", "h donor", "swapped"]),
         "swap.png",
         "h-swap (paper Fig. 3): each sample replayed with its own x_T and z but the donor's h_t at every step.",
     )
+    return ddpm
 
-    scales = [-1.0, -0.5, 0.0, 0.5, 1.0]
-    targets = ddpm[[2, 3, 4, 5]]
-    # One pool of samples with h recorded serves the PCA and the classifier annotation.
-    pool = run("sample pool", lambda cb: engine.sample(range(1000, 1000 + POOL), steps, eta=1.0, callback=cb))
-    # Vector arithmetic (Fig. 4): h of one sample minus h of another; on toy faces, the sample the
-    # classifier finds most smiling minus the least smiling one.
+
+def _arithmetic(demo: Demo, ddpm, pool, scores, targets):
+    """Vector arithmetic (Fig. 4): h of one sample minus h of another; with a domain, the sample its
+    classifier finds most smiling minus the least smiling one."""
     plus, minus, label = ddpm[[0]], ddpm[[1]], "h(seed 0) - h(seed 1)"
-    if domain is not None:
-        scores = domain.scorer()(pool.images)
-        smile = scores["smile"].argsort(descending=True).tolist()
-        plus, minus, label = pool[smile[:1]], pool[smile[-1:]], "h(smiling) - h(not smiling)"
+    if scores is not None and "smile" in scores:
+        top, bottom = top_bottom(scores["smile"], 1)
+        plus, minus, label = pool[top], pool[bottom], "h(smiling) - h(not smiling)"
     direction = mean_difference(plus, minus, name=label)
-    edits = run("vector arithmetic", lambda cb: engine.edit(targets, direction, scales, callback=cb))[0]
-    save(
-        labelled_grid(edits.transpose(0, 1), [f"seed {s}" for s in targets.seeds], [f"{s:g}" for s in scales]),
+    edits = demo.engine.edit(targets, direction, SCALES)[0]
+    demo.save(
+        labelled_grid(edits.transpose(0, 1), [f"seed {s}" for s in targets.seeds], [f"{s:g}" for s in SCALES]),
         "arithmetic.png",
         f"Vector arithmetic (paper Fig. 4): {label} added to other samples at scales gamma (one batched replay).",
     )
-    if domain is not None and {"smile", "glasses", "hat", "eyes_open"} <= set(scores):
-        # Directions from classifier annotation (eq. 10): top 8 minus bottom 8 of the pool per attribute.
-        names = ("smile", "glasses", "hat", "eyes_open")
-        directions = []
-        for name in names:
-            order = scores[name].argsort(descending=True).tolist()
-            directions.append(mean_difference(pool[order[:8]], pool[order[-8:]], name=name))
-        edits = run("attribute edits", lambda cb: engine.edit(targets[[0, 1]], directions, scales, callback=cb))
-        save(
-            _edit_grid(edits, directions, targets.seeds[:2], [f"{s:g}" for s in scales]),
-            "attributes.png",
-            "Attribute directions from classifier annotation (paper eq. 10): mean h of the 8 samples the classifier "
-            f"scores highest minus the 8 lowest, of {POOL}, added at scales gamma.",
-        )
+    return direction
 
-        # Disentanglement (eq. 11): the smile direction also adds hats (the training data correlates them);
-        # removing its projection onto the other attribute directions keeps the smile only.
-        by_name = {d.name: d for d in directions}
-        clean = disentangle(by_name["smile"], [d for d in directions if d.name != "smile"])
-        edits = run("disentangled edits", lambda cb: engine.edit(targets[[0, 1, 2]], [by_name["smile"], clean], scales, callback=cb))
-        save(
-            _edit_grid(edits, [by_name["smile"], clean], targets.seeds[:3], [f"{s:g}" for s in scales]),
-            "disentangled.png",
-            "Disentanglement (paper eq. 11): the smile direction above, and the same with its projection onto the "
-            "glasses, hat and eyes directions removed (over the concatenated h_T..h_1).",
-        )
 
-        # A real image (a face drawn by the renderer, not by the model) through edit-friendly DDPM inversion,
-        # then edited like any sample.
-        face = domain.render([20_000_000], engine.image_size[0])[0]
-        inverted = run("inversion", lambda cb: invert(engine, face, steps, 1.0, callback=cb))
-        edits = run("inverted edits", lambda cb: engine.edit(inverted, [by_name["glasses"], by_name["hat"], clean], scales, callback=cb))
-        error = float((inverted.images - face).abs().max())
-        grid = torch.cat([torch.stack([face[0], inverted.images[0], face[0], inverted.images[0], face[0]])[None], edits[:, :, 0]])
-        save(
-            labelled_grid(grid, ["image / reconstruction", "glasses", "hat", "smile (disentangled)"], [f"{s:g}" for s in scales]),
-            "inversion.png",
-            "A rendered face (not a model sample) inverted by edit-friendly DDPM inversion (eta 1; max |reconstruction "
-            f"error| {error:.2g}), then edited by the attribute directions. First row: the image and its reconstruction.",
-        )
+def _attributes(demo: Demo, pool, scores, targets) -> None:
+    """Directions from classifier annotation (eq. 10), disentangled (eq. 11), and a real image edited."""
+    engine = demo.engine
+    directions = []
+    for name in ATTRIBUTES:
+        top, bottom = top_bottom(scores[name], 8)
+        directions.append(mean_difference(pool[top], pool[bottom], name=name))
+    demo.save(
+        _edit_grid(engine.edit(targets[[0, 1]], directions, SCALES), directions, targets.seeds[:2], [f"{s:g}" for s in SCALES]),
+        "attributes.png",
+        "Attribute directions from classifier annotation (paper eq. 10): mean h of the 8 samples the classifier "
+        f"scores highest minus the 8 lowest, of {POOL}, added at scales gamma.",
+    )
+    # The smile direction also adds hats (the training data correlates them); removing its projection onto
+    # the other attribute directions keeps the smile only.
+    by_name = {d.name: d for d in directions}
+    clean = disentangle(by_name["smile"], [d for d in directions if d.name != "smile"])
+    demo.save(
+        _edit_grid(engine.edit(targets[[0, 1, 2]], [by_name["smile"], clean], SCALES), [by_name["smile"], clean], targets.seeds[:3], [f"{s:g}" for s in SCALES]),
+        "disentangled.png",
+        "Disentanglement (paper eq. 11): the smile direction above, and the same with its projection onto the "
+        "glasses, hat and eyes directions removed (over the concatenated h_T..h_1).",
+    )
+    if demo.domain.render is None:
+        return
+    # A real image (drawn by the domain's renderer, not by the model) through edit-friendly DDPM inversion.
+    face = demo.domain.render([20_000_000], engine.image_size[0])[0]
+    inverted = invert(engine, face, demo.steps, 1.0)
+    edits = engine.edit(inverted, [by_name["glasses"], by_name["hat"], clean], SCALES)
+    error = float((inverted.images - face).abs().max())
+    grid = torch.cat([torch.stack([face[0], inverted.images[0], face[0], inverted.images[0], face[0]])[None], edits[:, :, 0]])
+    demo.save(
+        labelled_grid(grid, ["image / reconstruction", "glasses", "hat", "smile (disentangled)"], [f"{s:g}" for s in SCALES]),
+        "inversion.png",
+        "A rendered face (not a model sample) inverted by edit-friendly DDPM inversion (eta 1; max |reconstruction "
+        f"error| {error:.2g}), then edited by the attribute directions. First row: the image and its reconstruction.",
+    )
 
-    # Global directions (Sec. 4.1, Fig. 5-6): per-timestep PCA of the pool's h, and random directions
-    # with the same per-timestep norm. Scales in units of sigma (std of the data along the component).
+
+def _pca(demo: Demo, pool, targets) -> None:
+    """Global directions (Sec. 4.1, Fig. 5-6): per-timestep PCA of the pool's h, and random directions with
+    the same per-timestep norm. Scales in units of sigma (std of the data along the component)."""
+    engine = demo.engine
     pca = pca_from_h(pool.h, PCS)
     pcs = pca.directions(engine.spec)
     randoms = random_directions(pca, 2, seed=0, spec=engine.spec)
     sigmas = [-3.0, -1.5, 0.0, 1.5, 3.0]
-    edits = run("PCA edits", lambda cb: engine.edit(targets[[0, 1]], pcs + randoms, sigmas, callback=cb))
+    edits = engine.edit(targets[[0, 1]], pcs + randoms, sigmas)
     ratios = ", ".join(f"pc{j + 1} {100 * float(r):.1f}%" for j, r in enumerate(pca.variance_ratio.mean(1)))
-    save(
+    demo.save(
         _edit_grid(edits, pcs + randoms, targets.seeds[:2], [f"{s:g} sigma" for s in sigmas]),
         "pca.png",
         f"Top {PCS} principal components of h per timestep over {POOL} samples (paper Sec. 4.1, Fig. 5) and two random "
         f"directions of the same per-timestep norm (Fig. 6), at -3..3 sigma. Variance explained (mean over steps): {ratios}.",
     )
 
-    # Image-specific directions (Sec. 4.2, Fig. 7): top right singular vectors of d eps / d h_t of one
-    # sample, at 70% of the process (where the toy model's edits are most local), restricted to a region of
-    # the output on toy faces; applied at all steps.
+
+def _jacobian(demo: Demo, targets) -> None:
+    """Image-specific directions (Sec. 4.2, Fig. 7) of one sample at 70% of the process (where the toy
+    model's edits are most local), restricted to parts of the output where the domain has them."""
+    engine, steps = demo.engine, demo.steps
     source, at = targets[[0]], (7 * steps) // 10
+    domain = demo.domain
     regions = ["eyes", "mouth"] if domain is not None and {"eyes", "mouth"} <= set(domain.parts) else [None]
     jacobian, lines = [], []
     for region in regions:
         mask = None if region is None else domain.part_mask(region, engine.sample_shape[-1])
-        found = run(
-            f"Jacobian {region or 'directions'}",
-            lambda cb, mask=mask, region=region: jacobian_directions(
-                engine, source, 0, at, k=JACOBIAN_K, mask=mask, mask_name=region, generator=torch.Generator().manual_seed(0)
-            ),
-        )[0]
+        found = jacobian_directions(engine, source, 0, at, k=JACOBIAN_K, mask=mask, mask_name=region, generator=torch.Generator().manual_seed(0))[0]
         for d in found.directions:
             d.meta["name"] = f"{region or 'j'}{d.meta['params']['index'] + 1}"
         jacobian += found.directions
@@ -168,27 +191,11 @@ def run_demo(
         lines.append(f"{region or 'whole image'}: singular values {values}, {found.svd.iterations[0]} iterations")
     gammas = [-0.3, -0.15, 0.0, 0.15, 0.3]
     others = targets[[0, 1, 2]]  # the source sample, then two others (transfer)
-    edits = run("Jacobian edits", lambda cb: engine.edit(others, jacobian, gammas, callback=cb))
-    save(
-        _edit_grid(edits, jacobian, others.seeds, [f"{g:g}" for g in gammas]),
+    demo.save(
+        _edit_grid(engine.edit(others, jacobian, gammas), jacobian, others.seeds, [f"{g:g}" for g in gammas]),
         "jacobian.png",
         f"Jacobian directions of seed {source.seeds[0]} at step {at} of {steps} (paper Alg. 1, Fig. 7), "
         + ("restricted to the eyes and the mouth region; " if regions != [None] else "")
         + "applied at every step with gamma in units of ||h_t||, to the source (first row of each) and transferred to "
         f"two other samples. {'; '.join(lines)}.",
     )
-
-    single = run("single pass", lambda cb: engine.edit(targets[[0]], direction, scales, callback=cb))[0, :, 0]
-    asyrp = run("asyrp", lambda cb: engine.edit(targets[[0]], direction, scales, eps_pass="clean", callback=cb))[0, :, 0]
-    save(
-        labelled_grid(torch.stack([single, asyrp]), ["single pass", "Asyrp"], [f"{s:g}" for s in scales]),
-        "asyrp.png",
-        "Injection into P_t and D_t (one U-Net pass per step, the paper's choice) vs Asyrp (P_t only, two passes).",
-    )
-
-    index = out / "index.md"
-    lines = [f"# hspace demo: {engine.name}", ""]
-    for name, caption in figures:
-        lines += [f"## {name}", "", caption, "", f"![{name}]({name})", ""]
-    index.write_text("\n".join(lines))
-    return [index] + [out / name for name, _ in figures]

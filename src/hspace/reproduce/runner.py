@@ -1,0 +1,197 @@
+"""The runner of `hspace reproduce`: configuration, cached sections, timings, named held-out seed ranges,
+and the shared building blocks the claims measure with (the bank, held-out samples, supervised
+directions, classifier scores of edits).
+
+A claim is a module with ``NAME``, ``measure(run) -> dict`` (its numbers, thresholds and ``verdict``)
+and ``render(result, config) -> list[str]`` (Markdown); ``CLAIMS`` in ``__init__`` lists them in order.
+Sections are cached as JSON (``sections/NAME.json``), so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..domains import get_domain
+from ..errors import HspaceError
+
+logger = logging.getLogger(__name__)
+
+DOMAIN = get_domain("toyfaces")  # the claims are measured with its classifier and attributes
+BINARY, CONTINUOUS = DOMAIN.binary, DOMAIN.continuous
+TABLE_ATTRIBUTES = ("smile", "eyes_open", "glasses", "hat", "hair_color")
+HELD_OUT = 50_000  # seeds of held-out test samples start here (the bank uses 0 .. n-1)
+# Each claim draws its held-out samples from its own range of seeds (HELD_OUT + offset on).
+SEED_RANGES = {"pca_vs_random": 0, "table1": 0, "fig8": 10_000, "jacobian": 20_000, "swap": 30_000, "asyrp": 40_000, "sequential": 45_000}
+
+
+@dataclass
+class Config:
+    steps: int
+    bank_n: int
+    pca_k: int
+    pca_samples: int
+    pca_scales: list[float]
+    table_n: int
+    table_k: int
+    table_scale: float
+    fig8_attribute: str
+    fig8_pairs: list[int]
+    fig8_test: int
+    jacobian_k: int
+    jacobian_transfer: int
+    swap_pairs: int
+    asyrp_samples: int
+    asyrp_scales: list[float]
+    sequential_samples: int
+    eta: float = 1.0
+    batch_size: int = 64
+
+
+QUICK = Config(
+    steps=8, bank_n=64, pca_k=3, pca_samples=6, pca_scales=[-3.0, 3.0], table_n=16, table_k=8, table_scale=1.0,
+    fig8_attribute="glasses", fig8_pairs=[1, 4, 16], fig8_test=8, jacobian_k=2, jacobian_transfer=3, swap_pairs=8,
+    asyrp_samples=6, asyrp_scales=[0.5, 1.0], sequential_samples=6,
+)
+FULL = Config(
+    steps=25, bank_n=400, pca_k=10, pca_samples=32, pca_scales=[-3.0, -1.5, 1.5, 3.0], table_n=200, table_k=40,
+    table_scale=1.0, fig8_attribute="glasses", fig8_pairs=[1, 2, 5, 10, 20, 50, 100], fig8_test=50, jacobian_k=3,
+    jacobian_transfer=20, swap_pairs=50, asyrp_samples=30, asyrp_scales=[0.25, 0.5, 1.0], sequential_samples=30,
+)
+
+
+def change(before: dict, after: dict, name: str) -> torch.Tensor:
+    """Per-sample signed change of an attribute (background hue: the shorter way round the circle)."""
+    d = after[name] - before[name]
+    if name == "background":
+        d = torch.remainder(d + 0.5, 1.0) - 0.5
+    return d
+
+
+def confidence(scores: dict) -> torch.Tensor:
+    """Mean over binary attributes of max(p, 1 - p): how clearly the classifier reads the image."""
+    return torch.stack([torch.maximum(scores[n], 1 - scores[n]) for n in BINARY]).mean(0)
+
+
+def verdict(holds: bool, **thresholds) -> dict:
+    """What a claim stores about itself: whether it holds, and the thresholds it was judged by."""
+    return {"holds": bool(holds), "thresholds": thresholds}
+
+
+class Run:
+    """One reproduction: the engine, the config, the output folder, and the cached building blocks."""
+
+    def __init__(self, out: str | Path, config: Config, engine=None):
+        from ..engine import Engine
+
+        self.out = Path(out)
+        self.config = config
+        self.engine = engine or Engine.load("toyfaces")
+        if self.engine.name not in DOMAIN.models:
+            raise HspaceError(f"reproduce measures with the toy-faces classifier; the engine is {self.engine.name!r}")
+        self.classify = DOMAIN.scorer()
+        self.timings: dict[str, float] = {}
+        (self.out / "sections").mkdir(parents=True, exist_ok=True)
+        (self.out / "figures").mkdir(exist_ok=True)
+        self._cache: dict = {}
+
+    def section(self, name: str, compute: Callable[["Run"], dict]) -> dict:
+        """A cached section: computed once, then read from sections/NAME.json (resume after interruption)."""
+        path = self.out / "sections" / f"{name}.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("config") == asdict(self.config):
+                self.timings[name] = saved["seconds"]
+                return saved
+        logger.info("measuring %s", name)
+        start = time.perf_counter()
+        result = compute(self)
+        result["seconds"] = time.perf_counter() - start
+        result["config"] = asdict(self.config)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(path)
+        self.timings[name] = result["seconds"]
+        return result
+
+    def figure(self, image, name: str) -> str:
+        image.save(self.out / "figures" / name)
+        return f"figures/{name}"
+
+    def plot(self, draw: Callable, name: str, size=(5, 3.5)) -> str:
+        """A matplotlib figure drawn by ``draw(fig)`` into figures/NAME."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig = plt.figure(figsize=size)
+        draw(fig)
+        fig.tight_layout()
+        fig.savefig(self.out / "figures" / name, dpi=100)
+        plt.close(fig)
+        return f"figures/{name}"
+
+    @property
+    def bank(self):
+        """The bank, drawn (or resumed) and annotated once; its drawing time is cached like a section's."""
+        if "bank" not in self._cache:
+            self._cache["bank"] = self._bank()
+        return self._cache["bank"]
+
+    def _bank(self):
+        from ..bank import Bank, build_bank
+        from ..directions.supervised import annotate_bank
+
+        c = self.config
+        record, path = self.out / "sections" / "bank.json", self.out / "bank"
+        if record.is_file() and (path / "bank.json").is_file():
+            saved, bank = json.loads(record.read_text()), Bank.open(path)
+            if saved.get("config") == asdict(c) and bank.complete and bank.scores_path("classifier").is_file():
+                self.timings["bank"] = saved["seconds"]
+                return bank
+        start = time.perf_counter()
+        bank = build_bank(path, self.engine, c.bank_n, c.steps, c.eta, batch_size=c.batch_size)
+        annotate_bank(bank, self.classify)
+        self.timings["bank"] = time.perf_counter() - start
+        record.write_text(json.dumps({"seconds": self.timings["bank"], "config": asdict(c)}, indent=1))
+        return bank
+
+    def test_samples(self, n: int, claim: str):
+        """n held-out samples from the claim's own seed range (``SEED_RANGES``)."""
+        key = ("test", n, claim)
+        if key not in self._cache:
+            first = HELD_OUT + SEED_RANGES[claim]
+            self._cache[key] = self.engine.sample(range(first, first + n), self.config.steps, self.config.eta, batch_size=self.config.batch_size)
+        return self._cache[key]
+
+    def supervised(self, disentangled: bool) -> dict:
+        """eq. 10 directions of the table's attributes from the bank (top/bottom k), or eq. 11 of them."""
+        from ..directions.disentangle import disentangle_each
+        from ..directions.supervised import direction_from_scores
+
+        if "supervised" not in self._cache:
+            self._cache["supervised"] = {a: direction_from_scores(self.bank, a, self.config.table_k) for a in TABLE_ATTRIBUTES}
+        sup = self._cache["supervised"]
+        return disentangle_each(sup) if disentangled else sup
+
+    def edit_scores(self, trajectory, directions, scales, eps_pass: str = "edited"):
+        """Classifier scores of every (direction, scale, sample): dict name -> [D, S, B]; and the images."""
+        images = self.engine.edit(trajectory, directions, scales, eps_pass=eps_pass, batch_size=self.config.batch_size)
+        D, S, B = images.shape[:3]
+        scores = self.classify(images.reshape(D * S * B, *images.shape[3:]))
+        return {k: v.reshape(D, S, B) for k, v in scores.items()}, images
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def holds(result: dict) -> str:
+    return "**holds**" if result["verdict"]["holds"] else "**does not hold**"
