@@ -89,7 +89,7 @@ def test_bank_pca_edit_and_jacobian_commands(tmp_path):
     assert summary["directions"] == ["pc1.safetensors", "pc2.safetensors", "random1.safetensors"] and summary["n"] == 6
     expected = pca_from_h(bank.h(), 2)
     pc2 = Direction.load(tmp_path / "pca" / "pc2.safetensors")
-    assert torch.allclose(pc2.delta, expected.directions()[1].delta, atol=1e-5)
+    assert torch.allclose(pc2.delta, expected.directions[1].delta, atol=1e-5)
     assert pc2.spec.model == "tiny-random" and pc2.num_steps == 3
     rnd = Direction.load(tmp_path / "pca" / "random1.safetensors")
     assert torch.allclose(rnd.norms(), Direction.load(tmp_path / "pca" / "pc1.safetensors").norms(), rtol=1e-5)

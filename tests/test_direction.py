@@ -61,3 +61,24 @@ def test_load_errors(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(HspaceError, match="is not an hspace direction file"):
         Direction.load(tmp_path / "other.safetensors")
+
+
+def test_method_results_share_one_interface(tmp_path, engine, trajectory):
+    """Every method's result has .directions and save/load; load_result finds which one a folder holds."""
+    import torch
+
+    from hspace.directions import DirectionSet, load_result
+    from hspace.directions.jacobian import JacobianDirections, jacobian_directions
+    from hspace.directions.pca import PCAResult, pca_from_h, random_directions
+
+    pca = pca_from_h(trajectory.h, 2, spec=engine.spec)
+    jac = jacobian_directions(engine, trajectory, 0, 2, 2, max_iter=3, generator=torch.Generator().manual_seed(0))
+    rnd = random_directions(pca, 1, seed=3)
+    for name, result, kind in (("pca", pca, PCAResult), ("jac", jac, JacobianDirections), ("rnd", rnd, DirectionSet)):
+        paths = result.save(tmp_path / name)
+        loaded = load_result(tmp_path / name)
+        assert isinstance(loaded, kind) and [p.name for p in paths] == [f"{d.name}.safetensors" for d in result.directions]
+        for a, b in zip(loaded.directions, result.directions, strict=True):
+            assert torch.equal(a.delta, b.delta) and a.meta == b.meta and a.spec == b.spec == engine.spec
+    assert torch.equal(load_result(tmp_path / "jac")[0].svd.S, jac[0].svd.S)
+    assert (load_result(tmp_path / "rnd").method, load_result(tmp_path / "rnd").params["seed"]) == ("random", 3)

@@ -85,7 +85,7 @@ def test_concatenated_option_matches_svd_of_concatenated_h(method):
     assert_matches(res.components.flatten(1), res.sigma[:, 0], res.variance_ratio[:, 0], h.flatten(1))
     assert torch.equal(res.sigma, res.sigma[:, :1].expand(K, 3))
     # the direction's delta is sigma times the joint unit vector: its norm over all steps is sigma
-    d = res.directions()[0]
+    d = res.directions[0]
     assert d.delta.norm().item() == pytest.approx(res.sigma[0, 0].item(), rel=1e-6)
 
 
@@ -119,7 +119,7 @@ def test_signs_are_consistent_across_timesteps(method):
 def test_directions_shape_meta_and_round_trip(tmp_path):
     h = synthetic_h()
     res = pca_from_h(h, K)
-    dirs = res.directions(Spec("tiny-test", "mid.out"), num_steps=3)
+    dirs = res.directions_for(Spec("tiny-test", "mid.out"), num_steps=3)
     assert [d.name for d in dirs] == ["pc1", "pc2", "pc3", "pc4"]
     for j, d in enumerate(dirs):
         assert d.delta.shape == (3, 4, 3, 3) and d.delta.dtype == torch.float32
@@ -132,12 +132,12 @@ def test_directions_shape_meta_and_round_trip(tmp_path):
         loaded = Direction.load(tmp_path / f"{d.name}.safetensors")
         assert torch.equal(loaded.delta, d.delta) and torch.equal(loaded.sigma, d.sigma) and loaded.meta == d.meta
     with pytest.raises(HspaceError, match="num_steps=5 but this PCA has 3 steps"):
-        res.directions(num_steps=5)
+        res.directions_for(num_steps=5)
 
 
 def test_random_baseline_matches_norms_and_is_seeded(tmp_path):
     res = pca_from_h(synthetic_h(), K)
-    pcs = res.directions()
+    pcs = res.directions
     state = torch.get_rng_state()
     a = random_directions(res, 3, seed=7, spec=Spec("m", "mid.out"))
     assert torch.equal(torch.get_rng_state(), state)
@@ -161,7 +161,7 @@ def test_random_baseline_matches_norms_and_is_seeded(tmp_path):
 
 def test_random_baseline_matches_concatenated_pc_norms():
     res = pca_from_h(synthetic_h(n=30, h_shape=(2, 2, 2)), 2, per_timestep=False)
-    for pc, rnd in zip(res.directions(), random_directions(res, 2, seed=0)):
+    for pc, rnd in zip(res.directions, random_directions(res, 2, seed=0)):
         torch.testing.assert_close(rnd.norms(), pc.norms(), rtol=1e-5, atol=0)
 
 
@@ -217,7 +217,7 @@ def test_saved_result_reloads_and_projects_new_h(tmp_path, per_timestep):
         assert torch.equal(getattr(loaded, name), getattr(res, name)), name
     assert (loaded.n, loaded.per_timestep, loaded.route, loaded.spec) == (res.n, per_timestep, res.route, Spec("tiny-test"))
     # Projecting new h: h = mean + c * sigma_j v_j has coordinate c along component j and 0 along the others.
-    new = res.mean[None].float() + 2.5 * res.directions()[1].delta[None]
+    new = res.mean[None].float() + 2.5 * res.directions[1].delta[None]
     coords = loaded.project(new)
     expected = torch.zeros_like(coords)
     expected[:, 1] = 2.5

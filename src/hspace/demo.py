@@ -160,7 +160,7 @@ def _pca(demo: Demo, pool, targets) -> None:
     the same per-timestep norm. Scales in units of sigma (std of the data along the component)."""
     engine = demo.engine
     pca = pca_from_h(pool.h, PCS)
-    pcs = pca.directions(engine.spec)
+    pcs = pca.directions_for(engine.spec)
     randoms = random_directions(pca, 2, seed=0, spec=engine.spec)
     sigmas = [-3.0, -1.5, 0.0, 1.5, 3.0]
     edits = engine.edit(targets[[0, 1]], pcs + randoms, sigmas)

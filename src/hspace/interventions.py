@@ -60,7 +60,22 @@ def _active(active: torch.Tensor | None, num_steps: int) -> torch.Tensor:
     return active
 
 
-class LinearEdit:
+class Windowed:
+    """An intervention that acts at the ``active`` steps only (a timestep window) and leaves h alone elsewhere."""
+
+    active: torch.Tensor  # [T] bool
+
+    def edits(self, step: int) -> bool:
+        return bool(self.active[step])
+
+    def __call__(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return self.apply(h, ctx) if self.active[ctx.step] else h
+
+    def apply(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LinearEdit(Windowed):
     """h_t <- h_t + sum_d coefficients[n, d] directions[d, t] at the active steps (paper Sec. 3).
 
     ``directions`` [D, T, *h_shape]; ``coefficients`` [N, D], one row per sample of the run (sample n
@@ -78,30 +93,20 @@ class LinearEdit:
             raise HspaceError("edit scales must be finite numbers")
         self.active = _active(active, self.directions.shape[1])
 
-    def edits(self, step: int) -> bool:
-        return bool(self.active[step])
-
-    def __call__(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        if not self.active[ctx.step]:
-            return h
+    def apply(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         v = self.directions[:, ctx.step].to(h.device)
         coef = self.coefficients[ctx.rows].to(h.device)
         return h + torch.einsum("nd,d...->n...", coef, v).to(h.dtype)
 
 
-class Replace:
+class Replace(Windowed):
     """h_t <- source[n, t] at the active steps: the h of other samples (h-swap, paper Fig. 3)."""
 
     def __init__(self, source: torch.Tensor, active: torch.Tensor | None = None):
         self.source = torch.as_tensor(source)
         self.active = _active(active, self.source.shape[1])
 
-    def edits(self, step: int) -> bool:
-        return bool(self.active[step])
-
-    def __call__(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        if not self.active[ctx.step]:
-            return h
+    def apply(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         return self.source[ctx.rows, ctx.step].to(h.device, h.dtype)
 
 

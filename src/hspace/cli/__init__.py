@@ -8,9 +8,10 @@ import logging
 import sys
 
 from ..errors import HspaceError
-from . import directions, generation, reports, toyfaces
+from ..domains import registered_domains
+from . import directions, generation, reports
 
-GROUPS = (generation, directions, toyfaces, reports)
+GROUPS = (generation, directions, reports)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         group.register(sub)
+    for domain in registered_domains():  # a domain may bring a command group of its own
+        if domain.commands is not None:
+            domain.commands(sub)
     return parser
 
 

@@ -96,8 +96,6 @@ def run_bank(args) -> None:
 
 
 def run_pca(args) -> None:
-    from dataclasses import replace
-
     from ..bank import Bank
     from ..directions.direction import save_directions
     from ..directions.pca import pca_per_timestep, random_directions
@@ -108,13 +106,12 @@ def run_pca(args) -> None:
         raise HspaceError(f"--memory-gb must be positive, got {args.memory_gb}")
     result = pca_per_timestep(
         bank.h_chunks(), args.k, per_timestep=args.over == "timestep", method=args.method,
-        memory_budget_bytes=int(args.memory_gb * 2**30), expected_n=bank.n,
+        memory_budget_bytes=int(args.memory_gb * 2**30), expected_n=bank.n, spec=bank.spec,
     )
-    result = replace(result, spec=bank.spec)
     out = Path(args.out)
     paths = result.save(out)
     if args.random:
-        paths += save_directions(random_directions(result, args.random, args.random_seed), out)
+        paths += save_directions(random_directions(result, args.random, args.random_seed), out)  # beside the PCs
     summary = {
         "bank": str(bank.path), "n": result.n, "over": args.over, "route": result.route, "steps": bank.num_steps,
         "variance_ratio_mean_over_steps": [float(v) for v in result.variance_ratio.mean(1)],
@@ -226,24 +223,24 @@ def _labelled_direction(args):
 
 
 def run_supervised(args) -> None:
-    from ..directions.direction import save_directions
-    from ..directions.supervised import direction_from_scores
+    from ..directions.direction import DirectionSet
+    from ..directions.supervised import supervised_directions
 
     if (args.bank is None) == (args.labels is None):
         raise HspaceError("give a bank (with --attribute) or --labels FILE.csv, one of the two")
     if args.labels:
-        directions = [_labelled_direction(args)]
+        directions = DirectionSet([_labelled_direction(args)], "mean_difference", {"labels": str(args.labels)})
     else:
         from ..bank import Bank
 
         if not args.attribute:
             raise HspaceError("with a bank, give --attribute NAME ... (the stored scores to sort by)")
         bank = Bank.open(args.bank)
-        directions = [direction_from_scores(bank, attribute, args.k, scores=args.scores) for attribute in args.attribute]
+        directions = supervised_directions(bank, args.attribute, args.k, scores=args.scores)
         for d in directions:
             p = d.meta["params"]
             print(f"{d.name}: top {args.k} (mean score {p['positive_mean_score']:.3f}) minus bottom {args.k} (mean score {p['negative_mean_score']:.3f})")
-    paths = save_directions(directions, Path(args.out))
+    paths = directions.save(Path(args.out))
     print(f"wrote {', '.join(str(p) for p in paths)}")
 
 

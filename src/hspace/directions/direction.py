@@ -147,6 +147,35 @@ def stack_directions(directions: Sequence[Direction], num_steps: int) -> torch.T
     return torch.stack([d.per_step(num_steps) for d in directions])
 
 
+class DirectionSet(list):
+    """The result of a method that yields directions only (random baseline, eq. 10 over attributes, ...):
+    a list of Directions with the method's name and parameters, saved as one folder."""
+
+    def __init__(self, directions: Sequence[Direction] = (), method: str = "", params: dict | None = None):
+        super().__init__(directions)
+        self.method, self.params = method, dict(params or {})
+
+    @property
+    def directions(self) -> list[Direction]:
+        return list(self)
+
+    def save(self, folder: str | Path) -> list[Path]:
+        """Every direction as NAME.safetensors and result.json (method, parameters, the files in order)."""
+        paths = save_directions(self, folder)
+        info = {"method": self.method, "params": self.params, "directions": [p.name for p in paths]}
+        (Path(folder) / "result.json").write_text(json.dumps(info, indent=2))
+        return paths
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "DirectionSet":
+        folder = Path(folder)
+        info_path = folder / "result.json"
+        if info_path.is_file():
+            info = json.loads(info_path.read_text())
+            return cls([Direction.load(folder / name) for name in info["directions"]], info["method"], info["params"])
+        return cls(load_directions([folder]))
+
+
 def save_directions(directions: Sequence[Direction], folder: str | Path) -> list[Path]:
     """Write every direction as ``folder/NAME.safetensors``; returns the paths."""
     folder = Path(folder)

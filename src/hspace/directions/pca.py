@@ -24,7 +24,7 @@ Here:
 
 - ``per_timestep=False`` does one PCA over all timesteps concatenated (each sample's h_{T:1} as one
   vector of T*D numbers) instead of one per timestep.
-- ``PCAResult.directions()`` returns ``Direction``s whose delta_t is sigma_{j,t} times the unit component,
+- ``PCAResult.directions`` are ``Direction``s whose delta_t is sigma_{j,t} times the unit component,
   so that an edit scale gamma reads in standard deviations of the data along the component.
 - ``random_directions(result, k, seed)`` is the baseline of Fig. 6: Gaussian directions with the same
   ||delta_t|| as the matching principal component at every timestep.
@@ -42,14 +42,14 @@ j-th component may change meaning.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from ..errors import HspaceError
 from ..spec import Spec
-from .direction import Direction, save_directions
+from .direction import Direction, DirectionSet, save_directions
 
 __all__ = ["PCAResult", "StreamingPCA", "pca_per_timestep", "pca_from_h", "random_directions"]
 
@@ -230,7 +230,12 @@ class PCAResult:
         view = (self.k, self.num_steps) + (1,) * len(self.h_shape)
         return self.sigma.to(_F64).reshape(view) * self.components.to(_F64)
 
-    def directions(self, spec: Spec | None = None, num_steps: int | None = None) -> list[Direction]:
+    @property
+    def directions(self) -> list[Direction]:
+        """One Direction per component (v_j of Sec. 4.1, pc1, pc2, ...), carrying the result's spec."""
+        return self.directions_for()
+
+    def directions_for(self, spec: Spec | None = None, num_steps: int | None = None) -> list[Direction]:
         """One Direction per component: v_j of Sec. 4.1, named pc1, pc2, ...
 
         delta[t] = sigma[j, t] * components[j, t], so an edit scale gamma is in units of the data's std
@@ -275,7 +280,7 @@ class PCAResult:
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        paths = save_directions(self.directions(), folder)
+        paths = save_directions(self.directions, folder)
         tensors = {"components": self.components, "sigma": self.sigma, "variance_ratio": self.variance_ratio, "mean": self.mean}
         meta = {"kind": "hspace.PCAResult", "n": str(self.n), "per_timestep": json.dumps(self.per_timestep), "route": self.route}
         if self.spec is not None:
@@ -545,6 +550,7 @@ def pca_per_timestep(
     method: str = "auto",
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     expected_n: int | None = None,
+    spec: Spec | None = None,
 ) -> PCAResult:
     """The top-k principal components of h at every timestep (paper Sec. 4.1), streamed over chunks.
 
@@ -558,6 +564,7 @@ def pca_per_timestep(
     memory_budget_bytes: bounds the covariance matrices, and the chunks the Gram route keeps at a time (a
         quarter of it). The Gram route's own n x n float64 matrices per timestep (T * n^2 * 8 bytes) come
         on top.
+    spec: the engine whose h this is (``bank.spec``), carried by the result and its directions.
     """
     _check_k(k)
     _check_budget(memory_budget_bytes)
@@ -567,7 +574,7 @@ def pca_per_timestep(
         raise HspaceError(f"expected_n must be an integer or None, got {expected_n!r}")
     source = _Source(chunks, per_timestep)
     if method == "gram":
-        return _GramPCA(source, k, memory_budget_bytes).run()
+        return replace(_GramPCA(source, k, memory_budget_bytes).run(), spec=spec)
 
     # The route depends on D: read the first chunk, then go on with this pass (covariance) or restart the
     # passes from scratch (gram; the first chunk is read once more).
@@ -581,13 +588,13 @@ def pca_per_timestep(
         fits = _covariance_bytes(G, D) <= memory_budget_bytes
         if not fits or (expected_n is not None and expected_n < D):
             it.close()  # an unfinished pass records nothing; the Gram route starts over
-            return _GramPCA(source, k, memory_budget_bytes).run()
+            return replace(_GramPCA(source, k, memory_budget_bytes).run(), spec=spec)
     if k > D:  # before a whole pass: no number of samples can make k components of dimension D
         raise HspaceError(f"k={k} components requested, but h has dimension D={D}; use 1 <= k <= min(n-1, {D})")
     streaming.add_groups(first[2])
     for _, _, x in it:
         streaming.add_groups(x)
-    return streaming.result(k)
+    return replace(streaming.result(k), spec=spec)
 
 
 def pca_from_h(
@@ -598,6 +605,7 @@ def pca_from_h(
     method: str = "auto",
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     chunk_size: int = 256,
+    spec: Spec | None = None,
 ) -> PCAResult:
     """``pca_per_timestep`` over h [N, T, *h_shape] already in memory (e.g. ``Trajectory.h``), in chunks of
     ``chunk_size`` samples to bound the float64 temporaries. "auto" takes the Gram route when N < D."""
@@ -613,11 +621,12 @@ def pca_from_h(
         per_timestep=per_timestep,
         method=method,
         memory_budget_bytes=memory_budget_bytes,
+        spec=spec,
         expected_n=len(h),
     )
 
 
-def random_directions(result: PCAResult, k: int, seed: int, spec: Spec | None = None) -> list[Direction]:
+def random_directions(result: PCAResult, k: int, seed: int, spec: Spec | None = None) -> DirectionSet:
     """Random baseline of Fig. 6: Gaussian directions with the PCs' ||delta_t|| at every timestep.
 
     Direction j (named random{j+1}) is drawn per timestep from N(0, I) with a generator of its own seeded
@@ -643,4 +652,4 @@ def random_directions(result: PCAResult, k: int, seed: int, spec: Spec | None = 
         params = {"component": j, "seed": seed, "matched_to": f"pc{j + 1}", "n": result.n, "per_timestep": result.per_timestep}
         meta = {"name": f"random{j + 1}", "method": "random", "params": params}
         out.append(Direction(delta.reshape(T, *result.h_shape).float(), meta=meta, spec=spec or result.spec))
-    return out
+    return DirectionSet(out, "random", {"k": k, "seed": seed, "matched_to": "pca"})

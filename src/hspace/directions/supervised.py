@@ -10,7 +10,7 @@ import torch
 
 from ..errors import HspaceError
 from ..trajectory import Trajectory
-from .direction import Direction
+from .direction import Direction, DirectionSet
 
 Scorer = Callable[[torch.Tensor], dict]  # images [N, 3, H, W] in [-1, 1] -> {name: [N] scores}
 
@@ -89,6 +89,11 @@ def direction_from_scores(bank, attribute: str, k: int, scores: str = "classifie
         "positive_mean_score": float(values[top].mean()), "negative_mean_score": float(values[bottom].mean()),
     }
     return bank_difference(bank, top, bottom, name or attribute, params)
+
+
+def supervised_directions(bank, attributes: Sequence[str], k: int, scores: str = "classifier") -> DirectionSet:
+    """eq. 10 for every attribute over a bank (top k minus bottom k by the stored scores), as one result."""
+    return DirectionSet([direction_from_scores(bank, a, k, scores) for a in attributes], "mean_difference", {"k": k, "scores": scores})
 
 
 def bank_difference(bank, positive: Sequence[int], negative: Sequence[int], name: str, params: dict | None = None) -> Direction:

@@ -31,6 +31,7 @@ class Domain:
     mask: Callable[[str, int], torch.Tensor] | None = None  # (part, size) -> float [size, size]
     render: Callable | None = None  # (seeds, size) -> (images [N, 3, H, W] in [-1, 1], attributes)
     models: tuple[str, ...] = field(default=())  # model names (Spec.model) this domain describes
+    commands: Callable | None = None  # registers a command group on the CLI's subparsers
 
     def part_mask(self, part: str, size: int) -> torch.Tensor:
         if self.mask is None or part not in self.parts:
@@ -52,6 +53,11 @@ def _load_builtins() -> None:
     for name, module in _BUILTIN_MODULES.items():
         if name not in _REGISTRY:
             importlib.import_module(module)
+
+
+def registered_domains() -> list[Domain]:
+    _load_builtins()
+    return list(_REGISTRY.values())
 
 
 def get_domain(name: str) -> Domain:

@@ -15,7 +15,7 @@ def measure(run: Run) -> dict:
 
     c = run.config
     pca = pca_per_timestep(run.bank.h_chunks(), c.pca_k, expected_n=run.bank.n)
-    pcs = pca.directions(run.engine.spec)
+    pcs = pca.directions_for(run.engine.spec)
     randoms = random_directions(pca, c.pca_k, seed=0)
     test = run.test_samples(c.pca_samples, NAME)
     before = run.classify(test.images)

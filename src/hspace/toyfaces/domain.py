@@ -18,6 +18,12 @@ def _mask(part: str, size: int) -> torch.Tensor:
     return torch.from_numpy(region_mask(part, size)).float()
 
 
+def _commands(subparsers) -> None:
+    from .cli import register
+
+    register(subparsers)
+
+
 def _render(seeds, size: int):
     images, labels, _masks = render_batch(seeds, size=size)
     return torch.from_numpy(images), labels
@@ -33,5 +39,6 @@ TOYFACES = register(
         mask=_mask,
         render=_render,
         models=("toyfaces",),
+        commands=_commands,
     )
 )

@@ -292,36 +292,42 @@ def train(
 
     model.train()
     while step < config.steps:
-        index = torch.randint(0, len(pool), (config.batch_size,), generator=generator)
-        x0 = pool[index].float() / 127.5 - 1
-        t = torch.randint(0, len(alphas), (config.batch_size,), generator=generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(device)
-        noise = noise.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            prediction = model(x_t, t.to(device)).sample
-        error = (prediction.float() - noise) ** 2
-        if config.v_weight_cap != 1:
-            error = error * t_weights[t].view(-1, 1, 1, 1).to(device)
-        loss = error.mean() if weight_map is None else (error * weight_map).mean() / weight_map.mean()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        # EMA with a warm-up so that early weights do not linger (as diffusers' EMAModel).
-        decay = config.ema_decay if config.init else min(config.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - decay)
+        loss = _training_step(model, ema, optimizer, generator, pool, alphas, t_weights, weight_map, config, step, device)
         step += 1
         if callback is not None:
-            callback({"step": step, "steps": config.steps, "loss": loss.item(), "lr": learning_rate(config, step - 1)})
+            callback({"step": step, "steps": config.steps, "loss": loss, "lr": learning_rate(config, step - 1)})
         if step % config.checkpoint_every == 0 or step == config.steps:
             save()
     return ckpt_path
+
+
+def _training_step(model, ema, optimizer, generator, pool, alphas, t_weights, weight_map, config: TrainConfig, step: int, device) -> float:
+    """One step of the (weighted) epsilon loss on a batch drawn from ``generator``, then the EMA update."""
+    index = torch.randint(0, len(pool), (config.batch_size,), generator=generator)
+    x0 = pool[index].float() / 127.5 - 1
+    t = torch.randint(0, len(alphas), (config.batch_size,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    a = alphas[t].view(-1, 1, 1, 1)
+    x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(device)
+    noise = noise.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        prediction = model(x_t, t.to(device)).sample
+    error = (prediction.float() - noise) ** 2
+    if config.v_weight_cap != 1:
+        error = error * t_weights[t].view(-1, 1, 1, 1).to(device)
+    loss = error.mean() if weight_map is None else (error * weight_map).mean() / weight_map.mean()
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    # EMA with a warm-up so that early weights do not linger (as diffusers' EMAModel).
+    decay = config.ema_decay if config.init else min(config.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+    return loss.item()
 
 
 def export(checkpoint: str | Path, folder: str | Path) -> Path:

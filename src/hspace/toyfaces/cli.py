@@ -1,4 +1,4 @@
-"""The bundled toy-faces domain's commands: train, train-classifier, evaluate, renoise, edit-success, export."""
+"""The bundled toy-faces domain's command group (`hspace toyfaces ...`, registered through the domain): train, train-classifier, evaluate, renoise, edit-success, export."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import HspaceError
-from .common import add_model_args, add_process_args, engine_from, engine_of_spec, parse_eta, write_json
+from ..cli.common import add_model_args, add_process_args, engine_from, engine_of_spec, parse_eta, write_json
 
 
 def register(sub) -> None:
@@ -83,7 +83,7 @@ def run_train(args) -> None:
     from tqdm.auto import tqdm
 
     from ..loading import resolve_device
-    from ..toyfaces.train import TrainConfig, train
+    from .train import TrainConfig, train
 
     if args.steps < 1:
         raise HspaceError(f"--steps must be a positive integer, got {args.steps}")
@@ -104,7 +104,7 @@ def run_train(args) -> None:
 
 
 def run_export(args) -> None:
-    from ..toyfaces.train import export
+    from .train import export
 
     checkpoint = Path(args.run) / "checkpoint.pt"
     if not checkpoint.is_file():
@@ -115,7 +115,7 @@ def run_export(args) -> None:
 def run_train_classifier(args) -> None:
     from tqdm.auto import tqdm
 
-    from ..toyfaces.classifier import ClassifierConfig, train_classifier
+    from .classifier import ClassifierConfig, train_classifier
 
     config = ClassifierConfig(epochs=args.epochs, train_faces=args.faces)
     bar = tqdm(desc="classifier", unit="step", file=sys.stderr, dynamic_ncols=True)
@@ -134,7 +134,7 @@ def run_train_classifier(args) -> None:
 
 def run_evaluate(args) -> None:
     from ..images import labelled_grid
-    from ..toyfaces.quality import evaluate_model
+    from .quality import evaluate_model
 
     engine = engine_from(args)
     report = evaluate_model(engine, args.n, args.steps, parse_eta(args.eta), batch_size=args.batch_size)
@@ -147,7 +147,7 @@ def run_evaluate(args) -> None:
 
 
 def run_renoise(args) -> None:
-    from ..toyfaces.quality import renoise_flips
+    from .quality import renoise_flips
 
     engine = engine_from(args)
     report = renoise_flips(engine, args.attribute, args.start, args.n, args.steps, parse_eta(args.eta), args.seed, args.batch_size)
@@ -164,7 +164,7 @@ def run_edit_success(args) -> None:
     from ..directions.disentangle import disentangle_each
     from ..directions.supervised import direction_from_scores
     from ..evaluate import flip_rates, mean_off_target
-    from ..toyfaces.domain import TOYFACES
+    from .domain import TOYFACES
 
     bank = Bank.open(args.bank)
     engine = engine_of_spec(bank.spec, args)
