@@ -38,7 +38,7 @@ def test_every_artefact_stores_the_spec(tmp_path, engine, trajectory):
     d = Direction(trajectory.h[0] - trajectory.h[1], meta={"name": "d"}, spec=engine.spec)
     d.save(tmp_path / "d.safetensors")
     assert Direction.load(tmp_path / "d.safetensors").spec == engine.spec
-    bank = build_bank(tmp_path / "b", engine, 2, 3)
+    build_bank(tmp_path / "b", engine, 2, 3)
     assert Bank.open(tmp_path / "b").spec == engine.spec
     assert json.loads((tmp_path / "b" / "bank.json").read_text())["spec"]["model"] == "tiny-test"
 

@@ -23,9 +23,14 @@ reading and editing its samples needs a compatible engine (``Spec.check``: any d
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
+import math
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -33,11 +38,14 @@ import torch
 import torch.nn.functional as F
 
 from .errors import HspaceError
+from .files import pid_alive, read_json, read_safetensors, remove_stale_temporaries, save_safetensors, write_json
 from .progress import Meter
 from .spec import Spec
 from .trajectory import MAX_SEED, Trajectory
 
 __all__ = ["Bank", "build_bank"]
+
+logger = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: the engine identity is one "spec" object
 MANIFEST = "bank.json"
@@ -47,14 +55,48 @@ _SHARD = re.compile(r"shard-(\d{12})\.safetensors")
 IDENTITY = ("spec", "num_steps", "eta", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+LOCK = "bank.lock"
 
 
-def _write_json(path: Path, data: dict) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
+def _digest(identity: dict) -> str:
+    """A short fingerprint of a bank's settings, stored in every shard (a shard of another bank is refused)."""
+    return hashlib.sha256(json.dumps({k: identity[k] for k in IDENTITY}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in ("seeds", "h", "thumbnails"):
+        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """One writer per bank: a lock file holding the writer's pid; a dead writer's lock is taken over."""
+    lock = path / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid_alive(pid):
+                raise HspaceError(
+                    f"bank {str(path)!r} is being drawn by process {pid} (its {LOCK}); wait for it to finish, or stop it "
+                    "and run the same command again"
+                ) from None
+            lock.unlink(missing_ok=True)  # left by a process that died
+    else:
+        raise HspaceError(f"cannot take the lock {str(lock)!r}; another process keeps taking it")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
@@ -94,15 +136,28 @@ class Bank:
         path = Path(path)
         file = path / MANIFEST
         if not file.is_file():
+            found = _shard_identity(path) if path.is_dir() else None
+            if found is not None:
+                raise HspaceError(
+                    f"{str(path)!r} has shard files but no {MANIFEST}: run `hspace bank {path}` with the bank's settings "
+                    f"to rebuild it from the shards (they were drawn with {_describe(found)})"
+                )
             raise HspaceError(f"{str(path)!r} is not a bank: it has no {MANIFEST} (build one with `hspace bank {path}`)")
-        try:
-            manifest = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise HspaceError(f"{file} is not valid JSON: {e}") from None
+        manifest = read_json(file, "bank manifest")
         if manifest.get("kind") != "hspace.Bank":
             raise HspaceError(f"{file} is not an hspace bank manifest (kind={manifest.get('kind')!r})")
         if manifest.get("format") != FORMAT:
             raise HspaceError(f"{file} has bank format {manifest.get('format')!r}; this hspace reads format {FORMAT}")
+        missing = [key for key in (*IDENTITY, "n") if key not in manifest]
+        if missing:
+            raise HspaceError(f"{file} lacks {', '.join(missing)}; it is not a complete bank manifest")
+        n = manifest["n"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise HspaceError(f"{file} has n = {n!r}; valid: an integer >= 1")
+        try:
+            Spec.from_dict(manifest["spec"])
+        except HspaceError as e:
+            raise HspaceError(f"{file} has a bad spec: {e}") from None
         return cls(path, manifest)
 
     @staticmethod
@@ -165,24 +220,24 @@ class Bank:
         return list(range(base, base + self.n))
 
     @classmethod
-    def create(cls, path: str | Path, identity: dict, n: int) -> "Bank":
-        """A new, empty bank folder with its manifest (``identity``: the keys of ``IDENTITY``)."""
+    def create(cls, path: str | Path, identity: dict, n: int, adopt_shards: bool = False) -> "Bank":
+        """A new bank folder with its manifest (``identity``: the keys of ``IDENTITY``); empty unless
+        ``adopt_shards`` (shards of these settings whose bank.json was lost)."""
         path = Path(path)
         missing = [key for key in IDENTITY if key not in identity]
         if missing:
             raise HspaceError(f"a bank identity needs {', '.join(missing)}")
         path.mkdir(parents=True, exist_ok=True)
-        if (path / MANIFEST).exists() or any(_SHARD.fullmatch(p.name) for p in path.iterdir()):
+        if (path / MANIFEST).exists() or (not adopt_shards and any(_SHARD.fullmatch(p.name) for p in path.iterdir())):
             raise HspaceError(f"{str(path)!r} already holds a bank or shard files; refusing to overwrite them")
         bank = cls(path, {"kind": "hspace.Bank", "format": FORMAT, **{k: identity[k] for k in IDENTITY}, "n": n})
-        _write_json(path / MANIFEST, bank.manifest)
+        write_json(path / MANIFEST, bank.manifest)
         return bank
 
     def write_shard(self, start: int, h: torch.Tensor, thumbs: torch.Tensor) -> Path:
         """Write samples start .. start+len(h)-1 atomically: h [b, T, *h_shape] (stored in float16 unless
-        a value exceeds its range) and uint8 thumbnails [b, 3, h, w]."""
-        from safetensors.torch import save_file
-
+        a value exceeds its range) and uint8 thumbnails [b, 3, h, w], with the bank's fingerprint and a
+        checksum of the contents."""
         count = h.shape[0]
         expected = (count, self.num_steps, *self.h_shape)
         if tuple(h.shape) != expected or thumbs.dtype != torch.uint8 or thumbs.shape[0] != count:
@@ -195,17 +250,20 @@ class Bank:
             "h": h.detach().cpu().contiguous(),
             "thumbnails": thumbs.detach().cpu().contiguous(),
         }
-        metadata = {"kind": "hspace.BankShard", "start": str(start)}
-        path = self.shard_path(start)
-        _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-        return path
+        identity = {k: self.manifest[k] for k in IDENTITY}
+        metadata = {
+            "kind": "hspace.BankShard", "start": str(start), "bank": _digest(identity),
+            "identity": json.dumps(identity), "sha256": _checksum(tensors),
+        }
+        return save_safetensors(tensors, self.shard_path(start), metadata)
 
     def _scan(self) -> list[tuple[int, int]]:
         """(start, count) of every valid shard file, by start. A partial write never gets a shard's name;
-        a file that cannot be read or holds other seeds than its name says is ignored (and drawn again)."""
+        a file that cannot be read or holds other seeds than its name says is ignored (and drawn again);
+        a shard of another bank (other settings) is an error naming it."""
         from safetensors import safe_open
 
-        base, found = self.manifest["base_seed"], []
+        base, found, ours = self.manifest["base_seed"], [], _digest(self.manifest)
         for path in sorted(self.path.glob("shard-*.safetensors")):
             match = _SHARD.fullmatch(path.name)
             if not match:
@@ -213,9 +271,15 @@ class Bank:
             start = int(match.group(1))
             try:
                 with safe_open(str(path), framework="pt") as f:
+                    theirs = (f.metadata() or {}).get("bank")
                     seeds = f.get_tensor("seeds").tolist()
             except Exception:
                 continue
+            if theirs != ours:
+                raise HspaceError(
+                    f"shard {str(path)!r} belongs to another bank (drawn with other settings, or by another hspace); "
+                    f"move it out of {str(self.path)!r}"
+                )
             if seeds and seeds == list(range(base + start, base + start + len(seeds))):
                 found.append((start, len(seeds)))
         return found
@@ -255,13 +319,17 @@ class Bank:
         return self.path / f"shard-{start:012d}.safetensors"
 
     def read_shard(self, start: int, names: Sequence[str] = ("seeds", "h", "thumbnails")) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
+        """The shard's tensors, verified against its checksum (a damaged shard is an error naming it)."""
         path = self.shard_path(start)
         if not path.is_file():
             raise HspaceError(f"bank {str(self.path)!r} has no shard starting at sample {start}")
-        with safe_open(str(path), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in names}
+        metadata, tensors = read_safetensors(path, "hspace.BankShard", "bank shard")
+        if metadata.get("sha256") != _checksum(tensors):
+            raise HspaceError(
+                f"shard {str(path)!r} is damaged (its contents do not match their checksum); delete it and run the same "
+                "`hspace bank` command again to draw it anew"
+            )
+        return {name: tensors[name] for name in names}
 
     def _check_steps(self, steps) -> list[int] | None:
         if steps is None:
@@ -327,8 +395,6 @@ class Bank:
 
     def set_scores(self, name: str, scores: dict[str, torch.Tensor], meta: dict | None = None) -> Path:
         """Store per-sample scores (e.g. classifier outputs or labels): every value has n rows."""
-        from safetensors.torch import save_file
-
         path = self.scores_path(name)
         tensors = {}
         for key, value in scores.items():
@@ -337,18 +403,25 @@ class Bank:
                 raise HspaceError(f"scores {key!r} has shape {tuple(value.shape)}; valid: {self.n} rows, one per sample")
             tensors[key] = value.detach().cpu().contiguous()
         path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {"kind": "hspace.BankScores", "meta": json.dumps(meta or {})}
-        _write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-        return path
+        metadata = {"kind": "hspace.BankScores", "meta": json.dumps(meta or {}), "n": str(self.n)}
+        return save_safetensors(tensors, path, metadata)
 
     def scores(self, name: str) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
+        """Stored scores, one row per sample; scores with another number of rows (stored before the bank
+        was extended) are an error."""
         path = self.scores_path(name)
         if not path.is_file():
             have = sorted(p.stem for p in (self.path / "scores").glob("*.safetensors"))
             raise HspaceError(f"bank {str(self.path)!r} has no scores {name!r}; it has: {', '.join(have) or 'none'}")
-        return load_file(str(path))
+        _, tensors = read_safetensors(path, "hspace.BankScores", "bank scores file")
+        stale = {k: v.shape[0] for k, v in tensors.items() if v.ndim < 1 or v.shape[0] != self.n}
+        if stale:
+            key, rows = next(iter(stale.items()))
+            raise HspaceError(
+                f"scores {name!r} hold {rows} rows of {key!r} but the bank has {self.n} samples (scored before it was "
+                f"extended); score it again: hspace annotate {self.path} --name {name}"
+            )
+        return tensors
 
     def __repr__(self) -> str:
         m = self.manifest
@@ -390,25 +463,79 @@ def build_bank(
     if path.exists() and not path.is_dir():
         raise HspaceError(f"bank path {str(path)!r} exists and is not a folder")
     identity = Bank.identity_of(engine, num_steps, eta, base_seed, shard_size, thumbnail_size)
-    if (path / MANIFEST).is_file():
-        bank = Bank.open(path)
-        bad = bank._mismatch(identity)
-        if bad:
-            raise HspaceError(
-                f"bank {str(path)!r} exists with different settings, so it cannot be extended or resumed by this call "
-                f"({'; '.join(bad)}); use another folder or the bank's settings"
-            )
-        if n > bank.n:
-            bank.manifest["n"] = n
-            _write_json(path / MANIFEST, bank.manifest)
-    else:
-        bank = Bank.create(path, identity, n)
-
-    missing = bank.missing()
-    done = bank.n - sum(count for _, count in missing)
-    with Meter.job(callback, bank.n * num_steps, progress, "bank", done=done * num_steps) as meter:
-        for start, count in missing:
-            seeds = list(range(base_seed + start, base_seed + start + count))
-            trajectory = engine.sample(seeds, num_steps, eta, keep_noise=False, batch_size=batch_size, callback=meter)
-            bank.write_shard(start, trajectory.h, thumbnails(trajectory.images, thumbnail_size))
+    path.mkdir(parents=True, exist_ok=True)
+    with _lock(path):
+        remove_stale_temporaries(path)
+        bank = _open_for(path, identity, n)
+        missing = bank.missing()
+        _check_space(path, identity, sum(count for _, count in missing))
+        done = bank.n - sum(count for _, count in missing)
+        with Meter.job(callback, bank.n * num_steps, progress, "bank", done=done * num_steps) as meter:
+            for start, count in missing:
+                seeds = list(range(base_seed + start, base_seed + start + count))
+                trajectory = engine.sample(seeds, num_steps, eta, keep_noise=False, batch_size=batch_size, callback=meter)
+                bank.write_shard(start, trajectory.h, thumbnails(trajectory.images, thumbnail_size))
     return bank
+
+
+def _open_for(path: Path, identity: dict, n: int) -> Bank:
+    """The bank at ``path`` ready to hold ``n`` samples of ``identity``: opened (and extended), created, or
+    rebuilt from its shards when only bank.json was lost."""
+    if not (path / MANIFEST).is_file():
+        found = _shard_identity(path)
+        if found is not None and _digest(found) != _digest(identity):
+            raise HspaceError(
+                f"{str(path)!r} holds shards of another bank ({_describe(found)}) and no {MANIFEST}; use another folder "
+                "or that bank's settings"
+            )
+        if found is not None:
+            logger.info("rebuilding %s from the shards in %s", MANIFEST, path)
+            return Bank.create(path, identity, n, adopt_shards=True)
+        return Bank.create(path, identity, n)
+    bank = Bank.open(path)
+    bad = bank._mismatch(identity)
+    if bad:
+        raise HspaceError(
+            f"bank {str(path)!r} exists with different settings, so it cannot be extended or resumed by this call "
+            f"({'; '.join(bad)}); use another folder or the bank's settings"
+        )
+    if n < bank.n:
+        raise HspaceError(f"bank {str(path)!r} holds {bank.n} samples; --n {n} is smaller (valid: >= {bank.n}; read fewer samples by index instead)")
+    if n > bank.n:
+        bank.manifest["n"] = n
+        write_json(path / MANIFEST, bank.manifest)
+    return bank
+
+
+def _shard_identity(path: Path) -> dict | None:
+    """The settings recorded in the first readable shard of a folder (None: no shard)."""
+    from safetensors import safe_open
+
+    for shard in sorted(path.glob("shard-*.safetensors")):
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                return json.loads((f.metadata() or {})["identity"])
+        except Exception:
+            continue
+    return None
+
+
+def _describe(identity: dict) -> str:
+    spec = identity.get("spec") or {}
+    return (
+        f"model {spec.get('model')!r}, h location {spec.get('h_location')!r}, {identity.get('num_steps')} steps, "
+        f"eta {identity.get('eta')}, base seed {identity.get('base_seed')}, shard size {identity.get('shard_size')}"
+    )
+
+
+def _check_space(path: Path, identity: dict, samples: int) -> None:
+    """Log what the samples still to draw will take on disk, and refuse when the disk has less room."""
+    per_sample = 2 * identity["num_steps"] * math.prod(identity["h_shape"]) + 3 * identity["thumbnail_size"] ** 2 + 8
+    need = samples * per_sample
+    free = shutil.disk_usage(path).free
+    logger.info("bank %s: %d samples to draw, about %.1f MB on disk (%.1f MB free)", path, samples, need / 1e6, free / 1e6)
+    if need > free:
+        raise HspaceError(
+            f"bank {str(path)!r} needs about {need / 1e6:.1f} MB for {samples} more samples but the disk has "
+            f"{free / 1e6:.1f} MB free; free space or draw fewer samples (--n)"
+        )

@@ -176,6 +176,24 @@ def deepen(model, layers_per_block: int):
     return new
 
 
+CHECKPOINT_KEYS = ("model", "ema", "optimizer", "generator", "step", "config")
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A training checkpoint, read with ``weights_only=True``: tensors, numbers, strings and containers only,
+    so a crafted file cannot run code (a pickle of anything else is refused)."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a bad file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HspaceError(f"{str(path)!r} is not an hspace training checkpoint that loads safely (weights only): {first}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise HspaceError(f"{str(path)!r} is not an hspace training checkpoint: it lacks {', '.join(missing)}")
+    return state
+
+
 def load_init(config: "TrainConfig"):
     """(model weights, EMA weights) to start a run from: a checkpoint.pt, or a diffusers model folder or
     built-in name (its weights serve as both), deepened to the run's layers per block."""
@@ -185,7 +203,7 @@ def load_init(config: "TrainConfig"):
 
     source = TOYFACES_FOLDER if config.init == "toyfaces" else Path(config.init)
     if source.is_file():
-        init = torch.load(source, map_location="cpu", weights_only=False)
+        init = load_checkpoint(source)
         return init["model"], init["ema"]
     if not (source / "config.json").is_file():
         raise HspaceError(f"--init {config.init!r} is neither a checkpoint file, a diffusers model folder nor 'toyfaces'")
@@ -241,7 +259,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
     config = config or TrainConfig()
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+    state = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
     weight_map = loss_weight_map(config.region_weights, config.size)  # checks the specs before any work
     alphas = training_alphas()
     t_weights = timestep_weights(alphas, config.v_weight_cap)  # checks the cap before any work
@@ -334,7 +352,7 @@ def export(checkpoint: str | Path, folder: str | Path) -> Path:
     """Write the EMA weights in float16 as a diffusers model folder, with the scheduler config beside them."""
     from diffusers import UNet2DModel
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)
     model = UNet2DModel(**unet_config(TrainConfig(**state["config"])))
     model.load_state_dict(state["ema"])
     folder = Path(folder)
