@@ -16,6 +16,7 @@ from .directions.pca import pca_from_h, random_directions
 from .directions.supervised import mean_difference, top_bottom
 from .domains import Domain, domain_of
 from .engine import Engine
+from .files import save_image, write_text
 from .images import labelled_grid
 from .inversion import invert
 from .loading import DEFAULT_MODEL
@@ -41,7 +42,7 @@ class Demo:
 
     def save(self, image, name: str, caption: str) -> None:
         logger.info("writing %s", name)
-        image.save(self.out / name)
+        save_image(image, self.out / name)
         self.figures.append((name, caption))
 
 
@@ -77,7 +78,7 @@ def run_demo(out: str | Path, model: str | None = None, steps: int = 50, device:
     lines = [f"# hspace demo: {engine.name}", ""]
     for name, caption in demo.figures:
         lines += [f"## {name}", "", caption, "", f"![{name}]({name})", ""]
-    index.write_text("\n".join(lines))
+    write_text(index, "\n".join(lines))
     return [index] + [out / name for name, _ in demo.figures]
 
 

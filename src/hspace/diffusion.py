@@ -109,7 +109,8 @@ class Schedule:
 
 
 def eta_schedule(eta: float | Sequence[float] | torch.Tensor, num_steps: int) -> torch.Tensor:
-    """eta_t for every step: one number for all steps, or exactly one value per step (each >= 0)."""
+    """eta_t for every step: one number for all steps, or exactly one value per step, each in [0, 1]
+    (above 1 the variance of eq. 5 exceeds 1 - a_{t-1} and D_t of eq. 4 has no real square root)."""
     if isinstance(eta, torch.Tensor):
         values = eta.detach().double().flatten()
     elif isinstance(eta, (int, float)) and not isinstance(eta, bool):
@@ -123,6 +124,7 @@ def eta_schedule(eta: float | Sequence[float] | torch.Tensor, num_steps: int) ->
         values = values.expand(num_steps).clone()
     if values.numel() != num_steps:
         raise HspaceError(f"eta has {values.numel()} values but the process has {num_steps} steps; give one number or {num_steps}")
-    if not torch.isfinite(values).all() or (values < 0).any():
-        raise HspaceError(f"eta values must be finite and >= 0, got {values.tolist()}")
+    if not torch.isfinite(values).all() or (values < 0).any() or (values > 1).any():
+        bad = [v for v in values.tolist() if not 0 <= v <= 1]
+        raise HspaceError(f"eta {bad[0]} is out of range; valid: numbers from 0 (DDIM) to 1 (DDPM), one for all steps or one per step")
     return values

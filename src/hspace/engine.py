@@ -8,6 +8,7 @@ D_t with one U-Net pass per step, or into P_t only with Asyrp's second, clean pa
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -240,6 +241,7 @@ class Engine:
         return Trajectory(seeds, schedule.timesteps, eta, x_T, x0, h, z, image, self.spec)
 
     def _check_trajectory(self, trajectory: Trajectory) -> Schedule:
+        check_trajectory_type(trajectory)
         self.spec.check(trajectory.spec, "the trajectory")
         if tuple(trajectory.x_T.shape[1:]) != self.sample_shape:
             raise HspaceError(f"trajectory x_T has shape {tuple(trajectory.x_T.shape[1:])}, the model samples {self.sample_shape}")
@@ -296,6 +298,7 @@ class Engine:
         return self._trajectory(seeds, schedule, trajectory.eta, trajectory.x_T[source], x0, record and record.h, z)
 
     def _delta_edit(self, delta, n: int, num_steps: int, scale: float, window) -> LinearEdit:
+        scale = check_scales([scale])[0]
         if isinstance(delta, Direction):
             self.check_direction(delta, num_steps)
             delta = delta.per_step(num_steps)
@@ -307,6 +310,8 @@ class Engine:
             directions, coefficients = delta, float(scale) * torch.eye(n)
         else:
             raise HspaceError(f"delta has shape {tuple(delta.shape)}; valid: {shape} or {(n, *shape)}")
+        if not bool(torch.isfinite(delta).all()):
+            raise HspaceError("delta holds NaN or infinite values")
         return LinearEdit(directions, coefficients, self.active_steps(num_steps, window))
 
     def active_steps(self, num_steps: int, window: tuple[float, float] | None) -> torch.Tensor:
@@ -343,15 +348,14 @@ class Engine:
         """Images [D, S, B, C, H, W] of every sample edited by every direction at every scale: one batched run."""
         if isinstance(directions, Direction):
             directions = [directions]
-        directions = list(directions)
+        check_trajectory_type(trajectory)
+        directions = list(directions) if isinstance(directions, (list, tuple)) else [directions]
         if not directions:
             raise HspaceError("no directions given to edit with")
-        try:
-            scales = [float(s) for s in scales]
-        except (TypeError, ValueError):
-            raise HspaceError(f"scales must be a list of numbers, got {scales!r}") from None
-        if not scales:
-            raise HspaceError("scales is empty; give at least one scale, e.g. [-2, 0, 2]")
+        bad = [d for d in directions if not isinstance(d, Direction)]
+        if bad:
+            raise HspaceError(f"directions must be Direction objects, got {type(bad[0]).__name__}")
+        scales = check_scales(scales)
         steps = trajectory.num_steps
         for d in directions:
             self.check_direction(d, steps)
@@ -378,6 +382,8 @@ class Engine:
         progress: bool | None = None,
     ) -> Trajectory:
         """Replay ``trajectory`` (its x_T and z) with h_t replaced by ``donor``'s h_t (paper Fig. 3)."""
+        check_trajectory_type(trajectory)
+        check_trajectory_type(donor)
         if donor.h is None:
             raise HspaceError("the donor trajectory has no recorded h; sample it with record_h=True")
         if len(donor) != len(trajectory):
@@ -420,6 +426,27 @@ class Engine:
             raise HspaceError(f"step must be an integer from 0 to {num_steps - 1} (0 = x_T), got {step!r}")
         noise = None if z is None else (lambda rows: torch.cat([torch.zeros(len(rows), step, *z.shape[2:]), z[rows]], 1))
         return self.run(x, num_steps, eta, noise=noise, start=step, batch_size=batch_size, callback=callback, progress=progress, stage="finish")
+
+
+def check_scales(scales) -> list[float]:
+    """A list of finite numbers, at least one (a string is not a list of digits)."""
+    if isinstance(scales, (str, bytes)):
+        raise HspaceError(f"scales must be a list of numbers, got the string {scales!r}")
+    try:
+        scales = [float(s) for s in scales]
+    except (TypeError, ValueError):
+        raise HspaceError(f"scales must be a list of numbers, got {scales!r}") from None
+    if not scales:
+        raise HspaceError("scales is empty; give at least one scale, e.g. [-2, 0, 2]")
+    bad = [s for s in scales if not math.isfinite(s)]
+    if bad:
+        raise HspaceError(f"scale {bad[0]} is not a finite number; valid: finite numbers like -2, 0, 2")
+    return scales
+
+
+def check_trajectory_type(trajectory) -> None:
+    if not isinstance(trajectory, Trajectory):
+        raise HspaceError(f"expected a Trajectory (from Engine.sample, Trajectory.load or invert), got {type(trajectory).__name__}")
 
 
 def check_batch_size(batch_size) -> None:

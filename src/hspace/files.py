@@ -202,7 +202,7 @@ def read_safetensors(path: str | Path, kind: str, what: str) -> tuple[dict, dict
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own types for files that are not safetensors
-        raise HspaceError(f"{str(path)!r} is not a readable safetensors file ({what}): {e}") from None
+        raise HspaceError(f"{str(path)!r} is not a safetensors file (expected an {what}): {e}") from None
     if metadata.get("kind") != kind:
         raise HspaceError(f"{str(path)!r} is not an {what} (kind={metadata.get('kind')!r}, expected {kind!r})")
     return metadata, tensors

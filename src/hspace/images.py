@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import HspaceError
+from .files import safe_name, save_image
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -34,9 +35,7 @@ def save_images(images: torch.Tensor, folder: str | Path, names: Sequence[str]) 
         raise HspaceError(f"{len(names)} names for {len(images)} images")
     paths = []
     for image, name in zip(images, names):
-        path = folder / f"{name}.png"
-        to_pil(image).save(path)
-        paths.append(path)
+        paths.append(save_image(to_pil(image), folder / f"{safe_name(name, 'image')}.png"))
     return paths
 
 

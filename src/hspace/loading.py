@@ -9,7 +9,6 @@ Layouts understood (what diffusers writes):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -111,10 +110,9 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise HspaceError(f"cannot read {str(path)!r}: {e}") from None
+    from .files import read_json
+
+    return read_json(path, "model config")
 
 
 def _scheduler_config(folder: Path) -> dict:
@@ -133,7 +131,17 @@ def _load_unet(folder: Path):
     if cls_name != "UNet2DModel":
         raise HspaceError(f"{str(folder)!r} holds a {cls_name}; hspace supports UNet2DModel (unconditional) models")
     # Weights may be stored in float16 (the bundled model is); the engine casts to its own dtype.
-    return UNet2DModel.from_pretrained(str(folder), torch_dtype=torch.float32)
+    return _from_pretrained(UNet2DModel, folder)
+
+
+def _from_pretrained(cls, folder: Path):
+    """diffusers' from_pretrained, with every way a folder can be broken (a config of the wrong shape or
+    types, missing or truncated weights) turned into an error that names the folder."""
+    try:
+        return cls.from_pretrained(str(folder), torch_dtype=torch.float32)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise HspaceError(f"cannot load the {cls.__name__} in {str(folder)!r}: {first}") from None
 
 
 def _load_decoder(folder: Path):
@@ -143,7 +151,7 @@ def _load_decoder(folder: Path):
     classes = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}
     if cls_name not in classes:
         raise HspaceError(f"decoder in {str(folder)!r} is a {cls_name!r}; valid: {', '.join(classes)}")
-    return classes[cls_name].from_pretrained(str(folder), torch_dtype=torch.float32)
+    return _from_pretrained(classes[cls_name], folder)
 
 
 def load_folder(folder: Path, name: str) -> Components:

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from .errors import HspaceError
+from .files import read_safetensors, save_safetensors
 from .spec import Spec
 
 MAX_SEED = 2**63 - 1
@@ -149,29 +150,54 @@ class Trajectory:
             spec=first.spec,
         )
 
-    def save(self, path: str | Path) -> None:
-        """Write to a safetensors file; the metadata (seeds, spec) goes inside it."""
-        from safetensors.torch import save_file
-
+    def save(self, path: str | Path) -> Path:
+        """Write atomically to a safetensors file; the metadata (seeds, spec) goes inside it."""
         tensors = {"timesteps": self.timesteps, "eta": self.eta, "x_T": self.x_T, "x0": self.x0}
-        for name in ("h", "z", "image"):
-            if getattr(self, name) is not None:
-                tensors[name] = getattr(self, name)
+        tensors.update({name: getattr(self, name) for name in OPTIONAL if getattr(self, name) is not None})
         meta = {"kind": "hspace.Trajectory", "seeds": json.dumps(self.seeds)}
         if self.spec is not None:
             meta["spec"] = self.spec.to_json()
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=meta)
+        return save_safetensors(tensors, path, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "Trajectory":
-        from safetensors import safe_open
+        """A trajectory file, checked: its entries, their shapes against each other, its seeds and spec."""
+        meta, tensors = read_safetensors(path, "hspace.Trajectory", "hspace trajectory file")
+        where = f"trajectory file {str(path)!r}"
+        missing = [k for k in REQUIRED if k not in tensors]
+        extra = sorted(set(tensors) - set(REQUIRED) - set(OPTIONAL))
+        if missing or extra:
+            raise HspaceError(f"{where} lacks {', '.join(missing) or 'nothing'} and has unknown {', '.join(extra) or 'nothing'}; "
+                              f"valid entries: {', '.join(REQUIRED + OPTIONAL)}")
+        try:
+            seeds = json.loads(meta.get("seeds", "null"))
+            spec = Spec.from_json(meta["spec"]) if "spec" in meta else None
+        except (json.JSONDecodeError, HspaceError) as e:
+            raise HspaceError(f"{where} has bad metadata: {e}") from None
+        if not isinstance(seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+            raise HspaceError(f"{where} must list its seeds as integers, got {str(meta.get('seeds'))[:80]!r}")
+        _check_shapes(tensors, where)
+        return cls(seeds=seeds, spec=spec, **tensors)
 
-        if not Path(path).is_file():
-            raise HspaceError(f"trajectory file {str(path)!r} does not exist")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("kind") != "hspace.Trajectory":
-                raise HspaceError(f"{path} is not an hspace trajectory file (kind={meta.get('kind')!r})")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        spec = Spec.from_json(meta["spec"]) if "spec" in meta else None
-        return cls(seeds=json.loads(meta["seeds"]), spec=spec, **tensors)
+
+REQUIRED = ("timesteps", "eta", "x_T", "x0")
+OPTIONAL = ("h", "z", "image")
+
+
+def _check_shapes(t: dict, where: str) -> None:
+    """The entries of a trajectory file agree: B samples of T steps, x_0 and z in the shape of x_T."""
+    T, x_T = t["timesteps"].numel(), t["x_T"]
+    if t["timesteps"].ndim != 1 or t["eta"].shape != (T,) or T < 1:
+        raise HspaceError(f"{where}: timesteps {tuple(t['timesteps'].shape)} and eta {tuple(t['eta'].shape)} must both be [T], T >= 1")
+    if x_T.ndim != 4 or t["x0"].shape != x_T.shape:
+        raise HspaceError(f"{where}: x_T {tuple(x_T.shape)} and x0 {tuple(t['x0'].shape)} must both be [B, C, H, W]")
+    B = x_T.shape[0]
+    if "z" in t and tuple(t["z"].shape) != (B, T, *x_T.shape[1:]):
+        raise HspaceError(f"{where}: z has shape {tuple(t['z'].shape)}; valid: {(B, T, *x_T.shape[1:])} (B, T and x_T's shape)")
+    if "h" in t and (t["h"].ndim < 3 or tuple(t["h"].shape[:2]) != (B, T)):
+        raise HspaceError(f"{where}: h has shape {tuple(t['h'].shape)}; valid: [{B}, {T}, *h_shape]")
+    if "image" in t and (t["image"].ndim != 4 or t["image"].shape[0] != B):
+        raise HspaceError(f"{where}: image has shape {tuple(t['image'].shape)}; valid: [{B}, 3, H, W]")
+    for name, value in t.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise HspaceError(f"{where}: {name} holds NaN or infinite values")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
@@ -102,5 +101,7 @@ def add_process_args(p: argparse.ArgumentParser) -> None:
 def write_json(path: str | Path | None, report: dict) -> None:
     """Write a report as indented JSON (creating its folder); nothing when no path was given."""
     if path:
+        from ..files import write_json as write
+
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(report, indent=2))
+        write(path, report)

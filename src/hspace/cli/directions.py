@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import HspaceError, check_choice
+from ..files import save_image, write_json
 from .common import add_model_args, add_process_args, engine_from, engine_of_spec, parse_eta, parse_scales, parse_seeds
 from .generation import sample
 
@@ -118,7 +118,7 @@ def run_pca(args) -> None:
         "sigma_mean_over_steps": [float(v) for v in result.sigma.mean(1)],
         "directions": [p.name for p in paths],
     }
-    (out / "pca.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "pca.json", summary)
     for j, ratio in enumerate(summary["variance_ratio_mean_over_steps"]):
         print(f"pc{j + 1}: {100 * ratio:.2f}% of the variance (mean over steps)")
     print(f"wrote {len(paths)} directions to {out}; render them with: hspace edit --bank {bank.path} --direction {out}")
@@ -152,11 +152,9 @@ def run_jacobian(args) -> None:
         oversample=args.oversample, generator=torch.Generator().manual_seed(args.vector_seed),
     )
     out = Path(args.out)
-    paths = result.save(out)
-    info = json.loads((out / "jacobian.json").read_text())
-    (out / "jacobian.json").write_text(json.dumps({"seed": trajectory.seeds[0], "mask": args.mask, **info}, indent=2))
+    paths = result.save(out, {"seed": trajectory.seeds[0], "mask": args.mask})
     images = engine.edit(trajectory, result.directions, scales, batch_size=args.batch_size)
-    labelled_grid(images[:, :, 0], [d.name for d in result.directions], [f"{s:g}" for s in scales]).save(out / "grid.png")
+    save_image(labelled_grid(images[:, :, 0], [d.name for d in result.directions], [f"{s:g}" for s in scales]), out / "grid.png")
     for r in result.summary():
         state = "converged" if r["converged"] else "NOT converged"
         print(f"step {r['step']} (t={r['timestep']}): singular values {', '.join(f'{v:.3g}' for v in r['singular_values'])}; iterations {r['iterations']} ({state})")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import HspaceError
+from ..files import safe_name, save_image
 from .common import (
     add_model_args, add_process_args, engine_from, engine_of_spec, eps_pass, parse_eta, parse_scales, parse_seeds, parse_window,
 )
@@ -81,7 +82,7 @@ def run_sample(args) -> None:
     trajectory = sample(engine, args, parse_seeds(args.seeds))
     out = Path(args.out)
     save_images(trajectory.images, out, [f"seed{s}" for s in trajectory.seeds])
-    labelled_grid(trajectory.images[None], col_labels=[str(s) for s in trajectory.seeds]).save(out / "grid.png")
+    save_image(labelled_grid(trajectory.images[None], col_labels=[str(s) for s in trajectory.seeds]), out / "grid.png")
     if args.save_trajectory:
         trajectory.save(args.save_trajectory)
     print(f"wrote {len(trajectory)} samples and grid.png to {out}")
@@ -135,11 +136,11 @@ def _save_edit_grids(images, trajectory, directions, scales, out: Path, save_eac
     rows, cols = [d.name for d in directions], [f"{s:g}" for s in scales]
     for b, seed in enumerate(trajectory.seeds):
         who = f"seed{seed}" if seed >= 0 else f"sample{b}"  # an inverted image has no seed
-        labelled_grid(images[:, :, b], rows, cols).save(out / f"edit_{who}.png")
+        save_image(labelled_grid(images[:, :, b], rows, cols), out / f"edit_{who}.png")
         if save_each:
             for d, direction in enumerate(directions):
                 for s, scale in enumerate(scales):
-                    to_pil(images[d, s, b]).save(out / f"{who}_{d}_{direction.name}_{scale:g}.png")
+                    save_image(to_pil(images[d, s, b]), out / safe_name(f"{who}_{d}_{direction.name}_{scale:g}.png"))
 
 
 def _sequential_edit(engine, trajectory, directions, scales, window, args) -> None:
@@ -157,7 +158,7 @@ def _sequential_edit(engine, trajectory, directions, scales, window, args) -> No
     rows = [f"seed {s}" if s >= 0 else f"sample {b}" for b, s in enumerate(trajectory.seeds)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    labelled_grid(grid, rows, ["original"] + names).save(out / "sequential.png")
+    save_image(labelled_grid(grid, rows, ["original"] + names), out / "sequential.png")
     print(f"wrote {out / 'sequential.png'}: {len(trajectory)} samples, each with {' then '.join(names)}")
 
 
@@ -176,7 +177,7 @@ def run_swap(args) -> None:
     grid = torch.stack([a.images, b.images, swapped.images], dim=1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    labelled_grid(grid, [f"{s}<-h{d}" for s, d in zip(seeds, donors)], ["sample", "h donor", "swapped"]).save(out / "swap.png")
+    save_image(labelled_grid(grid, [f"{s}<-h{d}" for s, d in zip(seeds, donors)], ["sample", "h donor", "swapped"]), out / "swap.png")
     print(f"wrote {out / 'swap.png'}")
 
 
@@ -212,7 +213,7 @@ def run_invert(args) -> None:
     trajectory.save(out / "trajectory.safetensors")
     names = [Path(p).stem for p in args.images]
     save_images(trajectory.images, out, [f"{n}_reconstruction" for n in names])
-    labelled_grid(torch.stack([images, trajectory.images], 1), names, ["image", "reconstruction"]).save(out / "inversion.png")
+    save_image(labelled_grid(torch.stack([images, trajectory.images], 1), names, ["image", "reconstruction"]), out / "inversion.png")
     mse = ((trajectory.images - images) ** 2).mean(dim=(1, 2, 3))
     for name, m, err in zip(names, mse, (trajectory.images - images).abs().flatten(1).max(1).values):
         print(f"{name}: PSNR {float(10 * torch.log10(4 / m.clamp_min(1e-20))):.1f} dB, max |error| {float(err):.2g}")

@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from ..errors import HspaceError
+from ..files import parse_json_object, read_json, read_safetensors, safe_name, save_safetensors, staged_folder, write_json
 from ..spec import Spec
 
 
@@ -28,16 +29,25 @@ class Direction:
     spec: Spec | None = None  # None: found without an engine (applies to any with the same h shape)
 
     def __post_init__(self):
-        if self.delta.ndim < 2:
-            raise HspaceError(f"a direction's delta must be [T, *h_shape], got shape {tuple(self.delta.shape)}")
+        if not isinstance(self.delta, torch.Tensor) or self.delta.ndim < 2 or self.delta.numel() == 0:
+            got = tuple(self.delta.shape) if isinstance(self.delta, torch.Tensor) else type(self.delta).__name__
+            raise HspaceError(f"a direction's delta must be a non-empty tensor [T, *h_shape], got {got}")
         self.delta = self.delta.detach().float().cpu()
+        if not bool(torch.isfinite(self.delta).all()):
+            raise HspaceError(f"direction {self.meta.get('name') or ''!r} holds NaN or infinite values; a direction must be finite")
         if self.sigma is not None:
-            self.sigma = self.sigma.detach().float().cpu().flatten()
+            self.sigma = torch.as_tensor(self.sigma).detach().float().cpu().flatten()
             if len(self.sigma) != self.num_steps:
                 raise HspaceError(f"sigma has {len(self.sigma)} values for a direction of {self.num_steps} steps")
+            if not bool(torch.isfinite(self.sigma).all()):
+                raise HspaceError("a direction's sigma holds NaN or infinite values")
         if self.spec is not None and not isinstance(self.spec, Spec):
             raise HspaceError(f"a direction's spec must be a Spec or None, got {type(self.spec).__name__}")
+        if not isinstance(self.meta, dict):
+            raise HspaceError(f"a direction's meta must be a dict, got {type(self.meta).__name__}")
         self.meta = {"name": "", "method": "", "params": {}, **self.meta}
+        if not isinstance(self.meta["name"], str):
+            raise HspaceError(f"a direction's name must be a string, got {self.meta['name']!r}")
         self.meta["num_steps"] = self.num_steps
 
     @property
@@ -112,34 +122,27 @@ class Direction:
     def __neg__(self) -> "Direction":
         return self * -1.0
 
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        tensors = {"delta": self.delta.contiguous()}
+    def save(self, path: str | Path) -> Path:
+        """Write atomically to a safetensors file, metadata and spec inside."""
+        tensors = {"delta": self.delta}
         if self.sigma is not None:
-            tensors["sigma"] = self.sigma.contiguous()
+            tensors["sigma"] = self.sigma
         metadata = {"kind": "hspace.Direction", "meta": json.dumps(self.meta)}
         if self.spec is not None:
             metadata["spec"] = self.spec.to_json()
-        save_file(tensors, str(path), metadata=metadata)
+        return save_safetensors(tensors, path, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> "Direction":
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise HspaceError(f"direction file {str(path)!r} does not exist")
+        metadata, tensors = read_safetensors(path, "hspace.Direction", "hspace direction file")
+        if "delta" not in tensors or set(tensors) - {"delta", "sigma"}:
+            raise HspaceError(f"{str(path)!r} must hold 'delta' (and optionally 'sigma'), it holds {', '.join(sorted(tensors))}")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own types for a file that is not safetensors
-            raise HspaceError(f"{str(path)!r} is not a safetensors file: {e}") from None
-        if meta.get("kind") != "hspace.Direction" or "delta" not in tensors:
-            raise HspaceError(f"{str(path)!r} is not an hspace direction file (kind={meta.get('kind')!r})")
-        spec = Spec.from_json(meta["spec"]) if "spec" in meta else None
-        return cls(tensors["delta"], tensors.get("sigma"), json.loads(meta.get("meta", "{}")), spec)
+            meta = parse_json_object(metadata.get("meta", "{}"), f"the metadata of {str(path)!r}")
+            spec = Spec.from_json(metadata["spec"]) if "spec" in metadata else None
+            return cls(tensors["delta"], tensors.get("sigma"), meta, spec)
+        except HspaceError as e:
+            raise HspaceError(f"direction file {str(path)!r}: {e}") from None
 
 
 def stack_directions(directions: Sequence[Direction], num_steps: int) -> torch.Tensor:
@@ -160,32 +163,36 @@ class DirectionSet(list):
         return list(self)
 
     def save(self, folder: str | Path) -> list[Path]:
-        """Every direction as NAME.safetensors and result.json (method, parameters, the files in order)."""
-        paths = save_directions(self, folder)
-        info = {"method": self.method, "params": self.params, "directions": [p.name for p in paths]}
-        (Path(folder) / "result.json").write_text(json.dumps(info, indent=2))
-        return paths
+        """Every direction as NAME.safetensors and result.json (method, parameters, the files in order),
+        all or nothing."""
+        with staged_folder(folder) as stage:
+            names = [p.name for p in save_directions(self, stage)]
+            write_json(stage / "result.json", {"method": self.method, "params": self.params, "directions": names})
+        return [Path(folder) / name for name in names]
 
     @classmethod
     def load(cls, folder: str | Path) -> "DirectionSet":
         folder = Path(folder)
         info_path = folder / "result.json"
         if info_path.is_file():
-            info = json.loads(info_path.read_text())
-            return cls([Direction.load(folder / name) for name in info["directions"]], info["method"], info["params"])
+            info = read_json(info_path, "direction set")
+            names = info.get("directions")
+            if not isinstance(names, list) or not all(isinstance(n, str) and n == safe_name(n) for n in names):
+                raise HspaceError(f"{str(info_path)!r} must list its direction files by plain name under 'directions'")
+            return cls([Direction.load(folder / name) for name in names], str(info.get("method", "")), dict(info.get("params") or {}))
         return cls(load_directions([folder]))
 
 
 def save_directions(directions: Sequence[Direction], folder: str | Path) -> list[Path]:
-    """Write every direction as ``folder/NAME.safetensors``; returns the paths."""
+    """Write every direction as ``folder/NAME.safetensors`` (the name made safe for a file name); returns
+    the paths. Two directions of one name are an error (the second would overwrite the first)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for direction in directions:
-        path = folder / f"{direction.name}.safetensors"
-        direction.save(path)
-        paths.append(path)
-    return paths
+    names = [safe_name(d.name) for d in directions]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise HspaceError(f"two directions would be saved as {twice[0]}.safetensors; give them different names")
+    return [direction.save(folder / f"{name}.safetensors") for direction, name in zip(directions, names)]
 
 
 def direction_files(items: Sequence[str | Path]) -> list[Path]:

@@ -9,7 +9,6 @@ encoder half is computed once per (x_t, t)).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from ..errors import HspaceError, check_choice
 from ..progress import IterationEvent, Meter
+from ..files import read_json, read_safetensors, safe_name, save_safetensors, staged_folder, write_json
 from .direction import Direction, save_directions
 
 BATCHING = ("vmap", "repeat")
@@ -444,29 +444,26 @@ class JacobianDirections:
             for r in self.steps
         ]
 
-    def save(self, folder: str | Path) -> list[Path]:
-        """Every direction as NAME.safetensors, the singular triplets in jacobian.safetensors, jacobian.json."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        paths = save_directions(self.directions, folder)
+    def save(self, folder: str | Path, info: dict | None = None) -> list[Path]:
+        """Every direction as NAME.safetensors, the singular triplets in jacobian.safetensors, jacobian.json
+        (the summary per step, plus ``info``)."""
         tensors = {}
         for r in self.steps:
-            tensors.update({f"U{r.step}": r.svd.U.contiguous(), f"S{r.step}": r.svd.S.contiguous(), f"V{r.step}": r.svd.V.contiguous()})
-        save_file(tensors, str(folder / "jacobian.safetensors"))
-        (folder / "jacobian.json").write_text(json.dumps({"results": self.summary(), "directions": [p.name for p in paths]}, indent=2))
-        return paths
+            tensors.update({f"U{r.step}": r.svd.U, f"S{r.step}": r.svd.S, f"V{r.step}": r.svd.V})
+        with staged_folder(folder) as stage:  # all or nothing
+            names = [p.name for p in save_directions(self.directions, stage)]
+            save_safetensors(tensors, stage / "jacobian.safetensors", {"kind": "hspace.JacobianDirections"})
+            write_json(stage / "jacobian.json", {"results": self.summary(), "directions": names, **(info or {})})
+        return [Path(folder) / name for name in names]
 
     @classmethod
     def load(cls, folder: str | Path) -> "JacobianDirections":
-        from safetensors.torch import load_file
-
         folder = Path(folder)
         if not (folder / "jacobian.json").is_file():
             raise HspaceError(f"{str(folder)!r} holds no Jacobian result (jacobian.json); write one with `hspace jacobian`")
-        info = json.loads((folder / "jacobian.json").read_text())
-        tensors = load_file(str(folder / "jacobian.safetensors"))
-        directions = {p: Direction.load(folder / p) for p in info["directions"]}
+        info = read_json(folder / "jacobian.json", "Jacobian result")
+        _, tensors = read_safetensors(folder / "jacobian.safetensors", "hspace.JacobianDirections", "hspace Jacobian result")
+        directions = {p: Direction.load(folder / safe_name(p)) for p in info.get("directions", [])}
         steps = []
         for r in info["results"]:
             s = r["step"]

@@ -49,6 +49,7 @@ import torch
 
 from ..errors import HspaceError
 from ..spec import Spec
+from ..files import read_safetensors, save_safetensors, staged_folder
 from .direction import Direction, DirectionSet, save_directions
 
 __all__ = ["PCAResult", "StreamingPCA", "pca_per_timestep", "pca_from_h", "random_directions"]
@@ -277,34 +278,29 @@ class PCAResult:
         import json
         from pathlib import Path
 
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        paths = save_directions(self.directions, folder)
         tensors = {"components": self.components, "sigma": self.sigma, "variance_ratio": self.variance_ratio, "mean": self.mean}
         meta = {"kind": "hspace.PCAResult", "n": str(self.n), "per_timestep": json.dumps(self.per_timestep), "route": self.route}
         if self.spec is not None:
             meta["spec"] = self.spec.to_json()
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "pca.safetensors"), metadata=meta)
-        return paths
+        with staged_folder(folder) as stage:  # all or nothing: never a partial set of directions
+            names = [p.name for p in save_directions(self.directions, stage)]
+            save_safetensors(tensors, stage / "pca.safetensors", meta)
+        return [Path(folder) / name for name in names]
 
     @classmethod
     def load(cls, folder) -> "PCAResult":
         import json
         from pathlib import Path
 
-        from safetensors import safe_open
-
         path = Path(folder) / "pca.safetensors"
         if not path.is_file():
             raise HspaceError(f"{str(folder)!r} holds no PCA result (pca.safetensors); write one with `hspace pca`")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if meta.get("kind") != "hspace.PCAResult":
-            raise HspaceError(f"{str(path)!r} is not an hspace PCA result (kind={meta.get('kind')!r})")
-        spec = Spec.from_json(meta["spec"]) if "spec" in meta else None
-        return cls(**tensors, n=int(meta["n"]), per_timestep=json.loads(meta["per_timestep"]), route=meta["route"], spec=spec)
+        meta, tensors = read_safetensors(path, "hspace.PCAResult", "hspace PCA result")
+        try:
+            spec = Spec.from_json(meta["spec"]) if "spec" in meta else None
+            return cls(**tensors, n=int(meta["n"]), per_timestep=json.loads(meta["per_timestep"]), route=meta["route"], spec=spec)
+        except (KeyError, TypeError, ValueError) as e:
+            raise HspaceError(f"{str(path)!r} is not a complete PCA result: {type(e).__name__} {e}") from None
 
 
 def _fix_signs(v: torch.Tensor) -> torch.Tensor:

@@ -122,8 +122,13 @@ def read_labels(path) -> tuple[str, list, list[bool]]:
     path = Path(path)
     if not path.is_file():
         raise HspaceError(f"labels file {str(path)!r} does not exist")
-    with path.open(newline="") as f:
-        rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
+    try:  # utf-8-sig: spreadsheet programs start a UTF-8 CSV with a byte-order mark
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
+    except UnicodeDecodeError as e:
+        raise HspaceError(f"labels file {str(path)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8 CSV") from None
+    except (OSError, csv.Error) as e:
+        raise HspaceError(f"cannot read labels file {str(path)!r}: {e}") from None
     if not rows:
         raise HspaceError(f"labels file {str(path)!r} is empty")
     header = [cell.strip().lower() for cell in rows[0]]

@@ -7,10 +7,10 @@ thresholds (the ``verdict`` stored in ``sections/NAME.json``) and renders its Ma
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
+from ..files import write_json, write_text
 from . import asyrp, fig8, jacobian, pca_vs_random, sequential, swap, table1
 from .runner import FULL, HELD_OUT, QUICK, TABLE_ATTRIBUTES, Config, Run
 
@@ -42,6 +42,6 @@ def run_reproduce(out: str | Path, quick: bool = False, engine=None) -> Path:
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in run.timings.items()]
     lines += [f"| sum of stages | {sum(run.timings.values()):.1f} |", f"| this invocation (cached stages are not re-run) | {total:.1f} |", ""]
     report = Path(out) / "report.md"
-    report.write_text("\n".join(lines))
-    (Path(out) / "timings.json").write_text(json.dumps(run.timings, indent=1))
+    write_text(report, "\n".join(lines))
+    write_json(Path(out) / "timings.json", run.timings)
     return report

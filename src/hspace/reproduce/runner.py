@@ -9,7 +9,6 @@ Sections are cached as JSON (``sections/NAME.json``), so an interrupted run resu
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ import torch
 
 from ..domains import get_domain
 from ..errors import HspaceError
+from ..files import read_json, save_image, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -104,24 +104,21 @@ class Run:
     def section(self, name: str, compute: Callable[["Run"], dict]) -> dict:
         """A cached section: computed once, then read from sections/NAME.json (resume after interruption)."""
         path = self.out / "sections" / f"{name}.json"
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("config") == asdict(self.config):
-                self.timings[name] = saved["seconds"]
-                return saved
+        saved = _read_cached(path)
+        if saved is not None and saved.get("config") == asdict(self.config) and "seconds" in saved:
+            self.timings[name] = saved["seconds"]
+            return saved
         logger.info("measuring %s", name)
         start = time.perf_counter()
         result = compute(self)
         result["seconds"] = time.perf_counter() - start
         result["config"] = asdict(self.config)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(path)
+        write_json(path, result)
         self.timings[name] = result["seconds"]
         return result
 
     def figure(self, image, name: str) -> str:
-        image.save(self.out / "figures" / name)
+        save_image(image, self.out / "figures" / name)
         return f"figures/{name}"
 
     def plot(self, draw: Callable, name: str, size=(5, 3.5)) -> str:
@@ -151,16 +148,17 @@ class Run:
 
         c = self.config
         record, path = self.out / "sections" / "bank.json", self.out / "bank"
-        if record.is_file() and (path / "bank.json").is_file():
-            saved, bank = json.loads(record.read_text()), Bank.open(path)
-            if saved.get("config") == asdict(c) and bank.complete and bank.scores_path("classifier").is_file():
+        saved = _read_cached(record)
+        if saved is not None and (path / "bank.json").is_file():
+            bank = Bank.open(path)
+            if saved.get("config") == asdict(c) and "seconds" in saved and bank.complete and bank.scores_path("classifier").is_file():
                 self.timings["bank"] = saved["seconds"]
                 return bank
         start = time.perf_counter()
         bank = build_bank(path, self.engine, c.bank_n, c.steps, c.eta, batch_size=c.batch_size)
         annotate_bank(bank, self.classify)
         self.timings["bank"] = time.perf_counter() - start
-        record.write_text(json.dumps({"seconds": self.timings["bank"], "config": asdict(c)}, indent=1))
+        write_json(record, {"seconds": self.timings["bank"], "config": asdict(c)})
         return bank
 
     def test_samples(self, n: int, claim: str):
@@ -187,6 +185,17 @@ class Run:
         D, S, B = images.shape[:3]
         scores = self.classify(images.reshape(D * S * B, *images.shape[3:]))
         return {k: v.reshape(D, S, B) for k, v in scores.items()}, images
+
+
+def _read_cached(path: Path) -> dict | None:
+    """A cached section, or None where there is none or it cannot be read (it is then measured again)."""
+    if not path.is_file():
+        return None
+    try:
+        return read_json(path, "cached section")
+    except HspaceError as e:
+        logger.warning("measuring again: %s", e)
+        return None
 
 
 def pct(x: float) -> str:

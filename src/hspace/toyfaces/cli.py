@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import HspaceError
+from ..files import save_image
 from ..cli.common import add_model_args, add_process_args, engine_from, engine_of_spec, parse_eta, write_json
 
 
@@ -141,7 +142,7 @@ def run_evaluate(args) -> None:
     images = report.pop("images")
     if args.grid:
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-        labelled_grid(images[:64].reshape(8, 8, *images.shape[1:]), min_cell=32, pad=1).save(args.grid)
+        save_image(labelled_grid(images[:64].reshape(8, 8, *images.shape[1:]), min_cell=32, pad=1), args.grid)
     write_json(args.json, report)
     print(json.dumps(report, indent=2))
 
