@@ -120,7 +120,7 @@ def test_bank_pca_edit_and_jacobian_commands(tmp_path):
         (["jacobian", "--model", "tiny-random", "--mask", "mouth", "--steps", "2"], "part masks like 'mouth' exist for the toyfaces domain's models only"),
         (["jacobian", "--model", "tiny-random", "--mask", "nose.png", "--steps", "2"], "--mask 'nose.png' is neither a part name"),
         (["pca", "no-bank"], "'no-bank' is not a bank"),
-        (["bank", "b", "--n", "0", "--model", "tiny-random"], "n must be an integer >= 1, got 0"),
+        (["bank", "b", "--n", "0", "--model", "tiny-random"], "argument --n: 0 is out of range; valid: an integer >= 1"),
     ],
 )
 def test_direction_commands_reject_bad_input(argv, message, capsys, tmp_path, monkeypatch):

@@ -12,6 +12,8 @@ from ..domains import registered_domains
 from . import directions, generation, reports
 
 GROUPS = (generation, directions, reports)
+# Options that name outputs, checked before any computation (a command may override with set_defaults(outputs=...)).
+OUTPUTS = {"out": "dir", "output": "file", "json": "file", "grid": "file", "save_trajectory": "file"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,15 +27,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_outputs(args) -> None:
+    from ..files import check_output_dir, check_output_file
+
+    for name, kind in {**OUTPUTS, **getattr(args, "outputs", {})}.items():
+        value = getattr(args, name, None)
+        if value:
+            option = "--" + name.replace("_", "-") if name != "output" else "-o/--output"
+            (check_output_dir if kind == "dir" else check_output_file)(value, option)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed what is wrong (exit 2) or the help (exit 0)
+        return int(e.code or 0)
     logging.basicConfig(level=logging.INFO, format="hspace: %(message)s", stream=sys.stderr)
     try:
+        check_outputs(args)
         args.func(args)
     except HspaceError as e:
         print(f"hspace {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"hspace {args.command}: interrupted; finished work is kept (a bank or reproduce resumes with the same command)", file=sys.stderr)
+        return 130
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not _out_of_memory(e):
+            raise
+        size = getattr(args, "batch_size", None)
+        hint = f"; try a smaller --batch-size (it is {size})" if size else ""
+        print(f"hspace {args.command}: error: out of memory{hint}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or "out of memory" in text or "can't allocate memory" in text or "defaultcpuallocator" in text
 
 
 if __name__ == "__main__":

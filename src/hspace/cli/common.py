@@ -9,8 +9,39 @@ from pathlib import Path
 from ..errors import HspaceError
 
 
+MAX_SEEDS = 1_000_000  # one command's samples; a bank (hspace bank --n) streams any number
+
+
+def positive_int(text: str) -> int:
+    return _int(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    return _int(text, 0)
+
+
+def _int(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; valid: an integer >= {minimum}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
 def parse_seeds(items: list[str]) -> list[int]:
-    """Seeds from words like '0-7', '3', '1,5,9'."""
+    """Seeds from words like '0-7', '3', '1,5,9' (at most ``MAX_SEEDS``, checked before expanding a range)."""
     seeds: list[int] = []
     for item in items:
         for part in str(item).split(","):
@@ -21,13 +52,22 @@ def parse_seeds(items: list[str]) -> list[int]:
                 if "-" in part[1:]:
                     lo, hi = part.split("-", 1)
                     lo, hi = int(lo), int(hi)
-                    if hi < lo:
+                    if hi < lo or lo < 0:
                         raise ValueError
+                    if len(seeds) + hi - lo + 1 > MAX_SEEDS:
+                        raise HspaceError(
+                            f"seeds {part!r} are {hi - lo + 1:,} samples; one command takes at most {MAX_SEEDS:,} "
+                            "(draw more into a bank: hspace bank OUT --n N)"
+                        )
                     seeds.extend(range(lo, hi + 1))
                 else:
                     seeds.append(int(part))
             except ValueError:
                 raise HspaceError(f"bad seed {part!r}; valid: an integer like 7, a range like 0-15, or a list like 1,5,9") from None
+    if not seeds:
+        raise HspaceError(f"no seeds in {' '.join(map(str, items))!r}; valid: an integer like 7, a range like 0-15, or a list like 1,5,9")
+    if len(seeds) > MAX_SEEDS:
+        raise HspaceError(f"{len(seeds):,} seeds; one command takes at most {MAX_SEEDS:,} (draw more into a bank: hspace bank OUT --n N)")
     return seeds
 
 
@@ -89,12 +129,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--h-location", default=DEFAULT_H_LOCATION, help="where h lives: mid.out (the paper's h) or mid.in")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     p.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
-    p.add_argument("--batch-size", type=int, default=32, help="samples per U-Net batch")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="samples per U-Net batch")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 (the scheduler's clip_sample); DDIM inversion needs it")
 
 
 def add_process_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=50, help="number of generative steps (default 50)")
+    p.add_argument("--steps", type=positive_int, default=50, help="number of generative steps (default 50)")
     p.add_argument("--eta", default="1.0", help="eta: 0 = DDIM, 1 = DDPM, or one value per step, comma-separated")
 
 

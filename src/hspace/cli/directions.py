@@ -6,7 +6,10 @@ from pathlib import Path
 
 from ..errors import HspaceError, check_choice
 from ..files import save_image, write_json
-from .common import add_model_args, add_process_args, engine_from, engine_of_spec, parse_eta, parse_scales, parse_seeds
+from .common import (
+    add_model_args, add_process_args, engine_from, engine_of_spec, finite_float, nonnegative_int, parse_eta, parse_scales, parse_seeds,
+    positive_int,
+)
 from .generation import sample
 
 OVER = ("timestep", "trajectory")  # per timestep, or over the whole concatenated h_{T:1}
@@ -17,38 +20,38 @@ def register(sub) -> None:
     add_model_args(p)
     add_process_args(p)
     p.add_argument("out", help="bank folder (the same command resumes an interrupted bank)")
-    p.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
-    p.add_argument("--base-seed", type=int, default=0, help="sample i has seed base_seed + i (default 0)")
-    p.add_argument("--shard-size", type=int, default=64, help="samples per shard file (default 64)")
-    p.add_argument("--thumbnail-size", type=int, default=64, help="longest side of the stored x_0 thumbnails (default 64)")
+    p.add_argument("--n", type=positive_int, default=1000, help="number of samples (default 1000)")
+    p.add_argument("--base-seed", type=nonnegative_int, default=0, help="sample i has seed base_seed + i (default 0)")
+    p.add_argument("--shard-size", type=positive_int, default=64, help="samples per shard file (default 64)")
+    p.add_argument("--thumbnail-size", type=positive_int, default=64, help="longest side of the stored x_0 thumbnails (default 64)")
     p.set_defaults(func=run_bank)
 
     p = sub.add_parser("pca", help="per-timestep PCA of a bank's h (paper Sec. 4.1), plus matched-norm random directions")
     p.add_argument("bank", help="bank folder")
-    p.add_argument("--k", type=int, default=10, help="number of principal components (default 10)")
+    p.add_argument("--k", type=positive_int, default=10, help="number of principal components (default 10)")
     p.add_argument("--over", default="timestep", help="timestep: one PCA per timestep (default); trajectory: one over all timesteps concatenated")
     p.add_argument("--method", default="auto", help="auto, covariance or gram (default auto)")
-    p.add_argument("--memory-gb", type=float, default=2.0, help="memory budget of the accumulators (default 2)")
-    p.add_argument("--random", type=int, default=0, help="also write this many random directions of matched per-step norm (Fig. 6)")
-    p.add_argument("--random-seed", type=int, default=0)
+    p.add_argument("--memory-gb", type=finite_float, default=2.0, help="memory budget of the accumulators (default 2)")
+    p.add_argument("--random", type=nonnegative_int, default=0, help="also write this many random directions of matched per-step norm (Fig. 6)")
+    p.add_argument("--random-seed", type=nonnegative_int, default=0)
     p.add_argument("--out", default="out/pca", help="folder for pc1..pcK.safetensors, pca.safetensors (the whole result) and pca.json")
     p.set_defaults(func=run_pca)
 
     p = sub.add_parser("jacobian", help="image-specific directions: top singular vectors of d eps / d h_t (paper Sec. 4.2)")
     add_model_args(p)
     add_process_args(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the sample (default 0)")
     p.add_argument("--trajectory", default=None, help="take the sample from a saved trajectory file (its engine and steps) instead")
-    p.add_argument("--sample", type=int, default=0, help="with --trajectory: which sample (default 0)")
+    p.add_argument("--sample", type=nonnegative_int, default=0, help="with --trajectory: which sample (default 0)")
     p.add_argument("--at", nargs="+", default=None, help="step indices to decompose at, e.g. 25 or 10,25,40 (default: the middle step)")
-    p.add_argument("--k", type=int, default=4, help="number of singular vectors (default 4)")
+    p.add_argument("--k", type=positive_int, default=4, help="number of singular vectors (default 4)")
     p.add_argument("--method", default="batched", help="batched (Alg. 1) or sequential (Alg. 2)")
-    p.add_argument("--b", type=int, default=None, help="mini-batch size of Alg. 2")
+    p.add_argument("--b", type=positive_int, default=None, help="mini-batch size of Alg. 2")
     p.add_argument("--mask", default=None, help="only this region of the output counts: a part of the model's domain (toyfaces: eyes, mouth, hair, face, glasses, hat) or a mask image/.npy (resized to the U-Net output)")
-    p.add_argument("--max-iter", type=int, default=50)
-    p.add_argument("--tol", type=float, default=1e-4, help="stop when no singular value changes by more than this (relative)")
-    p.add_argument("--oversample", type=int, default=None, help="extra vectors iterated alongside (default: the block size; 0 = the paper's algorithm)")
-    p.add_argument("--vector-seed", type=int, default=0, help="seed of the random initial vectors")
+    p.add_argument("--max-iter", type=positive_int, default=50)
+    p.add_argument("--tol", type=finite_float, default=1e-4, help="stop when no singular value changes by more than this (relative)")
+    p.add_argument("--oversample", type=nonnegative_int, default=None, help="extra vectors iterated alongside (default: the block size; 0 = the paper's algorithm)")
+    p.add_argument("--vector-seed", type=nonnegative_int, default=0, help="seed of the random initial vectors")
     p.add_argument("--scales", nargs="+", default=["-0.3", "-0.15", "0", "0.15", "0.3"], help="scales of the preview grid (units of ||h_t||)")
     p.add_argument("--out", default="out/jacobian", help="folder for the directions, jacobian.json and grid.png")
     p.set_defaults(func=run_jacobian)
@@ -69,7 +72,7 @@ def register(sub) -> None:
     p.add_argument("--labels", default=None, help="instead of a bank: a CSV 'seed,label' or 'image,label' (images are inverted)")
     p.add_argument("--name", default=None, help="with --labels: the direction's name (default: the CSV's name)")
     p.add_argument("--resize", action="store_true", help="with image labels: centre-crop and resize images to the model's size")
-    p.add_argument("--k", type=int, default=20, help="samples on each side (default 20)")
+    p.add_argument("--k", type=positive_int, default=20, help="samples on each side (default 20)")
     p.add_argument("--scores", default="classifier", help="which stored scores (default classifier)")
     p.add_argument("--out", default="out/supervised", help="folder for ATTRIBUTE.safetensors")
     p.set_defaults(func=run_supervised)

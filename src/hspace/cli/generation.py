@@ -9,7 +9,8 @@ from pathlib import Path
 from ..errors import HspaceError
 from ..files import safe_name, save_image
 from .common import (
-    add_model_args, add_process_args, engine_from, engine_of_spec, eps_pass, parse_eta, parse_scales, parse_seeds, parse_window,
+    add_model_args, add_process_args, engine_from, engine_of_spec, eps_pass, nonnegative_int, parse_eta, parse_scales, parse_seeds,
+    parse_window,
 )
 
 
@@ -61,8 +62,8 @@ def register(sub) -> None:
     add_process_args(p)
     p.add_argument("images", nargs="+", help="image files (the model's size, or pass --resize)")
     p.add_argument("--resize", action="store_true", help="centre-crop and resize images of another size to the model's")
-    p.add_argument("--fixed-point", type=int, default=3, help="fixed-point refinements per deterministic step (0: classic DDIM inversion)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fresh noise of DDPM inversion")
+    p.add_argument("--fixed-point", type=nonnegative_int, default=3, help="fixed-point refinements per deterministic step (0: classic DDIM inversion)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the fresh noise of DDPM inversion")
     p.add_argument("--out", default="out/invert", help="folder for trajectory.safetensors and the reconstructions")
     p.set_defaults(func=run_invert, eta="0", batch_size=16)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_model_args, engine_from
+from .common import add_model_args, engine_from, positive_int
 
 
 def register(sub) -> None:
@@ -14,7 +14,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("demo", help="the main job: samples, swaps and edits of the bundled model into a folder")
     p.add_argument("--model", default=None, help="model (default: the bundled model)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=positive_int, default=50)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="out/demo", help="output folder")
     p.set_defaults(func=run_demo)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from ..errors import HspaceError
 from ..files import save_image
-from ..cli.common import add_model_args, add_process_args, engine_from, engine_of_spec, parse_eta, write_json
+from ..cli.common import (
+    add_model_args, add_process_args, engine_from, engine_of_spec, finite_float, nonnegative_int, parse_eta, positive_int, write_json,
+)
 
 
 def register(sub) -> None:
@@ -16,36 +18,36 @@ def register(sub) -> None:
     toy_sub = toy.add_subparsers(dest="toyfaces_command", required=True)
     p = toy_sub.add_parser("train", help="train (or resume) the toy-faces U-Net with EMA; checkpoints in --run")
     p.add_argument("--run", default="runs/toyfaces", help="run folder (checkpoint.pt; the same command resumes)")
-    p.add_argument("--steps", type=int, default=8000, help="total training steps")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--pool", type=int, default=None, help="number of rendered training faces")
-    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps of the learning rate")
+    p.add_argument("--steps", type=positive_int, default=8000, help="total training steps")
+    p.add_argument("--batch-size", dest="batch_size", type=positive_int, default=None)
+    p.add_argument("--lr", type=finite_float, default=None)
+    p.add_argument("--pool", type=positive_int, default=None, help="number of rendered training faces")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=positive_int, default=None)
+    p.add_argument("--warmup", type=nonnegative_int, default=None, help="warm-up steps of the learning rate")
     p.add_argument(
         "--region-weights", dest="region_weights", default=None,
         help="extra loss weight on fixed face regions, e.g. mouth=3 (parts: eyes, mouth, hair, face, glasses, hat)",
     )
     p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast (faster on CPUs with AVX512-BF16)")
     p.add_argument(
-        "--v-weight-cap", dest="v_weight_cap", type=float, default=None,
+        "--v-weight-cap", dest="v_weight_cap", type=finite_float, default=None,
         help="weight the epsilon loss at step t by min(1/alpha_bar_t, CAP) (the v loss, truncated; mean weight 1): "
         "capacity moves to the noisy steps, where attributes are decided (default 1: the plain epsilon loss)",
     )
     p.add_argument("--init", default=None, help="start a new run from the weights of a checkpoint.pt, a diffusers model folder or toyfaces (the bundled model); a folder or toyfaces is deepened, function unchanged, to --layers-per-block")
     p.add_argument("--channels", default=None, help="block channels of the U-Net (default 32,64,128, the bundled model)")
-    p.add_argument("--layers-per-block", dest="layers_per_block", type=int, default=None, help="layers per U-Net block (default 1)")
+    p.add_argument("--layers-per-block", dest="layers_per_block", type=positive_int, default=None, help="layers per U-Net block (default 1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present); a run may resume on another device")
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, outputs={"run": "dir"})
     p = toy_sub.add_parser("train-classifier", help="train the attribute classifier; prints held-out accuracy and R^2")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--faces", type=int, default=40000, help="training faces (independent attributes)")
+    p.add_argument("--epochs", type=positive_int, default=6)
+    p.add_argument("--faces", type=positive_int, default=40000, help="training faces (independent attributes)")
     p.add_argument("--out", default="src/hspace/toyfaces/classifier.safetensors")
-    p.set_defaults(func=run_train_classifier)
+    p.set_defaults(func=run_train_classifier, outputs={"out": "file"})
     p = toy_sub.add_parser("evaluate", help="sample n images and compare classifier statistics with the training data")
     add_model_args(p)
     add_process_args(p)
-    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--n", type=positive_int, default=1000)
     p.add_argument("--grid", default=None, help="write an 8x8 sample grid here (PNG)")
     p.add_argument("--json", default=None, help="write the report here")
     p.set_defaults(func=run_evaluate, batch_size=100)
@@ -56,18 +58,18 @@ def register(sub) -> None:
     add_model_args(p)
     add_process_args(p)
     p.add_argument("--attribute", default="smile", help="binary attribute (default smile)")
-    p.add_argument("--start", type=int, nargs="+", default=[10, 20, 30, 40], help="start steps (0 = pure noise; default 10 20 30 40)")
-    p.add_argument("--n", type=int, default=400, help="training faces, half with the attribute (default 400)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the forward noise")
+    p.add_argument("--start", type=nonnegative_int, nargs="+", default=[10, 20, 30, 40], help="start steps (0 = pure noise; default 10 20 30 40)")
+    p.add_argument("--n", type=positive_int, default=400, help="training faces, half with the attribute (default 400)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the forward noise")
     p.add_argument("--json", default=None, help="write the report here")
     p.set_defaults(func=run_renoise, batch_size=100)
     p = toy_sub.add_parser("edit-success", help="share of held-out samples whose attribute flips under its supervised and disentangled direction")
     add_model_args(p)
     p.add_argument("bank", help="a bank of the toyfaces model with classifier scores (hspace annotate)")
-    p.add_argument("--k", type=int, default=20, help="top/bottom k of the bank per attribute (default 20)")
-    p.add_argument("--scale", type=float, default=1.0, help="edit scale (default 1)")
-    p.add_argument("--n", type=int, default=100, help="held-out samples (default 100)")
-    p.add_argument("--first-seed", type=int, default=10000, help="seeds of the held-out samples start here")
+    p.add_argument("--k", type=positive_int, default=20, help="top/bottom k of the bank per attribute (default 20)")
+    p.add_argument("--scale", type=finite_float, default=1.0, help="edit scale (default 1)")
+    p.add_argument("--n", type=positive_int, default=100, help="held-out samples (default 100)")
+    p.add_argument("--first-seed", type=nonnegative_int, default=10000, help="seeds of the held-out samples start here")
     p.add_argument("--json", default=None, help="write the report here")
     p.set_defaults(func=run_edit_success, batch_size=100)
 
