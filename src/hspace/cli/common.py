@@ -49,21 +49,17 @@ def parse_seeds(items: list[str]) -> list[int]:
             if not part:
                 continue
             try:
-                if "-" in part[1:]:
-                    lo, hi = part.split("-", 1)
-                    lo, hi = int(lo), int(hi)
-                    if hi < lo or lo < 0:
-                        raise ValueError
-                    if len(seeds) + hi - lo + 1 > MAX_SEEDS:
-                        raise HspaceError(
-                            f"seeds {part!r} are {hi - lo + 1:,} samples; one command takes at most {MAX_SEEDS:,} "
-                            "(draw more into a bank: hspace bank OUT --n N)"
-                        )
-                    seeds.extend(range(lo, hi + 1))
-                else:
-                    seeds.append(int(part))
+                lo, hi = (int(v) for v in part.split("-", 1)) if "-" in part[1:] else (int(part), int(part))
             except ValueError:
-                raise HspaceError(f"bad seed {part!r}; valid: an integer like 7, a range like 0-15, or a list like 1,5,9") from None
+                lo, hi = 0, -1
+            if hi < lo or lo < 0:
+                raise HspaceError(f"bad seed {part!r}; valid: an integer like 7, a range like 0-15, or a list like 1,5,9")
+            if len(seeds) + hi - lo + 1 > MAX_SEEDS:
+                raise HspaceError(
+                    f"seeds {part!r} are {hi - lo + 1:,} samples; one command takes at most {MAX_SEEDS:,} "
+                    "(draw more into a bank: hspace bank OUT --n N)"
+                )
+            seeds.extend(range(lo, hi + 1))
     if not seeds:
         raise HspaceError(f"no seeds in {' '.join(map(str, items))!r}; valid: an integer like 7, a range like 0-15, or a list like 1,5,9")
     if len(seeds) > MAX_SEEDS:
