@@ -8,9 +8,7 @@ last one (a session may end mid-run).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..files import write_atomic, write_json
 from ..errors import HspaceError
 from ..loading import CELEBAHQ_SCHEDULER_CONFIG
 from .render import PARTS, region_mask, render_batch
@@ -236,9 +235,7 @@ def render_pool(n: int, size: int, chunk: int = 5000) -> torch.Tensor:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def train(
@@ -271,7 +268,7 @@ def train(
         # The run's total length may grow on resume; nothing else may change under it.
         if {**asdict(saved), "steps": 0} != {**asdict(config), "steps": 0}:
             raise HspaceError(f"{ckpt_path} was trained with {asdict(saved)}; resume it with the same settings")
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    write_json(run_dir / "config.json", asdict(config))
 
     torch.manual_seed(config.seed)
     model = UNet2DModel(**architecture)
@@ -357,6 +354,6 @@ def export(checkpoint: str | Path, folder: str | Path) -> Path:
     model.load_state_dict(state["ema"])
     folder = Path(folder)
     model.to(torch.float16).save_pretrained(folder, safe_serialization=True)
-    (folder / "scheduler_config.json").write_text(json.dumps(CELEBAHQ_SCHEDULER_CONFIG, indent=2))
-    (folder / "training.json").write_text(json.dumps({"trained_steps": state["step"], "config": state["config"]}, indent=2))
+    write_json(folder / "scheduler_config.json", CELEBAHQ_SCHEDULER_CONFIG)
+    write_json(folder / "training.json", {"trained_steps": state["step"], "config": state["config"]})
     return folder
