@@ -217,6 +217,11 @@ def test_paper_algorithms_without_oversampling_on_a_decaying_spectrum(sequential
     assert cos.min() > 0.999
     stopped_early = subspace_iteration(f, h, 5, generator=gen, tol=1e-7, max_iter=3)
     assert not stopped_early.converged and stopped_early.iterations == [3]
+    # tol = 0 is fixed work: exactly max_iter iterations even where the values stopped changing long before.
+    events = []
+    fixed = subspace_iteration(f, h, 5, generator=gen, tol=0, max_iter=250, callback=events.append)
+    assert fixed.iterations == [250] and len(events) == 250 and events[-1]["change"] == 0.0
+    assert torch.allclose(fixed.S, S[:5], rtol=1e-4)
 
 
 def test_masked_directions_match_the_masked_jacobian(engine, trajectory, point):

@@ -49,7 +49,7 @@ def register(sub) -> None:
     p.add_argument("--b", type=positive_int, default=None, help="mini-batch size of Alg. 2")
     p.add_argument("--mask", default=None, help="only this region of the output counts: a part of the model's domain (toyfaces: eyes, mouth, hair, face, glasses, hat) or a mask image/.npy (resized to the U-Net output)")
     p.add_argument("--max-iter", type=positive_int, default=50)
-    p.add_argument("--tol", type=finite_float, default=1e-4, help="stop when no singular value changes by more than this (relative)")
+    p.add_argument("--tol", type=finite_float, default=1e-4, help="stop when no singular value changes by more than this (relative); 0: exactly --max-iter iterations")
     p.add_argument("--oversample", type=nonnegative_int, default=None, help="extra vectors iterated alongside (default: the block size; 0 = the paper's algorithm)")
     p.add_argument("--vector-seed", type=nonnegative_int, default=0, help="seed of the random initial vectors")
     p.add_argument("--scales", nargs="+", default=["-0.3", "-0.15", "0", "0.15", "0.3"], help="scales of the preview grid (units of ||h_t||)")

@@ -100,7 +100,7 @@ def subspace_iteration(
     ``f`` maps a batch [n, *h.shape] -> [n, *out_shape] row by row; ``h`` is one point (no batch
     dimension). All k vectors iterate in one batch: U = J V (eq. 8), V_hat = J^T U (eq. 9),
     V, S^2, _ = SVD(V_hat); stop when the largest relative change of one of the k singular values
-    is below ``tol`` or after ``max_iter`` iterations. ``V0`` [k, *h.shape] is the initial guess
+    is below ``tol`` or after ``max_iter`` iterations (``tol=0``: exactly ``max_iter``, for equal-work comparisons). ``V0`` [k, *h.shape] is the initial guess
     (default: Gaussian from ``generator``). U is orthonormalised at the end.
 
     ``oversample`` p > 0 iterates k + p vectors and keeps the top k (not in the paper; the standard
@@ -198,7 +198,7 @@ def _iterate(products: JacobianProducts, V: torch.Tensor, found: torch.Tensor | 
             change = float(((S_new - S).abs() / scale).max())
         if callback is not None:
             callback({"iteration": it, "max_iter": max_iter, "change": change})
-        if change < tol:
+        if tol > 0 and change < tol:  # tol = 0: fixed work, exactly max_iter iterations
             return V[:keep], S_new, U[:keep], it, True
         S = S_new
     return V[:keep], S, U[:keep], max_iter, False
@@ -252,8 +252,8 @@ def _check_iteration(max_iter, tol, oversample) -> None:
         raise HspaceError(f"oversample must be an integer >= 0, got {oversample!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise HspaceError(f"max_iter must be a positive integer, got {max_iter!r}")
-    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol > 0:
-        raise HspaceError(f"tol must be a positive number, got {tol!r}")
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0 or tol != tol:
+        raise HspaceError(f"tol must be a number >= 0 (0: run exactly max_iter iterations), got {tol!r}")
 
 
 # ------------------------------------------------------------------ on a diffusion model
