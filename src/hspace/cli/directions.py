@@ -12,7 +12,8 @@ from .common import (
 )
 from .generation import sample
 
-OVER = ("timestep", "trajectory")  # per timestep, or over the whole concatenated h_{T:1}
+OVER = ("timestep", "trajectory")
+SUPERVISED_METHODS = ("mean-difference", "regression")  # per timestep, or over the whole concatenated h_{T:1}
 
 
 def register(sub) -> None:
@@ -74,6 +75,8 @@ def register(sub) -> None:
     p.add_argument("--resize", action="store_true", help="with image labels: centre-crop and resize images to the model's size")
     p.add_argument("--k", type=positive_int, default=20, help="samples on each side (default 20)")
     p.add_argument("--scores", default="classifier", help="which stored scores (default classifier)")
+    p.add_argument("--method", default="mean-difference", help="with a bank: mean-difference (eq. 10, top k minus bottom k; default) or "
+                   "regression (all attributes at once, each direction its partial effect with the others held fixed)")
     p.add_argument("--out", default="out/supervised", help="folder for ATTRIBUTE.safetensors")
     p.set_defaults(func=run_supervised)
 
@@ -236,9 +239,16 @@ def run_supervised(args) -> None:
 
         if not args.attribute:
             raise HspaceError("with a bank, give --attribute NAME ... (the stored scores to sort by)")
+        check_choice("--method", args.method, SUPERVISED_METHODS)
         bank = Bank.open(args.bank)
-        directions = supervised_directions(bank, args.attribute, args.k, scores=args.scores)
-        for d in directions:
+        if args.method == "regression":
+            from ..directions.regression import regression_directions
+
+            directions = regression_directions(bank, args.attribute, scores=args.scores)
+            print(f"regression of h on {', '.join(args.attribute)} over {bank.n} samples: one partial effect per attribute")
+        else:
+            directions = supervised_directions(bank, args.attribute, args.k, scores=args.scores)
+        for d in (d for d in directions if d.meta["method"] == "mean_difference"):
             p = d.meta["params"]
             print(f"{d.name}: top {args.k} (mean score {p['positive_mean_score']:.3f}) minus bottom {args.k} (mean score {p['negative_mean_score']:.3f})")
     paths = directions.save(Path(args.out))
