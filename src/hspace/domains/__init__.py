@@ -32,6 +32,7 @@ class Domain:
     render: Callable | None = None  # (seeds, size) -> (images [N, 3, H, W] in [-1, 1], attributes)
     models: tuple[str, ...] = field(default=())  # model names (Spec.model) this domain describes
     commands: Callable | None = None  # registers a command group on the CLI's subparsers
+    realism: Callable[[torch.Tensor], float] | None = None  # images -> distance to real data (lower: more real)
 
     def part_mask(self, part: str, size: int) -> torch.Tensor:
         if self.mask is None or part not in self.parts:

@@ -24,6 +24,12 @@ def _commands(subparsers) -> None:
     register(subparsers)
 
 
+def _realism(images: torch.Tensor) -> float:
+    from .realism import toy_fid
+
+    return toy_fid(images)
+
+
 def _render(seeds, size: int):
     images, labels, _masks = render_batch(seeds, size=size)
     return torch.from_numpy(images), labels
@@ -40,5 +46,6 @@ TOYFACES = register(
         render=_render,
         models=("toyfaces",),
         commands=_commands,
+        realism=_realism,
     )
 )

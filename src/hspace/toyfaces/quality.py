@@ -96,10 +96,13 @@ def evaluate_model(
     for name in BINARY:
         stats[name]["training_frequency"] = float(truth[name].mean())
         stats[name]["difference_pp"] = 100 * (stats[name]["frequency"] - stats[name]["training_frequency"])
+    from .realism import toy_fid
+
     return {
         "n": n,
         "num_steps": num_steps,
         "eta": eta,
+        "toy_fid": toy_fid(trajectory.images),
         "binary": stats,
         "correlations_generated": correlations(generated),
         "correlations_training": correlations(truth),
