@@ -33,6 +33,7 @@ class Domain:
     models: tuple[str, ...] = field(default=())  # model names (Spec.model) this domain describes
     commands: Callable | None = None  # registers a command group on the CLI's subparsers
     realism: Callable[[torch.Tensor], float] | None = None  # images -> distance to real data (lower: more real)
+    spread: Callable[[], dict[str, float]] | None = None  # each attribute's std in the real data (binary: 1)
 
     def part_mask(self, part: str, size: int) -> torch.Tensor:
         if self.mask is None or part not in self.parts:

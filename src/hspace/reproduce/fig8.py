@@ -1,5 +1,13 @@
-"""Fig. 8: a direction from a few labelled pairs edits reliably in h-space, while the same mean
-difference in x_T needs far more pairs."""
+"""Fig. 8: a direction from a few labelled pairs converges (and edits) in h-space, while the same mean
+difference in x_T needs far more pairs. Measured the paper's way: DDIM (eta_t = 0, so x_T alone fixes the
+sample), the smile attribute, n pairs from 1 to the bank's limit.
+
+- Convergence: the split-half cosine (directions from two disjoint sets of n pairs each), and the cosine
+  of the n-pair direction to the all-pairs direction against the shuffled-label floor, in h and in x_T.
+- Edits: each n-pair direction rescaled to the all-pairs norm and applied at a calibrated scale (the
+  smallest of a grid at which the all-pairs direction gives the attribute to most test samples), against
+  a random direction of the same norm.
+"""
 
 from __future__ import annotations
 
@@ -8,87 +16,152 @@ import torch
 from .runner import Run, holds, pct, verdict
 
 NAME = "fig8"
-SUCCESS, MAX_PAIRS, RATIO = 0.9, 10, 10  # h reaches 90% with <= 10 pairs and >= 10x fewer than x_T
+ATTRIBUTE = "smile"
+SUCCESS, MAX_PAIRS, RATIO, REFERENCE_PAIRS = 0.9, 10, 10, 20
+SCALES = (0.5, 1.0, 1.5, 2.0, 3.0)  # calibration grid, in units of the all-pairs direction
 
 
 def measure(run: Run) -> dict:
-    from ..directions.supervised import bank_difference, edit_x_T, x_T_difference
-
     c = run.config
-    bank, attr = run.bank, c.fig8_attribute
-    positives, negatives = _shuffled_sides(bank.scores("classifier")[attr])
-    pool = run.test_samples(c.fig8_test * 3, NAME)
-    lacking = (run.classify(pool.images)[attr] <= 0.5).nonzero()[:, 0].tolist()[: c.fig8_test]
-    test = pool[lacking]
-    rows = []
-    for n in c.fig8_pairs:
-        if n > min(len(positives), len(negatives)):
-            break
-        pos, neg = positives[:n], negatives[:n]
-        h_images = run.engine.edit(test, bank_difference(bank, pos, neg, attr), [1.0], batch_size=c.batch_size)[0, 0]
-        x_delta = x_T_difference(_x_T(run, bank, pos), _x_T(run, bank, neg)).float()
-        x_images = edit_x_T(run.engine, test, x_delta, [1.0], batch_size=c.batch_size)[0]
-        rows.append({
-            "pairs": n,
-            "h_success": float((run.classify(h_images)[attr] > 0.5).float().mean()),
-            "x_T_success": float((run.classify(x_images)[attr] > 0.5).float().mean()),
-        })
-    run.plot(lambda fig: _plot(fig, rows, attr), "fig8_h_vs_xT.png")
-    first_h = next((r["pairs"] for r in rows if r["h_success"] >= SUCCESS), None)
-    first_x = next((r["pairs"] for r in rows if r["x_T_success"] >= SUCCESS), None)
-    ok = first_h is not None and first_h <= MAX_PAIRS and (first_x is None or first_x >= RATIO * first_h)
+    bank = run.ddim_bank
+    positives, negatives = _shuffled_sides(bank.scores("classifier")[ATTRIBUTE])
+    pairs = [n for n in c.fig8_pairs if 2 * n <= min(len(positives), len(negatives))]
+    spaces = {"h": bank.h(), "x_T": _x_T(run, bank)}
+    rows = [{"pairs": n, **{f"{s}_{k}": v for s in spaces for k, v in _convergence(spaces[s], positives, negatives, n).items()}} for n in pairs]
+    edits = _edit_success(run, bank, spaces, positives, negatives, pairs)
+    for row, e in zip(rows, edits["rows"]):
+        row.update(e)
+    run.plot(lambda fig: _plot(fig, rows), "fig8_h_vs_xT.png", size=(10, 3.5))
+    reference = next((r["h_split_half"] for r in rows if r["pairs"] >= REFERENCE_PAIRS), None)
+    h_n = _first(rows, "h_split_half", reference)
+    x_n = _first(rows, "x_T_split_half", reference)
+    converges = reference is not None and (x_n is None or (h_n is not None and x_n >= RATIO * h_n))
+    first_h = next((r["pairs"] for r in rows if r["h_success"] >= SUCCESS and r["h_success"] > r["random_success"]), None)
+    edits_ok = first_h is not None and first_h <= MAX_PAIRS
     return {
-        "attribute": attr, "test_samples": len(lacking), "rows": rows, "first_h": first_h, "first_x_T": first_x,
-        "verdict": verdict(ok, success=SUCCESS, max_pairs=MAX_PAIRS, ratio=RATIO),
+        "attribute": ATTRIBUTE, "eta": 0.0, "bank": bank.n, "positives": len(positives), "negatives": len(negatives),
+        "rows": rows, "calibrated_scale": edits["scale"], "test_samples": edits["test_samples"],
+        "reference_cosine": reference, "h_pairs_to_reference": h_n, "x_T_pairs_to_reference": x_n, "first_h_success": first_h,
+        "verdict": verdict(converges and edits_ok, success=SUCCESS, max_pairs=MAX_PAIRS, ratio=RATIO, reference_pairs=REFERENCE_PAIRS),
     }
+
+
+def _first(rows, key, target):
+    return None if target is None else next((r["pairs"] for r in rows if r[key] >= target), None)
 
 
 def _shuffled_sides(scores: torch.Tensor) -> tuple[list[int], list[int]]:
     """Bank indices with and without the attribute, each in a fixed random order (seed 0)."""
-    positives = (scores > 0.5).nonzero()[:, 0].tolist()
-    negatives = (scores <= 0.5).nonzero()[:, 0].tolist()
     generator = torch.Generator().manual_seed(0)
-    positives = [positives[i] for i in torch.randperm(len(positives), generator=generator).tolist()]
-    negatives = [negatives[i] for i in torch.randperm(len(negatives), generator=generator).tolist()]
-    return positives, negatives
+    sides = []
+    for mask in (scores > 0.5, scores <= 0.5):
+        idx = mask.nonzero()[:, 0]
+        sides.append(idx[torch.randperm(len(idx), generator=generator)].tolist())
+    return sides[0], sides[1]
 
 
-def _x_T(run: Run, bank, indices):
-    """A bank's samples as trajectories with x_T only (what eq. 10 in x_T needs), from their seeds."""
-    from ..trajectory import Trajectory, seeded_x_T
+def _x_T(run: Run, bank) -> torch.Tensor:
+    from ..trajectory import seeded_x_T
 
-    x_T = torch.stack([seeded_x_T(bank.seeds[i], run.engine.sample_shape) for i in indices])
-    steps = run.engine.schedule(bank.num_steps)
-    return Trajectory([bank.seeds[i] for i in indices], steps.timesteps, torch.tensor(bank.eta), x_T, x_T)
+    return torch.stack([seeded_x_T(s, run.engine.sample_shape) for s in bank.seeds])
 
 
-def _plot(fig, rows, attr) -> None:
-    ax = fig.subplots()
-    ax.plot([r["pairs"] for r in rows], [r["h_success"] for r in rows], "o-", label="h-space")
-    ax.plot([r["pairs"] for r in rows], [r["x_T_success"] for r in rows], "s--", label="x_T")
-    ax.set(xscale="log", xlabel="labelled pairs n", ylabel=f"share gaining {attr}", ylim=(-0.02, 1.02))
-    ax.legend()
+def _difference(x: torch.Tensor, pos, neg) -> torch.Tensor:
+    return (x[pos].double().mean(0) - x[neg].double().mean(0)).flatten()
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
+
+
+def _convergence(x: torch.Tensor, positives, negatives, n: int) -> dict:
+    """Split-half cosine, cosine to the all-pairs direction, and that cosine with shuffled labels (the floor)."""
+    full = _difference(x, positives, negatives)
+    first = _difference(x, positives[:n], negatives[:n])
+    second = _difference(x, positives[n : 2 * n], negatives[n : 2 * n])
+    pool = torch.tensor(positives + negatives)[torch.randperm(len(positives) + len(negatives), generator=torch.Generator().manual_seed(n))]
+    shuffled = _difference(x, pool[:n].tolist(), pool[n : 2 * n].tolist())
+    return {"split_half": _cos(first, second), "to_all": _cos(first, full), "floor": abs(_cos(shuffled, full))}
+
+
+def _edit_success(run: Run, bank, spaces, positives, negatives, pairs) -> dict:
+    """Share of held-out samples without the attribute that gain it, per n, for h, x_T and a random h direction."""
+    from ..directions.direction import Direction
+    from ..directions.supervised import edit_x_T
+
+    c = run.config
+    pool = run.test_samples(c.fig8_test * 3, NAME, eta=0.0)
+    lacking = (run.classify(pool.images)[ATTRIBUTE] <= 0.5).nonzero()[:, 0].tolist()[: c.fig8_test]
+    test = pool[lacking]
+    shape = {"h": bank.h_shape, "x_T": run.engine.sample_shape}
+    full = {s: _difference(x, positives, negatives) for s, x in spaces.items()}
+    gains = lambda images: float((run.classify(images)[ATTRIBUTE] > 0.5).float().mean())  # noqa: E731
+    h_all = Direction(full["h"].float().reshape(bank.num_steps, *shape["h"]), meta={"name": "all"}, spec=bank.spec)
+    calibration = run.engine.edit(test, h_all, list(SCALES), batch_size=c.batch_size)[0]
+    scale = next((s for s, images in zip(SCALES, calibration) if gains(images) >= SUCCESS), SCALES[-1])
+    random = torch.randn(full["h"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    random = Direction((random * full["h"].norm() / random.norm()).float().reshape(bank.num_steps, *shape["h"]), meta={"name": "random"})
+    directions, x_deltas = [], []
+    for n in pairs:
+        d = {s: _difference(x, positives[:n], negatives[:n]) for s, x in spaces.items()}
+        d = {s: (v * full[s].norm() / v.norm().clamp_min(1e-30)).float() for s, v in d.items()}  # rescaled to the all-pairs norm
+        directions.append(Direction(d["h"].reshape(bank.num_steps, *shape["h"]), meta={"name": f"n{n}"}, spec=bank.spec))
+        x_deltas.append(d["x_T"].reshape(shape["x_T"]))
+    h_images = run.engine.edit(test, directions + [random], [scale], batch_size=c.batch_size)[:, 0]
+    rows = []
+    for i, n in enumerate(pairs):
+        x_images = edit_x_T(run.engine, test, scale * x_deltas[i], [1.0], batch_size=c.batch_size)[0]
+        rows.append({"h_success": gains(h_images[i]), "x_T_success": gains(x_images), "random_success": gains(h_images[-1])})
+    return {"scale": scale, "test_samples": len(lacking), "rows": rows}
+
+
+def _plot(fig, rows) -> None:
+    left, right = fig.subplots(1, 2)
+    n = [r["pairs"] for r in rows]
+    for space, style in (("h", "o-"), ("x_T", "s--")):
+        left.plot(n, [r[f"{space}_split_half"] for r in rows], style, label=f"{space}: split-half")
+        left.plot(n, [r[f"{space}_floor"] for r in rows], ":", label=f"{space}: shuffled floor")
+        right.plot(n, [r[f"{space}_success"] for r in rows], style, label=space)
+    right.plot(n, [r["random_success"] for r in rows], ":", label="random (same norm)")
+    left.set(xscale="log", xlabel="labelled pairs n", ylabel="cosine", title="convergence", ylim=(-0.05, 1.02))
+    right.set(xscale="log", xlabel="labelled pairs n", ylabel=f"share gaining {ATTRIBUTE}", title="edits (rescaled)", ylim=(-0.02, 1.02))
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
 
 
 def render(res: dict, config) -> list[str]:
-    rows, t = res["rows"], res["verdict"]["thresholds"]
+    t = res["verdict"]["thresholds"]
     lines = [
         "## h-space vs x_T (Fig. 8)",
         "",
-        "Claim: a direction from a few labelled pairs edits reliably in h-space, while the same mean difference in x_T needs "
-        "far more pairs.",
+        "Claim: the mean difference of h between a few labelled pairs converges and edits reliably, while the same mean "
+        "difference in x_T needs far more pairs.",
         "",
-        f"Edit success: the share of {res['test_samples']} held-out samples without {res['attribute']} that have it after "
-        f"adding the mean difference of n positive and n negative bank samples (scale 1). Target: h reaches {pct(t['success'])} "
-        f"with <= {t['max_pairs']} pairs and needs >= {t['ratio']}x fewer pairs than x_T.",
+        f"Protocol (the paper's): DDIM (eta 0), {res['attribute']}, a bank of {res['bank']} samples ({res['positives']} with, "
+        f"{res['negatives']} without). Split-half: the cosine between directions from two disjoint sets of n pairs; to all: the "
+        "cosine of the n-pair direction to the all-pairs one; floor: the same with shuffled labels. Edits: each n-pair "
+        f"direction rescaled to the all-pairs norm, at the calibrated scale {res['calibrated_scale']:g}, on "
+        f"{res['test_samples']} held-out samples without {res['attribute']}; random: a random h direction of the same norm. "
+        f"Target: x_T needs >= {t['ratio']}x the pairs h needs to reach h's split-half cosine at n = {t['reference_pairs']}, "
+        f"and h edits reach {pct(t['success'])} with <= {t['max_pairs']} pairs, above random.",
         "",
-        "| pairs | h-space | x_T |",
-        "|---|---|---|",
+        "| pairs | h split-half | h to all | h floor | x_T split-half | x_T to all | x_T floor | h edit | x_T edit | random |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['pairs']} | {pct(r['h_success'])} | {pct(r['x_T_success'])} |" for r in rows]
-    first_x = res["first_x_T"]
-    x_text = f"{first_x}" if first_x is not None else f"not within {rows[-1]['pairs'] if rows else 0}"
-    lines += ["", f"Result: {pct(t['success'])} reached with {res['first_h']} pairs in h-space, {x_text} in x_T: {holds(res)}"
-              + ("" if first_x is not None else f" (x_T never reached {pct(t['success'])}, so the ratio is at least the range tested)") + ".", "",
-              "![fig8](figures/fig8_h_vs_xT.png)", ""]
+    lines += [
+        f"| {r['pairs']} | {r['h_split_half']:.3f} | {r['h_to_all']:.3f} | {r['h_floor']:.3f} | {r['x_T_split_half']:.3f} | "
+        f"{r['x_T_to_all']:.3f} | {r['x_T_floor']:.3f} | {pct(r['h_success'])} | {pct(r['x_T_success'])} | {pct(r['random_success'])} |"
+        for r in res["rows"]
+    ]
+    ref = res["reference_cosine"]
+    x_text = res["x_T_pairs_to_reference"] if res["x_T_pairs_to_reference"] is not None else f"not within {res['rows'][-1]['pairs']}"
+    lines += [
+        "",
+        (f"Result: h's split-half cosine at n = {t['reference_pairs']} is {ref:.3f}; h reaches it with {res['h_pairs_to_reference']} pairs, "
+         f"x_T with {x_text}; h edits reach {pct(t['success'])} with {res['first_h_success']} pairs: {holds(res)}.")
+        if ref is not None else f"Result: the bank is too small for n = {t['reference_pairs']} pairs per half: {holds(res)}.",
+        "",
+        "![fig8](figures/fig8_h_vs_xT.png)",
+        "",
+    ]
     return lines

@@ -38,10 +38,11 @@ class Config:
     pca_k: int
     pca_samples: int
     pca_scales: list[float]
+    pca_large_scales: list[float]
     table_n: int
     table_k: int
     table_scale: float
-    fig8_attribute: str
+    fig8_bank_n: int
     fig8_pairs: list[int]
     fig8_test: int
     jacobian_k: int
@@ -55,13 +56,13 @@ class Config:
 
 
 QUICK = Config(
-    steps=8, bank_n=64, pca_k=3, pca_samples=6, pca_scales=[-3.0, 3.0], table_n=16, table_k=8, table_scale=1.0,
-    fig8_attribute="glasses", fig8_pairs=[1, 4, 16], fig8_test=8, jacobian_k=2, jacobian_transfer=3, swap_pairs=8,
+    steps=8, bank_n=64, pca_k=3, pca_samples=6, pca_scales=[-3.0, 3.0], pca_large_scales=[8.0], table_n=16, table_k=8, table_scale=1.0,
+    fig8_bank_n=64, fig8_pairs=[1, 2, 4, 8], fig8_test=8, jacobian_k=2, jacobian_transfer=3, swap_pairs=8,
     asyrp_samples=6, asyrp_scales=[0.5, 1.0], sequential_samples=6,
 )
 FULL = Config(
-    steps=25, bank_n=400, pca_k=10, pca_samples=32, pca_scales=[-3.0, -1.5, 1.5, 3.0], table_n=200, table_k=40,
-    table_scale=1.0, fig8_attribute="glasses", fig8_pairs=[1, 2, 5, 10, 20, 50, 100], fig8_test=50, jacobian_k=3,
+    steps=25, bank_n=400, pca_k=10, pca_samples=32, pca_scales=[-3.0, -1.5, 1.5, 3.0], pca_large_scales=[6.0, 10.0], table_n=200, table_k=40,
+    table_scale=1.0, fig8_bank_n=1100, fig8_pairs=[1, 2, 5, 10, 20, 50, 100, 200], fig8_test=50, jacobian_k=3,
     jacobian_transfer=20, swap_pairs=50, asyrp_samples=30, asyrp_scales=[0.25, 0.5, 1.0], sequential_samples=30,
 )
 
@@ -137,36 +138,45 @@ class Run:
 
     @property
     def bank(self):
-        """The bank, drawn (or resumed) and annotated once; its drawing time is cached like a section's."""
+        """The bank (eta of the config), drawn (or resumed) and annotated once; its time is cached like a section's."""
         if "bank" not in self._cache:
-            self._cache["bank"] = self._bank()
+            self._cache["bank"] = self._bank("bank", self.config.bank_n, self.config.eta)
         return self._cache["bank"]
 
-    def _bank(self):
+    @property
+    def ddim_bank(self):
+        """A bank drawn under DDIM (eta 0), for the claims the paper measures that way (Fig. 8)."""
+        if "ddim_bank" not in self._cache:
+            self._cache["ddim_bank"] = self._bank("ddim_bank", self.config.fig8_bank_n, 0.0)
+        return self._cache["ddim_bank"]
+
+    def _bank(self, name: str, n: int, eta: float):
         from ..bank import Bank, build_bank
         from ..directions.supervised import annotate_bank
 
         c = self.config
-        record, path = self.out / "sections" / "bank.json", self.out / "bank"
+        record, path = self.out / "sections" / f"{name}.json", self.out / name
         saved = _read_cached(record)
         if saved is not None and (path / "bank.json").is_file():
             bank = Bank.open(path)
             if saved.get("config") == asdict(c) and "seconds" in saved and bank.complete and bank.scores_path("classifier").is_file():
-                self.timings["bank"] = saved["seconds"]
+                self.timings[name] = saved["seconds"]
                 return bank
+        logger.info("drawing %s", name)
         start = time.perf_counter()
-        bank = build_bank(path, self.engine, c.bank_n, c.steps, c.eta, batch_size=c.batch_size)
+        bank = build_bank(path, self.engine, n, c.steps, eta, batch_size=c.batch_size)
         annotate_bank(bank, self.classify)
-        self.timings["bank"] = time.perf_counter() - start
-        write_json(record, {"seconds": self.timings["bank"], "config": asdict(c)})
+        self.timings[name] = time.perf_counter() - start
+        write_json(record, {"seconds": self.timings[name], "config": asdict(c)})
         return bank
 
-    def test_samples(self, n: int, claim: str):
-        """n held-out samples from the claim's own seed range (``SEED_RANGES``)."""
-        key = ("test", n, claim)
+    def test_samples(self, n: int, claim: str, eta: float | None = None):
+        """n held-out samples from the claim's own seed range (``SEED_RANGES``), under the config's eta or ``eta``."""
+        eta = self.config.eta if eta is None else eta
+        key = ("test", n, claim, eta)
         if key not in self._cache:
             first = HELD_OUT + SEED_RANGES[claim]
-            self._cache[key] = self.engine.sample(range(first, first + n), self.config.steps, self.config.eta, batch_size=self.config.batch_size)
+            self._cache[key] = self.engine.sample(range(first, first + n), self.config.steps, eta, batch_size=self.config.batch_size)
         return self._cache[key]
 
     def supervised(self, disentangled: bool) -> dict:

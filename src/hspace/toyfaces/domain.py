@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from ..domains import Domain, register
@@ -30,6 +32,15 @@ def _realism(images: torch.Tensor) -> float:
     return toy_fid(images)
 
 
+@lru_cache(maxsize=1)
+def _spread() -> dict[str, float]:
+    """The std of every continuous attribute over 5,000 training faces (binary attributes: 1, a probability)."""
+    from .quality import training_labels
+
+    labels = training_labels(5000)
+    return {**{name: 1.0 for name in BINARY}, **{name: float(labels[name].std()) for name in CONTINUOUS}}
+
+
 def _render(seeds, size: int):
     images, labels, _masks = render_batch(seeds, size=size)
     return torch.from_numpy(images), labels
@@ -47,5 +58,6 @@ TOYFACES = register(
         models=("toyfaces",),
         commands=_commands,
         realism=_realism,
+        spread=_spread,
     )
 )
