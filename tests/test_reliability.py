@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_engine
 from hspace import Direction, HspaceError, Trajectory
 from hspace.bank import Bank, build_bank
 from hspace.cli import main
