@@ -143,7 +143,7 @@ def _attributes(demo: Demo, pool, scores, targets) -> None:
     if demo.domain.render is None:
         return
     # A real image (drawn by the domain's renderer, not by the model) through edit-friendly DDPM inversion.
-    face = demo.domain.render([20_000_000], engine.image_size[0])[0]
+    face = demo.domain.render([20_000_000], engine.image_size[0])[0]  # (images, labels, masks)
     inverted = invert(engine, face, demo.steps, 1.0)
     edits = engine.edit(inverted, [by_name["glasses"], by_name["hat"], clean], SCALES)
     error = float((inverted.images - face).abs().max())

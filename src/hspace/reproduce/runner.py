@@ -45,8 +45,9 @@ class Config:
     fig8_bank_n: int
     fig8_pairs: list[int]
     fig8_test: int
-    jacobian_k: int
     jacobian_transfer: int
+    jacobian_found_at: list[str]  # which of "early", "middle", "late" to find directions at
+    jacobian_max_iter: int
     swap_pairs: int
     asyrp_samples: int
     asyrp_scales: list[float]
@@ -57,13 +58,13 @@ class Config:
 
 QUICK = Config(
     steps=8, bank_n=64, pca_k=3, pca_samples=6, pca_scales=[-3.0, 3.0], pca_large_scales=[8.0], table_n=16, table_k=8, table_scale=1.0,
-    fig8_bank_n=64, fig8_pairs=[1, 2, 4, 8], fig8_test=8, jacobian_k=2, jacobian_transfer=3, swap_pairs=8,
+    fig8_bank_n=64, fig8_pairs=[1, 2, 4, 8], fig8_test=8, jacobian_transfer=3, jacobian_found_at=["late"], jacobian_max_iter=10, swap_pairs=8,
     asyrp_samples=6, asyrp_scales=[0.5, 1.0], sequential_samples=6,
 )
 FULL = Config(
-    steps=25, bank_n=400, pca_k=10, pca_samples=32, pca_scales=[-3.0, -1.5, 1.5, 3.0], pca_large_scales=[6.0, 10.0], table_n=200, table_k=40,
-    table_scale=1.0, fig8_bank_n=1100, fig8_pairs=[1, 2, 5, 10, 20, 50, 100, 200], fig8_test=50, jacobian_k=3,
-    jacobian_transfer=20, swap_pairs=50, asyrp_samples=30, asyrp_scales=[0.25, 0.5, 1.0], sequential_samples=30,
+    steps=25, bank_n=400, pca_k=8, pca_samples=32, pca_scales=[-3.0, 3.0], pca_large_scales=[6.0, 10.0], table_n=200, table_k=40,
+    table_scale=1.0, fig8_bank_n=1100, fig8_pairs=[1, 2, 5, 10, 20, 50, 100, 200], fig8_test=50,
+    jacobian_transfer=20, jacobian_found_at=["early", "middle", "late"], jacobian_max_iter=50, swap_pairs=50, asyrp_samples=30, asyrp_scales=[0.25, 0.5, 1.0], sequential_samples=30,
 )
 
 

@@ -42,8 +42,8 @@ def _spread() -> dict[str, float]:
 
 
 def _render(seeds, size: int):
-    images, labels, _masks = render_batch(seeds, size=size)
-    return torch.from_numpy(images), labels
+    images, labels, masks = render_batch(seeds, size=size)
+    return torch.from_numpy(images), labels, {part: torch.from_numpy(m) for part, m in masks.items()}
 
 
 TOYFACES = register(
