@@ -281,3 +281,20 @@ def test_bad_arguments_name_the_value(engine, trajectory, point):
         decode(engine.unet, torch.zeros(2, 16, 8, 8), cache)
     with pytest.raises(HspaceError, match="unknown h location"):
         encode(engine.unet, _x(), 1, "mid")
+
+
+def test_restrict_to_region_keeps_the_cells_over_the_mask_and_the_norm():
+    from hspace.directions.jacobian import restrict_to_region
+
+    d = Direction(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), meta={"name": "j"})
+    mask = torch.zeros(16, 16)
+    mask[2:6, 9:12] = 1  # pixels 2..5 x 9..11 -> cells 1..2 x 4..5 of the 8x8 grid
+    r = restrict_to_region(d, mask)
+    kept = torch.zeros(8, 8, dtype=torch.bool)
+    kept[1:3, 4:6] = True
+    assert torch.equal(r.delta[:, :, ~kept], torch.zeros_like(r.delta[:, :, ~kept]))
+    assert torch.allclose(r.delta[:, :, kept] * d.delta[:, :, kept].norm() / d.delta.norm(), d.delta[:, :, kept], atol=1e-6)
+    assert float(r.delta.norm()) == pytest.approx(float(d.delta.norm()), rel=1e-5)
+    assert r.meta["params"]["h_cells"] == 4 and r.name == "j-cells"
+    with pytest.raises(HspaceError, match="lies over none of h's 8x8 cells"):
+        restrict_to_region(d, torch.zeros(16, 16))

@@ -49,6 +49,7 @@ def register(sub) -> None:
     p.add_argument("--method", default="batched", help="batched (Alg. 1) or sequential (Alg. 2)")
     p.add_argument("--b", type=positive_int, default=None, help="mini-batch size of Alg. 2")
     p.add_argument("--mask", default=None, help="only this region of the output counts: a part of the model's domain (toyfaces: eyes, mouth, hair, face, glasses, hat) or a mask image/.npy (resized to the U-Net output)")
+    p.add_argument("--h-cells", action="store_true", help="with --mask: keep delta-h only on the cells of h over the mask (more local edits; renormalised)")
     p.add_argument("--max-iter", type=positive_int, default=50)
     p.add_argument("--tol", type=finite_float, default=1e-4, help="stop when no singular value changes by more than this (relative); 0: exactly --max-iter iterations")
     p.add_argument("--oversample", type=nonnegative_int, default=None, help="extra vectors iterated alongside (default: the block size; 0 = the paper's algorithm)")
@@ -151,14 +152,21 @@ def run_jacobian(args) -> None:
         raise HspaceError(f"--at {max(at)} is out of range; valid: step indices from 0 to {steps - 1} (the process has {steps} steps)")
     engine = engine or engine_from(args)
     mask = load_mask(args.mask, engine.sample_shape[1:], domain_of(engine.name, required=False), "--mask") if args.mask else None
+    if args.h_cells and mask is None:
+        raise HspaceError("--h-cells needs --mask (the region whose cells of h the directions keep)")
     trajectory = saved[args.sample] if saved is not None else sample(engine, args, [args.seed])
     result = jacobian_directions(
         engine, trajectory, 0, at, args.k,
         mask=mask, mask_name=args.mask, method=args.method, b=args.b, max_iter=args.max_iter, tol=args.tol,
         oversample=args.oversample, generator=torch.Generator().manual_seed(args.vector_seed),
     )
+    if args.h_cells:
+        from ..directions.jacobian import restrict_to_region
+
+        for step in result:
+            step.directions = [restrict_to_region(d, mask) for d in step.directions]
     out = Path(args.out)
-    paths = result.save(out, {"seed": trajectory.seeds[0], "mask": args.mask})
+    paths = result.save(out, {"seed": trajectory.seeds[0], "mask": args.mask, "h_cells": args.h_cells})
     images = engine.edit(trajectory, result.directions, scales, batch_size=args.batch_size)
     save_image(labelled_grid(images[:, :, 0], [d.name for d in result.directions], [f"{s:g}" for s in scales]), out / "grid.png")
     for r in result.summary():

@@ -473,6 +473,22 @@ class JacobianDirections:
         return cls(steps)
 
 
+def restrict_to_region(direction: Direction, mask: torch.Tensor) -> Direction:
+    """``direction`` with delta-h kept only on the spatial cells of h that lie over ``mask`` (an image-space
+    region [H, W], pooled to h's grid), renormalised to its own norm so that scales keep their unit."""
+    import torch.nn.functional as F
+
+    mask = torch.as_tensor(mask, dtype=torch.float32)
+    if mask.ndim != 2:
+        raise HspaceError(f"a region mask must be [H, W], got shape {tuple(mask.shape)}")
+    cells = F.adaptive_max_pool2d(mask[None, None], direction.h_shape[-2:])[0, 0] > 0
+    delta = direction.delta * cells
+    if float(delta.norm()) == 0:
+        raise HspaceError(f"the region lies over none of h's {direction.h_shape[-2]}x{direction.h_shape[-1]} cells")
+    meta = {**direction.meta, "name": f"{direction.name}-cells", "params": {**direction.meta["params"], "h_cells": int(cells.sum())}}
+    return Direction(delta * (direction.delta.norm() / delta.norm()), direction.sigma, meta, direction.spec)
+
+
 def _eps_scale(schedule, step: int) -> float:
     """d eps / d(U-Net output) at that step: 1 for eps-prediction; SM Sec. E for the others."""
     a = float(schedule.alpha[step])

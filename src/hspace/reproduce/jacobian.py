@@ -72,21 +72,11 @@ def _direction(run: Run, faces, own_mask: torch.Tensor, step: int, masked: bool)
     return found.directions[0]
 
 
-def _restricted(direction, own_mask: torch.Tensor, h_shape):
-    """delta-h kept only on the cells of h over the (dilated) part, renormalised to the original norm."""
-    from ..directions.direction import Direction
-
-    cells = F.adaptive_max_pool2d(own_mask[None, None], h_shape[-2:])[0, 0]
-    delta = direction.delta * cells
-    if float(delta.norm()) == 0:
-        return direction
-    meta = {**direction.meta, "name": direction.name + "-cells"}
-    return Direction(delta * (direction.delta.norm() / delta.norm()), meta=meta, spec=direction.spec)
-
-
 def _variant(run: Run, faces, found, own_mask: torch.Tensor, step: int, window: str, cells: bool, shown=None):
     """Images [2, B, ...] of the faces edited at -gamma and +gamma by the direction under one protocol."""
-    direction = _restricted(found, own_mask, run.engine.h_shape) if cells else found
+    from ..directions.jacobian import restrict_to_region
+
+    direction = restrict_to_region(found, own_mask) if cells else found
     span = None if window == "all" else (int(faces.timesteps[step]), 0)
     return run.engine.edit(faces if shown is None else shown, direction, [-GAMMA, GAMMA], window=span, batch_size=run.config.batch_size)[0]
 
