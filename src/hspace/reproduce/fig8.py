@@ -95,7 +95,7 @@ def _edit_success(run: Run, bank, spaces, positives, negatives, pairs) -> dict:
     test = pool[lacking]
     shape = {"h": bank.h_shape, "x_T": run.engine.sample_shape}
     full = {s: _difference(x, positives, negatives) for s, x in spaces.items()}
-    gains = lambda images: float((run.classify(images)[ATTRIBUTE] > 0.5).float().mean())  # noqa: E731
+    gains = lambda images: float((run.classify(images)[ATTRIBUTE] > 0.5).double().mean())  # noqa: E731  (45/50 is exactly 0.9)
     h_all = Direction(full["h"].float().reshape(bank.num_steps, *shape["h"]), meta={"name": "all"}, spec=bank.spec)
     calibration = run.engine.edit(test, h_all, list(SCALES), batch_size=c.batch_size)[0]
     scale = next((s for s, images in zip(SCALES, calibration) if gains(images) >= SUCCESS), SCALES[-1])
@@ -155,10 +155,11 @@ def render(res: dict, config) -> list[str]:
     ]
     ref = res["reference_cosine"]
     x_text = res["x_T_pairs_to_reference"] if res["x_T_pairs_to_reference"] is not None else f"not within {res['rows'][-1]['pairs']}"
+    h_text = res["first_h_success"] if res["first_h_success"] is not None else f"no number up to {res['rows'][-1]['pairs']} of"
     lines += [
         "",
         (f"Result: h's split-half cosine at n = {t['reference_pairs']} is {ref:.3f}; h reaches it with {res['h_pairs_to_reference']} pairs, "
-         f"x_T with {x_text}; h edits reach {pct(t['success'])} with {res['first_h_success']} pairs: {holds(res)}.")
+         f"x_T with {x_text}; h edits reach {pct(t['success'])} with {h_text} pairs: {holds(res)}.")
         if ref is not None else f"Result: the bank is too small for n = {t['reference_pairs']} pairs per half: {holds(res)}.",
         "",
         "![fig8](figures/fig8_h_vs_xT.png)",
