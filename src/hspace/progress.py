@@ -93,15 +93,12 @@ class Meter:
 
     def emit(self, event_type: type, passes: int, **fields) -> None:
         """Count ``passes`` more and report an event of ``event_type`` with ``fields`` and the counts."""
-        self.done = min(self.total, self.done + int(passes)) if self.total else self.done + int(passes)
-        if self.bar is not None:
-            self.bar.n = self.done
-            self.bar.refresh() if self.done >= self.total else self.bar.update(0)
+        self.skip(passes)
         if self.callback is not None:
             self.callback(event_type(**fields, done=self.done, total=self.total))
 
     def skip(self, passes: int) -> None:
-        """Count ``passes`` that will not run (e.g. iterations saved by early convergence)."""
+        """Count ``passes`` (run, or saved by early convergence) and redraw the bar at tqdm's usual rate."""
         self.done = min(self.total, self.done + int(passes))
         if self.bar is not None:
             self.bar.n = self.done
