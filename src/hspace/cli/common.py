@@ -117,6 +117,15 @@ def engine_of_spec(spec, args):
     return Engine.load(spec, device=args.device)
 
 
+def saved_trajectory(args):
+    """(engine, trajectory) of ``--trajectory FILE``: the engine of the file's spec (its model, h location and
+    clipping; the model flags only for a file without one)."""
+    from ..trajectory import Trajectory
+
+    saved = Trajectory.load(args.trajectory)
+    return (engine_of_spec(saved.spec, args) if saved.spec is not None else engine_from(args)), saved
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     from ..hooks import DEFAULT_H_LOCATION
     from ..loading import DEFAULT_MODEL

@@ -7,8 +7,8 @@ from pathlib import Path
 from ..errors import HspaceError, check_choice
 from ..files import save_image, write_json
 from .common import (
-    add_model_args, add_process_args, engine_from, engine_of_spec, finite_float, nonnegative_int, parse_eta, parse_scales, parse_seeds,
-    positive_int,
+    add_model_args, add_process_args, engine_from, finite_float, nonnegative_int, parse_eta, parse_scales, parse_seeds,
+    positive_int, saved_trajectory,
 )
 from .generation import sample
 
@@ -140,10 +140,7 @@ def run_jacobian(args) -> None:
 
     scales = parse_scales(args.scales)
     if args.trajectory:
-        from ..trajectory import Trajectory
-
-        saved = Trajectory.load(args.trajectory)
-        engine = engine_of_spec(saved.spec, args) if saved.spec is not None else engine_from(args)
+        engine, saved = saved_trajectory(args)
         steps = saved.num_steps
     else:
         saved, engine, steps = None, None, args.steps

@@ -10,7 +10,7 @@ from ..errors import HspaceError
 from ..files import safe_name, save_image
 from .common import (
     add_model_args, add_process_args, engine_from, engine_of_spec, eps_pass, nonnegative_int, parse_eta, parse_scales, parse_seeds,
-    parse_window,
+    parse_window, saved_trajectory,
 )
 
 
@@ -95,11 +95,7 @@ def edit_source(args):
     if args.trajectory and args.bank:
         raise HspaceError("give --trajectory or --bank, not both")
     if args.trajectory:
-        from ..trajectory import Trajectory
-
-        saved = Trajectory.load(args.trajectory)
-        engine = engine_of_spec(saved.spec, args) if saved.spec is not None else engine_from(args)
-        return engine, saved
+        return saved_trajectory(args)
     if args.bank:
         from ..bank import Bank
 
