@@ -28,6 +28,34 @@ EPS_PASSES = ("edited", "clean")  # where D_t's eps comes from: the edited pass,
 Noise = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
 
 
+CONDITION_FIELDS = ("prompt", "negative_prompt", "guidance", "guide_edit")
+
+
+def _condition_of(spec: Spec) -> dict:
+    return {k: getattr(spec, k) for k in CONDITION_FIELDS}
+
+
+def _condition(components: Components, prompt, negative_prompt, guidance, guide_edit) -> dict:
+    """The conditioning of the spec, with a conditional model's defaults (prompt "", the pipelines' guidance
+    7.5, delta-h in both passes); an error for conditioning given to an unconditional model."""
+    given = {"prompt": prompt, "negative_prompt": negative_prompt, "guidance": guidance, "guide_edit": guide_edit}
+    if components.conditioner is None:
+        named = [k for k, v in given.items() if v is not None]
+        if named:
+            raise HspaceError(
+                f"{components.name!r} is an unconditional model: {', '.join(named)} apply(ies) only to text-conditioned "
+                "models (a Stable Diffusion or SDXL pipeline folder or hub id)"
+            )
+        return given
+    from .models.conditional import DEFAULT_GUIDANCE
+
+    prompt = "" if prompt is None else prompt
+    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+    if guide_edit is None and isinstance(guidance, (int, float)) and guidance > 1:
+        guide_edit = "both"
+    return {"prompt": prompt, "negative_prompt": negative_prompt, "guidance": guidance, "guide_edit": guide_edit}
+
+
 class Engine:
     """A diffusion model with its h-space exposed: one loop (``run``) and its wrappers."""
 
@@ -38,9 +66,16 @@ class Engine:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         clip_sample: bool | None = None,
+        *,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        guidance: float | None = None,
+        guide_edit: str | None = None,
     ):
         dtype = resolve_dtype(dtype)
-        self.spec = Spec(components.name, h_location, str(dtype).replace("torch.", ""), clip_sample)
+        condition = _condition(components, prompt, negative_prompt, guidance, guide_edit)
+        self.spec = Spec(components.name, h_location, str(dtype).replace("torch.", ""), clip_sample, **condition)
+        self.components = components
         self.device = resolve_device(device)
         self.dtype = dtype
         # The step arithmetic runs in float32 at least, whatever the U-Net's dtype.
@@ -50,7 +85,12 @@ class Engine:
         # DDIM inversion cannot undo; clip_sample=False is part of the spec.
         if clip_sample is not None:
             self.scheduler_config["clip_sample"] = clip_sample
-        self.model = UNetModel(components.unet, components.decoder, h_location, self.device, dtype)
+        if components.conditioner is None:
+            self.model = UNetModel(components.unet, components.decoder, h_location, self.device, dtype)
+        else:
+            from .models.conditional import ConditionalUNetModel
+
+            self.model = ConditionalUNetModel(components.unet, components.decoder, h_location, self.device, dtype, components.conditioner, self.spec)
         self._schedules: dict[int, Schedule] = {}
 
     @classmethod
@@ -61,20 +101,34 @@ class Engine:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         clip_sample: bool | None = None,
+        **condition,
     ) -> "Engine":
         """Load a built-in model by name, a local diffusers folder or a hub id; or rebuild the engine of a
         ``Spec`` (``Engine.load(bank.spec)``), where ``device`` may still be chosen and nothing else.
 
-        ``clip_sample`` overrides the scheduler's clipping of P_t (None: the model's own setting)."""
+        ``clip_sample`` overrides the scheduler's clipping of P_t (None: the model's own setting). A
+        conditional model (Stable Diffusion, SDXL) takes ``prompt``, ``negative_prompt``, ``guidance``
+        and ``guide_edit`` (see ``spec.py``); ``engine.conditioned(prompt=...)`` changes them later."""
         if isinstance(model, Spec):
-            given = {"h_location": h_location, "dtype": dtype, "clip_sample": clip_sample}
+            given = {"h_location": h_location, "dtype": dtype, "clip_sample": clip_sample, **condition}
             extra = [k for k, v in given.items() if v is not None]
             if extra:
                 raise HspaceError(f"a spec fixes {', '.join(extra)}; load it alone (Engine.load(spec, device=...))")
             spec = model
-            return cls(load_components(spec.model), spec.h_location, device, spec.dtype, spec.clip_sample)
+            return cls(load_components(spec.model), spec.h_location, device, spec.dtype, spec.clip_sample, **_condition_of(spec))
         spec = Spec(str(model), h_location or DEFAULT_H_LOCATION)  # checks the h location before loading
-        return cls(load_components(model), spec.h_location, device, dtype, clip_sample)
+        return cls(load_components(model), spec.h_location, device, dtype, clip_sample, **condition)
+
+    def conditioned(self, **changes) -> "Engine":
+        """This engine (the same loaded model, no reload) for another prompt, negative prompt, guidance or
+        guide_edit: ``engine.conditioned(prompt="a cat")``. Text is encoded once per prompt."""
+        unknown = sorted(set(changes) - set(CONDITION_FIELDS))
+        if unknown:
+            raise HspaceError(f"unknown condition(s) {', '.join(unknown)}; valid: {', '.join(CONDITION_FIELDS)}")
+        condition = {**_condition_of(self.spec), **changes}
+        if "guidance" in changes and "guide_edit" not in changes:
+            condition["guide_edit"] = None  # the default for the new guidance
+        return Engine(self.components, self.h_location, self.device, self.dtype, self.spec.clip_sample, **condition)
 
     # ------------------------------------------------------------------ what the engine is
 

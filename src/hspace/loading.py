@@ -4,7 +4,10 @@ Layouts understood (what diffusers writes):
 - a U-Net folder: config.json (UNet2DModel) + weights, scheduler_config.json beside it or in scheduler/
   (e.g. google/ddpm-ema-celebahq-256);
 - a pipeline folder: model_index.json with unet/, scheduler/ and optionally vqvae/ or vae/
-  (a latent model, e.g. CompVis/ldm-celebahq-256).
+  (a latent model, e.g. CompVis/ldm-celebahq-256);
+- a text-to-image pipeline folder whose unet/ is a UNet2DConditionModel (Stable Diffusion 1.x/2.x,
+  SDXL): loaded as the diffusers pipeline (without its safety checker), whose text encoders and
+  ``encode_prompt`` become the engine's conditioner (``models.conditional``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class Components:
     scheduler_config: dict
     decoder: torch.nn.Module | None  # VQModel or AutoencoderKL of a latent model
     name: str
+    conditioner: object | None = None  # models.conditional.TextConditioner of a text-conditioned model
 
 
 def tiny_unet_config(sample_size: int = 32, channels=(32, 64, 64)) -> dict:
@@ -129,7 +133,10 @@ def _load_unet(folder: Path):
 
     cls_name = _read_json(folder / "config.json").get("_class_name", "UNet2DModel")
     if cls_name != "UNet2DModel":
-        raise HspaceError(f"{str(folder)!r} holds a {cls_name}; hspace supports UNet2DModel (unconditional) models")
+        raise HspaceError(
+            f"{str(folder)!r} holds a {cls_name}; valid: a UNet2DModel (unconditional) folder, or a pipeline folder "
+            "(model_index.json) whose unet/ is a UNet2DModel or a UNet2DConditionModel with its text encoder"
+        )
     # Weights may be stored in float16 (the bundled model is); the engine casts to its own dtype.
     return _from_pretrained(UNet2DModel, folder)
 
@@ -159,6 +166,8 @@ def load_folder(folder: Path, name: str) -> Components:
     if (folder / "model_index.json").is_file() or (folder / "unet" / "config.json").is_file():
         if not (folder / "unet" / "config.json").is_file():
             raise HspaceError(f"pipeline folder {str(folder)!r} has no unet/config.json")
+        if _read_json(folder / "unet" / "config.json").get("_class_name") == "UNet2DConditionModel":
+            return _load_text_pipeline(folder, name)
         unet = _load_unet(folder / "unet")
         decoders = [folder / d for d in DECODER_FOLDERS if (folder / d / "config.json").is_file()]
         decoder = _load_decoder(decoders[0]) if decoders else None
@@ -170,16 +179,50 @@ def load_folder(folder: Path, name: str) -> Components:
     )
 
 
+def _load_text_pipeline(folder: Path, name: str) -> Components:
+    """A Stable Diffusion-like pipeline folder: its U-Net, VAE, scheduler config and text conditioner."""
+    from diffusers import DiffusionPipeline
+
+    from .models.conditional import TextConditioner
+
+    index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
+    skip = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder") if k in index}
+    if "safety_checker" in index:
+        skip["requires_safety_checker"] = False
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, **skip)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise HspaceError(f"cannot load the pipeline in {str(folder)!r}: {first}") from None
+    pipeline.set_progress_bar_config(disable=True)
+    return Components(pipeline.unet, dict(pipeline.scheduler.config), getattr(pipeline, "vae", None), name, TextConditioner(pipeline))
+
+
+# What a snapshot needs: configs, tokenizer files and one weight file per component. The big single-file
+# checkpoints at the top of some repositories (e.g. v1-5-pruned.safetensors) and weight variants (fp16,
+# non_ema) are left out; .bin weights are fetched only for a component without safetensors (older repositories).
+HUB_FILES = ["*.json", "*.txt", "*.model", "diffusion_pytorch_model.safetensors", "model.safetensors", "*/*.json", "*/*.txt",
+             "*/*.model", "*/diffusion_pytorch_model.safetensors", "*/model.safetensors"]
+HUB_BIN_FILES = ["diffusion_pytorch_model.bin", "pytorch_model.bin"]
+
+
 def _hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.bin"]
+    def download(patterns, local: bool) -> Path:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local))
+
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        folder = download(HUB_FILES, True)
     except Exception:
-        pass
+        folder = None
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        folder = folder or download(HUB_FILES, False)
+        unweighted = [c.parent for c in folder.glob("**/config.json") if not any(c.parent.glob("*.safetensors"))]
+        if unweighted:
+            prefixes = ["" if d == folder else f"{d.relative_to(folder).as_posix()}/" for d in unweighted]
+            folder = download([p + f for p in prefixes for f in HUB_BIN_FILES], False)
+        return folder
     except Exception as e:
         raise HspaceError(
             f"model {repo_id!r} is not a built-in name ({', '.join(BUILTIN)}), not a local folder, and could not "

@@ -1,4 +1,5 @@
-"""The identity of a generative process: which model, where h is, which dtype and clipping.
+"""The identity of a generative process: which model, where h is, which dtype and clipping, and for a
+conditional U-Net (Stable Diffusion, SDXL) the prompt, the guidance and where delta-h goes under it.
 
 One frozen ``Spec`` is validated once, stored inside every Trajectory, Bank and Direction file, and
 turned back into the engine that made them (``Engine.load(spec)``).
@@ -10,20 +11,31 @@ Compatibility rules (``Spec.check``):
 - ``dtype`` is compatible: a trajectory, bank or direction from float32 replays in float16 and back,
   within the lower precision's tolerance. Extending a bank needs the same dtype (``Spec ==``), so that
   every sample of one bank is drawn by the same arithmetic.
+- ``prompt``, ``negative_prompt``, ``guidance`` and ``guide_edit`` are part of the process (a replay of
+  a sample drawn for another prompt is another process). A direction found under one prompt applies
+  under any other (it is a vector in the model's h-space), as the paper's directions transfer between samples.
+
+Conditioning (None for an unconditional model): ``prompt`` (a conditional model's default is ""),
+``negative_prompt`` (None: the pipeline's own default, e.g. SDXL's zeros), ``guidance`` (the
+classifier-free guidance scale; <= 1 is one conditional pass) and ``guide_edit``, where delta-h goes
+under guidance: "cond" (the conditional pass only), "uncond" (the unconditional pass only) or "both"
+(the paper's official code; the default). None when there is no guidance (one pass, which delta-h enters).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 
 from .errors import HspaceError
 from .hooks import DEFAULT_H_LOCATION, check_location
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+GUIDE_EDITS = ("both", "cond", "uncond")  # where delta-h goes under classifier-free guidance; "both" is the default
 # What each kind of artefact must share with the engine that uses it.
 MUST_MATCH = {
-    "process": ("model", "h_location", "clip_sample"),  # trajectories, banks
+    "process": ("model", "h_location", "clip_sample", "prompt", "negative_prompt", "guidance", "guide_edit"),  # trajectories, banks
     "direction": ("model", "h_location"),
 }
 
@@ -37,6 +49,10 @@ class Spec:
     h_location: str = DEFAULT_H_LOCATION
     dtype: str = "float32"
     clip_sample: bool | None = None
+    prompt: str | None = None
+    negative_prompt: str | None = None
+    guidance: float | None = None
+    guide_edit: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -46,6 +62,39 @@ class Spec:
             raise HspaceError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPE_NAMES)}")
         if self.clip_sample is not None and not isinstance(self.clip_sample, bool):
             raise HspaceError(f"clip_sample must be True, False or None (the model's setting), got {self.clip_sample!r}")
+        for name in ("prompt", "negative_prompt"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise HspaceError(f"{name} must be a string, got {value!r}")
+        if self.prompt is None and (self.negative_prompt, self.guidance, self.guide_edit) != (None, None, None):
+            raise HspaceError("a negative prompt, guidance or guide_edit needs a prompt (a conditional model); this spec has none")
+        if self.guidance is not None:
+            if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) or not math.isfinite(self.guidance) or self.guidance < 0:
+                raise HspaceError(f"guidance must be a finite number >= 0 (<= 1: no classifier-free guidance), got {self.guidance!r}")
+            object.__setattr__(self, "guidance", float(self.guidance))
+        if self.guide_edit is not None and self.guide_edit not in GUIDE_EDITS:
+            raise HspaceError(f"unknown guide_edit {self.guide_edit!r}; valid: {', '.join(GUIDE_EDITS)}")
+        if self.guide_edit is not None and not self.guided:
+            raise HspaceError(f"guide_edit {self.guide_edit!r} needs guidance > 1 (two passes); with guidance {self.guidance} delta-h enters the one pass")
+
+    @property
+    def conditional(self) -> bool:
+        return self.prompt is not None
+
+    @property
+    def guided(self) -> bool:
+        """Whether every step runs a conditional and an unconditional pass (classifier-free guidance)."""
+        return self.guidance is not None and self.guidance > 1
+
+    def describe(self) -> str:
+        """One line for people: the model, where h is, and the conditioning."""
+        text = f"{self.model} (h at {self.h_location}, {self.dtype})"
+        if self.conditional:
+            text += f", prompt {self.prompt!r}"
+            if self.negative_prompt:
+                text += f", negative prompt {self.negative_prompt!r}"
+            text += f", guidance {self.guidance:g}" + (f", delta-h in {self.guide_edit} pass(es)" if self.guided else "")
+        return text
 
     def to_dict(self) -> dict:
         return asdict(self)

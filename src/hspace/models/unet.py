@@ -191,6 +191,8 @@ def _prepare(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.
 class UNetModel:
     """An unconditional U-Net (+ the VQ/VAE of a latent model) on a device, in a dtype, with h at ``h_location``."""
 
+    kind = "unconditional"
+
     def __init__(self, unet: nn.Module, decoder: nn.Module | None, h_location: str, device: torch.device, dtype: torch.dtype):
         self.h_location = check_location(h_location)
         self.device, self.dtype = device, dtype
@@ -219,6 +221,9 @@ class UNetModel:
             self.output(torch.zeros(1, *self.sample_shape), 0, lambda h: seen.append(tuple(h.shape[1:])) or h)
             self._h_shape = seen[0]
         return self._h_shape
+
+    def describe(self) -> dict:
+        return {"kind": f"{self.kind} ({'latent, ' + type(self.decoder).__name__ if self.decoder is not None else 'pixel space'})"}
 
     def decoder_half(self, x_t: torch.Tensor, t: int) -> DecoderHalf:
         """The decoder half at (x_t, t) (encoder half computed once here), for the Jacobian of eq. 6."""

@@ -31,7 +31,7 @@ def run_reproduce(out: str | Path, quick: bool = False, engine=None) -> Path:
     lines = [
         "# hspace reproduce: the paper's claims measured on the bundled toy-faces model",
         "",
-        f"Mode: {'quick' if quick else 'full'}; {config.steps} generative steps, eta {config.eta:g}; bank of "
+        f"Mode: {'quick' if quick else 'full'}; {config.steps} generative steps, eta {config.eta:g}, {_clipping(run.engine)}; bank of "
         f"{config.bank_n} samples (seeds 0..{config.bank_n - 1}; and one of {config.fig8_bank_n} under DDIM for Fig. 8), held-out samples from seed {HELD_OUT}. "
         "Attributes are read by the bundled classifier (binary: probability; hair colour: value in [0, 1]).",
         "",
@@ -45,3 +45,9 @@ def run_reproduce(out: str | Path, quick: bool = False, engine=None) -> Path:
     write_text(report, "\n".join(lines))
     write_json(Path(out) / "timings.json", run.timings)
     return report
+
+
+def _clipping(engine) -> str:
+    on = engine.scheduler_config.get("clip_sample")
+    chosen = "the model's setting" if engine.spec.clip_sample is None else "--no-clip" if not engine.spec.clip_sample else "forced on"
+    return f"predicted x_0 {'clipped to [-1, 1]' if on else 'not clipped'} ({chosen})"

@@ -62,9 +62,9 @@ QUICK = Config(
     asyrp_samples=6, asyrp_scales=[0.5, 1.0], sequential_samples=6,
 )
 FULL = Config(
-    steps=25, bank_n=400, pca_k=8, pca_samples=32, pca_scales=[-3.0, 3.0], pca_large_scales=[6.0, 10.0], table_n=200, table_k=40,
+    steps=20, bank_n=400, pca_k=8, pca_samples=32, pca_scales=[-3.0, 3.0], pca_large_scales=[6.0, 10.0], table_n=200, table_k=40,
     table_scale=1.0, fig8_bank_n=1100, fig8_pairs=[1, 2, 5, 10, 20, 50, 100, 200], fig8_test=50,
-    jacobian_transfer=20, jacobian_found_at=["early", "middle", "late"], jacobian_max_iter=50, swap_pairs=50, asyrp_samples=30, asyrp_scales=[0.25, 0.5, 1.0], sequential_samples=30,
+    jacobian_transfer=20, jacobian_found_at=["early", "middle", "late"], jacobian_max_iter=30, swap_pairs=50, asyrp_samples=30, asyrp_scales=[0.25, 0.5, 1.0], sequential_samples=30,
 )
 
 
@@ -98,6 +98,8 @@ class Run:
         if self.engine.name not in DOMAIN.models:
             raise HspaceError(f"reproduce measures with the toy-faces classifier; the engine is {self.engine.name!r}")
         self.classify = DOMAIN.scorer()
+        # what a cached section was measured with: the counts and the process (clipping is part of the spec)
+        self.key = {**asdict(config), "spec": self.engine.spec.to_dict()}
         self.timings: dict[str, float] = {}
         (self.out / "sections").mkdir(parents=True, exist_ok=True)
         (self.out / "figures").mkdir(exist_ok=True)
@@ -107,14 +109,14 @@ class Run:
         """A cached section: computed once, then read from sections/NAME.json (resume after interruption)."""
         path = self.out / "sections" / f"{name}.json"
         saved = _read_cached(path)
-        if saved is not None and saved.get("config") == asdict(self.config) and "seconds" in saved:
+        if saved is not None and saved.get("config") == self.key and "seconds" in saved:
             self.timings[name] = saved["seconds"]
             return saved
         logger.info("measuring %s", name)
         start = time.perf_counter()
         result = compute(self)
         result["seconds"] = time.perf_counter() - start
-        result["config"] = asdict(self.config)
+        result["config"] = self.key
         write_json(path, result)
         self.timings[name] = result["seconds"]
         return result
@@ -160,7 +162,7 @@ class Run:
         saved = _read_cached(record)
         if saved is not None and (path / "bank.json").is_file():
             bank = Bank.open(path)
-            if saved.get("config") == asdict(c) and "seconds" in saved and bank.complete and bank.scores_path("classifier").is_file():
+            if saved.get("config") == self.key and "seconds" in saved and bank.complete and bank.scores_path("classifier").is_file():
                 self.timings[name] = saved["seconds"]
                 return bank
         logger.info("drawing %s", name)
@@ -168,7 +170,7 @@ class Run:
         bank = build_bank(path, self.engine, n, c.steps, eta, batch_size=c.batch_size)
         annotate_bank(bank, self.classify)
         self.timings[name] = time.perf_counter() - start
-        write_json(record, {"seconds": self.timings[name], "config": asdict(c)})
+        write_json(record, {"seconds": self.timings[name], "config": self.key})
         return bank
 
     def test_samples(self, n: int, claim: str, eta: float | None = None):

@@ -1,0 +1,189 @@
+"""Conditional U-Nets (Stable Diffusion 1.x/2.x, SDXL): a text-conditioned ``UNet2DConditionModel`` with
+classifier-free guidance, behind the same interface as the unconditional ``UNetModel``.
+
+h is still the mid block's output (or input). What the interventions see and where delta-h goes under
+guidance is the spec's ``guide_edit``:
+- "cond": h of the conditional pass; the intervention's result replaces it (the unconditional pass is untouched);
+- "uncond": the same with the unconditional pass;
+- "both" (the paper's official code): the mean of the two passes' h; the change the intervention makes to
+  it is added to both passes, so an edit delta-h moves each pass's h by delta-h (and what a ``Record``
+  records moves by exactly delta-h as well).
+Without guidance (guidance <= 1) there is one pass, and it is what the interventions see.
+
+The prompt's embeddings (and SDXL's pooled embeddings and time ids) are computed once per prompt by the
+pipeline's own ``encode_prompt``, so that a zero-delta sample equals diffusers' pipeline.
+
+The Jacobian's function (eq. 6) here is the guided output as a function of the h that the interventions
+see: J = g J_cond for "cond", (1 - g) J_uncond for "uncond", (1 - g) J_uncond + g J_cond for "both", which is
+what an edit of that h does to the step. It runs the whole U-Net with h replaced by a hook: under
+``vmap`` the part before h does not depend on the vectors and runs once per product, so splitting the
+U-Net (as ``unet.py`` does for UNet2DModel) would save little (docs/directions.md measures this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import HspaceError
+from ..hooks import h_hook
+from .unet import UNetModel, forward_mode
+
+# Classes of pipelines whose prompt encoding is understood (other pipelines with the same components work too).
+PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+DEFAULT_GUIDANCE = 7.5  # diffusers' pipelines' default guidance scale
+
+
+class TextConditioner:
+    """The text side of a Stable Diffusion-like pipeline: prompt -> the U-Net's conditioning keywords.
+
+    ``embed`` returns (uncond, cond): each a dict of ``UNet2DConditionModel`` keyword arguments for ONE
+    sample (``encoder_hidden_states`` [1, L, D]; for SDXL also ``added_cond_kwargs``), uncond None when
+    there is no guidance. Results are cached per (prompt, negative prompt, guided).
+    """
+
+    def __init__(self, pipeline):
+        if getattr(pipeline, "text_encoder", None) is None and getattr(pipeline, "text_encoder_2", None) is None:
+            raise HspaceError(f"the {type(pipeline).__name__} has no text encoder; valid conditional models: {', '.join(PIPELINES)}-like folders")
+        self.pipeline = pipeline
+        self.xl = getattr(pipeline, "text_encoder_2", None) is not None or "text_time" == pipeline.unet.config.addition_embed_type
+        self._cache: dict = {}
+
+    @property
+    def kind(self) -> str:
+        return "sdxl" if self.xl else "sd"
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "TextConditioner":
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(self.pipeline, name, None)
+            if encoder is not None:
+                encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.device, self.dtype = device, dtype
+        self._cache.clear()
+        return self
+
+    def embed(self, prompt: str, negative_prompt: str | None, guided: bool, image_size: tuple[int, int]) -> tuple[dict | None, dict]:
+        key = (prompt, negative_prompt, guided, image_size)
+        if key not in self._cache:
+            with torch.no_grad():
+                self._cache[key] = self._embed_xl(*key) if self.xl else self._embed_sd(*key[:3])
+        return self._cache[key]
+
+    def _embed_sd(self, prompt, negative_prompt, guided):
+        cond, uncond = self.pipeline.encode_prompt(prompt, self.device, 1, guided, negative_prompt)
+        wrap = lambda e: {"encoder_hidden_states": e.to(self.dtype)}  # noqa: E731
+        return (wrap(uncond) if guided else None), wrap(cond)
+
+    def _embed_xl(self, prompt, negative_prompt, guided, image_size):
+        pipe = self.pipeline
+        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+            prompt=prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guided, negative_prompt=negative_prompt
+        )
+        projection = int(pooled.shape[-1]) if getattr(pipe, "text_encoder_2", None) is None else pipe.text_encoder_2.config.projection_dim
+        # As the pipeline with its defaults: original size = target size = the image size, crop (0, 0).
+        time_ids = pipe._get_add_time_ids(tuple(image_size), (0, 0), tuple(image_size), dtype=cond.dtype, text_encoder_projection_dim=projection)
+
+        def wrap(e, p):
+            return {"encoder_hidden_states": e.to(self.dtype), "added_cond_kwargs": {"text_embeds": p.to(self.dtype), "time_ids": time_ids.to(self.device, self.dtype)}}
+
+        return (wrap(uncond, uncond_pooled) if guided else None), wrap(cond, pooled)
+
+
+def _rows(kwargs: dict, n: int) -> dict:
+    """Conditioning keywords of one sample repeated for n samples."""
+    return {k: _rows(v, n) if isinstance(v, dict) else v.expand(n, *v.shape[1:]) for k, v in kwargs.items()}
+
+
+def _cat(a: dict, b: dict) -> dict:
+    return {k: _cat(v, b[k]) if isinstance(v, dict) else torch.cat([v, b[k]]) for k, v in a.items()}
+
+
+class ConditionalUNetModel(UNetModel):
+    """A ``UNet2DConditionModel`` (+ its VAE and text encoders) for one prompt, guidance and guide_edit (a spec)."""
+
+    kind = "conditional"
+
+    def __init__(self, unet, decoder, h_location, device, dtype, conditioner: TextConditioner, spec):
+        if unet.config.time_cond_proj_dim is not None:
+            raise HspaceError("U-Nets with a guidance embedding (time_cond_proj_dim, e.g. LCM) are not supported; valid: SD 1.x/2.x and SDXL U-Nets")
+        super().__init__(unet, decoder, h_location, device, dtype)
+        self.conditioner = conditioner.to(device, dtype)
+        self.guided, self.guidance, self.guide_edit = spec.guided, spec.guidance, spec.guide_edit
+        image_size = tuple(s * _vae_factor(decoder) for s in self.sample_shape[1:])
+        self.uncond, self.cond = self.conditioner.embed(spec.prompt, spec.negative_prompt, spec.guided, image_size)
+
+    def _conditioning(self, n: int) -> dict:
+        if not self.guided:
+            return _rows(self.cond, n)
+        return _cat(_rows(self.uncond, n), _rows(self.cond, n))
+
+    def route(self, h: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """h of the U-Net batch (both passes under guidance) after ``fn`` acted on the h it sees (module doc)."""
+        if not self.guided:
+            return fn(h)
+        uncond, cond = h.chunk(2)
+        if self.guide_edit == "cond":
+            return torch.cat([uncond, fn(cond)])
+        if self.guide_edit == "uncond":
+            return torch.cat([fn(uncond), cond])
+        mean = (uncond + cond) / 2
+        change = fn(mean) - mean
+        return torch.cat([uncond + change, cond + change])
+
+    def guided_output(self, x_t: torch.Tensor, t: int, edit_h=None) -> torch.Tensor:
+        """The guided output (gradients allowed): uncond + g (cond - uncond), as diffusers' pipelines."""
+        x = x_t.to(self.device, self.dtype)
+        n = len(x)
+        if self.guided:
+            x = torch.cat([x, x])
+        t = torch.tensor(t, device=self.device)
+        kwargs = self._conditioning(n)
+        if edit_h is None:
+            out = self.unet(x, t, **kwargs).sample
+        else:
+            with h_hook(self.unet, self.h_location, lambda h: self.route(h, edit_h)):
+                out = self.unet(x, t, **kwargs).sample
+        if not self.guided:
+            return out
+        uncond, cond = out.chunk(2)
+        return uncond + self.guidance * (cond - uncond)
+
+    def output(self, x_t: torch.Tensor, t: int, edit_h=None) -> torch.Tensor:
+        with torch.no_grad():
+            return self.guided_output(x_t, t, edit_h)
+
+    def decoder_half(self, x_t: torch.Tensor, t: int) -> "HookedDecoderHalf":
+        seen: list[torch.Tensor] = []
+        self.output(x_t, t, lambda h: seen.append(h) or h)
+        return HookedDecoderHalf(self, x_t.to(self.device, self.dtype), t, seen[0])
+
+    def describe(self) -> dict:
+        return {"kind": f"conditional ({self.conditioner.kind})", "guided": self.guided, "guide_edit": self.guide_edit}
+
+
+def _vae_factor(decoder) -> int:
+    if decoder is None:
+        return 1
+    return 2 ** (len(decoder.config.block_out_channels) - 1)
+
+
+@dataclass
+class HookedDecoderHalf:
+    """The guided output at one (x_t, t) as a function of the h the interventions see (see the module doc);
+    ``h`` is that h of the unedited pass [1, *h_shape]."""
+
+    model: ConditionalUNetModel
+    x_t: torch.Tensor
+    t: int
+    h: torch.Tensor
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        if tuple(h.shape[1:]) != tuple(self.h.shape[1:]):
+            raise HspaceError(f"h has shape {tuple(h.shape)}; valid: [k, {', '.join(map(str, self.h.shape[1:]))}]")
+        x = self.x_t.expand(h.shape[0], *self.x_t.shape[1:])
+        return self.model.guided_output(x, self.t, lambda _seen: h)
+
+    def forward_mode(self):
+        return forward_mode(self.model.unet)
