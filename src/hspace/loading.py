@@ -190,7 +190,7 @@ def _load_text_pipeline(folder: Path, name: str) -> Components:
     if "safety_checker" in index:
         skip["requires_safety_checker"] = False
     try:
-        pipeline = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32, **skip)
+        pipeline = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32, **skip)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise HspaceError(f"cannot load the pipeline in {str(folder)!r}: {first}") from None

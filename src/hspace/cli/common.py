@@ -107,7 +107,8 @@ def engine_from(args, clip_sample: bool | None = None):
 
     if clip_sample is None:
         clip_sample = False if getattr(args, "no_clip", False) else None
-    return Engine.load(args.model, h_location=args.h_location, device=args.device, dtype=args.dtype, clip_sample=clip_sample)
+    condition = {k: getattr(args, k, None) for k in ("prompt", "negative_prompt", "guidance", "guide_edit")}
+    return Engine.load(args.model, h_location=args.h_location, device=args.device, dtype=args.dtype, clip_sample=clip_sample, **condition)
 
 
 def engine_of_spec(spec, args):
@@ -128,6 +129,7 @@ def saved_trajectory(args):
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     from ..hooks import DEFAULT_H_LOCATION
+    from ..spec import GUIDE_EDITS
     from ..loading import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name, local diffusers folder or hub id (default: {DEFAULT_MODEL})")
@@ -136,6 +138,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
     p.add_argument("--batch-size", type=positive_int, default=32, help="samples per U-Net batch")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 (the scheduler's clip_sample); DDIM inversion needs it")
+    g = p.add_argument_group("text-conditioned models (Stable Diffusion, SDXL)")
+    g.add_argument("--prompt", default=None, help='the prompt (default "")')
+    g.add_argument("--negative-prompt", default=None, help="the negative prompt (default: the pipeline's)")
+    g.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale (default 7.5; <= 1: one pass)")
+    g.add_argument("--guide-edit", choices=GUIDE_EDITS, default=None,
+                   help="where delta-h goes under guidance: both passes (default, the paper's code), the conditional or the unconditional one")
 
 
 def add_process_args(p: argparse.ArgumentParser) -> None:

@@ -222,6 +222,9 @@ def run_info(args) -> None:
 
     engine = engine_from(args)
     info = {
+        "model": engine.spec.describe(),
+        **engine.model.describe(),
+        "h": f"{H_LOCATIONS[engine.h_location]}: {engine.h_location}, shape {list(engine.h_shape)} per sample and step",
         "spec": engine.spec.to_dict(),
         "sample_shape": engine.sample_shape,
         "h_shape": engine.h_shape,

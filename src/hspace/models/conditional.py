@@ -56,6 +56,8 @@ class TextConditioner:
         return "sdxl" if self.xl else "sd"
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "TextConditioner":
+        if getattr(self, "device", None) == device and getattr(self, "dtype", None) == dtype:
+            return self
         for name in ("text_encoder", "text_encoder_2"):
             encoder = getattr(self.pipeline, name, None)
             if encoder is not None:
