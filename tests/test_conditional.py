@@ -175,3 +175,31 @@ def test_condition_errors(folders):
     assert (engine.spec.prompt, engine.spec.guidance, engine.spec.guide_edit) == ("", 7.5, "both")
     with pytest.raises(HspaceError, match="unknown condition"):
         engine.conditioned(promt="x")
+
+
+def test_command_line_on_a_tiny_sd_folder(folders, tmp_path, capsys):
+    import json
+
+    from hspace import Direction, Trajectory
+    from hspace.cli import main
+
+    root, _ = folders
+    model = ["--model", str(root / "sd"), "--device", "cpu"]
+    cond = ["--prompt", "a cat", "--guidance", "4", "--guide-edit", "cond"]
+    assert main(["info", *model, *cond]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "conditional (sd)" and info["spec"]["prompt"] == "a cat" and info["spec"]["guide_edit"] == "cond"
+    assert "shape [16, 8, 8]" in info["h"]
+    trajectory = tmp_path / "t.safetensors"
+    assert main(["sample", *model, *cond, "--steps", "3", "--seeds", "0-1", "--out", str(tmp_path / "s"), "--save-trajectory", str(trajectory)]) == 0
+    saved = Trajectory.load(trajectory)
+    assert saved.spec.prompt == "a cat" and saved.spec.guidance == 4.0 and saved.h.shape == (2, 3, 16, 8, 8)
+    assert main(["arith", *model, *cond, "--steps", "3", "--plus", "0", "--minus", "1", "-o", str(tmp_path / "d.safetensors")]) == 0
+    # the direction applies under another prompt; the trajectory's own prompt comes from the file
+    assert main(["edit", "--trajectory", str(trajectory), "--direction", str(tmp_path / "d.safetensors"), "--scales", "0", "1",
+                 "--out", str(tmp_path / "e"), "--device", "cpu"]) == 0
+    assert Direction.load(tmp_path / "d.safetensors").spec.prompt == "a cat"
+    assert main(["sample", *model, "--guide-edit", "cond", "--guidance", "1", "--seeds", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "needs guidance > 1" in capsys.readouterr().err
+    assert main(["sample", "--model", "tiny-random", "--prompt", "a cat", "--seeds", "0", "--out", str(tmp_path / "y")]) == 2
+    assert "unconditional model" in capsys.readouterr().err

@@ -181,9 +181,14 @@ def load_folder(folder: Path, name: str) -> Components:
 
 def _load_text_pipeline(folder: Path, name: str) -> Components:
     """A Stable Diffusion-like pipeline folder: its U-Net, VAE, scheduler config and text conditioner."""
+    import importlib.util
+
     from diffusers import DiffusionPipeline
 
     from .models.conditional import TextConditioner
+
+    if importlib.util.find_spec("transformers") is None:
+        raise HspaceError(f"{str(folder)!r} is a text-conditioned pipeline; its text encoders need transformers: pip install 'hspace[sd]'")
 
     index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     skip = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder") if k in index}

@@ -1,0 +1,77 @@
+"""Peak memory of one guided U-Net pass of a Stable Diffusion 1.5-shaped U-Net (random weights, 512 px:
+64x64 latents, h 1280x8x8) with h recorded, per batch size; and what h costs per sample.
+
+Each batch size runs in a fresh process and reports its peak resident memory (CPU) or the CUDA
+allocator's peak (GPU), against the same process after the model is built (the baseline in the
+same run). Usage: python benchmarks/bench_sd_memory.py [--device cuda] [--dtype float16] [--batch 1 2 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+
+
+def one(batch: int, device: str, dtype: str) -> dict:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from hspace.hooks import h_hook
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET).to(device, getattr(torch, dtype)).eval().requires_grad_(False)
+    x = torch.randn(2 * batch, 4, 64, 64, device=device, dtype=unet.dtype)  # conditional + unconditional rows
+    text = torch.randn(2 * batch, 77, 768, device=device, dtype=unet.dtype)
+    kept = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    with torch.no_grad(), h_hook(unet, "mid.out", lambda h: kept.append(h.float().cpu()) or h):
+        unet(x, torch.tensor(500, device=device), encoder_hidden_states=text)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    params = sum(p.numel() * p.element_size() for p in unet.parameters())
+    return {"batch": batch, "rows": 2 * batch, "weights_gib": params / 2**30, "after_model_gib": base / 2**30,
+            "peak_gib": peak / 2**30, "pass_gib": (peak - base) / 2**30, "seconds": seconds, "h_shape": list(kept[0].shape[1:])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one is not None:
+        print(json.dumps(one(args.one, args.device, args.dtype)))
+        return
+    rows = []
+    for b in args.batch:
+        out = subprocess.run([sys.executable, __file__, "--one", str(b), "--device", args.device, "--dtype", args.dtype],
+                             capture_output=True, text=True, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    h = rows[0]["h_shape"]
+    per_step = 4 * h[0] * h[1] * h[2]
+    print(f"SD 1.5-shaped U-Net, {args.device}, {args.dtype}: weights {rows[0]['weights_gib']:.2f} GiB; h {h} = {per_step / 2**10:.0f} KiB "
+          f"per sample and step in float32 (50 steps: {50 * per_step / 2**20:.1f} MiB in RAM, half that in a bank on disk)")
+    print("| batch (rows under guidance) | peak GiB | of it the pass | pass s | ratio of pass memory to batch 1 |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} ({r['rows']}) | {r['peak_gib']:.2f} | {r['pass_gib']:.2f} | {r['seconds']:.1f} | {r['pass_gib'] / max(rows[0]['pass_gib'], 1e-9):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
