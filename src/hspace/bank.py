@@ -37,6 +37,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .distributed import Processes
 from .errors import HspaceError
 from .files import pid_alive, read_json, read_safetensors, remove_stale_temporaries, save_safetensors, write_json
 from .progress import Meter
@@ -441,6 +442,7 @@ def build_bank(
     thumbnail_size: int = 64,
     callback: Callable | None = None,
     progress: bool | None = None,
+    processes: "Processes | None" = None,
 ) -> Bank:
     """Create, resume or extend the bank at ``path`` so that it holds ``n`` samples; returns it.
 
@@ -450,6 +452,11 @@ def build_bank(
     exists must have been drawn with the same engine, steps, eta, base seed, shard size and thumbnail
     size; otherwise it is an error naming what differs and nothing is written. ``callback`` gets the
     engine's ``StepEvent``s, counted over the whole bank (``done`` starts at the samples already drawn).
+
+    Launched as several processes (``accelerate launch``, ``torchrun``; ``processes`` defaults to the
+    launch's, see ``distributed.py``), each draws every num-th missing shard: the bank is the same as one
+    process draws, and a bank interrupted on any process resumes with any number of processes. The main
+    process alone writes the manifest and draws the progress bar (its own passes times the number of processes).
     """
     _positive_int("n", n)
     _positive_int("num_steps", num_steps)
@@ -463,19 +470,42 @@ def build_bank(
     if path.exists() and not path.is_dir():
         raise HspaceError(f"bank path {str(path)!r} exists and is not a folder")
     identity = Bank.identity_of(engine, num_steps, eta, base_seed, shard_size, thumbnail_size)
+    procs = processes or Processes.current(engine.device)
+    procs.agree(_digest(identity) + f" n={n}", "the bank's settings (fingerprint and size)")
     path.mkdir(parents=True, exist_ok=True)
-    with _lock(path):
-        remove_stale_temporaries(path)
-        bank = _open_for(path, identity, n)
-        missing = bank.missing()
-        _check_space(path, identity, sum(count for _, count in missing))
+    # The main process takes the bank's lock for the whole group and prepares the manifest; then every
+    # process draws its share of the missing shards (each shard by exactly one process, the same shard
+    # whoever draws it), and the main process checks that none is missing.
+    with _lock(path) if procs.is_main else contextlib.nullcontext():
+        missing = procs.main_first(_prepare, path, identity, n)
+        bank = Bank.open(path)
         done = bank.n - sum(count for _, count in missing)
-        with Meter.job(callback, bank.n * num_steps, progress, "bank", done=done * num_steps) as meter:
-            for start, count in missing:
+        mine = procs.share(missing)
+        with Meter.job(callback, bank.n * num_steps, progress if procs.is_main else False, "bank", done=done * num_steps, scale=procs.num) as meter:
+            for start, count in mine:
+                logger.info("process %d of %d draws samples %d..%d", procs.index, procs.num, start, start + count - 1)
                 seeds = list(range(base_seed + start, base_seed + start + count))
                 trajectory = engine.sample(seeds, num_steps, eta, keep_noise=False, batch_size=batch_size, callback=meter)
                 bank.write_shard(start, trajectory.h, thumbnails(trajectory.images, thumbnail_size))
+        procs.barrier()  # every process has written its shards
+        procs.main_first(_check_complete, bank)
     return bank
+
+
+def _prepare(path: Path, identity: dict, n: int) -> list[tuple[int, int]]:
+    """The bank opened (created, extended or recovered) for ``n`` samples; its missing shards."""
+    remove_stale_temporaries(path)
+    bank = _open_for(path, identity, n)
+    missing = bank.missing()
+    _check_space(path, identity, sum(count for _, count in missing))
+    return missing
+
+
+def _check_complete(bank: "Bank") -> None:
+    left = bank.missing()
+    if left:
+        raise HspaceError(f"bank {str(bank.path)!r} still misses {len(left)} shard(s) (from sample {left[0][0]}): a process "
+                          "failed; run the same command again to draw them")
 
 
 def _open_for(path: Path, identity: dict, n: int) -> Bank:

@@ -67,8 +67,9 @@ def progress_enabled(progress: bool | None) -> bool:
 class Meter:
     """Counts one job's U-Net passes, calls the user's callback with each event and draws the bar."""
 
-    def __init__(self, total: int, callback: Callable | None = None, progress: bool | None = None, desc: str = "", done: int = 0):
+    def __init__(self, total: int, callback: Callable | None = None, progress: bool | None = None, desc: str = "", done: int = 0, scale: int = 1):
         self.total, self.done, self.callback, self.desc = int(total), int(done), callback, desc
+        self.scale = int(scale)  # each pass counts this many times: one process's share standing for all of them
         self.bar = None
         if progress_enabled(progress):
             import sys
@@ -79,13 +80,13 @@ class Meter:
 
     @classmethod
     @contextlib.contextmanager
-    def job(cls, callback, total: int, progress: bool | None = None, desc: str = "", done: int = 0) -> Iterator["Meter"]:
+    def job(cls, callback, total: int, progress: bool | None = None, desc: str = "", done: int = 0, scale: int = 1) -> Iterator["Meter"]:
         """A meter for a job of ``total`` passes, closed when the job ends; an outer job's meter
         (passed as ``callback``) is used as it is, since its total already counts this work."""
         if isinstance(callback, Meter):
             yield callback
             return
-        meter = cls(total, callback, progress, desc, done)
+        meter = cls(total, callback, progress, desc, done, scale)
         try:
             yield meter
         finally:
@@ -99,7 +100,7 @@ class Meter:
 
     def skip(self, passes: int) -> None:
         """Count ``passes`` (run, or saved by early convergence) and redraw the bar at tqdm's usual rate."""
-        self.done = min(self.total, self.done + int(passes))
+        self.done = min(self.total, self.done + int(passes) * self.scale)
         if self.bar is not None:
             self.bar.n = self.done
             self.bar.update(0)

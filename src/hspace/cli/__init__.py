@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 
+from ..distributed import launch, launched
 from ..errors import HspaceError
 from ..domains import registered_domains
 from . import directions, generation, reports
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse has printed what is wrong (exit 2) or the help (exit 0)
         return int(e.code or 0)
     logging.basicConfig(level=logging.INFO, format="hspace: %(message)s", stream=sys.stderr)
+    if getattr(args, "num_processes", 1) > 1 and not launched():
+        return _launch(argv if argv is not None else sys.argv[1:], args)
     try:
         check_outputs(args)
         args.func(args)
@@ -60,6 +63,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hspace {args.command}: error: out of memory{hint}", file=sys.stderr)
         return 2
     return 0
+
+
+def _launch(argv: list[str], args) -> int:
+    """``--num-processes N``: the same command on N local processes (``distributed.launch``)."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--num-processes":
+            skip = True
+        elif not a.startswith("--num-processes="):
+            rest.append(a)
+    try:
+        code = launch(rest, args.num_processes)
+    except HspaceError as e:
+        print(f"hspace {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if code == 0 else (2 if code == 2 else 1)
 
 
 def _out_of_memory(e: BaseException) -> bool:

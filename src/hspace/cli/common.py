@@ -101,6 +101,30 @@ def eps_pass(args) -> str:
     return "clean" if args.asyrp else "edited"
 
 
+def add_processes_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-processes", type=positive_int, default=1,
+                   help="start N local processes (one per GPU, or CPU processes) and share the work; the same result as one "
+                   "process (or start it with accelerate launch / torchrun yourself)")
+
+
+def processes_of(args):
+    """The processes of this job (several under accelerate launch / torchrun / --num-processes), made once."""
+    from ..distributed import Processes
+
+    if getattr(args, "_processes", None) is None:
+        args._processes = Processes.current(getattr(args, "device", None))
+    return args._processes
+
+
+def device_of(args):
+    """--device, or under a launcher with GPUs this process's own GPU."""
+    from ..distributed import launched
+
+    if getattr(args, "device", None) is None and launched():
+        return processes_of(args).device
+    return getattr(args, "device", None)
+
+
 def engine_from(args, clip_sample: bool | None = None):
     """The engine the model flags name; ``clip_sample`` overrides --no-clip (e.g. from a trajectory file)."""
     from ..engine import Engine
@@ -108,14 +132,14 @@ def engine_from(args, clip_sample: bool | None = None):
     if clip_sample is None:
         clip_sample = False if getattr(args, "no_clip", False) else None
     condition = {k: getattr(args, k, None) for k in ("prompt", "negative_prompt", "guidance", "guide_edit")}
-    return Engine.load(args.model, h_location=args.h_location, device=args.device, dtype=args.dtype, clip_sample=clip_sample, **condition)
+    return Engine.load(args.model, h_location=args.h_location, device=device_of(args), dtype=args.dtype, clip_sample=clip_sample, **condition)
 
 
 def engine_of_spec(spec, args):
     """The engine of a bank's or trajectory's spec, on the device the flags name."""
     from ..engine import Engine
 
-    return Engine.load(spec, device=args.device)
+    return Engine.load(spec, device=device_of(args))
 
 
 def saved_trajectory(args):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+
 from pathlib import Path
 
 from ..errors import HspaceError, check_choice
 from ..files import save_image, write_json
 from .common import (
-    add_model_args, add_process_args, engine_from, finite_float, nonnegative_int, parse_eta, parse_scales, parse_seeds,
+    add_model_args, add_process_args, add_processes_arg, processes_of, engine_from, finite_float, nonnegative_int, parse_eta, parse_scales, parse_seeds,
     positive_int, saved_trajectory,
 )
 from .generation import sample
@@ -25,6 +27,7 @@ def register(sub) -> None:
     p.add_argument("--base-seed", type=nonnegative_int, default=0, help="sample i has seed base_seed + i (default 0)")
     p.add_argument("--shard-size", type=positive_int, default=64, help="samples per shard file (default 64)")
     p.add_argument("--thumbnail-size", type=positive_int, default=64, help="longest side of the stored x_0 thumbnails (default 64)")
+    add_processes_arg(p)
     p.set_defaults(func=run_bank)
 
     p = sub.add_parser("pca", help="per-timestep PCA of a bank's h (paper Sec. 4.1), plus matched-norm random directions")
@@ -64,6 +67,9 @@ def register(sub) -> None:
     p.add_argument("--scorer", default="domain", help="domain (the classifier of the bank's model's domain; default), a domain name, or clip:DIR (a local CLIP model)")
     p.add_argument("--clip", default=None, help="the same as --scorer clip:DIR")
     p.add_argument("--prompt", nargs="+", default=None, help="with a CLIP scorer: NAME='prompt with it|prompt without it', one per attribute")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per scorer batch (default 256)")
+    p.add_argument("--device", default=None, help=argparse.SUPPRESS)
+    add_processes_arg(p)
     p.set_defaults(func=run_annotate)
 
     p = sub.add_parser("supervised", help="eq. 10 directions: a bank's top-k minus bottom-k by a score, or labelled seeds/images")
@@ -98,8 +104,10 @@ def run_bank(args) -> None:
     bank = build_bank(
         args.out, engine, args.n, args.steps, eta,
         base_seed=args.base_seed, shard_size=args.shard_size, batch_size=args.batch_size, thumbnail_size=args.thumbnail_size,
+        processes=processes_of(args),
     )
-    print(f"{bank}: complete, seeds {bank.seeds[0]}..{bank.seeds[-1]}")
+    if processes_of(args).is_main:
+        print(f"{bank}: complete, seeds {bank.seeds[0]}..{bank.seeds[-1]}")
 
 
 def run_pca(args) -> None:
@@ -204,7 +212,10 @@ def run_annotate(args) -> None:
 
     bank = Bank.open(args.bank)
     scorer = scorer_from(f"clip:{args.clip}" if args.clip else args.scorer, args.prompt, bank.spec.model)
-    scores = annotate_bank(bank, scorer, name=args.name)
+    procs = processes_of(args)
+    scores = annotate_bank(bank, scorer, name=args.name, batch_size=args.batch_size, processes=procs)
+    if not procs.is_main:
+        return
     for key, value in scores.items():
         print(f"{key}: mean {float(value.mean()):.3f}, min {float(value.min()):.3f}, max {float(value.max()):.3f}")
     print(f"stored {len(scores)} scores of {bank.n} samples as {bank.scores_path(args.name)}")

@@ -9,8 +9,8 @@ from pathlib import Path
 from ..errors import HspaceError
 from ..files import safe_name, save_image
 from .common import (
-    add_model_args, add_process_args, engine_from, engine_of_spec, eps_pass, nonnegative_int, parse_eta, parse_scales, parse_seeds,
-    parse_window, saved_trajectory,
+    add_model_args, add_process_args, add_processes_arg, engine_from, engine_of_spec, eps_pass, nonnegative_int, parse_eta, parse_scales,
+    parse_seeds, parse_window, processes_of, saved_trajectory,
 )
 
 
@@ -26,6 +26,7 @@ def register(sub) -> None:
     p = sub.add_parser("edit", help="edit samples along directions at several scales (one batched replay)")
     add_model_args(p)
     add_process_args(p)
+    add_processes_arg(p)
     p.add_argument("--direction", nargs="+", required=True, help="direction files (.safetensors) or folders of them")
     p.add_argument("--seeds", nargs="+", default=["0-3"], help="seeds of the samples to edit")
     p.add_argument("--trajectory", default=None, help="edit the samples of a saved trajectory file (its engine and steps) instead of --seeds")
@@ -94,17 +95,28 @@ def edit_source(args):
     no model flags are needed), or --seeds with the model flags."""
     if args.trajectory and args.bank:
         raise HspaceError("give --trajectory or --bank, not both")
+    procs = processes_of(args)  # several processes: each takes its share of the samples, in whole batches
+    if procs.num > 1 and getattr(args, "sequential", False):
+        raise HspaceError("--sequential draws one grid of every sample; run it as one process")
+    share = lambda items: [x for block in procs.share(_blocks(items, args.batch_size)) for x in block]  # noqa: E731
     if args.trajectory:
-        return saved_trajectory(args)
+        engine, trajectory = saved_trajectory(args)
+        mine = share(list(range(len(trajectory))))
+        return engine, (trajectory if procs.num == 1 else trajectory[mine] if mine else None)
     if args.bank:
         from ..bank import Bank
 
         bank = Bank.open(args.bank)
-        indices = bank.check_indices(parse_seeds(args.samples))
+        indices = share(bank.check_indices(parse_seeds(args.samples)))
         engine = engine_of_spec(bank.spec, args)
-        return engine, bank.trajectory(engine, indices, batch_size=args.batch_size)
+        return engine, (bank.trajectory(engine, indices, batch_size=args.batch_size) if indices else None)
     engine = engine_from(args)
-    return engine, sample(engine, args, parse_seeds(args.seeds))
+    seeds = share(parse_seeds(args.seeds))
+    return engine, (sample(engine, args, seeds) if seeds else None)  # None: no share for this process
+
+
+def _blocks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def run_edit(args) -> None:
@@ -117,6 +129,8 @@ def run_edit(args) -> None:
     if args.sequential and len(scales) != len(directions):
         raise HspaceError(f"--sequential takes one scale per direction: {len(directions)} directions, {len(scales)} scales")
     engine, trajectory = edit_source(args)
+    if trajectory is None:
+        return
     for direction in directions:
         engine.check_direction(direction, trajectory.num_steps)
     if args.sequential:

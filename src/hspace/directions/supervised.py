@@ -50,30 +50,41 @@ def top_bottom(scores: torch.Tensor, k: int) -> tuple[list[int], list[int]]:
     return order[:k], low[:k]
 
 
-def annotate_bank(bank, scorer: Scorer | None = None, name: str = "classifier", batch_size: int = 256) -> dict[str, torch.Tensor]:
+def annotate_bank(bank, scorer: Scorer | None = None, name: str = "classifier", batch_size: int = 256, processes=None) -> dict[str, torch.Tensor]:
     """Score every sample of a bank from its x_0 thumbnails and store the scores in it (``scores/NAME``).
 
     ``scorer`` maps images [N, 3, H, W] in [-1, 1] to named scores [N]; the default is the scorer of the
     domain registered for the bank's model (``hspace.domains``; the toy-faces classifier). Thumbnails are at most the bank's
     ``thumbnail_size`` (draw the bank with a thumbnail size equal to the image size to score full images).
+    Launched as several processes (``distributed.py``), each scores every num-th batch and the main process
+    writes the scores; every process returns them.
     """
+    from ..distributed import Processes
+
+    procs = processes or Processes.current()
     if scorer is None:
         from ..domains import domain_of
 
         scorer = domain_of(bank.spec.model).scorer()
-    thumbs = bank.thumbnails()
-    parts: dict[str, list[torch.Tensor]] = {}
-    for chunk in thumbs.split(batch_size):
-        out = scorer(chunk.float() / 127.5 - 1.0)
-        if not isinstance(out, dict) or not out:
-            raise HspaceError(f"the scorer must return a dict of named scores, got {type(out).__name__}")
-        for key, value in out.items():
-            value = torch.as_tensor(value).detach().float().cpu()
-            if value.shape != (len(chunk),):
-                raise HspaceError(f"the scorer's {key!r} has shape {tuple(value.shape)}; valid: ({len(chunk)},), one score per image")
-            parts.setdefault(key, []).append(value)
-    scores = {key: torch.cat(values) for key, values in parts.items()}
-    bank.set_scores(name, scores, meta={"scorer": getattr(scorer, "__qualname__", type(scorer).__name__)})
+    chunks = list(enumerate(bank.thumbnails().split(batch_size)))
+    mine = [(i, _score_chunk(scorer, chunk)) for i, chunk in procs.share(chunks)]
+    parts = dict(item for gathered in procs.gather(mine) for item in gathered)
+    scores = {key: torch.cat([parts[i][key] for i in range(len(chunks))]) for key in parts[0]}
+    meta = {"scorer": getattr(scorer, "__qualname__", type(scorer).__name__)}
+    procs.main_first(bank.set_scores, name, scores, meta=meta)
+    return scores
+
+
+def _score_chunk(scorer: Scorer, chunk: torch.Tensor) -> dict[str, torch.Tensor]:
+    out = scorer(chunk.float() / 127.5 - 1.0)
+    if not isinstance(out, dict) or not out:
+        raise HspaceError(f"the scorer must return a dict of named scores, got {type(out).__name__}")
+    scores = {}
+    for key, value in out.items():
+        value = torch.as_tensor(value).detach().float().cpu()
+        if value.shape != (len(chunk),):
+            raise HspaceError(f"the scorer's {key!r} has shape {tuple(value.shape)}; valid: ({len(chunk)},), one score per image")
+        scores[key] = value
     return scores
 
 
