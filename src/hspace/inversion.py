@@ -33,10 +33,30 @@ from .progress import Meter, StepEvent
 from .trajectory import Trajectory
 
 
+def image_tensor(image, size: tuple[int, int], resize: bool = False, what: str = "the image") -> torch.Tensor:
+    """A PIL image as [3, H, W] in [-1, 1] at ``size`` (centre-cropped and resized when ``resize``)."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode not in ("RGB", "RGBA", "L"):
+        raise HspaceError(f"{what} has mode {image.mode!r}; valid: RGB, RGBA or L (grayscale)")
+    image = image.convert("RGB")
+    H, W = size
+    if image.size != (W, H):
+        if not resize:
+            raise HspaceError(
+                f"{what} is {image.size[0]}x{image.size[1]} px, the model takes {W}x{H}; resize it (or pass --resize to centre-crop and resize)"
+            )
+        side = min(image.size)
+        left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
+        image = image.crop((left, top, left + side, top + side)).resize((W, H), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
 def load_images(paths: Sequence[str | Path], size: tuple[int, int], resize: bool = False) -> torch.Tensor:
     """Images [N, 3, H, W] in [-1, 1] from files. A file of another size is an error unless ``resize``:
     then it is centre-cropped to a square and resized (bicubic) to ``size``."""
-    import numpy as np
     from PIL import Image
 
     out = []
@@ -49,21 +69,7 @@ def load_images(paths: Sequence[str | Path], size: tuple[int, int], resize: bool
             image.load()
         except Exception as e:
             raise HspaceError(f"{str(path)!r} is not an image PIL can read: {e}") from None
-        if image.mode not in ("RGB", "RGBA", "L"):
-            raise HspaceError(f"{str(path)!r} has mode {image.mode!r}; valid: RGB, RGBA or L (grayscale)")
-        image = image.convert("RGB")
-        H, W = size
-        if image.size != (W, H):
-            if not resize:
-                raise HspaceError(
-                    f"{str(path)!r} is {image.size[0]}x{image.size[1]} px, the model takes {W}x{H}; resize it "
-                    "(or pass --resize to centre-crop and resize)"
-                )
-            side = min(image.size)
-            left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
-            image = image.crop((left, top, left + side, top + side)).resize((W, H), Image.BICUBIC)
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-        out.append(torch.from_numpy(array).permute(2, 0, 1))
+        out.append(image_tensor(image, size, resize, repr(str(path))))
     return torch.stack(out)
 
 

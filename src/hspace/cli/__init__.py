@@ -10,9 +10,9 @@ import sys
 from ..distributed import launch, launched
 from ..errors import HspaceError
 from ..domains import registered_domains
-from . import directions, generation, reports
+from . import directions, generation, reports, ui
 
-GROUPS = (generation, directions, reports)
+GROUPS = (generation, directions, reports, ui)
 # Options that name outputs, checked before any computation (a command may override with set_defaults(outputs=...)).
 OUTPUTS = {"out": "dir", "output": "file", "json": "file", "grid": "file", "save_trajectory": "file"}
 

@@ -1,0 +1,63 @@
+"""`hspace ui`: the browser editor (``hspace.ui``), served on this machine."""
+
+from __future__ import annotations
+
+import sys
+
+from ..errors import HspaceError
+from .common import add_model_args, engine_from, engine_of_spec, nonnegative_int, parse_eta, positive_int
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("ui", help="the interactive editor in the browser: sliders per direction, windows, save, Jacobian on demand")
+    add_model_args(p)
+    p.add_argument("--steps", type=positive_int, default=25, help="generative steps of the samples edited (default 25; a bank: its own)")
+    p.add_argument("--eta", default="1.0", help="eta of the samples (default 1; a bank: its own)")
+    p.add_argument("--bank", default=None, help="a bank: its engine, steps and samples (pick them by index)")
+    p.add_argument("--directions", nargs="+", default=None, help="direction files or folders (default: PCs and, for toyfaces, "
+                   "classifier-annotated supervised directions of a small bank drawn on start)")
+    p.add_argument("--save-dir", default="out/ui/saved", help="the only folder the page can write to (saved combinations)")
+    p.add_argument("--workdir", default="out/ui", help="where the starter bank is kept between starts")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=nonnegative_int, default=7860)
+    p.add_argument("--allow-remote", action="store_true", help="needed to listen on another address than this machine's")
+    p.set_defaults(func=run_ui, outputs={"save_dir": "dir", "workdir": "dir"})
+
+
+def build_editor(args):
+    from ..bank import Bank
+    from ..directions.direction import load_directions
+    from ..ui.server import Editor, starter_directions
+
+    if args.bank:
+        bank = Bank.open(args.bank)
+        engine = engine_of_spec(bank.spec, args)
+        steps, eta = bank.num_steps, bank.eta
+    else:
+        bank, engine, steps = None, engine_from(args), args.steps
+        eta = parse_eta(args.eta)
+    if not isinstance(eta, float):
+        eta = float(eta[0]) if len(set(map(float, eta))) == 1 else None
+        if eta is None:
+            raise HspaceError("the editor draws samples with one eta for all steps; give one number")
+    directions = load_directions(args.directions) if args.directions else starter_directions(engine, args.workdir, steps, eta)
+    return Editor(engine, directions, args.save_dir, steps, eta, bank)
+
+
+def run_ui(args) -> None:
+    try:
+        import uvicorn
+
+        from ..ui.server import create_app
+    except ImportError:
+        raise HspaceError("the editor needs its extra: pip install 'hspace[ui]' torch==2.13.0") from None
+    if args.host not in LOCAL_HOSTS and not args.allow_remote:
+        raise HspaceError(f"--host {args.host} would serve the editor to other machines; add --allow-remote if you mean it")
+    if args.host not in LOCAL_HOSTS:
+        print(f"warning: listening on {args.host}: anyone who can reach this port can use the editor and write to {args.save_dir}", file=sys.stderr)
+    editor = build_editor(args)
+    print(f"hspace editor: http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/  "
+          f"({len(editor.directions)} directions; saves go to {args.save_dir}; Ctrl-C stops)", flush=True)
+    uvicorn.run(create_app(editor), host=args.host, port=args.port, log_level="warning")

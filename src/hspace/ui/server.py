@@ -1,0 +1,339 @@
+"""`hspace ui`: a local web app to find, try, combine and save directions by hand.
+
+One FastAPI app, one static page (``static/index.html``: no asset from the internet). The API is
+stateless per request: every edit request carries the whole combination (sample, directions with
+scales and timestep windows, Asyrp or one pass), so browser tabs cannot disturb each other. What the
+server keeps is shared and only grows: the directions (the ones given, plus Jacobian directions computed
+on request) and caches of sampled and uploaded trajectories. One lock serialises the engine, since an
+intervention is a hook on the shared U-Net. A request that waits for the lock while a newer one from the
+same tab arrives is dropped (HTTP 409): a slider dragged fast costs one edit, not one per position.
+
+The combination is one Direction: delta_t = sum_i scale_i delta_i[t] inside direction i's window. The
+page's image is ``engine.edit(trajectory, [combination], [1.0])``, and Save writes exactly that
+Direction, so applying the saved file in Python gives the image the page showed.
+"""
+
+
+import base64
+import io
+import threading
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from ..directions.direction import Direction
+from ..errors import HspaceError
+from ..files import safe_name
+from ..images import to_pil
+
+MAX_UPLOAD_BYTES = 4 * 2**20
+MAX_UPLOAD_PIXELS = 4096 * 4096
+MAX_STRIP = 16
+MAX_JACOBIAN_K = 8
+CACHED = 64  # trajectories kept per kind (seeds, uploads)
+STATIC = Path(__file__).parent / "static"
+
+
+def _png(image: torch.Tensor) -> str:
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _raw(image: torch.Tensor) -> str:
+    return base64.b64encode(image.float().contiguous().numpy().tobytes()).decode()
+
+
+class _Cache(OrderedDict):
+    def put(self, key, value):
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > CACHED:
+            self.popitem(last=False)
+
+
+def unit_of(direction: Direction) -> tuple[str, float]:
+    """A direction's slider unit and range (+-): sigma for PCA, ||h_t|| for Jacobian, raw for the rest."""
+    method = direction.meta.get("method", "")
+    if method in ("pca", "random"):
+        return "sigma", 4.0
+    if method == "jacobian":
+        return "||h_t||", 0.5
+    return "raw", 2.0
+
+
+class Editor:
+    """The editor's state and operations, independent of the web framework (the app below wraps it)."""
+
+    def __init__(self, engine, directions: list[Direction], save_dir: str | Path, steps: int = 25, eta: float = 1.0, bank=None):
+        self.engine, self.steps, self.eta, self.bank = engine, steps, eta, bank
+        self.save_dir = Path(save_dir)
+        self.lock = threading.Lock()
+        self.directions: dict[str, Direction] = {}
+        for d in directions:
+            self.add_direction(d)
+        self.samples, self.uploads = _Cache(), _Cache()
+        self.latest: dict[str, int] = {}
+        self.timesteps = [int(t) for t in engine.schedule(steps).timesteps]
+
+    # ---------------------------------------------------------------- what there is
+    def add_direction(self, direction: Direction) -> str:
+        self.engine.check_direction(direction, self.steps)
+        name, i = direction.name, 1
+        while name in self.directions:
+            i += 1
+            name = f"{direction.name}-{i}"
+        self.directions[name] = direction
+        return name
+
+    def info(self) -> dict:
+        directions = []
+        for name, d in self.directions.items():
+            unit, limit = unit_of(d)
+            directions.append({"name": name, "method": d.meta.get("method", ""), "unit": unit, "limit": limit})
+        domain = self._domain()
+        return {
+            "model": self.engine.spec.describe(), "spec": self.engine.spec.to_dict(), "steps": self.steps, "eta": self.eta,
+            "timesteps": self.timesteps, "h_shape": list(self.engine.h_shape), "directions": directions,
+            "bank": None if self.bank is None else {"path": str(self.bank.path), "n": self.bank.n},
+            "parts": sorted(domain.parts) if domain is not None and domain.parts else [],
+            "max_upload_bytes": MAX_UPLOAD_BYTES,
+        }
+
+    def _domain(self):
+        from ..domains import domain_of
+
+        try:
+            return domain_of(self.engine.name)
+        except HspaceError:
+            return None
+
+    # ---------------------------------------------------------------- samples
+    def trajectory(self, source: dict):
+        """The trajectory of {"seed": s} | {"bank": i} | {"upload": id} (sampled once, then cached)."""
+        if not isinstance(source, dict) or len(source) != 1:
+            raise HspaceError('a sample is {"seed": N}, {"bank": INDEX} or {"upload": ID}')
+        (kind, value), = source.items()
+        if kind == "seed":
+            seed = _integer(value, "seed", 0, 2**63 - 1)
+            if seed not in self.samples:
+                self.samples.put(seed, self.engine.sample([seed], self.steps, self.eta, record_h=False, progress=False))
+            return self.samples[seed]
+        if kind == "bank":
+            if self.bank is None:
+                raise HspaceError("no bank was given to the editor (hspace ui --bank DIR)")
+            index = _integer(value, "bank index", 0, self.bank.n - 1)
+            key = ("bank", index)
+            if key not in self.samples:
+                self.samples.put(key, self.bank.trajectory(self.engine, [index], progress=False))
+            return self.samples[key]
+        if kind == "upload":
+            if value not in self.uploads:
+                raise HspaceError(f"no uploaded image {value!r} (uploads are kept while the server runs; upload it again)")
+            return self.uploads[value]
+        raise HspaceError(f"unknown sample kind {kind!r}; valid: seed, bank, upload")
+
+    def upload(self, data: bytes) -> str:
+        """Decode an uploaded image safely, invert it (edit-friendly DDPM inversion) and keep it; its id."""
+        from PIL import Image
+
+        from ..inversion import image_tensor, invert
+
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise HspaceError(f"the upload has {len(data)} bytes; valid: at most {MAX_UPLOAD_BYTES} bytes")
+        Image.MAX_IMAGE_PIXELS = MAX_UPLOAD_PIXELS
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.verify()
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                tensor = image_tensor(image.convert("RGB"), self.engine.image_size, resize=True, what="the upload")
+        except HspaceError:
+            raise
+        except Exception as e:
+            raise HspaceError(f"the upload is not an image this server can read ({type(e).__name__}); valid: PNG, JPEG, ...") from None
+        with self.lock:
+            trajectory = invert(self.engine, tensor[None], self.steps, self.eta, progress=False)
+        key = uuid.uuid4().hex[:12]
+        self.uploads.put(key, trajectory)
+        return key
+
+    # ---------------------------------------------------------------- the combination
+    def combination(self, parts: list, name: str = "combination") -> Direction:
+        """One Direction from [{"name", "scale", "window": [t_start, t_end] or null}, ...] (module doc)."""
+        if not isinstance(parts, list):
+            raise HspaceError("a combination is a list of {name, scale, window} (empty: no edit)")
+        delta = torch.zeros(self.steps, *self.engine.h_shape)
+        used = []
+        for part in parts:
+            if not isinstance(part, dict) or part.get("name") not in self.directions:
+                got = part.get("name") if isinstance(part, dict) else part
+                raise HspaceError(f"unknown direction {got!r}; valid: {', '.join(self.directions)}")
+            scale = part.get("scale", 0.0)
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not torch.isfinite(torch.tensor(float(scale))):
+                raise HspaceError(f"bad scale {scale!r} for {part['name']!r}; valid: a finite number")
+            window = part.get("window")
+            active = self.engine.active_steps(self.steps, None if window is None else tuple(window))
+            direction = self.directions[part["name"]]
+            delta += float(scale) * direction.per_step(self.steps) * active.float().reshape(-1, *[1] * len(self.engine.h_shape))
+            used.append({"name": part["name"], "scale": float(scale), "window": None if window is None else [float(w) for w in window],
+                         "method": direction.meta.get("method", ""), "params": direction.meta.get("params", {})})
+        meta = {"name": name, "method": "combination", "params": {"parts": used, "steps": self.steps}}
+        return Direction(delta, meta=meta, spec=self.engine.spec)
+
+    def edit(self, request: dict) -> dict:
+        """Original and edited image of the sample (and of a strip of seeds) under the combination."""
+        tab, seq = str(request.get("tab", "")), request.get("seq", 0)
+        self.latest[tab] = max(self.latest.get(tab, -1), seq) if isinstance(seq, int) else self.latest.get(tab, -1)
+        asyrp = bool(request.get("asyrp", False))
+        strip = request.get("strip") or []
+        if not isinstance(strip, list) or len(strip) > MAX_STRIP:
+            raise HspaceError(f"a strip is a list of at most {MAX_STRIP} seeds")
+        combination = self.combination(request.get("parts") or [])
+        with self.lock:
+            if isinstance(seq, int) and seq < self.latest.get(tab, -1):
+                return {"superseded": True}
+            trajectory = self.trajectory(request.get("sample"))
+            others = [self.trajectory({"seed": s}) for s in strip]
+            batch = _concat([trajectory, *others])
+            images = self.engine.edit(batch, [combination], [1.0], eps_pass="clean" if asyrp else "edited", progress=False)[0, 0]
+        out = {"original": _png(batch.images[0]), "edited": _png(images[0]),
+               "strip": [{"seed": s, "original": _png(batch.images[i + 1]), "edited": _png(images[i + 1])} for i, s in enumerate(strip)]}
+        if request.get("raw"):
+            out["edited_raw"] = _raw(images[0])
+        return out
+
+    def save(self, name: str, parts: list) -> Path:
+        if not isinstance(name, str) or not name.strip():
+            raise HspaceError("give the direction a name")
+        if not isinstance(parts, list) or not any(isinstance(p, dict) and p.get("scale") for p in parts):
+            raise HspaceError("nothing to save: move at least one slider away from 0")
+        direction = self.combination(parts, name.strip())
+        self.save_dir.mkdir(parents=True, exist_ok=True)
+        path = self.save_dir / safe_name(f"{name.strip()}.safetensors")
+        return direction.save(path)
+
+    def jacobian(self, request: dict) -> list[str]:
+        """Jacobian directions of the sample at one step (optionally masked); added to the sliders."""
+        from ..directions.jacobian import jacobian_directions
+        from ..domains import load_mask
+
+        step = _integer(request.get("step", self.steps // 2), "step", 0, self.steps - 1)
+        k = _integer(request.get("k", 3), "k", 1, MAX_JACOBIAN_K)
+        mask, mask_name = None, None
+        if request.get("part"):
+            domain = self._domain()
+            if domain is None or request["part"] not in (domain.parts or {}):
+                raise HspaceError(f"unknown part {request['part']!r}; valid: {', '.join(sorted(domain.parts)) if domain and domain.parts else 'none'}")
+            mask, mask_name = load_mask(request["part"], tuple(self.engine.sample_shape[1:]), domain), request["part"]
+        elif request.get("mask") is not None:
+            mask, mask_name = self._painted(request["mask"]), "painted"
+        with self.lock:
+            trajectory = self.trajectory(request.get("sample"))
+            result = jacobian_directions(self.engine, trajectory, steps=[step], k=k, mask=mask, mask_name=mask_name, max_iter=30, progress=False)
+        return [self.add_direction(d) for d in result[0].directions]
+
+    def _painted(self, mask) -> torch.Tensor:
+        try:
+            grid = torch.tensor(mask, dtype=torch.float32)
+        except (TypeError, ValueError):
+            raise HspaceError("a painted mask is a 2-D list of numbers in [0, 1]") from None
+        if grid.ndim != 2 or grid.numel() > 1024 * 1024 or not bool(((grid >= 0) & (grid <= 1)).all()) or not bool((grid > 0).any()):
+            raise HspaceError("a painted mask is a 2-D list of numbers in [0, 1] with something painted, at most 1024x1024")
+        size = self.engine.sample_shape[1:]
+        return torch.nn.functional.interpolate(grid[None, None], size=size, mode="area")[0]
+
+
+def _integer(value, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise HspaceError(f"bad {what} {value!r}; valid: an integer from {low} to {high}")
+    return value
+
+
+def _concat(trajectories):
+    from ..trajectory import Trajectory
+
+    return trajectories[0] if len(trajectories) == 1 else Trajectory.cat(trajectories)
+
+
+def create_app(editor: Editor):
+    """The FastAPI app of an editor: the page and its JSON API (errors are {"error": message}, HTTP 400)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import FileResponse, JSONResponse
+
+    app = FastAPI(title="hspace editor", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(HspaceError)
+    async def bad_request(_request, error: HspaceError):
+        return JSONResponse({"error": str(error)}, status_code=400)
+
+    async def body(request: Request) -> dict:
+        try:
+            data = await request.json()
+        except Exception:
+            raise HspaceError("the request body must be a JSON object") from None
+        if not isinstance(data, dict):
+            raise HspaceError("the request body must be a JSON object")
+        return data
+
+    @app.get("/")
+    def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/api/info")
+    def info():
+        return editor.info()
+
+    @app.post("/api/edit")
+    async def edit(request: Request):
+        data = await body(request)
+        from starlette.concurrency import run_in_threadpool
+
+        result = await run_in_threadpool(editor.edit, data)
+        return JSONResponse(result, status_code=409 if result.get("superseded") else 200)
+
+    @app.post("/api/save")
+    async def save(request: Request):
+        data = await body(request)
+        path = editor.save(data.get("name"), data.get("parts"))
+        return {"saved": path.name}
+
+    @app.post("/api/jacobian")
+    async def jacobian(request: Request):
+        data = await body(request)
+        from starlette.concurrency import run_in_threadpool
+
+        return {"added": await run_in_threadpool(editor.jacobian, data), **editor.info()}
+
+    @app.post("/api/upload")
+    async def upload(request: Request):
+        data = await request.body()
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise HspaceError(f"the upload has {len(data)} bytes; valid: at most {MAX_UPLOAD_BYTES} bytes")
+        from starlette.concurrency import run_in_threadpool
+
+        return {"upload": await run_in_threadpool(editor.upload, data)}
+
+    return app
+
+
+def starter_directions(engine, workdir: str | Path, steps: int, eta: float, n: int = 48, k: int = 6) -> list[Direction]:
+    """What the editor shows when no directions are given: the top-k PCs of a small bank (drawn once into
+    ``workdir`` and reused) and, for a model with a domain classifier, its eq. 10 directions per binary
+    attribute (top n/6 minus bottom n/6 by the classifier)."""
+    from ..bank import build_bank
+    from ..directions.pca import pca_per_timestep
+    from ..directions.supervised import annotate_bank, direction_from_scores
+    from ..domains import domain_of
+
+    bank = build_bank(Path(workdir) / f"bank-{safe_name(engine.name)}-{steps}-{eta:g}", engine, n, steps, eta, shard_size=n, progress=None)
+    directions = pca_per_timestep(bank.h_chunks(), k, expected_n=bank.n, spec=engine.spec).directions
+    try:
+        domain = domain_of(engine.name)
+    except HspaceError:
+        return directions
+    if not bank.scores_path("classifier").is_file():
+        annotate_bank(bank, domain.scorer())
+    return directions + [direction_from_scores(bank, a, max(1, n // 6)) for a in domain.binary]

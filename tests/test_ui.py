@@ -1,0 +1,140 @@
+"""The browser editor's API (FastAPI's test client): every endpoint, its errors, tabs that do not disturb
+each other, and a saved combination that reproduces the page's image in Python."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hspace.directions.direction import Direction
+from hspace.engine import Engine
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from hspace.ui.server import MAX_UPLOAD_BYTES, Editor, create_app  # noqa: E402
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def editor(tmp_path_factory):
+    engine = Engine.load("tiny-random")
+    gen = torch.Generator().manual_seed(0)
+    directions = [
+        Direction(torch.randn(STEPS, *engine.h_shape, generator=gen), meta={"name": "pc1", "method": "pca"}, spec=engine.spec),
+        Direction(torch.randn(1, *engine.h_shape, generator=gen) * 5, meta={"name": "jac", "method": "jacobian"}, spec=engine.spec),
+        Direction(torch.randn(STEPS, *engine.h_shape, generator=gen) * 3, meta={"name": "smile", "method": "supervised"}),
+    ]
+    return Editor(engine, directions, tmp_path_factory.mktemp("saved"), steps=STEPS, eta=1.0)
+
+
+@pytest.fixture(scope="module")
+def client(editor):
+    return TestClient(create_app(editor))
+
+
+def _image(data_url: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))))
+
+
+def test_page_and_info(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "hspace editor" in page.text
+    assert "http://" not in page.text.replace("http://www.w3.org", "") and "https://" not in page.text  # no asset from the internet
+    info = client.get("/api/info").json()
+    assert [d["name"] for d in info["directions"]] == ["pc1", "jac", "smile"]
+    assert [d["unit"] for d in info["directions"]] == ["sigma", "||h_t||", "raw"]
+    assert len(info["timesteps"]) == STEPS and info["steps"] == STEPS
+
+
+def test_saved_combination_reproduces_the_page(client, editor):
+    t = editor.timesteps
+    parts = [{"name": "pc1", "scale": 1.5, "window": [t[0], t[1]]}, {"name": "jac", "scale": -0.3, "window": None},
+             {"name": "smile", "scale": 0.7, "window": [t[2], t[-1]]}]
+    shown = client.post("/api/edit", json={"sample": {"seed": 3}, "parts": parts, "raw": True, "strip": [4, 5]}).json()
+    edited = torch.from_numpy(np.frombuffer(base64.b64decode(shown["edited_raw"]), dtype=np.float32).copy())
+    plain = client.post("/api/edit", json={"sample": {"seed": 3}, "parts": []}).json()
+    assert np.array_equal(_image(plain["edited"]), _image(plain["original"]))  # no slider moved: the sample itself
+    assert not np.array_equal(_image(shown["edited"]), _image(shown["original"]))
+    assert [s["seed"] for s in shown["strip"]] == [4, 5]
+
+    saved = client.post("/api/save", json={"name": "my edit", "parts": parts}).json()["saved"]
+    direction = Direction.load(editor.save_dir / saved)
+    assert direction.meta["method"] == "combination" and [p["name"] for p in direction.meta["params"]["parts"]] == ["pc1", "jac", "smile"]
+    # the saved delta is the combination: scale times delta inside each window, zero outside
+    expected = 1.5 * editor.directions["pc1"].delta * torch.tensor([1.0, 1, 0, 0])[:, None, None, None]
+    expected = expected - 0.3 * editor.directions["jac"].delta + 0.7 * editor.directions["smile"].delta * torch.tensor([0.0, 0, 1, 1])[:, None, None, None]
+    assert torch.allclose(direction.delta, expected, atol=1e-6)
+    engine = Engine.load(direction.spec)
+    again = engine.edit(engine.sample([3], STEPS, 1.0, progress=False), [direction], [1.0], progress=False)[0, 0, 0]
+    assert float((again.flatten() - edited).abs().max()) <= 1e-5
+
+
+def test_errors_are_shown_and_the_server_keeps_running(client):
+    cases = [
+        ({"sample": {"seed": -1}, "parts": []}, "bad seed -1"),
+        ({"sample": {"bank": 0}, "parts": []}, "no bank"),
+        ({"sample": {"upload": "nope"}, "parts": []}, "no uploaded image"),
+        ({"sample": {"seed": 0}, "parts": [{"name": "nope", "scale": 1}]}, "unknown direction 'nope'"),
+        ({"sample": {"seed": 0}, "parts": [{"name": "pc1", "scale": "big"}]}, "bad scale"),
+        ({"sample": {"seed": 0}, "parts": [{"name": "pc1", "scale": 1, "window": [0, 999]}]}, "larger timestep to the smaller"),
+        ({"sample": {"seed": 0}, "parts": [], "strip": list(range(40))}, "at most 16"),
+    ]
+    for request, message in cases:
+        response = client.post("/api/edit", json=request)
+        assert response.status_code == 400 and message in response.json()["error"], (request, response.text)
+    assert client.post("/api/edit", content=b"not json", headers={"Content-Type": "application/json"}).status_code == 400
+    assert "nothing to save" in client.post("/api/save", json={"name": "x", "parts": []}).json()["error"]
+    assert "give the direction a name" in client.post("/api/save", json={"name": " ", "parts": []}).json()["error"]
+    assert client.post("/api/edit", json={"sample": {"seed": 0}, "parts": []}).status_code == 200  # still serving
+
+
+def test_save_cannot_leave_the_save_folder(client, editor, tmp_path):
+    parts = [{"name": "pc1", "scale": 1.0}]
+    saved = client.post("/api/save", json={"name": "../../escape", "parts": parts}).json()["saved"]
+    assert "/" not in saved and (editor.save_dir / saved).is_file()
+    assert not any(p.name.startswith("escape") for p in editor.save_dir.parent.parent.iterdir())
+
+
+def test_upload_is_inverted_and_limited(client, editor):
+    image = Image.fromarray((np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    upload = client.post("/api/upload", content=buffer.getvalue()).json()["upload"]
+    shown = client.post("/api/edit", json={"sample": {"upload": upload}, "parts": []}).json()
+    assert _image(shown["original"]).shape == (32, 32, 3)
+    # edit-friendly DDPM inversion: the replay reproduces the (centre-cropped, resized) upload
+    assert np.abs(_image(shown["edited"]).astype(int) - _image(shown["original"]).astype(int)).max() <= 1
+    too_big = client.post("/api/upload", content=b"x" * (MAX_UPLOAD_BYTES + 1))
+    assert too_big.status_code == 400 and "at most" in too_big.json()["error"]
+    assert "not an image" in client.post("/api/upload", content=b"GIF89a garbage").json()["error"]
+
+
+def test_jacobian_adds_directions_with_a_painted_mask(client):
+    mask = [[1 if 8 <= x < 24 and y < 12 else 0 for x in range(32)] for y in range(32)]
+    info = client.post("/api/jacobian", json={"sample": {"seed": 1}, "step": 2, "k": 2, "mask": mask}).json()
+    added = info["added"]
+    assert len(added) == 2 and all(name in [d["name"] for d in info["directions"]] for name in added)
+    assert {d["unit"] for d in info["directions"] if d["name"] in added} == {"||h_t||"}
+    assert "k" in client.post("/api/jacobian", json={"sample": {"seed": 1}, "k": 99}).json()["error"]
+    assert "painted mask" in client.post("/api/jacobian", json={"sample": {"seed": 1}, "mask": [[0, 0]]}).json()["error"]
+
+
+def test_tabs_do_not_disturb_each_other(editor):
+    """A stale request of one tab is dropped once a newer one of that tab is in; another tab's is not."""
+    editor.latest.clear()
+    first = editor.edit({"tab": "a", "seq": 5, "sample": {"seed": 0}, "parts": []})
+    assert "edited" in first
+    assert editor.edit({"tab": "a", "seq": 3, "sample": {"seed": 0}, "parts": []}) == {"superseded": True}
+    other = editor.edit({"tab": "b", "seq": 1, "sample": {"seed": 0}, "parts": [{"name": "pc1", "scale": 1}]})
+    assert "edited" in other and other["edited"] != first["edited"]
+    again = editor.edit({"tab": "a", "seq": 6, "sample": {"seed": 0}, "parts": []})
+    assert again["edited"] == first["edited"]  # tab b's sliders did not leak into tab a
+    json.dumps(again)
