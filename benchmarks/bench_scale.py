@@ -46,7 +46,7 @@ def main() -> None:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {args.threads} thread(s) per process)"
     samples = args.n * args.steps
     print(f"{args.model}: bank of {args.n} samples x {args.steps} steps, shard {args.shard_size}, batch {args.batch_size}, on {device}")
-    print(f"| processes | seconds (whole command) | sample-steps per second | ratio to 1 process |")
+    print("| processes | seconds (whole command) | sample-steps per second | ratio to 1 process |")
     print("|---|---|---|---|")
     print(f"| 1 | {one:.1f} | {samples / one:.0f} | 1.00 |")
     print(f"| {args.processes} | {many:.1f} | {samples / many:.0f} | {one / many:.2f} |")

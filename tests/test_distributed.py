@@ -117,3 +117,17 @@ def test_annotate_and_edit_by_two_processes_equal_one(tmp_path, one_thread):
     assert files == sorted(p.name for p in (tmp_path / "e2").glob("*.png")) and len(files) == 5 * 3
     for name in files:
         assert np.array_equal(np.asarray(Image.open(tmp_path / "e1" / name)), np.asarray(Image.open(tmp_path / "e2" / name))), name
+
+
+def test_jacobian_of_many_samples_by_two_processes_equals_one(tmp_path, one_thread):
+    common = ["jacobian", "--model", "tiny-random", "--steps", "3", "--seeds", "0-2", "--k", "2", "--max-iter", "5", "--tol", "0", "--at", "1"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    two = _run([*common, "--out", str(tmp_path / "two"), "--num-processes", "2"])
+    assert two.returncode == 0, two.stderr[-2000:]
+    for seed in range(3):
+        one_dir, two_dir = tmp_path / "one" / f"seed{seed}", tmp_path / "two" / f"seed{seed}"
+        files = sorted(p.name for p in one_dir.glob("*.safetensors"))
+        assert files and files == sorted(p.name for p in two_dir.glob("*.safetensors"))
+        for name in files:
+            a, b = load_file(one_dir / name), load_file(two_dir / name)
+            assert all(torch.equal(a[k], b[k]) for k in a), (seed, name)

@@ -483,7 +483,7 @@ def build_bank(
         mine = procs.share(missing)
         with Meter.job(callback, bank.n * num_steps, progress if procs.is_main else False, "bank", done=done * num_steps, scale=procs.num) as meter:
             for start, count in mine:
-                logger.info("process %d of %d draws samples %d..%d", procs.index, procs.num, start, start + count - 1)
+                (logger.info if procs.num > 1 else logger.debug)("process %d of %d draws samples %d..%d", procs.index, procs.num, start, start + count - 1)
                 seeds = list(range(base_seed + start, base_seed + start + count))
                 trajectory = engine.sample(seeds, num_steps, eta, keep_noise=False, batch_size=batch_size, callback=meter)
                 bank.write_shard(start, trajectory.h, thumbnails(trajectory.images, thumbnail_size))

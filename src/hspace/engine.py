@@ -109,6 +109,9 @@ class Engine:
         ``clip_sample`` overrides the scheduler's clipping of P_t (None: the model's own setting). A
         conditional model (Stable Diffusion, SDXL) takes ``prompt``, ``negative_prompt``, ``guidance``
         and ``guide_edit`` (see ``spec.py``); ``engine.conditioned(prompt=...)`` changes them later."""
+        unknown = sorted(set(condition) - set(CONDITION_FIELDS))
+        if unknown:
+            raise HspaceError(f"unknown option(s) {', '.join(unknown)}; valid: h_location, device, dtype, clip_sample, {', '.join(CONDITION_FIELDS)}")
         if isinstance(model, Spec):
             given = {"h_location": h_location, "dtype": dtype, "clip_sample": clip_sample, **condition}
             extra = [k for k, v in given.items() if v is not None]

@@ -111,16 +111,33 @@ class Replace(Windowed):
 
 
 class Record:
-    """Keeps h_t of every step as the decoder half saw it: ``h`` [N, T, *h_shape] float32 on the CPU."""
+    """Keeps h_t of every step as the decoder half saw it: ``h`` [N, T, *h_shape] float32 on the CPU.
+
+    On a GPU the copy of each step's h to the host does not stop the GPU: it goes, asynchronously, into
+    pinned memory (a batch's rows are contiguous), and reading ``h`` waits for the copies once."""
 
     def __init__(self):
-        self.h: torch.Tensor | None = None
+        self._h: torch.Tensor | None = None
+        self._pending = False
+
+    @property
+    def h(self) -> torch.Tensor | None:
+        if self._pending:
+            torch.cuda.synchronize()
+            self._pending = False
+        return self._h
 
     def edits(self, step: int) -> bool:
         return False
 
     def __call__(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        if self.h is None:
-            self.h = torch.empty(ctx.num_samples, ctx.num_steps, *h.shape[1:])
-        self.h[ctx.rows, ctx.step] = h.detach().float().cpu()
+        if self._h is None:
+            self._h = torch.empty(ctx.num_samples, ctx.num_steps, *h.shape[1:], pin_memory=h.is_cuda)
+        rows = ctx.rows
+        first = int(rows[0])
+        if h.is_cuda and bool((rows == torch.arange(first, first + len(rows))).all()):
+            self._h[first : first + len(rows), ctx.step].copy_(h.detach().float(), non_blocking=True)
+            self._pending = True
+        else:
+            self._h[rows, ctx.step] = h.detach().float().cpu()
         return h

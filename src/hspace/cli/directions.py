@@ -45,6 +45,7 @@ def register(sub) -> None:
     add_model_args(p)
     add_process_args(p)
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the sample (default 0)")
+    p.add_argument("--seeds", nargs="+", default=None, help="many samples instead (e.g. 0-99): each into OUT/seedN/; shared between processes with --num-processes")
     p.add_argument("--trajectory", default=None, help="take the sample from a saved trajectory file (its engine and steps) instead")
     p.add_argument("--sample", type=nonnegative_int, default=0, help="with --trajectory: which sample (default 0)")
     p.add_argument("--at", nargs="+", default=None, help="step indices to decompose at, e.g. 25 or 10,25,40 (default: the middle step)")
@@ -59,6 +60,7 @@ def register(sub) -> None:
     p.add_argument("--vector-seed", type=nonnegative_int, default=0, help="seed of the random initial vectors")
     p.add_argument("--scales", nargs="+", default=["-0.3", "-0.15", "0", "0.15", "0.3"], help="scales of the preview grid (units of ||h_t||)")
     p.add_argument("--out", default="out/jacobian", help="folder for the directions, jacobian.json and grid.png")
+    add_processes_arg(p)
     p.set_defaults(func=run_jacobian)
 
     p = sub.add_parser("annotate", help="score every sample of a bank (the model's domain classifier or a local CLIP); stored in the bank")
@@ -140,11 +142,7 @@ def run_pca(args) -> None:
 
 
 def run_jacobian(args) -> None:
-    import torch
-
-    from ..directions.jacobian import jacobian_directions
     from ..domains import domain_of, load_mask
-    from ..images import labelled_grid
 
     scales = parse_scales(args.scales)
     if args.trajectory:
@@ -159,7 +157,23 @@ def run_jacobian(args) -> None:
     mask = load_mask(args.mask, engine.sample_shape[1:], domain_of(engine.name, required=False), "--mask") if args.mask else None
     if args.h_cells and mask is None:
         raise HspaceError("--h-cells needs --mask (the region whose cells of h the directions keep)")
-    trajectory = saved[args.sample] if saved is not None else sample(engine, args, [args.seed])
+    if args.seeds and saved is not None:
+        raise HspaceError("give --seeds or --trajectory, not both")
+    if not args.seeds:
+        trajectory = saved[args.sample] if saved is not None else sample(engine, args, [args.seed])
+        return _jacobian_of(engine, trajectory, mask, at, scales, args, Path(args.out))
+    procs = processes_of(args)  # several processes: each takes every num-th seed
+    for seed in procs.share(parse_seeds(args.seeds)):
+        _jacobian_of(engine, sample(engine, args, [seed]), mask, at, scales, args, Path(args.out) / f"seed{seed}")
+
+
+def _jacobian_of(engine, trajectory, mask, at, scales, args, out: Path) -> None:
+    """Jacobian directions of one sample into ``out`` (directions, jacobian.json, grid.png)."""
+    import torch
+
+    from ..directions.jacobian import jacobian_directions
+    from ..images import labelled_grid
+
     result = jacobian_directions(
         engine, trajectory, 0, at, args.k,
         mask=mask, mask_name=args.mask, method=args.method, b=args.b, max_iter=args.max_iter, tol=args.tol,
@@ -170,13 +184,13 @@ def run_jacobian(args) -> None:
 
         for step in result:
             step.directions = [restrict_to_region(d, mask) for d in step.directions]
-    out = Path(args.out)
     paths = result.save(out, {"seed": trajectory.seeds[0], "mask": args.mask, "h_cells": args.h_cells})
     images = engine.edit(trajectory, result.directions, scales, batch_size=args.batch_size)
     save_image(labelled_grid(images[:, :, 0], [d.name for d in result.directions], [f"{s:g}" for s in scales]), out / "grid.png")
     for r in result.summary():
         state = "converged" if r["converged"] else "NOT converged"
-        print(f"step {r['step']} (t={r['timestep']}): singular values {', '.join(f'{v:.3g}' for v in r['singular_values'])}; iterations {r['iterations']} ({state})")
+        print(f"seed {trajectory.seeds[0]}, step {r['step']} (t={r['timestep']}): singular values {', '.join(f'{v:.3g}' for v in r['singular_values'])}; "
+              f"iterations {r['iterations']} ({state})")
     print(f"wrote {len(paths)} directions, jacobian.json and grid.png to {out}")
 
 
