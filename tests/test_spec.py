@@ -18,8 +18,19 @@ def test_spec_round_trip_and_validation():
         Spec("m", "mid")
     with pytest.raises(HspaceError, match="unknown dtype 'int8'"):
         Spec("m", dtype="int8")
-    with pytest.raises(HspaceError, match="unknown spec field.s. prompt"):
-        Spec.from_dict({"model": "m", "prompt": "a cat"})
+    with pytest.raises(HspaceError, match="unknown spec field.s. seed"):
+        Spec.from_dict({"model": "m", "seed": 3})
+    conditional = Spec("sd", prompt="a cat", negative_prompt="blur", guidance=5, guide_edit="cond")
+    assert Spec.from_json(conditional.to_json()) == conditional and conditional.guidance == 5.0 and conditional.guided
+    with pytest.raises(HspaceError, match="needs a prompt"):
+        Spec("m", guidance=3.0)
+    with pytest.raises(HspaceError, match="prompt must be a string"):
+        Spec("m", prompt=3)
+    with pytest.raises(HspaceError, match="guide_edit 'both' needs guidance > 1"):
+        Spec("m", prompt="", guidance=1.0, guide_edit="both")
+    # another prompt is another process; a direction is not tied to its prompt
+    assert conditional.differences(Spec("sd", prompt="a dog", negative_prompt="blur", guidance=5, guide_edit="cond")) == ["prompt: 'a dog' vs 'a cat'"]
+    assert conditional.differences(Spec("sd", prompt="a dog"), "direction") == []
 
 
 def test_compatibility_rules():
