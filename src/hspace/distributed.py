@@ -81,6 +81,14 @@ class Processes:
         if self.state is not None:
             self.state.wait_for_everyone()
 
+    def close(self, wait: bool = True) -> None:
+        """Wait for every process (unless this one failed), then take the process group down: a process that
+        exits with it up can abort in its communication threads ("terminate called without an active exception")."""
+        if self.state is not None and torch.distributed.is_initialized():
+            if wait:
+                self.barrier()
+            torch.distributed.destroy_process_group()
+
     def gather(self, value: Any) -> list:
         """``value`` of every process, in process order, on every process."""
         if self.state is None:

@@ -49,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_outputs(args)
         args.func(args)
+        if getattr(args, "_processes", None) is not None:
+            args._processes.close()
     except HspaceError as e:
         print(f"hspace {args.command}: error: {e}", file=sys.stderr)
+        if getattr(args, "_processes", None) is not None:
+            args._processes.close(wait=False)
         return 2
     except KeyboardInterrupt:
         print(f"hspace {args.command}: interrupted; finished work is kept (a bank or reproduce resumes with the same command)", file=sys.stderr)
