@@ -75,7 +75,8 @@ class Editor:
         for d in directions:
             self.add_direction(d)
         self.samples, self.uploads = _Cache(), _Cache()
-        self.latest: dict[str, int] = {}
+        self.latest: dict[str, int] = {}  # the newest request number of each tab
+        self._latest_lock = threading.Lock()
         self.timesteps = [int(t) for t in engine.schedule(steps).timesteps]
 
     # ---------------------------------------------------------------- what there is
@@ -186,7 +187,9 @@ class Editor:
     def edit(self, request: dict) -> dict:
         """Original and edited image of the sample (and of a strip of seeds) under the combination."""
         tab, seq = str(request.get("tab", "")), request.get("seq", 0)
-        self.latest[tab] = max(self.latest.get(tab, -1), seq) if isinstance(seq, int) else self.latest.get(tab, -1)
+        if isinstance(seq, int):
+            with self._latest_lock:  # requests arrive on several threads
+                self.latest[tab] = max(self.latest.get(tab, -1), seq)
         asyrp = bool(request.get("asyrp", False))
         strip = request.get("strip") or []
         if not isinstance(strip, list) or len(strip) > MAX_STRIP:
