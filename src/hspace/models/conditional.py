@@ -113,7 +113,7 @@ class ConditionalUNetModel(UNetModel):
         super().__init__(unet, decoder, h_location, device, dtype)
         self.conditioner = conditioner.to(device, dtype)
         self.guided, self.guidance, self.guide_edit = spec.guided, spec.guidance, spec.guide_edit
-        image_size = tuple(s * _vae_factor(decoder) for s in self.sample_shape[1:])
+        image_size = tuple(s * conditioner.pipeline.vae_scale_factor for s in self.sample_shape[1:])  # the pipeline's default size
         self.uncond, self.cond = self.conditioner.embed(spec.prompt, spec.negative_prompt, spec.guided, image_size)
 
     def _conditioning(self, n: int) -> dict:
@@ -163,12 +163,6 @@ class ConditionalUNetModel(UNetModel):
 
     def describe(self) -> dict:
         return {"kind": f"conditional ({self.conditioner.kind})", "guided": self.guided, "guide_edit": self.guide_edit}
-
-
-def _vae_factor(decoder) -> int:
-    if decoder is None:
-        return 1
-    return 2 ** (len(decoder.config.block_out_channels) - 1)
 
 
 @dataclass

@@ -265,6 +265,7 @@ def create_app(editor: Editor):
     """The FastAPI app of an editor: the page and its JSON API (errors are {"error": message}, HTTP 400)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse
+    from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="hspace editor", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -292,8 +293,6 @@ def create_app(editor: Editor):
     @app.post("/api/edit")
     async def edit(request: Request):
         data = await body(request)
-        from starlette.concurrency import run_in_threadpool
-
         result = await run_in_threadpool(editor.edit, data)
         return JSONResponse(result, status_code=409 if result.get("superseded") else 200)
 
@@ -306,18 +305,14 @@ def create_app(editor: Editor):
     @app.post("/api/jacobian")
     async def jacobian(request: Request):
         data = await body(request)
-        from starlette.concurrency import run_in_threadpool
-
         return {"added": await run_in_threadpool(editor.jacobian, data), **editor.info()}
 
     @app.post("/api/upload")
     async def upload(request: Request):
-        data = await request.body()
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise HspaceError(f"the upload has {len(data)} bytes; valid: at most {MAX_UPLOAD_BYTES} bytes")
-        from starlette.concurrency import run_in_threadpool
-
-        return {"upload": await run_in_threadpool(editor.upload, data)}
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:  # refused before the body is read
+            raise HspaceError(f"the upload has {declared} bytes; valid: at most {MAX_UPLOAD_BYTES} bytes")
+        return {"upload": await run_in_threadpool(editor.upload, await request.body())}  # Editor.upload checks the bytes
 
     return app
 
