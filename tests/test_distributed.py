@@ -53,6 +53,12 @@ def _draws(log: str) -> list[int]:
     return [int(m) for m in re.findall(r"process \d+ of \d+ draws samples (\d+)\.\.", log)]
 
 
+def _failure(result: subprocess.CompletedProcess) -> str:
+    """What the processes printed: its start (their own messages) and its end (the launcher's summary)."""
+    text = result.stderr
+    return text if len(text) <= 8000 else text[:5000] + "\n[...]\n" + text[-3000:]
+
+
 def _run(args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "HSPACE_NO_PROGRESS": "1"}
     return subprocess.run([sys.executable, "-m", "hspace", *args], capture_output=True, text=True, env=env, timeout=300)
@@ -63,7 +69,7 @@ def test_bank_by_two_processes_equals_one_and_resumes_with_any_number(tmp_path, 
     assert reference.complete
 
     two = _run(["bank", str(tmp_path / "two"), "--n", "16", *BANK, "--num-processes", "2"])
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, _failure(two)
     _assert_same_bank(tmp_path / "one", tmp_path / "two")
     assert sorted(_draws(two.stderr)) == list(range(0, 16, 2))  # every shard drawn once, by one process
     assert {int(i) for i in re.findall(r"process (\d+) of 2 draws", two.stderr)} == {0, 1}
@@ -93,7 +99,7 @@ def test_bank_by_two_processes_equals_one_and_resumes_with_any_number(tmp_path, 
         (tmp_path / "two" / name).unlink()
     (tmp_path / "two" / ".shard-000000000008.safetensors.99999.tmp").write_bytes(b"partial")
     three = _run(["bank", str(tmp_path / "two"), "--n", "16", *BANK, "--num-processes", "3"])
-    assert three.returncode == 0, three.stderr[-2000:]
+    assert three.returncode == 0, _failure(three)
     assert sorted(_draws(three.stderr)) == [2, 8, 14]
     _assert_same_bank(tmp_path / "one", tmp_path / "two")
     assert reference40.complete
@@ -103,7 +109,7 @@ def test_annotate_and_edit_by_two_processes_equal_one(tmp_path, one_thread):
     bank = build_bank(tmp_path / "bank", Engine.load("toyfaces"), 6, 3, 1.0, shard_size=3, batch_size=3, progress=False)
     assert main(["annotate", str(bank.path), "--batch-size", "2"]) == 0
     two = _run(["annotate", str(bank.path), "--batch-size", "2", "--name", "two", "--num-processes", "2"])
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, _failure(two)
     one, other = bank.scores("classifier"), bank.scores("two")
     assert sorted(one) == sorted(other) and all(torch.equal(one[k], other[k]) for k in one)
 
@@ -112,7 +118,7 @@ def test_annotate_and_edit_by_two_processes_equal_one(tmp_path, one_thread):
     assert main(["arith", "--model", "toyfaces", "--steps", "3", "--plus", "0", "--minus", "1", "-o", str(direction)]) == 0
     assert main(["edit", *common, "--direction", str(direction), "--out", str(tmp_path / "e1")]) == 0
     two = _run(["edit", *common, "--direction", str(direction), "--out", str(tmp_path / "e2"), "--num-processes", "2"])
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, _failure(two)
     files = sorted(p.name for p in (tmp_path / "e1").glob("*.png"))
     assert files == sorted(p.name for p in (tmp_path / "e2").glob("*.png")) and len(files) == 5 * 3
     for name in files:
@@ -123,7 +129,7 @@ def test_jacobian_of_many_samples_by_two_processes_equals_one(tmp_path, one_thre
     common = ["jacobian", "--model", "tiny-random", "--steps", "3", "--seeds", "0-2", "--k", "2", "--max-iter", "5", "--tol", "0", "--at", "1"]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
     two = _run([*common, "--out", str(tmp_path / "two"), "--num-processes", "2"])
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, _failure(two)
     for seed in range(3):
         one_dir, two_dir = tmp_path / "one" / f"seed{seed}", tmp_path / "two" / f"seed{seed}"
         files = sorted(p.name for p in one_dir.glob("*.safetensors"))

@@ -20,9 +20,11 @@ The rules every distributed command follows:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
+import traceback
 from typing import Any, Sequence, TypeVar
 
 import torch
@@ -153,4 +155,18 @@ def launched_main() -> int:
     """The entry point of a process that ``launch`` started: the hspace command in ``HSPACE_LAUNCH_ARGV``."""
     from .cli import main
 
-    return main(json.loads(os.environ[ARGV_VARIABLE]))
+    code = 1
+    try:
+        code = main(json.loads(os.environ[ARGV_VARIABLE]))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        # Leave without the interpreter's teardown: the process group is down (``Processes.close``), and what
+        # is left of the communication library's threads can abort a process in its C++ destructors while
+        # the others exit (a SIGABRT after all the work was written, seen as a rare CI failure).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
