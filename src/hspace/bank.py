@@ -54,6 +54,12 @@ FLOAT16_MAX = 65504.0
 _SHARD = re.compile(r"shard-(\d{12})\.safetensors")
 # What a bank's samples depend on: a bank refuses to mix samples that differ in any of these.
 IDENTITY = ("spec", "num_steps", "eta", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
+OPTIONAL_IDENTITY = ("autocast",)  # part of the identity where present (speed.py)
+
+
+def _identity(settings: dict) -> dict:
+    """The settings that make a bank what it is: ``IDENTITY``, and those of ``OPTIONAL_IDENTITY`` it has."""
+    return {**{k: settings[k] for k in IDENTITY}, **{k: settings[k] for k in OPTIONAL_IDENTITY if settings.get(k) is not None}}
 
 
 LOCK = "bank.lock"
@@ -61,7 +67,7 @@ LOCK = "bank.lock"
 
 def _digest(identity: dict) -> str:
     """A short fingerprint of a bank's settings, stored in every shard (a shard of another bank is refused)."""
-    return hashlib.sha256(json.dumps({k: identity[k] for k in IDENTITY}, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(_identity(identity), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -108,7 +114,7 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
 
 def _flat(settings: dict) -> dict:
     """Bank settings with the spec's fields as "spec.FIELD" keys (so that a mismatch names the field)."""
-    flat = {key: settings.get(key) for key in IDENTITY if key != "spec"}
+    flat = {key: settings.get(key) for key in (*IDENTITY, *OPTIONAL_IDENTITY) if key != "spec"}
     flat.update({f"spec.{k}": v for k, v in (settings.get("spec") or {}).items()})
     return flat
 
@@ -166,8 +172,12 @@ class Bank:
         from .diffusion import eta_schedule
 
         schedule = engine.schedule(num_steps)
+        # Autocast changes the samples beyond float tolerance (speed.py): a bank drawn with it says so, and only
+        # an engine with the same autocast extends it. Without it the identity is what it always was.
+        autocast = {"autocast": engine.speed.autocast} if engine.speed.autocast else {}
         return {
             "spec": engine.spec.to_dict(),
+            **autocast,
             "num_steps": num_steps,
             "eta": [float(e) for e in eta_schedule(eta, num_steps)],
             "timesteps": [int(t) for t in schedule.timesteps],
@@ -181,7 +191,7 @@ class Bank:
     def _mismatch(self, identity: dict) -> list[str]:
         """What differs between the bank's settings and ``identity`` (the spec field by field)."""
         ours, theirs = _flat(self.manifest), _flat(identity)
-        return [f"{key}: bank has {ours.get(key)!r}, requested {theirs[key]!r}" for key in theirs if ours.get(key) != theirs[key]]
+        return [f"{key}: bank has {ours[key]!r}, requested {theirs[key]!r}" for key in theirs if ours.get(key) != theirs[key]]
 
     @property
     def spec(self) -> Spec:
@@ -231,7 +241,7 @@ class Bank:
         path.mkdir(parents=True, exist_ok=True)
         if (path / MANIFEST).exists() or (not adopt_shards and any(_SHARD.fullmatch(p.name) for p in path.iterdir())):
             raise HspaceError(f"{str(path)!r} already holds a bank or shard files; refusing to overwrite them")
-        bank = cls(path, {"kind": "hspace.Bank", "format": FORMAT, **{k: identity[k] for k in IDENTITY}, "n": n})
+        bank = cls(path, {"kind": "hspace.Bank", "format": FORMAT, **_identity(identity), "n": n})
         write_json(path / MANIFEST, bank.manifest)
         return bank
 
@@ -251,7 +261,7 @@ class Bank:
             "h": h.detach().cpu().contiguous(),
             "thumbnails": thumbs.detach().cpu().contiguous(),
         }
-        identity = {k: self.manifest[k] for k in IDENTITY}
+        identity = _identity(self.manifest)
         metadata = {
             "kind": "hspace.BankShard", "start": str(start), "bank": _digest(identity),
             "identity": json.dumps(identity), "sha256": _checksum(tensors),

@@ -22,6 +22,7 @@ from .loading import DEFAULT_MODEL, Components, load_components, resolve_device,
 from .models import UNetModel
 from .progress import Meter, StepEvent
 from .spec import Spec
+from .speed import Speed
 from .trajectory import Trajectory, check_seeds, seeded_noise, seeded_x_T
 
 EPS_PASSES = ("edited", "clean")  # where D_t's eps comes from: the edited pass, or Asyrp's clean one
@@ -71,8 +72,12 @@ class Engine:
         negative_prompt: str | None = None,
         guidance: float | None = None,
         guide_edit: str | None = None,
+        speed: Speed | None = None,
     ):
         dtype = resolve_dtype(dtype)
+        if speed is not None and not isinstance(speed, Speed):
+            raise HspaceError(f"speed must be a hspace.speed.Speed, got {type(speed).__name__}")
+        self.speed = speed or Speed()
         condition = _condition(components, prompt, negative_prompt, guidance, guide_edit)
         self.spec = Spec(components.name, h_location, str(dtype).replace("torch.", ""), clip_sample, **condition)
         self.components = components
@@ -86,11 +91,11 @@ class Engine:
         if clip_sample is not None:
             self.scheduler_config["clip_sample"] = clip_sample
         if components.conditioner is None:
-            self.model = UNetModel(components.unet, components.decoder, h_location, self.device, dtype)
+            self.model = UNetModel(components.unet, components.decoder, h_location, self.device, dtype, self.speed)
         else:
             from .models.conditional import ConditionalUNetModel
 
-            self.model = ConditionalUNetModel(components.unet, components.decoder, h_location, self.device, dtype, components.conditioner, self.spec)
+            self.model = ConditionalUNetModel(components.unet, components.decoder, h_location, self.device, dtype, components.conditioner, self.spec, self.speed)
         self._schedules: dict[int, Schedule] = {}
 
     @classmethod
@@ -101,6 +106,7 @@ class Engine:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         clip_sample: bool | None = None,
+        speed: Speed | None = None,
         **condition,
     ) -> "Engine":
         """Load a built-in model by name, a local diffusers folder or a hub id; or rebuild the engine of a
@@ -108,19 +114,20 @@ class Engine:
 
         ``clip_sample`` overrides the scheduler's clipping of P_t (None: the model's own setting). A
         conditional model (Stable Diffusion, SDXL) takes ``prompt``, ``negative_prompt``, ``guidance``
-        and ``guide_edit`` (see ``spec.py``); ``engine.conditioned(prompt=...)`` changes them later."""
+        and ``guide_edit`` (see ``spec.py``); ``engine.conditioned(prompt=...)`` changes them later.
+        ``speed`` (``hspace.speed.Speed``) chooses how the U-Net runs: channels_last, torch.compile, autocast."""
         unknown = sorted(set(condition) - set(CONDITION_FIELDS))
         if unknown:
-            raise HspaceError(f"unknown option(s) {', '.join(unknown)}; valid: h_location, device, dtype, clip_sample, {', '.join(CONDITION_FIELDS)}")
+            raise HspaceError(f"unknown option(s) {', '.join(unknown)}; valid: h_location, device, dtype, clip_sample, speed, {', '.join(CONDITION_FIELDS)}")
         if isinstance(model, Spec):
             given = {"h_location": h_location, "dtype": dtype, "clip_sample": clip_sample, **condition}
             extra = [k for k, v in given.items() if v is not None]
             if extra:
-                raise HspaceError(f"a spec fixes {', '.join(extra)}; load it alone (Engine.load(spec, device=...))")
+                raise HspaceError(f"a spec fixes {', '.join(extra)}; load it alone (Engine.load(spec, device=..., speed=...))")
             spec = model
-            return cls(load_components(spec.model), spec.h_location, device, spec.dtype, spec.clip_sample, **_condition_of(spec))
+            return cls(load_components(spec.model), spec.h_location, device, spec.dtype, spec.clip_sample, **_condition_of(spec), speed=speed)
         spec = Spec(str(model), h_location or DEFAULT_H_LOCATION)  # checks the h location before loading
-        return cls(load_components(model), spec.h_location, device, dtype, clip_sample, **condition)
+        return cls(load_components(model), spec.h_location, device, dtype, clip_sample, **condition, speed=speed)
 
     def conditioned(self, **changes) -> "Engine":
         """This engine (the same loaded model, no reload) for another prompt, negative prompt, guidance or
@@ -131,7 +138,7 @@ class Engine:
         condition = {**_condition_of(self.spec), **changes}
         if "guidance" in changes and "guide_edit" not in changes:
             condition["guide_edit"] = None  # the default for the new guidance
-        return Engine(self.components, self.h_location, self.device, self.dtype, self.spec.clip_sample, **condition)
+        return Engine(self.components, self.h_location, self.device, self.dtype, self.spec.clip_sample, **condition, speed=self.speed)
 
     # ------------------------------------------------------------------ what the engine is
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from pathlib import Path
 
@@ -132,14 +133,37 @@ def engine_from(args, clip_sample: bool | None = None):
     if clip_sample is None:
         clip_sample = False if getattr(args, "no_clip", False) else None
     condition = {k: getattr(args, k, None) for k in ("prompt", "negative_prompt", "guidance", "guide_edit")}
-    return Engine.load(args.model, h_location=args.h_location, device=device_of(args), dtype=args.dtype, clip_sample=clip_sample, **condition)
+    engine = Engine.load(args.model, h_location=args.h_location, device=device_of(args), dtype=args.dtype, clip_sample=clip_sample,
+                         speed=speed_of(args), **condition)
+    return _with_batch_size(engine, args)
 
 
 def engine_of_spec(spec, args):
-    """The engine of a bank's or trajectory's spec, on the device the flags name."""
+    """The engine of a bank's or trajectory's spec, on the device (and with the speed options) the flags name."""
     from ..engine import Engine
 
-    return Engine.load(spec, device=device_of(args))
+    return _with_batch_size(Engine.load(spec, device=device_of(args), speed=speed_of(args)), args)
+
+
+def speed_of(args):
+    from ..speed import Speed
+
+    return Speed(bool(getattr(args, "channels_last", False)), bool(getattr(args, "compile", False)), getattr(args, "autocast", None))
+
+
+def batch_size_arg(text: str):
+    """--batch-size: a positive integer, or "auto" (from the free memory of the device, once the model is loaded)."""
+    return text if text == "auto" else positive_int(text)
+
+
+def _with_batch_size(engine, args):
+    """The engine; ``--batch-size auto`` becomes a number here (``speed.auto_batch_size``), said once."""
+    if getattr(args, "batch_size", None) == "auto":
+        from ..speed import auto_batch_size
+
+        args.batch_size = auto_batch_size(engine.model)
+        logging.getLogger("hspace").info("--batch-size auto: %d (half the free memory of %s)", args.batch_size, engine.device)
+    return engine
 
 
 def saved_trajectory(args):
@@ -160,8 +184,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--h-location", default=DEFAULT_H_LOCATION, help="where h lives: mid.out (the paper's h) or mid.in")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     p.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="samples per U-Net batch")
+    p.add_argument("--batch-size", type=batch_size_arg, default=32, help="samples per U-Net batch, or auto: from the device's free memory")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 (the scheduler's clip_sample); DDIM inversion needs it")
+    from ..speed import AUTOCAST_DTYPES
+
+    s = p.add_argument_group("speed (docs/performance.md: what each gains and its tolerance)")
+    s.add_argument("--channels-last", action="store_true", help="NHWC memory order for the U-Net (x_0 within 1e-4)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the U-Net's blocks (within 1e-4; the first batch compiles)")
+    s.add_argument("--autocast", choices=AUTOCAST_DTYPES, default=None,
+                   help="U-Net matmuls/convolutions in this precision, h and weights in float32 (not within 1e-4; recorded in banks)")
     g = p.add_argument_group("text-conditioned models (Stable Diffusion, SDXL)")
     g.add_argument("--prompt", default=None, help='the prompt (default "")')
     g.add_argument("--negative-prompt", default=None, help="the negative prompt (default: the pipeline's)")

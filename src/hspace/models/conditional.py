@@ -107,10 +107,10 @@ class ConditionalUNetModel(UNetModel):
 
     kind = "conditional"
 
-    def __init__(self, unet, decoder, h_location, device, dtype, conditioner: TextConditioner, spec):
+    def __init__(self, unet, decoder, h_location, device, dtype, conditioner: TextConditioner, spec, speed=None):
         if unet.config.time_cond_proj_dim is not None:
             raise HspaceError("U-Nets with a guidance embedding (time_cond_proj_dim, e.g. LCM) are not supported; valid: SD 1.x/2.x and SDXL U-Nets")
-        super().__init__(unet, decoder, h_location, device, dtype)
+        super().__init__(unet, decoder, h_location, device, dtype, speed)
         self.conditioner = conditioner.to(device, dtype)
         self.guided, self.guidance, self.guide_edit = spec.guided, spec.guidance, spec.guide_edit
         image_size = tuple(s * conditioner.pipeline.vae_scale_factor for s in self.sample_shape[1:])  # the pipeline's default size
@@ -140,6 +140,7 @@ class ConditionalUNetModel(UNetModel):
         n = len(x)
         if self.guided:
             x = torch.cat([x, x])
+        x = self.speed.memory_format(x)
         t = torch.tensor(t, device=self.device)
         kwargs = self._conditioning(n)
         if edit_h is None:
@@ -153,8 +154,8 @@ class ConditionalUNetModel(UNetModel):
         return uncond + self.guidance * (cond - uncond)
 
     def output(self, x_t: torch.Tensor, t: int, edit_h=None) -> torch.Tensor:
-        with torch.no_grad():
-            return self.guided_output(x_t, t, edit_h)
+        with torch.no_grad(), self.speed.context(self.device):  # autocast here only: the Jacobian runs in the model's dtype
+            return self.guided_output(x_t, t, self.speed.h_function(edit_h))
 
     def decoder_half(self, x_t: torch.Tensor, t: int) -> "HookedDecoderHalf":
         seen: list[torch.Tensor] = []

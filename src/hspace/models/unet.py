@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import HspaceError
 from ..hooks import DEFAULT_H_LOCATION, bottleneck, check_location, h_hook
+from ..speed import Speed, eager
 
 
 @dataclass
@@ -145,12 +146,13 @@ def forward_mode(unet: nn.Module) -> Iterator[None]:
     - GroupNorm inputs are made contiguous: an attention block returns a channels-last view, and
       group_norm's forward derivative fails on one ("view size is not compatible"), e.g. in the
       mid block for h at "mid.in".
+    Blocks compiled by ``Speed(compile=True)`` run eagerly inside (torch.compile does not trace forward-mode AD).
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     handles = [m.register_forward_pre_hook(_contiguous_input) for m in unet.modules() if isinstance(m, nn.GroupNorm)]
     try:
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), eager():  # compiled blocks (``Speed.compile``) run eagerly here
             yield
     finally:
         for handle in handles:
@@ -193,10 +195,13 @@ class UNetModel:
 
     kind = "unconditional"
 
-    def __init__(self, unet: nn.Module, decoder: nn.Module | None, h_location: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, unet: nn.Module, decoder: nn.Module | None, h_location: str, device: torch.device, dtype: torch.dtype,
+                 speed: Speed | None = None):
         self.h_location = check_location(h_location)
         self.device, self.dtype = device, dtype
+        self.speed = speed or Speed()
         self.unet = _prepare(unet, device, dtype)
+        self.speed.prepare(self.unet, bottleneck(self.unet), dtype)
         self.decoder = None if decoder is None else _prepare(decoder, device, dtype)
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
@@ -204,10 +209,12 @@ class UNetModel:
         self._h_shape: tuple[int, ...] | None = None
 
     def output(self, x_t: torch.Tensor, t: int, edit_h: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """The U-Net's output at (x_t, t), h routed through ``edit_h`` (no gradient; hook removed after)."""
-        x = x_t.to(self.device, self.dtype)
+        """The U-Net's output at (x_t, t), h routed through ``edit_h`` (no gradient; hook removed after),
+        run as ``self.speed`` says."""
+        x = self.speed.memory_format(x_t.to(self.device, self.dtype))
         t = torch.tensor(t, device=self.device)
-        with torch.no_grad():
+        edit_h = self.speed.h_function(edit_h)
+        with torch.no_grad(), self.speed.context(self.device):
             if edit_h is None:
                 return self.unet(x, t).sample
             with h_hook(self.unet, self.h_location, edit_h):
