@@ -25,8 +25,9 @@ def celebahq_unet():
     )
 
 
-def make_engine(name: str, device: str | None) -> Engine:
-    """'tiny' (the built-in 32x32 test model) or 'celebahq' (the 256 px config, random weights)."""
+def make_engine(name: str, device: str | None, speed=None) -> Engine:
+    """'tiny' (the built-in 32x32 test model) or 'celebahq' (the 256 px config, random weights); ``speed``
+    a ``hspace.speed.Speed``."""
     torch.manual_seed(0)
     if name == "celebahq":
         unet = celebahq_unet()
@@ -34,7 +35,7 @@ def make_engine(name: str, device: str | None) -> Engine:
         from diffusers import UNet2DModel
 
         unet = UNet2DModel(**tiny_unet_config())
-    return Engine(Components(unet, dict(CELEBAHQ_SCHEDULER_CONFIG), None, name), device=device)
+    return Engine(Components(unet, dict(CELEBAHQ_SCHEDULER_CONFIG), None, name), device=device, speed=speed)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
