@@ -137,3 +137,16 @@ def test_jacobian_of_many_samples_by_two_processes_equals_one(tmp_path, one_thre
         for name in files:
             a, b = load_file(one_dir / name), load_file(two_dir / name)
             assert all(torch.equal(a[k], b[k]) for k in a), (seed, name)
+
+
+def test_processes_share_the_cores_and_a_set_thread_count_is_kept():
+    from hspace.distributed import thread_environment
+
+    cores = len(os.sched_getaffinity(0))
+    assert thread_environment({}, 1)["OMP_NUM_THREADS"] == str(cores)
+    assert thread_environment({}, 2 * cores)["OMP_NUM_THREADS"] == "1"
+    assert thread_environment({"OMP_NUM_THREADS": "3"}, 2)["OMP_NUM_THREADS"] == "3"
+    # torch in a process reads it (hspace never sets its own thread count)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    info = subprocess.run([sys.executable, "-m", "hspace", "info", "--model", "tiny-random"], capture_output=True, text=True, env=env, timeout=120)
+    assert '"cpu_threads": 1' in info.stdout, info.stderr[-2000:]

@@ -137,10 +137,7 @@ def launch(argv: Sequence[str], num_processes: int) -> int:
     gpus = torch.cuda.device_count()
     if gpus and num_processes > gpus:
         raise HspaceError(f"--num-processes {num_processes} but this machine has {gpus} GPUs; valid: 1 to {gpus} (one process per GPU)")
-    env = dict(os.environ)
-    if not gpus:
-        # CPU processes: split the cores between them instead of letting each use all (oversubscription)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_processes)))
+    env = thread_environment(dict(os.environ), num_processes)
     # The command travels in the environment: torchrun's own option parser would take hspace's options
     # (--n, --no-clip, ...) as abbreviations of its own.
     env[ARGV_VARIABLE] = json.dumps(list(argv))
@@ -149,6 +146,16 @@ def launch(argv: Sequence[str], num_processes: int) -> int:
 
 
 ARGV_VARIABLE = "HSPACE_LAUNCH_ARGV"
+
+
+def thread_environment(env: dict, num_processes: int) -> dict:
+    """``env`` with the CPU threads of each of ``num_processes`` processes: OMP_NUM_THREADS as the user set
+    it, else the cores split between CPU processes (each using every core would oversubscribe them), or one
+    core's share per GPU process (their CPU work is light), as torchrun and accelerate launch do."""
+    if "OMP_NUM_THREADS" not in env:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cores // num_processes))
+    return env
 
 
 def launched_main() -> int:

@@ -162,7 +162,10 @@ def _with_batch_size(engine, args):
         from ..speed import auto_batch_size
 
         args.batch_size = auto_batch_size(engine.model)
-        logging.getLogger("hspace").info("--batch-size auto: %d (half the free memory of %s)", args.batch_size, engine.device)
+        from ..speed import CPU_BATCH_CAP
+
+        cap = f"; at most {CPU_BATCH_CAP} on a CPU" if engine.device.type == "cpu" else ""
+        logging.getLogger("hspace").info("--batch-size auto: %d (a U-Net pass in half the free memory of %s%s)", args.batch_size, engine.device, cap)
     return engine
 
 

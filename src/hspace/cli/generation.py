@@ -232,6 +232,8 @@ def run_invert(args) -> None:
 
 
 def run_info(args) -> None:
+    import torch
+
     from ..hooks import H_LOCATIONS
 
     engine = engine_from(args)
@@ -245,6 +247,8 @@ def run_info(args) -> None:
         "h_locations": H_LOCATIONS,
         "latent": engine.decoder is not None,
         "device": str(engine.device),
+        "speed": engine.speed.describe(),
+        "cpu_threads": torch.get_num_threads(),  # OMP_NUM_THREADS, as torch reads it
         "scheduler": engine.scheduler_config,
     }
     print(json.dumps(info, indent=2, default=str))
