@@ -115,11 +115,11 @@ def plain_rate(engine, S: int) -> float:
 def table(title: str, engine, B: int, S: int, peak: float, per_pass: float, plain: float):
     print(f"\n{title}\n\n| path | sample-passes/s | GFLOP/s | share of peak | ratio to a plain batch-1 loop |")
     print("|---|---|---|---|---|")
-    print(f"| plain diffusers loop, batch 1 | {plain:.1f} | {plain * per_pass:.1f} | {plain * per_pass / peak:.0%} | 1.00 |")
+    print(f"| plain diffusers loop, batch 1 | {plain:.3g} | {plain * per_pass:.1f} | {plain * per_pass / peak:.0%} | 1.00 |")
     paths, trajectory = paths_of(engine, B, S)
     for name, (fn, passes) in paths.items():
         rate = passes / timed(fn, engine.device)
-        print(f"| {name} | {rate:.1f} | {rate * per_pass:.1f} | {rate * per_pass / peak:.0%} | {rate / plain:.2f} |")
+        print(f"| {name} | {rate:.3g} | {rate * per_pass:.1f} | {rate * per_pass / peak:.0%} | {rate / plain:.2f} |")
     return trajectory
 
 
@@ -165,7 +165,7 @@ def variants(args, B: int, S: int, peak: float, per_pass: float) -> None:
         rate = B * S / timed(run, engine.device)
         reference = x0 if reference is None else reference
         base = rate if base is None else base
-        print(f"| {name} | {rate:.1f} | {rate * per_pass / peak:.0%} | {rate / base:.2f} | {float((x0 - reference).abs().max()):.2g} |")
+        print(f"| {name} | {rate:.3g} | {rate * per_pass / peak:.0%} | {rate / base:.2f} | {float((x0 - reference).abs().max()):.2g} |")
 
 
 def batches(engine, S: int, sizes: list[int]) -> None:
@@ -173,7 +173,7 @@ def batches(engine, S: int, sizes: list[int]) -> None:
     for size in sizes:
         seeds = list(range(max(size, 32)))
         rate = len(seeds) * S / timed(lambda: engine.sample(seeds, S, 1.0, batch_size=size, progress=False), engine.device, repeats=2)
-        print(f"| {size} | {rate:.1f} |")
+        print(f"| {size} | {rate:.3g} |")
 
 
 def main():

@@ -38,6 +38,24 @@ def test_channels_last_is_within_tolerance_of_the_default(model):
     assert trajectory.h.dtype == torch.float32 and trajectory.h.is_contiguous()
 
 
+def test_channels_last_and_autocast_on_a_guided_stable_diffusion_unet(tmp_path):
+    import tiny_sd
+
+    tiny_sd.sd_pipeline(tmp_path / "sd")
+    condition = {"prompt": "a cat", "guidance": 7.5}
+    reference, edited = _sample_and_edit(Engine.load(str(tmp_path / "sd"), **condition))
+    trajectory, fast_edited = _sample_and_edit(Engine.load(str(tmp_path / "sd"), speed=Speed(channels_last=True), **condition))
+    assert float((trajectory.x0 - reference.x0).abs().max()) < TOLERANCE
+    assert float((fast_edited.x0 - edited.x0).abs().max()) < TOLERANCE
+    autocast = Engine.load(str(tmp_path / "sd"), speed=Speed(autocast="bfloat16"), **condition)
+    trajectory, _ = _sample_and_edit(autocast)
+    assert trajectory.h.dtype == torch.float32
+    assert 0 < float((trajectory.x0 - reference.x0).abs().mean()) < 0.1 * float(reference.x0.abs().mean())
+    # the Jacobian's centre is h of a pass in the model's dtype, not of the autocast pass
+    x_t = reference.x_T[:1]
+    assert torch.equal(autocast.decoder_half(x_t, 500).h, Engine.load(str(tmp_path / "sd"), **condition).decoder_half(x_t, 500).h)
+
+
 def test_compiled_blocks_are_within_tolerance_and_edits_stay_eager():
     eager_engine = Engine.load("tiny-random")
     reference, edited = _sample_and_edit(eager_engine)

@@ -159,7 +159,8 @@ class ConditionalUNetModel(UNetModel):
 
     def decoder_half(self, x_t: torch.Tensor, t: int) -> "HookedDecoderHalf":
         seen: list[torch.Tensor] = []
-        self.output(x_t, t, lambda h: seen.append(h) or h)
+        with torch.no_grad():  # (not ``output``: no autocast, the Jacobian is taken in the model's dtype)
+            self.guided_output(x_t, t, lambda h: seen.append(h) or h)
         return HookedDecoderHalf(self, x_t.to(self.device, self.dtype), t, seen[0])
 
     def describe(self) -> dict:
