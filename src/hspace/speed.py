@@ -13,8 +13,8 @@ process the same up to a stated tolerance (measured by ``benchmarks/bench_peak.p
   eager. The first batch of each shape pays the compilation (tens of seconds on a CPU); the Jacobian's
   forward-mode products run the same blocks eagerly.
 - ``autocast`` ("bfloat16" or "float16"): the U-Net's matmuls and convolutions in that precision, with
-  the weights, h (as recorded and as edited: the interventions see float32) and the step arithmetic in
-  float32. Not within 1e-4: on the bundled model under eta 1 single pixels of x_0 move by up to ~1,
+  the weights, h as recorded and as the interventions see it, and the step arithmetic in float32 (the
+  edited h goes on in the pass's own precision). Not within 1e-4: on the bundled model under eta 1 single pixels of x_0 move by up to ~1,
   while the attributes a classifier reads agree (``tests/test_speed.py``). It is therefore part of a
   bank's identity (a bank drawn with it is only extended with it) and opt-in.
 
@@ -80,10 +80,12 @@ class Speed:
         return torch.autocast(device.type, dtype=getattr(torch, self.autocast))
 
     def h_function(self, fn: Callable[[torch.Tensor], torch.Tensor] | None):
-        """``fn`` as the interventions see it: under autocast h reaches them in float32."""
+        """``fn`` as the interventions see it: under autocast h reaches them in float32, and what they return
+        goes on in h's own dtype, so that a pass with a hook that changes nothing (recording h) equals a pass
+        without one: a replay of an autocast trajectory is exact."""
         if fn is None or self.autocast is None:
             return fn
-        return lambda h: fn(h.float())
+        return lambda h: fn(h.float()).to(h.dtype)
 
 
 def compiled_blocks(unet: nn.Module, h_module: nn.Module) -> list[nn.Module]:
