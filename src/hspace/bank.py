@@ -191,7 +191,7 @@ class Bank:
     def _mismatch(self, identity: dict) -> list[str]:
         """What differs between the bank's settings and ``identity`` (the spec field by field)."""
         ours, theirs = _flat(self.manifest), _flat(identity)
-        return [f"{key}: bank has {ours[key]!r}, requested {theirs[key]!r}" for key in theirs if ours.get(key) != theirs[key]]
+        return [f"{key}: bank has {ours.get(key)!r}, requested {theirs[key]!r}" for key in theirs if ours.get(key) != theirs[key]]
 
     @property
     def spec(self) -> Spec:

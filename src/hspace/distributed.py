@@ -150,8 +150,8 @@ ARGV_VARIABLE = "HSPACE_LAUNCH_ARGV"
 
 def thread_environment(env: dict, num_processes: int) -> dict:
     """``env`` with the CPU threads of each of ``num_processes`` processes: OMP_NUM_THREADS as the user set
-    it, else the cores split between CPU processes (each using every core would oversubscribe them), or one
-    core's share per GPU process (their CPU work is light), as torchrun and accelerate launch do."""
+    it, else this machine's cores split between the processes (each using every core would oversubscribe
+    them), as accelerate launch does for CPU processes."""
     if "OMP_NUM_THREADS" not in env:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         env["OMP_NUM_THREADS"] = str(max(1, cores // num_processes))

@@ -14,9 +14,9 @@ process the same up to a stated tolerance (measured by ``benchmarks/bench_peak.p
   forward-mode products run the same blocks eagerly.
 - ``autocast`` ("bfloat16" or "float16"): the U-Net's matmuls and convolutions in that precision, with
   the weights, h as recorded and as the interventions see it, and the step arithmetic in float32 (the
-  edited h goes on in the pass's own precision). Not within 1e-4: on the bundled model under eta 1 single pixels of x_0 move by up to ~1,
-  while the attributes a classifier reads agree (``tests/test_speed.py``). It is therefore part of a
-  bank's identity (a bank drawn with it is only extended with it) and opt-in.
+  edited h goes on in the pass's own precision). Not within 1e-4: on the bundled model single pixels of
+  x_0 move by up to ~1.4, while the attributes a classifier reads agree (``tests/test_speed.py``). It is
+  therefore part of a bank's identity (a bank drawn with it is only extended with it) and opt-in.
 
 Nothing is on by default (docs/performance.md): channels_last + compile are within tolerance but gain 9%
 at batch 32 on this project's CPU, cost 30-55 s of compilation per batch shape, and would make results
@@ -26,7 +26,7 @@ differ in their last bits from every bank drawn before.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -39,6 +39,8 @@ AUTOCAST_DTYPES = ("bfloat16", "float16")
 
 @dataclass(frozen=True)
 class Speed:
+    """How an engine runs its U-Net (module doc); ``Speed()`` is the plain float32 eager default."""
+
     channels_last: bool = False
     compile: bool = False
     autocast: str | None = None
@@ -49,9 +51,6 @@ class Speed:
                 raise HspaceError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
             raise HspaceError(f"unknown autocast dtype {self.autocast!r}; valid: {', '.join(AUTOCAST_DTYPES)} (or None: off)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     def describe(self) -> str:
         on = [name for name in ("channels_last", "compile") if getattr(self, name)]
@@ -121,7 +120,7 @@ def activation_bytes(model, batch: int = 1) -> int:
 
     handles = [m.register_forward_hook(count) for m in model.unet.modules() if m is not model.unet]
     try:
-        with eager():
+        with eager():  # hooks inside compiled blocks would not run
             model.output(torch.zeros(batch, *model.sample_shape), 500)
     finally:
         for handle in handles:

@@ -159,11 +159,9 @@ def batch_size_arg(text: str):
 def _with_batch_size(engine, args):
     """The engine; ``--batch-size auto`` becomes a number here (``speed.auto_batch_size``), said once."""
     if getattr(args, "batch_size", None) == "auto":
-        from ..speed import auto_batch_size
+        from ..speed import CPU_BATCH_CAP, auto_batch_size
 
         args.batch_size = auto_batch_size(engine.model)
-        from ..speed import CPU_BATCH_CAP
-
         cap = f"; at most {CPU_BATCH_CAP} on a CPU" if engine.device.type == "cpu" else ""
         logging.getLogger("hspace").info("--batch-size auto: %d (a U-Net pass in half the free memory of %s%s)", args.batch_size, engine.device, cap)
     return engine
