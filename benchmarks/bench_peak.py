@@ -6,8 +6,8 @@
 - measured passes per second of sampling with h recorded, a batched edit, bank drawing, DDPM
   inversion and one Jacobian vector-iteration; each as a share of the peak, and as a ratio to a plain
   batch-1 diffusers loop (how research code runs);
-- the same table with the engine's speed options that keep results within 1e-4 (``--fast``, default
-  channels_last + torch.compile; the first call of each shape compiles and is not timed);
+- the same table with the engine's speed options that keep results within 1e-4, channels_last +
+  torch.compile (skipped with ``--no-fast``; the first call of each shape compiles and is not timed);
 - every speed option alone on sampling, with its difference to the default (hspace.speed);
 - sampling throughput against the batch size (``--batches``), the evidence for ``--batch-size auto``'s cap.
 
