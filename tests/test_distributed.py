@@ -140,7 +140,7 @@ def test_jacobian_of_many_samples_by_two_processes_equals_one(tmp_path, one_thre
 
 
 def test_processes_share_the_cores_and_a_set_thread_count_is_kept():
-    from hspace.distributed import thread_environment
+    from hspace.cli.launch import thread_environment
 
     cores = len(os.sched_getaffinity(0))
     assert thread_environment({}, 1)["OMP_NUM_THREADS"] == str(cores)

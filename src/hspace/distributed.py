@@ -13,18 +13,12 @@ The rules every distributed command follows:
 - what is shared (a bank's manifest, a scores file) is written by the main process only, after the others
   are done (``barrier``); a file a process writes is written by it alone, atomically.
 
-``launch(argv, n)`` is ``hspace ... --num-processes N``: it starts N local processes with torchrun (what
-``accelerate launch`` uses under the hood for one machine), one per GPU when there are GPUs.
+``hspace ... --num-processes N`` starts N local processes with torchrun (``cli/launch.py``).
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import subprocess
-import sys
-import traceback
 from typing import Any, Sequence, TypeVar
 
 import torch
@@ -127,53 +121,3 @@ class Processes:
         if error is not None:
             raise HspaceError(error)
         return result
-
-
-def launch(argv: Sequence[str], num_processes: int) -> int:
-    """Run ``hspace ARGV`` on ``num_processes`` local processes (torchrun), one per GPU where there are
-    GPUs; returns the exit status (non-zero when any process failed)."""
-    if num_processes < 1:
-        raise HspaceError(f"--num-processes must be >= 1, got {num_processes}")
-    gpus = torch.cuda.device_count()
-    if gpus and num_processes > gpus:
-        raise HspaceError(f"--num-processes {num_processes} but this machine has {gpus} GPUs; valid: 1 to {gpus} (one process per GPU)")
-    env = thread_environment(dict(os.environ), num_processes)
-    # The command travels in the environment: torchrun's own option parser would take hspace's options
-    # (--n, --no-clip, ...) as abbreviations of its own.
-    env[ARGV_VARIABLE] = json.dumps(list(argv))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_processes}", "-m", "hspace.launched"]
-    return subprocess.run(command, env=env).returncode
-
-
-ARGV_VARIABLE = "HSPACE_LAUNCH_ARGV"
-
-
-def thread_environment(env: dict, num_processes: int) -> dict:
-    """``env`` with the CPU threads of each of ``num_processes`` processes: OMP_NUM_THREADS as the user set
-    it, else this machine's cores split between the processes (each using every core would oversubscribe
-    them), as accelerate launch does for CPU processes."""
-    if "OMP_NUM_THREADS" not in env:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        env["OMP_NUM_THREADS"] = str(max(1, cores // num_processes))
-    return env
-
-
-def launched_main() -> int:
-    """The entry point of a process that ``launch`` started: the hspace command in ``HSPACE_LAUNCH_ARGV``."""
-    from .cli import main
-
-    code = 1
-    try:
-        code = main(json.loads(os.environ[ARGV_VARIABLE]))
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        # Leave without the interpreter's teardown: the process group is down (``Processes.close``), and what
-        # is left of the communication library's threads can abort a process in its C++ destructors while
-        # the others exit (a SIGABRT after all the work was written, seen as a rare CI failure).
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)

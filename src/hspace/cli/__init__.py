@@ -1,18 +1,24 @@
 """The `hspace` command line: one module per group of commands, each with ``register(subparsers)``
-beside the ``run_*(args)`` functions it registers."""
+beside the ``run_*(args)`` functions it registers.
+
+A domain's own command group (``hspace toyfaces ...``) is registered from here, never from the domain:
+the bundled one by import, others by the ``hspace.commands`` entry point group (a ``register(subparsers)``
+function), so that no library module imports the CLI."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from importlib.metadata import entry_points
 
-from ..distributed import launch, launched
+from ..distributed import launched
 from ..errors import HspaceError
-from ..domains import registered_domains
+from ..toyfaces import cli as toyfaces_commands
 from . import directions, generation, reports, ui
+from .launch import launch
 
-GROUPS = (generation, directions, reports, ui)
+GROUPS = (generation, directions, reports, ui, toyfaces_commands)
 # Options that name outputs, checked before any computation (a command may override with set_defaults(outputs=...)).
 OUTPUTS = {"out": "dir", "output": "file", "json": "file", "grid": "file", "save_trajectory": "file"}
 
@@ -22,9 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         group.register(sub)
-    for domain in registered_domains():  # a domain may bring a command group of its own
-        if domain.commands is not None:
-            domain.commands(sub)
+    for entry in entry_points(group="hspace.commands"):  # command groups of installed domains
+        entry.load()(sub)
     return parser
 
 

@@ -31,7 +31,6 @@ class Domain:
     mask: Callable[[str, int], torch.Tensor] | None = None  # (part, size) -> float [size, size]
     render: Callable | None = None  # (seeds, size) -> (images [N, 3, H, W] in [-1, 1], labels, part masks [N, H, W])
     models: tuple[str, ...] = field(default=())  # model names (Spec.model) this domain describes
-    commands: Callable | None = None  # registers a command group on the CLI's subparsers
     realism: Callable[[torch.Tensor], float] | None = None  # images -> distance to real data (lower: more real)
     spread: Callable[[], dict[str, float]] | None = None  # each attribute's std in the real data (binary: 1)
 

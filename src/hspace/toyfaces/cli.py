@@ -1,4 +1,4 @@
-"""The bundled toy-faces domain's command group (`hspace toyfaces ...`, registered through the domain): train, train-classifier, evaluate, renoise, edit-success, export."""
+"""The bundled toy-faces domain's command group (`hspace toyfaces ...`, registered by the CLI): train, train-classifier, evaluate, renoise, edit-success, export."""
 
 from __future__ import annotations
 

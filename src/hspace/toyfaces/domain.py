@@ -20,12 +20,6 @@ def _mask(part: str, size: int) -> torch.Tensor:
     return torch.from_numpy(region_mask(part, size)).float()
 
 
-def _commands(subparsers) -> None:
-    from .cli import register
-
-    register(subparsers)
-
-
 def _realism(images: torch.Tensor) -> float:
     from .realism import toy_fid
 
@@ -56,7 +50,6 @@ TOYFACES = register(
         mask=_mask,
         render=_render,
         models=("toyfaces",),
-        commands=_commands,
         realism=_realism,
         spread=_spread,
     )

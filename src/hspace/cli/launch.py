@@ -1,0 +1,47 @@
+"""``hspace ... --num-processes N``: the same command on N local processes, started with torchrun (what
+``accelerate launch`` uses under the hood for one machine), one per GPU where there are GPUs.
+
+The launcher lives beside the CLI it starts; ``distributed.py`` (what the processes do together) knows
+nothing of the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Sequence
+
+import torch
+
+from ..errors import HspaceError
+
+
+def launch(argv: Sequence[str], num_processes: int) -> int:
+    """Run ``hspace ARGV`` on ``num_processes`` local processes (torchrun), one per GPU where there are
+    GPUs; returns the exit status (non-zero when any process failed)."""
+    if num_processes < 1:
+        raise HspaceError(f"--num-processes must be >= 1, got {num_processes}")
+    gpus = torch.cuda.device_count()
+    if gpus and num_processes > gpus:
+        raise HspaceError(f"--num-processes {num_processes} but this machine has {gpus} GPUs; valid: 1 to {gpus} (one process per GPU)")
+    env = thread_environment(dict(os.environ), num_processes)
+    # The command travels in the environment: torchrun's own option parser would take hspace's options
+    # (--n, --no-clip, ...) as abbreviations of its own.
+    env[ARGV_VARIABLE] = json.dumps(list(argv))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_processes}", "-m", "hspace.cli.launched"]
+    return subprocess.run(command, env=env).returncode
+
+
+ARGV_VARIABLE = "HSPACE_LAUNCH_ARGV"
+
+
+def thread_environment(env: dict, num_processes: int) -> dict:
+    """``env`` with the CPU threads of each of ``num_processes`` processes: OMP_NUM_THREADS as the user set
+    it, else this machine's cores split between the processes (each using every core would oversubscribe
+    them), as accelerate launch does for CPU processes."""
+    if "OMP_NUM_THREADS" not in env:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cores // num_processes))
+    return env
