@@ -1,8 +1,10 @@
 """Tiny random U-Nets built in the tests themselves (CPU, a few steps)."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HSPACE_NO_PROGRESS", "1")  # bars are tested on their own (test_progress.py)
+os.environ.setdefault("HSPACE_CACHE_DIR", tempfile.mkdtemp(prefix="hspace-cache-"))  # model fingerprints: not the user's cache
 
 import pytest
 import torch

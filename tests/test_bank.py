@@ -94,7 +94,7 @@ def test_bank_extends_and_refuses_other_settings_or_engines(tmp_path, engine):
     assert bank.shards() == [(0, 4), (4, 1), (5, 4)]
 
     manifest = json.loads((path / "bank.json").read_text())
-    with pytest.raises(HspaceError, match="num_steps: bank has 4, requested 5"):
+    with pytest.raises(HspaceError, match="spec.num_steps: 4 vs 5"):
         build_bank(path, engine, 9, 5, shard_size=4)
     with pytest.raises(HspaceError, match="eta"):
         build_bank(path, engine, 9, STEPS, eta=0.0, shard_size=4)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hspace.spec import FREE
 from hspace import Direction, Trajectory
 from hspace.cli import main
 from hspace.cli.common import parse_seeds
@@ -166,7 +167,7 @@ def test_sequential_edit_adds_directions_one_after_another(tmp_path):
     common = ["--steps", "2", "--device", "cpu", "--model", "tiny-random"]
     engine = Engine.load("tiny-random", device="cpu")
     t = engine.sample([0, 1, 2], 2, 1.0)
-    a, b = Direction(t.h[0] - t.h[1], meta={"name": "a"}), Direction(t.h[2] - t.h[1], meta={"name": "b"})
+    a, b = Direction(t.h[0] - t.h[1], meta={"name": "a"}, spec=FREE), Direction(t.h[2] - t.h[1], meta={"name": "b"}, spec=FREE)
     a.save(tmp_path / "a.safetensors")
     b.save(tmp_path / "b.safetensors")
     argv = ["edit", "--direction", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--seeds", "0", "--sequential"]

@@ -10,7 +10,7 @@ import torch
 import tiny_sd
 from hspace.engine import Engine
 from hspace.errors import HspaceError
-from hspace.interventions import LinearEdit
+from hspace.interventions import LinearEdit, Record
 
 STEPS = 4
 
@@ -111,6 +111,44 @@ def test_delta_h_changes_exactly_the_passes_it_names(folders, guide_edit):
             assert torch.allclose(rows, delta[0, 0].expand_as(rows), atol=1e-5)
         else:
             assert torch.equal(rows, torch.zeros_like(rows))
+
+
+@pytest.mark.parametrize("guide_edit", ["cond", "uncond", "both"])
+def test_record_by_branch_records_exactly_that_pass_whatever_the_edit_routing(folders, guide_edit):
+    """Record(branch=...) sees the pass it names (a hook on the up blocks is the reference), while an edit
+    goes where guide_edit says; ctx.branch tells every intervention which pass it sees."""
+    root, _ = folders
+    engine = Engine.load(str(root / "sd"), prompt="a cat", guidance=7.5, guide_edit=guide_edit)
+    x_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    delta = torch.randn(1, 2, *engine.h_shape, generator=torch.Generator().manual_seed(1))
+    seen, branches = [], []  # the h the first up block receives: rows 0-1 unconditional, 2-3 conditional
+    handle = engine.unet.up_blocks[0].register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["hidden_states"].clone()), with_kwargs=True)
+    records = {b: Record(branch=b) for b in ("uncond", "cond", "both")}
+    spy = lambda h, ctx: branches.append(ctx.branch) or h  # noqa: E731
+    try:
+        engine.run(x_T, 2, 0.0, interventions=[LinearEdit(delta, torch.ones(2, 1)), spy, *records.values()], progress=False)
+    finally:
+        handle.remove()
+    for step, h in enumerate(seen):
+        assert torch.equal(records["uncond"].h[:, step], h[:2])
+        assert torch.equal(records["cond"].h[:, step], h[2:])
+        assert torch.equal(records["both"].h[:, step], torch.stack([h[:2], h[2:]], 1))
+    assert branches == [None if guide_edit == "both" else guide_edit] * 2
+
+
+def test_a_branch_that_the_model_does_not_run_is_an_error(folders, engine):
+    root, _ = folders
+    one_pass = Engine.load(str(root / "sd"), prompt="a cat", guidance=1.0)
+    x_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    record = Record(branch="cond")
+    one_pass.run(x_T, 1, 0.0, interventions=[record], progress=False)  # the one pass is the conditional one
+    assert record.h.shape == (1, 1, *one_pass.h_shape)
+    with pytest.raises(HspaceError, match="one, conditional pass; valid: branch None or 'cond'"):
+        one_pass.run(x_T, 1, 0.0, interventions=[Record(branch="uncond")], progress=False)
+    with pytest.raises(HspaceError, match="runs one pass per step"):
+        engine.run(torch.zeros(1, *engine.sample_shape), 1, 0.0, interventions=[Record(branch="cond")], progress=False)
+    with pytest.raises(HspaceError, match="unknown branch 'neither'"):
+        Record(branch="neither")
 
 
 @pytest.mark.parametrize("guide_edit", ["cond", "both"])

@@ -69,3 +69,14 @@ def test_clean_eps_pass_runs_a_second_pass_only_where_an_intervention_edits(engi
     assert [e.done for e in events] == [3, 6, 12, 18, 24, 30]  # 3 samples; two passes from step 2 on
     with pytest.raises(HspaceError, match="unknown eps_pass 'both'"):
         engine.replay(trajectory, eps_pass="both")
+
+
+def test_sample_takes_interventions_like_run(engine, trajectory):
+    """An edit while sampling equals the same edit replayed from the unedited samples (same x_T and z, same
+    batches: exactly), and the recorded h is h after the edit."""
+    delta = torch.randn(6, *engine.h_shape, generator=torch.Generator().manual_seed(4))
+    edit = LinearEdit(delta[None], torch.full((3, 1), 0.5))
+    edited = engine.sample(trajectory.seeds, 6, 1.0, interventions=[edit])
+    replayed = engine.replay(trajectory, interventions=[edit], record_h=True)
+    assert torch.equal(edited.x0, replayed.x0) and torch.equal(edited.h, replayed.h)
+    assert not torch.equal(edited.x0, trajectory.x0)

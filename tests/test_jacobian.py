@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
+from hspace.spec import FREE
 from hspace import Direction, HspaceError
 from hspace.directions.jacobian import (
     JacobianProducts,
@@ -286,7 +287,7 @@ def test_bad_arguments_name_the_value(engine, trajectory, point):
 def test_restrict_to_region_keeps_the_cells_over_the_mask_and_the_norm():
     from hspace.directions.jacobian import restrict_to_region
 
-    d = Direction(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), meta={"name": "j"})
+    d = Direction(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), meta={"name": "j"}, spec=FREE)
     mask = torch.zeros(16, 16)
     mask[2:6, 9:12] = 1  # pixels 2..5 x 9..11 -> cells 1..2 x 4..5 of the 8x8 grid
     r = restrict_to_region(d, mask)

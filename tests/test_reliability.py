@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hspace.spec import FREE
 from hspace import Direction, HspaceError, Trajectory
 from hspace.bank import Bank, build_bank
 from hspace.cli import main
@@ -119,7 +120,7 @@ def test_a_direction_file_with_non_finite_values_is_refused(tmp_path, saved, val
 
 @pytest.mark.parametrize("scales, message", [([float("nan")], "scale nan"), ("12", "got the string '12'"), ([1, "x"], "list of numbers"), ([], "scales is empty")])
 def test_api_scales(engine, trajectory, scales, message):
-    d = Direction(torch.zeros(6, *engine.h_shape))
+    d = Direction(torch.zeros(6, *engine.h_shape), spec=engine.spec)
     with pytest.raises(HspaceError, match=message):
         engine.edit(trajectory, d, scales)
 
@@ -418,7 +419,7 @@ def test_names_never_leave_the_output_folder(tmp_path, name):
     from hspace.directions.direction import save_directions
 
     out = tmp_path / "deep" / "out"
-    (path,) = save_directions([Direction(torch.ones(1, 2), meta={"name": name})], out)
+    (path,) = save_directions([Direction(torch.ones(1, 2), meta={"name": name}, spec=FREE)], out)
     assert path.parent == out and path.is_file() and len(path.name) <= 140
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [path.name]
 
@@ -473,7 +474,7 @@ def test_stale_temporaries_of_a_dead_process_are_removed(tmp_path, engine):
 
 
 def test_two_processes_on_one_bank(tmp_path):
-    """The second writer is refused while the first draws; a lock left by a dead process is taken over."""
+    """The second writer is refused while the first draws, and told which process holds the bank."""
     code = (
         "import sys; from hspace.cli import main; "
         f"sys.exit(main(['bank', {str(tmp_path / 'b')!r}, '--n', '64', '--shard-size', '8', '--batch-size', '8', "
@@ -489,9 +490,30 @@ def test_two_processes_on_one_bank(tmp_path):
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert first.wait(timeout=300) == 0
     assert second.returncode == 2 and f"is being drawn by process {first.pid}" in second.stderr
-    assert Bank.open(tmp_path / "b").complete and not lock.exists()
-    lock.write_text("999999999")  # a dead writer's lock
-    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+    assert Bank.open(tmp_path / "b").complete and lock.read_text() == ""  # released, and no stale pid left
+
+
+@pytest.mark.parametrize("content", ["", "999999999", "{parent}", "not a pid"])
+def test_the_bank_lock_is_held_exactly_as_long_as_its_writer_lives(tmp_path, engine, content):
+    """The lock is the OS's (flock), whatever the file says: a live holder refuses (even with an empty or foreign
+    pid in the file), a file whose holder is gone (a dead pid, a live unrelated pid, garbage) is taken."""
+    build_bank(tmp_path / "b", engine, 2, 2)
+    lock = tmp_path / "b" / "bank.lock"
+    lock.write_text(content.format(parent=os.getppid()))  # the parent: a live process that holds no lock
+    build_bank(tmp_path / "b", engine, 3, 2)  # nobody holds it: taken
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import fcntl, os, sys, time; fd = os.open({str(lock)!r}, os.O_RDWR); os.write(fd, {content.format(parent=os.getppid())!r}.encode()); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(HspaceError, match="is being drawn by (process|another process)"):
+            build_bank(tmp_path / "b", engine, 4, 2)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert build_bank(tmp_path / "b", engine, 4, 2).n == 4  # the holder died: the kernel released its lock
 
 
 # ------------------------------------------------------------------ 9. messages
@@ -545,3 +567,19 @@ def test_ctrl_c_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatch):
 def test_api_calls_with_wrong_types(engine, trajectory, call, message):
     with pytest.raises(HspaceError, match=message):
         call(engine, trajectory)
+
+
+def test_an_atomic_write_reaches_the_disk_before_its_name_and_the_name_after(tmp_path, monkeypatch):
+    """fsync of the temporary file, then the rename, then fsync of the folder (so that a power loss leaves the
+    old file or the whole new one under the name). The calls are recorded, not replaced: the writes happen."""
+    from hspace import files
+
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(files.os, "fsync", lambda fd: calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(files.os, "replace", lambda a, b: calls.append(("replace", str(b))) or real_replace(a, b))
+    target = tmp_path / "d.json"
+    files.write_json(target, {"a": 1})
+    assert [c[0] for c in calls] == ["fsync", "replace", "fsync"]
+    assert calls[0][1].startswith(str(tmp_path / ".d.json.")) and calls[1][1] == str(target) and calls[2][1] == str(tmp_path)
+    assert json.loads(target.read_text()) == {"a": 1}

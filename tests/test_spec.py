@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_engine
+from conftest import tiny_engine, tiny_unet
 from hspace import Direction, Engine, HspaceError, Trajectory
 from hspace.bank import Bank, build_bank
-from hspace.spec import Spec
+from hspace.loading import CELEBAHQ_SCHEDULER_CONFIG
+from hspace.spec import FREE, Spec
 
 
 def test_spec_round_trip_and_validation():
@@ -34,24 +35,181 @@ def test_spec_round_trip_and_validation():
 
 
 def test_compatibility_rules():
-    base = Spec("m")
-    base.check(Spec("m", dtype="float16"), "a float16 trajectory")  # dtype: compatible
-    base.check(Spec("m", clip_sample=False), "a direction", "direction")  # a direction ignores clipping
+    base = Spec("m", fingerprint="sha256:a")
+    base.check(Spec("m", dtype="float16", fingerprint="sha256:a"), "a float16 trajectory")  # dtype: compatible
+    base.check(Spec("m", clip_sample=False, fingerprint="sha256:a"), "a direction", "direction")  # a direction ignores clipping
     with pytest.raises(HspaceError, match="clip_sample: False vs None"):
-        base.check(Spec("m", clip_sample=False), "a trajectory")
+        base.check(Spec("m", clip_sample=False, fingerprint="sha256:a"), "a trajectory")
+    # the fingerprint is the model's identity: another path with the same one is the same model, and the same
+    # path with another one is another model
+    base.check(Spec("/elsewhere/m", fingerprint="sha256:a"), "a direction", "direction")
+    with pytest.raises(HspaceError, match="model fingerprint: sha256:b .m. vs sha256:a .m."):
+        base.check(Spec("m", fingerprint="sha256:b"), "a direction", "direction")
+    # the process: an engine's spec runs any; two processes must agree
+    drawn = base.with_process(3, [1, 1, 0])
+    base.check(drawn, "a trajectory")
+    with pytest.raises(HspaceError, match=r"eta: \(1.0, 1.0, 0.0\) vs \(1.0, 1.0, 1.0\)"):
+        base.with_process(3, [1, 1, 1]).check(drawn, "a trajectory")
+    with pytest.raises(HspaceError, match="spacing: 'trailing\\+0' vs 'leading\\+0'"):
+        Spec("m", spacing="leading+0").check(Spec("m", spacing="trailing+0"), "a bank")
+    Spec("m", spacing="leading+0").check(Spec("m"), "an old bank")  # spacing unknown in an old artefact: not compared
+    # autocast: part of the process unless the reader asks for a tolerant replay
+    with pytest.raises(HspaceError, match="autocast: 'bfloat16' vs None.*tolerant=True"):
+        base.check(Spec("m", fingerprint="sha256:a", autocast="bfloat16"), "a trajectory")
+    base.check(Spec("m", fingerprint="sha256:a", autocast="bfloat16"), "a trajectory", tolerant=True)
+    # a direction without a spec is refused, FREE is explicit
+    base.check(FREE, "a free direction", "direction")
+    with pytest.raises(HspaceError, match="has no spec"):
+        base.check(None, "a direction", "direction")
+    for bad in ({"num_steps": 2}, {"num_steps": 2, "eta": [1]}, {"autocast": "int8"}, {"fingerprint": ""}):
+        with pytest.raises(HspaceError):
+            Spec("m", **bad)
+
+
+def test_an_artefact_without_a_fingerprint_is_compared_by_name_and_said_once(caplog):
+    import logging
+
+    from hspace import spec as spec_module
+
+    spec_module._warned.clear()
+    engine = Spec("m", fingerprint="sha256:a")
+    with caplog.at_level(logging.WARNING, logger="hspace.spec"):
+        engine.check(Spec("m"), "old bank 'b'")
+        engine.check(Spec("m"), "old bank 'b'")
+    assert [r.getMessage().count("no model fingerprint") for r in caplog.records] == [1]
     with pytest.raises(HspaceError, match="model: 'other' vs 'm'"):
-        base.check(Spec("other"), "a direction", "direction")
+        engine.check(Spec("other"), "old bank 'c'")
 
 
 def test_every_artefact_stores_the_spec(tmp_path, engine, trajectory):
     trajectory.save(tmp_path / "t.safetensors")
-    assert Trajectory.load(tmp_path / "t.safetensors").spec == engine.spec == Spec("tiny-test")
+    process = engine.spec.with_process(6, [1.0] * 6)
+    assert Trajectory.load(tmp_path / "t.safetensors").spec == trajectory.spec == process
+    assert engine.spec.fingerprint.startswith("sha256:") and engine.spec.spacing == "leading+0" and engine.spec.num_steps is None
     d = Direction(trajectory.h[0] - trajectory.h[1], meta={"name": "d"}, spec=engine.spec)
     d.save(tmp_path / "d.safetensors")
     assert Direction.load(tmp_path / "d.safetensors").spec == engine.spec
+    Direction(d.delta, meta={"name": "free"}, spec=FREE).save(tmp_path / "free.safetensors")
+    assert Direction.load(tmp_path / "free.safetensors").spec == FREE
+    with pytest.raises(HspaceError, match="spec=FREE"):
+        Direction(d.delta)
     build_bank(tmp_path / "b", engine, 2, 3)
-    assert Bank.open(tmp_path / "b").spec == engine.spec
+    assert Bank.open(tmp_path / "b").spec == engine.spec.with_process(3, [1.0] * 3)
     assert json.loads((tmp_path / "b" / "bank.json").read_text())["spec"]["model"] == "tiny-test"
+
+
+def _model_folder(folder, seed=0):
+    tiny_unet(seed).save_pretrained(folder)
+    (folder / "scheduler_config.json").write_text(json.dumps(CELEBAHQ_SCHEDULER_CONFIG))
+    return folder
+
+
+def _change_one_weight(folder):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "diffusion_pytorch_model.safetensors")
+    name = sorted(weights)[0]
+    weights[name].view(-1)[0] += 0.5
+    save_file(weights, folder / "diffusion_pytorch_model.safetensors")
+
+
+def test_artefacts_travel_with_a_copy_of_the_model_and_are_refused_after_a_weight_changes(tmp_path):
+    import shutil
+
+    original = _model_folder(tmp_path / "model")
+    engine = Engine.load(str(original), device="cpu")
+    trajectory = engine.sample([1, 2], num_steps=3)
+    trajectory.save(tmp_path / "t.safetensors")
+    direction = Direction(trajectory.h[0] - trajectory.h[1], meta={"name": "d"}, spec=engine.spec)
+    bank = build_bank(tmp_path / "bank", engine, 2, 3, shard_size=2)
+
+    copy = shutil.copytree(original, tmp_path / "elsewhere" / "copy")
+    shutil.rmtree(original)  # the spec's path is gone: only the copy is left
+    moved = Engine.load(str(copy), device="cpu")
+    assert moved.spec.fingerprint == engine.spec.fingerprint and moved.spec.model != engine.spec.model
+    saved = Trajectory.load(tmp_path / "t.safetensors")
+    assert torch.equal(moved.replay(saved).x0, trajectory.x0)  # exact
+    assert torch.equal(moved.edit(saved, direction, [1.0])[0, 0], engine.edit(trajectory, direction, [1.0])[0, 0])
+    extended = build_bank(tmp_path / "bank", moved, 4, 3, shard_size=2)  # the copy extends the bank
+    assert extended.n == 4 and torch.equal(extended.h([0, 1]), bank.h([0, 1]))
+    with pytest.raises(HspaceError, match="cannot be loaded from .*pass where it is now"):
+        Engine.load(bank.spec, device="cpu")
+    assert Engine.load(bank.spec, device="cpu", folder=str(copy)).spec == moved.spec
+
+    _change_one_weight(copy)
+    changed = Engine.load(str(copy), device="cpu")
+    assert changed.spec.fingerprint != engine.spec.fingerprint
+    for use in (lambda: changed.replay(saved), lambda: changed.edit(saved, direction, [1.0]), lambda: Bank.open(tmp_path / "bank").check_engine(changed),
+                lambda: Engine.load(bank.spec, device="cpu", folder=str(copy)), lambda: build_bank(tmp_path / "bank", changed, 6, 3, shard_size=2)):
+        with pytest.raises(HspaceError, match=f"fingerprint: {engine.spec.fingerprint}"):
+            use()
+
+
+def test_the_fingerprint_of_a_file_is_cached_by_size_and_modification_time(tmp_path):
+    import os
+
+    from hspace.fingerprint import CACHE_FILE, cache_folder, folder_fingerprint
+
+    folder = _model_folder(tmp_path / "model")
+    first = folder_fingerprint(folder)
+    cache = json.loads((cache_folder() / CACHE_FILE).read_text())
+    weights = str((folder / "diffusion_pytorch_model.safetensors").resolve())
+    assert cache[weights]["size"] == os.path.getsize(weights)
+    # the cache is what is read while size and time are unchanged (a planted digest shows through) ...
+    cache[weights]["sha256"] = "0" * 64
+    (cache_folder() / CACHE_FILE).write_text(json.dumps(cache))
+    assert folder_fingerprint(folder) != first
+    # ... and a file saved again (a new modification time) is read again
+    stat = os.stat(weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))
+    assert folder_fingerprint(folder) == first
+
+
+def test_an_autocast_trajectory_records_it_and_replays_only_with_it(tmp_path):
+    from hspace.speed import Speed
+
+    fast = tiny_engine()
+    fast = Engine(fast.components, device="cpu", speed=Speed(autocast="bfloat16"))
+    trajectory = fast.sample([1, 2], num_steps=3)
+    assert trajectory.spec.autocast == "bfloat16"
+    trajectory.save(tmp_path / "t.safetensors")
+    saved = Trajectory.load(tmp_path / "t.safetensors")
+    plain = Engine(fast.components, device="cpu")
+    with pytest.raises(HspaceError, match="autocast: 'bfloat16' vs None.*tolerant=True"):
+        plain.replay(saved)
+    assert (plain.replay(saved, tolerant=True).x0 - trajectory.x0).abs().max() > 0  # approximate, as asked
+    again = Engine(fast.components, device="cpu", speed=Speed(autocast=saved.spec.autocast))
+    assert torch.equal(again.replay(saved).x0, trajectory.x0)
+    build_bank(tmp_path / "b", fast, 2, 3)
+    with pytest.raises(HspaceError, match="autocast"):
+        Bank.open(tmp_path / "b").check_engine(plain)
+
+
+def test_a_format_2_bank_is_read_with_its_process_in_the_spec(tmp_path, engine):
+    """A bank written before the process moved into the spec (format 2: steps, eta and autocast beside it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from hspace import bank as bank_module
+
+    bank = build_bank(tmp_path / "b", engine, 2, 3)
+    h = bank.h()
+    manifest = json.loads((tmp_path / "b" / "bank.json").read_text())
+    spec = manifest["spec"]
+    num_steps, eta = spec.pop("num_steps"), spec.pop("eta")
+    for key in ("fingerprint", "spacing", "autocast"):
+        spec.pop(key)
+    legacy = {**manifest, "format": 2, "num_steps": num_steps, "eta": eta}
+    (tmp_path / "b" / "bank.json").write_text(json.dumps(legacy))
+    shard = bank.shard_path(0)
+    with safe_open(str(shard), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    identity = bank_module._identity(legacy)
+    save_file(tensors, str(shard), {**metadata, "bank": bank_module._digest(identity), "identity": json.dumps(identity)})
+    old = Bank.open(tmp_path / "b")
+    assert (old.spec.num_steps, old.spec.eta, old.spec.fingerprint) == (3, (1.0, 1.0, 1.0), None)
+    assert torch.equal(old.h(), h)
+    old.check_engine(engine)  # by name, with a warning
 
 
 def test_float16_trajectory_replays_in_float32_and_a_bank_reads_in_any_dtype(tmp_path):
@@ -62,7 +220,7 @@ def test_float16_trajectory_replays_in_float32_and_a_bank_reads_in_any_dtype(tmp
     assert (replay.x0 - t.x0).abs().max() < 0.05
     bank = build_bank(tmp_path / "b", half, 2, 3)
     bank.check_engine(full)  # reading and editing: compatible
-    with pytest.raises(HspaceError, match="spec.dtype: bank has 'float16', requested 'float32'"):
+    with pytest.raises(HspaceError, match="spec.dtype: 'float16' vs 'float32'"):
         build_bank(tmp_path / "b", full, 3, 3)  # extending: the same arithmetic only
 
 

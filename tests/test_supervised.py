@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hspace.spec import FREE
 from hspace.bank import build_bank
 from hspace.directions import Direction
 from hspace.directions.disentangle import disentangle
@@ -25,7 +26,7 @@ def test_mean_difference_of_trajectories(engine, trajectory):
 
 
 def _dir(delta, name):
-    return Direction(torch.as_tensor(delta, dtype=torch.float32), meta={"name": name})
+    return Direction(torch.as_tensor(delta, dtype=torch.float32), meta={"name": name}, spec=FREE)
 
 
 def test_eq11_removes_the_span_of_the_others():
@@ -197,3 +198,27 @@ def test_clip_scorer_is_the_softmax_of_each_prompt_pair(tmp_path, engine):
     assert main([*argv, "smile=a smiling face|a face"]) == 0
     assert torch.allclose(bank.scores("clip")["smile"], clip_scorer(str(tmp_path), {"smile": prompts["smile"]})(bank.thumbnails().float() / 127.5 - 1)["smile"], atol=1e-6)
     assert main([*argv, "smile=a smiling face"]) == 2
+
+
+def test_clip_scorer_prepares_images_with_the_folders_own_processor(tmp_path):
+    """With a preprocessor_config.json, images go through the folder's CLIPImageProcessor (resize of the
+    shortest side, centre crop, normalisation), as transformers' reference pipeline prepares them."""
+    pytest.importorskip("transformers")
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from hspace.directions.supervised import clip_scorer
+
+    _tiny_clip(tmp_path)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.4])
+    processor.save_pretrained(tmp_path)
+    images = torch.rand(3, 3, 40, 48, generator=torch.Generator().manual_seed(2)) * 2 - 1  # not square: the crop matters
+    scores = clip_scorer(str(tmp_path), {"smile": ("a smiling face", "a face")})(images)
+    model, tokenizer = CLIPModel.from_pretrained(tmp_path).eval(), CLIPTokenizer.from_pretrained(tmp_path)
+    pixels = [((im + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy() for im in images]
+    with torch.no_grad():
+        logits = model(**tokenizer(["a smiling face", "a face"], padding=True, return_tensors="pt"),
+                       pixel_values=processor(images=pixels, return_tensors="pt")["pixel_values"]).logits_per_image
+    assert torch.allclose(scores["smile"], logits.softmax(-1)[:, 0], atol=1e-5)
+    # the plain resize (no processor file) gives other numbers: the processor was really used
+    (tmp_path / "preprocessor_config.json").unlink()
+    assert not torch.allclose(clip_scorer(str(tmp_path), {"smile": ("a smiling face", "a face")})(images)["smile"], scores["smile"], atol=1e-4)

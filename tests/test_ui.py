@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from hspace.spec import FREE
 from hspace.directions.direction import Direction
 from hspace.engine import Engine
 
@@ -30,7 +31,7 @@ def editor(tmp_path_factory):
     directions = [
         Direction(torch.randn(STEPS, *engine.h_shape, generator=gen), meta={"name": "pc1", "method": "pca"}, spec=engine.spec),
         Direction(torch.randn(1, *engine.h_shape, generator=gen) * 5, meta={"name": "jac", "method": "jacobian"}, spec=engine.spec),
-        Direction(torch.randn(STEPS, *engine.h_shape, generator=gen) * 3, meta={"name": "smile", "method": "supervised"}),
+        Direction(torch.randn(STEPS, *engine.h_shape, generator=gen) * 3, meta={"name": "smile", "method": "supervised"}, spec=FREE),
     ]
     return Editor(engine, directions, tmp_path_factory.mktemp("saved"), steps=STEPS, eta=1.0)
 

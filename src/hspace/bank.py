@@ -2,9 +2,9 @@
 
 A bank is a folder:
 
-    bank.json                 what drew it: the engine's spec (model, h location, dtype, clipping), steps,
-                              eta, timesteps, base seed, shard size, h and sample shapes; and how many
-                              samples it should hold
+    bank.json                 what drew it: the spec (model fingerprint, h location, dtype, clipping, steps,
+                              eta, spacing, autocast), the timesteps, base seed, shard size, h and sample
+                              shapes; and how many samples it should hold
     shard-000000000000.safetensors   samples from 0 on: seeds, h [b, T, *h_shape] in float16,
     shard-000000000064.safetensors   x_0 thumbnails (uint8, at most ``thumbnail_size`` px) ...
     scores/NAME.safetensors   optional per-sample scores (labels, classifier outputs), [n] per key
@@ -16,9 +16,10 @@ sample is reproducible from its seed and the bank's settings (``Bank.trajectory`
 Writing is atomic (a temporary file, then ``os.replace``) and every shard is drawn on its own, in the
 same batches whenever it is drawn, so a bank interrupted at any point and built again by the same call
 equals a bank built in one go: no sample is lost or drawn twice. Asking for more samples extends the
-bank with new shards. Extending needs exactly the bank's settings (its spec included, dtype too);
-reading and editing its samples needs a compatible engine (``Spec.check``: any dtype), and
-``Engine.load(bank.spec)`` rebuilds the one that drew it.
+bank with new shards. Extending needs exactly the bank's settings (its spec included, dtype too; the
+model by fingerprint, so a copy of the model at another path extends it); reading and editing its samples
+needs a compatible engine (``Spec.check``: any dtype), and ``Engine.load(bank.spec)`` rebuilds the one
+that drew it. Banks of format 2 (the process as loose keys beside the spec) are read and extended as they are.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 
 from .distributed import Processes
 from .errors import HspaceError
-from .files import pid_alive, read_json, read_safetensors, remove_stale_temporaries, save_safetensors, write_json
+from .files import read_json, read_safetensors, remove_stale_temporaries, save_safetensors, write_json
 from .progress import Meter
 from .spec import Spec
 from .trajectory import MAX_SEED, Trajectory
@@ -48,26 +49,48 @@ __all__ = ["Bank", "build_bank"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: the engine identity is one "spec" object
+FORMAT = 3  # 3: the whole process (steps, eta, spacing, autocast) is in the spec
+FORMATS = (2, 3)  # 2: steps, eta and autocast as keys beside the spec (read and extended as they are)
 MANIFEST = "bank.json"
 FLOAT16_MAX = 65504.0
 _SHARD = re.compile(r"shard-(\d{12})\.safetensors")
 # What a bank's samples depend on: a bank refuses to mix samples that differ in any of these.
-IDENTITY = ("spec", "num_steps", "eta", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
-OPTIONAL_IDENTITY = ("autocast",)  # part of the identity where present (speed.py)
+IDENTITY = ("spec", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
+LEGACY_IDENTITY = ("spec", "num_steps", "eta", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
+
+
+def _legacy(settings: dict) -> bool:
+    return "num_steps" in settings  # format 2
 
 
 def _identity(settings: dict) -> dict:
-    """The settings that make a bank what it is: ``IDENTITY``, and those of ``OPTIONAL_IDENTITY`` it has."""
-    return {**{k: settings[k] for k in IDENTITY}, **{k: settings[k] for k in OPTIONAL_IDENTITY if settings.get(k) is not None}}
+    """The settings that make a bank what it is (``IDENTITY``; a format-2 bank's, and its autocast where set)."""
+    if _legacy(settings):
+        autocast = {"autocast": settings["autocast"]} if settings.get("autocast") is not None else {}
+        return {**{k: settings[k] for k in LEGACY_IDENTITY}, **autocast}
+    return {k: settings[k] for k in IDENTITY}
+
+
+def _spec(settings: dict) -> Spec:
+    """The spec of a bank's settings, with its process (a format-2 bank's loose keys moved into it)."""
+    spec = Spec.from_dict(settings["spec"])
+    if _legacy(settings):
+        from dataclasses import replace
+
+        spec = replace(spec.with_process(settings["num_steps"], settings["eta"]), autocast=settings.get("autocast"))
+    return spec
 
 
 LOCK = "bank.lock"
 
 
 def _digest(identity: dict) -> str:
-    """A short fingerprint of a bank's settings, stored in every shard (a shard of another bank is refused)."""
-    return hashlib.sha256(json.dumps(_identity(identity), sort_keys=True).encode()).hexdigest()[:16]
+    """A short fingerprint of a bank's settings, stored in every shard (a shard of another bank is refused).
+    The model counts by its fingerprint, not its path (``Spec.key``), so a copy of the model extends the bank."""
+    identity = _identity(identity)
+    if not _legacy(identity):
+        identity = {**identity, "spec": Spec.from_dict(identity["spec"]).key()}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -79,31 +102,30 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
-    """One writer per bank: a lock file holding the writer's pid; a dead writer's lock is taken over."""
+    """One writer per bank: an OS lock (``flock``) on bank.lock, held exactly as long as the writer's process
+    lives (the kernel releases it however the process ends, so there is nothing to take over and no race);
+    the file names the writer's pid, for the message another writer gets."""
+    import fcntl
+
     lock = path / LOCK
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid_alive(pid):
-                raise HspaceError(
-                    f"bank {str(path)!r} is being drawn by process {pid} (its {LOCK}); wait for it to finish, or stop it "
-                    "and run the same command again"
-                ) from None
-            lock.unlink(missing_ok=True)  # left by a process that died
-    else:
-        raise HspaceError(f"cannot take the lock {str(lock)!r}; another process keeps taking it")
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            who = f"process {holder}" if holder.isdigit() else "another process"
+            raise HspaceError(
+                f"bank {str(path)!r} is being drawn by {who} (it holds {LOCK}); wait for it to finish, or stop it "
+                "and run the same command again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # (while still locked) the pid of a writer that has finished is not left behind
+        os.close(fd)  # releases the lock
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
@@ -112,11 +134,11 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
-def _flat(settings: dict) -> dict:
-    """Bank settings with the spec's fields as "spec.FIELD" keys (so that a mismatch names the field)."""
-    flat = {key: settings.get(key) for key in (*IDENTITY, *OPTIONAL_IDENTITY) if key != "spec"}
-    flat.update({f"spec.{k}": v for k, v in (settings.get("spec") or {}).items()})
-    return flat
+def _mismatch(ours: dict, theirs: dict) -> list[str]:
+    """What differs between a bank's settings and those requested (the spec field by field, "spec.FIELD")."""
+    bad = [f"spec.{d}" for d in _spec(theirs).differences(_spec(ours), "exact", what="the bank")]
+    keys = [k for k in IDENTITY if k != "spec"]
+    return bad + [f"{key}: bank has {ours.get(key)!r}, requested {theirs[key]!r}" for key in keys if ours.get(key) != theirs[key]]
 
 
 def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -153,16 +175,16 @@ class Bank:
         manifest = read_json(file, "bank manifest")
         if manifest.get("kind") != "hspace.Bank":
             raise HspaceError(f"{file} is not an hspace bank manifest (kind={manifest.get('kind')!r})")
-        if manifest.get("format") != FORMAT:
-            raise HspaceError(f"{file} has bank format {manifest.get('format')!r}; this hspace reads format {FORMAT}")
-        missing = [key for key in (*IDENTITY, "n") if key not in manifest]
+        if manifest.get("format") not in FORMATS:
+            raise HspaceError(f"{file} has bank format {manifest.get('format')!r}; this hspace reads formats {', '.join(map(str, FORMATS))}")
+        missing = [key for key in (*(LEGACY_IDENTITY if manifest["format"] == 2 else IDENTITY), "n") if key not in manifest]
         if missing:
             raise HspaceError(f"{file} lacks {', '.join(missing)}; it is not a complete bank manifest")
         n = manifest["n"]
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise HspaceError(f"{file} has n = {n!r}; valid: an integer >= 1")
         try:
-            Spec.from_dict(manifest["spec"])
+            _spec(manifest)
         except HspaceError as e:
             raise HspaceError(f"{file} has a bad spec: {e}") from None
         return cls(path, manifest)
@@ -172,14 +194,8 @@ class Bank:
         from .diffusion import eta_schedule
 
         schedule = engine.schedule(num_steps)
-        # Autocast changes the samples beyond float tolerance (speed.py): a bank drawn with it says so, and only
-        # an engine with the same autocast extends it. Without it the identity is what it always was.
-        autocast = {"autocast": engine.speed.autocast} if engine.speed.autocast else {}
         return {
-            "spec": engine.spec.to_dict(),
-            **autocast,
-            "num_steps": num_steps,
-            "eta": [float(e) for e in eta_schedule(eta, num_steps)],
+            "spec": engine.spec.with_process(num_steps, eta_schedule(eta, num_steps).tolist()).to_dict(),
             "timesteps": [int(t) for t in schedule.timesteps],
             "base_seed": base_seed,
             "shard_size": shard_size,
@@ -188,19 +204,14 @@ class Bank:
             "thumbnail_size": thumbnail_size,
         }
 
-    def _mismatch(self, identity: dict) -> list[str]:
-        """What differs between the bank's settings and ``identity`` (the spec field by field)."""
-        ours, theirs = _flat(self.manifest), _flat(identity)
-        return [f"{key}: bank has {ours.get(key)!r}, requested {theirs[key]!r}" for key in theirs if ours.get(key) != theirs[key]]
-
     @property
     def spec(self) -> Spec:
-        """The spec of the engine that drew the bank: ``Engine.load(bank.spec)`` rebuilds it."""
-        return Spec.from_dict(self.manifest["spec"])
+        """The spec of the engine and process that drew the bank: ``Engine.load(bank.spec)`` rebuilds it."""
+        return _spec(self.manifest)
 
-    def check_engine(self, engine) -> None:
+    def check_engine(self, engine, tolerant: bool = False) -> None:
         """Raise unless ``engine`` is compatible with the one that drew this bank (``Spec.check``)."""
-        engine.spec.check(self.spec, f"bank {str(self.path)!r}")
+        engine.spec.check(self.spec, f"bank {str(self.path)!r}", tolerant=tolerant)
 
     # ------------------------------------------------------------------ what it holds
 
@@ -211,11 +222,11 @@ class Bank:
 
     @property
     def num_steps(self) -> int:
-        return self.manifest["num_steps"]
+        return self.spec.num_steps
 
     @property
     def eta(self) -> list[float]:
-        return self.manifest["eta"]
+        return list(self.spec.eta)
 
     @property
     def shard_size(self) -> int:
@@ -235,13 +246,13 @@ class Bank:
         """A new bank folder with its manifest (``identity``: the keys of ``IDENTITY``); empty unless
         ``adopt_shards`` (shards of these settings whose bank.json was lost)."""
         path = Path(path)
-        missing = [key for key in IDENTITY if key not in identity]
+        missing = [key for key in (LEGACY_IDENTITY if _legacy(identity) else IDENTITY) if key not in identity]
         if missing:
             raise HspaceError(f"a bank identity needs {', '.join(missing)}")
         path.mkdir(parents=True, exist_ok=True)
         if (path / MANIFEST).exists() or (not adopt_shards and any(_SHARD.fullmatch(p.name) for p in path.iterdir())):
             raise HspaceError(f"{str(path)!r} already holds a bank or shard files; refusing to overwrite them")
-        bank = cls(path, {"kind": "hspace.Bank", "format": FORMAT, **_identity(identity), "n": n})
+        bank = cls(path, {"kind": "hspace.Bank", "format": 2 if _legacy(identity) else FORMAT, **_identity(identity), "n": n})
         write_json(path / MANIFEST, bank.manifest)
         return bank
 
@@ -533,11 +544,11 @@ def _open_for(path: Path, identity: dict, n: int) -> Bank:
             return Bank.create(path, identity, n, adopt_shards=True)
         return Bank.create(path, identity, n)
     bank = Bank.open(path)
-    bad = bank._mismatch(identity)
+    bad = _mismatch(bank.manifest, identity)
     if bad:
         raise HspaceError(
             f"bank {str(path)!r} exists with different settings, so it cannot be extended or resumed by this call "
-            f"({'; '.join(bad)}); use another folder or the bank's settings"
+            f"({'; '.join(bad)}; the bank's vs the requested); use another folder or the bank's settings"
         )
     if n < bank.n:
         raise HspaceError(f"bank {str(path)!r} holds {bank.n} samples; --n {n} is smaller (valid: >= {bank.n}; read fewer samples by index instead)")
@@ -561,16 +572,20 @@ def _shard_identity(path: Path) -> dict | None:
 
 
 def _describe(identity: dict) -> str:
-    spec = identity.get("spec") or {}
+    try:
+        spec = _spec(identity)
+    except (HspaceError, KeyError, TypeError):
+        return "settings this hspace cannot read"
+    eta = spec.eta if spec.eta is None or len(set(spec.eta)) > 1 else spec.eta[0]
     return (
-        f"model {spec.get('model')!r}, h location {spec.get('h_location')!r}, {identity.get('num_steps')} steps, "
-        f"eta {identity.get('eta')}, base seed {identity.get('base_seed')}, shard size {identity.get('shard_size')}"
+        f"model {spec.model!r} (fingerprint {spec.fingerprint}), h location {spec.h_location!r}, {spec.num_steps} steps, "
+        f"eta {eta}, base seed {identity.get('base_seed')}, shard size {identity.get('shard_size')}"
     )
 
 
 def _check_space(path: Path, identity: dict, samples: int) -> None:
     """Log what the samples still to draw will take on disk, and refuse when the disk has less room."""
-    per_sample = 2 * identity["num_steps"] * math.prod(identity["h_shape"]) + 3 * identity["thumbnail_size"] ** 2 + 8
+    per_sample = 2 * _spec(identity).num_steps * math.prod(identity["h_shape"]) + 3 * identity["thumbnail_size"] ** 2 + 8
     need = samples * per_sample
     free = shutil.disk_usage(path).free
     logger.info("bank %s: %d samples to draw, about %.1f MB on disk (%.1f MB free)", path, samples, need / 1e6, free / 1e6)

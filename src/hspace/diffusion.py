@@ -108,6 +108,12 @@ class Schedule:
         return x_prev.to(x_t.dtype)
 
 
+def spacing_of(scheduler_config: dict) -> str:
+    """How a scheduler config spaces the timesteps of an n-step process (part of the spec): diffusers'
+    ``timestep_spacing`` (DDIMScheduler's default "leading") and ``steps_offset``."""
+    return f"{scheduler_config.get('timestep_spacing', 'leading')}+{int(scheduler_config.get('steps_offset', 0) or 0)}"
+
+
 def eta_schedule(eta: float | Sequence[float] | torch.Tensor, num_steps: int) -> torch.Tensor:
     """eta_t for every step: one number for all steps, or exactly one value per step, each in [0, 1]
     (above 1 the variance of eq. 5 exceeds 1 - a_{t-1} and D_t of eq. 4 has no real square root)."""

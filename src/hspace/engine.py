@@ -9,31 +9,25 @@ D_t with one U-Net pass per step, or into P_t only with Asyrp's second, clean pa
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
 
-from .diffusion import Schedule, eta_schedule
+from .diffusion import Schedule, eta_schedule, spacing_of
 from .directions.direction import Direction, stack_directions
 from .errors import HspaceError, check_choice
 from .hooks import DEFAULT_H_LOCATION
-from .interventions import LinearEdit, Record, Replace, StepContext, apply_all, edits_at
+from .interventions import LinearEdit, Record, Replace, StepContext, edits_at
 from .loading import DEFAULT_MODEL, Components, load_components, resolve_device, resolve_dtype
 from .models import UNetModel
 from .progress import Meter, StepEvent
-from .spec import Spec
+from .spec import CONDITION_FIELDS, Spec
 from .speed import Speed
 from .trajectory import Trajectory, check_seeds, seeded_noise, seeded_x_T
 
 EPS_PASSES = ("edited", "clean")  # where D_t's eps comes from: the edited pass, or Asyrp's clean one
 Noise = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
-
-
-CONDITION_FIELDS = ("prompt", "negative_prompt", "guidance", "guide_edit")
-
-
-def _condition_of(spec: Spec) -> dict:
-    return {k: getattr(spec, k) for k in CONDITION_FIELDS}
 
 
 def _condition(components: Components, prompt, negative_prompt, guidance, guide_edit) -> dict:
@@ -79,7 +73,10 @@ class Engine:
             raise HspaceError(f"speed must be a hspace.speed.Speed, got {type(speed).__name__}")
         self.speed = speed or Speed()
         condition = _condition(components, prompt, negative_prompt, guidance, guide_edit)
-        self.spec = Spec(components.name, h_location, str(dtype).replace("torch.", ""), clip_sample, **condition)
+        self.spec = Spec(
+            components.name, h_location, str(dtype).replace("torch.", ""), clip_sample, **condition,
+            fingerprint=components.content_fingerprint(), spacing=spacing_of(components.scheduler_config), autocast=self.speed.autocast,
+        )
         self.components = components
         self.device = resolve_device(device)
         self.dtype = dtype
@@ -107,27 +104,50 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         clip_sample: bool | None = None,
         speed: Speed | None = None,
+        *,
+        folder: str | None = None,
         **condition,
     ) -> "Engine":
         """Load a built-in model by name, a local diffusers folder or a hub id; or rebuild the engine of a
-        ``Spec`` (``Engine.load(bank.spec)``), where ``device`` may still be chosen and nothing else.
+        ``Spec`` (``Engine.load(bank.spec)``), where ``device`` and ``speed`` may still be chosen and nothing else.
 
-        ``clip_sample`` overrides the scheduler's clipping of P_t (None: the model's own setting). A
-        conditional model (Stable Diffusion, SDXL) takes ``prompt``, ``negative_prompt``, ``guidance``
-        and ``guide_edit`` (see ``spec.py``); ``engine.conditioned(prompt=...)`` changes them later.
+        A spec's model is found at ``spec.model`` or, when it was moved or copied, at ``folder``; either way
+        its fingerprint must be the spec's. ``clip_sample`` overrides the scheduler's clipping of P_t (None: the
+        model's own setting). A conditional model (Stable Diffusion, SDXL) takes ``prompt``, ``negative_prompt``,
+        ``guidance`` and ``guide_edit`` (see ``spec.py``); ``engine.conditioned(prompt=...)`` changes them later.
         ``speed`` (``hspace.speed.Speed``) chooses how the U-Net runs: channels_last, torch.compile, autocast."""
         unknown = sorted(set(condition) - set(CONDITION_FIELDS))
         if unknown:
-            raise HspaceError(f"unknown option(s) {', '.join(unknown)}; valid: h_location, device, dtype, clip_sample, speed, {', '.join(CONDITION_FIELDS)}")
+            raise HspaceError(f"unknown option(s) {', '.join(unknown)}; valid: h_location, device, dtype, clip_sample, speed, folder, {', '.join(CONDITION_FIELDS)}")
         if isinstance(model, Spec):
             given = {"h_location": h_location, "dtype": dtype, "clip_sample": clip_sample, **condition}
             extra = [k for k, v in given.items() if v is not None]
             if extra:
                 raise HspaceError(f"a spec fixes {', '.join(extra)}; load it alone (Engine.load(spec, device=..., speed=...))")
-            spec = model
-            return cls(load_components(spec.model), spec.h_location, device, spec.dtype, spec.clip_sample, **_condition_of(spec), speed=speed)
+            return cls._of_spec(model, device, speed, folder)
+        if folder is not None:
+            raise HspaceError("folder= relocates the model of a spec; to load a folder pass it as the model")
         spec = Spec(str(model), h_location or DEFAULT_H_LOCATION)  # checks the h location before loading
         return cls(load_components(model), spec.h_location, device, dtype, clip_sample, **condition, speed=speed)
+
+    @classmethod
+    def _of_spec(cls, spec: Spec, device, speed: Speed | None, folder: str | None) -> "Engine":
+        """The engine of ``spec``, with its autocast, from its model (at ``folder`` when given), checked by fingerprint."""
+        speed = speed or Speed()
+        if speed.autocast is not None and speed.autocast != spec.autocast:
+            raise HspaceError(f"the spec was drawn with autocast {spec.autocast}, and autocast {speed.autocast} was asked for; "
+                              "autocast is part of the process (leave it out: the spec's own is used)")
+        try:
+            components = load_components(folder or spec.model)
+        except HspaceError as e:
+            if folder is not None:
+                raise
+            raise HspaceError(f"the model of this spec (fingerprint {spec.fingerprint}) cannot be loaded from {spec.model!r}: {e}. "
+                              "If it was moved, pass where it is now (Engine.load(spec, folder=DIR), or --model DIR)") from None
+        engine = cls(components, spec.h_location, device, spec.dtype, spec.clip_sample, **{k: getattr(spec, k) for k in CONDITION_FIELDS},
+                     speed=replace(speed, autocast=spec.autocast))
+        engine.spec.check(spec.engine, f"the spec's model (found at {folder or spec.model!r})", kind="exact")
+        return engine
 
     def conditioned(self, **changes) -> "Engine":
         """This engine (the same loaded model, no reload) for another prompt, negative prompt, guidance or
@@ -135,7 +155,7 @@ class Engine:
         unknown = sorted(set(changes) - set(CONDITION_FIELDS))
         if unknown:
             raise HspaceError(f"unknown condition(s) {', '.join(unknown)}; valid: {', '.join(CONDITION_FIELDS)}")
-        condition = {**_condition_of(self.spec), **changes}
+        condition = {**{k: getattr(self.spec, k) for k in CONDITION_FIELDS}, **changes}
         if "guidance" in changes and "guide_edit" not in changes:
             condition["guide_edit"] = None  # the default for the new guidance
         return Engine(self.components, self.h_location, self.device, self.dtype, self.spec.clip_sample, **condition, speed=self.speed)
@@ -245,8 +265,7 @@ class Engine:
                 for i in range(start, stop):
                     t = int(schedule.timesteps[i])
                     ctx = StepContext(i, t, num_steps, rows, n)
-                    edit_h = (lambda h, ctx=ctx: apply_all(interventions, h, ctx)) if interventions else None
-                    p, eps = schedule.split_output(i, state, self.model.output(state, t, edit_h).to(self.compute_dtype))
+                    p, eps = schedule.split_output(i, state, self.model.output(state, t, interventions, ctx).to(self.compute_dtype))
                     if clean[i]:
                         _, eps = schedule.split_output(i, state, self.model_output(state, t))
                     s = float(sigma[i])
@@ -271,6 +290,7 @@ class Engine:
         *,
         record_h: bool = True,
         keep_noise: bool = True,
+        interventions: Sequence[Callable] = (),
         batch_size: int = 32,
         callback: Callable | None = None,
         progress: bool | None = None,
@@ -278,7 +298,8 @@ class Engine:
         """Draw one sample per seed (paper eq. 2-5) and record its trajectory.
 
         Each seed has its own generator (see ``seeded_noise``); eta is a number or one value per step.
-        ``keep_noise=False`` drops z (it is regenerated from the seeds when needed).
+        ``keep_noise=False`` drops z (it is regenerated from the seeds when needed). ``interventions`` act on
+        h at every step as in ``run``; the recorded h is h after them.
         """
         seeds = check_seeds(seeds)
         check_batch_size(batch_size)
@@ -295,18 +316,18 @@ class Engine:
 
         record = Record() if record_h else None
         x0 = self.run(
-            x_T, num_steps, eta_t, noise=noise, interventions=[record] if record else [],
+            x_T, num_steps, eta_t, noise=noise, interventions=[*interventions] + ([record] if record else []),
             batch_size=batch_size, callback=callback, progress=progress, stage="sampling",
         )
         return self._trajectory(seeds, schedule, eta_t, x_T, x0, record and record.h, torch.cat(kept) if keep_noise else None)
 
     def _trajectory(self, seeds, schedule, eta, x_T, x0, h, z) -> Trajectory:
         image = None if self.decoder is None else self.decode(x0)
-        return Trajectory(seeds, schedule.timesteps, eta, x_T, x0, h, z, image, self.spec)
+        return Trajectory(seeds, schedule.timesteps, eta, x_T, x0, h, z, image, self.spec.with_process(schedule.num_steps, eta.tolist()))
 
-    def _check_trajectory(self, trajectory: Trajectory) -> Schedule:
+    def _check_trajectory(self, trajectory: Trajectory, tolerant: bool = False) -> Schedule:
         check_trajectory_type(trajectory)
-        self.spec.check(trajectory.spec, "the trajectory")
+        self.spec.check(trajectory.spec, "the trajectory", tolerant=tolerant)
         if tuple(trajectory.x_T.shape[1:]) != self.sample_shape:
             raise HspaceError(f"trajectory x_T has shape {tuple(trajectory.x_T.shape[1:])}, the model samples {self.sample_shape}")
         schedule = self.schedule(trajectory.num_steps)
@@ -333,6 +354,7 @@ class Engine:
         source: Sequence[int] | torch.Tensor | None = None,
         eps_pass: str = "edited",
         record_h: bool = False,
+        tolerant: bool = False,
         batch_size: int = 32,
         callback: Callable | None = None,
         progress: bool | None = None,
@@ -342,9 +364,10 @@ class Engine:
 
         ``delta`` is a Direction, a tensor [T, *h_shape] for every sample, or [B, T, *h_shape] per sample;
         ``interventions`` are applied after it. ``source`` picks (and may repeat) the samples to replay.
+        ``tolerant=True`` replays a trajectory drawn with another autocast (approximately: ``spec.py``).
         """
         check_batch_size(batch_size)
-        schedule = self._check_trajectory(trajectory)
+        schedule = self._check_trajectory(trajectory, tolerant)
         source = torch.arange(len(trajectory)) if source is None else torch.as_tensor(source, dtype=torch.long).flatten()
         if len(source) and not (0 <= int(source.min()) and int(source.max()) < len(trajectory)):
             raise HspaceError(f"source indices must lie in 0..{len(trajectory) - 1}")
@@ -405,11 +428,13 @@ class Engine:
         *,
         window: tuple[float, float] | None = None,
         eps_pass: str = "edited",
+        tolerant: bool = False,
         batch_size: int = 32,
         callback: Callable | None = None,
         progress: bool | None = None,
     ) -> torch.Tensor:
-        """Images [D, S, B, C, H, W] of every sample edited by every direction at every scale: one batched run."""
+        """Images [D, S, B, C, H, W] of every sample edited by every direction at every scale: one batched run
+        (``tolerant`` as in ``replay``)."""
         if isinstance(directions, Direction):
             directions = [directions]
         check_trajectory_type(trajectory)
@@ -430,7 +455,7 @@ class Engine:
         coefficients[torch.arange(coefficients.shape[0]), d_idx.flatten()] = torch.tensor(scales)[s_idx.flatten()]
         edit = LinearEdit(stack_directions(directions, steps), coefficients, self.active_steps(steps, window))
         out = self.replay(
-            trajectory, interventions=[edit], source=b_idx.flatten(), eps_pass=eps_pass,
+            trajectory, interventions=[edit], source=b_idx.flatten(), eps_pass=eps_pass, tolerant=tolerant,
             batch_size=batch_size, callback=callback, progress=progress,
         )
         return out.images.reshape(n_d, n_s, n_b, *out.images.shape[1:])
@@ -441,11 +466,13 @@ class Engine:
         donor: Trajectory,
         *,
         window: tuple[float, float] | None = None,
+        tolerant: bool = False,
         batch_size: int = 32,
         callback: Callable | None = None,
         progress: bool | None = None,
     ) -> Trajectory:
-        """Replay ``trajectory`` (its x_T and z) with h_t replaced by ``donor``'s h_t (paper Fig. 3)."""
+        """Replay ``trajectory`` (its x_T and z) with h_t replaced by ``donor``'s h_t (paper Fig. 3; ``tolerant``
+        as in ``replay``)."""
         check_trajectory_type(trajectory)
         check_trajectory_type(donor)
         if donor.h is None:
@@ -454,15 +481,16 @@ class Engine:
             raise HspaceError(f"swap pairs samples one to one: {len(trajectory)} samples vs {len(donor)} donors")
         if donor.num_steps != trajectory.num_steps or not torch.equal(donor.timesteps, trajectory.timesteps):
             raise HspaceError(f"donor has {donor.num_steps} steps, the trajectory {trajectory.num_steps}; they must match")
+        self.spec.check(donor.spec, "the donor trajectory", "direction")  # its h, a point of the same h-space
         if tuple(donor.h.shape[2:]) != self.h_shape:
             raise HspaceError(f"donor h has shape {tuple(donor.h.shape[2:])}, this engine's h is {self.h_shape}")
-        replace = Replace(donor.h, self.active_steps(trajectory.num_steps, window))
-        return self.replay(trajectory, interventions=[replace], record_h=True, batch_size=batch_size, callback=callback, progress=progress)
+        swap = Replace(donor.h, self.active_steps(trajectory.num_steps, window))
+        return self.replay(trajectory, interventions=[swap], record_h=True, tolerant=tolerant, batch_size=batch_size, callback=callback, progress=progress)
 
-    def x_t(self, trajectory: Trajectory, step: int, *, batch_size: int = 32) -> torch.Tensor:
+    def x_t(self, trajectory: Trajectory, step: int, *, tolerant: bool = False, batch_size: int = 32) -> torch.Tensor:
         """x_t at the start of step ``step`` (0 = x_T, num_steps = x_0) of every sample, [B, C, H, W]:
         the first ``step`` steps of eq. 2 with the trajectory's x_T, z and eta, without delta-h."""
-        self._check_trajectory(trajectory)
+        self._check_trajectory(trajectory, tolerant)
         n = trajectory.num_steps
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= n:
             raise HspaceError(f"step must be an integer from 0 to {n} (0 = x_T, {n} = x_0), got {step!r}")

@@ -1,8 +1,9 @@
 """Every file hspace writes or reads from a user's disk goes through here.
 
 - ``write_atomic``: a temporary file with a name of its own (process id and a random part) beside the
-  target, then ``os.replace``; a failed write (a full disk) removes its temporary file, leaves what was
-  there untouched and raises ``HspaceError`` naming the file.
+  target, flushed to the disk (``fsync``), then ``os.replace`` and an ``fsync`` of the folder, so that after
+  a power loss the name holds the old file or the whole new one, never an empty one; a failed write (a full
+  disk) removes its temporary file, leaves what was there untouched and raises ``HspaceError`` naming the file.
 - ``staged_folder``: a method's result (several files) is written into a hidden staging folder and only
   moved into place when every file was written, so a failure never leaves a partial set behind.
 - ``check_output_dir`` / ``check_output_file``: outputs are checked before any computation.
@@ -37,13 +38,25 @@ def _write_error(path: Path, e: OSError) -> HspaceError:
     return HspaceError(f"cannot write {str(path)!r}: {e.strerror or e}")
 
 
+def fsync(path: str | Path) -> None:
+    """Flush a file's (or a folder's: its entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if os.path.isdir(path) else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` and move tmp onto ``path``; on any failure remove tmp and keep ``path`` as it was."""
+    """Call ``write(tmp)``, flush tmp to the disk and move it onto ``path`` (then flush the folder's entry);
+    on any failure remove tmp and keep ``path`` as it was."""
     path = Path(path)
     tmp = _tmp_name(path)
     try:
         write(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(path.parent)
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -85,6 +98,7 @@ def staged_folder(folder: str | Path) -> Iterator[Path]:
         yield stage
         for item in sorted(stage.iterdir()):
             os.replace(item, folder / item.name)
+        fsync(folder)
     except OSError as e:
         raise _write_error(folder, e) from None
     finally:

@@ -1,17 +1,29 @@
 """What may happen to h_t at a step of the generative process: interventions on the bottleneck.
 
 An intervention is any callable ``fn(h, ctx) -> h``: ``h`` is the batch's h_t as the U-Net computed it,
-``ctx`` a ``StepContext`` (step index, timestep, the batch's rows among the run's samples); it returns
-the h the decoder half goes on with (TransformerLens passes ``hook`` to every hook; baukit's
-``Trace(edit_output=...)``). ``Engine.run`` applies a list of them in order at every step. The
-built-ins cover the paper: ``LinearEdit`` (h + gamma v_t, Sec. 3), ``Replace`` (h-swap, Fig. 3) and
-``Record`` (h_t of every step, Sec. 4). An intervention may define ``edits(step) -> bool``: False
-where it leaves h unchanged, so that Asyrp's clean pass (``eps_pass="clean"``) runs only where needed.
+``ctx`` a ``StepContext`` (step index, timestep, the batch's rows among the run's samples, the pass); it
+returns the h the decoder half goes on with (TransformerLens passes ``hook`` to every hook; baukit's
+``Trace(edit_output=...)``). This one signature reaches the model: the engine hands the list to the
+model wrapper, which calls each intervention in order at every step, and is the only place that knows how
+the denoiser is called. The built-ins cover the paper: ``LinearEdit`` (h + gamma v_t, Sec. 3), ``Replace``
+(h-swap, Fig. 3) and ``Record`` (h_t of every step, Sec. 4). An intervention may define
+``edits(step) -> bool``: False where it leaves h unchanged, so that Asyrp's clean pass
+(``eps_pass="clean"``) runs only where needed.
+
+Under classifier-free guidance a step runs two passes, and an intervention's ``branch`` attribute says which
+h it sees (``ctx.branch`` tells it):
+- None (the default): where the spec's ``guide_edit`` sends delta-h: the conditional pass's h ("cond"), the
+  unconditional one's ("uncond"), or for "both" the mean of the two, whose change is added to both passes
+  (``ctx.branch`` None). Without guidance: the one pass (``ctx.branch`` None).
+- "cond" or "uncond": that pass's h, whatever ``guide_edit`` is (an error on a model without that pass);
+- "both": called once per pass, the unconditional first.
+So recording does not depend on where delta-h goes: ``Record(branch="uncond")`` records the unconditional
+pass's h, which is what the paper's official code records (its hook sees the unconditional half of the batch).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -28,6 +40,10 @@ class StepContext:
     num_steps: int
     rows: torch.Tensor  # [b] long: which of the run's samples this batch holds
     num_samples: int  # samples in the whole run
+    branch: str | None = None  # the pass under guidance: "cond", "uncond", or None (the one pass, or both's mean)
+
+    def on(self, branch: str | None) -> "StepContext":
+        return self if branch == self.branch else replace(self, branch=branch)
 
 
 class Intervention(Protocol):
@@ -40,15 +56,41 @@ def edits_at(intervention: Callable, step: int) -> bool:
     return True if edits is None else bool(edits(step))
 
 
+BRANCHES = (None, "cond", "uncond", "both")
+
+
+def branch_of(intervention: Callable) -> str | None:
+    """The pass(es) whose h ``intervention`` asks to see (module doc); None: where delta-h goes."""
+    branch = getattr(intervention, "branch", None)
+    if branch not in BRANCHES:
+        raise HspaceError(f"intervention {intervention!r} asks for branch {branch!r}; valid: None, 'cond', 'uncond', 'both'")
+    return branch
+
+
+def apply(intervention: Callable, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """h after ``intervention``, which must keep its shape."""
+    out = intervention(h, ctx)
+    if not isinstance(out, torch.Tensor) or out.shape != h.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise HspaceError(f"intervention {intervention!r} returned {got} at step {ctx.step}; it must return h of shape {tuple(h.shape)}")
+    return out
+
+
 def apply_all(interventions: Sequence[Callable], h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-    """h after every intervention, in order; each must keep h's shape."""
+    """h of a single pass after every intervention, in order (an intervention asking for a pass under
+    guidance is an error here: there is only one)."""
     for intervention in interventions:
-        out = intervention(h, ctx)
-        if not isinstance(out, torch.Tensor) or out.shape != h.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise HspaceError(f"intervention {intervention!r} returned {got} at step {ctx.step}; it must return h of shape {tuple(h.shape)}")
-        h = out
+        branch = branch_of(intervention)
+        if branch is not None:
+            raise HspaceError(f"intervention {intervention!r} asks for the {branch!r} pass(es), but this model runs one pass per "
+                              "step (no classifier-free guidance); valid here: branch None")
+        h = apply(intervention, h, ctx)
     return h
+
+
+def context(t: int, n: int) -> StepContext:
+    """The context of one pass outside a process (a probe of h's shape, the Jacobian's centre)."""
+    return StepContext(0, int(t), 1, torch.arange(n), n)
 
 
 def _active(active: torch.Tensor | None, num_steps: int) -> torch.Tensor:
@@ -113,11 +155,16 @@ class Replace(Windowed):
 class Record:
     """Keeps h_t of every step as the decoder half saw it: ``h`` [N, T, *h_shape] float32 on the CPU.
 
+    ``branch`` (module doc) chooses the pass under guidance: None (where delta-h goes), "cond", "uncond", or
+    "both", whose ``h`` is [N, T, 2, *h_shape] with the unconditional pass first.
     On a GPU the copy of each step's h to the host does not stop the GPU: it goes, asynchronously, into
     pinned memory (a batch's rows are contiguous), and reading ``h`` waits for the copies once."""
 
-    def __init__(self):
-        self._h: torch.Tensor | None = None
+    def __init__(self, branch: str | None = None):
+        if branch not in BRANCHES:
+            raise HspaceError(f"unknown branch {branch!r}; valid: None (where delta-h goes), 'cond', 'uncond', 'both'")
+        self.branch = branch
+        self._h: dict[str | None, torch.Tensor] = {}
         self._pending = False
 
     @property
@@ -125,19 +172,21 @@ class Record:
         if self._pending:
             torch.cuda.synchronize()
             self._pending = False
-        return self._h
+        if self.branch == "both":
+            return torch.stack([self._h["uncond"], self._h["cond"]], 2) if len(self._h) == 2 else None
+        return next(iter(self._h.values()), None)
 
     def edits(self, step: int) -> bool:
         return False
 
     def __call__(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        if self._h is None:
-            self._h = torch.empty(ctx.num_samples, ctx.num_steps, *h.shape[1:], pin_memory=h.is_cuda)
-        rows = ctx.rows
+        if ctx.branch not in self._h:
+            self._h[ctx.branch] = torch.empty(ctx.num_samples, ctx.num_steps, *h.shape[1:], pin_memory=h.is_cuda)
+        store, rows = self._h[ctx.branch], ctx.rows
         first = int(rows[0])
         if h.is_cuda and bool((rows == torch.arange(first, first + len(rows))).all()):
-            self._h[first : first + len(rows), ctx.step].copy_(h.detach().float(), non_blocking=True)
+            store[first : first + len(rows), ctx.step].copy_(h.detach().float(), non_blocking=True)
             self._pending = True
         else:
-            self._h[rows, ctx.step] = h.detach().float().cpu()
+            store[rows, ctx.step] = h.detach().float().cpu()
         return h

@@ -43,6 +43,17 @@ class Components:
     decoder: torch.nn.Module | None  # VQModel or AutoencoderKL of a latent model
     name: str
     conditioner: object | None = None  # models.conditional.TextConditioner of a text-conditioned model
+    fingerprint: str | None = None  # the model's content (fingerprint.py); None: hashed from the modules in memory
+
+    def content_fingerprint(self) -> str:
+        """The fingerprint of the files it was loaded from, else of its modules and scheduler config."""
+        if self.fingerprint is None:
+            from .fingerprint import modules_fingerprint
+
+            pipeline = getattr(self.conditioner, "pipeline", None)
+            encoders = [getattr(pipeline, name, None) for name in ("text_encoder", "text_encoder_2")]
+            self.fingerprint = modules_fingerprint([self.unet, self.decoder, *encoders], self.scheduler_config)
+        return self.fingerprint
 
 
 def tiny_unet_config(sample_size: int = 32, channels=(32, 64, 64)) -> dict:
@@ -161,8 +172,18 @@ def _load_decoder(folder: Path):
     return _from_pretrained(classes[cls_name], folder)
 
 
-def load_folder(folder: Path, name: str) -> Components:
-    """Load a U-Net folder or a pipeline folder (see the module docstring)."""
+def load_folder(folder: Path, name: str, fingerprint: str | None = None) -> Components:
+    """Load a U-Net folder or a pipeline folder (see the module docstring), identified by ``fingerprint``
+    (default: the content fingerprint of the folder's files)."""
+    from dataclasses import replace
+
+    from .fingerprint import folder_fingerprint
+
+    components = _load_folder(folder, name)
+    return replace(components, fingerprint=fingerprint or folder_fingerprint(folder))
+
+
+def _load_folder(folder: Path, name: str) -> Components:
     if (folder / "model_index.json").is_file() or (folder / "unet" / "config.json").is_file():
         if not (folder / "unet" / "config.json").is_file():
             raise HspaceError(f"pipeline folder {str(folder)!r} has no unet/config.json")
@@ -245,10 +266,13 @@ def load_components(model: str | Path) -> Components:
     if path.exists():
         if not path.is_dir():
             raise HspaceError(f"model {model!r} is a file; pass a diffusers model folder, a hub id or one of {', '.join(BUILTIN)}")
-        # Named by its absolute path, so that a bank or trajectory recognises the model however it is spelled.
+        # Named by its absolute path (where Engine.load(spec) looks first); identified by its fingerprint.
         return load_folder(path, str(path.resolve()))
     if model.count("/") != 1 or model.startswith(("/", ".", "~")):
         raise HspaceError(
             f"model {model!r} is not a built-in name ({', '.join(BUILTIN)}), an existing folder, or a hub id like 'google/ddpm-ema-celebahq-256'"
         )
-    return load_folder(_hub_snapshot(model), model)
+    from .fingerprint import hub_fingerprint
+
+    snapshot = _hub_snapshot(model)
+    return load_folder(snapshot, model, hub_fingerprint(model, snapshot))

@@ -1,19 +1,30 @@
-"""The identity of a generative process: which model, where h is, which dtype and clipping, and for a
+"""The identity of a generative process: which model (by content), where h is, which dtype and clipping,
+the process that decides the numbers (steps, eta schedule, timestep spacing, autocast), and for a
 conditional U-Net (Stable Diffusion, SDXL) the prompt, the guidance and where delta-h goes under it.
 
 One frozen ``Spec`` is validated once, stored inside every Trajectory, Bank and Direction file, and
-turned back into the engine that made them (``Engine.load(spec)``).
+turned back into the engine that made them (``Engine.load(spec)``). ``Spec.check`` is the one
+compatibility check every reader uses.
 
-Compatibility rules (``Spec.check``):
-- ``model`` and ``h_location`` must be equal everywhere: h of another model or location is another space.
-- ``clip_sample`` is part of the process: replaying a trajectory or reading a bank drawn with another
-  clipping is an error. A direction does not depend on it (it is a vector in h-space).
+The fields, and what a mismatch means (``MUST_MATCH``):
+- ``fingerprint``: a hash of the model's configs and weights (``fingerprint.py``); it, not the path, is the
+  model's identity, so the same weights copied to another folder or machine are the same model and weights
+  changed in place (a fused LoRA, a fine-tune saved over the folder) are another. ``model`` (built-in name,
+  folder path or hub id) is only where ``Engine.load(spec)`` looks first. Artefacts made before fingerprints
+  (``fingerprint`` None) are compared by ``model`` as before, with a warning once.
+- ``h_location``: h of another location is another space; must match everywhere.
+- ``clip_sample``, ``spacing`` (the scheduler's timestep spacing), ``autocast`` and the conditioning are
+  part of the process: replaying a trajectory or reading a bank drawn with another value is an error.
+  ``autocast`` changes samples beyond float tolerance (``speed.py``); ``check(..., tolerant=True)`` lets it
+  differ for a replay the user knows is approximate. ``spacing`` None (an old artefact) is not compared.
+- ``num_steps`` and ``eta`` (one value per step) are the process of a trajectory or bank; an engine's own
+  spec has None (it runs any process), and they are compared where both sides have them.
 - ``dtype`` is compatible: a trajectory, bank or direction from float32 replays in float16 and back,
-  within the lower precision's tolerance. Extending a bank needs the same dtype (``Spec ==``), so that
-  every sample of one bank is drawn by the same arithmetic.
-- ``prompt``, ``negative_prompt``, ``guidance`` and ``guide_edit`` are part of the process (a replay of
-  a sample drawn for another prompt is another process). A direction found under one prompt applies
-  under any other (it is a vector in the model's h-space), as the paper's directions transfer between samples.
+  within the lower precision's tolerance. Extending a bank needs every field equal (``kind="exact"``), so
+  that every sample of one bank is drawn by the same arithmetic.
+- A direction needs only the model and h location (it is a vector in h-space; it applies under any
+  prompt, as the paper's directions transfer between samples). A direction made without any engine has
+  the explicit spec ``FREE``: it applies to any engine whose h has its shape.
 
 Conditioning (None for an unconditional model): ``prompt`` (a conditional model's default is ""),
 ``negative_prompt`` (None: the pipeline's own default, e.g. SDXL's zeros), ``guidance`` (the
@@ -25,25 +36,34 @@ under guidance: "cond" (the conditional pass only), "uncond" (the unconditional 
 from __future__ import annotations
 
 import json
+import logging
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import HspaceError
 from .hooks import DEFAULT_H_LOCATION, check_location
 
+logger = logging.getLogger(__name__)
+
 DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+AUTOCAST_DTYPES = ("bfloat16", "float16")
 GUIDE_EDITS = ("both", "cond", "uncond")  # where delta-h goes under classifier-free guidance; "both" is the default
-# What each kind of artefact must share with the engine that uses it.
+CONDITION_FIELDS = ("prompt", "negative_prompt", "guidance", "guide_edit")
+PROCESS_FIELDS = ("num_steps", "eta")  # compared only where both sides have them (an engine runs any process)
+TOLERABLE = ("autocast",)  # what ``check(..., tolerant=True)`` lets differ
+# What each kind of reader must share with the engine (or bank) that uses an artefact ("model" is the fingerprint).
 MUST_MATCH = {
-    "process": ("model", "h_location", "clip_sample", "prompt", "negative_prompt", "guidance", "guide_edit"),  # trajectories, banks
+    "process": ("model", "h_location", "clip_sample", *CONDITION_FIELDS, "spacing", "autocast", *PROCESS_FIELDS),  # trajectories, banks
+    "exact": ("model", "h_location", "dtype", "clip_sample", *CONDITION_FIELDS, "spacing", "autocast", *PROCESS_FIELDS),  # extending a bank
     "direction": ("model", "h_location"),
 }
+FREE = "free"  # the spec of a direction made without an engine: it applies to any engine whose h has its shape
+_warned: set[str] = set()
 
 
 @dataclass(frozen=True)
 class Spec:
-    """model (built-in name, absolute folder path or hub id), h location, dtype name, clip_sample
-    (None: the model's own setting)."""
+    """The identity of a process (module doc). ``model`` locates the model; ``fingerprint`` identifies it."""
 
     model: str
     h_location: str = DEFAULT_H_LOCATION
@@ -53,6 +73,11 @@ class Spec:
     negative_prompt: str | None = None
     guidance: float | None = None
     guide_edit: str | None = None
+    fingerprint: str | None = None
+    spacing: str | None = None
+    autocast: str | None = None
+    num_steps: int | None = None
+    eta: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -62,10 +87,16 @@ class Spec:
             raise HspaceError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPE_NAMES)}")
         if self.clip_sample is not None and not isinstance(self.clip_sample, bool):
             raise HspaceError(f"clip_sample must be True, False or None (the model's setting), got {self.clip_sample!r}")
-        for name in ("prompt", "negative_prompt"):
+        for name in ("prompt", "negative_prompt", "fingerprint", "spacing"):
             value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise HspaceError(f"{name} must be a string, got {value!r}")
+            if value is not None and (not isinstance(value, str) or (name in ("fingerprint", "spacing") and not value)):
+                raise HspaceError(f"{name} must be a{' non-empty' if name in ('fingerprint', 'spacing') else ''} string, got {value!r}")
+        if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
+            raise HspaceError(f"unknown autocast dtype {self.autocast!r}; valid: {', '.join(AUTOCAST_DTYPES)} (or None: off)")
+        self._check_condition()
+        self._check_process()
+
+    def _check_condition(self) -> None:
         if self.prompt is None and (self.negative_prompt, self.guidance, self.guide_edit) != (None, None, None):
             raise HspaceError("a negative prompt, guidance or guide_edit needs a prompt (a conditional model); this spec has none")
         if self.guidance is not None:
@@ -77,6 +108,21 @@ class Spec:
         if self.guide_edit is not None and not self.guided:
             raise HspaceError(f"guide_edit {self.guide_edit!r} needs guidance > 1 (two passes); with guidance {self.guidance} delta-h enters the one pass")
 
+    def _check_process(self) -> None:
+        if (self.num_steps is None) != (self.eta is None):
+            raise HspaceError("a spec's process needs both num_steps and eta (one value per step), or neither (an engine's spec)")
+        if self.num_steps is None:
+            return
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise HspaceError(f"num_steps must be a positive integer, got {self.num_steps!r}")
+        try:
+            eta = tuple(float(e) for e in self.eta)
+        except (TypeError, ValueError):
+            raise HspaceError(f"eta must be a list of numbers, one per step, got {self.eta!r}") from None
+        if len(eta) != self.num_steps or not all(0 <= e <= 1 for e in eta):
+            raise HspaceError(f"eta must hold {self.num_steps} numbers from 0 to 1 (one per step), got {len(eta)} values")
+        object.__setattr__(self, "eta", eta)
+
     @property
     def conditional(self) -> bool:
         return self.prompt is not None
@@ -86,9 +132,18 @@ class Spec:
         """Whether every step runs a conditional and an unconditional pass (classifier-free guidance)."""
         return self.guidance is not None and self.guidance > 1
 
+    def with_process(self, num_steps: int, eta) -> "Spec":
+        """This engine spec with the process of a trajectory or bank: ``num_steps`` and eta per step."""
+        return replace(self, num_steps=num_steps, eta=tuple(float(e) for e in eta))
+
+    @property
+    def engine(self) -> "Spec":
+        """The engine's part of this spec (no steps, no eta): what ``Engine.load`` rebuilds."""
+        return replace(self, num_steps=None, eta=None)
+
     def describe(self) -> str:
         """One line for people: the model, where h is, and the conditioning."""
-        text = f"{self.model} (h at {self.h_location}, {self.dtype})"
+        text = f"{self.model} (h at {self.h_location}, {self.dtype}{', ' + self.autocast + ' autocast' if self.autocast else ''})"
         if self.conditional:
             text += f", prompt {self.prompt!r}"
             if self.negative_prompt:
@@ -97,10 +152,21 @@ class Spec:
         return text
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["eta"] is not None:
+            data["eta"] = list(data["eta"])
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    def key(self) -> dict:
+        """The fields that identify the process, without where the model was found (``model``) when the
+        fingerprint identifies it: equal for a copy of the model at another path."""
+        data = self.to_dict()
+        if self.fingerprint is not None:
+            data.pop("model")
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Spec":
@@ -119,20 +185,52 @@ class Spec:
         except json.JSONDecodeError as e:
             raise HspaceError(f"a spec must be JSON: {e}") from None
 
-    def differences(self, other: "Spec", kind: str = "process") -> list[str]:
-        """The fields (of ``MUST_MATCH[kind]``) in which ``other`` differs from this spec."""
+    def _model_difference(self, other: "Spec", what: str) -> str | None:
+        if self.fingerprint is not None and other.fingerprint is not None:
+            if self.fingerprint == other.fingerprint:
+                return None
+            return (f"model fingerprint: {other.fingerprint} ({other.model}) vs {self.fingerprint} ({self.model}); the weights "
+                    "or configs differ (changed in place, or another model)")
+        if what not in _warned:
+            _warned.add(what)
+            logger.warning("%s has no model fingerprint (made before hspace 0.2 or without one): compared by the model's name "
+                           "%r only; weights changed in place would go unnoticed", what, (other if other.fingerprint is None else self).model)
+        return None if self.model == other.model else f"model: {other.model!r} vs {self.model!r}"
+
+    def differences(self, other: "Spec", kind: str = "process", tolerant: bool = False, what: str = "an artefact") -> list[str]:
+        """The fields (of ``MUST_MATCH[kind]``) in which ``other`` differs from this spec (module doc)."""
         if kind not in MUST_MATCH:
             raise HspaceError(f"unknown compatibility kind {kind!r}; valid: {', '.join(MUST_MATCH)}")
-        return [
-            f"{key}: {getattr(other, key)!r} vs {getattr(self, key)!r}"
-            for key in MUST_MATCH[kind]
-            if getattr(self, key) != getattr(other, key)
-        ]
+        found = []
+        for key in MUST_MATCH[kind]:
+            if key == "model":
+                found.append(self._model_difference(other, what))
+                continue
+            ours, theirs = getattr(self, key), getattr(other, key)
+            if (key in PROCESS_FIELDS or key == "spacing") and (ours is None or theirs is None):
+                continue
+            if tolerant and key in TOLERABLE:
+                continue
+            if ours != theirs:
+                found.append(f"{key}: {_short(theirs)} vs {_short(ours)}")
+        return [d for d in found if d]
 
-    def check(self, other: "Spec | None", what: str, kind: str = "process") -> None:
-        """Raise unless ``other`` (the spec of ``what``) is compatible with this one (see the module doc)."""
-        if other is None:
+    def check(self, other: "Spec | str | None", what: str, kind: str = "process", tolerant: bool = False) -> None:
+        """Raise unless ``other`` (the spec of ``what``) is compatible with this one (see the module doc).
+        A direction's ``FREE`` spec is compatible with every engine (its h shape is checked apart)."""
+        if other == FREE and kind == "direction":
             return
-        bad = self.differences(other, kind)
+        if not isinstance(other, Spec):
+            raise HspaceError(f"{what} has no spec (the engine that made it is unknown); valid: an artefact made by an hspace engine"
+                              + (", or a direction with spec=FREE" if kind == "direction" else ""))
+        bad = self.differences(other, kind, tolerant, what)
         if bad:
-            raise HspaceError(f"{what} was made by a different engine ({'; '.join(bad)}, theirs vs this engine's)")
+            hint = "; replay with tolerant=True to allow autocast to differ" if any(b.startswith("autocast") for b in bad) else ""
+            raise HspaceError(f"{what} was made by a different engine ({'; '.join(bad)}, theirs vs this engine's){hint}")
+
+
+def _short(value) -> str:
+    """A value for an error message: a long eta schedule by its length and ends."""
+    if isinstance(value, tuple) and len(value) > 6:
+        return f"({value[0]:g}, ..., {value[-1]:g}; {len(value)} steps)"
+    return repr(value)

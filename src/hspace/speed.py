@@ -33,8 +33,7 @@ import torch
 from torch import nn
 
 from .errors import HspaceError
-
-AUTOCAST_DTYPES = ("bfloat16", "float16")
+from .spec import AUTOCAST_DTYPES
 
 
 @dataclass(frozen=True)

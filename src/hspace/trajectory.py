@@ -65,11 +65,15 @@ class Trajectory:
     h: torch.Tensor | None = None  # [B, T, *h_shape]: h_t as the decoder half of the U-Net saw it
     z: torch.Tensor | None = None  # [B, T, C, H, W]; None: regenerate from the seeds
     image: torch.Tensor | None = None  # [B, 3, H', W'] decoded images in [-1, 1]; None: x0 is the image
-    spec: Spec | None = None  # the engine that drew it; None: unknown (any engine may replay it)
+    spec: Spec | None = None  # the engine and process that drew it (with num_steps and eta); None: unknown, replayed by no engine
 
     def __post_init__(self):
         if self.spec is not None and not isinstance(self.spec, Spec):
             raise HspaceError(f"a trajectory's spec must be a Spec or None, got {type(self.spec).__name__}")
+        if self.spec is not None and self.spec.num_steps is None:  # an engine's spec (or an old file's): the process is this one
+            self.spec = self.spec.with_process(len(self.timesteps), self.eta.tolist())
+        if self.spec is not None and (self.spec.num_steps != len(self.timesteps) or self.spec.eta != tuple(float(e) for e in self.eta)):
+            raise HspaceError(f"the trajectory's spec has {self.spec.num_steps} steps and another eta than its {len(self.timesteps)} steps")
         if self.x_T.ndim != 4:
             raise HspaceError(f"x_T must be [B, C, H, W], got shape {tuple(self.x_T.shape)}")
         if len(self.seeds) != self.x_T.shape[0]:
@@ -129,7 +133,7 @@ class Trajectory:
         for other in trajectories[1:]:
             if not torch.equal(other.timesteps, first.timesteps) or not torch.equal(other.eta, first.eta):
                 raise HspaceError("cannot concatenate trajectories with different timesteps or eta")
-            if other.spec != first.spec:
+            if (first.spec is None) != (other.spec is None) or (first.spec is not None and first.spec.differences(other.spec, "exact")):
                 raise HspaceError(f"cannot concatenate trajectories of different engines: {first.spec} vs {other.spec}")
 
         def cat(name):

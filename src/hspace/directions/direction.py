@@ -4,12 +4,15 @@ An edit adds gamma * delta[t] to h_t at step t (paper Sec. 3: h_edit = h + gamma
 a single step applies the same offset at every step (e.g. a Jacobian direction found at one t).
 Methods that know a natural unit store delta already scaled by it (PCA: one sigma per step), so that
 scales read in that unit; ``sigma`` keeps the per-step std for reference. ``spec`` is the engine the
-direction was found with (model and h location must match where it is applied; see ``spec.py``).
+direction was found with (model and h location must match where it is applied; see ``spec.py``), or
+``FREE``, said explicitly, for a direction made without an engine: it applies to any engine whose h has
+its shape. There is no default: a direction that silently applied anywhere would hide a wrong model.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +21,9 @@ import torch
 
 from ..errors import HspaceError
 from ..files import parse_json_object, read_json, read_safetensors, safe_name, save_safetensors, staged_folder, write_json
-from ..spec import Spec
+from ..spec import FREE, Spec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,7 +31,7 @@ class Direction:
     delta: torch.Tensor  # [T, C, H, W] float32
     sigma: torch.Tensor | None = None  # [T]
     meta: dict = field(default_factory=dict)  # name, method, params (num_steps is added)
-    spec: Spec | None = None  # None: found without an engine (applies to any with the same h shape)
+    spec: Spec | str | None = None  # the engine it was found with, or FREE (module doc); None is refused
 
     def __post_init__(self):
         if not isinstance(self.delta, torch.Tensor) or self.delta.ndim < 2 or self.delta.numel() == 0:
@@ -41,14 +46,15 @@ class Direction:
                 raise HspaceError(f"sigma has {len(self.sigma)} values for a direction of {self.num_steps} steps")
             if not bool(torch.isfinite(self.sigma).all()):
                 raise HspaceError("a direction's sigma holds NaN or infinite values")
-        if self.spec is not None and not isinstance(self.spec, Spec):
-            raise HspaceError(f"a direction's spec must be a Spec or None, got {type(self.spec).__name__}")
         if not isinstance(self.meta, dict):
             raise HspaceError(f"a direction's meta must be a dict, got {type(self.meta).__name__}")
         self.meta = {"name": "", "method": "", "params": {}, **self.meta}
         if not isinstance(self.meta["name"], str):
             raise HspaceError(f"a direction's name must be a string, got {self.meta['name']!r}")
         self.meta["num_steps"] = self.num_steps
+        if self.spec != FREE and not isinstance(self.spec, Spec):
+            raise HspaceError(f"a direction needs the spec of the engine it was found with (spec=engine.spec), or spec=FREE "
+                              f"(hspace.spec.FREE: it applies to any engine whose h has its shape); got {self.spec!r}")
 
     @property
     def name(self) -> str:
@@ -68,7 +74,7 @@ class Direction:
 
     @property
     def h_location(self) -> str | None:
-        return None if self.spec is None else self.spec.h_location
+        return None if self.spec == FREE else self.spec.h_location
 
     def check_compatible(self, h_shape: Sequence[int], num_steps: int, h_location: str) -> None:
         """Raise a clear error unless this direction's shape and steps fit that engine and process."""
@@ -99,13 +105,13 @@ class Direction:
             return NotImplemented
         if other.h_shape != self.h_shape:
             raise HspaceError(f"cannot combine directions of h shapes {self.h_shape} and {other.h_shape}")
-        if self.spec is not None and other.spec is not None:
+        if FREE not in (self.spec, other.spec):
             self.spec.check(other.spec, f"direction {other.name!r} (combined with {self.name!r})", "direction")
         steps = max(self.num_steps, other.num_steps)
         delta = self.per_step(steps) + sign * other.per_step(steps)
         op = "+" if sign > 0 else "-"
         meta = {"name": f"{self.name}{op}{other.name}", "method": "combination"}
-        return Direction(delta, meta=meta, spec=self.spec or other.spec)
+        return Direction(delta, meta=meta, spec=other.spec if self.spec == FREE else self.spec)
 
     def __add__(self, other):
         return self._combine(other, 1.0)
@@ -127,9 +133,7 @@ class Direction:
         tensors = {"delta": self.delta}
         if self.sigma is not None:
             tensors["sigma"] = self.sigma
-        metadata = {"kind": "hspace.Direction", "meta": json.dumps(self.meta)}
-        if self.spec is not None:
-            metadata["spec"] = self.spec.to_json()
+        metadata = {"kind": "hspace.Direction", "meta": json.dumps(self.meta), "spec": FREE if self.spec == FREE else self.spec.to_json()}
         return save_safetensors(tensors, path, metadata)
 
     @classmethod
@@ -139,10 +143,19 @@ class Direction:
             raise HspaceError(f"{str(path)!r} must hold 'delta' (and optionally 'sigma'), it holds {', '.join(sorted(tensors))}")
         try:
             meta = parse_json_object(metadata.get("meta", "{}"), f"the metadata of {str(path)!r}")
-            spec = Spec.from_json(metadata["spec"]) if "spec" in metadata else None
+            spec = _spec_of(metadata, path)
             return cls(tensors["delta"], tensors.get("sigma"), meta, spec)
         except HspaceError as e:
             raise HspaceError(f"direction file {str(path)!r}: {e}") from None
+
+
+def _spec_of(metadata: dict, path) -> Spec | str:
+    """A direction file's spec; a file from before directions always had one (no "spec") is a free direction."""
+    if metadata.get("spec", FREE) == FREE:
+        if "spec" not in metadata:
+            logger.warning("direction file %s has no spec (made before hspace 0.2): loaded as a free direction", path)
+        return FREE
+    return Spec.from_json(metadata["spec"])
 
 
 def stack_directions(directions: Sequence[Direction], num_steps: int) -> torch.Tensor:

@@ -48,7 +48,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from ..errors import HspaceError
-from ..spec import Spec
+from ..spec import FREE, Spec
 from ..files import read_safetensors, save_safetensors, staged_folder
 from .direction import Direction, DirectionSet, save_directions
 
@@ -212,7 +212,7 @@ class PCAResult:
     n: int
     per_timestep: bool = True
     route: str = ""
-    spec: Spec | None = None  # the engine whose h this is (set from the bank); the directions carry it
+    spec: Spec | str | None = None  # the engine whose h this is (set from the bank), or FREE; the directions carry it
 
     @property
     def k(self) -> int:
@@ -236,7 +236,7 @@ class PCAResult:
         """One Direction per component (v_j of Sec. 4.1, pc1, pc2, ...), carrying the result's spec."""
         return self.directions_for()
 
-    def directions_for(self, spec: Spec | None = None, num_steps: int | None = None) -> list[Direction]:
+    def directions_for(self, spec: Spec | str | None = None, num_steps: int | None = None) -> list[Direction]:
         """One Direction per component: v_j of Sec. 4.1, named pc1, pc2, ...
 
         delta[t] = sigma[j, t] * components[j, t], so an edit scale gamma is in units of the data's std
@@ -244,6 +244,9 @@ class PCAResult:
         if given, must equal T.
         """
         spec = spec or self.spec
+        if spec is None:
+            raise HspaceError("this PCA has no spec, so its directions would not know their model: give the engine's "
+                              "(pca_per_timestep(..., spec=bank.spec)) or spec=FREE for directions that apply to any engine")
         if num_steps is not None and num_steps != self.num_steps:
             raise HspaceError(f"num_steps={num_steps!r} but this PCA has {self.num_steps} steps")
         deltas = self.deltas()
@@ -281,7 +284,7 @@ class PCAResult:
         tensors = {"components": self.components, "sigma": self.sigma, "variance_ratio": self.variance_ratio, "mean": self.mean}
         meta = {"kind": "hspace.PCAResult", "n": str(self.n), "per_timestep": json.dumps(self.per_timestep), "route": self.route}
         if self.spec is not None:
-            meta["spec"] = self.spec.to_json()
+            meta["spec"] = FREE if self.spec == FREE else self.spec.to_json()
         with staged_folder(folder) as stage:  # all or nothing: never a partial set of directions
             names = [p.name for p in save_directions(self.directions, stage)]
             save_safetensors(tensors, stage / "pca.safetensors", meta)
@@ -297,7 +300,7 @@ class PCAResult:
             raise HspaceError(f"{str(folder)!r} holds no PCA result (pca.safetensors); write one with `hspace pca`")
         meta, tensors = read_safetensors(path, "hspace.PCAResult", "hspace PCA result")
         try:
-            spec = Spec.from_json(meta["spec"]) if "spec" in meta else None
+            spec = (FREE if meta["spec"] == FREE else Spec.from_json(meta["spec"])) if "spec" in meta else None
             return cls(**tensors, n=int(meta["n"]), per_timestep=json.loads(meta["per_timestep"]), route=meta["route"], spec=spec)
         except (KeyError, TypeError, ValueError) as e:
             raise HspaceError(f"{str(path)!r} is not a complete PCA result: {type(e).__name__} {e}") from None

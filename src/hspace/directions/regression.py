@@ -61,7 +61,7 @@ class Regression:
         shape = self.xth.shape
         return torch.linalg.solve(self.xtx, self.xth.reshape(p, -1)).reshape(shape)
 
-    def directions(self, spec: Spec | None = None, params: dict | None = None) -> DirectionSet:
+    def directions(self, spec: Spec | str, params: dict | None = None) -> DirectionSet:
         W = self.coefficients()
         out = []
         for a, name in enumerate(self.names):
@@ -70,8 +70,9 @@ class Regression:
         return DirectionSet(out, "regression", {**(params or {}), "attributes": self.names, "n": self.n})
 
 
-def regression_from_h(h: torch.Tensor, labels: dict[str, torch.Tensor], spec: Spec | None = None) -> DirectionSet:
-    """Conditional directions from h [N, T, *h_shape] in memory and labels {name: [N]}."""
+def regression_from_h(h: torch.Tensor, labels: dict[str, torch.Tensor], spec: Spec | str) -> DirectionSet:
+    """Conditional directions from h [N, T, *h_shape] in memory and labels {name: [N]}; ``spec``: the engine whose h
+    this is, or FREE."""
     names = list(labels)
     y = torch.stack([torch.as_tensor(labels[n], dtype=torch.float64).flatten() for n in names], 1)
     return Regression(names).update(h, y).directions(spec)

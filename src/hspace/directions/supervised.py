@@ -4,6 +4,7 @@ negatives, from trajectories, from a bank's h, or from the top and bottom k of a
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Sequence
 
 import torch
@@ -11,6 +12,8 @@ import torch
 from ..errors import HspaceError
 from ..trajectory import Trajectory
 from .direction import Direction, DirectionSet
+
+logger = logging.getLogger(__name__)
 
 Scorer = Callable[[torch.Tensor], dict]  # images [N, 3, H, W] in [-1, 1] -> {name: [N] scores}
 
@@ -31,7 +34,7 @@ def mean_difference(positive: Trajectory, negative: Trajectory, name: str = "dif
     for label, t in (("positive", positive), ("negative", negative)):
         if t.h is None:
             raise HspaceError(f"the {label} trajectories have no recorded h; sample them with record_h=True")
-    if positive.spec != negative.spec:
+    if positive.spec is None or negative.spec is None or positive.spec.differences(negative.spec, "exact"):
         raise HspaceError(f"positives and negatives come from different engines: {positive.spec} vs {negative.spec}")
     delta = h_difference(positive.h, negative.h)
     params = {"positive_seeds": positive.seeds, "negative_seeds": negative.seeds, "eta": positive.eta.tolist()}
@@ -198,8 +201,10 @@ def clip_scorer(model: str, prompts: dict[str, tuple[str, str]], device: str | N
     """A zero-shot scorer from a local CLIP model (transformers ``CLIPModel`` folder): for every attribute
     a pair (prompt with it, prompt without it), scored as the softmax probability of the first.
 
-    Needs the optional ``transformers`` package (``pip install 'hspace[clip]'``) and the model on disk;
-    nothing is downloaded.
+    Images are prepared by the folder's own ``CLIPImageProcessor`` (``preprocessor_config.json``: resize,
+    centre crop, normalisation, from the 8-bit image as a saved PNG would be) when it has one, else resized
+    to the vision model's size with CLIP's normalisation. Needs the optional ``transformers`` package
+    (``pip install 'hspace[clip]'``) and the model on disk; nothing is downloaded.
     """
     from pathlib import Path
 
@@ -218,13 +223,10 @@ def clip_scorer(model: str, prompts: dict[str, tuple[str, str]], device: str | N
     with torch.no_grad():
         tokens = tokenizer(texts, padding=True, return_tensors="pt").to(clip.device)
         text = torch.nn.functional.normalize(_features(clip.get_text_features(**tokens)), dim=-1)
-    size = clip.config.vision_config.image_size
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    prepare = _clip_preprocessing(model, clip.config.vision_config.image_size)
 
     def score(images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = torch.nn.functional.interpolate((images.float().cpu() + 1) / 2, size=(size, size), mode="bicubic", align_corners=False)
-        x = ((x.clamp(0, 1) - mean) / std).to(clip.device)
+        x = prepare(images).to(clip.device)
         with torch.no_grad():
             image = torch.nn.functional.normalize(_features(clip.get_image_features(pixel_values=x)), dim=-1)
             logits = clip.logit_scale.exp() * image @ text.T  # [N, 2 * attributes]
@@ -233,6 +235,27 @@ def clip_scorer(model: str, prompts: dict[str, tuple[str, str]], device: str | N
 
     score.__qualname__ = f"clip_scorer({model})"
     return score
+
+
+def _clip_preprocessing(folder: str, size: int):
+    """images [N, 3, H, W] in [-1, 1] -> CLIP's pixel values: the folder's CLIPImageProcessor when it has one."""
+    from pathlib import Path
+
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    if not (Path(folder) / "preprocessor_config.json").is_file():
+        logger.info("%s has no preprocessor_config.json: images are resized (bicubic) to %d px with CLIP's normalisation", folder, size)
+        return lambda images: (torch.nn.functional.interpolate((images.float().cpu() + 1) / 2, size=(size, size), mode="bicubic",
+                                                               align_corners=False).clamp(0, 1) - mean) / std
+    from transformers import CLIPImageProcessor
+
+    processor = CLIPImageProcessor.from_pretrained(folder)
+
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        pixels = ((images.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return processor(images=list(pixels), return_tensors="pt")["pixel_values"]
+
+    return prepare
 
 
 def _features(out) -> torch.Tensor:

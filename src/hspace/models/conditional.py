@@ -1,14 +1,14 @@
 """Conditional U-Nets (Stable Diffusion 1.x/2.x, SDXL): a text-conditioned ``UNet2DConditionModel`` with
 classifier-free guidance, behind the same interface as the unconditional ``UNetModel``.
 
-h is still the mid block's output (or input). What the interventions see and where delta-h goes under
-guidance is the spec's ``guide_edit``:
+h is still the mid block's output (or input). Under guidance every step runs the unconditional and the
+conditional pass as one batch, and ``route`` gives each intervention the h it asks for (its ``branch``,
+``interventions.py``); one that asks for nothing sees where the spec's ``guide_edit`` sends delta-h:
 - "cond": h of the conditional pass; the intervention's result replaces it (the unconditional pass is untouched);
 - "uncond": the same with the unconditional pass;
 - "both" (the paper's official code): the mean of the two passes' h; the change the intervention makes to
-  it is added to both passes, so an edit delta-h moves each pass's h by delta-h (and what a ``Record``
-  records moves by exactly delta-h as well).
-Without guidance (guidance <= 1) there is one pass, and it is what the interventions see.
+  it is added to both passes, so an edit delta-h moves each pass's h by delta-h.
+Without guidance (guidance <= 1) there is one pass (conditional), and it is what the interventions see.
 
 The prompt's embeddings (and SDXL's pooled embeddings and time ids) are computed once per prompt by the
 pipeline's own ``encode_prompt``, so that a zero-delta sample equals diffusers' pipeline.
@@ -23,12 +23,13 @@ U-Net (as ``unet.py`` does for UNet2DModel) would save little (docs/directions.m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from ..errors import HspaceError
 from ..hooks import h_hook
+from ..interventions import StepContext, apply, branch_of, context
 from .unet import UNetModel, forward_mode
 
 # Classes of pipelines whose prompt encoding is understood (other pipelines with the same components work too).
@@ -121,21 +122,34 @@ class ConditionalUNetModel(UNetModel):
             return _rows(self.cond, n)
         return _cat(_rows(self.uncond, n), _rows(self.cond, n))
 
-    def route(self, h: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """h of the U-Net batch (both passes under guidance) after ``fn`` acted on the h it sees (module doc)."""
+    def route(self, h: torch.Tensor, interventions: Sequence[Callable], ctx: StepContext) -> torch.Tensor:
+        """h of the U-Net batch (both passes under guidance) after every intervention acted, in order, on the
+        h it asks for (module doc)."""
         if not self.guided:
-            return fn(h)
+            for intervention in interventions:
+                if branch_of(intervention) not in (None, "cond"):
+                    raise HspaceError(f"intervention {intervention!r} asks for the {branch_of(intervention)!r} pass(es), but without "
+                                      "guidance there is one, conditional pass; valid: branch None or 'cond'")
+                h = apply(intervention, h, ctx.on(branch_of(intervention)))
+            return h
         uncond, cond = h.chunk(2)
-        if self.guide_edit == "cond":
-            return torch.cat([uncond, fn(cond)])
-        if self.guide_edit == "uncond":
-            return torch.cat([fn(uncond), cond])
-        mean = (uncond + cond) / 2
-        change = fn(mean) - mean
-        return torch.cat([uncond + change, cond + change])
+        for intervention in interventions:
+            branch = branch_of(intervention) or self.guide_edit
+            if branch_of(intervention) is None and branch == "both":
+                mean = (uncond + cond) / 2
+                change = apply(intervention, mean, ctx.on(None)) - mean
+                uncond, cond = uncond + change, cond + change
+                continue
+            if branch in ("uncond", "both"):
+                uncond = apply(intervention, uncond, ctx.on("uncond"))
+            if branch in ("cond", "both"):
+                cond = apply(intervention, cond, ctx.on("cond"))
+        return torch.cat([uncond, cond])
 
-    def guided_output(self, x_t: torch.Tensor, t: int, edit_h=None) -> torch.Tensor:
-        """The guided output (gradients allowed): uncond + g (cond - uncond), as diffusers' pipelines."""
+    def guided_output(self, x_t: torch.Tensor, t: int, interventions: Sequence[Callable] = (), ctx: StepContext | None = None,
+                      autocast: bool = False) -> torch.Tensor:
+        """The guided output (gradients allowed): uncond + g (cond - uncond), as diffusers' pipelines; h through
+        ``interventions`` (``route``), in float32 for them when ``autocast`` (``Speed.h_function``)."""
         x = x_t.to(self.device, self.dtype)
         n = len(x)
         if self.guided:
@@ -143,24 +157,26 @@ class ConditionalUNetModel(UNetModel):
         x = self.speed.memory_format(x)
         t = torch.tensor(t, device=self.device)
         kwargs = self._conditioning(n)
-        if edit_h is None:
+        ctx = ctx or context(int(t), n)
+        if not interventions:
             out = self.unet(x, t, **kwargs).sample
         else:
-            with h_hook(self.unet, self.h_location, lambda h: self.route(h, edit_h)):
+            hook = lambda h: self.route(h, interventions, ctx)  # noqa: E731
+            with h_hook(self.unet, self.h_location, self.speed.h_function(hook) if autocast else hook):
                 out = self.unet(x, t, **kwargs).sample
         if not self.guided:
             return out
         uncond, cond = out.chunk(2)
         return uncond + self.guidance * (cond - uncond)
 
-    def output(self, x_t: torch.Tensor, t: int, edit_h=None) -> torch.Tensor:
+    def output(self, x_t: torch.Tensor, t: int, interventions: Sequence[Callable] = (), ctx: StepContext | None = None) -> torch.Tensor:
         with torch.no_grad(), self.speed.context(self.device):  # autocast here only: the Jacobian runs in the model's dtype
-            return self.guided_output(x_t, t, self.speed.h_function(edit_h))
+            return self.guided_output(x_t, t, interventions, ctx, autocast=True)
 
     def decoder_half(self, x_t: torch.Tensor, t: int) -> "HookedDecoderHalf":
         seen: list[torch.Tensor] = []
         with torch.no_grad():  # (not ``output``: no autocast, the Jacobian is taken in the model's dtype)
-            self.guided_output(x_t, t, lambda h: seen.append(h) or h)
+            self.guided_output(x_t, t, [lambda h, ctx: seen.append(h) or h])
         return HookedDecoderHalf(self, x_t.to(self.device, self.dtype), t, seen[0])
 
     def describe(self) -> dict:
@@ -181,7 +197,7 @@ class HookedDecoderHalf:
         if tuple(h.shape[1:]) != tuple(self.h.shape[1:]):
             raise HspaceError(f"h has shape {tuple(h.shape)}; valid: [k, {', '.join(map(str, self.h.shape[1:]))}]")
         x = self.x_t.expand(h.shape[0], *self.x_t.shape[1:])
-        return self.model.guided_output(x, self.t, lambda _seen: h)
+        return self.model.guided_output(x, self.t, [lambda _seen, ctx: h])
 
     def forward_mode(self):
         return forward_mode(self.model.unet)

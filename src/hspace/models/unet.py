@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import HspaceError
 from ..hooks import DEFAULT_H_LOCATION, bottleneck, check_location, h_hook
+from ..interventions import StepContext, apply_all, context
 from ..speed import Speed, eager
 
 
@@ -208,16 +209,16 @@ class UNetModel:
         self.sample_shape = (self.unet.config.in_channels, *size)
         self._h_shape: tuple[int, ...] | None = None
 
-    def output(self, x_t: torch.Tensor, t: int, edit_h: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """The U-Net's output at (x_t, t), h routed through ``edit_h`` (no gradient; hook removed after),
-        run as ``self.speed`` says."""
+    def output(self, x_t: torch.Tensor, t: int, interventions: Sequence[Callable] = (), ctx: StepContext | None = None) -> torch.Tensor:
+        """The U-Net's output at (x_t, t), h passed through ``interventions`` (each ``fn(h, ctx)``,
+        ``interventions.py``; hook removed after), no gradient, run as ``self.speed`` says."""
         x = self.speed.memory_format(x_t.to(self.device, self.dtype))
         t = torch.tensor(t, device=self.device)
-        edit_h = self.speed.h_function(edit_h)
+        ctx = ctx or context(int(t), len(x))
         with torch.no_grad(), self.speed.context(self.device):
-            if edit_h is None:
+            if not interventions:
                 return self.unet(x, t).sample
-            with h_hook(self.unet, self.h_location, edit_h):
+            with h_hook(self.unet, self.h_location, self.speed.h_function(lambda h: apply_all(interventions, h, ctx))):
                 return self.unet(x, t).sample
 
     @property
@@ -225,7 +226,7 @@ class UNetModel:
         """Shape of h_t for one sample, found by one U-Net pass the first time it is asked for."""
         if self._h_shape is None:
             seen = []
-            self.output(torch.zeros(1, *self.sample_shape), 0, lambda h: seen.append(tuple(h.shape[1:])) or h)
+            self.output(torch.zeros(1, *self.sample_shape), 0, [lambda h, ctx: seen.append(tuple(h.shape[1:])) or h])
             self._h_shape = seen[0]
         return self._h_shape
 

@@ -1,0 +1,109 @@
+"""A model's identity by content: a hash of its configs and weights, so that the same weights at another path
+(or on another machine) are the same model, and weights changed in place are another (``spec.py``).
+
+- a folder: SHA-256 over every config, tokenizer and weight file (its path inside the folder and its bytes).
+  A file's digest is cached by its resolved path, size and modification time (``fingerprints.json`` in the
+  cache folder: ``$HSPACE_CACHE_DIR``, else ``$XDG_CACHE_HOME/hspace``, else ``~/.cache/hspace``), so a 5 GB
+  SDXL folder is read once, not on every command; a file saved over (a fused LoRA) changes size or time and
+  is read again.
+- a hub id: its id and revision (the snapshot's commit), as the hub names it.
+- modules in memory (a model built in code, a loaded pipeline): SHA-256 over every tensor of their state
+  dicts (name, dtype, shape, bytes) and the scheduler config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILES = (".json", ".safetensors", ".bin", ".txt", ".model", ".pt", ".pth", ".ckpt")  # what a diffusers folder loads
+CACHE_FILE = "fingerprints.json"
+LENGTH = 32  # hex digits kept: 128 bits
+
+
+def cache_folder() -> Path:
+    if os.environ.get("HSPACE_CACHE_DIR"):
+        return Path(os.environ["HSPACE_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "hspace"
+
+
+def _read_cache() -> dict:
+    try:
+        data = json.loads((cache_folder() / CACHE_FILE).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(cache: dict) -> None:
+    from .files import write_json
+
+    cache = {k: v for k, v in cache.items() if os.path.exists(k)}  # forget files that are gone
+    try:
+        cache_folder().mkdir(parents=True, exist_ok=True)
+        write_json(cache_folder() / CACHE_FILE, cache)
+    except Exception as e:  # a read-only home: hash again next time
+        logger.debug("cannot write the fingerprint cache: %s", e)
+
+
+def file_digest(path: Path, cache: dict) -> str:
+    """SHA-256 of a file's bytes, from ``cache`` when its size and modification time are unchanged."""
+    real = path.resolve()
+    stat = real.stat()
+    entry = cache.get(str(real))
+    if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        return entry["sha256"]
+    digest = hashlib.sha256()
+    with open(real, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    cache[str(real)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+    return digest.hexdigest()
+
+
+def model_files(folder: Path) -> list[Path]:
+    """The files of a model folder that loading reads (configs, tokenizers, weights), hidden ones left out."""
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.suffix in MODEL_FILES and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """The content fingerprint of a model folder (module doc)."""
+    folder = Path(folder)
+    cache = _read_cache()
+    before = dict(cache)
+    digest = hashlib.sha256()
+    for path in model_files(folder):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{file_digest(path, cache)}\n".encode())
+    if cache != before:
+        _write_cache(cache)
+    return "sha256:" + digest.hexdigest()[:LENGTH]
+
+
+def hub_fingerprint(repo_id: str, snapshot: Path) -> str:
+    """A hub model by id and revision (the snapshot folder is named by its commit)."""
+    return f"hub:{repo_id}@{Path(snapshot).name}"
+
+
+def modules_fingerprint(modules: Iterable[torch.nn.Module | None], config: dict | None = None) -> str:
+    """The fingerprint of models in memory: every tensor of their state dicts, and the scheduler config."""
+    digest = hashlib.sha256(json.dumps(config or {}, sort_keys=True, default=str).encode())
+    for index, module in enumerate(modules):
+        if module is None:
+            continue
+        for name, tensor in sorted(module.state_dict().items()):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{index}.{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()[:LENGTH]
