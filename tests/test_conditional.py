@@ -187,7 +187,7 @@ def test_bank_pca_and_supervised_directions_on_a_conditional_model(folders, tmp_
     root, _ = folders
     engine = Engine.load(str(root / "sd"), prompt="a cat", guidance=2.0)
     bank = build_bank(tmp_path / "bank", engine, 6, STEPS, 1.0, batch_size=4, progress=False)
-    assert Bank.open(tmp_path / "bank").spec == engine.spec
+    assert Bank.open(tmp_path / "bank").spec == engine.spec.with_process(STEPS, [1.0] * STEPS)
     again = Engine.load(bank.spec).sample([2], STEPS, 1.0, progress=False)
     assert float((again.h[0] - bank.h([2])[0]).abs().max()) < 1e-2  # h in float16 on disk
     pca = pca_per_timestep(bank.h_chunks(), 2, expected_n=6, spec=engine.spec)

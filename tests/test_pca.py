@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hspace import Direction, HspaceError
-from hspace.spec import Spec
+from hspace.spec import FREE, Spec
 from hspace.directions.pca import PCAResult, StreamingPCA, pca_from_h, pca_per_timestep, random_directions
 
 K = 4
@@ -80,7 +80,7 @@ def test_routes_and_chunkings_agree(case):
 @pytest.mark.parametrize("method", ["covariance", "gram"])
 def test_concatenated_option_matches_svd_of_concatenated_h(method):
     h = synthetic_h(n=30, steps=3, h_shape=(2, 3, 3))
-    res = pca_from_h(h, K, per_timestep=False, method=method)
+    res = pca_from_h(h, K, per_timestep=False, method=method, spec=FREE)
     assert res.components.shape == (K, 3, 2, 3, 3) and not res.per_timestep
     assert_matches(res.components.flatten(1), res.sigma[:, 0], res.variance_ratio[:, 0], h.flatten(1))
     assert torch.equal(res.sigma, res.sigma[:, :1].expand(K, 3))
@@ -118,7 +118,7 @@ def test_signs_are_consistent_across_timesteps(method):
 
 def test_directions_shape_meta_and_round_trip(tmp_path):
     h = synthetic_h()
-    res = pca_from_h(h, K)
+    res = pca_from_h(h, K, spec=FREE)
     dirs = res.directions_for(Spec("tiny-test", "mid.out"), num_steps=3)
     assert [d.name for d in dirs] == ["pc1", "pc2", "pc3", "pc4"]
     for j, d in enumerate(dirs):
@@ -136,7 +136,7 @@ def test_directions_shape_meta_and_round_trip(tmp_path):
 
 
 def test_random_baseline_matches_norms_and_is_seeded(tmp_path):
-    res = pca_from_h(synthetic_h(), K)
+    res = pca_from_h(synthetic_h(), K, spec=FREE)
     pcs = res.directions
     state = torch.get_rng_state()
     a = random_directions(res, 3, seed=7, spec=Spec("m", "mid.out"))
@@ -160,7 +160,7 @@ def test_random_baseline_matches_norms_and_is_seeded(tmp_path):
 
 
 def test_random_baseline_matches_concatenated_pc_norms():
-    res = pca_from_h(synthetic_h(n=30, h_shape=(2, 2, 2)), 2, per_timestep=False)
+    res = pca_from_h(synthetic_h(n=30, h_shape=(2, 2, 2)), 2, per_timestep=False, spec=FREE)
     for pc, rnd in zip(res.directions, random_directions(res, 2, seed=0)):
         torch.testing.assert_close(rnd.norms(), pc.norms(), rtol=1e-5, atol=0)
 

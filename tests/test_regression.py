@@ -9,6 +9,7 @@ from hspace.cli import main
 from hspace.directions import load_result
 from hspace.directions.regression import Regression, regression_directions, regression_from_h
 from hspace.directions.supervised import h_difference
+from hspace.spec import FREE
 
 
 def correlated(n=400, seed=0):
@@ -23,7 +24,7 @@ def correlated(n=400, seed=0):
 
 def test_regression_recovers_the_partial_effects_where_mean_difference_is_entangled():
     h, a, b, u, v = correlated()
-    found = regression_from_h(h, {"a": a, "b": b})
+    found = regression_from_h(h, {"a": a, "b": b}, FREE)
     assert [d.name for d in found] == ["a", "b"] and found.method == "regression"
     assert torch.allclose(found[0].delta.double(), u, atol=0.01) and torch.allclose(found[1].delta.double(), v, atol=0.01)
     # eq. 10 on a carries 60% of v along (b = a in 80% of samples)
@@ -48,7 +49,7 @@ def test_streaming_equals_one_least_squares_solve():
 )
 def test_regression_errors(labels, message):
     with pytest.raises(HspaceError, match=message):
-        regression_from_h(torch.randn(20, 2, 3), labels)
+        regression_from_h(torch.randn(20, 2, 3), labels, FREE)
 
 
 def test_regression_over_a_bank_and_from_the_command_line(tmp_path, engine):

@@ -94,13 +94,13 @@ def test_bfloat16_autocast_agrees_in_labels_and_keeps_h_float32():
 def test_an_autocast_bank_is_extended_only_with_autocast(tmp_path):
     fast = Engine.load("tiny-random", speed=Speed(autocast="bfloat16"))
     bank = build_bank(tmp_path / "b", fast, 2, 3, 1.0, shard_size=2, progress=False)
-    assert bank.manifest["autocast"] == "bfloat16"
-    with pytest.raises(HspaceError, match="autocast: bank has 'bfloat16', requested None"):
+    assert bank.spec.autocast == "bfloat16"
+    with pytest.raises(HspaceError, match="spec.autocast: 'bfloat16' vs None"):
         build_bank(tmp_path / "b", Engine.load("tiny-random"), 4, 3, 1.0, shard_size=2, progress=False)
     assert build_bank(tmp_path / "b", fast, 4, 3, 1.0, shard_size=2, progress=False).complete
     plain = build_bank(tmp_path / "p", Engine.load("tiny-random"), 2, 3, 1.0, shard_size=2, progress=False)
-    assert "autocast" not in plain.manifest  # banks without autocast are what they always were
-    with pytest.raises(HspaceError, match="autocast: bank has None, requested 'bfloat16'"):
+    assert plain.spec.autocast is None
+    with pytest.raises(HspaceError, match="spec.autocast: None vs 'bfloat16'"):
         build_bank(tmp_path / "p", fast, 4, 3, 1.0, shard_size=2, progress=False)
 
 

@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from ..errors import HspaceError
+from ..spec import FREE
 from .direction import Direction
 
 
@@ -42,7 +43,7 @@ def disentangle(direction: Direction, others: Sequence[Direction], per_timestep:
     if not others:
         raise HspaceError("give at least one direction to project out")
     for other in others:
-        if direction.spec is not None and other.spec is not None:
+        if FREE not in (direction.spec, other.spec):
             direction.spec.check(other.spec, f"direction {other.name!r}", "direction")
         if other.h_shape != direction.h_shape:
             raise HspaceError(f"direction {other.name!r} has h shape {other.h_shape}, {direction.name!r} has {direction.h_shape}")

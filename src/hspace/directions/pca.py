@@ -244,11 +244,11 @@ class PCAResult:
         if given, must equal T.
         """
         spec = spec or self.spec
+        if num_steps is not None and num_steps != self.num_steps:
+            raise HspaceError(f"num_steps={num_steps!r} but this PCA has {self.num_steps} steps")
         if spec is None:
             raise HspaceError("this PCA has no spec, so its directions would not know their model: give the engine's "
                               "(pca_per_timestep(..., spec=bank.spec)) or spec=FREE for directions that apply to any engine")
-        if num_steps is not None and num_steps != self.num_steps:
-            raise HspaceError(f"num_steps={num_steps!r} but this PCA has {self.num_steps} steps")
         deltas = self.deltas()
         out = []
         for j in range(self.k):

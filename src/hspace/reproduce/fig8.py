@@ -100,7 +100,7 @@ def _edit_success(run: Run, bank, spaces, positives, negatives, pairs) -> dict:
     calibration = run.engine.edit(test, h_all, list(SCALES), batch_size=c.batch_size)[0]
     scale = next((s for s, images in zip(SCALES, calibration) if gains(images) >= SUCCESS), SCALES[-1])
     random = torch.randn(full["h"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    random = Direction((random * full["h"].norm() / random.norm()).float().reshape(bank.num_steps, *shape["h"]), meta={"name": "random"})
+    random = Direction((random * full["h"].norm() / random.norm()).float().reshape(bank.num_steps, *shape["h"]), meta={"name": "random"}, spec=bank.spec)
     directions, x_deltas = [], []
     for n in pairs:
         d = {s: _difference(x, positives[:n], negatives[:n]) for s, x in spaces.items()}
