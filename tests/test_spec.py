@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_engine, tiny_unet
 from hspace import Direction, Engine, HspaceError, Trajectory
 from hspace.bank import Bank, build_bank
+from hspace.cli import main
 from hspace.loading import CELEBAHQ_SCHEDULER_CONFIG
 from hspace.spec import FREE, Spec
 
@@ -113,7 +114,7 @@ def _change_one_weight(folder):
     save_file(weights, folder / "diffusion_pytorch_model.safetensors")
 
 
-def test_artefacts_travel_with_a_copy_of_the_model_and_are_refused_after_a_weight_changes(tmp_path):
+def test_artefacts_travel_with_a_copy_of_the_model_and_are_refused_after_a_weight_changes(tmp_path, capsys):
     import shutil
 
     original = _model_folder(tmp_path / "model")
@@ -135,6 +136,11 @@ def test_artefacts_travel_with_a_copy_of_the_model_and_are_refused_after_a_weigh
     with pytest.raises(HspaceError, match="cannot be loaded from .*pass where it is now"):
         Engine.load(bank.spec, device="cpu")
     assert Engine.load(bank.spec, device="cpu", folder=str(copy)).spec == moved.spec
+    direction.save(tmp_path / "d.safetensors")
+    edit = ["edit", "--bank", str(tmp_path / "bank"), "--samples", "0", "--direction", str(tmp_path / "d.safetensors"), "--scales", "1",
+            "--device", "cpu", "--out", str(tmp_path / "edits")]
+    assert main(edit) == 2 and "--model DIR" in capsys.readouterr().err
+    assert main([*edit, "--model", str(copy)]) == 0  # the command line says where the model is now
 
     _change_one_weight(copy)
     changed = Engine.load(str(copy), device="cpu")

@@ -133,16 +133,23 @@ def engine_from(args, clip_sample: bool | None = None):
     if clip_sample is None:
         clip_sample = False if getattr(args, "no_clip", False) else None
     condition = {k: getattr(args, k, None) for k in ("prompt", "negative_prompt", "guidance", "guide_edit")}
-    engine = Engine.load(args.model, h_location=args.h_location, device=device_of(args), dtype=args.dtype, clip_sample=clip_sample,
+    engine = Engine.load(model_of(args), h_location=args.h_location, device=device_of(args), dtype=args.dtype, clip_sample=clip_sample,
                          speed=speed_of(args), **condition)
     return _with_batch_size(engine, args)
 
 
+def model_of(args) -> str:
+    from ..loading import DEFAULT_MODEL
+
+    return args.model or DEFAULT_MODEL
+
+
 def engine_of_spec(spec, args):
-    """The engine of a bank's or trajectory's spec, on the device (and with the speed options) the flags name."""
+    """The engine of a bank's or trajectory's spec, on the device (and with the speed options) the flags name;
+    ``--model DIR`` says where the spec's model is now (a moved or copied folder: its fingerprint must match)."""
     from ..engine import Engine
 
-    return _with_batch_size(Engine.load(spec, device=device_of(args), speed=speed_of(args)), args)
+    return _with_batch_size(Engine.load(spec, device=device_of(args), speed=speed_of(args), folder=getattr(args, "model", None)), args)
 
 
 def speed_of(args):
@@ -181,7 +188,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     from ..spec import GUIDE_EDITS
     from ..loading import DEFAULT_MODEL
 
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name, local diffusers folder or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=None, help=f"built-in name, local diffusers folder or hub id (default: {DEFAULT_MODEL}); with "
+                   "--bank or --trajectory, where their model is now if it moved (its fingerprint must match)")
     p.add_argument("--h-location", default=DEFAULT_H_LOCATION, help="where h lives: mid.out (the paper's h) or mid.in")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     p.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_model_args, engine_from, positive_int
+from .common import add_model_args, engine_from, model_of, positive_int
 
 
 def register(sub) -> None:
@@ -23,7 +23,7 @@ def register(sub) -> None:
 def run_demo(args) -> None:
     from ..demo import run_demo as demo
 
-    for path in demo(args.out, model=args.model, steps=args.steps, device=args.device):
+    for path in demo(args.out, model=model_of(args), steps=args.steps, device=args.device):
         print(path)
 
 

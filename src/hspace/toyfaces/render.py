@@ -416,77 +416,66 @@ def _between_curves(
     return np.maximum(np.maximum(d_top, d_bot), d_side)
 
 
-def _render_chunk(
-    attrs: Sequence[FaceAttributes], size: int
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Render faces; images [B, 3, H, W] in [0, 1] and masks [B, H, W]."""
-    B = len(attrs)
-    ss = _SUPERSAMPLE
-    n = size * ss
-    f32 = np.float32
-    coords = ((np.arange(n, dtype=np.float64) + 0.5) / n).astype(f32)
-    X = coords.reshape(1, 1, n)
-    Y = coords.reshape(1, n, 1)
-    inv_pw = f32(n)  # one supersampled pixel is 1/n
+class _Grid:
+    """The supersampled pixel grid of a batch of faces, and the per-face parameters as [B, 1, 1] columns."""
 
-    params = [_face_params(a) for a in attrs]
+    def __init__(self, attrs: Sequence[FaceAttributes], size: int):
+        f32 = np.float32
+        self.attrs, self.size, self.B = attrs, size, len(attrs)
+        self.n = n = size * _SUPERSAMPLE
+        coords = ((np.arange(n, dtype=np.float64) + 0.5) / n).astype(f32)
+        self.X = coords.reshape(1, 1, n)
+        self.Y = coords.reshape(1, n, 1)
+        self.inv_pw = f32(n)  # one supersampled pixel is 1/n
+        self.params = [_face_params(a) for a in attrs]
+        self.s = self.col("s")
 
-    def col(key: str) -> np.ndarray:
-        return np.array([p[key] for p in params], dtype=f32).reshape(B, 1, 1)
+    def col(self, key: str) -> np.ndarray:
+        return np.array([p[key] for p in self.params], dtype=np.float32).reshape(self.B, 1, 1)
 
-    def flag(name: str) -> np.ndarray:
-        return np.array([getattr(a, name) for a in attrs], dtype=f32).reshape(B, 1, 1)
+    def flag(self, name: str) -> np.ndarray:
+        return np.array([getattr(a, name) for a in self.attrs], dtype=np.float32).reshape(self.B, 1, 1)
 
-    def cover(d: np.ndarray) -> np.ndarray:
-        return np.clip(f32(0.5) - d * inv_pw, f32(0.0), f32(1.0))
+    def cover(self, d: np.ndarray) -> np.ndarray:
+        """Coverage of a pixel by the shape whose signed distance is ``d``."""
+        return np.clip(np.float32(0.5) - d * self.inv_pw, np.float32(0.0), np.float32(1.0))
 
-    def rgb(colors: Sequence[Sequence[float]]) -> np.ndarray:
-        return np.asarray(colors, dtype=f32).reshape(B, 3, 1, 1)
+    def rgb(self, colors: Sequence[Sequence[float]]) -> np.ndarray:
+        return np.asarray(colors, dtype=np.float32).reshape(self.B, 3, 1, 1)
 
-    s = col("s")
+
+def _head(g: _Grid) -> dict[str, np.ndarray]:
+    """Face, ears, nose, back hair and fringe: coverages, and the face outline's distance."""
+    f32, X, Y, s, col = np.float32, g.X, g.Y, g.s, g.col
     cx, cy, frx, fry = col("cx"), col("cy"), col("frx"), col("fry")
-    hair_rgb = rgb([_palette(_HAIR_STOPS, a.hair_color) for a in attrs])
-    skin = [_palette(_SKIN_STOPS, a.skin_tone) for a in attrs]
-    skin_rgb = rgb(skin)
-    ear_rgb = skin_rgb * f32(0.9)
-    nose_rgb = skin_rgb * f32(0.8)
-    smile, eyes_open = flag("smile"), flag("eyes_open")
-    glasses, hat = flag("glasses"), flag("hat")
-
-    # --- shapes -----------------------------------------------------------
     d_face_edge = _ellipse(X, Y, cx, cy, frx, fry)
-    a_face = cover(d_face_edge)
-    a_ears = cover(
+    a_ears = g.cover(
         np.minimum(
             _ellipse(X, Y, col("earlx"), col("eary"), f32(0.055) * s, f32(0.08) * s),
             _ellipse(X, Y, col("earrx"), col("eary"), f32(0.055) * s, f32(0.08) * s),
         )
     )
-    a_nose = cover(_ellipse(X, Y, col("nx"), col("ny"), f32(0.028) * s, f32(0.04) * s))
-
-    d_back = np.maximum(
-        _ellipse(X, Y, col("hcx"), col("hcy"), col("hrx"), col("hry")), Y - col("hbot")
-    )
-    a_back = cover(d_back)
+    a_nose = g.cover(_ellipse(X, Y, col("nx"), col("ny"), f32(0.028) * s, f32(0.04) * s))
+    d_back = np.maximum(_ellipse(X, Y, col("hcx"), col("hcy"), col("hrx"), col("hry")), Y - col("hbot"))
     # Fringe: the part of the face above a hairline that dips at the temples.
-    hlx = col("hlx")
-    t = (X - hlx) / frx
+    t = (X - col("hlx")) / frx
     hl = cy - f32(0.21) * s + f32(0.11) * s * t * t
     hl_slope = f32(0.22) * s * t / frx
     d_hairline = (Y - hl) / np.sqrt(f32(1.0) + hl_slope * hl_slope)
     # The fringe reaches a little past the face outline (over the back hair,
     # same colour) so that no skin-coloured seam shows along the outline.
     d_fringe_outline = d_face_edge - f32(0.02) * s
-    a_fringe = cover(np.maximum(d_fringe_outline, d_hairline))
+    return {"d_face_edge": d_face_edge, "face": g.cover(d_face_edge), "ears": a_ears, "nose": a_nose,
+            "back": g.cover(d_back), "fringe": g.cover(np.maximum(d_fringe_outline, d_hairline))}
 
-    # Eyes: both variants are computed (the masks need both footprints).
+
+def _eyes(g: _Grid) -> dict[str, np.ndarray]:
+    """Open eyes (sclera, pupils) and closed ones (lids): both are computed, the masks need both footprints."""
+    f32, X, Y, s, col = np.float32, g.X, g.Y, g.s, g.col
     ey = col("ey")
     exl, exr, efl, efr = col("exl"), col("exr"), col("efl"), col("efr")
     eye_w, eye_h = f32(0.07) * s, f32(0.056) * s
-    d_sclera = np.minimum(
-        _ellipse(X, Y, exl, ey, eye_w * efl, eye_h),
-        _ellipse(X, Y, exr, ey, eye_w * efr, eye_h),
-    )
+    d_sclera = np.minimum(_ellipse(X, Y, exl, ey, eye_w * efl, eye_h), _ellipse(X, Y, exr, ey, eye_w * efr, eye_h))
     pupil_y, pupil_w, pupil_h = ey + f32(0.006) * s, f32(0.031) * s, f32(0.036) * s
     d_pupil = np.minimum(
         _ellipse(X, Y, exl, pupil_y, pupil_w * efl, pupil_h),
@@ -497,40 +486,37 @@ def _render_chunk(
         _curve_stroke(X, Y, exl, ey, eye_w * efl, lid_bend, lid_thick),
         _curve_stroke(X, Y, exr, ey, eye_w * efr, lid_bend, lid_thick),
     )
-    a_sclera, a_pupil, a_closed = cover(d_sclera), cover(d_pupil), cover(d_closed)
     margin = f32(0.03)
-    d_eye_region = np.minimum(
+    d_region = np.minimum(
         _ellipse(X, Y, exl, ey, eye_w * efl + margin, eye_h + margin),
         _ellipse(X, Y, exr, ey, eye_w * efr + margin, eye_h + margin),
     )
+    return {"sclera": g.cover(d_sclera), "pupil": g.cover(d_pupil), "closed": g.cover(d_closed), "d_region": d_region}
 
-    # Mouth: open grin (smile) or short, slightly down-turned line (neutral).
+
+def _mouth(g: _Grid) -> dict[str, np.ndarray]:
+    """Open grin with a strip of teeth (smile) or a short, slightly down-turned line (neutral)."""
+    f32, X, Y, s, col = np.float32, g.X, g.Y, g.s, g.col
     mx, my, smile_w = col("mx"), col("my"), col("mw")
     d_smile = np.minimum(
         _between_curves(X, Y, mx, my, smile_w, f32(0.012) * s, f32(0.085) * s),
         _curve_stroke(X, Y, mx, my, smile_w, f32(0.012) * s, f32(0.03) * s),
     )
-    # a strip of teeth along the top of the grin
-    d_teeth = np.maximum(
-        _between_curves(X, Y, mx, my, smile_w * f32(0.85), f32(0.012) * s, f32(0.036) * s),
-        d_smile,
-    )
-    a_teeth = cover(d_teeth)
-    d_neutral = _curve_stroke(
-        X, Y, mx, my + f32(0.035) * s, smile_w * f32(0.68), f32(-0.012) * s, f32(0.03) * s
-    )
-    a_smile, a_neutral = cover(d_smile), cover(d_neutral)
-    d_mouth_region = _ellipse(
-        X, Y, mx, my + f32(0.04) * s, smile_w + margin, f32(0.055) * s + margin
-    )
+    d_teeth = np.maximum(_between_curves(X, Y, mx, my, smile_w * f32(0.85), f32(0.012) * s, f32(0.036) * s), d_smile)
+    d_neutral = _curve_stroke(X, Y, mx, my + f32(0.035) * s, smile_w * f32(0.68), f32(-0.012) * s, f32(0.03) * s)
+    margin = f32(0.03)
+    d_region = _ellipse(X, Y, mx, my + f32(0.04) * s, smile_w + margin, f32(0.055) * s + margin)
+    return {"smile": g.cover(d_smile), "teeth": g.cover(d_teeth), "neutral": g.cover(d_neutral), "d_region": d_region}
 
-    # Glasses: rims around the eyes, a bridge, arms to the face edge, lenses.
-    grx_l, grx_r = f32(0.09) * s * efl, f32(0.09) * s * efr
+
+def _glasses(g: _Grid, d_face_edge: np.ndarray) -> dict[str, np.ndarray]:
+    """Rims around the eyes, a bridge, arms to the face edge, lenses; clipped to the face outline."""
+    f32, X, Y, s, col = np.float32, g.X, g.Y, g.s, g.col
+    ey, exl, exr = col("ey"), col("exl"), col("exr")
+    grx_l, grx_r = f32(0.09) * s * col("efl"), f32(0.09) * s * col("efr")
     gry = f32(0.08) * s
     gthick = f32(0.036) * s
-    d_lens_l = _ellipse(X, Y, exl, ey, grx_l, gry)
-    d_lens_r = _ellipse(X, Y, exr, ey, grx_r, gry)
-    d_lens = np.minimum(d_lens_l, d_lens_r)
+    d_lens = np.minimum(_ellipse(X, Y, exl, ey, grx_l, gry), _ellipse(X, Y, exr, ey, grx_r, gry))
     d_rims = np.abs(d_lens) - gthick * f32(0.5)
     bridge_y = ey - f32(0.012) * s
     d_bridge = _hcapsule(X, Y, exl + grx_l, exr - grx_r, bridge_y, gthick * f32(0.5))
@@ -543,28 +529,31 @@ def _render_chunk(
     )
     # Everything is clipped to the face outline (the far rim of a turned head).
     d_frame = np.maximum(np.minimum(np.minimum(d_rims, d_bridge), d_arms), d_face_edge)
-    a_frame = cover(d_frame) * glasses
-    a_lens = cover(np.maximum(d_lens, d_face_edge)) * glasses
+    glasses = g.flag("glasses")
+    return {"frame": g.cover(d_frame) * glasses, "lens": g.cover(np.maximum(d_lens, d_face_edge)) * glasses}
 
-    # Hat: a dome over the top of the head with a band, and a brim.
+
+def _hat(g: _Grid) -> dict[str, np.ndarray]:
+    """A dome over the top of the head with a band, and a brim."""
+    f32, X, Y, s, col = np.float32, g.X, g.Y, g.s, g.col
     hat_y = col("hat_y")
-    d_dome = np.maximum(
-        _ellipse(X, Y, col("dome_x"), hat_y, f32(0.345) * s, f32(0.24) * s), Y - hat_y
-    )
+    d_dome = np.maximum(_ellipse(X, Y, col("dome_x"), hat_y, f32(0.345) * s, f32(0.24) * s), Y - hat_y)
     d_band = np.maximum(d_dome, hat_y - f32(0.055) * s - Y)
     brim_x = col("brim_x")
-    d_brim = _hcapsule(
-        X, Y, brim_x - f32(0.36) * s, brim_x + f32(0.36) * s, hat_y, f32(0.028) * s
-    )
-    a_dome = cover(d_dome) * hat
-    a_band = cover(d_band) * hat
-    a_brim = cover(d_brim) * hat
-    a_hat = np.maximum(a_dome, a_brim)
+    d_brim = _hcapsule(X, Y, brim_x - f32(0.36) * s, brim_x + f32(0.36) * s, hat_y, f32(0.028) * s)
+    hat = g.flag("hat")
+    return {"dome": g.cover(d_dome) * hat, "band": g.cover(d_band) * hat, "brim": g.cover(d_brim) * hat}
 
-    # --- compositing (back to front) ---------------------------------------
-    bg = rgb([_background_rgb(a.background) for a in attrs])
-    shade = f32(1.0) - f32(0.12) * Y.reshape(1, 1, n, 1)  # slightly darker lower down
-    img = np.broadcast_to(bg * shade, (B, 3, n, n)).copy()
+
+def _composite(g: _Grid, head: dict, eyes: dict, mouth: dict, glasses: dict, hat: dict) -> np.ndarray:
+    """The supersampled image [B, 3, n, n]: every part painted over the background, back to front."""
+    f32, n = np.float32, g.n
+    hair_rgb = g.rgb([_palette(_HAIR_STOPS, a.hair_color) for a in g.attrs])
+    skin_rgb = g.rgb([_palette(_SKIN_STOPS, a.skin_tone) for a in g.attrs])
+    smile, eyes_open = g.flag("smile"), g.flag("eyes_open")
+    bg = g.rgb([_background_rgb(a.background) for a in g.attrs])
+    shade = f32(1.0) - f32(0.12) * g.Y.reshape(1, 1, n, 1)  # slightly darker lower down
+    img = np.broadcast_to(bg * shade, (g.B, 3, n, n)).copy()
 
     def over(alpha: np.ndarray, color: np.ndarray | tuple[float, float, float]) -> None:
         if isinstance(color, tuple):
@@ -572,45 +561,58 @@ def _render_chunk(
         a = alpha[:, None]
         img[...] += a * (color - img)
 
-    over(a_back, hair_rgb)
-    over(a_ears, ear_rgb)
-    over(a_face, skin_rgb)
-    over(a_nose, nose_rgb)
-    over(a_fringe, hair_rgb)
-    over(a_sclera * eyes_open, _WHITE)
-    over(a_pupil * eyes_open, _DARK)
-    over(a_closed * (f32(1.0) - eyes_open), _DARK)
-    over(a_smile * smile + a_neutral * (f32(1.0) - smile), _MOUTH)
-    over(a_teeth * smile, _TEETH)
-    over(a_lens * f32(_LENS_ALPHA), _LENS)
-    over(a_frame, _FRAME)
-    over(a_dome, _HAT)
-    over(a_band, _HAT_BAND)
-    over(a_brim, _HAT_BRIM)
+    over(head["back"], hair_rgb)
+    over(head["ears"], skin_rgb * f32(0.9))
+    over(head["face"], skin_rgb)
+    over(head["nose"], skin_rgb * f32(0.8))
+    over(head["fringe"], hair_rgb)
+    over(eyes["sclera"] * eyes_open, _WHITE)
+    over(eyes["pupil"] * eyes_open, _DARK)
+    over(eyes["closed"] * (f32(1.0) - eyes_open), _DARK)
+    over(mouth["smile"] * smile + mouth["neutral"] * (f32(1.0) - smile), _MOUTH)
+    over(mouth["teeth"] * smile, _TEETH)
+    over(glasses["lens"] * f32(_LENS_ALPHA), _LENS)
+    over(glasses["frame"], _FRAME)
+    over(hat["dome"], _HAT)
+    over(hat["band"], _HAT_BAND)
+    over(hat["brim"], _HAT_BRIM)
+    return img
 
-    # --- masks -------------------------------------------------------------
+
+def _visible(g: _Grid, head: dict, eyes: dict, mouth: dict, glasses: dict, hat: dict) -> dict[str, np.ndarray]:
+    """The supersampled coverage of every part as it shows in the image (what a part's mask is made of)."""
+    f32 = np.float32
+    a_hat = np.maximum(hat["dome"], hat["brim"])
     not_hat = f32(1.0) - a_hat
-    head_skin = f32(1.0) - (f32(1.0) - a_face) * (f32(1.0) - a_ears)
-    vis = {
-        "face": head_skin * (f32(1.0) - a_fringe) * not_hat,
-        "hair": (a_fringe + a_back * (f32(1.0) - head_skin) * (f32(1.0) - a_fringe)) * not_hat,
+    head_skin = f32(1.0) - (f32(1.0) - head["face"]) * (f32(1.0) - head["ears"])
+    d_face_edge = head["d_face_edge"]
+    return {
+        "face": head_skin * (f32(1.0) - head["fringe"]) * not_hat,
+        "hair": (head["fringe"] + head["back"] * (f32(1.0) - head_skin) * (f32(1.0) - head["fringe"])) * not_hat,
         "eyes": np.maximum(
-            cover(np.maximum(d_eye_region, d_face_edge)),
-            np.maximum(np.maximum(a_sclera, a_closed), a_pupil),
+            g.cover(np.maximum(eyes["d_region"], d_face_edge)),
+            np.maximum(np.maximum(eyes["sclera"], eyes["closed"]), eyes["pupil"]),
         ),
-        "mouth": np.maximum(
-            cover(np.maximum(d_mouth_region, d_face_edge)), np.maximum(a_smile, a_neutral)
-        ),
-        "glasses": np.maximum(a_frame, a_lens) * not_hat,
+        "mouth": np.maximum(g.cover(np.maximum(mouth["d_region"], d_face_edge)), np.maximum(mouth["smile"], mouth["neutral"])),
+        "glasses": np.maximum(glasses["frame"], glasses["lens"]) * not_hat,
         "hat": a_hat,
     }
 
+
+def _render_chunk(attrs: Sequence[FaceAttributes], size: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Render faces; images [B, 3, H, W] in [0, 1] and masks [B, H, W] (supersampled, then averaged down)."""
+    g = _Grid(attrs, size)
+    head = _head(g)
+    parts = (head, _eyes(g), _mouth(g), _glasses(g, head["d_face_edge"]), _hat(g))
+    img, vis = _composite(g, *parts), _visible(g, *parts)
+    ss = _SUPERSAMPLE
+
     def down(x: np.ndarray) -> np.ndarray:
         sh = x.shape[:-2] + (size, ss, size, ss)
-        return x.reshape(sh).mean(axis=(-3, -1), dtype=f32)
+        return x.reshape(sh).mean(axis=(-3, -1), dtype=np.float32)
 
-    image = np.clip(down(img), f32(0.0), f32(1.0))
-    masks = {part: down(vis[part]) > f32(_MASK_THRESHOLD) for part in PARTS}
+    image = np.clip(down(img), np.float32(0.0), np.float32(1.0))
+    masks = {part: down(vis[part]) > np.float32(_MASK_THRESHOLD) for part in PARTS}
     return image, masks
 
 

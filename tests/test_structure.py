@@ -1,4 +1,5 @@
-"""The import graph of src/hspace: no circle, and no library module imports the front ends (cli, ui).
+"""The shape of src/hspace: an import graph with no circle in which no library module imports the front ends
+(cli, ui), and no function longer than a reader can hold (80 lines).
 
 Every import statement counts, those inside functions (lazy imports) included, so that a circle cannot hide
 behind an import deferred to call time."""
@@ -102,3 +103,15 @@ def test_no_library_module_imports_a_front_end(front_end):
         if not any(m == f or m.startswith(f + ".") for f in FRONT_ENDS) and m not in FRONT_END_MODULES
     }
     assert {m: n for m, n in upward.items() if n} == {}
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for path in sorted((SRC / "hspace").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES:
+                long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert long == []
