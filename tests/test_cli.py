@@ -32,7 +32,9 @@ def test_sample_edit_swap_arith(tmp_path):
     assert main(["edit", "--direction", str(direction), "--seeds", "2", "--scales", "0", "1", "--out", str(tmp_path / "e"), "--save-each", *common]) == 0
     assert (tmp_path / "e" / "edit_seed2.png").is_file()
     unedited = np.asarray(Image.open(tmp_path / "e" / "seed2_0_zero-minus-one_0.png"))
-    assert np.array_equal(unedited, to_uint8(traj.images[2]))
+    # drawn in a batch of 3, edited in a batch of 2: float rounding (~1e-5, conftest) moves a pixel by at most
+    # one 8-bit level (1/127.5), and only where it sat on a rounding edge
+    assert np.abs(unedited.astype(int) - to_uint8(traj.images[2]).astype(int)).max() <= 1
 
     assert main(["edit", "--direction", str(direction), "--trajectory", str(tmp_path / "t.safetensors"), "--scales", "0", "--out", str(tmp_path / "e2"), "--save-each", "--device", "cpu", "--model", "tiny-random"]) == 0
     unedited = np.asarray(Image.open(tmp_path / "e2" / "seed1_0_zero-minus-one_0.png"))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import composition_tolerance
 from hspace import HspaceError
 from hspace.hooks import hook_count
 from hspace.interventions import LinearEdit, Record, StepContext
@@ -18,10 +19,11 @@ def test_a_custom_recording_intervention_equals_the_built_in_recording(engine, t
         return h
 
     replay = engine.replay(trajectory, interventions=[record], record_h=True, batch_size=2)
+    tolerance = composition_tolerance(engine, trajectory)  # (conftest: measured on this machine, with a margin)
     assert sorted(seen) == [(b, i) for b in range(3) for i in range(6)]
     for (b, i), value in seen.items():
         assert torch.equal(value, replay.h[b, i])  # the same run: exactly
-        assert (value - trajectory.h[b, i]).abs().max() <= 1e-5  # batches of 2, not 3: float rounding only
+        assert (value - trajectory.h[b, i]).abs().max() <= tolerance  # batches of 2, not 3: float rounding only
 
 
 def test_a_custom_edit_equals_the_built_in_linear_edit(engine, trajectory):
@@ -57,7 +59,7 @@ def test_an_intervention_that_raises_leaves_no_hook(engine, trajectory):
 def test_source_rows_replay_repeated_samples(engine, trajectory):
     replay = engine.replay(trajectory, source=[2, 0, 2])
     assert replay.seeds == [42, 3, 42]
-    assert (replay.x0 - trajectory.x0[[2, 0, 2]]).abs().max() <= 1e-5
+    assert (replay.x0 - trajectory.x0[[2, 0, 2]]).abs().max() <= composition_tolerance(engine, trajectory)  # other rows together
     with pytest.raises(HspaceError, match="source indices must lie in 0..2"):
         engine.replay(trajectory, source=[3])
 

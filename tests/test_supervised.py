@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import composition_tolerance
 from hspace.spec import FREE
 from hspace.bank import build_bank
 from hspace.directions import Direction
@@ -109,10 +110,11 @@ def test_labels_csv_and_x_T_space(tmp_path, engine, trajectory):
     delta = x_T_difference(trajectory[[0, 2]], trajectory[[1]])
     assert torch.allclose(delta, (trajectory.x_T[[0, 2]].double().mean(0) - trajectory.x_T[1].double()), atol=1e-12)
     images = edit_x_T(engine, trajectory, delta, [0.0, 0.5])
-    assert torch.allclose(images[0], trajectory.images, atol=1e-5)  # scale 0 is the sample itself
+    tolerance = composition_tolerance(engine, trajectory)  # 6 rows in one batch vs 3, and 1 (conftest)
+    assert (images[0] - trajectory.images).abs().max() <= tolerance  # scale 0 is the sample itself
     moved = engine.sample([3], trajectory.num_steps, 1.0)
     moved.x_T = moved.x_T + 0.5 * delta.float()
-    assert torch.allclose(images[1, :1], engine.replay(moved).images, atol=1e-5)
+    assert (images[1, :1] - engine.replay(moved).images).abs().max() <= tolerance
 
 
 def test_supervised_from_a_csv_of_seeds(tmp_path):
