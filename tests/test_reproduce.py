@@ -44,12 +44,19 @@ def test_quick_reproduce_writes_a_sane_report_and_resumes(tmp_path):
 
 
 # The quick mode's numbers on the bundled model. A regression in any method, the engine or the seeds
-# turns this red. (The swap, asyrp and sequential numbers equal those measured before the redesign.)
-PINNED_VERDICTS = {"pca_vs_random": True, "table1": False, "fig8": False, "jacobian": False, "swap": True, "asyrp": True, "sequential": False}
+# turns this red. Every verdict is judged with a margin (the 95% interval must clear its threshold; runner.py):
+# on the quick mode's few samples only PCA vs random clears it.
+PINNED_VERDICTS = {"pca_vs_random": True, "table1": False, "fig8": False, "jacobian": False, "swap": False, "asyrp": False, "sequential": False}
+# Tolerances. Measured: the whole quick run with OMP_NUM_THREADS=1 and with 2 threads on this project's CPU
+# (hspace reproduce --quick twice, sections compared number by number) differs by at most 4.1e-6 relative
+# (the Jacobian's transfer shares and concentrations) and 2e-8 absolute elsewhere; another CPU sums floats in
+# another order too (conftest: up to ~1e-5 on a sample). rel 1e-3 leaves a factor 250 over the measured spread;
+# shares of 6-16 samples move in steps of 1/16 or more, so they are pinned exactly.
+RELATIVE = 1e-3
 
 
 def _assert_pinned(sections):
-    near = lambda x: pytest.approx(x, rel=1e-3, abs=1e-4)  # noqa: E731
+    near = lambda x: pytest.approx(x, rel=RELATIVE, abs=1e-4)  # noqa: E731
     assert {name: s["verdict"]["holds"] for name, s in sections.items()} == PINNED_VERDICTS
     pca = sections["pca_vs_random"]
     assert pca["strongest_change_at_max_scale"] == {
@@ -63,6 +70,8 @@ def _assert_pinned(sections):
     fig8 = [(r["pairs"], r["h_split_half"], r["x_T_split_half"], r["h_success"], r["x_T_success"], r["random_success"]) for r in sections["fig8"]["rows"]]
     expected = [(1, -0.00683, 0.01118, 0.375, 0.375, 0.25), (2, -0.14438, -0.00241, 0.5, 0.375, 0.25), (4, 0.10759, -0.01628, 0.875, 0.5, 0.25), (8, 0.4133, -0.01803, 0.875, 0.625, 0.25)]
     assert fig8 == [tuple(near(v) for v in row) for row in expected] and sections["fig8"]["calibrated_scale"] == 1.5
+    # The Jacobian directions come from 10 iterations (the quick mode's budget), not converged: they are pinned as what
+    # this iteration computes from these seeds; the spread between thread counts is the 4.1e-6 above.
     jac = [(r["part"], r["output_mask"], r["window"], r["h_cells"], r["inside_source"], r["inside_transfer"], r["concentration_transfer"]) for r in sections["jacobian"]["rows"]]
     expected = [
         ("eyes", True, "all", False, 0.44267, 0.50144, 2.9125), ("eyes", True, "all", True, 0.44406, 0.50533, 2.935),
@@ -77,10 +86,20 @@ def _assert_pinned(sections):
     assert jac == [(*row[:4], *(near(v) for v in row[4:])) for row in expected]
     follows = {k: v["follows_h"] for k, v in sections["swap"]["attributes"].items()}
     assert follows == {"smile": 1.0, "eyes_open": 0.75, "glasses": near(2 / 3), "hat": 1.0, "hair_color": 0.875, "skin_tone": 0.75, "yaw": 1.0, "background": 0.0}
-    assert sections["asyrp"]["mean_smile_change"] == {
-        "single": {"0.5": pytest.approx(1.4295e-05, rel=1e-2), "1": pytest.approx(6.0121e-05, rel=1e-2)},
-        "asyrp": {"0.5": pytest.approx(4.2955e-05, rel=1e-2), "1": pytest.approx(8.2970e-05, rel=1e-2)},
+    # Asyrp's mean smile changes are ~1e-5 of a probability: noise, not an effect. What is pinned is that the paired
+    # intervals of Asyrp's gain contain 0 (so the claim does not hold here), and the changes to 1e-6 absolute (the
+    # measured spread between thread counts is 2e-8).
+    asyrp = sections["asyrp"]
+    assert all(low < 0 < high for low, high in asyrp["asyrp_gain_interval"].values())
+    assert asyrp["mean_smile_change"] == {
+        "single": {"0.5": pytest.approx(1.4295e-05, abs=1e-6), "1": pytest.approx(6.0121e-05, abs=1e-6)},
+        "asyrp": {"0.5": pytest.approx(4.2955e-05, abs=1e-6), "1": pytest.approx(8.2970e-05, abs=1e-6)},
     }
+    # the margins themselves: Wilson intervals of 8/8 and 6/8 pairs, normal intervals over the PCA's 6 samples
+    swap = sections["swap"]["verdict"]["intervals"]
+    assert swap["smile"] == [near(0.60967), 1.0] and swap["eyes_open"] == [near(0.40928), near(0.92852)]
+    pca = sections["pca_vs_random"]["verdict"]["intervals"]
+    assert pca["pc3"] == [near(0.37551), near(1.31739)] and pca["random1"] == [near(0.077925), near(0.200705)]
     present = [r["present"] for r in sections["sequential"]["rows"]]
     assert present == [
         {"smile": 0.5, "glasses": near(1 / 3), "hat": 0.0},

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..images import labelled_grid
-from .runner import DOMAIN, Run, holds, pct, verdict
+from .runner import DOMAIN, Run, holds, mean_interval, pct, verdict
 
 NAME = "jacobian"
 PARTS = ("eyes", "mouth")
@@ -38,16 +38,20 @@ def measure(run: Run) -> dict:
                 "part": part, "found_at": when, "step": step, "output_mask": masked, "window": window, "h_cells": cells,
                 "inside_source": float(inside[0]), "inside_transfer": float(inside[1:].mean()),
                 "concentration_source": float(concentration[0]), "concentration_transfer": float(concentration[1:].mean()),
+                "inside_transfer_interval": mean_interval(inside[1:]), "concentration_transfer_interval": mean_interval(concentration[1:]),
             })
     best = {part: max((r for r in rows if r["part"] == part), key=lambda r: (r["inside_source"] + r["inside_transfer"])) for part in PARTS}
+    # the transfers with a margin (the lower ends of their 95% intervals over faces); the source is one face
     ok = all(
-        b["inside_source"] >= INSIDE_SOURCE and b["inside_transfer"] >= INSIDE_TRANSFER and b["concentration_transfer"] >= CONCENTRATION
+        b["inside_source"] >= INSIDE_SOURCE and b["inside_transfer_interval"][0] >= INSIDE_TRANSFER
+        and b["concentration_transfer_interval"][0] >= CONCENTRATION
         for b in best.values()
     )
+    intervals = {f"{p}_{k}": b[f"{k}_interval"] for p, b in best.items() for k in ("inside_transfer", "concentration_transfer")}
     grid = _figure(run, faces, masks, best, found)
     return {
         "faces": len(faces), "rows": rows, "best": best, "grid": grid,
-        "verdict": verdict(ok, inside_source=INSIDE_SOURCE, inside_transfer=INSIDE_TRANSFER, concentration=CONCENTRATION, gamma=GAMMA),
+        "verdict": verdict(ok, intervals, inside_source=INSIDE_SOURCE, inside_transfer=INSIDE_TRANSFER, concentration=CONCENTRATION, gamma=GAMMA),
     }
 
 
@@ -112,7 +116,8 @@ def render(res: dict, config) -> list[str]:
         f"face at +-{t['gamma']:g} ||h_t||, transferred to the others. Inside: the share of the pixel change inside each face's "
         "own part mask dilated by 2 px; concentration: that share over the mask's share of the image. Target (the best "
         f"protocol per part): >= {pct(t['inside_source'])} inside on the source, >= {pct(t['inside_transfer'])} on the transfers, "
-        f"concentration >= {t['concentration']:g}x.",
+        f"concentration >= {t['concentration']:g}x; on the transfers, the lower end of the 95% interval over faces (the "
+        "source is one face).",
         "",
         "| part | found at | output mask | applied | delta-h | inside (source) | inside (transfer) | concentration (transfer) |",
         "|---|---|---|---|---|---|---|---|",

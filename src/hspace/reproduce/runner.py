@@ -5,6 +5,11 @@ directions, classifier scores of edits).
 A claim is a module with ``NAME``, ``measure(run) -> dict`` (its numbers, thresholds and ``verdict``)
 and ``render(result, config) -> list[str]`` (Markdown); ``CLAIMS`` in ``__init__`` lists them in order.
 Sections are cached as JSON (``sections/NAME.json``), so an interrupted run resumes where it stopped.
+
+Verdicts have a margin: a claim holds only where the 95% interval of what it measures (``mean_interval``
+over samples: normal; ``share_interval`` of a share: Wilson) lies on the right side of its threshold, so
+that a difference smaller than the sampling noise (Asyrp 0.00003 stronger on 6 samples) does not decide
+it. The thresholds are the ones stated before measuring; only the margin is new.
 """
 
 from __future__ import annotations
@@ -81,9 +86,32 @@ def confidence(scores: dict) -> torch.Tensor:
     return torch.stack([torch.maximum(scores[n], 1 - scores[n]) for n in BINARY]).mean(0)
 
 
-def verdict(holds: bool, **thresholds) -> dict:
-    """What a claim stores about itself: whether it holds, and the thresholds it was judged by."""
-    return {"holds": bool(holds), "thresholds": thresholds}
+Z = 1.959964  # the 95% point of the normal distribution
+
+
+def mean_interval(values: torch.Tensor) -> tuple[float, float]:
+    """The normal 95% interval of the mean of per-sample ``values`` (the whole line for fewer than 2)."""
+    values = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if len(values) < 2:
+        return (-float("inf"), float("inf"))
+    mean, se = float(values.mean()), float(values.std() / len(values) ** 0.5)
+    return (mean - Z * se, mean + Z * se)
+
+
+def share_interval(successes: float, n: int) -> tuple[float, float]:
+    """The Wilson 95% interval of a share of ``successes`` in ``n`` trials (honest at small n and at 0 or 1)."""
+    if n < 1:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + Z * Z / (2 * n)) / (1 + Z * Z / n)
+    half = Z * (p * (1 - p) / n + Z * Z / (4 * n * n)) ** 0.5 / (1 + Z * Z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def verdict(holds: bool, intervals: dict | None = None, **thresholds) -> dict:
+    """What a claim stores about itself: whether it holds (its intervals clear the thresholds), the intervals
+    it was judged by, and the thresholds."""
+    return {"holds": bool(holds), "intervals": intervals or {}, "thresholds": thresholds}
 
 
 class Run:

@@ -7,7 +7,7 @@ import itertools
 import torch
 
 from ..images import labelled_grid
-from .runner import Run, holds, pct, verdict
+from .runner import Run, holds, pct, share_interval, verdict
 
 NAME = "sequential"
 STEPS = ("smile", "glasses", "hat")
@@ -29,7 +29,9 @@ def measure(run: Run) -> dict:
         "sequential.png",
     )
     last = rows[-1]["present"] if rows else {}
-    return {"samples": len(lacking), "rows": rows, "grid": grid, "verdict": verdict(bool(last) and min(last.values()) >= PRESENT, present=PRESENT)}
+    intervals = {a: share_interval(p * len(lacking), len(lacking)) for a, p in last.items()}
+    ok = bool(intervals) and min(low for low, _ in intervals.values()) >= PRESENT
+    return {"samples": len(lacking), "rows": rows, "grid": grid, "verdict": verdict(ok, intervals, present=PRESENT)}
 
 
 def render(res: dict, config) -> list[str]:
@@ -45,5 +47,6 @@ def render(res: dict, config) -> list[str]:
         "|---|---|---|---|",
     ]
     lines += [f"| {r['after']} | {pct(r['present']['smile'])} | {pct(r['present']['glasses'])} | {pct(r['present']['hat'])} |" for r in res["rows"]]
-    lines += ["", f"Result: all three present in most samples at the end: {holds(res)}.", "", f"![sequential]({res['grid']})", ""]
+    lines += ["", f"Result: all three present in most samples at the end (the lower end of each 95% interval >= {pct(res['verdict']['thresholds']['present'])}): "
+              f"{holds(res)}.", "", f"![sequential]({res['grid']})", ""]
     return lines

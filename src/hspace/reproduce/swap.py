@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..images import labelled_grid
-from .runner import BINARY, CONTINUOUS, Run, change, holds, pct, verdict
+from .runner import BINARY, CONTINUOUS, Run, change, holds, pct, share_interval, verdict
 
 NAME = "swap"
 FOLLOWS = 0.5  # every binary attribute follows the h donor in at least this share of differing pairs
@@ -31,8 +31,9 @@ def measure(run: Run) -> dict:
         labelled_grid(torch.stack([first.images[:6], second.images[:6], swapped.images[:6]], 1), [str(i) for i in range(shown)], ["noise of", "h of", "swapped"]),
         "swap.png",
     )
-    semantic = [result[k]["follows_h"] for k in BINARY if k in result]
-    return {"attributes": result, "grid": grid, "verdict": verdict(bool(semantic) and min(semantic) >= FOLLOWS, follows=FOLLOWS)}
+    intervals = {k: share_interval(result[k]["follows_h"] * result[k]["pairs_that_differ"], result[k]["pairs_that_differ"]) for k in BINARY if k in result}
+    ok = bool(intervals) and min(low for low, _ in intervals.values()) >= FOLLOWS
+    return {"attributes": result, "grid": grid, "verdict": verdict(ok, intervals, follows=FOLLOWS)}
 
 
 def render(res: dict, config) -> list[str]:
@@ -48,5 +49,6 @@ def render(res: dict, config) -> list[str]:
         "|---|---|---|",
     ]
     lines += [f"| {k} | {pct(v['follows_h'])} | {v['pairs_that_differ']} |" for k, v in res["attributes"].items()]
-    lines += ["", f"Result: every binary attribute follows h in most pairs: {holds(res)}.", "", f"![swap]({res['grid']})", ""]
+    lines += ["", f"Result: every binary attribute follows h in most pairs (the lower end of its 95% interval >= {pct(res['verdict']['thresholds']['follows'])}): "
+              f"{holds(res)}.", "", f"![swap]({res['grid']})", ""]
     return lines

@@ -5,7 +5,7 @@ paper's), eq. 11 per timestep, and conditional directions by joint regression (b
 
 from __future__ import annotations
 
-from .runner import TABLE_ATTRIBUTES, Run, change, holds, verdict
+from .runner import TABLE_ATTRIBUTES, Z, Run, change, holds, verdict
 
 NAME = "table1"
 VARIANTS = ("supervised", "disentangled", "disentangled_per_step", "regression")
@@ -55,10 +55,28 @@ def measure(run: Run) -> dict:
             "mean_off_diagonal": sum(off) / len(off),
             "mean_own": sum(abs(matrix[i][i]) for i in range(len(matrix))) / len(matrix),
         }
-    base, cond = result["supervised"]["mean_off_diagonal"], result["regression"]["mean_off_diagonal"]
-    ok = all(result["regression"]["own_is_strongest"]) and cond <= (1 - OFF_DIAGONAL_FALL) * base
-    result["verdict"] = verdict(ok, off_diagonal_fall=OFF_DIAGONAL_FALL)
+    for variant in result.values():
+        variant["off_diagonal_interval"] = _off_diagonal_interval(variant)
+    reg = result["regression"]
+    own_clear = [_own_clearly_strongest(reg["matrix"], reg["standard_error"], i) for i in range(len(reg["matrix"]))]
+    falls = reg["off_diagonal_interval"][1] <= (1 - OFF_DIAGONAL_FALL) * result["supervised"]["off_diagonal_interval"][0]
+    intervals = {f"{v}_off_diagonal": result[v]["off_diagonal_interval"] for v in VARIANTS}
+    result["verdict"] = verdict(all(own_clear) and falls, intervals, off_diagonal_fall=OFF_DIAGONAL_FALL)
     return result
+
+
+def _off_diagonal_interval(variant: dict) -> tuple[float, float]:
+    """The 95% interval of the mean |off-diagonal| effect, from each entry's standard error (taken as independent)."""
+    n = len(variant["matrix"])
+    se = [variant["standard_error"][i][j] for i in range(n) for j in range(n) if i != j]
+    half = Z * sum(e * e for e in se) ** 0.5 / len(se)
+    return (variant["mean_off_diagonal"] - half, variant["mean_off_diagonal"] + half)
+
+
+def _own_clearly_strongest(matrix, errors, i: int) -> bool:
+    """Row i's own effect is the strongest beyond the 95% intervals: |own| - Z se above every |other| + Z se."""
+    own = abs(matrix[i][i]) - Z * errors[i][i]
+    return all(own > abs(matrix[i][j]) + Z * errors[i][j] for j in range(len(matrix)) if j != i)
 
 
 def render(res: dict, config) -> list[str]:
@@ -74,7 +92,9 @@ def render(res: dict, config) -> list[str]:
         "variant rescaled to the norm of its eq. 10 direction), applied at "
         f"scale {config.table_scale:g} to {config.table_n} held-out samples. Columns: mean change of each attribute "
         "(± its standard error). The strongest effect per row is in bold. Target: with the conditional directions every "
-        f"row's strongest effect is its own attribute and the mean |off-diagonal| is >= {100 * fall_target:.0f}% below eq. 10's.",
+        f"row's strongest effect is its own attribute and the mean |off-diagonal| is >= {100 * fall_target:.0f}% below eq. 10's, "
+        "both beyond the 95% intervals (an entry's: ±1.96 standard errors; the off-diagonal mean's: from its entries' errors, "
+        "taken as independent).",
         "",
     ]
     for variant in VARIANTS:
