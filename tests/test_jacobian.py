@@ -16,7 +16,7 @@ from hspace.directions.jacobian import (
 from hspace.hooks import h_hook, hook_count
 from hspace.models.unet import decode, encode, forward_mode
 
-from conftest import tiny_unet
+from conftest import COMPOSITION_MARGIN, composition_tolerance, tiny_unet
 
 STEP, K = 2, 4
 
@@ -78,8 +78,12 @@ def test_decode_of_encode_is_the_unet(location):
         # a cache of batch 1 serves a batch of k different h
         hs = torch.cat([cache.h, cache.h + 0.1 * torch.randn_like(cache.h)])
         batch = decode(unet, hs, cache)
-        assert (batch[0] - full[0]).abs().max() < 1e-5
-        assert (batch[1] - decode(unet, hs[1:], cache)[0]).abs().max() < 1e-5
+        # a batch of 2 vs batches of 1: float sums in another order, by as much as this CPU's kernels differ between
+        # the two batch shapes (measured here on the same h twice), with a margin (conftest)
+        spread = float((decode(unet, torch.cat([cache.h, cache.h]), cache)[0] - decode(unet, cache.h, cache)[0]).abs().max())
+        tolerance = max(COMPOSITION_MARGIN * spread, 1e-5)
+        assert (batch[0] - full[0]).abs().max() < tolerance
+        assert (batch[1] - decode(unet, hs[1:], cache)[0]).abs().max() < tolerance
 
 
 def test_skip_blocks_and_fourier_embedding_are_split_exactly():
@@ -160,11 +164,12 @@ def test_x_t_replays_what_sampling_saw(engine, trajectory):
     n = trajectory.num_steps
     assert torch.equal(engine.x_t(trajectory, 0), trajectory.x_T)
     assert (engine.x_t(trajectory, n) - trajectory.x0).abs().max() < 1e-6
+    tolerance = composition_tolerance(engine, trajectory)  # batches of 2 and 1 here, of 3 when sampled (conftest)
     for step in (1, n - 1):
         x_t = engine.x_t(trajectory, step, batch_size=2)
         for b in range(len(trajectory)):
             cache = encode(engine.unet, x_t[b : b + 1], int(trajectory.timesteps[step]), engine.h_location)
-            assert (cache.h[0] - trajectory.h[b, step]).abs().max() < 1e-5
+            assert (cache.h[0] - trajectory.h[b, step]).abs().max() < tolerance
     for bad in (-1, n + 1, 1.5):
         with pytest.raises(HspaceError, match=f"from 0 to {n}"):
             engine.x_t(trajectory, bad)
@@ -173,9 +178,10 @@ def test_x_t_replays_what_sampling_saw(engine, trajectory):
 def test_finish_from_x_t_with_the_rest_of_the_noise_ends_at_the_sample(engine, trajectory):
     n, eta = trajectory.num_steps, trajectory.eta
     noise = trajectory.noise()
+    tolerance = composition_tolerance(engine, trajectory)  # batches of 2 here, of 3 when sampled (conftest)
     for step in (0, 1, n - 1):
         x0 = engine.finish(engine.x_t(trajectory, step), step, n, eta, noise[:, step:], batch_size=2)
-        assert (x0 - trajectory.x0).abs().max() < 1e-5
+        assert (x0 - trajectory.x0).abs().max() < tolerance
     for bad in (-1, n, 1.5):
         with pytest.raises(HspaceError, match=f"from 0 to {n - 1}"):
             engine.finish(trajectory.x_T, bad, n, eta, noise)
