@@ -36,9 +36,14 @@ def editor(tmp_path_factory):
     return Editor(engine, directions, tmp_path_factory.mktemp("saved"), steps=STEPS, eta=1.0)
 
 
+TOKEN = "the-token-of-this-start"
+OCTETS = {"Content-Type": "application/octet-stream"}
+
+
 @pytest.fixture(scope="module")
 def client(editor):
-    return TestClient(create_app(editor))
+    """The page's own requests: to 127.0.0.1:7860, with the start's token."""
+    return TestClient(create_app(editor, port=7860, token=TOKEN), base_url="http://127.0.0.1:7860", headers={"X-Hspace-Token": TOKEN})
 
 
 def _image(data_url: str) -> np.ndarray:
@@ -110,14 +115,14 @@ def test_upload_is_inverted_and_limited(client, editor):
     image = Image.fromarray((np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    upload = client.post("/api/upload", content=buffer.getvalue()).json()["upload"]
+    upload = client.post("/api/upload", content=buffer.getvalue(), headers=OCTETS).json()["upload"]
     shown = client.post("/api/edit", json={"sample": {"upload": upload}, "parts": []}).json()
     assert _image(shown["original"]).shape == (32, 32, 3)
     # edit-friendly DDPM inversion: the replay reproduces the (centre-cropped, resized) upload
     assert np.abs(_image(shown["edited"]).astype(int) - _image(shown["original"]).astype(int)).max() <= 1
-    too_big = client.post("/api/upload", content=b"x" * (MAX_UPLOAD_BYTES + 1))
+    too_big = client.post("/api/upload", content=b"x" * (MAX_UPLOAD_BYTES + 1), headers=OCTETS)
     assert too_big.status_code == 400 and "at most" in too_big.json()["error"]
-    assert "not an image" in client.post("/api/upload", content=b"GIF89a garbage").json()["error"]
+    assert "not an image" in client.post("/api/upload", content=b"GIF89a garbage", headers=OCTETS).json()["error"]
 
 
 def test_jacobian_adds_directions_with_a_painted_mask(client):
@@ -141,3 +146,46 @@ def test_tabs_do_not_disturb_each_other(editor):
     again = editor.edit({"tab": "a", "seq": 6, "sample": {"seed": 0}, "parts": []})
     assert again["edited"] == first["edited"]  # tab b's sliders did not leak into tab a
     json.dumps(again)
+
+
+# ------------------------------------------------------------------ safety: only the editor's own page drives it
+
+
+def test_the_page_carries_its_token_and_is_not_framed(client):
+    page = client.get("/")
+    assert f'<meta name="hspace-token" content="{TOKEN}">' in page.text and page.headers["x-frame-options"] == "DENY"
+
+
+@pytest.mark.parametrize("host", ["attacker.example:7860", "127.0.0.1:8000", "localhost", "192.168.1.5:7860", ""])
+def test_a_foreign_host_is_refused_dns_rebinding(client, host):
+    """A rebinding page is same-origin with the editor but names its own host: refused, page and API alike."""
+    for path in ("/", "/api/info"):
+        response = client.get(path, headers={"Host": host})
+        assert response.status_code == 403 and "Host" in response.json()["error"], (host, path)
+    for host in ("localhost:7860", "[::1]:7860"):
+        assert client.get("/api/info", headers={"Host": host}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path, body, headers, message",
+    [
+        # a cross-origin form or fetch without preflight: text/plain, no token
+        ("/api/save", '{"name": "evil", "parts": []}', {"Content-Type": "text/plain", "Origin": "http://evil.example", "X-Hspace-Token": ""}, "another site"),
+        ("/api/save", '{"name": "evil", "parts": []}', {"Content-Type": "text/plain", "X-Hspace-Token": ""}, "token"),
+        ("/api/save", '{"name": "evil", "parts": []}', {"Content-Type": "text/plain"}, "Content-Type application/json"),
+        ("/api/save", "name=evil", {"Content-Type": "application/x-www-form-urlencoded"}, "Content-Type application/json"),
+        ("/api/save", '{"name": "evil", "parts": []}', {"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}, "cross-site"),
+        ("/api/save", '{"name": "evil", "parts": []}', {"Content-Type": "application/json", "Sec-Fetch-Site": "same-site"}, "same-site"),
+        ("/api/save", '{"name": "evil", "parts": []}', {"Content-Type": "application/json", "Origin": "http://localhost:3000"}, "another site"),
+        ("/api/save", '{"name": "evil", "parts": []}', {"Content-Type": "application/json", "X-Hspace-Token": "guessed"}, "token"),
+        ("/api/upload", b"GIF89a", {"Content-Type": "multipart/form-data; boundary=x"}, "application/octet-stream"),
+        ("/api/edit", '{"sample": {"seed": 1}, "parts": []}', {"Content-Type": "text/plain"}, "Content-Type application/json"),
+        ("/api/jacobian", "{}", {"Content-Type": "text/plain"}, "Content-Type application/json"),
+    ],
+)
+def test_requests_another_page_could_send_are_refused_and_change_nothing(client, editor, path, body, headers, message):
+    before = sorted(p.name for p in editor.save_dir.iterdir()) if editor.save_dir.exists() else []
+    response = client.post(path, content=body, headers=headers)
+    assert response.status_code == 403 and message in response.json()["error"]
+    assert (sorted(p.name for p in editor.save_dir.iterdir()) if editor.save_dir.exists() else []) == before
+    assert client.get("/api/info", headers={"X-Hspace-Token": ""}).status_code == 403  # reading needs the token too

@@ -60,4 +60,4 @@ def run_ui(args) -> None:
     editor = build_editor(args)
     print(f"hspace editor: http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/  "
           f"({len(editor.directions)} directions; saves go to {args.save_dir}; Ctrl-C stops)", flush=True)
-    uvicorn.run(create_app(editor), host=args.host, port=args.port, log_level="warning")
+    uvicorn.run(create_app(editor, args.host, args.port), host=args.host, port=args.port, log_level="warning")

@@ -11,11 +11,19 @@ same tab arrives is dropped (HTTP 409): a slider dragged fast costs one edit, no
 The combination is one Direction: delta_t = sum_i scale_i delta_i[t] inside direction i's window. The
 page's image is ``engine.edit(trajectory, [combination], [1.0])``, and Save writes exactly that
 Direction, so applying the saved file in Python gives the image the page showed.
+
+Safety (``guard``): the editor answers only its own page. A request must name the server by a local host
+name and its port in ``Host`` (a DNS-rebinding page names its own), every API call must carry the token
+the page got at this start (another site's page cannot read it), a POST must be JSON (or, for an upload,
+``application/octet-stream``: types a page cannot send across origins without a preflight the server never
+allows), and an ``Origin`` or ``Sec-Fetch-Site`` header, where the browser sends one, must say same origin.
 """
 
 
 import base64
+import hmac
 import io
+import secrets
 import threading
 import uuid
 from collections import OrderedDict
@@ -261,13 +269,50 @@ def _concat(trajectories):
     return trajectories[0] if len(trajectories) == 1 else Trajectory.cat(trajectories)
 
 
-def create_app(editor: Editor):
-    """The FastAPI app of an editor: the page and its JSON API (errors are {"error": message}, HTTP 400)."""
+LOCAL_NAMES = ("127.0.0.1", "localhost", "[::1]")
+TOKEN_HEADER = "x-hspace-token"
+
+
+def refusal(method: str, path: str, headers, hosts: set[str], token: str) -> str | None:
+    """Why a request is refused (module doc: Safety), or None. ``hosts``: the "name:port" values it may name."""
+    host = headers.get("host", "")
+    if host not in hosts:
+        return f"refused: the Host {host!r} is not this editor ({', '.join(sorted(hosts))})"
+    origin = headers.get("origin")
+    if origin is not None and origin not in {f"http://{h}" for h in hosts}:
+        return f"refused: a request from another site ({origin!r})"
+    if headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        return f"refused: a {headers.get('sec-fetch-site')} request"
+    if not path.startswith("/api/"):
+        return None
+    if not hmac.compare_digest(headers.get(TOKEN_HEADER, ""), token):
+        return "refused: the request lacks this editor's token (reload the page: the token changes at every start)"
+    if method == "POST":
+        kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        expected = "application/octet-stream" if path == "/api/upload" else "application/json"
+        if kind != expected:
+            return f"refused: the body is {kind or 'untyped'}; valid: Content-Type {expected}"
+    return None
+
+
+def create_app(editor: Editor, host: str = "127.0.0.1", port: int = 7860, token: str | None = None):
+    """The FastAPI app of an editor served at ``host``:``port``: the page and its JSON API (errors are
+    {"error": message}, HTTP 400; refused requests HTTP 403). ``token`` defaults to a new random one."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
 
     app = FastAPI(title="hspace editor", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.token = token = token or secrets.token_urlsafe(24)
+    names = {*LOCAL_NAMES, f"[{host}]" if ":" in host else host}
+    hosts = {f"{name}:{port}" for name in names}
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        problem = refusal(request.method, request.url.path, request.headers, hosts, token)
+        if problem is not None:
+            return JSONResponse({"error": problem}, status_code=403)
+        return await call_next(request)
 
     @app.exception_handler(HspaceError)
     async def bad_request(_request, error: HspaceError):
@@ -284,7 +329,8 @@ def create_app(editor: Editor):
 
     @app.get("/")
     def page():
-        return FileResponse(STATIC / "index.html", media_type="text/html")
+        html = (STATIC / "index.html").read_text().replace("__HSPACE_TOKEN__", token)
+        return HTMLResponse(html, headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY"})
 
     @app.get("/api/info")
     def info():
