@@ -32,10 +32,16 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
-def _write_error(path: Path, e: OSError) -> HspaceError:
-    if e.errno == errno.ENOSPC:
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC, however the writer reports it: an OSError, or a library's own error (safetensors raises
+    SafetensorError "... No space left on device (os error 28)")."""
+    return getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in str(e) or "No space left on device" in str(e)
+
+
+def _write_error(path: Path, e: BaseException) -> HspaceError:
+    if _disk_full(e):
         return HspaceError(f"the disk is full: cannot write {str(path)!r} (nothing there was overwritten); free space and run the same command again")
-    return HspaceError(f"cannot write {str(path)!r}: {e.strerror or e}")
+    return HspaceError(f"cannot write {str(path)!r}: {getattr(e, 'strerror', None) or e}")
 
 
 def fsync(path: str | Path) -> None:
@@ -60,7 +66,7 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(e, OSError):
+        if isinstance(e, OSError) or (isinstance(e, Exception) and _disk_full(e)):
             raise _write_error(path, e) from None
         raise
     return path
