@@ -583,3 +583,33 @@ def test_an_atomic_write_reaches_the_disk_before_its_name_and_the_name_after(tmp
     assert [c[0] for c in calls] == ["fsync", "replace", "fsync"]
     assert calls[0][1].startswith(str(tmp_path / ".d.json.")) and calls[1][1] == str(target) and calls[2][1] == str(tmp_path)
     assert json.loads(target.read_text()) == {"a": 1}
+
+
+@pytest.mark.parametrize("plant", ["folder link out", "folder link out (relative)", "file link out", "folder link inside"])
+def test_a_received_bank_cannot_make_hspace_write_outside_it(tmp_path, engine, plant):
+    """A link planted in a bank folder: a scores folder (or scores file) that points outside the bank is never
+    written through; one that stays inside is harmless."""
+    bank = build_bank(tmp_path / "b", engine, 2, 2)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "classifier.safetensors"
+    victim.write_bytes(b"precious")
+    scores = tmp_path / "b" / "scores"
+    if plant == "folder link out":
+        scores.symlink_to(outside)
+    elif plant == "folder link out (relative)":
+        scores.symlink_to("../outside")
+    elif plant == "file link out":
+        scores.mkdir()
+        (scores / "classifier.safetensors").symlink_to(victim)
+    else:
+        (tmp_path / "b" / "real-scores").mkdir()
+        scores.symlink_to(tmp_path / "b" / "real-scores")
+    values = {"smile": torch.tensor([0.1, 0.9])}
+    if plant.startswith("folder link out"):
+        with pytest.raises(HspaceError, match="leads outside .* through a link"):
+            bank.set_scores("classifier", values)
+    else:
+        bank.set_scores("classifier", values)  # replaces the link itself (a rename), never the file it named
+        assert torch.equal(bank.scores("classifier")["smile"], values["smile"])
+    assert victim.read_bytes() == b"precious" and sorted(p.name for p in outside.iterdir()) == ["classifier.safetensors"]

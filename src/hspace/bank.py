@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .distributed import Processes
 from .errors import HspaceError
-from .files import read_json, read_safetensors, remove_stale_temporaries, save_safetensors, write_json
+from .files import check_inside, read_json, read_safetensors, remove_stale_temporaries, save_safetensors, write_json
 from .progress import Meter
 from .spec import Spec
 from .trajectory import MAX_SEED, Trajectory
@@ -424,7 +424,9 @@ class Bank:
             if value.ndim < 1 or value.shape[0] != self.n:
                 raise HspaceError(f"scores {key!r} has shape {tuple(value.shape)}; valid: {self.n} rows, one per sample")
             tensors[key] = value.detach().cpu().contiguous()
+        check_inside(path.parent, self.path, "the bank's scores folder")
         path.parent.mkdir(parents=True, exist_ok=True)
+        check_inside(path.parent, self.path, "the bank's scores folder")  # (a link planted while it was made)
         metadata = {"kind": "hspace.BankScores", "meta": json.dumps(meta or {}), "n": str(self.n)}
         return save_safetensors(tensors, path, metadata)
 

@@ -228,6 +228,17 @@ def read_safetensors(path: str | Path, kind: str, what: str) -> tuple[dict, dict
     return metadata, tensors
 
 
+def check_inside(folder: str | Path, root: str | Path, what: str) -> Path:
+    """``folder`` unless it leads (through a symbolic link) out of ``root``: a received artefact may hold a
+    planted link, and nothing hspace writes may follow one out of the artefact's folder."""
+    folder, root = Path(folder), Path(root)
+    real, real_root = folder.resolve(), root.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise HspaceError(f"{what} {str(folder)!r} leads outside {str(root)!r} (to {str(real)!r}, through a link); "
+                          "refusing to write there: remove the link")
+    return folder
+
+
 def safe_name(name: str, fallback: str = "direction") -> str:
     """A file name made of ``name``: letters, digits and ``._+-=()`` kept, anything else (a path separator)
     replaced by '_', no leading dot, at most 120 characters."""
