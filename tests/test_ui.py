@@ -189,3 +189,34 @@ def test_requests_another_page_could_send_are_refused_and_change_nothing(client,
     assert response.status_code == 403 and message in response.json()["error"]
     assert (sorted(p.name for p in editor.save_dir.iterdir()) if editor.save_dir.exists() else []) == before
     assert client.get("/api/info", headers={"X-Hspace-Token": ""}).status_code == 403  # reading needs the token too
+
+
+WRONG = [None, 5, "x", [], {}, [1], {"a": 1}, True, 1e39, -1, 2**70, [[]], "false"]
+
+
+def _bodies():
+    """Every field of every JSON endpoint, and every field of a part and of a sample, set to every wrong type."""
+    part = {"name": "pc1", "scale": 1.0, "window": None}
+    base = {"/api/edit": {"sample": {"seed": 1}, "parts": [part]}, "/api/save": {"name": "x", "parts": [part]},
+            "/api/jacobian": {"sample": {"seed": 1}, "step": 1, "k": 1}}
+    fields = {"/api/edit": ["sample", "parts", "asyrp", "strip", "tab", "seq", "raw"], "/api/save": ["name", "parts"],
+              "/api/jacobian": ["sample", "step", "k", "part", "mask"]}
+    for path, names in fields.items():
+        for value in WRONG:
+            yield from ((path, {**base[path], name: value}) for name in names)
+            yield from ((path, {**base[path], "sample": {kind: value}}) for kind in ("seed", "bank", "upload") if "sample" in names)
+            yield from ((path, {**base[path], "parts": [{**part, key: value}]}) for key in part if "parts" in names)
+
+
+def test_json_of_the_wrong_type_is_a_400_with_a_message_never_a_500(editor):
+    client = TestClient(create_app(editor, port=7860, token=TOKEN), base_url="http://127.0.0.1:7860", headers={"X-Hspace-Token": TOKEN},
+                        raise_server_exceptions=False)
+    bodies = list(_bodies())
+    assert len(bodies) == 338
+    for path, body in bodies:
+        response = client.post(path, json=body)
+        assert response.status_code in (200, 400, 409), (path, body, response.status_code)  # 409: superseded by a larger seq
+        if response.status_code == 400:
+            assert response.json()["error"], (path, body)
+    shown = client.post("/api/edit", json={"sample": {"seed": 1}, "parts": [], "asyrp": "false"})
+    assert shown.status_code == 400 and "bad asyrp 'false'; valid: true or false" in shown.json()["error"]

@@ -139,7 +139,7 @@ class Editor:
                 self.samples.put(key, self.bank.trajectory(self.engine, [index], progress=False))
             return self.samples[key]
         if kind == "upload":
-            if value not in self.uploads:
+            if not isinstance(value, str) or value not in self.uploads:
                 raise HspaceError(f"no uploaded image {value!r} (uploads are kept while the server runs; upload it again)")
             return self.uploads[value]
         raise HspaceError(f"unknown sample kind {kind!r}; valid: seed, bank, upload")
@@ -177,14 +177,14 @@ class Editor:
         delta = torch.zeros(self.steps, *self.engine.h_shape)
         used = []
         for part in parts:
-            if not isinstance(part, dict) or part.get("name") not in self.directions:
+            if not isinstance(part, dict) or not isinstance(part.get("name"), str) or part["name"] not in self.directions:
                 got = part.get("name") if isinstance(part, dict) else part
                 raise HspaceError(f"unknown direction {got!r}; valid: {', '.join(self.directions)}")
             scale = part.get("scale", 0.0)
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not torch.isfinite(torch.tensor(float(scale))):
                 raise HspaceError(f"bad scale {scale!r} for {part['name']!r}; valid: a finite number")
-            window = part.get("window")
-            active = self.engine.active_steps(self.steps, None if window is None else tuple(window))
+            window = _window(part.get("window"), part["name"])
+            active = self.engine.active_steps(self.steps, window)
             direction = self.directions[part["name"]]
             delta += float(scale) * direction.per_step(self.steps) * active.float().reshape(-1, *[1] * len(self.engine.h_shape))
             used.append({"name": part["name"], "scale": float(scale), "window": None if window is None else [float(w) for w in window],
@@ -198,7 +198,7 @@ class Editor:
         if isinstance(seq, int):
             with self._latest_lock:  # requests arrive on several threads
                 self.latest[tab] = max(self.latest.get(tab, -1), seq)
-        asyrp = bool(request.get("asyrp", False))
+        asyrp = _flag(request.get("asyrp", False), "asyrp")
         strip = request.get("strip") or []
         if not isinstance(strip, list) or len(strip) > MAX_STRIP:
             raise HspaceError(f"a strip is a list of at most {MAX_STRIP} seeds")
@@ -212,7 +212,7 @@ class Editor:
             images = self.engine.edit(batch, [combination], [1.0], eps_pass="clean" if asyrp else "edited", progress=False)[0, 0]
         out = {"original": _png(batch.images[0]), "edited": _png(images[0]),
                "strip": [{"seed": s, "original": _png(batch.images[i + 1]), "edited": _png(images[i + 1])} for i, s in enumerate(strip)]}
-        if request.get("raw"):
+        if _flag(request.get("raw", False), "raw"):
             out["edited_raw"] = _raw(images[0])
         return out
 
@@ -255,6 +255,23 @@ class Editor:
             raise HspaceError("a painted mask is a 2-D list of numbers in [0, 1] with something painted, at most 1024x1024")
         size = self.engine.sample_shape[1:]
         return torch.nn.functional.interpolate(grid[None, None], size=size, mode="area")[0]
+
+
+def _flag(value, what: str) -> bool:
+    """A JSON true or false (a string "false" is not false)."""
+    if not isinstance(value, bool):
+        raise HspaceError(f"bad {what} {value!r}; valid: true or false")
+    return value
+
+
+def _window(value, name: str) -> tuple[float, float] | None:
+    """A part's timestep window: null (every step) or [t_from, t_to], two finite numbers."""
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)
+            or not all(abs(v) < 1e30 for v in value)):
+        raise HspaceError(f"bad window {value!r} for {name!r}; valid: null (every step) or [t_from, t_to], two numbers")
+    return (float(value[0]), float(value[1]))
 
 
 def _integer(value, what: str, low: int, high: int) -> int:
