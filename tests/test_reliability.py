@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_engine
 from hspace.spec import FREE
 from hspace import Direction, HspaceError, Trajectory
 from hspace.bank import Bank, build_bank
@@ -613,3 +614,26 @@ def test_a_received_bank_cannot_make_hspace_write_outside_it(tmp_path, engine, p
         bank.set_scores("classifier", values)  # replaces the link itself (a rename), never the file it named
         assert torch.equal(bank.scores("classifier")["smile"], values["smile"])
     assert victim.read_bytes() == b"precious" and sorted(p.name for p in outside.iterdir()) == ["classifier.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "run, message",
+    [
+        (lambda e, t: e.edit(t, Direction(torch.ones(6, *e.h_shape), spec=e.spec), [1e39]), "not a finite float32 number"),
+        (lambda e, t: e.edit(t, Direction(torch.ones(6, *e.h_shape), spec=e.spec), [3e38]), "produced NaN or infinite values"),
+        (lambda e, t: e.edit(t, Direction(torch.full((6, *e.h_shape), 1e38), spec=e.spec), [10.0]), "produced NaN or infinite values"),
+        (lambda e, t: e.replay(t, interventions=[lambda h, ctx: h * 1e30]), "produced NaN or infinite values"),
+    ],
+)
+def test_finite_input_that_overflows_is_an_error_not_a_black_image(engine, trajectory, run, message):
+    with pytest.raises(HspaceError, match=message):
+        run(engine, trajectory)
+
+
+def test_a_schedule_that_cannot_be_sampled_is_an_error():
+    """Zero betas: alpha_bar 1 everywhere, eq. 3 divides by sqrt(1 - a_t) = 0 (a black image before)."""
+    from hspace.loading import CELEBAHQ_SCHEDULER_CONFIG
+
+    engine = tiny_engine(scheduler_config={**CELEBAHQ_SCHEDULER_CONFIG, "beta_start": 0.0, "beta_end": 0.0})
+    with pytest.raises(HspaceError, match="produced NaN or infinite values"):
+        engine.sample([1], 3, 1.0, progress=False)

@@ -272,6 +272,7 @@ class Engine:
                     if s > 0 and z is None:
                         raise HspaceError(f"step {i} has sigma_t = {s:.4g} > 0 but no noise z_t was given")
                     following = schedule.step(i, state, p, eps, s, z[:, i].to(self.device) if s > 0 else None)
+                    check_finite(following, i, t)
                     meter.emit(
                         StepEvent, len(rows) * (1 + clean[i]), stage=stage, step=i, num_steps=num_steps, timestep=t,
                         rows=rows, x_t=state, x0_pred=p, x_next=following,
@@ -520,6 +521,19 @@ class Engine:
         return self.run(x, num_steps, eta, noise=noise, start=step, batch_size=batch_size, callback=callback, progress=progress, stage="finish")
 
 
+def check_finite(x: torch.Tensor, step: int, t: int) -> None:
+    """Raise where a step produced NaN or infinite values: finite inputs can still overflow float32 on the way
+    (an edit scale or a guidance too large, a direction of huge norm, a broken noise schedule)."""
+    if not bool(torch.isfinite(x).all()):
+        raise HspaceError(
+            f"step {step} (t = {t}) produced NaN or infinite values: an edit scale, a guidance or a direction too large "
+            "for float32, or a noise schedule that cannot be sampled (e.g. zero betas); nothing was written"
+        )
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def check_scales(scales) -> list[float]:
     """A list of finite numbers, at least one (a string is not a list of digits)."""
     if isinstance(scales, (str, bytes)):
@@ -530,9 +544,9 @@ def check_scales(scales) -> list[float]:
         raise HspaceError(f"scales must be a list of numbers, got {scales!r}") from None
     if not scales:
         raise HspaceError("scales is empty; give at least one scale, e.g. [-2, 0, 2]")
-    bad = [s for s in scales if not math.isfinite(s)]
+    bad = [s for s in scales if not math.isfinite(s) or abs(s) > FLOAT32_MAX]
     if bad:
-        raise HspaceError(f"scale {bad[0]} is not a finite number; valid: finite numbers like -2, 0, 2")
+        raise HspaceError(f"scale {bad[0]} is not a finite float32 number; valid: finite numbers like -2, 0, 2 (at most {FLOAT32_MAX:.3g})")
     return scales
 
 
