@@ -637,3 +637,26 @@ def test_a_schedule_that_cannot_be_sampled_is_an_error():
     engine = tiny_engine(scheduler_config={**CELEBAHQ_SCHEDULER_CONFIG, "beta_start": 0.0, "beta_end": 0.0})
     with pytest.raises(HspaceError, match="produced NaN or infinite values"):
         engine.sample([1], 3, 1.0, progress=False)
+
+
+@pytest.mark.parametrize("n", [10**12, 10**8 + 1])
+def test_an_absurd_bank_size_is_refused_at_once_and_binds_nothing(tmp_path, engine, n):
+    start = time.perf_counter()
+    with pytest.raises(HspaceError, match="at most 100,000,000"):
+        build_bank(tmp_path / "b", engine, n, 2)
+    assert time.perf_counter() - start < 5 and not (tmp_path / "b" / "bank.json").exists()
+
+
+def test_a_size_the_disk_cannot_hold_is_refused_before_anything_is_written_and_a_bank_without_samples_is_redeclared(tmp_path, engine):
+    with pytest.raises(HspaceError, match="needs about .* MB .* but the disk has"):
+        build_bank(tmp_path / "b", engine, 90_000_000, 6)  # ~3 TB of h
+    assert not (tmp_path / "b" / "bank.json").exists()
+    # a manifest left by a run killed before its first shard (as the old code left one) binds nothing
+    build_bank(tmp_path / "b", engine, 2, 2)
+    manifest = json.loads((tmp_path / "b" / "bank.json").read_text())
+    for shard in (tmp_path / "b").glob("shard-*"):
+        shard.unlink()
+    (tmp_path / "b" / "bank.json").write_text(json.dumps({**manifest, "n": 10**12}))
+    assert build_bank(tmp_path / "b", engine, 3, 2).n == 3
+    with pytest.raises(HspaceError, match="holds 3 samples; --n 2 is smaller"):  # once drawn, a bank keeps its size
+        build_bank(tmp_path / "b", engine, 2, 2)

@@ -82,6 +82,7 @@ def _spec(settings: dict) -> Spec:
 
 
 LOCK = "bank.lock"
+MAX_SAMPLES = 100_000_000  # one bank; its list of shards to draw is held in memory (1.6 M entries at 64 per shard)
 
 
 def _digest(identity: dict) -> str:
@@ -482,6 +483,8 @@ def build_bank(
     process alone writes the manifest and draws the progress bar (its own passes times the number of processes).
     """
     _positive_int("n", n)
+    if n > MAX_SAMPLES:
+        raise HspaceError(f"n = {n:,} samples; valid: at most {MAX_SAMPLES:,} in one bank (draw several banks for more)")
     _positive_int("num_steps", num_steps)
     _positive_int("shard_size", shard_size)
     _positive_int("batch_size", batch_size)
@@ -516,12 +519,22 @@ def build_bank(
 
 
 def _prepare(path: Path, identity: dict, n: int) -> list[tuple[int, int]]:
-    """The bank opened (created, extended or recovered) for ``n`` samples; its missing shards."""
+    """The bank opened (created, extended or recovered) for ``n`` samples; its missing shards. The disk space
+    is checked by arithmetic before anything is written or listed, so a refused size leaves nothing behind."""
     remove_stale_temporaries(path)
-    bank = _open_for(path, identity, n)
-    missing = bank.missing()
-    _check_space(path, identity, sum(count for _, count in missing))
-    return missing
+    drawn = _drawn(path, identity)
+    _check_space(path, identity, max(0, n - drawn))
+    return _open_for(path, identity, n, drawn).missing()
+
+
+def _drawn(path: Path, identity: dict) -> int:
+    """Samples already in shards of ``identity`` at ``path`` (0 for a new folder)."""
+    if not (path / MANIFEST).is_file():
+        return 0
+    try:
+        return sum(count for _, count in Bank(path, {**_identity(identity), "n": 0})._scan())
+    except HspaceError:
+        return 0  # another bank's shards: _open_for says so
 
 
 def _check_complete(bank: "Bank") -> None:
@@ -531,9 +544,10 @@ def _check_complete(bank: "Bank") -> None:
                           "failed; run the same command again to draw them")
 
 
-def _open_for(path: Path, identity: dict, n: int) -> Bank:
+def _open_for(path: Path, identity: dict, n: int, drawn: int = 0) -> Bank:
     """The bank at ``path`` ready to hold ``n`` samples of ``identity``: opened (and extended), created, or
-    rebuilt from its shards when only bank.json was lost."""
+    rebuilt from its shards when only bank.json was lost. A bank with no sample drawn yet (``drawn``) takes any
+    ``n`` (a size declared by a run that was refused or killed at once is not binding)."""
     if not (path / MANIFEST).is_file():
         found = _shard_identity(path)
         if found is not None and _digest(found) != _digest(identity):
@@ -552,6 +566,9 @@ def _open_for(path: Path, identity: dict, n: int) -> Bank:
             f"bank {str(path)!r} exists with different settings, so it cannot be extended or resumed by this call "
             f"({'; '.join(bad)}; the bank's vs the requested); use another folder or the bank's settings"
         )
+    if n < bank.n and drawn == 0:
+        bank.manifest["n"] = n
+        write_json(path / MANIFEST, bank.manifest)
     if n < bank.n:
         raise HspaceError(f"bank {str(path)!r} holds {bank.n} samples; --n {n} is smaller (valid: >= {bank.n}; read fewer samples by index instead)")
     if n > bank.n:
