@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -660,3 +661,27 @@ def test_a_size_the_disk_cannot_hold_is_refused_before_anything_is_written_and_a
     assert build_bank(tmp_path / "b", engine, 3, 2).n == 3
     with pytest.raises(HspaceError, match="holds 3 samples; --n 2 is smaller"):  # once drawn, a bank keeps its size
         build_bank(tmp_path / "b", engine, 2, 2)
+
+
+def test_file_names_keep_their_extension_and_never_collide(tmp_path):
+    from hspace.images import save_images
+
+    names = ["face", "face", "a/b", "a_b", "y" * 300, "y" * 300]
+    paths = save_images(torch.zeros(6, 3, 4, 4), tmp_path / "imgs", names)
+    assert len({p.name for p in paths}) == 6 and all(p.suffix == ".png" and len(p.name) <= 122 for p in paths)
+    assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == sorted(p.name for p in paths)
+
+
+def test_invert_of_two_images_of_one_name_keeps_both(tmp_path):
+    from PIL import Image
+
+    for folder, value in (("a", 40), ("b", 200)):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (32, 32), (value, value, value)).save(tmp_path / folder / "face.png")
+    argv = ["invert", str(tmp_path / "a" / "face.png"), str(tmp_path / "b" / "face.png"), "--steps", "2", "--model", "tiny-random",
+            "--device", "cpu", "--out", str(tmp_path / "inv")]
+    assert main(argv) == 0
+    kept = sorted(p.name for p in (tmp_path / "inv").glob("*_reconstruction.png"))
+    assert kept == ["face-2_reconstruction.png", "face_reconstruction.png"]
+    dark, light = (np.asarray(Image.open(tmp_path / "inv" / n)).mean() for n in ("face_reconstruction.png", "face-2_reconstruction.png"))
+    assert dark < light  # each file holds its own image

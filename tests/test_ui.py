@@ -220,3 +220,14 @@ def test_json_of_the_wrong_type_is_a_400_with_a_message_never_a_500(editor):
             assert response.json()["error"], (path, body)
     shown = client.post("/api/edit", json={"sample": {"seed": 1}, "parts": [], "asyrp": "false"})
     assert shown.status_code == 400 and "bad asyrp 'false'; valid: true or false" in shown.json()["error"]
+
+
+@pytest.mark.parametrize("names", [["mine", "mine"], ["a/b", "a_b"], ["x" * 200, "x" * 200], ["../up", ".._up"]])
+def test_save_never_replaces_a_file_and_says_when_it_renamed(editor, client, names):
+    parts = [{"name": "pc1", "scale": 1.0, "window": None}]
+    before = set(p.name for p in editor.save_dir.iterdir()) if editor.save_dir.exists() else set()
+    first, second = (client.post("/api/save", json={"name": n, "parts": parts}).json() for n in names)
+    assert first["saved"] != second["saved"] and second["renamed"] and first["saved"].endswith(".safetensors")
+    assert second["saved"].endswith("-2.safetensors") and len(first["saved"]) <= 122
+    assert set(p.name for p in editor.save_dir.iterdir()) - before == {first["saved"], second["saved"]}
+    assert Direction.load(editor.save_dir / second["saved"]).name == names[1]

@@ -239,8 +239,27 @@ def check_inside(folder: str | Path, root: str | Path, what: str) -> Path:
     return folder
 
 
-def safe_name(name: str, fallback: str = "direction") -> str:
+def safe_name(name: str, fallback: str = "direction", suffix: str = "") -> str:
     """A file name made of ``name``: letters, digits and ``._+-=()`` kept, anything else (a path separator)
-    replaced by '_', no leading dot, at most 120 characters."""
-    cleaned = re.sub(r"[^A-Za-z0-9._+\-=()]", "_", str(name)).lstrip(".")[:120]
-    return cleaned or fallback
+    replaced by '_', no leading dot, at most 120 characters with ``suffix`` (cut before it, so it is never lost)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._+\-=()]", "_", str(name)).lstrip(".")[: 120 - len(suffix)]
+    return (cleaned or fallback) + suffix
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """``names`` with repeats told apart ("face", "face-2", ...), so that no file overwrites another of the same run."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return out
+
+
+def free_name(folder: Path, name: str, suffix: str) -> Path:
+    """``folder/name+suffix``, or the first ``name-N+suffix`` that does not exist yet (never replace a file)."""
+    path, n = folder / f"{name}{suffix}", 1
+    while path.exists() or path.is_symlink():
+        n += 1
+        path = folder / f"{name}-{n}{suffix}"
+    return path

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import HspaceError
-from .files import safe_name, save_image
+from .files import safe_name, save_image, unique_names
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -33,10 +33,8 @@ def save_images(images: torch.Tensor, folder: str | Path, names: Sequence[str]) 
     folder.mkdir(parents=True, exist_ok=True)
     if len(names) != len(images):
         raise HspaceError(f"{len(names)} names for {len(images)} images")
-    paths = []
-    for image, name in zip(images, names):
-        paths.append(save_image(to_pil(image), folder / f"{safe_name(name, 'image')}.png"))
-    return paths
+    names = unique_names([safe_name(n, "image", ".png")[: -len(".png")] for n in names])  # two images of one name: both kept
+    return [save_image(to_pil(image), folder / f"{name}.png") for image, name in zip(images, names)]
 
 
 def labelled_grid(

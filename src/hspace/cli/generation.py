@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import HspaceError
-from ..files import safe_name, save_image
+from ..files import safe_name, save_image, unique_names
 from .common import (
     add_model_args, add_process_args, add_processes_arg, engine_from, engine_of_spec, eps_pass, nonnegative_int, parse_eta, parse_scales,
     parse_seeds, parse_window, processes_of, saved_trajectory,
@@ -151,7 +151,7 @@ def _save_edit_grids(images, trajectory, directions, scales, out: Path, save_eac
         if save_each:
             for d, direction in enumerate(directions):
                 for s, scale in enumerate(scales):
-                    save_image(to_pil(images[d, s, b]), out / safe_name(f"{who}_{d}_{direction.name}_{scale:g}.png"))
+                    save_image(to_pil(images[d, s, b]), out / safe_name(f"{who}_{d}_{direction.name}_{scale:g}", suffix=".png"))
 
 
 def _sequential_edit(engine, trajectory, directions, scales, window, args) -> None:
@@ -222,7 +222,7 @@ def run_invert(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trajectory.save(out / "trajectory.safetensors")
-    names = [Path(p).stem for p in args.images]
+    names = unique_names([Path(p).stem for p in args.images])  # face.png from two folders: face and face-2
     save_images(trajectory.images, out, [f"{n}_reconstruction" for n in names])
     save_image(labelled_grid(torch.stack([images, trajectory.images], 1), names, ["image", "reconstruction"]), out / "inversion.png")
     mse = ((trajectory.images - images) ** 2).mean(dim=(1, 2, 3))

@@ -33,7 +33,7 @@ import torch
 
 from ..directions.direction import Direction
 from ..errors import HspaceError
-from ..files import safe_name
+from ..files import free_name, safe_name
 from ..images import to_pil
 
 MAX_UPLOAD_BYTES = 4 * 2**20
@@ -223,8 +223,8 @@ class Editor:
             raise HspaceError("nothing to save: move at least one slider away from 0")
         direction = self.combination(parts, name.strip())
         self.save_dir.mkdir(parents=True, exist_ok=True)
-        path = self.save_dir / safe_name(f"{name.strip()}.safetensors")
-        return direction.save(path)
+        with self.lock:  # never replace a saved file: a name taken (or one that maps to the same file) gets -2, -3, ...
+            return direction.save(free_name(self.save_dir, safe_name(name.strip(), suffix=".safetensors")[: -len(".safetensors")], ".safetensors"))
 
     def jacobian(self, request: dict) -> list[str]:
         """Jacobian directions of the sample at one step (optionally masked); added to the sliders."""
@@ -363,7 +363,8 @@ def create_app(editor: Editor, host: str = "127.0.0.1", port: int = 7860, token:
     async def save(request: Request):
         data = await body(request)
         path = editor.save(data.get("name"), data.get("parts"))
-        return {"saved": path.name}
+        asked = safe_name(str(data.get("name", "")).strip(), suffix=".safetensors")
+        return {"saved": path.name, "renamed": path.name != asked}
 
     @app.post("/api/jacobian")
     async def jacobian(request: Request):
