@@ -249,6 +249,29 @@ def test_an_unreadable_reproduce_section_is_measured_again(tmp_path):
     assert json.loads((tmp_path / "sections" / "x.json").read_text())["value"] == 1
 
 
+@pytest.mark.parametrize("tamper", ["a number edited", "a key removed", "a list instead", "the seconds as text", "the checksum removed"])
+def test_a_changed_reproduce_section_is_measured_again_never_reported(tmp_path, tamper, caplog):
+    from hspace.reproduce.runner import QUICK, Run
+
+    run = Run(tmp_path, QUICK, tiny_engine_as_toyfaces())
+    calls = []
+    measure = lambda r: calls.append(1) or {"value": 0.25, "verdict": {"holds": False}}  # noqa: E731
+    run.section("x", measure)
+    assert run.section("x", measure)["value"] == 0.25 and len(calls) == 1  # cached
+    path = tmp_path / "sections" / "x.json"
+    saved = json.loads(path.read_text())
+    changed = {
+        "a number edited": lambda d: {**d, "value": 0.99},
+        "a key removed": lambda d: {k: v for k, v in d.items() if k != "verdict"},
+        "a list instead": lambda d: [d],
+        "the seconds as text": lambda d: {**d, "seconds": "fast"},
+        "the checksum removed": lambda d: {k: v for k, v in d.items() if k != "checksum"},
+    }[tamper](saved)
+    path.write_text(json.dumps(changed))
+    assert run.section("x", measure)["value"] == 0.25 and len(calls) == 2  # measured again, not the edited value
+    assert json.loads(path.read_text())["value"] == 0.25
+
+
 def tiny_engine_as_toyfaces():
     from hspace.engine import Engine
     from hspace.loading import load_components

@@ -14,6 +14,8 @@ it. The thresholds are the ones stated before measuring; only the margin is new.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -137,14 +139,18 @@ class Run:
         """A cached section: computed once, then read from sections/NAME.json (resume after interruption)."""
         path = self.out / "sections" / f"{name}.json"
         saved = _read_cached(path)
-        if saved is not None and saved.get("config") == self.key and "seconds" in saved:
+        if saved is not None and saved.get("config") == self.key and saved.get("checksum") == _checksum(saved):
             self.timings[name] = saved["seconds"]
             return saved
+        if saved is not None and saved.get("config") == self.key:
+            logger.warning("section %s was changed since it was measured (its checksum does not match): measuring it again", name)
         logger.info("measuring %s", name)
         start = time.perf_counter()
         result = compute(self)
         result["seconds"] = time.perf_counter() - start
         result["config"] = self.key
+        result = json.loads(json.dumps(result))  # as it reads back (tuples become lists)
+        result["checksum"] = _checksum(result)
         write_json(path, result)
         self.timings[name] = result["seconds"]
         return result
@@ -190,7 +196,7 @@ class Run:
         saved = _read_cached(record)
         if saved is not None and (path / "bank.json").is_file():
             bank = Bank.open(path)
-            if saved.get("config") == self.key and "seconds" in saved and bank.complete and bank.scores_path("classifier").is_file():
+            if saved.get("config") == self.key and isinstance(saved.get("seconds"), (int, float)) and bank.complete and bank.scores_path("classifier").is_file():
                 self.timings[name] = saved["seconds"]
                 return bank
         logger.info("drawing %s", name)
@@ -226,6 +232,13 @@ class Run:
         D, S, B = images.shape[:3]
         scores = self.classify(images.reshape(D * S * B, *images.shape[3:]))
         return {k: v.reshape(D, S, B) for k, v in scores.items()}, images
+
+
+def _checksum(section: dict) -> str:
+    """SHA-256 of a section's JSON without its checksum: a hand-edited or damaged cache is measured again,
+    never reported as measured."""
+    body = {k: v for k, v in section.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _read_cached(path: Path) -> dict | None:
