@@ -19,16 +19,26 @@ from hspace.directions.pca import PCAResult, pca_from_h
 FULL = "the disk is full"
 
 
+def _mounted(folder, size: str):
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here (needs root): {mounted.stderr.strip()}")
+    return folder
+
+
 @pytest.fixture
 def disk(tmp_path):
     """A 2 MiB tmpfs at tmp_path/disk, unmounted afterwards."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(folder)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here (needs root): {mounted.stderr.strip()}")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=False)
+    yield _mounted(tmp_path / "disk", "2m")
+    subprocess.run(["umount", "-l", str(tmp_path / "disk")], check=False)
+
+
+@pytest.fixture
+def big_disk(tmp_path):
+    """A 24 MiB tmpfs: room for one exported toy-faces model (8 MB) and a little more."""
+    yield _mounted(tmp_path / "disk", "24m")
+    subprocess.run(["umount", "-l", str(tmp_path / "disk")], check=False)
 
 
 def fill(folder, leave: int = 0) -> None:
@@ -98,3 +108,19 @@ def test_the_editors_save_on_a_full_disk_is_a_message(disk):
     response = client.post("/api/save", json={"name": "mine", "parts": [{"name": "pc1", "scale": 1.0, "window": None}]})
     assert response.status_code == 400 and FULL in response.json()["error"]
     assert list((disk / "saved").iterdir()) == []
+
+
+def test_exporting_over_a_model_on_a_full_disk_leaves_the_old_model_whole(big_disk, tmp_path):
+    from hspace.engine import Engine
+    from hspace.toyfaces.train import TrainConfig, export, train
+
+    train(tmp_path / "run", TrainConfig(steps=2, batch_size=4, pool=32, warmup=2, checkpoint_every=2))
+    export(tmp_path / "run" / "checkpoint.pt", big_disk / "model")
+    before = {p.name: p.read_bytes() for p in (big_disk / "model").iterdir()}
+    train(tmp_path / "run", TrainConfig(steps=4, batch_size=4, pool=32, warmup=2, checkpoint_every=2))  # new weights
+    fill(big_disk)
+    with pytest.raises(HspaceError, match=FULL):
+        export(tmp_path / "run" / "checkpoint.pt", big_disk / "model")
+    assert {p.name: p.read_bytes() for p in (big_disk / "model").iterdir()} == before
+    assert Engine.load(str(big_disk / "model"), device="cpu").h_shape == (128, 8, 8)
+    assert _leftovers(big_disk) == []

@@ -174,3 +174,26 @@ def test_v_weight_cap_weights_each_timestep_of_the_epsilon_loss(tmp_path):
         error = (model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample - noise) ** 2
     assert losses[0] == pytest.approx(float((error * w[t].view(-1, 1, 1, 1)).mean()), rel=1e-5)
     assert losses[0] != pytest.approx(float(error.mean()), rel=1e-3)  # the weights did change the loss
+
+
+def test_diverging_training_stops_at_the_first_non_finite_loss_and_keeps_the_last_finite_checkpoint(tmp_path):
+    config = TrainConfig(steps=40, batch_size=4, pool=32, warmup=0, checkpoint_every=1, lr=1e12)  # diverges for real
+    losses = []
+    with pytest.raises(HspaceError, match=r"training diverged: the loss at step \d+ is (nan|inf).*last finite checkpoint"):
+        train(tmp_path / "run", config, callback=lambda e: losses.append(e["loss"]))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == len(losses) and all(torch.isfinite(v).all() for v in state["ema"].values() if v.is_floating_point())
+    assert export(tmp_path / "run" / "checkpoint.pt", tmp_path / "model").is_dir()
+    state["ema"]["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(HspaceError, match="NaN or infinite weights .conv_in.weight"):
+        export(tmp_path / "nan.pt", tmp_path / "model")
+    assert Engine.load(str(tmp_path / "model"), device="cpu").h_shape == (128, 8, 8)  # the model exported before is intact
+
+
+@pytest.mark.parametrize("spec", ["mouth=inf", "mouth=nan", "mouth=-1", "nose=2"])
+def test_region_weights_must_be_finite_and_non_negative(spec):
+    from hspace.toyfaces.train import parse_region_weights
+
+    with pytest.raises(HspaceError, match="WEIGHT a finite number >= 0"):
+        parse_region_weights(spec)

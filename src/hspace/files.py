@@ -105,8 +105,10 @@ def staged_folder(folder: str | Path) -> Iterator[Path]:
         for item in sorted(stage.iterdir()):
             os.replace(item, folder / item.name)
         fsync(folder)
-    except OSError as e:
-        raise _write_error(folder, e) from None
+    except Exception as e:
+        if isinstance(e, OSError) or (not isinstance(e, HspaceError) and _disk_full(e)):
+            raise _write_error(folder, e) from None
+        raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

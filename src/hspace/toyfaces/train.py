@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..files import write_atomic, write_json
+from ..files import staged_folder, write_atomic, write_json
 from ..errors import HspaceError
 from ..loading import CELEBAHQ_SCHEDULER_CONFIG
 from .render import PARTS, region_mask, render_batch
@@ -103,8 +103,8 @@ def parse_region_weights(spec: str) -> dict[str, float]:
             weight = float(value) if sep else float("nan")
         except ValueError:
             weight = float("nan")
-        if name not in PARTS or not weight >= 0:
-            raise HspaceError(f"region weight {item!r} is not PART=WEIGHT with PART one of {', '.join(PARTS)} and WEIGHT >= 0")
+        if name not in PARTS or not (math.isfinite(weight) and weight >= 0):
+            raise HspaceError(f"region weight {item!r} is not PART=WEIGHT with PART one of {', '.join(PARTS)} and WEIGHT a finite number >= 0")
         weights[name] = weight
     return weights
 
@@ -308,6 +308,9 @@ def train(
     model.train()
     while step < config.steps:
         loss = _training_step(model, ema, optimizer, generator, pool, alphas, t_weights, weight_map, config, step, device)
+        if not math.isfinite(loss):
+            kept = f"the last finite checkpoint, {ckpt_path}, is kept" if ckpt_path.exists() else "no checkpoint was written"
+            raise HspaceError(f"training diverged: the loss at step {step + 1} is {loss}; {kept}. Resume with a lower --lr (or --bf16 off)")
         step += 1
         if callback is not None:
             callback({"step": step, "steps": config.steps, "loss": loss, "lr": learning_rate(config, step - 1)})
@@ -350,10 +353,14 @@ def export(checkpoint: str | Path, folder: str | Path) -> Path:
     from diffusers import UNet2DModel
 
     state = load_checkpoint(checkpoint)
+    bad = [k for k, v in state["ema"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise HspaceError(f"{checkpoint} holds NaN or infinite weights ({bad[0]}, ...): it cannot be exported; train again from an earlier checkpoint")
     model = UNet2DModel(**unet_config(TrainConfig(**state["config"])))
     model.load_state_dict(state["ema"])
     folder = Path(folder)
-    model.to(torch.float16).save_pretrained(folder, safe_serialization=True)
-    write_json(folder / "scheduler_config.json", CELEBAHQ_SCHEDULER_CONFIG)
-    write_json(folder / "training.json", {"trained_steps": state["step"], "config": state["config"]})
+    with staged_folder(folder) as stage:  # all files or none: never a new config beside the old weights
+        model.to(torch.float16).save_pretrained(stage, safe_serialization=True)
+        write_json(stage / "scheduler_config.json", CELEBAHQ_SCHEDULER_CONFIG)
+        write_json(stage / "training.json", {"trained_steps": state["step"], "config": state["config"]})
     return folder
