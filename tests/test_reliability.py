@@ -708,3 +708,19 @@ def test_invert_of_two_images_of_one_name_keeps_both(tmp_path):
     assert kept == ["face-2_reconstruction.png", "face_reconstruction.png"]
     dark, light = (np.asarray(Image.open(tmp_path / "inv" / n)).mean() for n in ("face_reconstruction.png", "face-2_reconstruction.png"))
     assert dark < light  # each file holds its own image
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bank", "B", "--n", "1000", "--num-processes", "1000"], "valid: 1 to"),
+        (["toyfaces", "evaluate", "--n", "10000000"], "valid: 1 to 1,000,000 in one command"),
+        (["toyfaces", "renoise", "--n", "2000000"], "valid: 1 to 1,000,000 in one command"),
+        (["toyfaces", "edit-success", "B", "--n", "99999999"], "valid: 1 to 1,000,000 in one command"),
+    ],
+)
+def test_unbounded_work_is_refused_before_it_starts(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    assert main(argv) == 2 and message in capsys.readouterr().err
+    assert time.perf_counter() - start < 10

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import HspaceError
 
 
-MAX_SEEDS = 1_000_000  # one command's samples; a bank (hspace bank --n) streams any number
+MAX_SEEDS = 1_000_000  # one command's samples; a bank (hspace bank --n) takes up to 100 million
 
 
 def positive_int(text: str) -> int:
@@ -19,6 +19,14 @@ def positive_int(text: str) -> int:
 
 def nonnegative_int(text: str) -> int:
     return _int(text, 0)
+
+
+def sample_count(text: str) -> int:
+    """A number of samples one command draws: 1 to MAX_SEEDS (more go into a bank)."""
+    value = _int(text, 1)
+    if value > MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"{value:,} samples; valid: 1 to {MAX_SEEDS:,} in one command")
+    return value
 
 
 def _int(text: str, minimum: int) -> int:

@@ -24,6 +24,10 @@ def launch(argv: Sequence[str], num_processes: int) -> int:
     if num_processes < 1:
         raise HspaceError(f"--num-processes must be >= 1, got {num_processes}")
     gpus = torch.cuda.device_count()
+    cap = max_cpu_processes()
+    if not gpus and num_processes > cap:
+        raise HspaceError(f"--num-processes {num_processes} on a machine with {cap // PER_CORE} CPU cores; valid: 1 to {cap} "
+                          f"({PER_CORE} per core at most: more processes only share the same cores)")
     if gpus and num_processes > gpus:
         raise HspaceError(f"--num-processes {num_processes} but this machine has {gpus} GPUs; valid: 1 to {gpus} (one process per GPU)")
     env = thread_environment(dict(os.environ), num_processes)
@@ -35,6 +39,14 @@ def launch(argv: Sequence[str], num_processes: int) -> int:
 
 
 ARGV_VARIABLE = "HSPACE_LAUNCH_ARGV"
+
+
+PER_CORE = 4
+
+
+def max_cpu_processes() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return PER_CORE * cores
 
 
 def thread_environment(env: dict, num_processes: int) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import HspaceError
 from ..files import save_image
 from ..cli.common import (
-    add_model_args, add_process_args, engine_from, engine_of_spec, finite_float, nonnegative_int, parse_eta, positive_int, write_json,
+    add_model_args, add_process_args, engine_from, engine_of_spec, finite_float, nonnegative_int, parse_eta, positive_int, sample_count, write_json,
 )
 
 
@@ -47,7 +47,7 @@ def register(sub) -> None:
     p = toy_sub.add_parser("evaluate", help="sample n images and compare classifier statistics with the training data")
     add_model_args(p)
     add_process_args(p)
-    p.add_argument("--n", type=positive_int, default=1000)
+    p.add_argument("--n", type=sample_count, default=1000)
     p.add_argument("--grid", default=None, help="write an 8x8 sample grid here (PNG)")
     p.add_argument("--json", default=None, help="write the report here")
     p.set_defaults(func=run_evaluate, batch_size=100)
@@ -59,7 +59,7 @@ def register(sub) -> None:
     add_process_args(p)
     p.add_argument("--attribute", default="smile", help="binary attribute (default smile)")
     p.add_argument("--start", type=nonnegative_int, nargs="+", default=[10, 20, 30, 40], help="start steps (0 = pure noise; default 10 20 30 40)")
-    p.add_argument("--n", type=positive_int, default=400, help="training faces, half with the attribute (default 400)")
+    p.add_argument("--n", type=sample_count, default=400, help="training faces, half with the attribute (default 400)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the forward noise")
     p.add_argument("--json", default=None, help="write the report here")
     p.set_defaults(func=run_renoise, batch_size=100)
@@ -68,7 +68,7 @@ def register(sub) -> None:
     p.add_argument("bank", help="a bank of the toyfaces model with classifier scores (hspace annotate)")
     p.add_argument("--k", type=positive_int, default=20, help="top/bottom k of the bank per attribute (default 20)")
     p.add_argument("--scale", type=finite_float, default=1.0, help="edit scale (default 1)")
-    p.add_argument("--n", type=positive_int, default=100, help="held-out samples (default 100)")
+    p.add_argument("--n", type=sample_count, default=100, help="held-out samples (default 100)")
     p.add_argument("--first-seed", type=nonnegative_int, default=10000, help="seeds of the held-out samples start here")
     p.add_argument("--json", default=None, help="write the report here")
     p.set_defaults(func=run_edit_success, batch_size=100)
