@@ -231,3 +231,22 @@ def test_save_never_replaces_a_file_and_says_when_it_renamed(editor, client, nam
     assert second["saved"].endswith("-2.safetensors") and len(first["saved"]) <= 122
     assert set(p.name for p in editor.save_dir.iterdir()) - before == {first["saved"], second["saved"]}
     assert Direction.load(editor.save_dir / second["saved"]).name == names[1]
+
+
+def test_what_requests_fill_stays_bounded(editor, client, monkeypatch):
+    """Requests cannot grow the server without bound: cached samples and uploads (64 each), tabs remembered (1024),
+    and directions computed on request (64, then a message)."""
+    from hspace.ui import server
+
+    for tab in range(server.MAX_TABS + 50):
+        editor.latest.put(str(tab), 1)
+    assert len(editor.latest) == server.MAX_TABS
+    for seed in range(server.CACHED + 3):
+        editor.samples.put(seed, None)
+    assert len(editor.samples) == server.CACHED
+    editor.samples.clear()
+    monkeypatch.setattr(editor, "added", server.MAX_ADDED - 1)
+    refused = client.post("/api/jacobian", json={"sample": {"seed": 1}, "step": 1, "k": 2})
+    assert refused.status_code == 400 and "at most 64" in refused.json()["error"]
+    added = client.post("/api/jacobian", json={"sample": {"seed": 1}, "step": 1, "k": 1}).json()["added"]
+    assert len(added) == 1 and editor.added == server.MAX_ADDED

@@ -41,6 +41,8 @@ MAX_UPLOAD_PIXELS = 4096 * 4096
 MAX_STRIP = 16
 MAX_JACOBIAN_K = 8
 CACHED = 64  # trajectories kept per kind (seeds, uploads)
+MAX_ADDED = 64  # Jacobian directions added on request over the server's life (each holds T x h of memory)
+MAX_TABS = 1024  # tabs whose newest request number is remembered
 STATIC = Path(__file__).parent / "static"
 
 
@@ -55,10 +57,16 @@ def _raw(image: torch.Tensor) -> str:
 
 
 class _Cache(OrderedDict):
+    """The newest ``limit`` entries: memory that requests fill stays bounded."""
+
+    def __init__(self, limit: int = CACHED):
+        super().__init__()
+        self.limit = limit
+
     def put(self, key, value):
         self[key] = value
         self.move_to_end(key)
-        while len(self) > CACHED:
+        while len(self) > self.limit:
             self.popitem(last=False)
 
 
@@ -83,7 +91,8 @@ class Editor:
         for d in directions:
             self.add_direction(d)
         self.samples, self.uploads = _Cache(), _Cache()
-        self.latest: dict[str, int] = {}  # the newest request number of each tab
+        self.added = 0  # directions added on request (bounded by MAX_ADDED)
+        self.latest = _Cache(limit=MAX_TABS)  # the newest request number of each tab
         self._latest_lock = threading.Lock()
         self.timesteps = [int(t) for t in engine.schedule(steps).timesteps]
 
@@ -197,7 +206,7 @@ class Editor:
         tab, seq = str(request.get("tab", "")), request.get("seq", 0)
         if isinstance(seq, int):
             with self._latest_lock:  # requests arrive on several threads
-                self.latest[tab] = max(self.latest.get(tab, -1), seq)
+                self.latest.put(tab, max(self.latest.get(tab, -1), seq))
         asyrp = _flag(request.get("asyrp", False), "asyrp")
         strip = request.get("strip") or []
         if not isinstance(strip, list) or len(strip) > MAX_STRIP:
@@ -233,6 +242,9 @@ class Editor:
 
         step = _integer(request.get("step", self.steps // 2), "step", 0, self.steps - 1)
         k = _integer(request.get("k", 3), "k", 1, MAX_JACOBIAN_K)
+        if self.added + k > MAX_ADDED:
+            raise HspaceError(f"this editor already holds {self.added} directions computed on request (at most {MAX_ADDED}); "
+                              "save what you need and restart it")
         mask, mask_name = None, None
         if request.get("part"):
             domain = self._domain()
@@ -244,6 +256,7 @@ class Editor:
         with self.lock:
             trajectory = self.trajectory(request.get("sample"))
             result = jacobian_directions(self.engine, trajectory, steps=[step], k=k, mask=mask, mask_name=mask_name, max_iter=30, progress=False)
+        self.added += len(result[0].directions)
         return [self.add_direction(d) for d in result[0].directions]
 
     def _painted(self, mask) -> torch.Tensor:
