@@ -724,3 +724,23 @@ def test_unbounded_work_is_refused_before_it_starts(argv, message, capsys, tmp_p
     start = time.perf_counter()
     assert main(argv) == 2 and message in capsys.readouterr().err
     assert time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        (["sample", "--out", "/proc/hspace-out"], {}, "cannot be written"),
+        (["sample", "--out", "/sys/hspace-out"], {}, "cannot be written"),
+        (["sample", "--out", "o", "--save-trajectory", "/proc/t.safetensors"], {}, "cannot be written"),
+        (["sample", "--out", "dangling/x"], {}, "which does not exist"),
+        (["sample", "--out", "o"], {"WORLD_SIZE": "2"}, "WORLD_SIZE=2 says this is one of several processes"),
+        (["ui", "--port", "99999"], {}, "is not a port; valid: 0 (a free one) to 65535"),
+    ],
+)
+def test_outputs_and_environments_that_cannot_work_are_a_message(argv, env, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main([*argv, "--model", "tiny-random", "--seeds", "0", "--steps", "1"] if argv[0] == "sample" else argv) == 2
+    assert message in capsys.readouterr().err

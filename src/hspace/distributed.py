@@ -56,7 +56,12 @@ class Processes:
         except ImportError:
             raise HspaceError("this process was launched as one of several, which needs accelerate: pip install accelerate torch==2.13.0") from None
         cpu = not torch.cuda.is_available() or (device is not None and torch.device(device).type == "cpu")
-        return cls(PartialState(cpu=cpu))
+        try:
+            return cls(PartialState(cpu=cpu))
+        except (ValueError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise HspaceError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} says this is one of several processes, but they cannot be joined "
+                              f"({first}); start them with --num-processes N, accelerate launch or torchrun, or unset WORLD_SIZE") from None
 
     @property
     def is_main(self) -> bool:

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
@@ -149,15 +150,23 @@ def _writable_ancestor(path: Path) -> Path:
 
 
 def check_output_dir(path: str | Path, what: str = "--out") -> Path:
-    """Raise before any work unless ``path`` is (or can become) a writable folder."""
+    """Raise before any work unless ``path`` is (or can become) a writable folder: a file is written there for a
+    moment to be sure (permissions alone do not tell: /proc and /sys look writable to root)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise HspaceError(f"{what} {str(path)!r} is a file; give a folder")
+    for link in [path, *path.parents]:
+        if link.is_symlink() and not link.exists():
+            raise HspaceError(f"{what} {str(path)!r} goes through the link {str(link)!r} to {os.readlink(link)!r}, which does not exist")
     base = _writable_ancestor(path)
     if not base.is_dir():
         raise HspaceError(f"{what} {str(path)!r} lies under the file {str(base)!r}; give a folder")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise HspaceError(f"{what} {str(path)!r} cannot be written: {str(base)!r} is not writable")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".hspace-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise HspaceError(f"{what} {str(path)!r} cannot be written: {str(base)!r} refuses a file ({e.strerror or e})") from None
     return path
 
 

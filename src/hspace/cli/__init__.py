@@ -61,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "_processes", None) is not None:
             args._processes.close(wait=False)
         return 2
+    except OSError as e:  # the last resort for a file the checks could not foresee (a disk gone, a device that refuses)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"hspace {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"hspace {args.command}: interrupted; finished work is kept (a bank or reproduce resumes with the same command)", file=sys.stderr)
         return 130

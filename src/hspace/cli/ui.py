@@ -7,6 +7,15 @@ import sys
 from ..errors import HspaceError
 from .common import add_model_args, engine_from, engine_of_spec, nonnegative_int, parse_eta, positive_int
 
+
+def port_number(text: str) -> int:
+    import argparse
+
+    value = nonnegative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port; valid: 0 (a free one) to 65535")
+    return value
+
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -21,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--save-dir", default="out/ui/saved", help="the only folder the page can write to (saved combinations)")
     p.add_argument("--workdir", default="out/ui", help="where the starter bank is kept between starts")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=nonnegative_int, default=7860)
+    p.add_argument("--port", type=port_number, default=7860, help="the port (0: a free one, printed)")
     p.add_argument("--allow-remote", action="store_true", help="needed to listen on another address than this machine's")
     p.set_defaults(func=run_ui, outputs={"save_dir": "dir", "workdir": "dir"})
 
@@ -57,6 +66,12 @@ def run_ui(args) -> None:
         raise HspaceError(f"--host {args.host} would serve the editor to other machines; add --allow-remote if you mean it")
     if args.host not in LOCAL_HOSTS:
         print(f"warning: listening on {args.host}: anyone who can reach this port can use the editor and write to {args.save_dir}", file=sys.stderr)
+    if args.port == 0:  # a free port now, so that the URL printed is the one served
+        import socket
+
+        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as s:
+            s.bind((args.host, 0))
+            args.port = s.getsockname()[1]
     editor = build_editor(args)
     print(f"hspace editor: http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/  "
           f"({len(editor.directions)} directions; saves go to {args.save_dir}; Ctrl-C stops)", flush=True)
