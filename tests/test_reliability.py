@@ -744,3 +744,39 @@ def test_outputs_and_environments_that_cannot_work_are_a_message(argv, env, mess
         monkeypatch.setenv(key, value)
     assert main([*argv, "--model", "tiny-random", "--seeds", "0", "--steps", "1"] if argv[0] == "sample" else argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["truncated png", "bomb png", "3-d npy", "nan npy", "pickled npy", "text as png"])
+def test_a_broken_mask_file_is_a_message(tmp_path, capsys, kind):
+    from PIL import Image
+
+    path = tmp_path / ("mask.npy" if "npy" in kind else "mask.png")
+    if kind == "truncated png":
+        Image.new("L", (32, 32), 255).save(path)
+        path.write_bytes(path.read_bytes()[:40])
+    elif kind == "bomb png":
+        Image.new("1", (20000, 20000)).save(path)  # 400 megapixels, a few KB on disk
+    elif kind == "3-d npy":
+        np.save(path, np.ones((2, 8, 8), dtype=np.float32))
+    elif kind == "nan npy":
+        np.save(path, np.full((8, 8), np.nan, dtype=np.float32))
+    elif kind == "pickled npy":
+        np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    else:
+        path.write_text("not an image")
+    argv = ["jacobian", "--model", "tiny-random", "--steps", "2", "--seed", "0", "--at", "1", "--k", "1", "--mask", str(path), "--out", str(tmp_path / "j")]
+    assert main(argv) == 2
+    assert "--mask" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("identity", [{"spec": 5}, [], {"spec": {"model": "m", "h_location": "nowhere"}}, {"num_steps": "x", "spec": {}}, "null"])
+def test_shards_of_unreadable_settings_without_a_manifest_are_a_message(tmp_path, engine, identity):
+    from safetensors.torch import save_file
+
+    (tmp_path / "b").mkdir()
+    tensors = {"seeds": torch.arange(2), "h": torch.zeros(2, 1, 4), "thumbnails": torch.zeros(2, 3, 2, 2, dtype=torch.uint8)}
+    save_file(tensors, str(tmp_path / "b" / "shard-000000000000.safetensors"), {"kind": "hspace.BankShard", "identity": json.dumps(identity), "bank": "x"})
+    with pytest.raises(HspaceError, match="holds shards of another bank"):
+        build_bank(tmp_path / "b", engine, 2, 2)
+    with pytest.raises(HspaceError, match="has shard files but no bank.json"):
+        Bank.open(tmp_path / "b")

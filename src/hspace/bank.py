@@ -550,7 +550,7 @@ def _open_for(path: Path, identity: dict, n: int, drawn: int = 0) -> Bank:
     ``n`` (a size declared by a run that was refused or killed at once is not binding)."""
     if not (path / MANIFEST).is_file():
         found = _shard_identity(path)
-        if found is not None and _digest(found) != _digest(identity):
+        if found is not None and _readable_digest(found) != _digest(identity):
             raise HspaceError(
                 f"{str(path)!r} holds shards of another bank ({_describe(found)}) and no {MANIFEST}; use another folder "
                 "or that bank's settings"
@@ -575,6 +575,14 @@ def _open_for(path: Path, identity: dict, n: int, drawn: int = 0) -> Bank:
         bank.manifest["n"] = n
         write_json(path / MANIFEST, bank.manifest)
     return bank
+
+
+def _readable_digest(identity) -> str | None:
+    """The digest of settings read from a file, or None where they are not settings this hspace can read."""
+    try:
+        return _digest(identity)
+    except (KeyError, TypeError, AttributeError, ValueError, HspaceError):
+        return None
 
 
 def _shard_identity(path: Path) -> dict | None:

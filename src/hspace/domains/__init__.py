@@ -103,11 +103,33 @@ def load_mask(text: str, size: tuple[int, int], domain: Domain | None = None, wh
             )
         parts = ", ".join(domain.parts) if domain is not None else "none for this model"
         raise HspaceError(f"{what} {text!r} is neither a part name ({parts}) nor a file (.png, .jpg or .npy)")
-    if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path, allow_pickle=False)).float()
+    try:
+        if path.suffix == ".npy":
+            mask = torch.from_numpy(np.load(path, allow_pickle=False)).float()
+        else:
+            mask = _mask_image(path, size)
+    except HspaceError:
+        raise
+    except Exception as e:  # a truncated file, a decompression bomb, a pickled or malformed array: named, never run
+        raise HspaceError(f"{what} {text!r} cannot be read as a mask ({type(e).__name__}: {str(e)[:120]}); valid: a PNG/JPEG image "
+                          f"or a .npy array of at most {MAX_MASK_PIXELS:,} pixels") from None
+    if mask.ndim != 2 or not bool(torch.isfinite(mask).all()):
+        raise HspaceError(f"{what} {text!r} must be a 2-D array of finite numbers, got shape {tuple(mask.shape)}")
+    return mask
+
+
+MAX_MASK_PIXELS = 4096 * 4096
+
+
+def _mask_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """A mask image as [H, W] in [0, 1], resized to the U-Net output (documented), at most MAX_MASK_PIXELS."""
+    import numpy as np
     from PIL import Image
 
-    image = Image.open(path).convert("L")
-    if image.size != (size[1], size[0]):  # documented: a mask image is resized to the U-Net output
+    with Image.open(path) as image:
+        if image.width * image.height > MAX_MASK_PIXELS:
+            raise HspaceError(f"mask {str(path)!r} has {image.width}x{image.height} pixels; valid: at most {MAX_MASK_PIXELS:,}")
+        image = image.convert("L")
+    if image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.BILINEAR)
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
