@@ -241,3 +241,20 @@ def test_command_line_on_a_tiny_sd_folder(folders, tmp_path, capsys):
     assert "needs guidance > 1" in capsys.readouterr().err
     assert main(["sample", "--model", "tiny-random", "--prompt", "a cat", "--seeds", "0", "--out", str(tmp_path / "y")]) == 2
     assert "unconditional model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("broken", ["no tokenizer/", "no text_encoder/", "no vae/", "sample_size 0", "sample_size -3", "sample_size [16]"])
+def test_a_broken_pipeline_folder_is_a_message(folders, tmp_path, broken):
+    import json
+    import shutil
+
+    root, _ = folders
+    folder = shutil.copytree(root / "sd", tmp_path / "sd")
+    if broken.startswith("no "):
+        shutil.rmtree(folder / broken[3:-1])
+    else:
+        config = json.loads((folder / "unet" / "config.json").read_text())
+        config["sample_size"] = json.loads(broken.split(" ", 1)[1])
+        (folder / "unet" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HspaceError, match="has no .* folder|sample_size"):
+        Engine.load(str(folder), prompt="a cat")

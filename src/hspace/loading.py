@@ -213,6 +213,11 @@ def _load_text_pipeline(folder: Path, name: str) -> Components:
 
     index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     skip = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder") if k in index}
+    listed = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None and k not in skip]
+    missing = [k for k in listed if not (folder / k).is_dir()]
+    if missing:
+        raise HspaceError(f"pipeline folder {str(folder)!r} lists {', '.join(missing)} in model_index.json but has no "
+                          f"{', '.join(m + '/' for m in missing)} folder; copy the whole pipeline (every component's folder)")
     if "safety_checker" in index:
         skip["requires_safety_checker"] = False
     try:

@@ -206,6 +206,9 @@ class UNetModel:
         self.decoder = None if decoder is None else _prepare(decoder, device, dtype)
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
+        if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size):
+            raise HspaceError(f"the denoiser's config has sample_size {self.unet.config.sample_size!r}; valid: a positive integer "
+                              "(or two): the size of the samples it makes")
         self.sample_shape = (self.unet.config.in_channels, *size)
         self._h_shape: tuple[int, ...] | None = None
 
