@@ -197,3 +197,11 @@ def test_region_weights_must_be_finite_and_non_negative(spec):
 
     with pytest.raises(HspaceError, match="WEIGHT a finite number >= 0"):
         parse_region_weights(spec)
+
+
+@pytest.mark.parametrize("bad", [{"lr": -1.0}, {"lr": float("inf")}, {"weight_decay": -0.1}, {"ema_decay": 1.5},
+                                 {"min_lr_ratio": float("nan")}, {"batch_size": 0}, {"pool": -1}, {"checkpoint_every": 0}, {"warmup": -2}])
+def test_a_training_setting_out_of_range_is_refused_before_any_work(tmp_path, bad):
+    with pytest.raises(HspaceError, match=f"{next(iter(bad))} must be"):
+        train(tmp_path / "run", TrainConfig(**{**vars(small(2)), **bad}))
+    assert not (tmp_path / "run").exists()

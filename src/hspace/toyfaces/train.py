@@ -65,6 +65,20 @@ class TrainConfig:
     # attributes. The optimum (the conditional mean of the noise) is unchanged: the model stays epsilon.
     v_weight_cap: float = 1.0
 
+    def __post_init__(self):
+        """Every number in its range, so that no value reaches the optimizer or the model unchecked."""
+        ranges = {"lr": (0, True), "weight_decay": (0, True), "min_lr_ratio": (0, True), "ema_decay": (0, True)}
+        for name, (low, inclusive) in ranges.items():
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (value >= low if inclusive else value > low)
+            if not ok or (name in ("min_lr_ratio", "ema_decay") and value > 1):
+                bound = "from 0 to 1" if name in ("min_lr_ratio", "ema_decay") else (">= 0" if inclusive else "> 0")
+                raise HspaceError(f"{name} must be a finite number {bound}, got {value!r}")
+        for name in ("steps", "batch_size", "pool", "size", "checkpoint_every", "warmup", "seed"):
+            value, low = getattr(self, name), 0 if name in ("warmup", "seed") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise HspaceError(f"{name} must be an integer >= {low}, got {value!r}")
+
 
 def unet_config(config: "TrainConfig") -> dict:
     """The UNet2DModel arguments of a run: TOYFACES_UNET_CONFIG with the run's channels and layers."""
