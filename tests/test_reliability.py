@@ -173,10 +173,8 @@ def test_stale_scores_are_refused(tmp_path, engine):
 def test_outputs_are_checked_before_any_work(tmp_path, capsys, monkeypatch, kind, command):
     blocker = tmp_path / "file"
     blocker.write_text("keep me")
-    target = {"a file": blocker, "under a file": blocker / "out", "unwritable": tmp_path / "ro" / "out"}[kind]
-    if kind == "unwritable":
-        (tmp_path / "ro").mkdir()
-        monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "ro")
+    # unwritable for real, even to root: /proc takes no new files (permissions alone would not stop root)
+    target = {"a file": blocker, "under a file": blocker / "out", "unwritable": Path("/proc/hspace-test/out")}[kind]
     sampled = []
     monkeypatch.setattr("hspace.engine.Engine.run", lambda *a, **k: sampled.append(1))
     argv = {
@@ -186,7 +184,7 @@ def test_outputs_are_checked_before_any_work(tmp_path, capsys, monkeypatch, kind
         "arith": ["arith", "--plus", "0", "--minus", "1", "-o", target / "d.safetensors" if kind != "a file" else tmp_path],
     }[command]
     code, err = run_cli([*argv, *TINY], capsys)
-    assert code == 2 and ("is a file" in err or "is a folder" in err or "lies under the file" in err or "is not writable" in err), err
+    assert code == 2 and ("is a file" in err or "is a folder" in err or "lies under the file" in err or "cannot be written" in err), err
     assert not sampled and blocker.read_text() == "keep me"
 
 
@@ -780,3 +778,16 @@ def test_shards_of_unreadable_settings_without_a_manifest_are_a_message(tmp_path
         build_bank(tmp_path / "b", engine, 2, 2)
     with pytest.raises(HspaceError, match="has shard files but no bank.json"):
         Bank.open(tmp_path / "b")
+
+
+@pytest.mark.parametrize("option", [["--steps", "7"], ["--eta=0"], ["--h-location", "mid.in"], ["--no-clip"], ["--dtype", "float16"], ["--prompt", "a cat"]])
+def test_options_a_trajectory_fixes_are_refused_not_ignored(tmp_path, capsys, option):
+    common = ["--model", "tiny-random", "--device", "cpu"]
+    path = tmp_path / "t.safetensors"
+    assert main(["sample", "--seeds", "0", "--steps", "2", "--out", str(tmp_path / "s"), "--save-trajectory", str(path), *common]) == 0
+    assert main(["arith", "--plus", "0", "--minus", "0", "--steps", "2", "-o", str(tmp_path / "d.safetensors"), *common]) == 0
+    capsys.readouterr()
+    argv = ["edit", "--trajectory", str(path), "--direction", str(tmp_path / "d.safetensors"), "--out", str(tmp_path / "e"), *common]
+    assert main([*argv, *option]) == 2
+    assert f"{option[0].split('=')[0]} is fixed by the trajectory's spec" in capsys.readouterr().err
+    assert main(argv) == 0

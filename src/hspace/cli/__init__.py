@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse has printed what is wrong (exit 2) or the help (exit 0)
         return int(e.code or 0)
     logging.basicConfig(level=logging.INFO, format="hspace: %(message)s", stream=sys.stderr)
+    args._argv = list(argv if argv is not None else sys.argv[1:])  # which options were given (common.engine_of_spec)
     if getattr(args, "num_processes", 1) > 1 and not launched():
         return _launch(argv if argv is not None else sys.argv[1:], args)
     try:

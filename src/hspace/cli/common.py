@@ -152,10 +152,20 @@ def model_of(args) -> str:
     return args.model or DEFAULT_MODEL
 
 
-def engine_of_spec(spec, args):
+# What a bank's or trajectory's spec fixes: given beside --bank or --trajectory, they would be ignored.
+FIXED_BY_SPEC = ("--h-location", "--dtype", "--no-clip", "--prompt", "--negative-prompt", "--guidance", "--guide-edit", "--steps", "--eta")
+
+
+def engine_of_spec(spec, args, source: str = "the bank or trajectory"):
     """The engine of a bank's or trajectory's spec, on the device (and with the speed options) the flags name;
-    ``--model DIR`` says where the spec's model is now (a moved or copied folder: its fingerprint must match)."""
+    ``--model DIR`` says where the spec's model is now (a moved or copied folder: its fingerprint must match).
+    Options the spec fixes are refused rather than silently ignored."""
     from ..engine import Engine
+
+    given = [o for o in FIXED_BY_SPEC if any(a == o or a.startswith(o + "=") for a in getattr(args, "_argv", []))]
+    if given:
+        raise HspaceError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} fixed by {source}'s spec "
+                          f"({spec.describe()}, {spec.num_steps} steps); leave {'it' if len(given) == 1 else 'them'} out")
 
     return _with_batch_size(Engine.load(spec, device=device_of(args), speed=speed_of(args), folder=getattr(args, "model", None)), args)
 
@@ -188,7 +198,7 @@ def saved_trajectory(args):
     from ..trajectory import Trajectory
 
     saved = Trajectory.load(args.trajectory)
-    return (engine_of_spec(saved.spec, args) if saved.spec is not None else engine_from(args)), saved
+    return (engine_of_spec(saved.spec, args, "the trajectory") if saved.spec is not None else engine_from(args)), saved
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

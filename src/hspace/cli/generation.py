@@ -108,7 +108,7 @@ def edit_source(args):
 
         bank = Bank.open(args.bank)
         indices = share(bank.check_indices(parse_seeds(args.samples)))
-        engine = engine_of_spec(bank.spec, args)
+        engine = engine_of_spec(bank.spec, args, "the bank")
         return engine, (bank.trajectory(engine, indices, batch_size=args.batch_size) if indices else None)
     engine = engine_from(args)
     seeds = share(parse_seeds(args.seeds))

@@ -42,7 +42,7 @@ def build_editor(args):
 
     if args.bank:
         bank = Bank.open(args.bank)
-        engine = engine_of_spec(bank.spec, args)
+        engine = engine_of_spec(bank.spec, args, "the bank")
         steps, eta = bank.num_steps, bank.eta
     else:
         bank, engine, steps = None, engine_from(args), args.steps

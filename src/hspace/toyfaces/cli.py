@@ -170,7 +170,7 @@ def run_edit_success(args) -> None:
     from .domain import TOYFACES
 
     bank = Bank.open(args.bank)
-    engine = engine_of_spec(bank.spec, args)
+    engine = engine_of_spec(bank.spec, args, "the bank")
     supervised = {n: direction_from_scores(bank, n, args.k) for n in TOYFACES.binary}
     sets = {"supervised": supervised, "disentangled": disentangle_each(supervised)}
     held_out = list(range(args.first_seed, args.first_seed + args.n))
