@@ -258,3 +258,20 @@ def test_a_broken_pipeline_folder_is_a_message(folders, tmp_path, broken):
         (folder / "unet" / "config.json").write_text(json.dumps(config))
     with pytest.raises(HspaceError, match="has no .* folder|sample_size"):
         Engine.load(str(folder), prompt="a cat")
+
+
+def test_a_prompt_longer_than_the_tokenizer_is_cut_said_and_recorded_as_the_pipeline_cuts_it(folders, caplog):
+    import logging
+
+    root, pipes = folders
+    long = "a cat sitting on a very long wall"  # letters are tokens here: far more than the tiny tokenizer's 16
+    with caplog.at_level(logging.WARNING, logger="hspace.models.conditional"):
+        engine = Engine.load(str(root / "sd"), prompt=long, guidance=3.0)
+    assert engine.spec.prompt != long and long.replace(" ", "").startswith(engine.spec.prompt.replace(" ", ""))
+    assert any("longer than the text encoder's 14" in r.getMessage() for r in caplog.records)
+    x_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    ours = engine.run(x_T, STEPS, 0.0, progress=False)
+    theirs = pipes["sd"](long, num_inference_steps=STEPS, guidance_scale=3.0, eta=0.0, latents=x_T.clone(), output_type="latent").images
+    assert float((ours - theirs).abs().max()) < 1e-4  # what the pipeline makes of the long prompt
+    again = Engine.load(str(root / "sd"), prompt=engine.spec.prompt, guidance=3.0)
+    assert again.spec == engine.spec  # the recorded prompt is what was used

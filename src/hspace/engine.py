@@ -44,7 +44,8 @@ def _condition(components: Components, prompt, negative_prompt, guidance, guide_
         return given
     from .models.conditional import DEFAULT_GUIDANCE
 
-    prompt = "" if prompt is None else prompt
+    prompt = components.conditioner.fit("" if prompt is None else prompt)
+    negative_prompt = components.conditioner.fit(negative_prompt, "negative prompt")
     guidance = DEFAULT_GUIDANCE if guidance is None else guidance
     if guide_edit is None and isinstance(guidance, (int, float)) and guidance > 1:
         guide_edit = "both"

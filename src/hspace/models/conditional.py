@@ -22,6 +22,7 @@ U-Net (as ``unet.py`` does for UNet2DModel) would save little (docs/directions.m
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -31,6 +32,8 @@ from ..errors import HspaceError
 from ..hooks import h_hook
 from ..interventions import StepContext, apply, branch_of, context
 from .unet import UNetModel, forward_mode
+
+logger = logging.getLogger(__name__)
 
 # Classes of pipelines whose prompt encoding is understood (other pipelines with the same components work too).
 PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -55,6 +58,20 @@ class TextConditioner:
     @property
     def kind(self) -> str:
         return "sdxl" if self.xl else "sd"
+
+    def fit(self, prompt: str | None, what: str = "prompt") -> str | None:
+        """The prompt as the text encoder sees it: cut to the tokenizer's length (as the pipelines cut it, and
+        said, as they log it), so that the spec records what was used."""
+        tokenizer = getattr(self.pipeline, "tokenizer", None) or getattr(self.pipeline, "tokenizer_2", None)
+        if not isinstance(prompt, str) or tokenizer is None:
+            return prompt  # (not a string: the spec says what is wrong with it)
+        ids = tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids
+        room = tokenizer.model_max_length - 2  # the start and end tokens
+        if len(ids) <= room:
+            return prompt
+        kept = tokenizer.decode(ids[:room])
+        logger.warning("the %s is %d tokens, longer than the text encoder's %d: it is cut to %r (recorded in the spec)", what, len(ids), room, kept)
+        return kept
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "TextConditioner":
         if getattr(self, "device", None) == device and getattr(self, "dtype", None) == dtype:
