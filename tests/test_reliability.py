@@ -791,3 +791,17 @@ def test_options_a_trajectory_fixes_are_refused_not_ignored(tmp_path, capsys, op
     assert main([*argv, *option]) == 2
     assert f"{option[0].split('=')[0]} is fixed by the trajectory's spec" in capsys.readouterr().err
     assert main(argv) == 0
+
+
+def test_a_taken_port_is_a_message_before_any_work(capsys, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.perf_counter()
+        argv = ["ui", "--port", str(port), "--model", "tiny-random", "--workdir", str(tmp_path / "w"), "--save-dir", str(tmp_path / "s")]
+        assert main(argv) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists() and time.perf_counter() - start < 10  # refused before the starter set is drawn

@@ -66,13 +66,23 @@ def run_ui(args) -> None:
         raise HspaceError(f"--host {args.host} would serve the editor to other machines; add --allow-remote if you mean it")
     if args.host not in LOCAL_HOSTS:
         print(f"warning: listening on {args.host}: anyone who can reach this port can use the editor and write to {args.save_dir}", file=sys.stderr)
-    if args.port == 0:  # a free port now, so that the URL printed is the one served
-        import socket
-
-        with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as s:
-            s.bind((args.host, 0))
-            args.port = s.getsockname()[1]
+    args.port = _bindable(args.host, args.port)  # before any work: a taken port is a message, 0 a free port (printed)
     editor = build_editor(args)
     print(f"hspace editor: http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/  "
           f"({len(editor.directions)} directions; saves go to {args.save_dir}; Ctrl-C stops)", flush=True)
     uvicorn.run(create_app(editor, args.host, args.port), host=args.host, port=args.port, log_level="warning")
+
+
+def _bindable(host: str, port: int) -> int:
+    """``port`` if this server can listen there (0: a free one, chosen now so that the URL printed is the one
+    served); a taken or forbidden port is an error that says so."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise HspaceError(f"cannot listen on {host}:{port} ({e.strerror}): another server may have it; choose another --port, "
+                              "or --port 0 for a free one") from None
+        return s.getsockname()[1]
