@@ -91,7 +91,8 @@ def test_bfloat16_autocast_agrees_in_labels_and_keeps_h_float32():
     assert float(agreement) >= 0.9, float(agreement)
     assert float((a["yaw"] - b["yaw"]).abs().mean()) < 0.1 * float(a["yaw"].std())
     engine = Engine.load("toyfaces", speed=Speed(autocast="bfloat16"))
-    assert torch.equal(engine.replay(fast, batch_size=32, progress=False).x0, fast.x0)  # recording h changed nothing (same batch)
+    few = engine.sample(range(4), 10, 0.0, batch_size=4, progress=False)
+    assert torch.equal(engine.replay(few, batch_size=4, progress=False).x0, few.x0)  # recording h changed nothing (same batches)
 
 
 def test_an_autocast_bank_is_extended_only_with_autocast(tmp_path):
