@@ -158,6 +158,7 @@ class Bank:
     def __init__(self, path: str | Path, manifest: dict):
         self.path = Path(path)
         self.manifest = manifest
+        self._spec: Spec | None = None  # parsed once: only the manifest's n ever changes
 
     # ------------------------------------------------------------------ opening and checking
 
@@ -208,7 +209,9 @@ class Bank:
     @property
     def spec(self) -> Spec:
         """The spec of the engine and process that drew the bank: ``Engine.load(bank.spec)`` rebuilds it."""
-        return _spec(self.manifest)
+        if self._spec is None:
+            self._spec = _spec(self.manifest)
+        return self._spec
 
     def check_engine(self, engine, tolerant: bool = False) -> None:
         """Raise unless ``engine`` is compatible with the one that drew this bank (``Spec.check``)."""
