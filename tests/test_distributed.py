@@ -150,3 +150,26 @@ def test_processes_share_the_cores_and_a_set_thread_count_is_kept():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     info = subprocess.run([sys.executable, "-m", "hspace", "info", "--model", "tiny-random"], capture_output=True, text=True, env=env, timeout=120)
     assert '"cpu_threads": 1' in info.stdout, info.stderr[-2000:]
+
+
+def test_a_child_failure_is_its_own_message_and_status_not_the_launchers_traceback(tmp_path, one_thread):
+    # every process meets the same bad input: one message, the child's exit status 2
+    bad = _run(["bank", str(tmp_path / "bad"), "--model", str(tmp_path / "no-model"), "--n", "4", "--num-processes", "2"])
+    assert bad.returncode == 2, _failure(bad)
+    assert bad.stderr.count("hspace bank: error: model") == 1, bad.stderr
+    assert "Traceback" not in bad.stderr and "ChildFailedError" not in bad.stderr, bad.stderr
+
+    # one process killed by a signal: exit 1, and the line says which process and which signal
+    env = {**os.environ, "HSPACE_NO_PROGRESS": "1"}
+    run = subprocess.Popen([sys.executable, "-m", "hspace", "bank", str(tmp_path / "killed"), "--n", "16", *BANK[:3], "40",
+                            *BANK[4:], "--num-processes", "2"], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "killed").glob("shard-*.safetensors")):
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(run.pid).children(recursive=True) if p.cmdline()[-2:] == ["-m", "hspace.cli.launched"] and "hspace.cli.torchrun" not in p.cmdline()]
+    assert len(workers) == 2, workers
+    workers[0].send_signal(signal.SIGKILL)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 1, err
+    assert re.search(r"hspace: error: process [01] was stopped by SIGKILL", err), err
+    assert "Traceback" not in err and "ChildFailedError" not in err, err

@@ -425,13 +425,20 @@ def test_seed_lists_are_bounded_before_they_are_expanded(capsys, tmp_path, seeds
     assert code == 2 and message in err and time.perf_counter() - start < 5
 
 
-def test_out_of_memory_is_a_message(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("command, hint", [
+    (["sample", "--seeds", "0", "--batch-size", "4096", "--out", "S"], "try a smaller --batch-size (it is 4096)"),
+    (["bank", "S", "--n", "4", "--batch-size", "7"], "try a smaller --batch-size (it is 7)"),
+    (["jacobian", "--seeds", "0", "--k", "9", "--at", "1", "--out", "S"], "try a smaller --k (it is 9), or Alg. 2 with a --b below it"),
+])
+def test_out_of_memory_is_a_message_naming_the_option_that_bounds_it(tmp_path, capsys, monkeypatch, command, hint):
+    # Running out for real takes minutes under a memory limit (a 3000-vector Jacobian: 2 minutes); this is
+    # the allocator's own message, raised by the first model call.
     def oom(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 9999999999 bytes")
 
-    monkeypatch.setattr("hspace.engine.Engine.run", oom)
-    code, err = run_cli(["sample", "--seeds", "0", "--batch-size", "4096", "--out", tmp_path / "s", *TINY], capsys)
-    assert code == 2 and "out of memory; try a smaller --batch-size (it is 4096)" in err
+    monkeypatch.setattr("torch.nn.Module.__call__", oom)
+    code, err = run_cli([str(tmp_path / "s") if a == "S" else a for a in command] + TINY, capsys)
+    assert code == 2 and f"out of memory; {hint}" in err, err
 
 
 # ------------------------------------------------------------------ 7. names into paths
@@ -725,13 +732,40 @@ def test_unbounded_work_is_refused_before_it_starts(argv, message, capsys, tmp_p
 
 
 @pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--lr", "-1"], "lr must be a finite number >= 0, got -1.0"),
+        (["train", "--region-weights", "mouth=-1"], "region weight 'mouth=-1' is not PART=WEIGHT"),
+        (["train", "--region-weights", "nose=2"], "PART one of eyes, mouth"),
+        (["train", "--region-weights", "mouth=inf"], "WEIGHT a finite number >= 0"),
+        (["train", "--channels", "7,9,11"], "must be three positive multiples of 8"),
+        (["train", "--v-weight-cap", "0"], "v_weight_cap must be a finite number >= 1"),
+        (["train", "--v-weight-cap", "inf"], "not a finite number"),
+        (["evaluate", "--n", "4", "--steps", "100000"], "num_steps must be an integer from 1 to 1000, got 100000"),
+        (["evaluate", "--n", "4", "--eta", "nan"], "eta nan is out of range"),
+        (["export", "--run", "R", "--out", "M"], "no checkpoint at"),
+    ],
+)
+def test_toyfaces_settings_are_checked_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if argv[0] == "train":
+        argv = [*argv, "--run", "R", "--steps", "1"]
+    start = time.perf_counter()
+    assert main(["toyfaces", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert time.perf_counter() - start < 15 and not (tmp_path / "R" / "checkpoint.pt").exists() and not (tmp_path / "M").exists()
+
+
+@pytest.mark.parametrize(
     "argv, env, message",
     [
         (["sample", "--out", "/proc/hspace-out"], {}, "cannot be written"),
         (["sample", "--out", "/sys/hspace-out"], {}, "cannot be written"),
         (["sample", "--out", "o", "--save-trajectory", "/proc/t.safetensors"], {}, "cannot be written"),
         (["sample", "--out", "dangling/x"], {}, "which does not exist"),
-        (["sample", "--out", "o"], {"WORLD_SIZE": "2"}, "WORLD_SIZE=2 says this is one of several processes"),
+        (["bank", "o", "--n", "2", "--model", "tiny-random", "--steps", "1"], {"WORLD_SIZE": "2"}, "WORLD_SIZE=2 says this is one of several processes"),
+        (["sample", "--out", "o"], {"WORLD_SIZE": "2"}, "does not share its work between processes, but WORLD_SIZE=2"),
+        (["ui", "--port", "0"], {"WORLD_SIZE": "3", "RANK": "0"}, "(commands that share their work: annotate, bank, edit, jacobian)"),
         (["ui", "--port", "99999"], {}, "is not a port; valid: 0 (a free one) to 65535"),
     ],
 )

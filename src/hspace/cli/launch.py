@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from typing import Sequence
 
 import torch
@@ -34,11 +35,29 @@ def launch(argv: Sequence[str], num_processes: int) -> int:
     # The command travels in the environment: torchrun's own option parser would take hspace's options
     # (--n, --no-clip, ...) as abbreviations of its own.
     env[ARGV_VARIABLE] = json.dumps(list(argv))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_processes}", "-m", "hspace.cli.launched"]
-    return subprocess.run(command, env=env).returncode
+    command = [sys.executable, "-m", "hspace.cli.torchrun", "--standalone", f"--nproc-per-node={num_processes}", "-m", "hspace.cli.launched"]
+    with tempfile.TemporaryDirectory(prefix="hspace-errors-") as errors:
+        env[ERRORS_VARIABLE] = errors
+        code = subprocess.run(command, env=env).returncode
+        for text in collect_errors(errors):
+            print(text, file=sys.stderr)
+    return code
+
+
+def collect_errors(folder: str) -> list[str]:
+    """The error messages the processes left in ``folder`` (one file per rank), each different one once,
+    in rank order: N processes that meet the same bad input say so once."""
+    texts = []
+    for name in sorted(os.listdir(folder), key=lambda n: int(n.split(".")[0]) if n.split(".")[0].isdigit() else 1 << 30):
+        with open(os.path.join(folder, name), encoding="utf-8", errors="replace") as f:
+            text = f.read().strip()
+        if text and text not in texts:
+            texts.append(text)
+    return texts
 
 
 ARGV_VARIABLE = "HSPACE_LAUNCH_ARGV"
+ERRORS_VARIABLE = "HSPACE_LAUNCH_ERRORS"
 
 
 PER_CORE = 4

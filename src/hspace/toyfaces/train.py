@@ -78,6 +78,11 @@ class TrainConfig:
             value, low = getattr(self, name), 0 if name in ("warmup", "seed") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise HspaceError(f"{name} must be an integer >= {low}, got {value!r}")
+        # the rest of the settings, checked here too: an error before the training faces are rendered
+        parse_region_weights(self.region_weights)
+        unet_config(self)
+        if not (isinstance(self.v_weight_cap, (int, float)) and self.v_weight_cap >= 1 and math.isfinite(self.v_weight_cap)):
+            raise HspaceError(f"v_weight_cap must be a finite number >= 1 (1 = the plain epsilon loss), got {self.v_weight_cap!r}")
 
 
 def unet_config(config: "TrainConfig") -> dict:
