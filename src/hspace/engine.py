@@ -17,10 +17,9 @@ import torch
 from .diffusion import Schedule, eta_schedule, spacing_of
 from .directions.direction import Direction, stack_directions
 from .errors import HspaceError, check_choice
-from .hooks import DEFAULT_H_LOCATION
 from .interventions import LinearEdit, Record, Replace, StepContext, edits_at
 from .loading import DEFAULT_MODEL, Components, load_components, resolve_device, resolve_dtype
-from .models import UNetModel
+from .models import backbone_for
 from .progress import Meter, StepEvent
 from .spec import CONDITION_FIELDS, Spec
 from .speed import Speed
@@ -46,7 +45,7 @@ def _condition(components: Components, prompt, negative_prompt, guidance, guide_
 
     prompt = components.conditioner.fit("" if prompt is None else prompt)
     negative_prompt = components.conditioner.fit(negative_prompt, "negative prompt")
-    guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+    guidance = getattr(components.conditioner, "default_guidance", DEFAULT_GUIDANCE) if guidance is None else guidance
     if guide_edit is None and isinstance(guidance, (int, float)) and guidance > 1:
         guide_edit = "both"
     return {"prompt": prompt, "negative_prompt": negative_prompt, "guidance": guidance, "guide_edit": guide_edit}
@@ -58,7 +57,7 @@ class Engine:
     def __init__(
         self,
         components: Components,
-        h_location: str = DEFAULT_H_LOCATION,
+        h_location: str | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         clip_sample: bool | None = None,
@@ -74,6 +73,8 @@ class Engine:
             raise HspaceError(f"speed must be a hspace.speed.Speed, got {type(speed).__name__}")
         self.speed = speed or Speed()
         condition = _condition(components, prompt, negative_prompt, guidance, guide_edit)
+        backbone = backbone_for(components.unet)
+        h_location = backbone.check_location(components.unet, h_location)  # the family's default for None
         self.spec = Spec(
             components.name, h_location, str(dtype).replace("torch.", ""), clip_sample, **condition,
             fingerprint=components.content_fingerprint(), spacing=spacing_of(components.scheduler_config), autocast=self.speed.autocast,
@@ -88,12 +89,7 @@ class Engine:
         # DDIM inversion cannot undo; clip_sample=False is part of the spec.
         if clip_sample is not None:
             self.scheduler_config["clip_sample"] = clip_sample
-        if components.conditioner is None:
-            self.model = UNetModel(components.unet, components.decoder, h_location, self.device, dtype, self.speed)
-        else:
-            from .models.conditional import ConditionalUNetModel
-
-            self.model = ConditionalUNetModel(components.unet, components.decoder, h_location, self.device, dtype, components.conditioner, self.spec, self.speed)
+        self.model = backbone.build(components, h_location, self.device, dtype, self.spec, self.speed)
         self._schedules: dict[int, Schedule] = {}
 
     @classmethod
@@ -128,8 +124,9 @@ class Engine:
             return cls._of_spec(model, device, speed, folder)
         if folder is not None:
             raise HspaceError("folder= relocates the model of a spec; to load a folder pass it as the model")
-        spec = Spec(str(model), h_location or DEFAULT_H_LOCATION)  # checks the h location before loading
-        return cls(load_components(model), spec.h_location, device, dtype, clip_sample, **condition, speed=speed)
+        if h_location is not None:
+            Spec(str(model), h_location)  # checks the name of the h location before loading
+        return cls(load_components(model), h_location, device, dtype, clip_sample, **condition, speed=speed)
 
     @classmethod
     def _of_spec(cls, spec: Spec, device, speed: Speed | None, folder: str | None) -> "Engine":
@@ -196,7 +193,8 @@ class Engine:
 
     def schedule(self, num_steps: int) -> Schedule:
         if num_steps not in self._schedules:
-            self._schedules[num_steps] = Schedule.from_config(self.scheduler_config, num_steps)
+            options = self.model.schedule_options(num_steps, self.scheduler_config)
+            self._schedules[num_steps] = Schedule.from_config(self.scheduler_config, num_steps, **options)
         return self._schedules[num_steps]
 
     def decode(self, x0: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
@@ -264,7 +262,7 @@ class Engine:
                 z = noise(rows) if callable(noise) else (None if noise is None else noise[rows])
                 state = x[rows].to(self.device, self.compute_dtype)
                 for i in range(start, stop):
-                    t = int(schedule.timesteps[i])
+                    t = schedule.t(i)
                     ctx = StepContext(i, t, num_steps, rows, n)
                     p, eps = schedule.split_output(i, state, self.model.output(state, t, interventions, ctx).to(self.compute_dtype))
                     if clean[i]:

@@ -18,9 +18,27 @@ H_LOCATIONS = {
     "mid.in": "input of the U-Net mid block (output of the deepest down block)",
 }
 DEFAULT_H_LOCATION = "mid.out"
+# A diffusion transformer's h: the output of block N on the image tokens (models/transformer.py).
+BLOCK_KINDS = {
+    "block": "output of transformer block N on the image tokens (DiT, PixArt, SD3)",
+    "joint": "output of FLUX's double-stream block N on the image tokens",
+    "single": "output of FLUX's single-stream block N on the image tokens",
+}
 
 # Called with the activation at the hook point; returns the activation the rest of the U-Net sees.
 HFunction = Callable[[torch.Tensor], torch.Tensor]
+
+
+def check_location_name(location: str) -> str:
+    """A location's name is well formed (which ones a model has, its backbone says): ``mid.out``, ``mid.in``,
+    or ``block.N`` / ``joint.N`` / ``single.N`` with N an integer (negative counts from the end)."""
+    if isinstance(location, str) and location in H_LOCATIONS:
+        return location
+    kind, _, index = location.partition(".") if isinstance(location, str) else ("", "", "")
+    if kind in BLOCK_KINDS and index.lstrip("-").isdigit():
+        return location
+    raise HspaceError(f"unknown h location {location!r}; valid: {', '.join(H_LOCATIONS)} (U-Nets), or "
+                      f"{', '.join(k + '.N' for k in BLOCK_KINDS)} (transformers; N counts blocks from 0, negative from the end)")
 
 
 def check_location(location: str) -> str:

@@ -138,11 +138,10 @@ def _invert_stochastic(engine, schedule, sigma, last: int, x0, target, generator
     z = torch.zeros(len(x0), schedule.num_steps, *engine.sample_shape, dtype=engine.compute_dtype)
     if last < 0:
         return target, z
-    a0 = float(schedule.alpha[0])
-    x_T = a0**0.5 * x0 + (1 - a0) ** 0.5 * _noise(generator, x0)
+    x_T = schedule.noised(0, x0, _noise(generator, x0))
     x = x_T
     for i in range(last + 1):
-        t = int(schedule.timesteps[i])
+        t = schedule.t(i)
         p, eps = schedule.split_output(i, x, engine.model_output(x, t))
         s = float(sigma[i])
         mu = schedule.step(i, x, p, eps, s, torch.zeros_like(x))
@@ -151,8 +150,7 @@ def _invert_stochastic(engine, schedule, sigma, last: int, x0, target, generator
             if i == last:
                 goal = target
             else:
-                ap = float(schedule.alpha_prev[i])
-                goal = ap**0.5 * x0 + (1 - ap) ** 0.5 * _noise(generator, x0)
+                goal = float(schedule.alpha_prev[i]) ** 0.5 * x0 + float(schedule.var_prev[i]) ** 0.5 * _noise(generator, x0)
             z[:, i] = ((goal - mu) / s).cpu()
             following = schedule.step(i, x, p, eps, s, z[:, i].to(x.device))
         meter.emit(StepEvent, len(x), **_event(schedule, i, x, p, following))
@@ -161,7 +159,7 @@ def _invert_stochastic(engine, schedule, sigma, last: int, x0, target, generator
 
 
 def _event(schedule, i: int, x, p, following) -> dict:
-    return dict(stage="inversion", step=i, num_steps=schedule.num_steps, timestep=int(schedule.timesteps[i]),
+    return dict(stage="inversion", step=i, num_steps=schedule.num_steps, timestep=schedule.t(i),
                 rows=torch.arange(len(x)), x_t=x, x0_pred=p, x_next=following)
 
 
@@ -173,12 +171,13 @@ def _invert_step(engine, schedule, i: int, x_prev: torch.Tensor, sigma: float, i
     """x_t with step i (deterministic, sigma = 0) taking x_t to ``x_prev``: DDIM inversion, refined by fixed point."""
     if sigma > 0:
         raise HspaceError(f"step {i} is not deterministic (sigma = {sigma:.3g})")
-    t = int(schedule.timesteps[i])
+    t = schedule.t(i)
     a, ap = float(schedule.alpha[i]), float(schedule.alpha_prev[i])
+    v, vp = float(schedule.var[i]), float(schedule.var_prev[i])
     _, eps = schedule.split_output(i, x_prev, engine.model_output(x_prev, t))  # eps at x_{t-1}: classic DDIM inversion
     for k in range(iterations + 1):
-        p = (x_prev - (1 - ap) ** 0.5 * eps) / ap**0.5
-        x_t = a**0.5 * p + (1 - a) ** 0.5 * eps
+        p = (x_prev - vp**0.5 * eps) / ap**0.5
+        x_t = a**0.5 * p + v**0.5 * eps
         if k < iterations:
             _, eps = schedule.split_output(i, x_t, engine.model_output(x_t, t))
     meter.emit(StepEvent, len(x_t) * (1 + iterations), **_event(schedule, i, x_t, p, x_prev))

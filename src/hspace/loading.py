@@ -185,8 +185,10 @@ def load_folder(folder: Path, name: str, fingerprint: str | None = None) -> Comp
 
 def _load_folder(folder: Path, name: str) -> Components:
     if (folder / "model_index.json").is_file() or (folder / "unet" / "config.json").is_file():
+        if (folder / "transformer" / "config.json").is_file():
+            return _load_text_pipeline(folder, name)
         if not (folder / "unet" / "config.json").is_file():
-            raise HspaceError(f"pipeline folder {str(folder)!r} has no unet/config.json")
+            raise HspaceError(f"pipeline folder {str(folder)!r} has no unet/config.json or transformer/config.json (the denoiser)")
         if _read_json(folder / "unet" / "config.json").get("_class_name") == "UNet2DConditionModel":
             return _load_text_pipeline(folder, name)
         unet = _load_unet(folder / "unet")
@@ -201,18 +203,19 @@ def _load_folder(folder: Path, name: str) -> Components:
 
 
 def _load_text_pipeline(folder: Path, name: str) -> Components:
-    """A Stable Diffusion-like pipeline folder: its U-Net, VAE, scheduler config and text conditioner."""
+    """A conditional pipeline folder (Stable Diffusion, SDXL, DiT, SD3): its denoiser (``unet/`` or
+    ``transformer/``), VAE, scheduler config and the conditioner its backbone plug-in makes of it."""
     import importlib.util
 
     from diffusers import DiffusionPipeline
 
-    from .models.conditional import TextConditioner
-
-    if importlib.util.find_spec("transformers") is None:
+    if importlib.util.find_spec("transformers") is None and not (folder / "transformer").is_dir():
         raise HspaceError(f"{str(folder)!r} is a text-conditioned pipeline; its text encoders need transformers: pip install 'hspace[sd]'")
 
     index = _read_json(folder / "model_index.json") if (folder / "model_index.json").is_file() else {}
     skip = {k: None for k in ("safety_checker", "feature_extractor", "image_encoder") if k in index}
+    # components saved as absent (SD3 without T5: text_encoder_3 [null, null]) are passed as absent
+    skip.update({k: None for k, v in index.items() if isinstance(v, list) and v and v[0] is None})
     listed = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0] is not None and k not in skip]
     missing = [k for k in listed if not (folder / k).is_dir()]
     if missing:
@@ -226,7 +229,20 @@ def _load_text_pipeline(folder: Path, name: str) -> Components:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise HspaceError(f"cannot load the pipeline in {str(folder)!r}: {first}") from None
     pipeline.set_progress_bar_config(disable=True)
-    return Components(pipeline.unet, dict(pipeline.scheduler.config), getattr(pipeline, "vae", None), name, TextConditioner(pipeline))
+    return components_of_pipeline(pipeline, name)
+
+
+def components_of_pipeline(pipeline, name: str) -> Components:
+    """The components of a loaded diffusers pipeline: its denoiser, scheduler config, VAE and conditioner."""
+    from .models import backbone_for
+
+    denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+    if denoiser is None:
+        raise HspaceError(f"the {type(pipeline).__name__} has neither a unet nor a transformer")
+    conditioner = backbone_for(denoiser).conditioner_for(pipeline)
+    config = dict(pipeline.scheduler.config)
+    config.setdefault("_class_name", type(pipeline.scheduler).__name__)
+    return Components(denoiser, config, getattr(pipeline, "vae", None), name, conditioner)
 
 
 # What a snapshot needs: configs, tokenizer files and one weight file per component. The big single-file

@@ -41,7 +41,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import HspaceError
-from .hooks import DEFAULT_H_LOCATION, check_location
+from .hooks import DEFAULT_H_LOCATION, check_location_name
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Spec:
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
             raise HspaceError(f"a spec's model must be a non-empty string, got {self.model!r}")
-        check_location(self.h_location)
+        check_location_name(self.h_location)
         if self.dtype not in DTYPE_NAMES:
             raise HspaceError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPE_NAMES)}")
         if self.clip_sample is not None and not isinstance(self.clip_sample, bool):

@@ -345,7 +345,7 @@ def jacobian_directions(
     results = []
     with Meter.job(callback, len(steps) * num_blocks * max_iter * per_iteration, progress, "jacobian") as meter:
         for step in steps:
-            half = engine.decoder_half(engine.x_t(one, step), int(schedule.timesteps[step]))
+            half = engine.decoder_half(engine.x_t(one, step), schedule.t(step))
             svd = _decompose(half, _eps_scale(schedule, step), out_mask, method, k, b, max_iter, tol, generator,
                              oversample, batching, _iteration_events(meter, step, per_iteration))
             meter.skip(num_blocks * max_iter * per_iteration - sum(svd.iterations) * per_iteration)
@@ -391,7 +391,7 @@ def _decompose(half, scale, out_mask, method, k, b, max_iter, tol, generator, ov
 
 
 def _step_result(engine, one, schedule, step, svd, h_norm, method, b, oversample, mask, mask_name) -> JacobianStep:
-    t = int(schedule.timesteps[step])
+    t = schedule.t(step)
     k = len(svd.S)
     directions = []
     for i in range(k):
@@ -496,6 +496,8 @@ def _eps_scale(schedule, step: int) -> float:
         return math.sqrt(a)  # eps = sqrt(a) v + sqrt(1 - a) x_t
     if schedule.prediction_type == "sample":
         return -math.sqrt(a) / math.sqrt(1 - a)  # eps = (x_t - sqrt(a) x_0) / sqrt(1 - a)
+    if schedule.prediction_type == "flow":
+        return math.sqrt(a)  # eps = x_t + (1 - sigma) v, a = (1 - sigma)^2
     return 1.0
 
 

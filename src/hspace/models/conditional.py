@@ -29,7 +29,6 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import HspaceError
-from ..hooks import h_hook
 from ..interventions import StepContext, apply, branch_of, context
 from .unet import UNetModel, forward_mode
 
@@ -124,6 +123,15 @@ class ConditionalUNetModel(UNetModel):
     """A ``UNet2DConditionModel`` (+ its VAE and text encoders) for one prompt, guidance and guide_edit (a spec)."""
 
     kind = "conditional"
+    family = "conditional U-Net"
+
+    @classmethod
+    def build(cls, components, h_location, device, dtype, spec, speed) -> "ConditionalUNetModel":
+        return cls(components.unet, components.decoder, h_location, device, dtype, components.conditioner, spec, speed)
+
+    @classmethod
+    def conditioner_for(cls, pipeline) -> "TextConditioner":
+        return TextConditioner(pipeline)
 
     def __init__(self, unet, decoder, h_location, device, dtype, conditioner: TextConditioner, spec, speed=None):
         if unet.config.time_cond_proj_dim is not None:
@@ -176,11 +184,11 @@ class ConditionalUNetModel(UNetModel):
         kwargs = self._conditioning(n)
         ctx = ctx or context(int(t), n)
         if not interventions:
-            out = self.unet(x, t, **kwargs).sample
+            out = self._forward(x, t, kwargs)
         else:
             hook = lambda h: self.route(h, interventions, ctx)  # noqa: E731
-            with h_hook(self.unet, self.h_location, self.speed.h_function(hook) if autocast else hook):
-                out = self.unet(x, t, **kwargs).sample
+            with self._hook(self.speed.h_function(hook) if autocast else hook):
+                out = self._forward(x, t, kwargs)
         if not self.guided:
             return out
         uncond, cond = out.chunk(2)
@@ -197,7 +205,7 @@ class ConditionalUNetModel(UNetModel):
         return HookedDecoderHalf(self, x_t.to(self.device, self.dtype), t, seen[0])
 
     def describe(self) -> dict:
-        return {"kind": f"conditional ({self.conditioner.kind})", "guided": self.guided, "guide_edit": self.guide_edit}
+        return {"family": self.family, "kind": f"conditional ({self.conditioner.kind})", "guided": self.guided, "guide_edit": self.guide_edit}
 
 
 @dataclass

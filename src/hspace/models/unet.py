@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import HspaceError
-from ..hooks import DEFAULT_H_LOCATION, bottleneck, check_location, h_hook
+from ..hooks import DEFAULT_H_LOCATION, H_LOCATIONS, bottleneck, check_location, h_hook
 from ..interventions import StepContext, apply_all, context
 from ..speed import Speed, eager
 
@@ -192,17 +192,21 @@ def _prepare(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.
 
 
 class UNetModel:
-    """An unconditional U-Net (+ the VQ/VAE of a latent model) on a device, in a dtype, with h at ``h_location``."""
+    """An unconditional U-Net (+ the VQ/VAE of a latent model) on a device, in a dtype, with h at ``h_location``.
+
+    The backbone plug-in of ``UNet2DModel`` (``models/__init__.py``): every other family subclasses it and
+    overrides what differs (``locations``, ``_forward``, ``_hook``, ``conditioner_for``, ``schedule_options``)."""
 
     kind = "unconditional"
+    family = "U-Net"
 
     def __init__(self, unet: nn.Module, decoder: nn.Module | None, h_location: str, device: torch.device, dtype: torch.dtype,
                  speed: Speed | None = None):
-        self.h_location = check_location(h_location)
+        self.h_location = self.check_location(unet, h_location)
         self.device, self.dtype = device, dtype
         self.speed = speed or Speed()
         self.unet = _prepare(unet, device, dtype)
-        self.speed.prepare(self.unet, bottleneck(self.unet), dtype)
+        self._prepare_speed()
         self.decoder = None if decoder is None else _prepare(decoder, device, dtype)
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
@@ -212,6 +216,50 @@ class UNetModel:
         self.sample_shape = (self.unet.config.in_channels, *size)
         self._h_shape: tuple[int, ...] | None = None
 
+    @classmethod
+    def build(cls, components, h_location: str, device, dtype, spec, speed) -> "UNetModel":
+        """The wrapper of ``components`` (``models.backbone_for`` chose the class)."""
+        return cls(components.unet, components.decoder, h_location, device, dtype, speed)
+
+    @classmethod
+    def locations(cls, denoiser: nn.Module) -> dict[str, str]:
+        """Every h location of this denoiser, with what it is."""
+        return dict(H_LOCATIONS)
+
+    @classmethod
+    def default_location(cls, denoiser: nn.Module) -> str:
+        return DEFAULT_H_LOCATION
+
+    @classmethod
+    def check_location(cls, denoiser: nn.Module, location: str | None) -> str:
+        """``location`` as the spec records it (None: the family's default); an error listing the valid ones."""
+        if location is None:
+            return cls.default_location(denoiser)
+        valid = cls.locations(denoiser)
+        if location not in valid:
+            raise HspaceError(f"unknown h location {location!r} for this {type(denoiser).__name__}; valid: {', '.join(valid)}")
+        return location
+
+    @classmethod
+    def conditioner_for(cls, pipeline):
+        """The conditioner of a pipeline holding this denoiser (None: unconditional)."""
+        return None
+
+    def schedule_options(self, num_steps: int, config: dict) -> dict:
+        """What the family's pipeline passes to its scheduler's set_timesteps (flow matching's mu, sigmas)."""
+        return {}
+
+    def _prepare_speed(self) -> None:
+        self.speed.prepare(self.unet, bottleneck(self.unet), self.dtype)
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The denoiser's output (the part the process reads) at (x, t) with conditioning keywords."""
+        return self.unet(x, t, **kwargs).sample
+
+    def _hook(self, fn):
+        """A context in which h passes through ``fn`` (``hooks.h_hook`` for the U-Nets)."""
+        return h_hook(self.unet, self.h_location, fn)
+
     def output(self, x_t: torch.Tensor, t: int, interventions: Sequence[Callable] = (), ctx: StepContext | None = None) -> torch.Tensor:
         """The U-Net's output at (x_t, t), h passed through ``interventions`` (each ``fn(h, ctx)``,
         ``interventions.py``; hook removed after), no gradient, run as ``self.speed`` says."""
@@ -220,9 +268,9 @@ class UNetModel:
         ctx = ctx or context(int(t), len(x))
         with torch.no_grad(), self.speed.context(self.device):
             if not interventions:
-                return self.unet(x, t).sample
-            with h_hook(self.unet, self.h_location, self.speed.h_function(lambda h: apply_all(interventions, h, ctx))):
-                return self.unet(x, t).sample
+                return self._forward(x, t, {})
+            with self._hook(self.speed.h_function(lambda h: apply_all(interventions, h, ctx))):
+                return self._forward(x, t, {})
 
     @property
     def h_shape(self) -> tuple[int, ...]:
@@ -234,7 +282,7 @@ class UNetModel:
         return self._h_shape
 
     def describe(self) -> dict:
-        return {"kind": f"{self.kind} ({'latent, ' + type(self.decoder).__name__ if self.decoder is not None else 'pixel space'})"}
+        return {"family": self.family, "kind": f"{self.kind} ({'latent, ' + type(self.decoder).__name__ if self.decoder is not None else 'pixel space'})"}
 
     def decoder_half(self, x_t: torch.Tensor, t: int) -> DecoderHalf:
         """The decoder half at (x_t, t) (encoder half computed once here), for the Jacobian of eq. 6."""
@@ -244,6 +292,11 @@ class UNetModel:
     def latent_scale(self) -> float:
         return float(getattr(self.decoder.config, "scaling_factor", 1.0) or 1.0)
 
+    @property
+    def latent_shift(self) -> float | None:
+        """The VAE's shift_factor (SD3, FLUX): latents are (z - shift) * scale."""
+        return getattr(self.decoder.config, "shift_factor", None) or None
+
     def decode(self, x0: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """Images in [-1, 1] from x_0 (through the VQ/VAE decoder of a latent model)."""
         if self.decoder is None:
@@ -251,7 +304,10 @@ class UNetModel:
         out = []
         with torch.no_grad():
             for part in x0.split(batch_size):
-                out.append(self.decoder.decode(part.to(self.device, self.dtype) / self.latent_scale).sample.float().cpu())
+                z = part.to(self.device, self.dtype) / self.latent_scale
+                if self.latent_shift is not None:
+                    z = z + self.latent_shift
+                out.append(self.decoder.decode(z).sample.float().cpu())
         return torch.cat(out)
 
     def encode(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
@@ -264,5 +320,7 @@ class UNetModel:
             for part in images.split(batch_size):
                 encoded = self.decoder.encode(part.to(self.device, self.dtype))
                 latents = encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mean
+                if self.latent_shift is not None:
+                    latents = latents - self.latent_shift
                 out.append((latents * self.latent_scale).float().cpu())
         return torch.cat(out)

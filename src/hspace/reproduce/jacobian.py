@@ -81,7 +81,7 @@ def _variant(run: Run, faces, found, own_mask: torch.Tensor, step: int, window: 
     from ..directions.jacobian import restrict_to_region
 
     direction = restrict_to_region(found, own_mask) if cells else found
-    span = None if window == "all" else (int(faces.timesteps[step]), 0)
+    span = None if window == "all" else (float(faces.timesteps[step]), 0)
     return run.engine.edit(faces if shown is None else shown, direction, [-GAMMA, GAMMA], window=span, batch_size=run.config.batch_size)[0]
 
 

@@ -171,7 +171,7 @@ def _renoise_from(engine, schedule, x0, truth, attribute: str, k: int, eta, seed
     present = classify(engine.decode(out))[attribute].numpy() > 0.5
     return {
         "start_step": k,
-        "timestep": int(schedule.timesteps[k]),
+        "timestep": schedule.t(k),
         "frequency": float(present.mean()),
         "lost": float((~present[truth]).mean()),
         "gained": float(present[~truth].mean()),

@@ -1,0 +1,251 @@
+"""Diffusion transformers behind the same interface as the U-Nets: DiT (class labels) and SD3 (text, flow matching).
+
+A transformer has no bottleneck. h is the output of transformer block N on the image tokens, [B, L, D]
+with L = (H/p)(W/p) tokens of a p x p patch each, seen as [B, D, H/p, W/p] (unpatchified) so that
+directions, masks, PCA cells and painted regions keep their spatial meaning. ``block.N`` names it
+(N from 0; negative counts from the end; the spec records it from 0). The default is the middle block
+until a measurement says otherwise (docs/transformers.md).
+
+Guidance is the pipelines' own: both passes as one batch, uncond + g (cond - uncond); the interventions
+see h as ``ConditionalUNetModel.route`` gives it (``guide_edit``). DiT's learned-variance channels are
+dropped as DiTPipeline drops them (the process reads the eps channels only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch import nn
+
+from ..errors import HspaceError
+from .conditional import ConditionalUNetModel, TextConditioner
+from .unet import UNetModel
+
+logger = logging.getLogger(__name__)
+
+
+def _tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[B, L, D] image tokens (row-major patches) -> [B, D, H/p, W/p]."""
+    b, length, d = tokens.shape
+    if length != grid[0] * grid[1]:
+        raise HspaceError(f"the block made {length} image tokens but the sample has {grid[0]}x{grid[1]} patches")
+    return tokens.transpose(1, 2).reshape(b, d, *grid)
+
+
+def _grid_to_tokens(h: torch.Tensor) -> torch.Tensor:
+    return h.reshape(h.shape[0], h.shape[1], -1).transpose(1, 2).contiguous()
+
+
+class TransformerModel(ConditionalUNetModel):
+    """A diffusion transformer (+ its VAE and conditioner) with h after one of its blocks (module doc)."""
+
+    kind = "transformer"
+    family = "transformer"
+    prefix = "block"  # the location names: block.N
+    blocks = "transformer_blocks"  # the attribute holding the blocks
+    image_output = None  # index of the image tokens in a block's output tuple (None: the output is the tokens)
+
+    def __init__(self, unet, decoder, h_location, device, dtype, conditioner, spec, speed=None):
+        UNetModel.__init__(self, unet, decoder, h_location, device, dtype, speed)  # (not the conditional U-Net's checks)
+        self.conditioner = conditioner.to(device, dtype)
+        self.guided, self.guidance, self.guide_edit = spec.guided, spec.guidance, spec.guide_edit
+        image_size = tuple(s * conditioner.vae_scale_factor for s in self.sample_shape[1:])
+        self.uncond, self.cond = self.conditioner.embed(spec.prompt, spec.negative_prompt, spec.guided, image_size)
+        patch = int(self.unet.config.patch_size)
+        self.grid = (self.sample_shape[1] // patch, self.sample_shape[2] // patch)
+
+    @classmethod
+    def block_list(cls, denoiser: nn.Module) -> nn.ModuleList:
+        return getattr(denoiser, cls.blocks)
+
+    @classmethod
+    def locations(cls, denoiser: nn.Module) -> dict[str, str]:
+        n = len(cls.block_list(denoiser))
+        return {f"{cls.prefix}.{i}": f"output of {cls.blocks[:-1].replace('_', ' ')} {i} of {n} on the image tokens" for i in range(n)}
+
+    @classmethod
+    def default_location(cls, denoiser: nn.Module) -> str:
+        return f"{cls.prefix}.{len(cls.block_list(denoiser)) // 2}"
+
+    @classmethod
+    def check_location(cls, denoiser: nn.Module, location: str | None) -> str:
+        if location is None:
+            return cls.default_location(denoiser)
+        kind, _, index = location.partition(".")
+        n = len(cls.block_list(denoiser))
+        if kind == cls.prefix and index.lstrip("-").isdigit() and -n <= int(index) < n:
+            return f"{kind}.{int(index) % n}"
+        raise HspaceError(f"unknown h location {location!r} for this {type(denoiser).__name__} ({n} blocks); valid: "
+                          f"{cls.prefix}.0 to {cls.prefix}.{n - 1} (or -1 to -{n} from the end)")
+
+    def _prepare_speed(self) -> None:
+        if self.speed.compile:
+            raise HspaceError(f"--compile is not supported for {self.family} backbones yet; valid: leave it out")
+        if self.speed.autocast is not None and self.dtype != torch.float32:
+            self.speed.prepare(self.unet, self.unet, self.dtype)  # (raises the same error as for U-Nets)
+
+    def _block(self) -> nn.Module:
+        return self.block_list(self.unet)[int(self.h_location.split(".")[1])]
+
+    @contextlib.contextmanager
+    def _hook(self, fn):
+        """h (the block's image tokens as a grid) through ``fn``; a hook that changes nothing leaves the
+        block's output untouched, so that recording h is bit-exact."""
+        index, grid = self.image_output, self.grid
+
+        def post(_module, _args, output):
+            tokens = output if index is None else output[index]
+            h = _tokens_to_grid(tokens, grid)
+            changed = fn(h)
+            if changed is h:
+                return output
+            tokens = _grid_to_tokens(changed).to(tokens.dtype)
+            if index is None:
+                return tokens
+            return tuple(tokens if i == index else o for i, o in enumerate(output))
+
+        handle = self._block().register_forward_hook(post)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "kind": f"{self.family} ({self.conditioner.kind}), patch {self.unet.config.patch_size}, "
+                f"{len(self.block_list(self.unet))} blocks"}
+
+
+class ClassConditioner:
+    """A class-conditional pipeline's conditioning (DiTPipeline): the "prompt" is a class label, an integer
+    or one of the pipeline's label names; the unconditional pass gets the null class (1000, as DiTPipeline)."""
+
+    kind = "class label"
+    default_guidance = 4.0  # DiTPipeline's default
+    NULL_CLASS = 1000
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+        self.vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1) if getattr(pipeline, "vae", None) else 1
+        self.num_classes = int(getattr(pipeline.transformer.config, "num_embeds_ada_norm", None) or 1000)
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    def label(self, prompt) -> int:
+        text = str(prompt).strip()
+        if text.lstrip("-").isdigit() and 0 <= int(text) < self.num_classes:
+            return int(text)
+        labels = getattr(self.pipeline, "labels", None) or {}
+        if text in labels:
+            return int(labels[text])
+        examples = ", ".join(list(labels)[:5])
+        raise HspaceError(f"class {prompt!r} is not a class of this model; valid: an integer from 0 to {self.num_classes - 1}"
+                          + (f" or a label name ({examples}, ...)" if examples else ""))
+
+    def fit(self, prompt, what: str = "prompt"):
+        if prompt is None:
+            return None
+        if what != "prompt":
+            raise HspaceError(f"a class-conditional model has no {what}; the unconditional pass uses the null class")
+        if prompt == "":
+            raise HspaceError(f"a class-conditional model needs a class: --prompt N with N from 0 to {self.num_classes - 1}")
+        return str(self.label(prompt))
+
+    def to(self, device, dtype) -> "ClassConditioner":
+        self.device, self.dtype = device, dtype
+        return self
+
+    def embed(self, prompt, negative_prompt, guided, image_size):
+        label = torch.tensor([self.label(prompt)], device=self.device)
+        cond = {"class_labels": label}
+        return ({"class_labels": torch.full_like(label, self.NULL_CLASS)} if guided else None), cond
+
+
+class DiTModel(TransformerModel):
+    """``DiTTransformer2DModel`` (DiTPipeline): class labels, adaLN-Zero blocks, DDPM-family schedulers."""
+
+    family = "DiT"
+
+    @classmethod
+    def conditioner_for(cls, pipeline) -> ClassConditioner:
+        return ClassConditioner(pipeline)
+
+    def _forward(self, x, t, kwargs):
+        timesteps = t.reshape(-1).expand(len(x))
+        out = self.unet(x, timestep=timesteps, **kwargs).sample
+        channels = self.unet.config.in_channels
+        return out[:, :channels] if self.unet.config.out_channels == 2 * channels else out  # learned variance dropped
+
+
+class SD3Conditioner(TextConditioner):
+    """StableDiffusion3Pipeline's prompt encoding (two CLIP encoders and T5; T5 may be absent) by its own
+    ``encode_prompt``; keywords ``encoder_hidden_states`` and ``pooled_projections``."""
+
+    default_guidance = 7.0  # StableDiffusion3Pipeline's default
+    ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+    def __init__(self, pipeline):
+        if getattr(pipeline, "text_encoder", None) is None:
+            raise HspaceError(f"the {type(pipeline).__name__} has no text_encoder; an SD3 pipeline needs its CLIP encoders")
+        self.pipeline = pipeline
+        self.xl = False
+        self.vae_scale_factor = pipeline.vae_scale_factor
+        self._cache = {}
+
+    @property
+    def kind(self) -> str:
+        return "SD3 text" + ("" if getattr(self.pipeline, "text_encoder_3", None) is not None else ", no T5")
+
+    def to(self, device, dtype):
+        if getattr(self, "device", None) == device and getattr(self, "dtype", None) == dtype:
+            return self
+        for name in self.ENCODERS:
+            encoder = getattr(self.pipeline, name, None)
+            if encoder is not None:
+                encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.device, self.dtype = device, dtype
+        self._cache.clear()
+        return self
+
+    def embed(self, prompt, negative_prompt, guided, image_size):
+        key = (prompt, negative_prompt, guided)
+        if key not in self._cache:
+            with torch.no_grad():
+                cond, uncond, pooled, uncond_pooled = self.pipeline.encode_prompt(
+                    prompt=prompt, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+                    do_classifier_free_guidance=guided, negative_prompt=negative_prompt,
+                )
+
+            def wrap(e, p):
+                return {"encoder_hidden_states": e.to(self.dtype), "pooled_projections": p.to(self.dtype)}
+
+            self._cache[key] = ((wrap(uncond, uncond_pooled) if guided else None), wrap(cond, pooled))
+        return self._cache[key]
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
+    """The dynamic shift mu of the flow-matching pipelines (SD3, FLUX): linear in the number of image tokens."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + (base_shift - m * base_seq_len)
+
+
+class SD3Model(TransformerModel):
+    """``SD3Transformer2DModel`` (StableDiffusion3Pipeline): joint text-image blocks, flow matching."""
+
+    family = "SD3"
+    image_output = 1  # a JointTransformerBlock returns (text tokens, image tokens)
+
+    @classmethod
+    def conditioner_for(cls, pipeline) -> SD3Conditioner:
+        return SD3Conditioner(pipeline)
+
+    def _forward(self, x, t, kwargs):
+        timesteps = t.reshape(-1).to(torch.float32).expand(len(x))
+        return self.unet(hidden_states=x, timestep=timesteps, **kwargs).sample
+
+    def schedule_options(self, num_steps: int, config: dict) -> dict:
+        if not config.get("use_dynamic_shifting"):
+            return {}
+        tokens = self.grid[0] * self.grid[1]
+        return {"mu": calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                      config.get("base_shift", 0.5), config.get("max_shift", 1.16))}

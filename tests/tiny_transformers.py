@@ -1,0 +1,64 @@
+"""Tiny diffusion-transformer pipelines built from small configs (as diffusers' own pipeline tests build
+their dummy components), saved as pipeline folders; no download: DiT (class labels, DDIM) and SD3 (two
+CLIP text encoders without T5, flow matching). The tokenizers are tiny_sd's single-letter vocabulary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tiny_sd import _text_encoder, tokenizer
+
+
+def _vae(latent_channels: int = 4, **extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[8, 16], in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=latent_channels, norm_num_groups=4, sample_size=32, **extra,
+    )
+
+
+def dit_pipeline(folder: Path | None = None, seed: int = 0, layers: int = 4):
+    """A tiny DiTPipeline: 16x16x4 latents, patch 2 (64 tokens), ``layers`` blocks, learned variance, DDIM."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        sample_size=16, num_layers=layers, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+        out_channels=8, num_embeds_ada_norm=1000,
+    )
+    # adaLN-Zero starts at zero: give the modulations weights so that every block acts
+    with torch.no_grad():
+        for p in transformer.parameters():
+            if p.abs().sum() == 0 and p.ndim == 2:
+                p.normal_(0, 0.02)
+    pipe = DiTPipeline(transformer=transformer.eval(), vae=_vae().eval(), scheduler=DDIMScheduler(clip_sample=False), id2label={0: "cat", 1: "dog"})
+    pipe.set_progress_bar_config(disable=True)
+    if folder is not None:
+        pipe.save_pretrained(folder)
+    return pipe
+
+
+def sd3_pipeline(folder: Path | None = None, seed: int = 0, layers: int = 3, **scheduler_options):
+    """A tiny StableDiffusion3Pipeline without T5: 16x16x4 latents, patch 2, ``layers`` joint blocks,
+    FlowMatchEulerDiscreteScheduler (shift 3 as SD3's own config, unless ``scheduler_options`` say otherwise)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=layers, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+    )
+    vocab = Path(folder or "/tmp") / "_vocab"
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**{"shift": 3.0, **scheduler_options}),
+        vae=_vae(shift_factor=0.0609, scaling_factor=1.5035), text_encoder=_text_encoder(projection=True),
+        text_encoder_2=_text_encoder(projection=True), text_encoder_3=None, tokenizer=tokenizer(vocab),
+        tokenizer_2=tokenizer(vocab), tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if folder is not None:
+        pipe.save_pretrained(folder)
+    return pipe
