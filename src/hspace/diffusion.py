@@ -193,6 +193,14 @@ class Schedule:
         return x_prev.to(x_t.dtype)
 
 
+def describe_process(scheduler_config: dict, prediction_type: str) -> str:
+    """The process in words, for ``hspace info``."""
+    if scheduler_config.get("_class_name") in FLOW_SCHEDULERS:
+        return f"flow matching (x_t = (1 - t) x_0 + t eps, the model predicts v = eps - x_0), {spacing_of(scheduler_config)[5:]}"
+    return (f"DDPM/DDIM (x_t = sqrt(alpha_t) x_0 + sqrt(1 - alpha_t) eps, {prediction_type} prediction), "
+            f"{scheduler_config.get('num_train_timesteps', 1000)} training timesteps spaced {spacing_of(scheduler_config)}")
+
+
 def spacing_of(scheduler_config: dict) -> str:
     """How a scheduler config spaces the timesteps of an n-step process (part of the spec): diffusers'
     ``timestep_spacing`` (DDIMScheduler's default "leading") and ``steps_offset``; for flow matching the

@@ -331,7 +331,7 @@ class Engine:
         if tuple(trajectory.x_T.shape[1:]) != self.sample_shape:
             raise HspaceError(f"trajectory x_T has shape {tuple(trajectory.x_T.shape[1:])}, the model samples {self.sample_shape}")
         schedule = self.schedule(trajectory.num_steps)
-        if not torch.equal(schedule.timesteps, trajectory.timesteps.long()):
+        if not torch.equal(schedule.timesteps.to(trajectory.timesteps.dtype), trajectory.timesteps):
             raise HspaceError("trajectory timesteps differ from this engine's schedule for the same number of steps")
         return schedule
 

@@ -58,7 +58,7 @@ class Trajectory:
     """The generative process of a batch of B samples, with T steps each."""
 
     seeds: list[int]  # one per sample; -1 where the sample did not come from a seed (an inverted image)
-    timesteps: torch.Tensor  # [T] long, descending
+    timesteps: torch.Tensor  # [T] descending: long (DDPM family) or float64 (flow matching: sigma * 1000)
     eta: torch.Tensor  # [T] float64
     x_T: torch.Tensor  # [B, C, H, W]
     x0: torch.Tensor  # [B, C, H, W], in the U-Net's space (latents for a latent model)

@@ -202,13 +202,13 @@ def saved_trajectory(args):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    from ..hooks import DEFAULT_H_LOCATION
     from ..spec import GUIDE_EDITS
     from ..loading import DEFAULT_MODEL
 
     p.add_argument("--model", default=None, help=f"built-in name, local diffusers folder or hub id (default: {DEFAULT_MODEL}); with "
                    "--bank or --trajectory, where their model is now if it moved (its fingerprint must match)")
-    p.add_argument("--h-location", default=DEFAULT_H_LOCATION, help="where h lives: mid.out (the paper's h) or mid.in")
+    p.add_argument("--h-location", default=None, help="where h lives: mid.out (U-Nets' default, the paper's h) or mid.in; block.N "
+                   "for a transformer (default: its middle block); `hspace info` lists a model's locations")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     p.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
     p.add_argument("--batch-size", type=batch_size_arg, default=32, help="samples per U-Net batch, or auto: from the device's free memory")

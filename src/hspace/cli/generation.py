@@ -234,17 +234,19 @@ def run_invert(args) -> None:
 def run_info(args) -> None:
     import torch
 
-    from ..hooks import H_LOCATIONS
+    from ..diffusion import describe_process
 
     engine = engine_from(args)
+    locations = engine.model.locations(engine.unet)
     info = {
         "model": engine.spec.describe(),
         **engine.model.describe(),
-        "h": f"{H_LOCATIONS[engine.h_location]}: {engine.h_location}, shape {list(engine.h_shape)} per sample and step",
+        "process": describe_process(engine.scheduler_config, engine.schedule(1).prediction_type),
+        "h": f"{locations[engine.h_location]}: {engine.h_location}, shape {list(engine.h_shape)} per sample and step",
         "spec": engine.spec.to_dict(),
         "sample_shape": engine.sample_shape,
         "h_shape": engine.h_shape,
-        "h_locations": H_LOCATIONS,
+        "h_locations": {name: f"{what}, shape {list(engine.model.location_shape(name))}" for name, what in locations.items()},
         "latent": engine.decoder is not None,
         "device": str(engine.device),
         "speed": engine.speed.describe(),

@@ -230,6 +230,10 @@ class UNetModel:
     def default_location(cls, denoiser: nn.Module) -> str:
         return DEFAULT_H_LOCATION
 
+    def location_shape(self, location: str) -> tuple[int, ...]:
+        """h's shape at ``location`` for one sample (the mid block keeps its input's shape)."""
+        return self.h_shape
+
     @classmethod
     def check_location(cls, denoiser: nn.Module, location: str | None) -> str:
         """``location`` as the spec records it (None: the family's default); an error listing the valid ones."""

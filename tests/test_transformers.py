@@ -1,0 +1,241 @@
+"""Diffusion transformers (DiT with class labels and DDIM, SD3 with text and flow matching) on tiny
+pipelines built in the test (tests/tiny_transformers.py): equality with diffusers' pipelines, the flow
+process against the scheduler's own step, exact replays, where delta-h goes under guidance, h locations,
+the Jacobian against an explicit SVD, inversion, banks, PCA and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tiny_transformers
+from hspace.diffusion import Schedule
+from hspace.engine import Engine
+from hspace.errors import HspaceError
+from hspace.interventions import LinearEdit, Record
+
+STEPS = 4
+FAMILIES = ["dit", "sd3"]
+CONDITION = {"dit": {"prompt": "1", "guidance": 4.0}, "sd3": {"prompt": "a cat", "guidance": 5.0}}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("transformers")
+    pipes = {"dit": tiny_transformers.dit_pipeline(root / "dit"), "sd3": tiny_transformers.sd3_pipeline(root / "sd3"),
+             "sd3-dynamic": tiny_transformers.sd3_pipeline(root / "sd3-dynamic", use_dynamic_shifting=True, base_image_seq_len=16,
+                                                           max_image_seq_len=256)}
+    return root, pipes
+
+
+def _pipeline_latents(pipe, kind: str, x_T: torch.Tensor, guidance: float):
+    """The pipeline's final latents and images from x_T, at its own scheduler (eta 0 for DDIM)."""
+    if kind == "dit":  # DiTPipeline draws its latents from the generator and has no latent output: seed it, catch the VAE's input
+        seen, decode = [], pipe.vae.decode
+        pipe.vae.decode = lambda z, *a, **k: (seen.append(z), decode(z, *a, **k))[1]
+        try:
+            images = pipe(class_labels=[1] * len(x_T), num_inference_steps=STEPS, guidance_scale=guidance, output_type="pt",
+                          generator=torch.Generator().manual_seed(3)).images
+        finally:
+            pipe.vae.decode = decode
+        return seen[0] * pipe.vae.config.scaling_factor, images
+    latents = pipe("a cat", num_inference_steps=STEPS, guidance_scale=guidance, latents=x_T.clone(), output_type="latent",
+                   num_images_per_prompt=len(x_T)).images
+    images = pipe("a cat", num_inference_steps=STEPS, guidance_scale=guidance, latents=x_T.clone(), output_type="pt",
+                  num_images_per_prompt=len(x_T)).images
+    return latents, images
+
+
+@pytest.mark.parametrize("kind", ["dit", "sd3", "sd3-dynamic"])
+@pytest.mark.parametrize("guided", [False, True])
+def test_sample_equals_the_diffusers_pipeline(folders, kind, guided):
+    root, pipes = folders
+    guidance = CONDITION[kind[:3]]["guidance"] if guided else 1.0
+    engine = Engine.load(str(root / kind), prompt=CONDITION[kind[:3]]["prompt"], guidance=guidance)
+    x_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))  # = DiTPipeline's draw from seed 3
+    ours = engine.run(x_T, STEPS, 0.0, progress=False)
+    latents, images = _pipeline_latents(pipes[kind], kind[:3], x_T, guidance)
+    assert float((ours - latents).abs().max()) < 1e-4 * max(1.0, float(latents.abs().max()) / 10)
+    assert float(((engine.decode(ours) / 2 + 0.5).clamp(0, 1) - images).abs().max()) < 1e-4
+
+
+def test_flow_schedule_is_the_pipelines_euler_step_and_the_paths_posterior(folders):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    root, pipes = folders
+    engine = Engine.load(str(root / "sd3-dynamic"), prompt="a cat", guidance=1.0)
+    schedule = engine.schedule(5)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipes["sd3-dynamic"].scheduler.config)
+    scheduler.set_timesteps(5, mu=engine.model.schedule_options(5, engine.scheduler_config)["mu"])
+    assert torch.equal(schedule.timesteps.float(), scheduler.timesteps)
+    assert engine.spec.spacing == "flow:dynamic" and Engine.load(str(root / "sd3")).spec.spacing == "flow:shift=3"
+    x, v = torch.randn(2, 4, 16, 16, dtype=torch.float64), torch.randn(2, 4, 16, 16, dtype=torch.float64)
+    for i in range(5):
+        p, eps = schedule.split_output(i, x, v)
+        ours = schedule.step(i, x, p, eps, 0.0, None)
+        euler = x + (scheduler.sigmas[i + 1].double() - scheduler.sigmas[i].double()) * v
+        assert float((ours - euler).abs().max()) < 1e-12
+        # eta 1: sigma_t is the std of q(x_{t-1} | x_t, x_0) on the path x = (1 - s) x_0 + s eps, by Bayes' rule
+        s, s_next = float(scheduler.sigmas[i]), float(scheduler.sigmas[i + 1])
+        ratio = (1 - s) / (1 - s_next)
+        forward_var = s**2 - ratio**2 * s_next**2
+        posterior_var = s_next**2 * forward_var / s**2
+        assert float(schedule.sigma(torch.ones(5, dtype=torch.float64))[i]) == pytest.approx(posterior_var**0.5, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_replay_is_exact_and_a_zero_edit_is_the_sample(folders, kind):
+    root, _ = folders
+    engine = Engine.load(str(root / kind), **CONDITION[kind])
+    trajectory = engine.sample([3, 4], STEPS, eta=1.0, progress=False)
+    assert torch.equal(engine.replay(trajectory, progress=False).x0, trajectory.x0)
+    assert torch.equal(Engine.load(trajectory.spec).replay(trajectory, progress=False).x0, trajectory.x0)
+    direction = torch.randn(1, STEPS, *engine.h_shape, generator=torch.Generator().manual_seed(0))
+    from hspace.directions.direction import Direction
+
+    d = Direction(direction[0], spec=engine.spec)
+    edited = engine.edit(trajectory, d, [0.0, 1.0], progress=False)
+    assert torch.equal(edited[0, 0], engine.decode(trajectory.x0) if engine.decoder is not None else trajectory.x0)
+    assert float((edited[0, 1] - edited[0, 0]).abs().max()) > 1e-3
+
+
+def _seen_by_next_block(engine):
+    """A hook that keeps the image tokens the block after h receives, as h's grid: [B, D, H/p, W/p]."""
+    blocks = engine.model.block_list(engine.unet)
+    index = int(engine.h_location.split(".")[1])
+    seen = []
+
+    def pre(_module, args, kwargs):
+        tokens = args[0] if args else kwargs["hidden_states"]
+        seen.append(tokens.transpose(1, 2).reshape(len(tokens), -1, *engine.model.grid).clone())
+
+    return blocks[index + 1].register_forward_pre_hook(pre, with_kwargs=True), seen
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("guide_edit", ["cond", "uncond", "both"])
+def test_delta_h_changes_exactly_the_passes_it_names(folders, kind, guide_edit):
+    root, _ = folders
+    engine = Engine.load(str(root / kind), **CONDITION[kind], guide_edit=guide_edit, h_location="block.1")
+    x_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    delta = torch.randn(1, 1, *engine.h_shape, generator=torch.Generator().manual_seed(1))
+    handle, seen = _seen_by_next_block(engine)
+    records = {b: Record(branch=b) for b in ("uncond", "cond")}
+    try:
+        engine.run(x_T, 1, 0.0, progress=False)
+        engine.run(x_T, 1, 0.0, interventions=[LinearEdit(delta, torch.ones(2, 1)), *records.values()], progress=False)
+    finally:
+        handle.remove()
+    plain, edited = seen  # rows 0-1 unconditional, 2-3 conditional
+    change = edited - plain
+    for name, rows in {"uncond": change[:2], "cond": change[2:]}.items():
+        if guide_edit in (name, "both"):
+            assert torch.allclose(rows, delta[0, 0].expand_as(rows), atol=1e-5)
+        else:
+            assert torch.equal(rows, torch.zeros_like(rows))
+    assert torch.equal(records["uncond"].h[:, 0], edited[:2]) and torch.equal(records["cond"].h[:, 0], edited[2:])
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_h_locations_are_listed_checked_and_counted_from_either_end(folders, kind):
+    root, _ = folders
+    engine = Engine.load(str(root / kind), **CONDITION[kind])
+    n = len(engine.model.block_list(engine.unet))
+    assert engine.h_location == f"block.{n // 2}"  # the middle block by default
+    assert list(engine.model.locations(engine.unet)) == [f"block.{i}" for i in range(n)]
+    last = Engine.load(str(root / kind), **CONDITION[kind], h_location="block.-1")
+    assert last.h_location == f"block.{n - 1}"
+    width = engine.unet.config.num_attention_heads * engine.unet.config.attention_head_dim
+    assert engine.h_shape == (width, 8, 8)  # 16x16 latents in 2x2 patches
+    for bad in (f"block.{n}", "mid.out", "joint.0", "block.x"):
+        with pytest.raises(HspaceError, match="h location"):
+            Engine.load(str(root / kind), **CONDITION[kind], h_location=bad)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_jacobian_singular_values_match_an_explicit_svd(folders, kind):
+    from hspace.directions.jacobian import jacobian_directions
+
+    root, _ = folders
+    engine = Engine.load(str(root / kind), **CONDITION[kind], guide_edit="cond")
+    trajectory = engine.sample([7], STEPS, eta=0.0, progress=False)
+    result = jacobian_directions(engine, trajectory, steps=[2], k=3, max_iter=60, tol=0, progress=False)
+    schedule = engine.schedule(STEPS)
+    half = engine.decoder_half(engine.x_t(trajectory, 2), schedule.t(2))
+    with half.forward_mode():
+        J = torch.autograd.functional.jacobian(lambda h: half(h[None])[0].flatten(), half.h[0], vectorize=True)
+    S = torch.linalg.svdvals(J.reshape(J.shape[0], -1).double())[:3] * abs(schedule.eps_scale(2))
+    found = result[0].singular_values.double()
+    assert torch.allclose(found, S, rtol=1e-3), (found, S)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_stochastic_inversion_replays_the_image_exactly(folders, kind):
+    from hspace.inversion import invert
+
+    root, _ = folders
+    engine = Engine.load(str(root / kind), **CONDITION[kind])
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    trajectory = invert(engine, image, STEPS, 1.0, progress=False)
+    assert float((engine.replay(trajectory, progress=False).x0 - engine.encode(image)).abs().max()) < 1e-4
+
+
+def test_deterministic_flow_inversion_comes_back_near_the_image(folders):
+    from hspace.inversion import invert
+
+    root, _ = folders
+    engine = Engine.load(str(root / "sd3"), prompt="a cat", guidance=1.0)
+    image = engine.decode(engine.sample([5], 20, 0.0, progress=False).x0).clamp(-1, 1)
+    target = engine.encode(image)
+    trajectory = invert(engine, image, 20, 0.0, fixed_point_iterations=3, progress=False)
+    error = float((engine.replay(trajectory, progress=False).x0 - target).abs().max())
+    assert error < 0.05 * float(target.abs().max()), error
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_bank_and_pca_on_a_transformer(folders, kind, tmp_path):
+    from hspace.bank import build_bank
+    from hspace.directions.pca import pca_per_timestep
+
+    root, _ = folders
+    engine = Engine.load(str(root / kind), **CONDITION[kind])
+    bank = build_bank(tmp_path / "bank", engine, 6, STEPS, 1.0, batch_size=3, progress=False)
+    pca = pca_per_timestep(bank.h_chunks(), 2, expected_n=6, spec=engine.spec)
+    h = bank.h(list(range(6))).double()[:, 1].reshape(6, -1)
+    centred = h - h.mean(0)
+    top = torch.linalg.svd(centred, full_matrices=False).Vh[0]
+    found = pca.directions[0].delta[1].double().flatten()
+    cosine = float((found @ top) / (found.norm() * top.norm()))
+    assert abs(cosine) > 0.99, cosine  # PC 1 of the bank's h (float16 on disk) at step 1
+    edited = engine.edit(bank.trajectory(engine, [0]), pca.directions[0], [0.0, 3.0], progress=False)
+    assert not torch.equal(edited[0, 0], edited[0, 1])
+
+
+def test_command_line_on_tiny_transformer_folders(folders, tmp_path, capsys):
+    from hspace.cli import main
+
+    root, _ = folders
+    assert main(["info", "--model", str(root / "sd3"), "--prompt", "a cat"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "SD3" and info["process"].startswith("flow matching") and "shift=3" in info["process"]
+    assert info["h_locations"] == {f"block.{i}": info["h_locations"][f"block.{i}"] for i in range(3)}
+    assert "shape [32, 8, 8]" in info["h"]
+    assert main(["sample", "--model", str(root / "sd3"), "--prompt", "a cat", "--steps", "4", "--eta", "0", "--seeds", "0-1",
+                 "--out", str(tmp_path / "s")]) == 0
+    assert len(list((tmp_path / "s").glob("*.png"))) >= 2
+    assert main(["sample", "--model", str(root / "dit"), "--prompt", "1", "--steps", "4", "--seeds", "0", "--out", str(tmp_path / "d")]) == 0
+    assert main(["sample", "--model", str(root / "dit"), "--prompt", "zebra", "--seeds", "0", "--out", str(tmp_path / "z")]) == 2
+    assert "class 'zebra' is not a class of this model" in capsys.readouterr().err
+    assert main(["info", "--model", str(root / "dit"), "--prompt", "1", "--h-location", "block.9"]) == 2
+    assert "valid: block.0 to block.3" in capsys.readouterr().err
+
+
+def test_schedule_errors_name_what_is_wrong():
+    with pytest.raises(HspaceError, match="dynamic shifting and needs mu"):
+        Schedule.from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True}, 4)
+    with pytest.raises(HspaceError, match="stochastic_sampling"):
+        Schedule.from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "stochastic_sampling": True}, 4)
+    flow = Schedule.from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0}, 4)
+    assert flow.t(0) == 1000.0 and flow.process == "flow" and float(flow.var_prev[-1]) == 0.0
