@@ -17,14 +17,16 @@ from hspace.errors import HspaceError
 from hspace.interventions import LinearEdit, Record
 
 STEPS = 4
-FAMILIES = ["dit", "sd3"]
-CONDITION = {"dit": {"prompt": "1", "guidance": 4.0}, "sd3": {"prompt": "a cat", "guidance": 5.0}}
+FAMILIES = ["dit", "sd3", "pixart"]
+CONDITION = {"dit": {"prompt": "1", "guidance": 4.0}, "sd3": {"prompt": "a cat", "guidance": 5.0}, "pixart": {"prompt": "a cat", "guidance": 4.5}}
+PIPELINE_OPTIONS = {"sd3": {}, "pixart": {"use_resolution_binning": False, "clean_caption": False}}
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("transformers")
     pipes = {"dit": tiny_transformers.dit_pipeline(root / "dit"), "sd3": tiny_transformers.sd3_pipeline(root / "sd3"),
+             "pixart": tiny_transformers.pixart_pipeline(root / "pixart"),
              "sd3-dynamic": tiny_transformers.sd3_pipeline(root / "sd3-dynamic", use_dynamic_shifting=True, base_image_seq_len=16,
                                                            max_image_seq_len=256)}
     return root, pipes
@@ -41,22 +43,22 @@ def _pipeline_latents(pipe, kind: str, x_T: torch.Tensor, guidance: float):
         finally:
             pipe.vae.decode = decode
         return seen[0] * pipe.vae.config.scaling_factor, images
-    latents = pipe("a cat", num_inference_steps=STEPS, guidance_scale=guidance, latents=x_T.clone(), output_type="latent",
-                   num_images_per_prompt=len(x_T)).images
-    images = pipe("a cat", num_inference_steps=STEPS, guidance_scale=guidance, latents=x_T.clone(), output_type="pt",
-                  num_images_per_prompt=len(x_T)).images
+    options = {"num_inference_steps": STEPS, "guidance_scale": guidance, "num_images_per_prompt": len(x_T), **PIPELINE_OPTIONS[kind]}
+    latents = pipe("a cat", latents=x_T.clone(), output_type="latent", **options).images
+    images = pipe("a cat", latents=x_T.clone(), output_type="pt", **options).images
     return latents, images
 
 
-@pytest.mark.parametrize("kind", ["dit", "sd3", "sd3-dynamic"])
+@pytest.mark.parametrize("kind", ["dit", "sd3", "sd3-dynamic", "pixart"])
 @pytest.mark.parametrize("guided", [False, True])
 def test_sample_equals_the_diffusers_pipeline(folders, kind, guided):
     root, pipes = folders
-    guidance = CONDITION[kind[:3]]["guidance"] if guided else 1.0
-    engine = Engine.load(str(root / kind), prompt=CONDITION[kind[:3]]["prompt"], guidance=guidance)
+    family = kind.split("-")[0]
+    guidance = CONDITION[family]["guidance"] if guided else 1.0
+    engine = Engine.load(str(root / kind), prompt=CONDITION[family]["prompt"], guidance=guidance)
     x_T = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))  # = DiTPipeline's draw from seed 3
     ours = engine.run(x_T, STEPS, 0.0, progress=False)
-    latents, images = _pipeline_latents(pipes[kind], kind[:3], x_T, guidance)
+    latents, images = _pipeline_latents(pipes[kind], family, x_T, guidance)
     assert float((ours - latents).abs().max()) < 1e-4 * max(1.0, float(latents.abs().max()) / 10)
     assert float(((engine.decode(ours) / 2 + 0.5).clamp(0, 1) - images).abs().max()) < 1e-4
 

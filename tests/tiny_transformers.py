@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_sd import _text_encoder, tokenizer
+from tiny_sd import LETTERS, _text_encoder, tokenizer
 
 
 def _vae(latent_channels: int = 4, **extra):
@@ -58,6 +58,55 @@ def sd3_pipeline(folder: Path | None = None, seed: int = 0, layers: int = 3, **s
         text_encoder_2=_text_encoder(projection=True), text_encoder_3=None, tokenizer=tokenizer(vocab),
         tokenizer_2=tokenizer(vocab), tokenizer_3=None,
     )
+    pipe.set_progress_bar_config(disable=True)
+    if folder is not None:
+        pipe.save_pretrained(folder)
+    return pipe
+
+
+def t5_tokenizer(folder: Path, max_length: int = 32):
+    """A T5 tokenizer from a tiny ``tokenizers`` unigram model: one piece per letter, with and without the
+    word-start mark, as T5's SentencePiece vocabulary spells them."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in LETTERS] + [("\u2581" + c, -2.5) for c in LETTERS]
+    model = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    model.normalizer = normalizers.Lowercase()
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    model.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = T5TokenizerFast(tokenizer_object=model, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
+                                model_max_length=max_length)
+    folder.mkdir(parents=True, exist_ok=True)
+    return tokenizer
+
+
+def _t5_encoder():
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=len(LETTERS) * 2 + 4, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8)).eval()
+
+
+def pixart_pipeline(folder: Path | None = None, seed: int = 0, layers: int = 3):
+    """A tiny PixArtAlphaPipeline: 16x16x4 latents, patch 2, ``layers`` blocks, T5 text, learned variance, DDIM."""
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=16, num_layers=layers, patch_size=2, attention_head_dim=8, num_attention_heads=3, caption_channels=32,
+        in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True, activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+    ).eval()
+    with torch.no_grad():  # adaLN-single's modulation starts at zero: give it weights so that every block acts
+        for p in transformer.parameters():
+            if p.abs().sum() == 0 and p.ndim == 2:
+                p.normal_(0, 0.02)
+    pipe = PixArtAlphaPipeline(transformer=transformer, vae=_vae().eval(), scheduler=DDIMScheduler(clip_sample=False),
+                               text_encoder=_t5_encoder(), tokenizer=t5_tokenizer(Path(folder or "/tmp") / "_t5"))
     pipe.set_progress_bar_config(disable=True)
     if folder is not None:
         pipe.save_pretrained(folder)

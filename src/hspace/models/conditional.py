@@ -111,12 +111,12 @@ class TextConditioner:
 
 
 def _rows(kwargs: dict, n: int) -> dict:
-    """Conditioning keywords of one sample repeated for n samples."""
-    return {k: _rows(v, n) if isinstance(v, dict) else v.expand(n, *v.shape[1:]) for k, v in kwargs.items()}
+    """Conditioning keywords of one sample repeated for n samples (None stays None)."""
+    return {k: _rows(v, n) if isinstance(v, dict) else (None if v is None else v.expand(n, *v.shape[1:])) for k, v in kwargs.items()}
 
 
 def _cat(a: dict, b: dict) -> dict:
-    return {k: _cat(v, b[k]) if isinstance(v, dict) else torch.cat([v, b[k]]) for k, v in a.items()}
+    return {k: _cat(v, b[k]) if isinstance(v, dict) else (None if v is None else torch.cat([v, b[k]])) for k, v in a.items()}
 
 
 class ConditionalUNetModel(UNetModel):

@@ -223,6 +223,55 @@ class SD3Conditioner(TextConditioner):
         return self._cache[key]
 
 
+class PixArtConditioner(SD3Conditioner):
+    """PixArt-alpha/sigma's prompt encoding (T5 with its attention mask) by the pipeline's own
+    ``encode_prompt``, and the resolution conditioning PixArt-alpha 1024 (sample size 128) takes."""
+
+    default_guidance = 4.5  # the PixArt pipelines' default
+    ENCODERS = ("text_encoder",)
+
+    @property
+    def kind(self) -> str:
+        return "T5 text"
+
+    def embed(self, prompt, negative_prompt, guided, image_size):
+        key = (prompt, negative_prompt, guided, image_size)
+        if key not in self._cache:
+            pipe = self.pipeline
+            with torch.no_grad():
+                cond, mask, uncond, uncond_mask = pipe.encode_prompt(
+                    prompt, do_classifier_free_guidance=guided, negative_prompt=negative_prompt or "", num_images_per_prompt=1,
+                    device=self.device, clean_caption=False,
+                )
+            added = {"resolution": None, "aspect_ratio": None}
+            if pipe.transformer.config.sample_size == 128:  # as the pipeline: PixArt-alpha 1024's micro-conditions
+                height, width = image_size
+                added = {"resolution": torch.tensor([[height, width]], dtype=self.dtype, device=self.device),
+                         "aspect_ratio": torch.tensor([[height / width]], dtype=self.dtype, device=self.device)}
+
+            def wrap(e, m):
+                return {"encoder_hidden_states": e.to(self.dtype), "encoder_attention_mask": m, "added_cond_kwargs": added}
+
+            self._cache[key] = ((wrap(uncond, uncond_mask) if guided else None), wrap(cond, mask))
+        return self._cache[key]
+
+
+class PixArtModel(TransformerModel):
+    """``PixArtTransformer2DModel`` (PixArt-alpha and -sigma): T5 cross-attention, adaLN-single, DDPM family."""
+
+    family = "PixArt"
+
+    @classmethod
+    def conditioner_for(cls, pipeline) -> PixArtConditioner:
+        return PixArtConditioner(pipeline)
+
+    def _forward(self, x, t, kwargs):
+        timesteps = t.reshape(-1).expand(len(x))
+        out = self.unet(x, timestep=timesteps, **kwargs).sample
+        channels = self.unet.config.in_channels
+        return out[:, :channels] if self.unet.config.out_channels == 2 * channels else out  # learned variance dropped
+
+
 def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
     """The dynamic shift mu of the flow-matching pipelines (SD3, FLUX): linear in the number of image tokens."""
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
