@@ -197,7 +197,7 @@ def test_deterministic_flow_inversion_comes_back_near_the_image(folders):
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_bank_and_pca_on_a_transformer(folders, kind, tmp_path):
+def test_bank_pca_supervised_and_regression_on_a_transformer(folders, kind, tmp_path):
     from hspace.bank import build_bank
     from hspace.directions.pca import pca_per_timestep
 
@@ -211,8 +211,21 @@ def test_bank_and_pca_on_a_transformer(folders, kind, tmp_path):
     found = pca.directions[0].delta[1].double().flatten()
     cosine = float((found @ top) / (found.norm() * top.norm()))
     assert abs(cosine) > 0.99, cosine  # PC 1 of the bank's h (float16 on disk) at step 1
-    edited = engine.edit(bank.trajectory(engine, [0]), pca.directions[0], [0.0, 3.0], progress=False)
-    assert not torch.equal(edited[0, 0], edited[0, 1])
+    # supervised (eq. 10 on the top and bottom 2 by a score) and regression directions from the same bank
+    from hspace.directions.regression import regression_directions
+    from hspace.directions.supervised import direction_from_scores
+
+    bright = bank.thumbnails().float().mean((1, 2, 3))
+    red = bank.thumbnails().float()[:, 0].mean((1, 2)) - bank.thumbnails().float()[:, 2].mean((1, 2))
+    bank.set_scores("pixels", {"bright": bright, "red": red})
+    supervised = direction_from_scores(bank, "bright", 2, scores="pixels")
+    order = torch.argsort(bright, descending=True).tolist()
+    expected = bank.h(order[:2]).double().mean(0) - bank.h(order[-2:]).double().mean(0)
+    assert torch.allclose(supervised.delta.double(), expected, atol=1e-3)
+    regression = regression_directions(bank, ["bright", "red"], scores="pixels")
+    assert [d.name for d in regression] == ["bright", "red"] and regression[0].h_shape == engine.h_shape
+    edited = engine.edit(bank.trajectory(engine, [0]), [pca.directions[0], supervised], [0.0, 3.0], progress=False)
+    assert torch.equal(edited[0, 0], edited[1, 0]) and not torch.equal(edited[0, 0], edited[0, 1])
 
 
 def test_command_line_on_tiny_transformer_folders(folders, tmp_path, capsys):
@@ -241,3 +254,35 @@ def test_schedule_errors_name_what_is_wrong():
         Schedule.from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "stochastic_sampling": True}, 4)
     flow = Schedule.from_config({"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 1.0}, 4)
     assert flow.t(0) == 1000.0 and flow.process == "flow" and float(flow.var_prev[-1]) == 0.0
+
+
+def test_the_editor_on_a_flow_matching_transformer(folders, tmp_path):
+    """The editor's edit, windows in flow timesteps (sigma * 1000, floats) and Save on SD3; the saved
+    direction re-applied in Python gives the page's image."""
+    import base64
+
+    import numpy as np
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from hspace.directions.direction import Direction
+    from hspace.ui.server import Editor, create_app
+
+    root, _ = folders
+    engine = Engine.load(str(root / "sd3"), prompt="a cat", guidance=5.0)
+    pc = Direction(torch.randn(STEPS, *engine.h_shape, generator=torch.Generator().manual_seed(0)), meta={"name": "pc1", "method": "pca"},
+                   spec=engine.spec)
+    editor = Editor(engine, [pc], tmp_path / "saved", steps=STEPS, eta=1.0)
+    client = TestClient(create_app(editor, port=7860, token="t"), base_url="http://127.0.0.1:7860", headers={"X-Hspace-Token": "t"})
+    t = editor.timesteps
+    assert t[0] == pytest.approx(1000.0) and any(x != int(x) for x in t)  # shifted sigmas: non-integer timesteps
+    parts = [{"name": "pc1", "scale": 2.0, "window": [t[0], t[1]]}]
+    shown = client.post("/api/edit", json={"sample": {"seed": 3}, "parts": parts, "raw": True}).json()
+    assert "edited_raw" in shown, shown
+    saved = client.post("/api/save", json={"name": "sd3 edit", "parts": parts}).json()["saved"]
+    direction = Direction.load(editor.save_dir / saved)
+    assert torch.equal(direction.delta[2:], torch.zeros_like(direction.delta[2:]))  # outside the window
+    again = engine.edit(engine.sample([3], STEPS, 1.0, progress=False), [direction], [1.0], progress=False)[0, 0, 0]
+    page = torch.from_numpy(np.frombuffer(base64.b64decode(shown["edited_raw"]), dtype=np.float32).copy())
+    assert torch.equal(again.flatten(), page)

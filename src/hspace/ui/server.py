@@ -94,7 +94,8 @@ class Editor:
         self.added = 0  # directions added on request (bounded by MAX_ADDED)
         self.latest = _Cache(limit=MAX_TABS)  # the newest request number of each tab
         self._latest_lock = threading.Lock()
-        self.timesteps = [int(t) for t in engine.schedule(steps).timesteps]
+        schedule = engine.schedule(steps)
+        self.timesteps = [schedule.t(i) for i in range(steps)]  # ints, or floats for flow matching (sigma * 1000)
 
     # ---------------------------------------------------------------- what there is
     def add_direction(self, direction: Direction) -> str:
