@@ -286,3 +286,32 @@ def test_the_editor_on_a_flow_matching_transformer(folders, tmp_path):
     again = engine.edit(engine.sample([3], STEPS, 1.0, progress=False), [direction], [1.0], progress=False)[0, 0, 0]
     page = torch.from_numpy(np.frombuffer(base64.b64decode(shown["edited_raw"]), dtype=np.float32).copy())
     assert torch.equal(again.flatten(), page)
+
+
+def test_a_bank_by_two_processes_equals_one_on_a_transformer(folders, tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from hspace.cli import main
+
+    root, _ = folders
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # equal bit for bit at the same thread count per process (docs/scale.md)
+    try:
+        common = ["--model", str(root / "dit"), "--prompt", "1", "--n", "4", "--steps", "3", "--shard-size", "2", "--batch-size", "2"]
+        assert main(["bank", str(tmp_path / "one"), *common]) == 0
+        env = {**os.environ, "HSPACE_NO_PROGRESS": "1"}
+        two = subprocess.run([sys.executable, "-m", "hspace", "bank", str(tmp_path / "two"), *common, "--num-processes", "2"],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert two.returncode == 0, two.stderr[-3000:]
+    finally:
+        torch.set_num_threads(before)
+    names = sorted(p.name for p in (tmp_path / "one").glob("shard-*.safetensors"))
+    assert len(names) == 2 and names == sorted(p.name for p in (tmp_path / "two").glob("shard-*.safetensors"))
+    for name in names:
+        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+        assert torch.equal(a["h"], b["h"]) and torch.equal(a["seeds"], b["seeds"])
