@@ -111,3 +111,28 @@ def pixart_pipeline(folder: Path | None = None, seed: int = 0, layers: int = 3):
     if folder is not None:
         pipe.save_pretrained(folder)
     return pipe
+
+
+def flux_pipeline(folder: Path | None = None, seed: int = 0, guidance_embeds: bool = True):
+    """A tiny FluxPipeline: 128x128x4 latents (its default 1024-px size through this 2x VAE: 256 px), packed
+    2x2 into 4096 tokens, one double-stream and one single-stream block, CLIP + T5 text, the dynamic shift
+    of FLUX.1-dev's scheduler config."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=guidance_embeds,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    folder_or_tmp = Path(folder or "/tmp")
+    pipe = FluxPipeline(
+        scheduler=scheduler, vae=_vae(shift_factor=0.1159, scaling_factor=0.3611).eval(), text_encoder=_text_encoder().eval(),
+        tokenizer=tokenizer(folder_or_tmp / "_vocab"), text_encoder_2=_t5_encoder(), tokenizer_2=t5_tokenizer(folder_or_tmp / "_t5"),
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if folder is not None:
+        pipe.save_pretrained(folder)
+    return pipe

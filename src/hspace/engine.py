@@ -46,6 +46,11 @@ def _condition(components: Components, prompt, negative_prompt, guidance, guide_
     prompt = components.conditioner.fit("" if prompt is None else prompt)
     negative_prompt = components.conditioner.fit(negative_prompt, "negative prompt")
     guidance = getattr(components.conditioner, "default_guidance", DEFAULT_GUIDANCE) if guidance is None else guidance
+    if getattr(components.conditioner, "guidance_embedded", False):  # FLUX: guidance is an input of the one pass
+        if guide_edit is not None:
+            raise HspaceError(f"guide_edit {guide_edit!r}: this model's guidance is an embedding of its one pass (FLUX), there is "
+                              "no second pass to route delta-h to; leave guide_edit out")
+        return {"prompt": prompt, "negative_prompt": negative_prompt, "guidance": guidance, "guide_edit": None}
     if guide_edit is None and isinstance(guidance, (int, float)) and guidance > 1:
         guide_edit = "both"
     return {"prompt": prompt, "negative_prompt": negative_prompt, "guidance": guidance, "guide_edit": guide_edit}

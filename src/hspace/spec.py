@@ -148,7 +148,7 @@ class Spec:
             text += f", prompt {self.prompt!r}"
             if self.negative_prompt:
                 text += f", negative prompt {self.negative_prompt!r}"
-            text += f", guidance {self.guidance:g}" + (f", delta-h in {self.guide_edit} pass(es)" if self.guided else "")
+            text += f", guidance {self.guidance:g}" + (f", delta-h in {self.guide_edit} pass(es)" if self.guided and self.guide_edit else "")
         return text
 
     def to_dict(self) -> dict:

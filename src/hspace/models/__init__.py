@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import HspaceError
 from .conditional import ConditionalUNetModel
-from .transformer import DiTModel, PixArtModel, SD3Model, TransformerModel
+from .transformer import DiTModel, FluxModel, PixArtModel, SD3Model, TransformerModel
 from .unet import DecoderHalf, UNetModel
 
 # diffusers class name -> wrapper class
@@ -25,6 +25,7 @@ BACKBONES: dict[str, type] = {
     "DiTTransformer2DModel": DiTModel,
     "SD3Transformer2DModel": SD3Model,
     "PixArtTransformer2DModel": PixArtModel,
+    "FluxTransformer2DModel": FluxModel,
 }
 
 
@@ -46,4 +47,4 @@ def backbone_for(denoiser: nn.Module) -> type:
     raise HspaceError(f"no backbone for a {type(denoiser).__name__}; valid denoisers: {', '.join(BACKBONES)}")
 
 
-__all__ = ["BACKBONES", "ConditionalUNetModel", "DecoderHalf", "DiTModel", "PixArtModel", "SD3Model", "TransformerModel", "UNetModel", "backbone_for", "register"]
+__all__ = ["BACKBONES", "ConditionalUNetModel", "DecoderHalf", "DiTModel", "FluxModel", "PixArtModel", "SD3Model", "TransformerModel", "UNetModel", "backbone_for", "register"]

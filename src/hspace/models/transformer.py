@@ -43,8 +43,7 @@ class TransformerModel(ConditionalUNetModel):
 
     kind = "transformer"
     family = "transformer"
-    prefix = "block"  # the location names: block.N
-    blocks = "transformer_blocks"  # the attribute holding the blocks
+    kinds = {"block": "transformer_blocks"}  # location name -> the attribute holding those blocks, in forward order
     image_output = None  # index of the image tokens in a block's output tuple (None: the output is the tokens)
 
     def __init__(self, unet, decoder, h_location, device, dtype, conditioner, spec, speed=None):
@@ -57,28 +56,36 @@ class TransformerModel(ConditionalUNetModel):
         self.grid = (self.sample_shape[1] // patch, self.sample_shape[2] // patch)
 
     @classmethod
-    def block_list(cls, denoiser: nn.Module) -> nn.ModuleList:
-        return getattr(denoiser, cls.blocks)
+    def block_list(cls, denoiser: nn.Module, kind: str | None = None) -> nn.ModuleList:
+        """The blocks of one kind (default: the first, ``block`` for DiT, PixArt and SD3)."""
+        return getattr(denoiser, cls.kinds[kind or next(iter(cls.kinds))])
 
     @classmethod
     def locations(cls, denoiser: nn.Module) -> dict[str, str]:
-        n = len(cls.block_list(denoiser))
-        return {f"{cls.prefix}.{i}": f"output of {cls.blocks[:-1].replace('_', ' ')} {i} of {n} on the image tokens" for i in range(n)}
+        found = {}
+        for kind, attribute in cls.kinds.items():
+            n = len(getattr(denoiser, attribute))
+            what = attribute[:-1].replace("_", " ")
+            found.update({f"{kind}.{i}": f"output of {what} {i} of {n} on the image tokens" for i in range(n)})
+        return found
 
     @classmethod
     def default_location(cls, denoiser: nn.Module) -> str:
-        return f"{cls.prefix}.{len(cls.block_list(denoiser)) // 2}"
+        """The middle block of all blocks in forward order (until a measurement says which is best)."""
+        return list(cls.locations(denoiser))[len(cls.locations(denoiser)) // 2]
 
     @classmethod
     def check_location(cls, denoiser: nn.Module, location: str | None) -> str:
         if location is None:
             return cls.default_location(denoiser)
         kind, _, index = location.partition(".")
-        n = len(cls.block_list(denoiser))
-        if kind == cls.prefix and index.lstrip("-").isdigit() and -n <= int(index) < n:
+        counts = {k: len(getattr(denoiser, a)) for k, a in cls.kinds.items()}
+        n = counts.get(kind, 0)
+        if n and index.lstrip("-").isdigit() and -n <= int(index) < n:
             return f"{kind}.{int(index) % n}"
-        raise HspaceError(f"unknown h location {location!r} for this {type(denoiser).__name__} ({n} blocks); valid: "
-                          f"{cls.prefix}.0 to {cls.prefix}.{n - 1} (or -1 to -{n} from the end)")
+        valid = "; ".join(f"{k}.0 to {k}.{c - 1} (or -1 to -{c} from the end)" for k, c in counts.items())
+        raise HspaceError(f"unknown h location {location!r} for this {type(denoiser).__name__} ({', '.join(f'{c} {k}' for k, c in counts.items())} "
+                          f"blocks); valid: {valid}")
 
     def _prepare_speed(self) -> None:
         if self.speed.compile:
@@ -87,7 +94,8 @@ class TransformerModel(ConditionalUNetModel):
             self.speed.prepare(self.unet, self.unet, self.dtype)  # (raises the same error as for U-Nets)
 
     def _block(self) -> nn.Module:
-        return self.block_list(self.unet)[int(self.h_location.split(".")[1])]
+        kind, _, index = self.h_location.partition(".")
+        return self.block_list(self.unet, kind)[int(index)]
 
     @contextlib.contextmanager
     def _hook(self, fn):
@@ -113,8 +121,8 @@ class TransformerModel(ConditionalUNetModel):
             handle.remove()
 
     def describe(self) -> dict:
-        return {**super().describe(), "kind": f"{self.family} ({self.conditioner.kind}), patch {self.unet.config.patch_size}, "
-                f"{len(self.block_list(self.unet))} blocks"}
+        blocks = ", ".join(f"{len(getattr(self.unet, a))} {k}" for k, a in self.kinds.items())
+        return {**super().describe(), "kind": f"{self.family} ({self.conditioner.kind}), patch {self.unet.config.patch_size}, {blocks} blocks"}
 
 
 class ClassConditioner:
@@ -270,6 +278,98 @@ class PixArtModel(TransformerModel):
         out = self.unet(x, timestep=timesteps, **kwargs).sample
         channels = self.unet.config.in_channels
         return out[:, :channels] if self.unet.config.out_channels == 2 * channels else out  # learned variance dropped
+
+
+class FluxConditioner(SD3Conditioner):
+    """FluxPipeline's prompt encoding (CLIP pooled + T5) by its own ``encode_prompt``. FLUX-dev's guidance is
+    an embedding given to its one pass (``guidance_embedded``): there is no unconditional pass."""
+
+    default_guidance = 3.5  # FluxPipeline's default
+    guidance_embedded = True
+    ENCODERS = ("text_encoder", "text_encoder_2")
+
+    def __init__(self, pipeline):
+        super().__init__(pipeline)
+        self.text_ids: dict = {}
+
+    @property
+    def kind(self) -> str:
+        return "CLIP + T5 text, guidance " + ("embedded" if self.pipeline.transformer.config.guidance_embeds else "distilled away")
+
+    def fit(self, prompt, what: str = "prompt"):
+        if what != "prompt" and prompt is not None:
+            raise HspaceError(f"FLUX runs one pass per step: there is no {what} (the pipeline's true CFG is not supported)")
+        return super().fit(prompt, what)
+
+    def embed(self, prompt, negative_prompt, guided, image_size):
+        key = prompt
+        if key not in self._cache:
+            with torch.no_grad():
+                embeds, pooled, text_ids = self.pipeline.encode_prompt(prompt=prompt, prompt_2=None, device=self.device, num_images_per_prompt=1)
+            self._cache[key] = (None, {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)})
+            self.text_ids[key] = text_ids
+        return self._cache[key]
+
+
+class FluxModel(TransformerModel):
+    """``FluxTransformer2DModel`` (FluxPipeline): double-stream (``joint.N``) then single-stream (``single.N``)
+    blocks on 2x2-packed latents with rotary position ids, flow matching with the pipeline's dynamic shift.
+
+    x_t stays the unpacked latent [C, H, W] (C = in_channels / 4), so h, masks and directions are spatial as
+    for every family; the wrapper packs before each pass and unpacks the output (``pack`` / ``unpack``,
+    the pipeline's ``_pack_latents`` / ``_unpack_latents``). h is the image stream after the block, on the
+    packed tokens' (H/2) x (W/2) grid."""
+
+    family = "FLUX"
+    kinds = {"joint": "transformer_blocks", "single": "single_transformer_blocks"}
+    image_output = 1  # both block kinds return (text tokens, image tokens)
+    DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 1024 px through an 8x VAE
+
+    @classmethod
+    def conditioner_for(cls, pipeline) -> FluxConditioner:
+        return FluxConditioner(pipeline)
+
+    def __init__(self, unet, decoder, h_location, device, dtype, conditioner, spec, speed=None):
+        super().__init__(unet, decoder, h_location, device, dtype, conditioner, spec, speed)
+        self.guided = False  # one pass; the guidance scale is an input of it
+        self.grid = (self.sample_shape[1] // 2, self.sample_shape[2] // 2)
+        self.txt_ids = conditioner.text_ids[spec.prompt].to(device)
+        self.img_ids = conditioner.pipeline._prepare_latent_image_ids(1, self.grid[0], self.grid[1], device, dtype)
+        self.guidance_input = torch.tensor([spec.guidance], dtype=torch.float32, device=device) if self.unet.config.guidance_embeds else None
+
+    def _sample_shape(self) -> tuple[int, ...]:
+        if self.unet.config.in_channels % 4:
+            raise HspaceError(f"a FLUX transformer takes 2x2-packed latents: in_channels {self.unet.config.in_channels} is not a multiple of 4")
+        return (self.unet.config.in_channels // 4, self.DEFAULT_SAMPLE_SIZE, self.DEFAULT_SAMPLE_SIZE)
+
+    @staticmethod
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, (H/2)(W/2), 4C], as FluxPipeline._pack_latents."""
+        b, c, h, w = x.shape
+        return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+    @staticmethod
+    def unpack(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The inverse of ``pack``: [B, (H/2)(W/2), 4C] -> [B, C, H, W]."""
+        b, _, d = tokens.shape
+        h, w = size
+        return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+    def _forward(self, x, t, kwargs):
+        timesteps = t.reshape(-1).to(x.dtype).expand(len(x)) / 1000
+        guidance = None if self.guidance_input is None else self.guidance_input.expand(len(x))
+        out = self.unet(hidden_states=self.pack(x), timestep=timesteps, guidance=guidance, txt_ids=self.txt_ids, img_ids=self.img_ids,
+                        **kwargs).sample
+        return self.unpack(out, tuple(x.shape[2:]))
+
+    def schedule_options(self, num_steps: int, config: dict) -> dict:
+        import numpy as np
+
+        tokens = self.grid[0] * self.grid[1]
+        mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
+        return {"mu": mu, "sigmas": sigmas}
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:

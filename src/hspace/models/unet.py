@@ -208,13 +208,17 @@ class UNetModel:
         self.unet = _prepare(unet, device, dtype)
         self._prepare_speed()
         self.decoder = None if decoder is None else _prepare(decoder, device, dtype)
+        self.sample_shape = self._sample_shape()
+        self._h_shape: tuple[int, ...] | None = None
+
+    def _sample_shape(self) -> tuple[int, ...]:
+        """[C, H, W] of x_t: the denoiser's in_channels and sample_size."""
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size):
             raise HspaceError(f"the denoiser's config has sample_size {self.unet.config.sample_size!r}; valid: a positive integer "
                               "(or two): the size of the samples it makes")
-        self.sample_shape = (self.unet.config.in_channels, *size)
-        self._h_shape: tuple[int, ...] | None = None
+        return (self.unet.config.in_channels, *size)
 
     @classmethod
     def build(cls, components, h_location: str, device, dtype, spec, speed) -> "UNetModel":
