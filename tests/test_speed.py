@@ -81,8 +81,10 @@ def test_compiled_blocks_are_within_tolerance_and_edits_stay_eager():
 
 
 def test_bfloat16_autocast_agrees_in_labels_and_keeps_h_float32():
-    full = Engine.load("toyfaces").sample(range(32), 10, 0.0, batch_size=32, progress=False)
-    fast = Engine.load("toyfaces", speed=Speed(autocast="bfloat16")).sample(range(32), 10, 0.0, batch_size=32, progress=False)
+    # 12 faces, 6 steps: bfloat16 is emulated on CPUs without its instructions (~30x slower than float32 here);
+    # measured: mean |x_0| difference 0.0087, labels agree 100%, yaw 0.04 std apart
+    full = Engine.load("toyfaces").sample(range(12), 6, 0.0, batch_size=12, progress=False)
+    fast = Engine.load("toyfaces", speed=Speed(autocast="bfloat16")).sample(range(12), 6, 0.0, batch_size=12, progress=False)
     assert fast.h.dtype == torch.float32 and fast.x0.dtype == torch.float32
     difference = (fast.x0 - full.x0).abs()
     assert 1e-3 < float(difference.mean()) < 0.05  # reduced precision did run, and mostly agrees
@@ -91,8 +93,8 @@ def test_bfloat16_autocast_agrees_in_labels_and_keeps_h_float32():
     assert float(agreement) >= 0.9, float(agreement)
     assert float((a["yaw"] - b["yaw"]).abs().mean()) < 0.1 * float(a["yaw"].std())
     engine = Engine.load("toyfaces", speed=Speed(autocast="bfloat16"))
-    few = engine.sample(range(4), 10, 0.0, batch_size=4, progress=False)
-    assert torch.equal(engine.replay(few, batch_size=4, progress=False).x0, few.x0)  # recording h changed nothing (same batches)
+    few = engine.sample(range(2), 6, 0.0, batch_size=2, progress=False)
+    assert torch.equal(engine.replay(few, batch_size=2, progress=False).x0, few.x0)  # recording h changed nothing (same batches)
 
 
 def test_an_autocast_bank_is_extended_only_with_autocast(tmp_path):
