@@ -172,12 +172,13 @@ def test_jacobian_singular_values_match_an_explicit_svd(folders, kind):
     root, _ = folders
     engine = Engine.load(str(root / kind), prompt=CONDITION[kind]["prompt"], guidance=1.0)  # (routing under guidance: test_conditional)
     trajectory = engine.sample([7], STEPS, eta=0.0, progress=False)
-    result = jacobian_directions(engine, trajectory, steps=[2], k=3, max_iter=30, tol=0, progress=False)
+    # the last step: random transformers have flat spectra, and there the top three are furthest apart
+    result = jacobian_directions(engine, trajectory, steps=[3], k=3, max_iter=40, tol=0, progress=False)
     schedule = engine.schedule(STEPS)
-    half = engine.decoder_half(engine.x_t(trajectory, 2), schedule.t(2))
+    half = engine.decoder_half(engine.x_t(trajectory, 3), schedule.t(3))
     with half.forward_mode():
         J = torch.autograd.functional.jacobian(lambda h: half(h[None])[0].flatten(), half.h[0], vectorize=True)
-    S = torch.linalg.svdvals(J.reshape(J.shape[0], -1).double())[:3] * abs(schedule.eps_scale(2))
+    S = torch.linalg.svdvals(J.reshape(J.shape[0], -1).double())[:3] * abs(schedule.eps_scale(3))
     found = result[0].singular_values.double()
     assert torch.allclose(found, S, rtol=1e-3), (found, S)
 
