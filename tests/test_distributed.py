@@ -76,7 +76,7 @@ def test_bank_by_two_processes_equals_one_and_resumes_with_any_number(tmp_path, 
 
     # killed in the middle (the whole process group, as a lost machine would be), then resumed with 1 process
     env = {**os.environ, "HSPACE_NO_PROGRESS": "1"}
-    killed = subprocess.Popen([sys.executable, "-m", "hspace", "bank", str(tmp_path / "killed"), "--n", "16", *BANK[:3], "40",
+    killed = subprocess.Popen([sys.executable, "-m", "hspace", "bank", str(tmp_path / "killed"), "--n", "16", *BANK[:3], "20",
                                *BANK[4:], "--num-processes", "2"], env=env, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not list((tmp_path / "killed").glob("shard-*.safetensors")):
@@ -89,10 +89,10 @@ def test_bank_by_two_processes_equals_one_and_resumes_with_any_number(tmp_path, 
     killed.wait()
     partial = Bank.open(tmp_path / "killed")
     assert partial.missing(), "the run finished before it was killed; nothing was resumed"
-    resumed = build_bank(tmp_path / "killed", Engine.load("tiny-random"), 16, 40, 1.0, shard_size=2, batch_size=2, progress=False)
+    resumed = build_bank(tmp_path / "killed", Engine.load("tiny-random"), 16, 20, 1.0, shard_size=2, batch_size=2, progress=False)
     assert resumed.complete
-    reference40 = build_bank(tmp_path / "one40", Engine.load("tiny-random"), 16, 40, 1.0, shard_size=2, batch_size=2, progress=False)
-    _assert_same_bank(tmp_path / "one40", tmp_path / "killed")
+    reference20 = build_bank(tmp_path / "one20", Engine.load("tiny-random"), 16, 20, 1.0, shard_size=2, batch_size=2, progress=False)
+    _assert_same_bank(tmp_path / "one20", tmp_path / "killed")
 
     # shards lost (and a half-written temporary left behind), resumed with 3 processes: only those are drawn
     for name in ("shard-000000000002.safetensors", "shard-000000000008.safetensors", "shard-000000000014.safetensors"):
@@ -102,7 +102,7 @@ def test_bank_by_two_processes_equals_one_and_resumes_with_any_number(tmp_path, 
     assert three.returncode == 0, _failure(three)
     assert sorted(_draws(three.stderr)) == [2, 8, 14]
     _assert_same_bank(tmp_path / "one", tmp_path / "two")
-    assert reference40.complete
+    assert reference20.complete
 
 
 def test_annotate_and_edit_by_two_processes_equal_one(tmp_path, one_thread):

@@ -155,7 +155,7 @@ def test_v_weight_cap_weights_each_timestep_of_the_epsilon_loss(tmp_path):
     assert float(w.max() / w.min()) == pytest.approx(5.0 * float(alphas[0]), rel=1e-5)  # the noisiest steps reach the cap
     assert torch.equal(timestep_weights(alphas, 1.0), torch.ones(len(alphas)))
     for bad in (0.5, float("nan")):
-        with pytest.raises(HspaceError, match="v_weight_cap must be a number >= 1"):
+        with pytest.raises(HspaceError, match="v_weight_cap must be a finite number >= 1"):
             train(tmp_path / "bad", TrainConfig(steps=1, batch_size=4, pool=32, v_weight_cap=bad))
 
     # The first step's loss, recomputed by hand from the run's seeded draws.

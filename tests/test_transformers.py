@@ -374,3 +374,42 @@ def test_flux_packs_latents_as_the_pipeline_and_edits_its_one_pass(folders):
     assert len(seen[0]) == 1  # one pass
     change = (seen[1] - seen[0]).transpose(1, 2).reshape(1, 32, 64, 64)
     assert torch.allclose(change, delta[0], atol=1e-5)
+
+
+def test_offload_keeps_encoders_and_vae_on_the_cpu_and_changes_nothing(folders):
+    """``Speed(offload=True)``: the same sample; the text encoders and the VAE are on the CPU between uses and
+    on the engine's device while they run (on this CPU-only machine both are the CPU: the moves themselves
+    are exercised on a GPU only)."""
+    from hspace.speed import Speed
+
+    root, _ = folders
+    plain = Engine.load(str(root / "sd3"), prompt="a cat", guidance=5.0)
+    offloaded = Engine.load(str(root / "sd3"), prompt="a cat", guidance=5.0, speed=Speed(offload=True))
+    where = []
+    handle = offloaded.decoder.decoder.register_forward_pre_hook(lambda m, args: where.append(next(m.parameters()).device))
+    try:
+        a = plain.sample([1], STEPS, 1.0, progress=False)
+        b = offloaded.sample([1], STEPS, 1.0, progress=False)
+        offloaded.decode(b.x0)
+    finally:
+        handle.remove()
+    assert torch.equal(a.x0, b.x0) and torch.equal(plain.decode(a.x0), offloaded.decode(b.x0))
+    assert offloaded.speed.describe() == "offload"
+    encoders = offloaded.model.conditioner.encoders()
+    assert len(encoders) == 2 and all(next(e.parameters()).device.type == "cpu" for e in encoders)
+    assert next(offloaded.decoder.parameters()).device.type == "cpu"
+    assert where and all(d == offloaded.device for d in where)  # the VAE's decoder ran on the engine's device
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_swapping_h_between_samples_on_a_transformer(folders, kind):
+    """h of the donor replaces h at every step (paper Fig. 3): a sample given its own h is itself, bit for bit,
+    and the recorded h of a swap is the donor's."""
+    root, _ = folders
+    engine = Engine.load(str(root / kind), **CONDITION[kind])
+    a = engine.sample([1], STEPS, 1.0, progress=False)
+    b = engine.sample([2], STEPS, 1.0, progress=False)
+    assert torch.equal(engine.swap(a, a, progress=False).x0, a.x0)
+    swapped = engine.swap(a, b, progress=False)
+    # (under guidance "both" the passes' mean h is set to the donor's: equal up to float rounding)
+    assert torch.allclose(swapped.h, b.h, atol=1e-5) and not torch.equal(swapped.x0, a.x0)

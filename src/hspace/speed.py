@@ -18,6 +18,11 @@ process the same up to a stated tolerance (measured by ``benchmarks/bench_peak.p
   x_0 move by up to ~1.4, while the attributes a classifier reads agree (``tests/test_speed.py``). It is
   therefore part of a bank's identity (a bank drawn with it is only extended with it) and opt-in.
 
+- ``offload``: the text encoders and the VAE stay on the CPU and move to the engine's device only while they
+  run (encoding a prompt, once per prompt; decoding or encoding images), as diffusers'
+  ``enable_model_cpu_offload`` does for a pipeline's components: only the denoiser stays on the GPU. The
+  values are the same (the same modules on the same device when they run); the moves cost time.
+
 Nothing is on by default (docs/performance.md): channels_last + compile are within tolerance but gain 9%
 at batch 32 on this project's CPU, cost 30-55 s of compilation per batch shape, and would make results
 differ in their last bits from every bank drawn before.
@@ -43,16 +48,17 @@ class Speed:
     channels_last: bool = False
     compile: bool = False
     autocast: str | None = None
+    offload: bool = False  # text encoders and the VAE on the CPU between uses (module doc)
 
     def __post_init__(self):
-        for name in ("channels_last", "compile"):
+        for name in ("channels_last", "compile", "offload"):
             if not isinstance(getattr(self, name), bool):
                 raise HspaceError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
             raise HspaceError(f"unknown autocast dtype {self.autocast!r}; valid: {', '.join(AUTOCAST_DTYPES)} (or None: off)")
 
     def describe(self) -> str:
-        on = [name for name in ("channels_last", "compile") if getattr(self, name)]
+        on = [name for name in ("channels_last", "compile", "offload") if getattr(self, name)]
         if self.autocast:
             on.append(f"{self.autocast} autocast")
         return ", ".join(on) or "default"

@@ -173,7 +173,8 @@ def engine_of_spec(spec, args, source: str = "the bank or trajectory"):
 def speed_of(args):
     from ..speed import Speed
 
-    return Speed(bool(getattr(args, "channels_last", False)), bool(getattr(args, "compile", False)), getattr(args, "autocast", None))
+    return Speed(bool(getattr(args, "channels_last", False)), bool(getattr(args, "compile", False)), getattr(args, "autocast", None),
+                 bool(getattr(args, "offload", False)))
 
 
 def batch_size_arg(text: str):
@@ -220,6 +221,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--compile", action="store_true", help="torch.compile the U-Net's blocks (within 1e-4; the first batch compiles)")
     s.add_argument("--autocast", choices=AUTOCAST_DTYPES, default=None,
                    help="U-Net matmuls/convolutions in this precision, h and weights in float32 (not within 1e-4; recorded in banks)")
+    s.add_argument("--offload", action="store_true", help="keep the text encoders and the VAE on the CPU between uses (a GPU holds the denoiser only)")
     g = p.add_argument_group("text-conditioned models (Stable Diffusion, SDXL)")
     g.add_argument("--prompt", default=None, help='the prompt (default "")')
     g.add_argument("--negative-prompt", default=None, help="the negative prompt (default: the pipeline's)")

@@ -22,6 +22,7 @@ U-Net (as ``unet.py`` does for UNet2DModel) would save little (docs/directions.m
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -72,21 +73,39 @@ class TextConditioner:
         logger.warning("the %s is %d tokens, longer than the text encoder's %d: it is cut to %r (recorded in the spec)", what, len(ids), room, kept)
         return kept
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "TextConditioner":
-        if getattr(self, "device", None) == device and getattr(self, "dtype", None) == dtype:
+    ENCODERS = ("text_encoder", "text_encoder_2")  # the pipeline's attributes holding its text encoders
+
+    def to(self, device: torch.device, dtype: torch.dtype, offload: bool = False) -> "TextConditioner":
+        """Encode on ``device`` in ``dtype``; with ``offload`` the encoders wait on the CPU between prompts."""
+        if (getattr(self, "device", None), getattr(self, "dtype", None), getattr(self, "offload", False)) == (device, dtype, offload):
             return self
-        for name in ("text_encoder", "text_encoder_2"):
-            encoder = getattr(self.pipeline, name, None)
-            if encoder is not None:
-                encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.device, self.dtype = device, dtype
+        for encoder in self.encoders():
+            encoder.to(device=torch.device("cpu") if offload else device, dtype=dtype).eval().requires_grad_(False)
+        self.device, self.dtype, self.offload = device, dtype, offload
         self._cache.clear()
         return self
+
+    def encoders(self) -> list[torch.nn.Module]:
+        return [e for e in (getattr(self.pipeline, name, None) for name in self.ENCODERS) if e is not None]
+
+    @contextlib.contextmanager
+    def on_device(self):
+        """The encoders on the device while a prompt is encoded; back on the CPU after, when offloading."""
+        if not getattr(self, "offload", False):
+            yield
+            return
+        for encoder in self.encoders():
+            encoder.to(self.device)
+        try:
+            yield
+        finally:
+            for encoder in self.encoders():
+                encoder.to("cpu")
 
     def embed(self, prompt: str, negative_prompt: str | None, guided: bool, image_size: tuple[int, int]) -> tuple[dict | None, dict]:
         key = (prompt, negative_prompt, guided, image_size)
         if key not in self._cache:
-            with torch.no_grad():
+            with torch.no_grad(), self.on_device():
                 self._cache[key] = self._embed_xl(*key) if self.xl else self._embed_sd(*key[:3])
         return self._cache[key]
 
@@ -137,7 +156,7 @@ class ConditionalUNetModel(UNetModel):
         if unet.config.time_cond_proj_dim is not None:
             raise HspaceError("U-Nets with a guidance embedding (time_cond_proj_dim, e.g. LCM) are not supported; valid: SD 1.x/2.x and SDXL U-Nets")
         super().__init__(unet, decoder, h_location, device, dtype, speed)
-        self.conditioner = conditioner.to(device, dtype)
+        self.conditioner = conditioner.to(device, dtype, self.speed.offload)
         self.guided, self.guidance, self.guide_edit = spec.guided, spec.guidance, spec.guide_edit
         image_size = tuple(s * conditioner.pipeline.vae_scale_factor for s in self.sample_shape[1:])  # the pipeline's default size
         self.uncond, self.cond = self.conditioner.embed(spec.prompt, spec.negative_prompt, spec.guided, image_size)

@@ -48,7 +48,7 @@ class TransformerModel(ConditionalUNetModel):
 
     def __init__(self, unet, decoder, h_location, device, dtype, conditioner, spec, speed=None):
         UNetModel.__init__(self, unet, decoder, h_location, device, dtype, speed)  # (not the conditional U-Net's checks)
-        self.conditioner = conditioner.to(device, dtype)
+        self.conditioner = conditioner.to(device, dtype, self.speed.offload)
         self.guided, self.guidance, self.guide_edit = spec.guided, spec.guidance, spec.guide_edit
         image_size = tuple(s * conditioner.vae_scale_factor for s in self.sample_shape[1:])
         self.uncond, self.cond = self.conditioner.embed(spec.prompt, spec.negative_prompt, spec.guided, image_size)
@@ -159,7 +159,7 @@ class ClassConditioner:
             raise HspaceError(f"a class-conditional model needs a class: --prompt N with N from 0 to {self.num_classes - 1}")
         return str(self.label(prompt))
 
-    def to(self, device, dtype) -> "ClassConditioner":
+    def to(self, device, dtype, offload: bool = False) -> "ClassConditioner":
         self.device, self.dtype = device, dtype
         return self
 
@@ -204,21 +204,10 @@ class SD3Conditioner(TextConditioner):
     def kind(self) -> str:
         return "SD3 text" + ("" if getattr(self.pipeline, "text_encoder_3", None) is not None else ", no T5")
 
-    def to(self, device, dtype):
-        if getattr(self, "device", None) == device and getattr(self, "dtype", None) == dtype:
-            return self
-        for name in self.ENCODERS:
-            encoder = getattr(self.pipeline, name, None)
-            if encoder is not None:
-                encoder.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        self.device, self.dtype = device, dtype
-        self._cache.clear()
-        return self
-
     def embed(self, prompt, negative_prompt, guided, image_size):
         key = (prompt, negative_prompt, guided)
         if key not in self._cache:
-            with torch.no_grad():
+            with torch.no_grad(), self.on_device():
                 cond, uncond, pooled, uncond_pooled = self.pipeline.encode_prompt(
                     prompt=prompt, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
                     do_classifier_free_guidance=guided, negative_prompt=negative_prompt,
@@ -246,7 +235,7 @@ class PixArtConditioner(SD3Conditioner):
         key = (prompt, negative_prompt, guided, image_size)
         if key not in self._cache:
             pipe = self.pipeline
-            with torch.no_grad():
+            with torch.no_grad(), self.on_device():
                 cond, mask, uncond, uncond_mask = pipe.encode_prompt(
                     prompt, do_classifier_free_guidance=guided, negative_prompt=negative_prompt or "", num_images_per_prompt=1,
                     device=self.device, clean_caption=False,
@@ -264,20 +253,15 @@ class PixArtConditioner(SD3Conditioner):
         return self._cache[key]
 
 
-class PixArtModel(TransformerModel):
-    """``PixArtTransformer2DModel`` (PixArt-alpha and -sigma): T5 cross-attention, adaLN-single, DDPM family."""
+class PixArtModel(DiTModel):
+    """``PixArtTransformer2DModel`` (PixArt-alpha and -sigma): T5 cross-attention, adaLN-single, DDPM family;
+    its pass is DiT's (the learned-variance channels dropped), its conditioning T5 text."""
 
     family = "PixArt"
 
     @classmethod
     def conditioner_for(cls, pipeline) -> PixArtConditioner:
         return PixArtConditioner(pipeline)
-
-    def _forward(self, x, t, kwargs):
-        timesteps = t.reshape(-1).expand(len(x))
-        out = self.unet(x, timestep=timesteps, **kwargs).sample
-        channels = self.unet.config.in_channels
-        return out[:, :channels] if self.unet.config.out_channels == 2 * channels else out  # learned variance dropped
 
 
 class FluxConditioner(SD3Conditioner):
@@ -304,7 +288,7 @@ class FluxConditioner(SD3Conditioner):
     def embed(self, prompt, negative_prompt, guided, image_size):
         key = prompt
         if key not in self._cache:
-            with torch.no_grad():
+            with torch.no_grad(), self.on_device():
                 embeds, pooled, text_ids = self.pipeline.encode_prompt(prompt=prompt, prompt_2=None, device=self.device, num_images_per_prompt=1)
             self._cache[key] = (None, {"encoder_hidden_states": embeds.to(self.dtype), "pooled_projections": pooled.to(self.dtype)})
             self.text_ids[key] = text_ids

@@ -207,7 +207,7 @@ class UNetModel:
         self.speed = speed or Speed()
         self.unet = _prepare(unet, device, dtype)
         self._prepare_speed()
-        self.decoder = None if decoder is None else _prepare(decoder, device, dtype)
+        self.decoder = None if decoder is None else _prepare(decoder, torch.device("cpu") if self.speed.offload else device, dtype)
         self.sample_shape = self._sample_shape()
         self._h_shape: tuple[int, ...] | None = None
 
@@ -296,6 +296,18 @@ class UNetModel:
         """The decoder half at (x_t, t) (encoder half computed once here), for the Jacobian of eq. 6."""
         return DecoderHalf(self.unet, encode(self.unet, x_t, t, self.h_location))
 
+    @contextlib.contextmanager
+    def _decoder_on_device(self):
+        """The VAE on the engine's device while it runs; back on the CPU after, with ``Speed.offload``."""
+        if not self.speed.offload:
+            yield
+            return
+        self.decoder.to(self.device)
+        try:
+            yield
+        finally:
+            self.decoder.to("cpu")
+
     @property
     def latent_scale(self) -> float:
         return float(getattr(self.decoder.config, "scaling_factor", 1.0) or 1.0)
@@ -310,7 +322,7 @@ class UNetModel:
         if self.decoder is None:
             return x0
         out = []
-        with torch.no_grad():
+        with torch.no_grad(), self._decoder_on_device():
             for part in x0.split(batch_size):
                 z = part.to(self.device, self.dtype) / self.latent_scale
                 if self.latent_shift is not None:
@@ -324,7 +336,7 @@ class UNetModel:
         if self.decoder is None:
             return images.float()
         out = []
-        with torch.no_grad():
+        with torch.no_grad(), self._decoder_on_device():
             for part in images.split(batch_size):
                 encoded = self.decoder.encode(part.to(self.device, self.dtype))
                 latents = encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mean
