@@ -413,3 +413,23 @@ def test_swapping_h_between_samples_on_a_transformer(folders, kind):
     swapped = engine.swap(a, b, progress=False)
     # (under guidance "both" the passes' mean h is set to the donor's: equal up to float rounding)
     assert torch.allclose(swapped.h, b.h, atol=1e-5) and not torch.equal(swapped.x0, a.x0)
+
+
+@pytest.mark.parametrize("kind", ["dit", "flux"])
+def test_channels_last_and_autocast_run_on_transformers(folders, kind):
+    """The speed options a transformer takes: channels_last within 1e-4 of the default; bfloat16 autocast runs,
+    keeps h in float32 and stays near; --compile is refused with a message."""
+    from hspace.speed import Speed
+
+    root, _ = folders
+    plain = Engine.load(str(root / kind), **CONDITION[kind])
+    x_T = torch.randn(1, *plain.sample_shape, generator=torch.Generator().manual_seed(0))
+    reference = plain.run(x_T, 2, 0.0, progress=False)
+    nhwc = Engine.load(str(root / kind), **CONDITION[kind], speed=Speed(channels_last=True)).run(x_T, 2, 0.0, progress=False)
+    assert float((nhwc - reference).abs().max()) < 1e-4 * max(1.0, float(reference.abs().max()))
+    record = Record()
+    fast = Engine.load(str(root / kind), **CONDITION[kind], speed=Speed(autocast="bfloat16"))
+    out = fast.run(x_T, 2, 0.0, interventions=[record], progress=False)
+    assert record.h.dtype == torch.float32 and 0 < float((out - reference).abs().mean()) < 0.1 * float(reference.abs().mean())
+    with pytest.raises(HspaceError, match="--compile is not supported for"):
+        Engine.load(str(root / kind), **CONDITION[kind], speed=Speed(compile=True))

@@ -90,8 +90,7 @@ class TransformerModel(ConditionalUNetModel):
     def _prepare_speed(self) -> None:
         if self.speed.compile:
             raise HspaceError(f"--compile is not supported for {self.family} backbones yet; valid: leave it out")
-        if self.speed.autocast is not None and self.dtype != torch.float32:
-            self.speed.prepare(self.unet, self.unet, self.dtype)  # (raises the same error as for U-Nets)
+        self.speed.prepare(self.unet, self._block(), self.dtype)  # channels_last; autocast's dtype check
 
     def _block(self) -> nn.Module:
         kind, _, index = self.h_location.partition(".")
@@ -330,14 +329,14 @@ class FluxModel(TransformerModel):
     def pack(x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, (H/2)(W/2), 4C], as FluxPipeline._pack_latents."""
         b, c, h, w = x.shape
-        return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+        return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
 
     @staticmethod
     def unpack(tokens: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """The inverse of ``pack``: [B, (H/2)(W/2), 4C] -> [B, C, H, W]."""
         b, _, d = tokens.shape
         h, w = size
-        return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+        return tokens.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
 
     def _forward(self, x, t, kwargs):
         timesteps = t.reshape(-1).to(x.dtype).expand(len(x)) / 1000
