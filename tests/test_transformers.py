@@ -280,9 +280,10 @@ def test_schedule_errors_name_what_is_wrong():
     assert flow.t(0) == 1000.0 and flow.process == "flow" and float(flow.var_prev[-1]) == 0.0
 
 
-def test_the_editor_on_a_flow_matching_transformer(folders, tmp_path):
-    """The editor's edit, windows in flow timesteps (sigma * 1000, floats) and Save on SD3; the saved
-    direction re-applied in Python gives the page's image."""
+@pytest.mark.parametrize("kind", [*FAMILIES, "flux"])
+def test_the_editor_on_a_transformer(folders, tmp_path, kind):
+    """The editor's edit, windows (for flow matching in sigma * 1000, floats) and Save; the saved direction
+    re-applied in Python gives the page's image."""
     import base64
 
     import numpy as np
@@ -294,13 +295,14 @@ def test_the_editor_on_a_flow_matching_transformer(folders, tmp_path):
     from hspace.ui.server import Editor, create_app
 
     root, _ = folders
-    engine = Engine.load(str(root / "sd3"), prompt="a cat", guidance=5.0)
+    engine = Engine.load(str(root / kind), **CONDITION[kind])
     pc = Direction(torch.randn(STEPS, *engine.h_shape, generator=torch.Generator().manual_seed(0)), meta={"name": "pc1", "method": "pca"},
                    spec=engine.spec)
     editor = Editor(engine, [pc], tmp_path / "saved", steps=STEPS, eta=1.0)
     client = TestClient(create_app(editor, port=7860, token="t"), base_url="http://127.0.0.1:7860", headers={"X-Hspace-Token": "t"})
     t = editor.timesteps
-    assert t[0] == pytest.approx(1000.0) and any(x != int(x) for x in t)  # shifted sigmas: non-integer timesteps
+    if kind in ("sd3", "flux"):
+        assert t[0] == pytest.approx(1000.0) and any(x != int(x) for x in t)  # shifted sigmas: non-integer timesteps
     parts = [{"name": "pc1", "scale": 2.0, "window": [t[0], t[1]]}]
     shown = client.post("/api/edit", json={"sample": {"seed": 3}, "parts": parts, "raw": True}).json()
     assert "edited_raw" in shown, shown
@@ -312,7 +314,8 @@ def test_the_editor_on_a_flow_matching_transformer(folders, tmp_path):
     assert torch.equal(again.flatten(), page)
 
 
-def test_a_bank_by_two_processes_equals_one_on_a_transformer(folders, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["dit", "sd3"])
+def test_a_bank_by_two_processes_equals_one_on_a_transformer(folders, tmp_path, monkeypatch, kind):
     import os
     import subprocess
     import sys
@@ -326,7 +329,7 @@ def test_a_bank_by_two_processes_equals_one_on_a_transformer(folders, tmp_path, 
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # equal bit for bit at the same thread count per process (docs/scale.md)
     try:
-        common = ["--model", str(root / "dit"), "--prompt", "1", "--n", "4", "--steps", "3", "--shard-size", "2", "--batch-size", "2"]
+        common = ["--model", str(root / kind), "--prompt", CONDITION[kind]["prompt"], "--n", "4", "--steps", "3", "--shard-size", "2", "--batch-size", "2"]
         assert main(["bank", str(tmp_path / "one"), *common]) == 0
         env = {**os.environ, "HSPACE_NO_PROGRESS": "1"}
         two = subprocess.run([sys.executable, "-m", "hspace", "bank", str(tmp_path / "two"), *common, "--num-processes", "2"],
