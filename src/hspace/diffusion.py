@@ -29,6 +29,7 @@ scheduler's own alphas_cumprod and 1 - alphas_cumprod, so its arithmetic is unch
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -164,13 +165,13 @@ class Schedule:
         return p, eps
 
     def eps_scale(self, i: int) -> float:
-        """d eps / d(model output) at step i: what the Jacobian of eps is, per unit of the model's output."""
-        if self.prediction_type == "v_prediction":
-            return self.a(i)  # eps = a v + s x_t
+        """d eps / d(model output) at step i: what the Jacobian of eps is, per unit of the model's output
+        (1 for eps-prediction; SM Sec. E for the others)."""
+        a = float(self.alpha[i])
+        if self.prediction_type in ("v_prediction", "flow"):
+            return math.sqrt(a)  # eps = sqrt(a) v + sqrt(1 - a) x_t; flow: eps = x_t + (1 - sigma) v, a = (1 - sigma)^2
         if self.prediction_type == "sample":
-            return -self.a(i) / self.s(i)  # eps = (x_t - a x_0) / s
-        if self.prediction_type == "flow":
-            return self.a(i)  # eps = x_t + a v
+            return -math.sqrt(a) / math.sqrt(float(self.var[i]))  # eps = (x_t - sqrt(a) x_0) / sqrt(1 - a)
         return 1.0
 
     def step(

@@ -346,7 +346,7 @@ def jacobian_directions(
     with Meter.job(callback, len(steps) * num_blocks * max_iter * per_iteration, progress, "jacobian") as meter:
         for step in steps:
             half = engine.decoder_half(engine.x_t(one, step), schedule.t(step))
-            svd = _decompose(half, _eps_scale(schedule, step), out_mask, method, k, b, max_iter, tol, generator,
+            svd = _decompose(half, schedule.eps_scale(step), out_mask, method, k, b, max_iter, tol, generator,
                              oversample, batching, _iteration_events(meter, step, per_iteration))
             meter.skip(num_blocks * max_iter * per_iteration - sum(svd.iterations) * per_iteration)
             results.append(_step_result(engine, one, schedule, step, svd, float(half.h[0].float().norm()), method, b, oversample, mask, mask_name))
@@ -487,18 +487,6 @@ def restrict_to_region(direction: Direction, mask: torch.Tensor) -> Direction:
         raise HspaceError(f"the region lies over none of h's {direction.h_shape[-2]}x{direction.h_shape[-1]} cells")
     meta = {**direction.meta, "name": f"{direction.name}-cells", "params": {**direction.meta["params"], "h_cells": int(cells.sum())}}
     return Direction(delta * (direction.delta.norm() / delta.norm()), direction.sigma, meta, direction.spec)
-
-
-def _eps_scale(schedule, step: int) -> float:
-    """d eps / d(U-Net output) at that step: 1 for eps-prediction; SM Sec. E for the others."""
-    a = float(schedule.alpha[step])
-    if schedule.prediction_type == "v_prediction":
-        return math.sqrt(a)  # eps = sqrt(a) v + sqrt(1 - a) x_t
-    if schedule.prediction_type == "sample":
-        return -math.sqrt(a) / math.sqrt(1 - a)  # eps = (x_t - sqrt(a) x_0) / sqrt(1 - a)
-    if schedule.prediction_type == "flow":
-        return math.sqrt(a)  # eps = x_t + (1 - sigma) v, a = (1 - sigma)^2
-    return 1.0
 
 
 def _fix_signs(svd: SVDResult) -> SVDResult:

@@ -75,6 +75,11 @@ class TextConditioner:
 
     ENCODERS = ("text_encoder", "text_encoder_2")  # the pipeline's attributes holding its text encoders
 
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel (the pipeline's own factor)."""
+        return self.pipeline.vae_scale_factor
+
     def to(self, device: torch.device, dtype: torch.dtype, offload: bool = False) -> "TextConditioner":
         """Encode on ``device`` in ``dtype``; with ``offload`` the encoders wait on the CPU between prompts."""
         if (getattr(self, "device", None), getattr(self, "dtype", None), getattr(self, "offload", False)) == (device, dtype, offload):
@@ -153,12 +158,12 @@ class ConditionalUNetModel(UNetModel):
         return TextConditioner(pipeline)
 
     def __init__(self, unet, decoder, h_location, device, dtype, conditioner: TextConditioner, spec, speed=None):
-        if unet.config.time_cond_proj_dim is not None:
+        if getattr(unet.config, "time_cond_proj_dim", None) is not None:
             raise HspaceError("U-Nets with a guidance embedding (time_cond_proj_dim, e.g. LCM) are not supported; valid: SD 1.x/2.x and SDXL U-Nets")
         super().__init__(unet, decoder, h_location, device, dtype, speed)
         self.conditioner = conditioner.to(device, dtype, self.speed.offload)
         self.guided, self.guidance, self.guide_edit = spec.guided, spec.guidance, spec.guide_edit
-        image_size = tuple(s * conditioner.pipeline.vae_scale_factor for s in self.sample_shape[1:])  # the pipeline's default size
+        image_size = tuple(s * conditioner.vae_scale_factor for s in self.sample_shape[1:])  # the pipeline's default size
         self.uncond, self.cond = self.conditioner.embed(spec.prompt, spec.negative_prompt, spec.guided, image_size)
 
     def _conditioning(self, n: int) -> dict:

@@ -21,7 +21,6 @@ from torch import nn
 
 from ..errors import HspaceError
 from .conditional import ConditionalUNetModel, TextConditioner
-from .unet import UNetModel
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +46,7 @@ class TransformerModel(ConditionalUNetModel):
     image_output = None  # index of the image tokens in a block's output tuple (None: the output is the tokens)
 
     def __init__(self, unet, decoder, h_location, device, dtype, conditioner, spec, speed=None):
-        UNetModel.__init__(self, unet, decoder, h_location, device, dtype, speed)  # (not the conditional U-Net's checks)
-        self.conditioner = conditioner.to(device, dtype, self.speed.offload)
-        self.guided, self.guidance, self.guide_edit = spec.guided, spec.guidance, spec.guide_edit
-        image_size = tuple(s * conditioner.vae_scale_factor for s in self.sample_shape[1:])
-        self.uncond, self.cond = self.conditioner.embed(spec.prompt, spec.negative_prompt, spec.guided, image_size)
+        super().__init__(unet, decoder, h_location, device, dtype, conditioner, spec, speed)
         patch = int(self.unet.config.patch_size)
         self.grid = (self.sample_shape[1] // patch, self.sample_shape[2] // patch)
 
@@ -196,7 +191,6 @@ class SD3Conditioner(TextConditioner):
             raise HspaceError(f"the {type(pipeline).__name__} has no text_encoder; an SD3 pipeline needs its CLIP encoders")
         self.pipeline = pipeline
         self.xl = False
-        self.vae_scale_factor = pipeline.vae_scale_factor
         self._cache = {}
 
     @property
