@@ -80,14 +80,52 @@ def test_prompt_is_encoded_once_and_part_of_the_spec(folders):
     assert engine.conditioned(guidance=1).spec.guide_edit is None  # one pass: nothing to choose
 
 
-def test_replay_is_exact_and_another_prompt_is_refused(folders):
+def test_replay_is_exact_under_each_samples_own_prompt_whatever_the_engines(folders):
     root, _ = folders
     engine = Engine.load(str(root / "sdxl"), prompt="a red car", guidance=4.0, guide_edit="cond")
     trajectory = engine.sample([3, 4], STEPS, eta=1.0, progress=False)
+    assert trajectory.prompts == ["a red car"] * 2
     assert torch.equal(engine.replay(trajectory, progress=False).x0, trajectory.x0)
     assert torch.equal(Engine.load(trajectory.spec).replay(trajectory, progress=False).x0, trajectory.x0)
-    with pytest.raises(HspaceError, match="prompt"):
-        engine.conditioned(prompt="a blue car").replay(trajectory, progress=False)
+    other = engine.conditioned(prompt="a blue car")  # the prompt is the sample's, not the engine's
+    assert torch.equal(other.replay(trajectory, progress=False).x0, trajectory.x0)
+    assert not torch.equal(other.sample([3], STEPS, eta=1.0, progress=False).x0, trajectory.x0[:1])
+    with pytest.raises(HspaceError, match="guidance"):  # the rest of the process must still match
+        engine.conditioned(guidance=5.0).replay(trajectory, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_samples_of_several_prompts_in_one_batch_equal_each_prompt_drawn_alone(folders, kind, tmp_path):
+    root, _ = folders
+    engine = Engine.load(str(root / kind), prompt="a cat", guidance=5.0)
+    encoded = []
+    original = engine.model.conditioner.pipeline.encode_prompt
+    engine.model.conditioner.pipeline.encode_prompt = lambda *a, **k: encoded.append(1) or original(*a, **k)
+    try:
+        mixed = engine.sample([0, 1, 2, 3, 4], STEPS, eta=1.0, prompts=["a dog", "a cow"], progress=False)  # cycled
+    finally:
+        engine.model.conditioner.pipeline.encode_prompt = original
+    assert mixed.prompts == ["a dog", "a cow", "a dog", "a cow", "a dog"]
+    assert len(encoded) == 2  # each prompt once, for the whole batch
+    for prompt, rows in (("a dog", [0, 2, 4]), ("a cow", [1, 3])):
+        alone = engine.conditioned(prompt=prompt).sample([mixed.seeds[r] for r in rows], STEPS, eta=1.0, progress=False)
+        # (equal up to float32 rounding that differs with the batch's size: another prompt's embedding would be far)
+        assert float((mixed.x0[rows] - alone.x0).abs().max()) < 1e-4 and float((mixed.h[rows] - alone.h).abs().max()) < 1e-4
+        assert float((mixed.x0[rows] - engine.sample([mixed.seeds[r] for r in rows], STEPS, eta=1.0, progress=False).x0).abs().max()) > 0.1
+    # saved and loaded, indexed, concatenated with another prompt's samples, replayed: every sample keeps its prompt
+    from hspace.trajectory import Trajectory
+
+    mixed.save(tmp_path / "t.safetensors")
+    loaded = Trajectory.load(tmp_path / "t.safetensors")
+    assert loaded.prompts == mixed.prompts and loaded[[1, 2]].prompts == ["a cow", "a dog"]
+    both = Trajectory.cat([loaded, engine.sample([9], STEPS, eta=1.0, progress=False)])
+    assert both.prompts[-1] == "a cat"
+    assert torch.equal(engine.conditioned(prompt="a fish").replay(loaded, progress=False).x0, mixed.x0)  # the same batches: exact
+    assert float((engine.replay(both, progress=False).x0 - both.x0).abs().max()) < 1e-4  # batches of another size
+    with pytest.raises(HspaceError, match="3 prompts for 2 samples"):
+        engine.sample([0, 1], STEPS, prompts=["a", "b", "c"], progress=False)
+    with pytest.raises(HspaceError, match="list of strings"):
+        engine.sample([0, 1], STEPS, prompts=[1, 2], progress=False)
 
 
 @pytest.mark.parametrize("guide_edit", ["cond", "uncond", "both"])

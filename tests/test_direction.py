@@ -23,14 +23,37 @@ def test_save_load_round_trip(tmp_path):
 def test_mismatches_are_clear_errors(engine, trajectory):
     with pytest.raises(HspaceError, match=r"h shape \(16, 8, 8\) but the engine's h at 'mid.out' is \(32, 8, 8\)"):
         engine.edit(trajectory, make(shape=(16, 8, 8)), [1.0])
-    with pytest.raises(HspaceError, match="has 10 steps but the process has 6"):
-        engine.edit(trajectory, make(steps=10), [1.0])
     with pytest.raises(HspaceError, match="made by a different engine .h_location: 'mid.in' vs 'mid.out'"):
         engine.edit(trajectory, make(h_location="mid.in"), [1.0])
     with pytest.raises(HspaceError, match="scales is empty"):
         engine.edit(trajectory, make(), [])
     with pytest.raises(HspaceError, match=r"scales must be a list of numbers, got \['big'\]"):
         engine.edit(trajectory, make(), ["big"])
+
+
+def test_a_direction_found_at_one_step_count_applies_at_another_resampled_by_timestep(engine, trajectory, tmp_path):
+    t50, t25, t7 = (engine.schedule(n).timesteps.double() for n in (50, 25, 7))
+    found = Direction(torch.randn(50, *engine.h_shape), sigma=torch.rand(50), meta={"name": "d"}, spec=engine.spec, timesteps=t50)
+    # every 25-step timestep is a 50-step one: the same vectors, exactly
+    shared = [t50.tolist().index(t) for t in t25.tolist()]
+    at25 = engine.direction_at(found, 25)
+    assert torch.equal(at25.delta, found.delta[shared]) and torch.equal(at25.sigma, found.sigma[shared])
+    assert torch.equal(at25.timesteps, t25)
+    # linear in t between the enclosing found steps: a delta linear in t is resampled exactly
+    slope = torch.randn(*engine.h_shape)
+    linear = Direction(t50.float().view(-1, 1, 1, 1) * slope, meta={"name": "lin"}, spec=engine.spec, timesteps=t50)
+    assert float((engine.direction_at(linear, 7).delta - t7.float().view(-1, 1, 1, 1) * slope).abs().max()) < 1e-3
+    assert not set(t7.tolist()) <= set(t50.tolist())  # (7 steps: timesteps between the found ones)
+    # a file without timesteps (older) was found on the engine's own schedule of its steps
+    older = Direction(found.delta, found.sigma, {"name": "old"}, engine.spec)
+    assert torch.equal(engine.direction_at(older, 25).delta, at25.delta)
+    found.save(tmp_path / "d.safetensors")
+    assert torch.equal(Direction.load(tmp_path / "d.safetensors").timesteps, t50)
+    # an edit of the 6-step trajectory with the 50-step direction is the edit with it resampled by hand
+    by_hand = Direction(found.at(engine.schedule(6).timesteps).delta, meta={"name": "d"}, spec=engine.spec)
+    assert torch.equal(engine.edit(trajectory, found, [1.0], progress=False), engine.edit(trajectory, by_hand, [1.0], progress=False))
+    with pytest.raises(HspaceError, match="no record of their timesteps"):
+        older.at(t25)
 
 
 def test_single_step_direction_applies_at_every_step(engine, trajectory):

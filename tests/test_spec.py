@@ -31,7 +31,10 @@ def test_spec_round_trip_and_validation():
     with pytest.raises(HspaceError, match="guide_edit 'both' needs guidance > 1"):
         Spec("m", prompt="", guidance=1.0, guide_edit="both")
     # another prompt is another process; a direction is not tied to its prompt
-    assert conditional.differences(Spec("sd", prompt="a dog", negative_prompt="blur", guidance=5, guide_edit="cond")) == ["prompt: 'a dog' vs 'a cat'"]
+    other_prompt = Spec("sd", prompt="a dog", negative_prompt="blur", guidance=5, guide_edit="cond")
+    assert conditional.differences(other_prompt) == []  # a process's samples each record their own prompt
+    assert conditional.differences(other_prompt, "exact") == ["prompt: 'a dog' vs 'a cat'"]  # a bank's first prompt
+    assert conditional.differences(Spec("sd", prompt="a cat", negative_prompt="blur", guidance=6, guide_edit="cond")) == ["guidance: 6.0 vs 5.0"]
     assert conditional.differences(Spec("sd", prompt="a dog"), "direction") == []
 
 

@@ -56,6 +56,9 @@ FLOAT16_MAX = 65504.0
 _SHARD = re.compile(r"shard-(\d{12})\.safetensors")
 # What a bank's samples depend on: a bank refuses to mix samples that differ in any of these.
 IDENTITY = ("spec", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
+# A bank over several prompts also has these (absent for one prompt, which is the spec's, as before them).
+PROMPT_KEYS = ("prompts", "prompt_order")
+PROMPT_ORDERS = ("cycle", "random")  # sample i gets prompts[i % P], or one drawn by its seed
 LEGACY_IDENTITY = ("spec", "num_steps", "eta", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
 
 
@@ -68,7 +71,17 @@ def _identity(settings: dict) -> dict:
     if _legacy(settings):
         autocast = {"autocast": settings["autocast"]} if settings.get("autocast") is not None else {}
         return {**{k: settings[k] for k in LEGACY_IDENTITY}, **autocast}
-    return {k: settings[k] for k in IDENTITY}
+    return {k: settings[k] for k in (*IDENTITY, *PROMPT_KEYS) if k in IDENTITY or k in settings}
+
+
+def prompt_of(prompts: list[str], order: str, base_seed: int, index: int) -> str:
+    """The prompt of sample ``index`` of a bank over ``prompts`` (``PROMPT_ORDERS``): fixed by the index alone, so a
+    bank drawn in pieces, resumed or extended gives every sample the same prompt."""
+    if order == "cycle":
+        return prompts[index % len(prompts)]
+    import random
+
+    return prompts[random.Random(base_seed + index).randrange(len(prompts))]
 
 
 def _spec(settings: dict) -> Spec:
@@ -138,8 +151,8 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
 def _mismatch(ours: dict, theirs: dict) -> list[str]:
     """What differs between a bank's settings and those requested (the spec field by field, "spec.FIELD")."""
     bad = [f"spec.{d}" for d in _spec(theirs).differences(_spec(ours), "exact", what="the bank")]
-    keys = [k for k in IDENTITY if k != "spec"]
-    return bad + [f"{key}: bank has {ours.get(key)!r}, requested {theirs[key]!r}" for key in keys if ours.get(key) != theirs[key]]
+    keys = [k for k in (*IDENTITY, *PROMPT_KEYS) if k != "spec"]
+    return bad + [f"{key}: bank has {ours.get(key)!r}, requested {theirs.get(key)!r}" for key in keys if ours.get(key) != theirs.get(key)]
 
 
 def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -192,13 +205,24 @@ class Bank:
         return cls(path, manifest)
 
     @staticmethod
-    def identity_of(engine, num_steps: int, eta, base_seed: int, shard_size: int, thumbnail_size: int) -> dict:
-        from .diffusion import eta_schedule
+    def identity_of(engine, num_steps: int, eta, base_seed: int, shard_size: int, thumbnail_size: int,
+                    prompts: str | Sequence[str] | None = None, prompt_order: str = "cycle") -> dict:
+        """The settings of a bank of ``engine``; over several ``prompts`` (the spec records the first), else the
+        one prompt (None: the engine's) is the spec's."""
+        from dataclasses import replace
 
+        from .diffusion import eta_schedule
+        from .errors import check_choice
+
+        check_choice("prompt_order", prompt_order, PROMPT_ORDERS)
         schedule = engine.schedule(num_steps)
+        pool = None if prompts is None else list(dict.fromkeys(engine.fit_prompts(prompts)))
+        spec = engine.spec if pool is None else replace(engine.spec, prompt=pool[0])
+        extra = {"prompts": pool, "prompt_order": prompt_order} if pool is not None and len(pool) > 1 else {}
         return {
-            "spec": engine.spec.with_process(num_steps, eta_schedule(eta, num_steps).tolist()).to_dict(),
-            "timesteps": [int(t) for t in schedule.timesteps],
+            **extra,
+            "spec": spec.with_process(num_steps, eta_schedule(eta, num_steps).tolist()).to_dict(),
+            "timesteps": schedule.timesteps.tolist(),  # integers (DDPM family) or floats (flow matching: 1000 sigma)
             "base_seed": base_seed,
             "shard_size": shard_size,
             "h_shape": list(engine.h_shape),
@@ -244,6 +268,27 @@ class Bank:
     def seeds(self) -> list[int]:
         base = self.manifest["base_seed"]
         return list(range(base, base + self.n))
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """[T] the timesteps of the bank's steps."""
+        return torch.tensor(self.manifest["timesteps"], dtype=torch.float64)
+
+    @property
+    def prompts(self) -> list[str] | None:
+        """The bank's prompts (one for a bank of one prompt); None for an unconditional model."""
+        if "prompts" in self.manifest:
+            return list(self.manifest["prompts"])
+        return [self.spec.prompt] if self.spec.conditional else None
+
+    def sample_prompts(self, indices: Sequence[int] | None = None) -> list[str] | None:
+        """The prompt of each sample ``indices`` (default all); None for an unconditional model."""
+        pool = self.prompts
+        if pool is None:
+            return None
+        indices = range(self.n) if indices is None else indices
+        order, base = self.manifest.get("prompt_order", "cycle"), self.manifest["base_seed"]
+        return [prompt_of(pool, order, base, i) for i in indices]
 
     @classmethod
     def create(cls, path: str | Path, identity: dict, n: int, adopt_shards: bool = False) -> "Bank":
@@ -410,7 +455,8 @@ class Bank:
         self.check_engine(engine)
         indices = self.check_indices(indices)
         seeds = [self.manifest["base_seed"] + i for i in indices]
-        return engine.sample(seeds, self.num_steps, self.eta, batch_size=batch_size, callback=callback, progress=progress)
+        return engine.sample(seeds, self.num_steps, self.eta, batch_size=batch_size, callback=callback, progress=progress,
+                             prompts=self.sample_prompts(indices))
 
     # ------------------------------------------------------------------ scores and labels
 
@@ -470,8 +516,13 @@ def build_bank(
     callback: Callable | None = None,
     progress: bool | None = None,
     processes: "Processes | None" = None,
+    prompts: str | Sequence[str] | None = None,
+    prompt_order: str = "cycle",
 ) -> Bank:
     """Create, resume or extend the bank at ``path`` so that it holds ``n`` samples; returns it.
+
+    A conditional model's bank may hold samples of several ``prompts``: sample i gets prompts[i % P]
+    (``prompt_order="cycle"``) or one drawn by its seed (``"random"``); None: the engine's prompt.
 
     Sample i has seed ``base_seed + i``. Missing shards are drawn in order, each in batches of
     ``batch_size`` (so a shard is the same whenever it is drawn) and written atomically; extending a
@@ -498,7 +549,7 @@ def build_bank(
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise HspaceError(f"bank path {str(path)!r} exists and is not a folder")
-    identity = Bank.identity_of(engine, num_steps, eta, base_seed, shard_size, thumbnail_size)
+    identity = Bank.identity_of(engine, num_steps, eta, base_seed, shard_size, thumbnail_size, prompts, prompt_order)
     procs = processes or Processes.current(engine.device)
     procs.agree(_digest(identity) + f" n={n}", "the bank's settings (fingerprint and size)")
     path.mkdir(parents=True, exist_ok=True)
@@ -514,7 +565,8 @@ def build_bank(
             for start, count in mine:
                 (logger.info if procs.num > 1 else logger.debug)("process %d of %d draws samples %d..%d", procs.index, procs.num, start, start + count - 1)
                 seeds = list(range(base_seed + start, base_seed + start + count))
-                trajectory = engine.sample(seeds, num_steps, eta, keep_noise=False, batch_size=batch_size, callback=meter)
+                trajectory = engine.sample(seeds, num_steps, eta, keep_noise=False, batch_size=batch_size, callback=meter,
+                                           prompts=bank.sample_prompts(range(start, start + count)))
                 bank.write_shard(start, trajectory.h, thumbnails(trajectory.images, thumbnail_size))
         procs.barrier()  # every process has written its shards
         procs.main_first(_check_complete, bank)

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from .diffusion import Schedule, eta_schedule, spacing_of
-from .directions.direction import Direction, stack_directions
+from .directions.direction import Direction
 from .errors import HspaceError, check_choice
 from .interventions import LinearEdit, Record, Replace, StepContext, edits_at
 from .loading import DEFAULT_MODEL, Components, load_components, resolve_device, resolve_dtype
@@ -214,14 +214,51 @@ class Engine:
         """The U-Net's output at (x_t, t) in the compute dtype, without interventions."""
         return self.model.output(x_t, t).to(self.compute_dtype)
 
-    def decoder_half(self, x_t: torch.Tensor, t: int):
-        """eps as a function of h at (x_t, t): ``models.DecoderHalf`` (what the Jacobian differentiates)."""
-        return self.model.decoder_half(x_t, t)
+    def decoder_half(self, x_t: torch.Tensor, t: int, prompt: str | None = None):
+        """eps as a function of h at (x_t, t) (under ``prompt``; None: the engine's): ``models.DecoderHalf``
+        (what the Jacobian differentiates)."""
+        return self.model.decoder_half(x_t, t, None if prompt is None else self.prompts_for(prompt, 1)[0])
 
-    def check_direction(self, direction: Direction, num_steps: int) -> None:
-        """Raise a clear error unless ``direction`` applies to this engine's h in a ``num_steps`` process."""
+    def prompts_for(self, prompts: str | Sequence[str] | None, n: int) -> list[str] | None:
+        """Each of n samples' prompt: a string for all, or a list of n (a shorter list is cycled: sample i gets
+        prompts[i % len]); None: the engine's prompt. None for an unconditional model (which refuses prompts)."""
+        if prompts is None:
+            return [self.spec.prompt] * n if self.spec.conditional else None
+        prompts = self.fit_prompts(prompts)
+        if len(prompts) > n:
+            raise HspaceError(f"{len(prompts)} prompts for {n} samples; valid: one prompt, or at most one per sample (cycled)")
+        return [prompts[i % len(prompts)] for i in range(n)]
+
+    def fit_prompts(self, prompts: str | Sequence[str]) -> list[str]:
+        """A prompt or a list of them, checked and each fitted to the text encoder as the spec's prompt is."""
+        if not self.spec.conditional:
+            raise HspaceError(f"{self.name!r} is an unconditional model: it takes no prompts")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise HspaceError(f"prompts must be a string or a non-empty list of strings, got {str(prompts)[:80]}")
+        fitted = {p: self.components.conditioner.fit(p) for p in dict.fromkeys(prompts)}
+        return [fitted[p] for p in prompts]
+
+    def check_direction(self, direction: Direction, num_steps: int | None = None) -> None:
+        """Raise a clear error unless ``direction`` applies to this engine's h (any number of steps: ``direction_at``)."""
         self.spec.check(direction.spec, f"direction {direction.name!r}", "direction")
-        direction.check_compatible(self.h_shape, num_steps, self.h_location)
+        direction.check_compatible(self.h_shape, self.h_location)
+
+    def direction_at(self, direction: Direction, num_steps: int) -> Direction:
+        """``direction`` on the steps of this engine's ``num_steps``-step schedule: as it is when found on them,
+        else resampled by timestep (``Direction.at``; a direction without recorded timesteps was found on this
+        engine's schedule of its own step count)."""
+        self.check_direction(direction)
+        target = self.schedule(num_steps).timesteps
+        if direction.num_steps == num_steps and (direction.timesteps is None or torch.equal(direction.timesteps, target.double())):
+            return direction
+        found_at = None if direction.num_steps == 1 or direction.timesteps is not None else self.schedule(direction.num_steps).timesteps
+        return direction.at(target, found_at)
+
+    def directions_at(self, directions: Sequence[Direction], num_steps: int) -> torch.Tensor:
+        """[D, num_steps, *h_shape]: each direction's delta on this engine's steps (``direction_at``)."""
+        return torch.stack([self.direction_at(d, num_steps).per_step(num_steps) for d in directions])
 
     # ------------------------------------------------------------------ the one loop
 
@@ -240,6 +277,7 @@ class Engine:
         callback: Callable | None = None,
         progress: bool | None = None,
         stage: str = "run",
+        prompts: Sequence[str] | None = None,
     ) -> torch.Tensor:
         """Steps ``start .. stop-1`` of eq. 2 of the ``num_steps``-step process from x (x_t at the start of
         step ``start``; x_T for 0), in batches; returns the state where it stops (x_0 for the whole process).
@@ -247,7 +285,8 @@ class Engine:
         ``noise`` is z [N, num_steps, C, H, W], or a callable from a batch's rows to theirs (needed where
         sigma_t > 0). ``interventions`` act on h at every step, in order (see ``interventions.py``);
         ``eps_pass="clean"`` takes D_t's eps from a second pass without them (Asyrp), at the steps where
-        one of them edits. ``callback`` gets a ``StepEvent`` after every step of every batch.
+        one of them edits. ``callback`` gets a ``StepEvent`` after every step of every batch. ``prompts``
+        (a conditional model) gives each of the N samples its prompt (``prompts_for``); None: the engine's.
         """
         check_batch_size(batch_size)
         check_choice("eps_pass", eps_pass, EPS_PASSES)
@@ -260,18 +299,22 @@ class Engine:
         interventions = list(interventions)
         clean = [eps_pass == "clean" and any(edits_at(iv, i) for iv in interventions) for i in range(num_steps)]
         n = len(x)
+        prompts = None if prompts is None else self.prompts_for(prompts, n)
+        if prompts is not None and len(set(prompts)) == 1 and prompts[0] == self.spec.prompt:
+            prompts = None  # the engine's own conditioning, embedded once
         total = n * sum(1 + c for c in clean[start:stop])
         out = []
         with Meter.job(callback, total, progress, stage) as meter:
             for rows in torch.arange(n).split(batch_size):
                 z = noise(rows) if callable(noise) else (None if noise is None else noise[rows])
                 state = x[rows].to(self.device, self.compute_dtype)
+                condition = None if prompts is None else self.model.conditioning([prompts[r] for r in rows.tolist()])
                 for i in range(start, stop):
                     t = schedule.t(i)
                     ctx = StepContext(i, t, num_steps, rows, n)
-                    p, eps = schedule.split_output(i, state, self.model.output(state, t, interventions, ctx).to(self.compute_dtype))
+                    p, eps = schedule.split_output(i, state, self.model.output(state, t, interventions, ctx, condition).to(self.compute_dtype))
                     if clean[i]:
-                        _, eps = schedule.split_output(i, state, self.model_output(state, t))
+                        _, eps = schedule.split_output(i, state, self.model.output(state, t, condition=condition).to(self.compute_dtype))
                     s = float(sigma[i])
                     if s > 0 and z is None:
                         raise HspaceError(f"step {i} has sigma_t = {s:.4g} > 0 but no noise z_t was given")
@@ -299,14 +342,17 @@ class Engine:
         batch_size: int = 32,
         callback: Callable | None = None,
         progress: bool | None = None,
+        prompts: str | Sequence[str] | None = None,
     ) -> Trajectory:
         """Draw one sample per seed (paper eq. 2-5) and record its trajectory.
 
         Each seed has its own generator (see ``seeded_noise``); eta is a number or one value per step.
         ``keep_noise=False`` drops z (it is regenerated from the seeds when needed). ``interventions`` act on
-        h at every step as in ``run``; the recorded h is h after them.
+        h at every step as in ``run``; the recorded h is h after them. ``prompts`` (a conditional model): one
+        for all samples or one per seed (a shorter list is cycled); None: the engine's. Each sample records its prompt.
         """
         seeds = check_seeds(seeds)
+        prompts = self.prompts_for(prompts, len(seeds))
         check_batch_size(batch_size)
         schedule = self.schedule(num_steps)
         eta_t = eta_schedule(eta, num_steps)
@@ -322,13 +368,14 @@ class Engine:
         record = Record() if record_h else None
         x0 = self.run(
             x_T, num_steps, eta_t, noise=noise, interventions=[*interventions] + ([record] if record else []),
-            batch_size=batch_size, callback=callback, progress=progress, stage="sampling",
+            batch_size=batch_size, callback=callback, progress=progress, stage="sampling", prompts=prompts,
         )
-        return self._trajectory(seeds, schedule, eta_t, x_T, x0, record and record.h, torch.cat(kept) if keep_noise else None)
+        return self._trajectory(seeds, schedule, eta_t, x_T, x0, record and record.h, torch.cat(kept) if keep_noise else None, prompts)
 
-    def _trajectory(self, seeds, schedule, eta, x_T, x0, h, z) -> Trajectory:
+    def _trajectory(self, seeds, schedule, eta, x_T, x0, h, z, prompts: list[str] | None) -> Trajectory:
         image = None if self.decoder is None else self.decode(x0)
-        return Trajectory(seeds, schedule.timesteps, eta, x_T, x0, h, z, image, self.spec.with_process(schedule.num_steps, eta.tolist()))
+        spec = self.spec.with_process(schedule.num_steps, eta.tolist())
+        return Trajectory(seeds, schedule.timesteps, eta, x_T, x0, h, z, image, spec, prompts)
 
     def _check_trajectory(self, trajectory: Trajectory, tolerant: bool = False) -> Schedule:
         check_trajectory_type(trajectory)
@@ -380,20 +427,21 @@ class Engine:
         if delta is not None:
             steps.insert(0, self._delta_edit(delta, len(source), trajectory.num_steps, scale, window))
         record = Record() if record_h else None
+        prompts = trajectory.sample_prompts
+        prompts = None if prompts is None else [prompts[i] for i in source.tolist()]
         x0 = self.run(
             trajectory.x_T[source], schedule.num_steps, trajectory.eta, noise=self._noise_of(trajectory, source),
             interventions=steps + ([record] if record else []), eps_pass=eps_pass,
-            batch_size=batch_size, callback=callback, progress=progress, stage="replay",
+            batch_size=batch_size, callback=callback, progress=progress, stage="replay", prompts=prompts,
         )
         seeds = [trajectory.seeds[i] for i in source.tolist()]
         z = None if trajectory.z is None else trajectory.z[source]
-        return self._trajectory(seeds, schedule, trajectory.eta, trajectory.x_T[source], x0, record and record.h, z)
+        return self._trajectory(seeds, schedule, trajectory.eta, trajectory.x_T[source], x0, record and record.h, z, prompts)
 
     def _delta_edit(self, delta, n: int, num_steps: int, scale: float, window) -> LinearEdit:
         scale = check_scales([scale])[0]
         if isinstance(delta, Direction):
-            self.check_direction(delta, num_steps)
-            delta = delta.per_step(num_steps)
+            delta = self.direction_at(delta, num_steps).per_step(num_steps)
         delta = torch.as_tensor(delta, dtype=torch.float32)
         shape = (num_steps, *self.h_shape)
         if tuple(delta.shape) == shape:
@@ -458,7 +506,7 @@ class Engine:
         d_idx, s_idx, b_idx = torch.meshgrid(torch.arange(n_d), torch.arange(n_s), torch.arange(n_b), indexing="ij")
         coefficients = torch.zeros(n_d * n_s * n_b, n_d)
         coefficients[torch.arange(coefficients.shape[0]), d_idx.flatten()] = torch.tensor(scales)[s_idx.flatten()]
-        edit = LinearEdit(stack_directions(directions, steps), coefficients, self.active_steps(steps, window))
+        edit = LinearEdit(self.directions_at(directions, steps), coefficients, self.active_steps(steps, window))
         out = self.replay(
             trajectory, interventions=[edit], source=b_idx.flatten(), eps_pass=eps_pass, tolerant=tolerant,
             batch_size=batch_size, callback=callback, progress=progress,
@@ -500,7 +548,8 @@ class Engine:
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= n:
             raise HspaceError(f"step must be an integer from 0 to {n} (0 = x_T, {n} = x_0), got {step!r}")
         noise = self._noise_of(trajectory, torch.arange(len(trajectory)))
-        return self.run(trajectory.x_T, n, trajectory.eta, noise=noise, stop=step, batch_size=batch_size, progress=False)
+        return self.run(trajectory.x_T, n, trajectory.eta, noise=noise, stop=step, batch_size=batch_size, progress=False,
+                        prompts=trajectory.sample_prompts)
 
     def finish(
         self,
@@ -513,6 +562,7 @@ class Engine:
         batch_size: int = 32,
         callback: Callable | None = None,
         progress: bool | None = None,
+        prompts: str | Sequence[str] | None = None,
     ) -> torch.Tensor:
         """x_0 from x, taken as x_t at the start of step ``step`` of the ``num_steps``-step process: steps
         ``step .. num_steps-1`` of eq. 2 without delta-h (SDEdit when x is a noised image).
@@ -522,7 +572,8 @@ class Engine:
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < num_steps:
             raise HspaceError(f"step must be an integer from 0 to {num_steps - 1} (0 = x_T), got {step!r}")
         noise = None if z is None else (lambda rows: torch.cat([torch.zeros(len(rows), step, *z.shape[2:]), z[rows]], 1))
-        return self.run(x, num_steps, eta, noise=noise, start=step, batch_size=batch_size, callback=callback, progress=progress, stage="finish")
+        return self.run(x, num_steps, eta, noise=noise, start=step, batch_size=batch_size, callback=callback, progress=progress, stage="finish",
+                        prompts=prompts)
 
 
 def check_finite(x: torch.Tensor, step: int, t: int) -> None:

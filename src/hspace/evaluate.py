@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from .directions.direction import Direction, stack_directions
+from .directions.direction import Direction
 from .errors import HspaceError
 from .interventions import LinearEdit
 
@@ -54,7 +54,7 @@ def flip_rates(
     coefficients = torch.zeros(len(names) * n, len(names))
     for d in range(len(names)):
         coefficients[d * n : (d + 1) * n, d] = torch.where(labels[d], -1.0, 1.0) * float(scale)
-    edit = LinearEdit(stack_directions(list(directions.values()), trajectory.num_steps), coefficients)
+    edit = LinearEdit(engine.directions_at(list(directions.values()), trajectory.num_steps), coefficients)
     source = torch.arange(n).repeat(len(names))
     edited = engine.replay(trajectory, interventions=[edit], source=source, batch_size=batch_size, callback=callback, progress=progress)
     after_all = classify(edited.images)

@@ -17,6 +17,9 @@ The fields, and what a mismatch means (``MUST_MATCH``):
   part of the process: replaying a trajectory or reading a bank drawn with another value is an error.
   ``autocast`` changes samples beyond float tolerance (``speed.py``); ``check(..., tolerant=True)`` lets it
   differ for a replay the user knows is approximate. ``spacing`` None (an old artefact) is not compared.
+- ``prompt`` is the engine's default prompt, not part of a process: a trajectory records each sample's prompt
+  (``Trajectory.prompts``) and is replayed under them by an engine of any prompt; a bank records its prompts
+  in its identity (``bank.py``). Extending a bank (``"exact"``) still compares it (its first prompt).
 - ``num_steps`` and ``eta`` (one value per step) are the process of a trajectory or bank; an engine's own
   spec has None (it runs any process), and they are compared where both sides have them.
 - ``dtype`` is compatible: a trajectory, bank or direction from float32 replays in float16 and back,
@@ -52,8 +55,12 @@ CONDITION_FIELDS = ("prompt", "negative_prompt", "guidance", "guide_edit")
 PROCESS_FIELDS = ("num_steps", "eta")  # compared only where both sides have them (an engine runs any process)
 TOLERABLE = ("autocast",)  # what ``check(..., tolerant=True)`` lets differ
 # What each kind of reader must share with the engine (or bank) that uses an artefact ("model" is the fingerprint).
+# The prompt is not part of a process: every sample of a trajectory or bank records its own (``Trajectory.prompts``),
+# so a replay runs each sample under its prompt whatever the engine's is, and samples of several prompts are one batch.
+PER_SAMPLE = ("negative_prompt", "guidance", "guide_edit")
 MUST_MATCH = {
-    "process": ("model", "h_location", "clip_sample", *CONDITION_FIELDS, "spacing", "autocast", *PROCESS_FIELDS),  # trajectories, banks
+    "process": ("model", "h_location", "clip_sample", *PER_SAMPLE, "spacing", "autocast", *PROCESS_FIELDS),  # trajectories, banks
+    "samples": ("model", "h_location", "dtype", "clip_sample", *PER_SAMPLE, "spacing", "autocast", *PROCESS_FIELDS),  # one batch
     "exact": ("model", "h_location", "dtype", "clip_sample", *CONDITION_FIELDS, "spacing", "autocast", *PROCESS_FIELDS),  # extending a bank
     "direction": ("model", "h_location"),
 }

@@ -66,6 +66,7 @@ class Trajectory:
     z: torch.Tensor | None = None  # [B, T, C, H, W]; None: regenerate from the seeds
     image: torch.Tensor | None = None  # [B, 3, H', W'] decoded images in [-1, 1]; None: x0 is the image
     spec: Spec | None = None  # the engine and process that drew it (with num_steps and eta); None: unknown, replayed by no engine
+    prompts: list[str] | None = None  # each sample's prompt (a conditional model); None: every sample has the spec's prompt
 
     def __post_init__(self):
         if self.spec is not None and not isinstance(self.spec, Spec):
@@ -78,6 +79,21 @@ class Trajectory:
             raise HspaceError(f"x_T must be [B, C, H, W], got shape {tuple(self.x_T.shape)}")
         if len(self.seeds) != self.x_T.shape[0]:
             raise HspaceError(f"{len(self.seeds)} seeds for a batch of {self.x_T.shape[0]} samples")
+        if self.prompts is not None:
+            if not isinstance(self.prompts, (list, tuple)) or not all(isinstance(p, str) for p in self.prompts) or len(self.prompts) != len(self.seeds):
+                raise HspaceError(f"a trajectory's prompts must be {len(self.seeds)} strings, one per sample, got {str(self.prompts)[:80]}")
+            if self.spec is not None and not self.spec.conditional:
+                raise HspaceError("prompts were given for the samples of an unconditional model; valid: None")
+            self.prompts = list(self.prompts)
+
+    @property
+    def sample_prompts(self) -> list[str] | None:
+        """The prompt of every sample: recorded per sample, else the spec's; None for an unconditional model."""
+        if self.prompts is not None:
+            return self.prompts
+        if self.spec is not None and self.spec.conditional:
+            return [self.spec.prompt] * len(self)
+        return None
 
     def __len__(self) -> int:
         return self.x_T.shape[0]
@@ -102,6 +118,7 @@ class Trajectory:
         return replace(
             self,
             seeds=[self.seeds[i] for i in pick.tolist()],
+            prompts=None if self.prompts is None else [self.prompts[i] for i in pick.tolist()],
             x_T=self.x_T[pick],
             x0=self.x0[pick],
             h=take(self.h),
@@ -128,12 +145,13 @@ class Trajectory:
 
     @staticmethod
     def cat(trajectories: Sequence["Trajectory"]) -> "Trajectory":
-        """Concatenate batches drawn with the same steps, eta and engine."""
+        """Concatenate batches drawn with the same steps, eta and engine; their prompts may differ (each
+        sample keeps its own)."""
         first = trajectories[0]
         for other in trajectories[1:]:
             if not torch.equal(other.timesteps, first.timesteps) or not torch.equal(other.eta, first.eta):
                 raise HspaceError("cannot concatenate trajectories with different timesteps or eta")
-            if (first.spec is None) != (other.spec is None) or (first.spec is not None and first.spec.differences(other.spec, "exact")):
+            if (first.spec is None) != (other.spec is None) or (first.spec is not None and first.spec.differences(other.spec, "samples")):
                 raise HspaceError(f"cannot concatenate trajectories of different engines: {first.spec} vs {other.spec}")
 
         def cat(name):
@@ -142,8 +160,10 @@ class Trajectory:
                 return None
             return torch.cat(parts)
 
+        prompts = [t.sample_prompts for t in trajectories]
         return Trajectory(
             seeds=[s for t in trajectories for s in t.seeds],
+            prompts=None if any(p is None for p in prompts) else [p for part in prompts for p in part],
             timesteps=first.timesteps,
             eta=first.eta,
             x_T=cat("x_T"),
@@ -159,6 +179,8 @@ class Trajectory:
         tensors = {"timesteps": self.timesteps, "eta": self.eta, "x_T": self.x_T, "x0": self.x0}
         tensors.update({name: getattr(self, name) for name in OPTIONAL if getattr(self, name) is not None})
         meta = {"kind": "hspace.Trajectory", "seeds": json.dumps(self.seeds)}
+        if self.prompts is not None:
+            meta["prompts"] = json.dumps(self.prompts)
         if self.spec is not None:
             meta["spec"] = self.spec.to_json()
         return save_safetensors(tensors, path, meta)
@@ -175,13 +197,17 @@ class Trajectory:
                               f"valid entries: {', '.join(REQUIRED + OPTIONAL)}")
         try:
             seeds = json.loads(meta.get("seeds", "null"))
+            prompts = json.loads(meta["prompts"]) if "prompts" in meta else None
             spec = Spec.from_json(meta["spec"]) if "spec" in meta else None
         except (json.JSONDecodeError, HspaceError) as e:
             raise HspaceError(f"{where} has bad metadata: {e}") from None
         if not isinstance(seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
             raise HspaceError(f"{where} must list its seeds as integers, got {str(meta.get('seeds'))[:80]!r}")
         _check_shapes(tensors, where)
-        return cls(seeds=seeds, spec=spec, **tensors)
+        try:
+            return cls(seeds=seeds, spec=spec, prompts=prompts, **tensors)
+        except HspaceError as e:
+            raise HspaceError(f"{where}: {e}") from None
 
 
 REQUIRED = ("timesteps", "eta", "x_T", "x0")

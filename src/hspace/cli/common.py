@@ -140,10 +140,29 @@ def engine_from(args, clip_sample: bool | None = None):
 
     if clip_sample is None:
         clip_sample = False if getattr(args, "no_clip", False) else None
-    condition = {k: getattr(args, k, None) for k in ("prompt", "negative_prompt", "guidance", "guide_edit")}
+    condition = {k: getattr(args, k, None) for k in ("negative_prompt", "guidance", "guide_edit")}
+    prompts = prompts_of(args)
+    condition["prompt"] = None if prompts is None else prompts[0]  # the engine's prompt; samples may have others
     engine = Engine.load(model_of(args), h_location=args.h_location, device=device_of(args), dtype=args.dtype, clip_sample=clip_sample,
                          speed=speed_of(args), **condition)
     return _with_batch_size(engine, args)
+
+
+def prompts_of(args) -> list[str] | None:
+    """The prompts of --prompt (repeatable) and --prompts FILE (one per line; blank lines and lines starting with
+    # skipped), in that order; None when neither is given."""
+    prompts = list(getattr(args, "prompt", None) or [])
+    file = getattr(args, "prompts", None)
+    if file:
+        try:
+            lines = Path(file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise HspaceError(f"--prompts {file!r} cannot be read as UTF-8 text: {getattr(e, 'strerror', None) or e}") from None
+        read = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not read:
+            raise HspaceError(f"--prompts {file!r} holds no prompt; valid: a text file with one prompt per line")
+        prompts += read
+    return prompts or None
 
 
 def model_of(args) -> str:
@@ -153,7 +172,7 @@ def model_of(args) -> str:
 
 
 # What a bank's or trajectory's spec fixes: given beside --bank or --trajectory, they would be ignored.
-FIXED_BY_SPEC = ("--h-location", "--dtype", "--no-clip", "--prompt", "--negative-prompt", "--guidance", "--guide-edit", "--steps", "--eta")
+FIXED_BY_SPEC = ("--h-location", "--dtype", "--no-clip", "--prompt", "--prompts", "--negative-prompt", "--guidance", "--guide-edit", "--steps", "--eta")
 
 
 def engine_of_spec(spec, args, source: str = "the bank or trajectory"):
@@ -222,8 +241,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--autocast", choices=AUTOCAST_DTYPES, default=None,
                    help="U-Net matmuls/convolutions in this precision, h and weights in float32 (not within 1e-4; recorded in banks)")
     s.add_argument("--offload", action="store_true", help="keep the text encoders and the VAE on the CPU between uses (a GPU holds the denoiser only)")
-    g = p.add_argument_group("text-conditioned models (Stable Diffusion, SDXL)")
-    g.add_argument("--prompt", default=None, help='the prompt (default "")')
+    g = p.add_argument_group("text-conditioned models (Stable Diffusion, SDXL, SD3, FLUX, PixArt; DiT: a class)")
+    g.add_argument("--prompt", action="append", default=None,
+                   help='the prompt (default ""); repeat it for several: the samples cycle over them (sample i gets prompt i mod P)')
+    g.add_argument("--prompts", default=None, metavar="FILE", help="prompts from a text file, one per line (after any --prompt)")
     g.add_argument("--negative-prompt", default=None, help="the negative prompt (default: the pipeline's)")
     g.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale (default 7.5; <= 1: one pass)")
     g.add_argument("--guide-edit", choices=GUIDE_EDITS, default=None,

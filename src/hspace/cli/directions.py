@@ -10,9 +10,11 @@ from ..errors import HspaceError, check_choice
 from ..files import save_image, write_json
 from .common import (
     add_model_args, add_process_args, add_processes_arg, processes_of, engine_from, finite_float, nonnegative_int, parse_eta, parse_scales, parse_seeds,
-    positive_int, saved_trajectory,
+    positive_int, prompts_of, saved_trajectory,
 )
 from .generation import sample
+
+PROMPT_ORDERS = ("cycle", "random")  # bank.PROMPT_ORDERS (not imported here: the CLI starts without torch)
 
 OVER = ("timestep", "trajectory")
 SUPERVISED_METHODS = ("mean-difference", "regression")  # per timestep, or over the whole concatenated h_{T:1}
@@ -27,6 +29,8 @@ def register(sub) -> None:
     p.add_argument("--base-seed", type=nonnegative_int, default=0, help="sample i has seed base_seed + i (default 0)")
     p.add_argument("--shard-size", type=positive_int, default=64, help="samples per shard file (default 64)")
     p.add_argument("--thumbnail-size", type=positive_int, default=64, help="longest side of the stored x_0 thumbnails (default 64)")
+    p.add_argument("--prompt-order", choices=PROMPT_ORDERS, default="cycle",
+                   help="with several prompts: sample i gets prompt i mod P (cycle, default) or one drawn by its seed (random)")
     add_processes_arg(p)
     p.set_defaults(func=run_bank)
 
@@ -106,7 +110,7 @@ def run_bank(args) -> None:
     bank = build_bank(
         args.out, engine, args.n, args.steps, eta,
         base_seed=args.base_seed, shard_size=args.shard_size, batch_size=args.batch_size, thumbnail_size=args.thumbnail_size,
-        processes=processes_of(args),
+        processes=processes_of(args), prompts=prompts_of(args) if engine.spec.conditional else None, prompt_order=args.prompt_order,
     )
     if processes_of(args).is_main:
         print(f"{bank}: complete, seeds {bank.seeds[0]}..{bank.seeds[-1]}")

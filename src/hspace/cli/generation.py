@@ -10,7 +10,8 @@ from ..errors import HspaceError
 from ..files import safe_name, save_image, unique_names
 from .common import (
     add_model_args, add_process_args, add_processes_arg, engine_from, engine_of_spec, eps_pass, nonnegative_int, parse_eta, parse_scales,
-    parse_seeds, parse_window, processes_of, saved_trajectory,
+    positive_int,
+    parse_seeds, parse_window, processes_of, prompts_of, saved_trajectory,
 )
 
 
@@ -58,6 +59,19 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="direction file to write (.safetensors)")
     p.set_defaults(func=run_arith)
 
+    p = sub.add_parser("prompt-direction", help="a text slider without training: mean paired difference of h between two prompts "
+                       "over the same seeds (eq. 10 with paired samples)")
+    add_model_args(p)
+    add_process_args(p)
+    p.add_argument("--plus", default=None, help='the prompt with the attribute, e.g. "a photo of a smiling person"')
+    p.add_argument("--minus", default=None, help='the prompt without it, e.g. "a photo of a person"')
+    p.add_argument("--pairs", default=None, metavar="FILE", help="several pairs, one 'plus | minus' per line (with or instead of --plus/--minus)")
+    p.add_argument("--n", type=positive_int, default=64, help="number of seeds (sample i uses pair i mod P; default 64)")
+    p.add_argument("--base-seed", type=nonnegative_int, default=0, help="sample i has seed base_seed + i (default 0)")
+    p.add_argument("--name", default=None, help="name stored in the direction (default: the words the plus prompt adds)")
+    p.add_argument("-o", "--output", required=True, help="direction file to write (.safetensors)")
+    p.set_defaults(func=run_prompt_direction)
+
     p = sub.add_parser("invert", help="real images into trajectories: DDIM inversion (eta 0) or edit-friendly DDPM inversion (eta > 0)")
     add_model_args(p)
     add_process_args(p)
@@ -74,7 +88,9 @@ def register(sub) -> None:
 
 
 def sample(engine, args, seeds, steps: int | None = None, eta=None):
-    return engine.sample(seeds, steps or args.steps, parse_eta(args.eta) if eta is None else eta, batch_size=args.batch_size)
+    """The samples of ``seeds``, cycling over the prompts the flags give (``prompts_of``)."""
+    return engine.sample(seeds, steps or args.steps, parse_eta(args.eta) if eta is None else eta, batch_size=args.batch_size,
+                         prompts=prompts_of(args) if engine.spec.conditional else None)
 
 
 def run_sample(args) -> None:
@@ -204,6 +220,28 @@ def run_arith(args) -> None:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     direction.save(args.output)
     print(f"wrote direction {args.name!r} ({direction.num_steps} steps, h {direction.h_shape}) to {args.output}")
+
+
+def run_prompt_direction(args) -> None:
+    from ..directions.prompts import read_pairs
+
+    pairs = []
+    if (args.plus is None) != (args.minus is None):
+        raise HspaceError("give --plus and --minus together (or --pairs FILE)")
+    if args.plus is not None:
+        pairs.append((args.plus, args.minus))
+    if args.pairs:
+        pairs += read_pairs(args.pairs)
+    if not pairs:
+        raise HspaceError("no prompt pair: give --plus and --minus, or --pairs FILE with 'plus | minus' lines")
+    eta = parse_eta(args.eta)
+    engine = engine_from(args)
+    from ..directions.prompts import prompt_direction
+
+    direction = prompt_direction(engine, pairs, args.n, args.steps, eta, base_seed=args.base_seed, name=args.name, batch_size=max(2, args.batch_size))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    direction.save(args.output)
+    print(f"wrote direction {direction.name!r} ({len(pairs)} pair(s), {args.n} seeds, {direction.num_steps} steps, h {direction.h_shape}) to {args.output}")
 
 
 def run_invert(args) -> None:

@@ -7,6 +7,12 @@ scales read in that unit; ``sigma`` keeps the per-step std for reference. ``spec
 direction was found with (model and h location must match where it is applied; see ``spec.py``), or
 ``FREE``, said explicitly, for a direction made without an engine: it applies to any engine whose h has
 its shape. There is no default: a direction that silently applied anywhere would hide a wrong model.
+
+``timesteps`` are the timesteps t of the steps it was found at ([T], descending; None for an older file or a
+single-step direction, where the engine's schedule of T steps stands in). Applied in a process of other
+steps it is resampled by timestep (``at``): delta and sigma are linear in t between the two found steps whose
+timesteps enclose a target t, and the nearest end's beyond them. A direction found at 50 steps and used at 25
+(DDPM/DDIM spacings: every 25-step timestep is a 50-step one) is the 50-step one at the shared timesteps, exactly.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ class Direction:
     sigma: torch.Tensor | None = None  # [T]
     meta: dict = field(default_factory=dict)  # name, method, params (num_steps is added)
     spec: Spec | str | None = None  # the engine it was found with, or FREE (module doc); None is refused
+    timesteps: torch.Tensor | None = None  # [T] the timesteps it was found at (module doc)
 
     def __post_init__(self):
         if not isinstance(self.delta, torch.Tensor) or self.delta.ndim < 2 or self.delta.numel() == 0:
@@ -46,6 +53,10 @@ class Direction:
                 raise HspaceError(f"sigma has {len(self.sigma)} values for a direction of {self.num_steps} steps")
             if not bool(torch.isfinite(self.sigma).all()):
                 raise HspaceError("a direction's sigma holds NaN or infinite values")
+        if self.timesteps is not None:
+            self.timesteps = torch.as_tensor(self.timesteps).detach().to(torch.float64).cpu().flatten()
+            if len(self.timesteps) != self.num_steps or not bool(torch.isfinite(self.timesteps).all()):
+                raise HspaceError(f"a direction's timesteps must be {self.num_steps} finite numbers (one per step), got {len(self.timesteps)}")
         if not isinstance(self.meta, dict):
             raise HspaceError(f"a direction's meta must be a dict, got {type(self.meta).__name__}")
         self.meta = {"name": "", "method": "", "params": {}, **self.meta}
@@ -76,28 +87,46 @@ class Direction:
     def h_location(self) -> str | None:
         return None if self.spec == FREE else self.spec.h_location
 
-    def check_compatible(self, h_shape: Sequence[int], num_steps: int, h_location: str) -> None:
-        """Raise a clear error unless this direction's shape and steps fit that engine and process."""
+    def check_compatible(self, h_shape: Sequence[int], h_location: str) -> None:
+        """Raise a clear error unless this direction's h fits that engine (any steps: ``at`` resamples)."""
         if tuple(h_shape) != self.h_shape:
             raise HspaceError(
                 f"direction {self.name!r} has h shape {self.h_shape} but the engine's h at {h_location!r} is {tuple(h_shape)}"
-            )
-        if self.num_steps not in (1, num_steps):
-            raise HspaceError(
-                f"direction {self.name!r} has {self.num_steps} steps but the process has {num_steps}; "
-                f"use a direction found with {num_steps} steps (or a single-step one)"
             )
         loc = self.h_location
         if loc and loc != h_location:
             raise HspaceError(f"direction {self.name!r} was found at h location {loc!r}, the engine edits {h_location!r}")
 
     def per_step(self, num_steps: int) -> torch.Tensor:
-        """delta as [num_steps, *h_shape] (a single-step direction is repeated)."""
+        """delta as [num_steps, *h_shape] (a single-step direction is repeated); other step counts: ``at``."""
         if self.num_steps == num_steps:
             return self.delta
         if self.num_steps == 1:
             return self.delta.expand(num_steps, *self.h_shape)
-        raise HspaceError(f"direction {self.name!r} has {self.num_steps} steps, not {num_steps}")
+        raise HspaceError(f"direction {self.name!r} has {self.num_steps} steps, not {num_steps}; resample it to the "
+                          "process's timesteps (Direction.at, or engine.direction_at)")
+
+    def at(self, timesteps: torch.Tensor, found_at: torch.Tensor | None = None) -> "Direction":
+        """This direction resampled to the steps of ``timesteps`` (module doc); ``found_at`` stands in for
+        ``self.timesteps`` when that is unknown. A single-step direction is repeated."""
+        target = torch.as_tensor(timesteps).to(torch.float64).flatten()
+        if self.num_steps == 1:
+            return Direction(self.delta.expand(len(target), *self.h_shape).clone(), None if self.sigma is None else self.sigma.expand(len(target)).clone(),
+                             self.meta, self.spec, target)
+        source = self.timesteps if self.timesteps is not None else found_at
+        if source is None:
+            raise HspaceError(f"direction {self.name!r} has {self.num_steps} steps and no record of their timesteps; "
+                              "resample it with the timesteps it was found at (found_at=)")
+        source = torch.as_tensor(source).to(torch.float64).flatten()
+        if len(source) != self.num_steps:
+            raise HspaceError(f"found_at has {len(source)} timesteps for a direction of {self.num_steps} steps")
+        if len(source) == len(target) and torch.equal(source, target):
+            return self if self.timesteps is not None else Direction(self.delta, self.sigma, self.meta, self.spec, target)
+        weights = interpolation_weights(source, target)  # [T_target, T_source]
+        delta = torch.einsum("ts,s...->t...", weights, self.delta.double()).float()
+        sigma = None if self.sigma is None else (weights @ self.sigma.double()).float()
+        meta = {**self.meta, "resampled_from": self.num_steps}
+        return Direction(delta, sigma, meta, self.spec, target)
 
     # Vector arithmetic in h-space (paper Fig. 4, Fig. 11): directions combine linearly.
     def _combine(self, other: "Direction", sign: float) -> "Direction":
@@ -108,10 +137,12 @@ class Direction:
         if FREE not in (self.spec, other.spec):
             self.spec.check(other.spec, f"direction {other.name!r} (combined with {self.name!r})", "direction")
         steps = max(self.num_steps, other.num_steps)
-        delta = self.per_step(steps) + sign * other.per_step(steps)
+        mine, theirs = (self, other) if self.num_steps == other.num_steps or 1 in (self.num_steps, other.num_steps) else _common(self, other)
+        delta = mine.per_step(steps) + sign * theirs.per_step(steps)
         op = "+" if sign > 0 else "-"
         meta = {"name": f"{self.name}{op}{other.name}", "method": "combination"}
-        return Direction(delta, meta=meta, spec=other.spec if self.spec == FREE else self.spec)
+        timesteps = next((d.timesteps for d in (mine, theirs) if d.num_steps == steps and d.timesteps is not None), None)
+        return Direction(delta, meta=meta, spec=other.spec if self.spec == FREE else self.spec, timesteps=timesteps)
 
     def __add__(self, other):
         return self._combine(other, 1.0)
@@ -121,7 +152,7 @@ class Direction:
 
     def __mul__(self, gamma: float) -> "Direction":
         meta = {**self.meta, "name": f"{gamma:g}*{self.name}"}
-        return Direction(self.delta * float(gamma), self.sigma, meta, self.spec)
+        return Direction(self.delta * float(gamma), self.sigma, meta, self.spec, self.timesteps)
 
     __rmul__ = __mul__
 
@@ -133,18 +164,20 @@ class Direction:
         tensors = {"delta": self.delta}
         if self.sigma is not None:
             tensors["sigma"] = self.sigma
+        if self.timesteps is not None:
+            tensors["timesteps"] = self.timesteps
         metadata = {"kind": "hspace.Direction", "meta": json.dumps(self.meta), "spec": FREE if self.spec == FREE else self.spec.to_json()}
         return save_safetensors(tensors, path, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> "Direction":
         metadata, tensors = read_safetensors(path, "hspace.Direction", "hspace direction file")
-        if "delta" not in tensors or set(tensors) - {"delta", "sigma"}:
-            raise HspaceError(f"{str(path)!r} must hold 'delta' (and optionally 'sigma'), it holds {', '.join(sorted(tensors))}")
+        if "delta" not in tensors or set(tensors) - {"delta", "sigma", "timesteps"}:
+            raise HspaceError(f"{str(path)!r} must hold 'delta' (and optionally 'sigma', 'timesteps'), it holds {', '.join(sorted(tensors))}")
         try:
             meta = parse_json_object(metadata.get("meta", "{}"), f"the metadata of {str(path)!r}")
             spec = _spec_of(metadata, path)
-            return cls(tensors["delta"], tensors.get("sigma"), meta, spec)
+            return cls(tensors["delta"], tensors.get("sigma"), meta, spec, tensors.get("timesteps"))
         except HspaceError as e:
             raise HspaceError(f"direction file {str(path)!r}: {e}") from None
 
@@ -159,8 +192,41 @@ def _spec_of(metadata: dict, path) -> Spec | str:
 
 
 def stack_directions(directions: Sequence[Direction], num_steps: int) -> torch.Tensor:
-    """[D, T, *h_shape] from directions of one h shape."""
+    """[D, T, *h_shape] from directions of one h shape (of T steps each, or one; ``Engine.direction_at`` resamples)."""
     return torch.stack([d.per_step(num_steps) for d in directions])
+
+
+def interpolation_weights(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[len(target), len(source)]: each row the weights of linear interpolation in t between the two ``source``
+    timesteps that enclose that target t (the nearest end's alone beyond them); rows sum to 1."""
+    order = torch.argsort(source)
+    s = source[order]
+    weights = torch.zeros(len(target), len(source), dtype=torch.float64)
+    for row, t in enumerate(target.tolist()):
+        if t <= s[0]:
+            weights[row, order[0]] = 1.0
+            continue
+        if t >= s[-1]:
+            weights[row, order[-1]] = 1.0
+            continue
+        hi = int(torch.searchsorted(s, torch.tensor(t, dtype=torch.float64)))
+        lo = hi - 1
+        if s[hi] == t:
+            weights[row, order[hi]] = 1.0
+            continue
+        w = (t - float(s[lo])) / float(s[hi] - s[lo])
+        weights[row, order[lo]], weights[row, order[hi]] = 1 - w, w
+    return weights
+
+
+def _common(a: Direction, b: Direction) -> tuple[Direction, Direction]:
+    """Two directions of different step counts on the steps of the one with more (both need their timesteps)."""
+    more, fewer = (a, b) if a.num_steps >= b.num_steps else (b, a)
+    if more.timesteps is None or fewer.timesteps is None:
+        raise HspaceError(f"cannot combine directions of {a.num_steps} and {b.num_steps} steps without their timesteps; "
+                          "resample one to the other's first (Direction.at)")
+    fewer = fewer.at(more.timesteps)
+    return (more, fewer) if more is a else (fewer, more)
 
 
 class DirectionSet(list):

@@ -34,11 +34,12 @@ def mean_difference(positive: Trajectory, negative: Trajectory, name: str = "dif
     for label, t in (("positive", positive), ("negative", negative)):
         if t.h is None:
             raise HspaceError(f"the {label} trajectories have no recorded h; sample them with record_h=True")
-    if positive.spec is None or negative.spec is None or positive.spec.differences(negative.spec, "exact"):
+    if positive.spec is None or negative.spec is None or positive.spec.differences(negative.spec, "samples"):
         raise HspaceError(f"positives and negatives come from different engines: {positive.spec} vs {negative.spec}")
     delta = h_difference(positive.h, negative.h)
     params = {"positive_seeds": positive.seeds, "negative_seeds": negative.seeds, "eta": positive.eta.tolist()}
-    return Direction(delta.float(), meta={"name": name, "method": "mean_difference", "params": params}, spec=positive.spec)
+    return Direction(delta.float(), meta={"name": name, "method": "mean_difference", "params": params}, spec=positive.spec,
+                     timesteps=positive.timesteps)
 
 
 def top_bottom(scores: torch.Tensor, k: int) -> tuple[list[int], list[int]]:
@@ -118,7 +119,8 @@ def bank_difference(bank, positive: Sequence[int], negative: Sequence[int], name
         **(params or {}),
         "positive_seeds": [seeds[i] for i in positive], "negative_seeds": [seeds[i] for i in negative], "eta": bank.eta,
     }
-    return Direction(delta.float(), meta={"name": name, "method": "mean_difference", "params": params}, spec=bank.spec)
+    return Direction(delta.float(), meta={"name": name, "method": "mean_difference", "params": params}, spec=bank.spec,
+                     timesteps=bank.timesteps)
 
 
 _TRUE, _FALSE = {"1", "true", "yes", "y", "+", "pos", "positive"}, {"0", "false", "no", "n", "-", "neg", "negative"}

@@ -40,6 +40,19 @@ PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 DEFAULT_GUIDANCE = 7.5  # diffusers' pipelines' default guidance scale
 
 
+class EmbeddingCache(dict):
+    """Embeddings per prompt, the most recent ``size`` kept (a bank over thousands of prompts holds a few)."""
+
+    def __init__(self, size: int = 256):
+        super().__init__()
+        self.size = size
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        while len(self) > self.size:
+            del self[next(iter(self))]
+
+
 class TextConditioner:
     """The text side of a Stable Diffusion-like pipeline: prompt -> the U-Net's conditioning keywords.
 
@@ -53,7 +66,7 @@ class TextConditioner:
             raise HspaceError(f"the {type(pipeline).__name__} has no text encoder; valid conditional models: {', '.join(PIPELINES)}-like folders")
         self.pipeline = pipeline
         self.xl = getattr(pipeline, "text_encoder_2", None) is not None or "text_time" == pipeline.unet.config.addition_embed_type
-        self._cache: dict = {}
+        self._cache = EmbeddingCache()
 
     @property
     def kind(self) -> str:
@@ -143,6 +156,13 @@ def _cat(a: dict, b: dict) -> dict:
     return {k: _cat(v, b[k]) if isinstance(v, dict) else (None if v is None else torch.cat([v, b[k]])) for k, v in a.items()}
 
 
+def _stack(rows: list[dict]) -> dict:
+    """Conditioning keywords of several samples (one dict each, [1, ...] tensors) as one batch."""
+    first = rows[0]
+    return {k: _stack([r[k] for r in rows]) if isinstance(v, dict) else (None if v is None else torch.cat([r[k] for r in rows]))
+            for k, v in first.items()}
+
+
 class ConditionalUNetModel(UNetModel):
     """A ``UNet2DConditionModel`` (+ its VAE and text encoders) for one prompt, guidance and guide_edit (a spec)."""
 
@@ -163,8 +183,16 @@ class ConditionalUNetModel(UNetModel):
         super().__init__(unet, decoder, h_location, device, dtype, speed)
         self.conditioner = conditioner.to(device, dtype, self.speed.offload)
         self.guided, self.guidance, self.guide_edit = spec.guided, spec.guidance, spec.guide_edit
-        image_size = tuple(s * conditioner.vae_scale_factor for s in self.sample_shape[1:])  # the pipeline's default size
-        self.uncond, self.cond = self.conditioner.embed(spec.prompt, spec.negative_prompt, spec.guided, image_size)
+        self.image_size = tuple(s * conditioner.vae_scale_factor for s in self.sample_shape[1:])  # the pipeline's default size
+        self.negative_prompt = spec.negative_prompt
+        self.uncond, self.cond = self.conditioner.embed(spec.prompt, spec.negative_prompt, spec.guided, self.image_size)
+
+    def conditioning(self, prompts: Sequence[str]) -> dict:
+        """The denoiser's conditioning keywords for a batch whose samples have these prompts (both passes under
+        guidance: all unconditional rows, then all conditional rows); each prompt is encoded once (cached)."""
+        pairs = [self.conditioner.embed(p, self.negative_prompt, self.guided, self.image_size) for p in prompts]
+        cond = _stack([c for _, c in pairs])
+        return _cat(_stack([u for u, _ in pairs]), cond) if self.guided else cond
 
     def _conditioning(self, n: int) -> dict:
         if not self.guided:
@@ -196,16 +224,17 @@ class ConditionalUNetModel(UNetModel):
         return torch.cat([uncond, cond])
 
     def guided_output(self, x_t: torch.Tensor, t: int, interventions: Sequence[Callable] = (), ctx: StepContext | None = None,
-                      autocast: bool = False) -> torch.Tensor:
+                      autocast: bool = False, condition: dict | None = None) -> torch.Tensor:
         """The guided output (gradients allowed): uncond + g (cond - uncond), as diffusers' pipelines; h through
-        ``interventions`` (``route``), in float32 for them when ``autocast`` (``Speed.h_function``)."""
+        ``interventions`` (``route``), in float32 for them when ``autocast`` (``Speed.h_function``). ``condition``
+        (``conditioning``) gives each sample its prompt; None: the spec's prompt for all."""
         x = x_t.to(self.device, self.dtype)
         n = len(x)
         if self.guided:
             x = torch.cat([x, x])
         x = self.speed.memory_format(x)
         t = torch.tensor(t, device=self.device)
-        kwargs = self._conditioning(n)
+        kwargs = self._conditioning(n) if condition is None else condition
         ctx = ctx or context(int(t), n)
         if not interventions:
             out = self._forward(x, t, kwargs)
@@ -218,15 +247,17 @@ class ConditionalUNetModel(UNetModel):
         uncond, cond = out.chunk(2)
         return uncond + self.guidance * (cond - uncond)
 
-    def output(self, x_t: torch.Tensor, t: int, interventions: Sequence[Callable] = (), ctx: StepContext | None = None) -> torch.Tensor:
+    def output(self, x_t: torch.Tensor, t: int, interventions: Sequence[Callable] = (), ctx: StepContext | None = None,
+               condition: dict | None = None) -> torch.Tensor:
         with torch.no_grad(), self.speed.context(self.device):  # autocast here only: the Jacobian runs in the model's dtype
-            return self.guided_output(x_t, t, interventions, ctx, autocast=True)
+            return self.guided_output(x_t, t, interventions, ctx, autocast=True, condition=condition)
 
-    def decoder_half(self, x_t: torch.Tensor, t: int) -> "HookedDecoderHalf":
+    def decoder_half(self, x_t: torch.Tensor, t: int, prompt: str | None = None) -> "HookedDecoderHalf":
         seen: list[torch.Tensor] = []
+        condition = None if prompt is None else self.conditioning([prompt])
         with torch.no_grad():  # (not ``output``: no autocast, the Jacobian is taken in the model's dtype)
-            self.guided_output(x_t, t, [lambda h, ctx: seen.append(h) or h])
-        return HookedDecoderHalf(self, x_t.to(self.device, self.dtype), t, seen[0])
+            self.guided_output(x_t, t, [lambda h, ctx: seen.append(h) or h], condition=condition)
+        return HookedDecoderHalf(self, x_t.to(self.device, self.dtype), t, seen[0], prompt)
 
     def describe(self) -> dict:
         return {"family": self.family, "kind": f"conditional ({self.conditioner.kind})", "guided": self.guided, "guide_edit": self.guide_edit}
@@ -241,12 +272,14 @@ class HookedDecoderHalf:
     x_t: torch.Tensor
     t: int
     h: torch.Tensor
+    prompt: str | None = None  # the sample's prompt; None: the spec's
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         if tuple(h.shape[1:]) != tuple(self.h.shape[1:]):
             raise HspaceError(f"h has shape {tuple(h.shape)}; valid: [k, {', '.join(map(str, self.h.shape[1:]))}]")
         x = self.x_t.expand(h.shape[0], *self.x_t.shape[1:])
-        return self.model.guided_output(x, self.t, [lambda _seen, ctx: h])
+        condition = None if self.prompt is None else self.model.conditioning([self.prompt] * h.shape[0])
+        return self.model.guided_output(x, self.t, [lambda _seen, ctx: h], condition=condition)
 
     def forward_mode(self):
         return forward_mode(self.model.unet)

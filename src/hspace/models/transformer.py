@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import HspaceError
-from .conditional import ConditionalUNetModel, TextConditioner
+from .conditional import ConditionalUNetModel, EmbeddingCache, TextConditioner
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class SD3Conditioner(TextConditioner):
             raise HspaceError(f"the {type(pipeline).__name__} has no text_encoder; an SD3 pipeline needs its CLIP encoders")
         self.pipeline = pipeline
         self.xl = False
-        self._cache = {}
+        self._cache = EmbeddingCache()
 
     @property
     def kind(self) -> str:

@@ -268,9 +268,13 @@ class UNetModel:
         """A context in which h passes through ``fn`` (``hooks.h_hook`` for the U-Nets)."""
         return h_hook(self.unet, self.h_location, fn)
 
-    def output(self, x_t: torch.Tensor, t: int, interventions: Sequence[Callable] = (), ctx: StepContext | None = None) -> torch.Tensor:
+    def output(self, x_t: torch.Tensor, t: int, interventions: Sequence[Callable] = (), ctx: StepContext | None = None,
+               condition: dict | None = None) -> torch.Tensor:
         """The U-Net's output at (x_t, t), h passed through ``interventions`` (each ``fn(h, ctx)``,
-        ``interventions.py``; hook removed after), no gradient, run as ``self.speed`` says."""
+        ``interventions.py``; hook removed after), no gradient, run as ``self.speed`` says. (``condition``:
+        conditional models only.)"""
+        if condition is not None:
+            raise HspaceError("an unconditional model takes no prompts")
         x = self.speed.memory_format(x_t.to(self.device, self.dtype))
         t = torch.tensor(t, device=self.device)
         ctx = ctx or context(int(t), len(x))
@@ -292,8 +296,10 @@ class UNetModel:
     def describe(self) -> dict:
         return {"family": self.family, "kind": f"{self.kind} ({'latent, ' + type(self.decoder).__name__ if self.decoder is not None else 'pixel space'})"}
 
-    def decoder_half(self, x_t: torch.Tensor, t: int) -> DecoderHalf:
+    def decoder_half(self, x_t: torch.Tensor, t: int, prompt: str | None = None) -> DecoderHalf:
         """The decoder half at (x_t, t) (encoder half computed once here), for the Jacobian of eq. 6."""
+        if prompt is not None:
+            raise HspaceError("an unconditional model takes no prompt")
         return DecoderHalf(self.unet, encode(self.unet, x_t, t, self.h_location))
 
     @contextlib.contextmanager

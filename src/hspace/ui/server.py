@@ -196,7 +196,7 @@ class Editor:
             window = _window(part.get("window"), part["name"])
             active = self.engine.active_steps(self.steps, window)
             direction = self.directions[part["name"]]
-            delta += float(scale) * direction.per_step(self.steps) * active.float().reshape(-1, *[1] * len(self.engine.h_shape))
+            delta += float(scale) * self.engine.direction_at(direction, self.steps).per_step(self.steps) * active.float().reshape(-1, *[1] * len(self.engine.h_shape))
             used.append({"name": part["name"], "scale": float(scale), "window": None if window is None else [float(w) for w in window],
                          "method": direction.meta.get("method", ""), "params": direction.meta.get("params", {})})
         meta = {"name": name, "method": "combination", "params": {"parts": used, "steps": self.steps}}
