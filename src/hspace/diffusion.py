@@ -194,12 +194,31 @@ class Schedule:
         return x_prev.to(x_t.dtype)
 
 
+# Scheduler classes whose step is the process hspace runs (eq. 2 with eta: DDIM at 0, DDPM's posterior at 1; flow
+# matching's Euler step at 0). For any other class (PNDM, Euler, DPM-Solver, ...) hspace runs eq. 2 on that scheduler's
+# noise schedule and spacing: the samples are not those of the pipeline with its own scheduler, and ``process_note`` says so.
+NATIVE_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", *FLOW_SCHEDULERS)
+
+
+def process_note(scheduler_config: dict) -> str | None:
+    """What differs between the folder's scheduler and the process hspace runs (None: nothing)."""
+    name = scheduler_config.get("_class_name")
+    if name is None or name in NATIVE_SCHEDULERS:
+        return None
+    return (f"the model's scheduler is {name}; hspace runs its own sampler (eq. 2: DDIM at eta 0, DDPM at eta 1) on that scheduler's "
+            f"noise schedule and timestep spacing, so samples equal the pipeline's only with a DDIMScheduler (or DDPMScheduler) "
+            f"swapped in: pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)")
+
+
 def describe_process(scheduler_config: dict, prediction_type: str) -> str:
     """The process in words, for ``hspace info``."""
     if scheduler_config.get("_class_name") in FLOW_SCHEDULERS:
         return f"flow matching (x_t = (1 - t) x_0 + t eps, the model predicts v = eps - x_0), {spacing_of(scheduler_config)[5:]}"
+    note = process_note(scheduler_config)
     return (f"DDPM/DDIM (x_t = sqrt(alpha_t) x_0 + sqrt(1 - alpha_t) eps, {prediction_type} prediction), "
-            f"{scheduler_config.get('num_train_timesteps', 1000)} training timesteps spaced {spacing_of(scheduler_config)}")
+            f"{scheduler_config.get('num_train_timesteps', 1000)} training timesteps spaced {spacing_of(scheduler_config)}"
+            f"{', clipping P_t to +-' + format(scheduler_config.get('clip_sample_range', 1.0), 'g') if scheduler_config.get('clip_sample') else ', no clipping'}"
+            + (f"; NOTE: {note}" if note else ""))
 
 
 def spacing_of(scheduler_config: dict) -> str:

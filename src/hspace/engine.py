@@ -8,13 +8,14 @@ D_t with one U-Net pass per step, or into P_t only with Asyrp's second, clean pa
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
 
-from .diffusion import Schedule, eta_schedule, spacing_of
+from .diffusion import Schedule, eta_schedule, process_note, spacing_of
 from .directions.direction import Direction
 from .errors import HspaceError, check_choice
 from .interventions import LinearEdit, Record, Replace, StepContext, edits_at
@@ -24,6 +25,9 @@ from .progress import Meter, StepEvent
 from .spec import CONDITION_FIELDS, Spec
 from .speed import Speed
 from .trajectory import Trajectory, check_seeds, seeded_noise, seeded_x_T
+
+logger = logging.getLogger(__name__)
+_noted: set[str] = set()  # what was said once per process (process_note)
 
 EPS_PASSES = ("edited", "clean")  # where D_t's eps comes from: the edited pass, or Asyrp's clean one
 Noise = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
@@ -94,6 +98,14 @@ class Engine:
         # DDIM inversion cannot undo; clip_sample=False is part of the spec.
         if clip_sample is not None:
             self.scheduler_config["clip_sample"] = clip_sample
+        elif "clip_sample" not in self.scheduler_config and components.decoder is not None:
+            # A latent model's scheduler without the key (PNDM, Euler, DPM-Solver configs) clips nothing; DDIM's
+            # default (clip to +-1) would destroy latents, whose range is not [-1, 1].
+            self.scheduler_config["clip_sample"] = False
+        note = process_note(self.scheduler_config)
+        if note and note not in _noted:
+            _noted.add(note)
+            logger.warning("%s", note)
         self.model = backbone.build(components, h_location, self.device, dtype, self.spec, self.speed)
         self._schedules: dict[int, Schedule] = {}
 
@@ -121,6 +133,12 @@ class Engine:
         unknown = sorted(set(condition) - set(CONDITION_FIELDS))
         if unknown:
             raise HspaceError(f"unknown option(s) {', '.join(unknown)}; valid: h_location, device, dtype, clip_sample, speed, folder, {', '.join(CONDITION_FIELDS)}")
+        if _is_pipeline(model):
+            if folder is not None:
+                raise HspaceError("folder= relocates the model of a spec; a loaded pipeline is its own model")
+            return cls.from_pipeline(model, h_location, device, dtype, clip_sample, speed, **condition)
+        if not isinstance(model, (str, Spec)) and not hasattr(model, "__fspath__"):
+            raise HspaceError(f"model must be a name, a folder, a hub id, a Spec or a loaded diffusers pipeline; got a {type(model).__name__}")
         if isinstance(model, Spec):
             given = {"h_location": h_location, "dtype": dtype, "clip_sample": clip_sample, **condition}
             extra = [k for k, v in given.items() if v is not None]
@@ -132,6 +150,39 @@ class Engine:
         if h_location is not None:
             Spec(str(model), h_location)  # checks the name of the h location before loading
         return cls(load_components(model), h_location, device, dtype, clip_sample, **condition, speed=speed)
+
+    @classmethod
+    def from_pipeline(
+        cls,
+        pipeline,
+        h_location: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        clip_sample: bool | None = None,
+        speed: Speed | None = None,
+        *,
+        name: str | None = None,
+        **condition,
+    ) -> "Engine":
+        """The engine of a diffusers pipeline already loaded (``StableDiffusionPipeline.from_pretrained(...)``, with a
+        LoRA loaded or fused, on its device and in its dtype unless ``device``/``dtype`` say otherwise); the other
+        options as ``load``. The model is identified by the content of its modules in memory (a LoRA changes it);
+        ``name`` (default: the folder or hub id it was loaded from) is where ``Engine.load(spec)`` looks for it later."""
+        from .loading import components_of_pipeline, denoiser_of
+
+        if not _is_pipeline(pipeline):
+            raise HspaceError(f"from_pipeline takes a loaded diffusers pipeline, got a {type(pipeline).__name__}")
+        unknown = sorted(set(condition) - set(CONDITION_FIELDS))
+        if unknown:
+            raise HspaceError(f"unknown option(s) {', '.join(unknown)}; valid: h_location, device, dtype, clip_sample, speed, name, {', '.join(CONDITION_FIELDS)}")
+        denoiser = denoiser_of(pipeline)
+        label = name or getattr(pipeline, "name_or_path", None) or f"{type(pipeline).__name__} (in memory)"
+        components = components_of_pipeline(pipeline, str(label))
+        if denoiser is not None and not hasattr(denoiser, "_orig_mod"):
+            first = next(denoiser.parameters(), None)
+            device = device if device is not None else (None if first is None else first.device)
+            dtype = dtype if dtype is not None else (None if first is None else first.dtype)
+        return cls(components, h_location, device, dtype, clip_sample, **condition, speed=speed)
 
     @classmethod
     def _of_spec(cls, spec: Spec, device, speed: Speed | None, folder: str | None) -> "Engine":
@@ -574,6 +625,11 @@ class Engine:
         noise = None if z is None else (lambda rows: torch.cat([torch.zeros(len(rows), step, *z.shape[2:]), z[rows]], 1))
         return self.run(x, num_steps, eta, noise=noise, start=step, batch_size=batch_size, callback=callback, progress=progress, stage="finish",
                         prompts=prompts)
+
+
+def _is_pipeline(model) -> bool:
+    """Whether ``model`` is a loaded diffusers pipeline (not a name, folder or spec)."""
+    return not isinstance(model, (str, Spec)) and hasattr(model, "components") and hasattr(model, "scheduler")
 
 
 def check_finite(x: torch.Tensor, step: int, t: int) -> None:

@@ -232,11 +232,17 @@ def _load_text_pipeline(folder: Path, name: str) -> Components:
     return components_of_pipeline(pipeline, name)
 
 
+def denoiser_of(pipeline):
+    """A pipeline's denoiser: its unet or its transformer (None: neither). (Not ``a or b``: a compiled module has no truth value.)"""
+    unet = getattr(pipeline, "unet", None)
+    return unet if unet is not None else getattr(pipeline, "transformer", None)
+
+
 def components_of_pipeline(pipeline, name: str) -> Components:
     """The components of a loaded diffusers pipeline: its denoiser, scheduler config, VAE and conditioner."""
     from .models import backbone_for
 
-    denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+    denoiser = denoiser_of(pipeline)
     if denoiser is None:
         raise HspaceError(f"the {type(pipeline).__name__} has neither a unet nor a transformer")
     conditioner = backbone_for(denoiser).conditioner_for(pipeline)

@@ -40,7 +40,14 @@ def register(class_name: str):
 
 
 def backbone_for(denoiser: nn.Module) -> type:
-    """The wrapper class of ``denoiser``, by its class (or the nearest registered base class)."""
+    """The wrapper class of ``denoiser``, by its class (or the nearest registered base class). A denoiser
+    compiled by its user is refused: its hooks would not run, so every edit would be a no-op and nothing recorded."""
+    compiled = hasattr(denoiser, "_orig_mod") or getattr(denoiser, "_compiled_call_impl", None) is not None
+    if compiled:
+        inner = type(getattr(denoiser, "_orig_mod", denoiser)).__name__
+        raise HspaceError(f"the {inner} was compiled (torch.compile / .compile()): hspace's hooks on h would not run in it, so edits "
+                          "would do nothing and no h would be recorded. Pass the model uncompiled and ask hspace to compile it: "
+                          "--compile (Speed(compile=True)), which compiles the blocks around h and keeps h's module eager")
     for cls in type(denoiser).__mro__:
         if cls.__name__ in BACKBONES:
             return BACKBONES[cls.__name__]

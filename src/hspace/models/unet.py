@@ -207,7 +207,11 @@ class UNetModel:
         self.speed = speed or Speed()
         self.unet = _prepare(unet, device, dtype)
         self._prepare_speed()
-        self.decoder = None if decoder is None else _prepare(decoder, torch.device("cpu") if self.speed.offload else device, dtype)
+        # As the pipelines: a VAE whose config sets force_upcast (SDXL's) decodes and encodes in float32 under a
+        # float16 model, where its activations overflow float16 (NaN images otherwise).
+        upcast = decoder is not None and dtype == torch.float16 and bool(getattr(decoder.config, "force_upcast", False))
+        self.decoder_dtype = torch.float32 if upcast else dtype
+        self.decoder = None if decoder is None else _prepare(decoder, torch.device("cpu") if self.speed.offload else device, self.decoder_dtype)
         self.sample_shape = self._sample_shape()
         self._h_shape: tuple[int, ...] | None = None
 
@@ -330,11 +334,16 @@ class UNetModel:
         out = []
         with torch.no_grad(), self._decoder_on_device():
             for part in x0.split(batch_size):
-                z = part.to(self.device, self.dtype) / self.latent_scale
+                z = part.to(self.device, self.decoder_dtype) / self.latent_scale
                 if self.latent_shift is not None:
                     z = z + self.latent_shift
                 out.append(self.decoder.decode(z).sample.float().cpu())
-        return torch.cat(out)
+        images = torch.cat(out)
+        if not bool(torch.isfinite(images).all()):
+            raise HspaceError(f"the {type(self.decoder).__name__} decoded NaN or infinite values in {str(self.decoder_dtype).replace('torch.', '')}: "
+                              "its activations overflow that precision; load the model in float32 (--dtype float32), or set the VAE "
+                              "config's force_upcast so that it decodes in float32")
+        return images
 
     def encode(self, images: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """x_0 from images [B, 3, H, W] in [-1, 1]: the images for a pixel model, the autoencoder's latents
@@ -344,7 +353,7 @@ class UNetModel:
         out = []
         with torch.no_grad(), self._decoder_on_device():
             for part in images.split(batch_size):
-                encoded = self.decoder.encode(part.to(self.device, self.dtype))
+                encoded = self.decoder.encode(part.to(self.device, self.decoder_dtype))
                 latents = encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mean
                 if self.latent_shift is not None:
                     latents = latents - self.latent_shift

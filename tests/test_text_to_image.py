@@ -1,0 +1,195 @@
+"""The text-to-image workflow on tiny Stable Diffusion pipelines built in the test (tests/tiny_sd.py): banks over
+many prompts, prompt-pair directions, directions across step counts, loaded pipelines, and the silent failures
+of issue 26 (each made for real: a compiled U-Net, a scheduler without clip_sample, a VAE that overflows float16)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+
+import tiny_sd
+from hspace.bank import Bank, build_bank
+from hspace.cli import main
+from hspace.directions.direction import Direction
+from hspace.directions.pca import pca_per_timestep
+from hspace.directions.prompts import parse_pairs, prompt_direction
+from hspace.engine import Engine
+from hspace.errors import HspaceError
+from hspace.trajectory import Trajectory
+
+STEPS = 4
+PROMPTS = ["a cat", "a dog", "a red car", "a house"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("t2i")
+    tiny_sd.sd_pipeline(root / "sd")
+    return root / "sd"
+
+
+def test_the_slider_workflow_in_python(folder, tmp_path):
+    """A bank over 4 prompts, PCA over it, a prompt-pair direction applied under a fifth prompt, saved, loaded
+    from a copy of the model folder at another path, and used at another step count."""
+    engine = Engine.load(str(folder), guidance=3.0)
+    bank = build_bank(tmp_path / "bank", engine, 8, STEPS, 1.0, batch_size=8, progress=False, prompts=PROMPTS)
+    assert bank.prompts == PROMPTS and bank.sample_prompts() == PROMPTS * 2
+    # every sample was drawn under its own prompt: drawn again alone under that prompt, its h is the bank's
+    again = engine.conditioned(prompt="a red car").sample([bank.seeds[6]], STEPS, 1.0, progress=False)
+    assert float((again.h[0] - bank.h([6])[0]).abs().max()) < 1e-2  # (h in float16 on disk)
+    assert float((engine.sample([bank.seeds[6]], STEPS, 1.0, progress=False).h[0] - bank.h([6])[0]).abs().max()) > 0.05
+    pca = pca_per_timestep(bank.h_chunks(), 2, expected_n=8, spec=bank.spec)
+    assert len(pca.directions) == 2
+
+    slider = prompt_direction(engine, [("a smiling cat", "a cat"), ("a smiling dog", "a dog")], 4, STEPS, 1.0, batch_size=4, progress=False)
+    # eq. 10 with paired samples, recomputed here from the four pairs of samples drawn one by one
+    h_plus = [engine.conditioned(prompt=p).sample([s], STEPS, 1.0, progress=False).h for s, p in zip(range(4), ["a smiling cat", "a smiling dog"] * 2)]
+    h_minus = [engine.conditioned(prompt=p).sample([s], STEPS, 1.0, progress=False).h for s, p in zip(range(4), ["a cat", "a dog"] * 2)]
+    expected = (torch.cat(h_plus).double() - torch.cat(h_minus).double()).mean(0)
+    assert float((slider.delta - expected).abs().max()) < 1e-4 * float(expected.abs().max())
+    assert slider.name == "smiling" and torch.equal(slider.timesteps, engine.schedule(STEPS).timesteps.double())
+
+    fifth = engine.conditioned(prompt="a horse")
+    trajectory = fifth.sample([11, 12], STEPS, 1.0, progress=False)
+    edited = fifth.edit(trajectory, slider, [0.0, 2.0], progress=False)
+    assert torch.equal(edited[0, 0], trajectory.images) and float((edited[0, 1] - edited[0, 0]).abs().max()) > 1e-3
+
+    slider.save(tmp_path / "smiling.safetensors")
+    copy = tmp_path / "moved" / "sd"
+    shutil.copytree(folder, copy)
+    moved = Engine.load(trajectory.spec, folder=str(copy))  # the same model by fingerprint, at another path
+    loaded = Direction.load(tmp_path / "smiling.safetensors")
+    assert torch.equal(moved.edit(trajectory, loaded, [2.0], progress=False)[0, 0], edited[0, 1])
+    # at 2 steps: the 2-step timesteps (501, 1) are 4-step ones, so the direction is its own vectors there
+    short = moved.sample([11], 2, 1.0, progress=False)
+    assert moved.schedule(2).timesteps.tolist() == [501, 1]
+    by_hand = Direction(loaded.delta[[1, 3]], meta={"name": "by hand"}, spec=loaded.spec)
+    assert torch.equal(moved.edit(short, loaded, [2.0], progress=False), moved.edit(short, by_hand, [2.0], progress=False))
+
+
+def test_the_slider_workflow_on_the_command_line(folder, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# subjects\n" + "\n".join(PROMPTS) + "\n\n")
+    pairs = tmp_path / "pairs.txt"
+    pairs.write_text("a smiling cat | a cat\na smiling dog | a dog\n")
+    common = ["--model", str(folder), "--steps", str(STEPS), "--guidance", "3"]
+    assert main(["bank", str(tmp_path / "bank"), *common, "--prompts", str(prompts), "--n", "8", "--batch-size", "8"]) == 0
+    assert Bank.open(tmp_path / "bank").prompts == PROMPTS
+    assert main(["pca", str(tmp_path / "bank"), "--k", "2", "--out", str(tmp_path / "pca")]) == 0
+    assert main(["prompt-direction", *common, "--pairs", str(pairs), "--n", "4", "-o", str(tmp_path / "smiling.safetensors")]) == 0
+    assert "wrote direction 'smiling' (2 pair(s), 4 seeds" in capsys.readouterr().out
+    assert main(["edit", "--model", str(folder), "--steps", "2", "--guidance", "3", "--prompt", "a horse", "--seeds", "11",
+                 "--direction", str(tmp_path / "smiling.safetensors"), str(tmp_path / "pca" / "pc1.safetensors"), "--scales", "0", "2",
+                 "--out", str(tmp_path / "edits")]) == 0
+    assert (tmp_path / "edits" / "edit_seed11.png").is_file()
+    assert main(["sample", *common, "--prompt", "a cat", "--prompt", "a dog", "--seeds", "0-2", "--out", str(tmp_path / "s"),
+                 "--save-trajectory", str(tmp_path / "s.safetensors")]) == 0
+    assert Trajectory.load(tmp_path / "s.safetensors").prompts == ["a cat", "a dog", "a cat"]
+    (tmp_path / "bad.txt").write_text("a smiling cat\n")
+    assert main(["prompt-direction", *common, "--pairs", str(tmp_path / "bad.txt"), "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "line 1: 'a smiling cat' is not a pair" in capsys.readouterr().err
+    assert main(["bank", str(tmp_path / "b2"), *common, "--prompts", str(tmp_path / "missing.txt"), "--n", "2"]) == 2
+    assert "missing.txt" in capsys.readouterr().err and not (tmp_path / "b2").exists()
+
+
+def test_a_bank_over_prompts_is_resumed_and_extended_with_the_same_prompt_per_sample(folder, tmp_path):
+    engine = Engine.load(str(folder), guidance=1.0)
+    whole = build_bank(tmp_path / "whole", engine, 6, 2, 1.0, shard_size=2, progress=False, prompts=PROMPTS, prompt_order="random")
+    part = build_bank(tmp_path / "part", engine, 4, 2, 1.0, shard_size=2, progress=False, prompts=PROMPTS, prompt_order="random")
+    part = build_bank(tmp_path / "part", engine, 6, 2, 1.0, shard_size=2, progress=False, prompts=PROMPTS, prompt_order="random")
+    assert part.sample_prompts() == whole.sample_prompts() and len(set(whole.sample_prompts())) > 1
+    assert torch.equal(part.h(), whole.h())
+    with pytest.raises(HspaceError, match="prompt_order: bank has 'random', requested 'cycle'"):
+        build_bank(tmp_path / "part", engine, 8, 2, 1.0, shard_size=2, progress=False, prompts=PROMPTS)
+    with pytest.raises(HspaceError, match="unknown prompt_order 'shuffle'"):
+        build_bank(tmp_path / "other", engine, 2, 2, 1.0, progress=False, prompts=PROMPTS, prompt_order="shuffle")
+    with pytest.raises(HspaceError, match="unconditional model: it takes no prompts"):
+        build_bank(tmp_path / "u", Engine.load("tiny-random"), 2, 2, 1.0, progress=False, prompts=PROMPTS)
+
+
+def test_prompt_pairs_are_checked():
+    assert parse_pairs(["# c", "a b | a", "x |"]) == [("a b", "a"), ("x", "")]
+    with pytest.raises(HspaceError, match="line 1: 'a | b | c' is not a pair"):
+        parse_pairs(["a | b | c"])
+    with pytest.raises(HspaceError, match="hold.s. no pair"):
+        parse_pairs(["# only a comment"])
+
+
+def test_a_loaded_pipeline_is_an_engine_and_its_generator_gives_hspaces_seed(folder, tmp_path):
+    pipe = tiny_sd.sd_pipeline()
+    engine = Engine.from_pipeline(pipe, prompt="a cat", guidance=1.0)
+    assert Engine.load(pipe, prompt="a cat", guidance=1.0).spec == engine.spec
+    # pipe(generator=torch.Generator().manual_seed(s)) draws what hspace's seed s draws (x_T, then z step by step)
+    for eta in (0.0, 1.0):
+        ours = engine.sample([3], STEPS, eta=eta, progress=False).x0
+        theirs = pipe("a cat", num_inference_steps=STEPS, guidance_scale=1.0, eta=eta, generator=torch.Generator().manual_seed(3),
+                      output_type="latent").images
+        assert float((ours - theirs).abs().max()) < 1e-4
+    trajectory = engine.sample([0], STEPS, progress=False)
+    with torch.no_grad():  # a LoRA fused into the U-Net (what fuse_lora does: W += B A) is another model
+        weight = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight
+        weight += 0.1 * torch.randn(weight.shape[0], 2) @ torch.randn(2, weight.shape[1])
+    fused = Engine.from_pipeline(pipe, prompt="a cat", guidance=1.0)
+    assert fused.spec.fingerprint != engine.spec.fingerprint
+    with pytest.raises(HspaceError, match="model fingerprint"):
+        fused.replay(trajectory, progress=False)
+    with pytest.raises(HspaceError, match="a loaded diffusers pipeline, got a str"):
+        Engine.from_pipeline("runwayml/stable-diffusion-v1-5")
+    with pytest.raises(HspaceError, match="model must be a name, a folder, a hub id, a Spec or a loaded diffusers pipeline; got a int"):
+        Engine.load(5)
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
+def test_a_denoiser_compiled_by_its_user_is_refused_not_silently_unedited(how):
+    pipe = tiny_sd.sd_pipeline()
+    if how == "torch.compile":
+        pipe.unet = torch.compile(pipe.unet)
+    else:
+        pipe.unet.compile()
+    with pytest.raises(HspaceError, match="was compiled .* --compile"):
+        Engine.from_pipeline(pipe, prompt="a cat")
+
+
+def test_a_scheduler_without_clip_sample_does_not_clip_latents_and_a_foreign_scheduler_is_named(folder, tmp_path, caplog, capsys):
+    from diffusers import PNDMScheduler
+
+    copy = tmp_path / "pndm"
+    shutil.copytree(folder, copy)
+    pndm = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False, steps_offset=1,
+                         skip_prk_steps=True)  # the tiny pipeline's schedule, as SD's default scheduler
+    assert "clip_sample" not in pndm.config  # PNDM's config has no such key
+    pndm.save_config(copy / "scheduler")
+    index = json.loads((copy / "model_index.json").read_text())
+    (copy / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "PNDMScheduler"]}))
+    with caplog.at_level(logging.WARNING, logger="hspace"):
+        engine = Engine.load(str(copy), prompt="a cat", guidance=1.0)
+    assert engine.schedule(STEPS).clip_sample is None  # not DDIM's default clip to +-1
+    assert "the model's scheduler is PNDMScheduler; hspace runs its own sampler" in caplog.text
+    explicit = Engine.load(str(folder), prompt="a cat", guidance=1.0)  # the DDIM config, clip_sample false
+    assert torch.equal(engine.sample([1], STEPS, progress=False).x0, explicit.sample([1], STEPS, progress=False).x0)
+    assert main(["info", "--model", str(copy), "--prompt", "a cat"]) == 0
+    process = json.loads(capsys.readouterr().out)["process"]
+    assert "no clipping" in process and "NOTE: the model's scheduler is PNDMScheduler" in process
+
+
+def test_a_vae_that_overflows_float16_decodes_in_float32_when_its_config_says_force_upcast():
+    pipe = tiny_sd.sd_pipeline()
+    with torch.no_grad():  # activations of ~1e5 after the first convolution: beyond float16, fine in float32
+        pipe.vae.decoder.conv_in.weight *= 3e4
+        pipe.vae.decoder.conv_in.bias *= 3e4
+    x0 = Engine.from_pipeline(pipe, prompt="a cat", guidance=1.0).sample([0], 2, progress=False)
+    import copy
+
+    with torch.no_grad():  # the overflow is real: the VAE itself in float16 decodes NaN
+        assert not bool(torch.isfinite(copy.deepcopy(pipe.vae).half().decode(x0.x0.half() / 0.18215).sample).all())
+    assert pipe.vae.config.force_upcast
+    half = Engine.from_pipeline(pipe, prompt="a cat", guidance=1.0, dtype="float16")
+    assert half.model.decoder_dtype == torch.float32
+    assert float((half.decode(x0.x0) - x0.images).abs().max()) < 1e-5  # the float32 decode (batch rounding aside)
+    pipe.vae.register_to_config(force_upcast=False)
+    with pytest.raises(HspaceError, match="decoded NaN or infinite values in float16"):
+        Engine.from_pipeline(pipe, prompt="a cat", guidance=1.0, dtype="float16").decode(x0.x0)
