@@ -129,6 +129,11 @@ def test_a_loaded_pipeline_is_an_engine_and_its_generator_gives_hspaces_seed(fol
         theirs = pipe("a cat", num_inference_steps=STEPS, guidance_scale=1.0, eta=eta, generator=torch.Generator().manual_seed(3),
                       output_type="latent").images
         assert float((ours - theirs).abs().max()) < 1e-4
+    sized = Engine.from_pipeline(pipe, prompt="a cat", guidance=3.0, height=48, width=64)  # the pipelines' height/width
+    ours = sized.sample([2], STEPS, eta=1.0, progress=False).x0
+    theirs = pipe("a cat", height=48, width=64, num_inference_steps=STEPS, guidance_scale=3.0, eta=1.0,
+                  generator=torch.Generator().manual_seed(2), output_type="latent").images
+    assert sized.sample_shape == (4, 24, 32) and float((ours - theirs).abs().max()) < 1e-4
     trajectory = engine.sample([0], STEPS, progress=False)
     with torch.no_grad():  # a LoRA fused into the U-Net (what fuse_lora does: W += B A) is another model
         weight = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight

@@ -205,3 +205,53 @@ def test_a_training_setting_out_of_range_is_refused_before_any_work(tmp_path, ba
     with pytest.raises(HspaceError, match=f"{next(iter(bad))} must be"):
         train(tmp_path / "run", TrainConfig(**{**vars(small(2)), **bad}))
     assert not (tmp_path / "run").exists()
+
+
+def small_dit(steps):
+    return TrainConfig(steps=steps, batch_size=4, pool=32, warmup=2, checkpoint_every=2, arch="dit", dit_layers=2, dit_width=48)
+
+
+def test_a_dit_run_resumes_exactly_and_exports_a_flow_pipeline_the_engine_loads(tmp_path):
+    train(tmp_path / "once", small_dit(4))
+    train(tmp_path / "twice", small_dit(2))
+    train(tmp_path / "twice", small_dit(4))
+    once = torch.load(tmp_path / "once" / "checkpoint.pt", weights_only=False)
+    twice = torch.load(tmp_path / "twice" / "checkpoint.pt", weights_only=False)
+    for key in once["ema"]:
+        assert torch.equal(once["ema"][key], twice["ema"][key]), key
+    folder = export(tmp_path / "once" / "checkpoint.pt", tmp_path / "toydit")
+    engine = Engine.load(str(folder), device="cpu")
+    assert engine.model.family == "DiT" and engine.spec.spacing == "flow:shift=1" and engine.decoder is None
+    assert engine.spec.prompt == "0" and not engine.model.guided  # one class: unconditional, one pass
+    assert engine.sample_shape == (3, 32, 32) and engine.h_shape == (48, 16, 16) and engine.h_location == "block.1"
+    key = "transformer_blocks.0.attn1.to_q.weight"
+    assert torch.equal(engine.unet.state_dict()[key], once["ema"][key].half().float())
+    trajectory = engine.sample([0, 1], 3, eta=1.0, progress=False)
+    assert torch.equal(engine.replay(trajectory, progress=False).x0, trajectory.x0)
+
+
+def test_the_dit_is_trained_on_the_flow_matching_loss_with_logit_normal_times(tmp_path):
+    """The first step's loss, recomputed by hand from the same draws: ||v(x_t, 1000 t) - (eps - x_0)||^2 with
+    x_t = (1 - t) x_0 + t eps and t = sigmoid(N(0, 1))."""
+    from hspace.toyfaces.train import build_model, render_pool
+
+    config = small_dit(1)
+    losses = []
+    train(tmp_path / "run", config, callback=lambda info: losses.append(info["loss"]))
+    torch.manual_seed(config.seed)
+    model = build_model(config)
+    pool = render_pool(config.pool, config.size)
+    generator = torch.Generator().manual_seed(config.seed)
+    index = torch.randint(0, len(pool), (4,), generator=generator)
+    x0 = pool[index].float() / 127.5 - 1
+    t = torch.sigmoid(torch.randn(4, generator=generator))
+    eps = torch.randn(x0.shape, generator=generator)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))  # (the label dropout's draws)
+    with torch.no_grad():
+        v = model(x_t, timestep=1000 * t, class_labels=torch.zeros(4, dtype=torch.long)).sample
+    assert abs(float(((v - (eps - x0)) ** 2).mean()) - losses[0]) < 1e-5
+    with pytest.raises(HspaceError, match="dit_width 50 must be a multiple of 48"):
+        TrainConfig(arch="dit", dit_width=50)
+    with pytest.raises(HspaceError, match="unknown arch 'vit'"):
+        TrainConfig(arch="vit")

@@ -165,12 +165,13 @@ def test_h_locations_are_listed_checked_and_counted_from_either_end(folders, kin
             Engine.load(str(root / kind), **CONDITION[kind], h_location=bad)
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("kind", [*FAMILIES, "flux"])
 def test_jacobian_singular_values_match_an_explicit_svd(folders, kind):
     from hspace.directions.jacobian import jacobian_directions
 
     root, _ = folders
-    engine = Engine.load(str(root / kind), prompt=CONDITION[kind]["prompt"], guidance=1.0)  # (routing under guidance: test_conditional)
+    size = {"height": 24, "width": 24} if kind == "flux" else {}  # FLUX at 24 px: h of 6x6 tokens, a Jacobian small enough to form
+    engine = Engine.load(str(root / kind), prompt=CONDITION[kind]["prompt"], guidance=1.0 if kind != "flux" else 3.5, **size)
     trajectory = engine.sample([7], STEPS, eta=0.0, progress=False)
     # the last step: random transformers have flat spectra, and there the top three are furthest apart
     result = jacobian_directions(engine, trajectory, steps=[3], k=3, max_iter=40, tol=0, progress=False)
@@ -214,13 +215,14 @@ def test_deterministic_flow_inversion_comes_back_near_the_image(folders):
     assert error < 0.05 * float(target.abs().max()), error
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("kind", [*FAMILIES, "flux"])
 def test_bank_pca_supervised_and_regression_on_a_transformer(folders, kind, tmp_path):
     from hspace.bank import build_bank
     from hspace.directions.pca import pca_per_timestep
 
     root, _ = folders
-    engine = Engine.load(str(root / kind), **CONDITION[kind])
+    size = {"height": 24, "width": 24} if kind == "flux" else {}  # (FLUX's default 256 px on the tiny VAE: slow here)
+    engine = Engine.load(str(root / kind), **CONDITION[kind], **size)
     bank = build_bank(tmp_path / "bank", engine, 6, STEPS, 1.0, batch_size=3, progress=False)
     pca = pca_per_timestep(bank.h_chunks(), 2, expected_n=6, spec=engine.spec)
     h = bank.h(list(range(6))).double()[:, 1].reshape(6, -1)
@@ -269,6 +271,34 @@ def test_command_line_on_tiny_transformer_folders(folders, tmp_path, capsys):
     assert "class 'zebra' is not a class of this model" in capsys.readouterr().err
     assert main(["info", "--model", str(root / "dit"), "--prompt", "1", "--h-location", "block.9"]) == 2
     assert "valid: block.0 to block.3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["sd3", "sd3-dynamic", "pixart", "flux"])
+def test_another_image_size_equals_the_pipeline_at_that_size(folders, kind, tmp_path):
+    root, pipes = folders
+    family = kind.split("-")[0]
+    engine = Engine.load(str(root / kind), **CONDITION[family], height=24, width=40)
+    assert engine.spec.size == (24, 40) and engine.image_size == (24, 40) and engine.sample_shape[1:] == (12, 20)
+    x_T = torch.randn(1, *engine.sample_shape, generator=torch.Generator().manual_seed(4))
+    ours = engine.run(x_T, STEPS, 0.0, progress=False)
+    options = {"num_inference_steps": STEPS, "guidance_scale": CONDITION[family]["guidance"], "height": 24, "width": 40,
+               "output_type": "latent", **PIPELINE_OPTIONS.get(family, {})}
+    if family == "flux":
+        from hspace.models import FluxModel
+
+        theirs = FluxModel.unpack(pipes[kind]("a cat", latents=FluxModel.pack(x_T.clone()), **options).images, (12, 20))
+    else:
+        theirs = pipes[kind]("a cat", latents=x_T.clone(), **options).images
+    assert float((ours - theirs).abs().max()) < 1e-4 * max(1.0, float(theirs.abs().max()) / 10)
+    # the size is part of the process: recorded, rebuilt from the spec, refused by an engine of another size
+    trajectory = engine.sample([1], STEPS, progress=False)
+    assert torch.equal(Engine.load(trajectory.spec).replay(trajectory, progress=False).x0, trajectory.x0)
+    with pytest.raises(HspaceError, match="size"):
+        Engine.load(str(root / kind), **CONDITION[family]).replay(trajectory, progress=False)
+    with pytest.raises(HspaceError, match="26 is not a multiple of 4"):
+        Engine.load(str(root / kind), **CONDITION[family], height=26, width=40)
+    with pytest.raises(HspaceError, match="give height and width together"):
+        Engine.load(str(root / kind), **CONDITION[family], height=24)
 
 
 def test_schedule_errors_name_what_is_wrong():

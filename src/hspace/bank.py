@@ -670,7 +670,9 @@ def _check_space(path: Path, identity: dict, samples: int) -> None:
     per_sample = 2 * _spec(identity).num_steps * math.prod(identity["h_shape"]) + 3 * identity["thumbnail_size"] ** 2 + 8
     need = samples * per_sample
     free = shutil.disk_usage(path).free
-    logger.info("bank %s: %d samples to draw, about %.1f MB on disk (%.1f MB free)", path, samples, need / 1e6, free / 1e6)
+    logger.info("bank %s: %d samples to draw, about %.1f MB on disk (%.1f MB free); h is %.2f MiB per sample (%d steps x %s in float16)",
+                path, samples, need / 1e6, free / 1e6, 2 * _spec(identity).num_steps * math.prod(identity["h_shape"]) / 2**20,
+                _spec(identity).num_steps, "x".join(map(str, identity["h_shape"])))
     if need > free:
         raise HspaceError(
             f"bank {str(path)!r} needs about {need / 1e6:.1f} MB for {samples} more samples but the disk has "

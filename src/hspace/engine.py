@@ -76,6 +76,8 @@ class Engine:
         guidance: float | None = None,
         guide_edit: str | None = None,
         speed: Speed | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ):
         dtype = resolve_dtype(dtype)
         if speed is not None and not isinstance(speed, Speed):
@@ -87,6 +89,7 @@ class Engine:
         self.spec = Spec(
             components.name, h_location, str(dtype).replace("torch.", ""), clip_sample, **condition,
             fingerprint=components.content_fingerprint(), spacing=spacing_of(components.scheduler_config), autocast=self.speed.autocast,
+            size=_size(height, width),
         )
         self.components = components
         self.device = resolve_device(device)
@@ -107,6 +110,8 @@ class Engine:
             _noted.add(note)
             logger.warning("%s", note)
         self.model = backbone.build(components, h_location, self.device, dtype, self.spec, self.speed)
+        if self.spec.size is not None and self.model.sample_shape == self.model._sample_shape():
+            self.spec = replace(self.spec, size=None)  # the model's default size: the spec of no size, as before sizes existed
         self._schedules: dict[int, Schedule] = {}
 
     @classmethod
@@ -130,9 +135,10 @@ class Engine:
         model's own setting). A conditional model (Stable Diffusion, SDXL) takes ``prompt``, ``negative_prompt``,
         ``guidance`` and ``guide_edit`` (see ``spec.py``); ``engine.conditioned(prompt=...)`` changes them later.
         ``speed`` (``hspace.speed.Speed``) chooses how the U-Net runs: channels_last, torch.compile, autocast."""
-        unknown = sorted(set(condition) - set(CONDITION_FIELDS))
+        unknown = sorted(set(condition) - set(CONDITION_FIELDS) - set(SIZE_FIELDS))
         if unknown:
-            raise HspaceError(f"unknown option(s) {', '.join(unknown)}; valid: h_location, device, dtype, clip_sample, speed, folder, {', '.join(CONDITION_FIELDS)}")
+            raise HspaceError(f"unknown option(s) {', '.join(unknown)}; valid: h_location, device, dtype, clip_sample, speed, folder, "
+                              f"{', '.join(CONDITION_FIELDS + SIZE_FIELDS)}")
         if _is_pipeline(model):
             if folder is not None:
                 raise HspaceError("folder= relocates the model of a spec; a loaded pipeline is its own model")
@@ -140,7 +146,7 @@ class Engine:
         if not isinstance(model, (str, Spec)) and not hasattr(model, "__fspath__"):
             raise HspaceError(f"model must be a name, a folder, a hub id, a Spec or a loaded diffusers pipeline; got a {type(model).__name__}")
         if isinstance(model, Spec):
-            given = {"h_location": h_location, "dtype": dtype, "clip_sample": clip_sample, **condition}
+            given = {"h_location": h_location, "dtype": dtype, "clip_sample": clip_sample, **condition}  # (size too: the spec's)
             extra = [k for k, v in given.items() if v is not None]
             if extra:
                 raise HspaceError(f"a spec fixes {', '.join(extra)}; load it alone (Engine.load(spec, device=..., speed=...))")
@@ -172,9 +178,10 @@ class Engine:
 
         if not _is_pipeline(pipeline):
             raise HspaceError(f"from_pipeline takes a loaded diffusers pipeline, got a {type(pipeline).__name__}")
-        unknown = sorted(set(condition) - set(CONDITION_FIELDS))
+        unknown = sorted(set(condition) - set(CONDITION_FIELDS) - set(SIZE_FIELDS))
         if unknown:
-            raise HspaceError(f"unknown option(s) {', '.join(unknown)}; valid: h_location, device, dtype, clip_sample, speed, name, {', '.join(CONDITION_FIELDS)}")
+            raise HspaceError(f"unknown option(s) {', '.join(unknown)}; valid: h_location, device, dtype, clip_sample, speed, name, "
+                              f"{', '.join(CONDITION_FIELDS + SIZE_FIELDS)}")
         denoiser = denoiser_of(pipeline)
         label = name or getattr(pipeline, "name_or_path", None) or f"{type(pipeline).__name__} (in memory)"
         components = components_of_pipeline(pipeline, str(label))
@@ -198,8 +205,9 @@ class Engine:
                 raise
             raise HspaceError(f"the model of this spec (fingerprint {spec.fingerprint}) cannot be loaded from {spec.model!r}: {e}. "
                               "If it was moved, pass where it is now (Engine.load(spec, folder=DIR), or --model DIR)") from None
+        size = {} if spec.size is None else {"height": spec.size[0], "width": spec.size[1]}
         engine = cls(components, spec.h_location, device, spec.dtype, spec.clip_sample, **{k: getattr(spec, k) for k in CONDITION_FIELDS},
-                     speed=replace(speed, autocast=spec.autocast))
+                     speed=replace(speed, autocast=spec.autocast), **size)
         engine.spec.check(spec.engine, f"the spec's model (found at {folder or spec.model!r})", kind="exact")
         return engine
 
@@ -212,7 +220,8 @@ class Engine:
         condition = {**{k: getattr(self.spec, k) for k in CONDITION_FIELDS}, **changes}
         if "guidance" in changes and "guide_edit" not in changes:
             condition["guide_edit"] = None  # the default for the new guidance
-        return Engine(self.components, self.h_location, self.device, self.dtype, self.spec.clip_sample, **condition, speed=self.speed)
+        size = {} if self.spec.size is None else {"height": self.spec.size[0], "width": self.spec.size[1]}
+        return Engine(self.components, self.h_location, self.device, self.dtype, self.spec.clip_sample, **condition, speed=self.speed, **size)
 
     # ------------------------------------------------------------------ what the engine is
 
@@ -625,6 +634,17 @@ class Engine:
         noise = None if z is None else (lambda rows: torch.cat([torch.zeros(len(rows), step, *z.shape[2:]), z[rows]], 1))
         return self.run(x, num_steps, eta, noise=noise, start=step, batch_size=batch_size, callback=callback, progress=progress, stage="finish",
                         prompts=prompts)
+
+
+SIZE_FIELDS = ("height", "width")  # the image size in pixels (both or neither; default: the model's)
+
+
+def _size(height, width) -> tuple[int, int] | None:
+    if height is None and width is None:
+        return None
+    if height is None or width is None:
+        raise HspaceError(f"give height and width together (pixels), got height={height!r}, width={width!r}")
+    return (height, width)
 
 
 def _is_pipeline(model) -> bool:

@@ -59,9 +59,9 @@ TOLERABLE = ("autocast",)  # what ``check(..., tolerant=True)`` lets differ
 # so a replay runs each sample under its prompt whatever the engine's is, and samples of several prompts are one batch.
 PER_SAMPLE = ("negative_prompt", "guidance", "guide_edit")
 MUST_MATCH = {
-    "process": ("model", "h_location", "clip_sample", *PER_SAMPLE, "spacing", "autocast", *PROCESS_FIELDS),  # trajectories, banks
-    "samples": ("model", "h_location", "dtype", "clip_sample", *PER_SAMPLE, "spacing", "autocast", *PROCESS_FIELDS),  # one batch
-    "exact": ("model", "h_location", "dtype", "clip_sample", *CONDITION_FIELDS, "spacing", "autocast", *PROCESS_FIELDS),  # extending a bank
+    "process": ("model", "h_location", "clip_sample", *PER_SAMPLE, "spacing", "autocast", "size", *PROCESS_FIELDS),  # trajectories, banks
+    "samples": ("model", "h_location", "dtype", "clip_sample", *PER_SAMPLE, "spacing", "autocast", "size", *PROCESS_FIELDS),  # one batch
+    "exact": ("model", "h_location", "dtype", "clip_sample", *CONDITION_FIELDS, "spacing", "autocast", "size", *PROCESS_FIELDS),  # extending a bank
     "direction": ("model", "h_location"),
 }
 FREE = "free"  # the spec of a direction made without an engine: it applies to any engine whose h has its shape
@@ -85,6 +85,7 @@ class Spec:
     autocast: str | None = None
     num_steps: int | None = None
     eta: tuple[float, ...] | None = None
+    size: tuple[int, int] | None = None  # (height, width) of the images in pixels; None: the model's default
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -100,6 +101,14 @@ class Spec:
                 raise HspaceError(f"{name} must be a{' non-empty' if name in ('fingerprint', 'spacing') else ''} string, got {value!r}")
         if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
             raise HspaceError(f"unknown autocast dtype {self.autocast!r}; valid: {', '.join(AUTOCAST_DTYPES)} (or None: off)")
+        if self.size is not None:
+            try:
+                size = tuple(self.size)
+            except TypeError:
+                size = ()
+            if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size):
+                raise HspaceError(f"size must be (height, width), two positive integers (pixels), got {self.size!r}")
+            object.__setattr__(self, "size", size)
         self._check_condition()
         self._check_process()
 
@@ -162,6 +171,10 @@ class Spec:
         data = asdict(self)
         if data["eta"] is not None:
             data["eta"] = list(data["eta"])
+        if data["size"] is None:
+            del data["size"]  # (a spec of the default size reads as before sizes existed: banks keep their fingerprint)
+        else:
+            data["size"] = list(data["size"])
         return data
 
     def to_json(self) -> str:

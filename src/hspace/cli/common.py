@@ -143,8 +143,9 @@ def engine_from(args, clip_sample: bool | None = None):
     condition = {k: getattr(args, k, None) for k in ("negative_prompt", "guidance", "guide_edit")}
     prompts = prompts_of(args)
     condition["prompt"] = None if prompts is None else prompts[0]  # the engine's prompt; samples may have others
+    size = {k: getattr(args, k, None) for k in ("height", "width") if getattr(args, k, None) is not None}
     engine = Engine.load(model_of(args), h_location=args.h_location, device=device_of(args), dtype=args.dtype, clip_sample=clip_sample,
-                         speed=speed_of(args), **condition)
+                         speed=speed_of(args), **condition, **size)
     return _with_batch_size(engine, args)
 
 
@@ -172,7 +173,7 @@ def model_of(args) -> str:
 
 
 # What a bank's or trajectory's spec fixes: given beside --bank or --trajectory, they would be ignored.
-FIXED_BY_SPEC = ("--h-location", "--dtype", "--no-clip", "--prompt", "--prompts", "--negative-prompt", "--guidance", "--guide-edit", "--steps", "--eta")
+FIXED_BY_SPEC = ("--h-location", "--dtype", "--no-clip", "--height", "--width", "--prompt", "--prompts", "--negative-prompt", "--guidance", "--guide-edit", "--steps", "--eta")
 
 
 def engine_of_spec(spec, args, source: str = "the bank or trajectory"):
@@ -232,6 +233,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     p.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
     p.add_argument("--batch-size", type=batch_size_arg, default=32, help="samples per U-Net batch, or auto: from the device's free memory")
+    p.add_argument("--height", type=positive_int, default=None, help="image height in pixels (with --width; default: the model's)")
+    p.add_argument("--width", type=positive_int, default=None, help="image width in pixels (with --height; default: the model's)")
     p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 (the scheduler's clip_sample); DDIM inversion needs it")
     from ..speed import AUTOCAST_DTYPES
 

@@ -180,7 +180,7 @@ class ConditionalUNetModel(UNetModel):
     def __init__(self, unet, decoder, h_location, device, dtype, conditioner: TextConditioner, spec, speed=None):
         if getattr(unet.config, "time_cond_proj_dim", None) is not None:
             raise HspaceError("U-Nets with a guidance embedding (time_cond_proj_dim, e.g. LCM) are not supported; valid: SD 1.x/2.x and SDXL U-Nets")
-        super().__init__(unet, decoder, h_location, device, dtype, speed)
+        super().__init__(unet, decoder, h_location, device, dtype, speed, spec.size)
         self.conditioner = conditioner.to(device, dtype, self.speed.offload)
         self.guided, self.guidance, self.guide_edit = spec.guided, spec.guidance, spec.guide_edit
         self.image_size = tuple(s * conditioner.vae_scale_factor for s in self.sample_shape[1:])  # the pipeline's default size

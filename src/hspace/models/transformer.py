@@ -82,6 +82,9 @@ class TransformerModel(ConditionalUNetModel):
         raise HspaceError(f"unknown h location {location!r} for this {type(denoiser).__name__} ({', '.join(f'{c} {k}' for k, c in counts.items())} "
                           f"blocks); valid: {valid}")
 
+    def size_multiple(self) -> int:
+        return self.pixels_per_latent() * int(self.unet.config.patch_size)
+
     def _prepare_speed(self) -> None:
         if self.speed.compile:
             raise HspaceError(f"--compile is not supported for {self.family} backbones yet; valid: leave it out")
@@ -124,13 +127,15 @@ class ClassConditioner:
     or one of the pipeline's label names; the unconditional pass gets the null class (1000, as DiTPipeline)."""
 
     kind = "class label"
-    default_guidance = 4.0  # DiTPipeline's default
-    NULL_CLASS = 1000
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
         self.vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1) if getattr(pipeline, "vae", None) else 1
         self.num_classes = int(getattr(pipeline.transformer.config, "num_embeds_ada_norm", None) or 1000)
+        # The unconditional embedding is the one after the classes (1000 for ImageNet's, as DiTPipeline). A model of one
+        # class (the bundled toy DiT: trained without labels) is unconditional: class 0, one pass, by default.
+        self.null_class = self.num_classes
+        self.default_guidance = 4.0 if self.num_classes > 1 else 1.0  # DiTPipeline's default
         self.device, self.dtype = torch.device("cpu"), torch.float32
 
     def label(self, prompt) -> int:
@@ -149,6 +154,8 @@ class ClassConditioner:
             return None
         if what != "prompt":
             raise HspaceError(f"a class-conditional model has no {what}; the unconditional pass uses the null class")
+        if prompt == "" and self.num_classes == 1:
+            return "0"
         if prompt == "":
             raise HspaceError(f"a class-conditional model needs a class: --prompt N with N from 0 to {self.num_classes - 1}")
         return str(self.label(prompt))
@@ -160,7 +167,7 @@ class ClassConditioner:
     def embed(self, prompt, negative_prompt, guided, image_size):
         label = torch.tensor([self.label(prompt)], device=self.device)
         cond = {"class_labels": label}
-        return ({"class_labels": torch.full_like(label, self.NULL_CLASS)} if guided else None), cond
+        return ({"class_labels": torch.full_like(label, self.null_class)} if guided else None), cond
 
 
 class DiTModel(TransformerModel):
@@ -313,6 +320,9 @@ class FluxModel(TransformerModel):
         self.txt_ids = conditioner.text_ids[spec.prompt].to(device)
         self.img_ids = conditioner.pipeline._prepare_latent_image_ids(1, self.grid[0], self.grid[1], device, dtype)
         self.guidance_input = torch.tensor([spec.guidance], dtype=torch.float32, device=device) if self.unet.config.guidance_embeds else None
+
+    def size_multiple(self) -> int:
+        return 2 * self.pixels_per_latent()  # 2x2 packing of the latents
 
     def _sample_shape(self) -> tuple[int, ...]:
         if self.unet.config.in_channels % 4:

@@ -201,7 +201,7 @@ class UNetModel:
     family = "U-Net"
 
     def __init__(self, unet: nn.Module, decoder: nn.Module | None, h_location: str, device: torch.device, dtype: torch.dtype,
-                 speed: Speed | None = None):
+                 speed: Speed | None = None, size: tuple[int, int] | None = None):
         self.h_location = self.check_location(unet, h_location)
         self.device, self.dtype = device, dtype
         self.speed = speed or Speed()
@@ -212,8 +212,29 @@ class UNetModel:
         upcast = decoder is not None and dtype == torch.float16 and bool(getattr(decoder.config, "force_upcast", False))
         self.decoder_dtype = torch.float32 if upcast else dtype
         self.decoder = None if decoder is None else _prepare(decoder, torch.device("cpu") if self.speed.offload else device, self.decoder_dtype)
-        self.sample_shape = self._sample_shape()
+        self.sample_shape = self._sample_shape() if size is None else self._sized(size)
         self._h_shape: tuple[int, ...] | None = None
+
+    # Image pixels per latent pixel that a size must be a multiple of (the VAE's factor; x2 for FLUX's packing).
+    def pixels_per_latent(self) -> int:
+        if self.decoder is None:
+            return 1
+        channels = getattr(self.decoder.config, "block_out_channels", None)
+        return 2 ** (len(channels) - 1) if channels else 1
+
+    def size_multiple(self) -> int:
+        """What an image height or width must be a multiple of."""
+        return self.pixels_per_latent()
+
+    def _sized(self, size: tuple[int, int]) -> tuple[int, ...]:
+        """[C, H, W] of x_t for images of ``size`` (height, width) pixels."""
+        step = self.size_multiple()
+        bad = [s for s in size if s % step]
+        if bad:
+            raise HspaceError(f"image size {size[0]}x{size[1]}: {bad[0]} is not a multiple of {step}; valid: heights and widths that are "
+                              f"multiples of {step} for this model (its default is {'x'.join(str(s * self.pixels_per_latent()) for s in self._sample_shape()[1:])})")
+        factor = self.pixels_per_latent()
+        return (self._sample_shape()[0], size[0] // factor, size[1] // factor)
 
     def _sample_shape(self) -> tuple[int, ...]:
         """[C, H, W] of x_t: the denoiser's in_channels and sample_size."""
@@ -227,7 +248,7 @@ class UNetModel:
     @classmethod
     def build(cls, components, h_location: str, device, dtype, spec, speed) -> "UNetModel":
         """The wrapper of ``components`` (``models.backbone_for`` chose the class)."""
-        return cls(components.unet, components.decoder, h_location, device, dtype, speed)
+        return cls(components.unet, components.decoder, h_location, device, dtype, speed, spec.size)
 
     @classmethod
     def locations(cls, denoiser: nn.Module) -> dict[str, str]:

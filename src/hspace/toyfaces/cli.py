@@ -37,6 +37,10 @@ def register(sub) -> None:
     p.add_argument("--init", default=None, help="start a new run from the weights of a checkpoint.pt, a diffusers model folder or toyfaces (the bundled model); a folder or toyfaces is deepened, function unchanged, to --layers-per-block")
     p.add_argument("--channels", default=None, help="block channels of the U-Net (default 32,64,128, the bundled model)")
     p.add_argument("--layers-per-block", dest="layers_per_block", type=positive_int, default=None, help="layers per U-Net block (default 1)")
+    p.add_argument("--arch", choices=("unet", "dit"), default=None,
+                   help="unet (the bundled toyfaces: epsilon, DDPM schedule; default) or dit (a DiT trained with flow matching: toydit)")
+    p.add_argument("--dit-layers", dest="dit_layers", type=positive_int, default=None, help="transformer blocks of the DiT (default 8)")
+    p.add_argument("--dit-width", dest="dit_width", type=positive_int, default=None, help="hidden size of the DiT, a multiple of 48 (default 192)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present); a run may resume on another device")
     p.set_defaults(func=run_train, outputs={"run": "dir"})
     p = toy_sub.add_parser("train-classifier", help="train the attribute classifier; prints held-out accuracy and R^2")

@@ -1,8 +1,12 @@
-"""Train the bundled toy-faces diffusion model: a small diffusers UNet2DModel with EMA.
+"""Train the bundled toy-faces diffusion models, with EMA, on faces rendered by ``render.py`` from seeds 0 .. pool-1.
 
-epsilon prediction, 1000 training steps and the noise schedule of google/ddpm-ema-celebahq-256
-(linear betas 1e-4 .. 0.02), on faces rendered by ``render.py`` from seeds 0 .. pool-1. Checkpoints are
-written atomically every ``checkpoint_every`` steps; running the same command again resumes from the
+- ``arch="unet"`` (the bundled ``toyfaces``): a small diffusers UNet2DModel, epsilon prediction, 1000 training steps and
+  the noise schedule of google/ddpm-ema-celebahq-256 (linear betas 1e-4 .. 0.02).
+- ``arch="dit"`` (``toydit``): a DiTTransformer2DModel (patch 2 on 32x32 RGB, one class: unconditional) trained with
+  flow matching as SD3 trains: x_t = (1 - t) x_0 + t eps with t = sigmoid(u), u ~ N(0, 1) (logit-normal), the model
+  predicting v = eps - x_0 from (x_t, 1000 t); exported as a pipeline folder with FlowMatchEulerDiscreteScheduler.
+
+Checkpoints are written atomically every ``checkpoint_every`` steps; running the same command again resumes from the
 last one (a session may end mid-run).
 """
 
@@ -36,6 +40,24 @@ TOYFACES_UNET_CONFIG = dict(
 )
 
 
+ARCHES = ("unet", "dit")
+DIT_HEAD_DIM = 48  # attention head size of the toy DiT: its width is a multiple of it
+
+
+def dit_config(config: "TrainConfig") -> dict:
+    """The DiTTransformer2DModel arguments of a run."""
+    for name, value, low, high in (("dit_layers", config.dit_layers, 1, 64), ("dit_width", config.dit_width, DIT_HEAD_DIM, 4096)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise HspaceError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    if config.dit_width % DIT_HEAD_DIM:
+        raise HspaceError(f"dit_width {config.dit_width} must be a multiple of {DIT_HEAD_DIM} (the attention head size), e.g. 192 or 384")
+    return dict(num_attention_heads=config.dit_width // DIT_HEAD_DIM, attention_head_dim=DIT_HEAD_DIM, in_channels=3, out_channels=3,
+                num_layers=config.dit_layers, sample_size=config.size, patch_size=2, num_embeds_ada_norm=1, norm_num_groups=32)
+
+
+FLOW_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
+
+
 @dataclass
 class TrainConfig:
     steps: int = 8000
@@ -64,6 +86,9 @@ class TrainConfig:
     # epsilon loss barely sees the predicted x_0 (its error counts SNR_t times) yet the sampler decides the
     # attributes. The optimum (the conditional mean of the noise) is unchanged: the model stays epsilon.
     v_weight_cap: float = 1.0
+    arch: str = "unet"  # ARCHES: the U-Net (epsilon, DDPM schedule) or the DiT (flow matching)
+    dit_layers: int = 8
+    dit_width: int = 192
 
     def __post_init__(self):
         """Every number in its range, so that no value reaches the optimizer or the model unchecked."""
@@ -80,6 +105,13 @@ class TrainConfig:
                 raise HspaceError(f"{name} must be an integer >= {low}, got {value!r}")
         # the rest of the settings, checked here too: an error before the training faces are rendered
         parse_region_weights(self.region_weights)
+        if self.arch not in ARCHES:
+            raise HspaceError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHES)}")
+        if self.arch == "dit":
+            dit_config(self)
+            if self.v_weight_cap != 1:
+                raise HspaceError(f"v_weight_cap {self.v_weight_cap!r} weights the U-Net's epsilon loss; the DiT trains on v directly (leave it at 1)")
+            return
         unet_config(self)
         if not (isinstance(self.v_weight_cap, (int, float)) and self.v_weight_cap >= 1 and math.isfinite(self.v_weight_cap)):
             raise HspaceError(f"v_weight_cap must be a finite number >= 1 (1 = the plain epsilon loss), got {self.v_weight_cap!r}")
@@ -223,6 +255,8 @@ def load_init(config: "TrainConfig"):
     if source.is_file():
         init = load_checkpoint(source)
         return init["model"], init["ema"]
+    if config.arch == "dit":
+        raise HspaceError(f"--init {config.init!r}: a DiT run starts from a checkpoint.pt file of a DiT run only")
     if not (source / "config.json").is_file():
         raise HspaceError(f"--init {config.init!r} is neither a checkpoint file, a diffusers model folder nor 'toyfaces'")
     unet = UNet2DModel.from_pretrained(source).float()
@@ -267,8 +301,6 @@ def train(
 
     Random numbers are drawn on the CPU, so a run may be resumed on another device.
     """
-    from diffusers import UNet2DModel
-
     device = torch.device(device)
 
     run_dir = Path(run_dir)
@@ -280,7 +312,6 @@ def train(
     alphas = training_alphas()
     t_weights = timestep_weights(alphas, config.v_weight_cap)  # checks the cap before any work
     alphas = alphas.float()
-    architecture = unet_config(config)
     init = load_init(config) if state is None and config.init else None  # checked before any work
     if state is not None:
         saved = TrainConfig(**state["config"])
@@ -290,8 +321,8 @@ def train(
     write_json(run_dir / "config.json", asdict(config))
 
     torch.manual_seed(config.seed)
-    model = UNet2DModel(**architecture)
-    ema = UNet2DModel(**architecture).requires_grad_(False)
+    model = build_model(config)
+    ema = build_model(config).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     model, ema = model.to(device), ema.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -326,7 +357,8 @@ def train(
 
     model.train()
     while step < config.steps:
-        loss = _training_step(model, ema, optimizer, generator, pool, alphas, t_weights, weight_map, config, step, device)
+        step_fn = _flow_training_step if config.arch == "dit" else _training_step
+        loss = step_fn(model, ema, optimizer, generator, pool, alphas, t_weights, weight_map, config, step, device)
         if not math.isfinite(loss):
             kept = f"the last finite checkpoint, {ckpt_path}, is kept" if ckpt_path.exists() else "no checkpoint was written"
             raise HspaceError(f"training diverged: the loss at step {step + 1} is {loss}; {kept}. Resume with a lower --lr (or --bf16 off)")
@@ -336,6 +368,52 @@ def train(
         if step % config.checkpoint_every == 0 or step == config.steps:
             save()
     return ckpt_path
+
+
+def build_model(config: TrainConfig):
+    """A freshly initialised model of the run's architecture (the global RNG draws its weights)."""
+    if config.arch == "dit":
+        from diffusers import DiTTransformer2DModel
+
+        return DiTTransformer2DModel(**dit_config(config))
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**unet_config(config))
+
+
+def _flow_training_step(model, ema, optimizer, generator, pool, alphas, t_weights, weight_map, config: TrainConfig, step: int, device) -> float:
+    """One step of the flow-matching loss (module doc): ||v_theta(x_t, 1000 t) - (eps - x_0)||^2 with logit-normal t."""
+    index = torch.randint(0, len(pool), (config.batch_size,), generator=generator)
+    x0 = pool[index].float() / 127.5 - 1
+    t = torch.sigmoid(torch.randn(config.batch_size, generator=generator))
+    noise = torch.randn(x0.shape, generator=generator)
+    x_t = ((1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise).to(device)
+    target = (noise - x0).to(device)
+    labels = torch.zeros(config.batch_size, dtype=torch.long, device=device)
+    # DiT's label embedding drops 10% of the labels to its null class (diffusers' default) with the global RNG: seeded
+    # from the run's generator, so that a resumed run draws what the run in one go draws.
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        prediction = model(x_t, timestep=(1000 * t).to(device), class_labels=labels).sample
+    error = (prediction.float() - target) ** 2
+    loss = error.mean() if weight_map is None else (error * weight_map).mean() / weight_map.mean()
+    return _update(model, ema, optimizer, loss, config, step)
+
+
+def _update(model, ema, optimizer, loss: torch.Tensor, config: TrainConfig, step: int) -> float:
+    """The optimizer step (clipped gradients, the run's learning rate) and the EMA update."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    # EMA with a warm-up so that early weights do not linger (as diffusers' EMAModel).
+    decay = config.ema_decay if config.init else min(config.ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+    return loss.item()
 
 
 def _training_step(model, ema, optimizer, generator, pool, alphas, t_weights, weight_map, config: TrainConfig, step: int, device) -> float:
@@ -353,33 +431,32 @@ def _training_step(model, ema, optimizer, generator, pool, alphas, t_weights, we
     if config.v_weight_cap != 1:
         error = error * t_weights[t].view(-1, 1, 1, 1).to(device)
     loss = error.mean() if weight_map is None else (error * weight_map).mean() / weight_map.mean()
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate(config, step)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    # EMA with a warm-up so that early weights do not linger (as diffusers' EMAModel).
-    decay = config.ema_decay if config.init else min(config.ema_decay, (1 + step) / (10 + step))
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 1 - decay)
-    return loss.item()
+    return _update(model, ema, optimizer, loss, config, step)
 
 
 def export(checkpoint: str | Path, folder: str | Path) -> Path:
-    """Write the EMA weights in float16 as a diffusers model folder, with the scheduler config beside them."""
-    from diffusers import UNet2DModel
-
+    """Write the EMA weights in float16 as a diffusers model folder, with the scheduler config beside them (a DiT: a
+    pipeline folder, ``transformer/`` and ``scheduler/`` with ``model_index.json``, pixel space: no VAE)."""
     state = load_checkpoint(checkpoint)
     bad = [k for k, v in state["ema"].items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise HspaceError(f"{checkpoint} holds NaN or infinite weights ({bad[0]}, ...): it cannot be exported; train again from an earlier checkpoint")
-    model = UNet2DModel(**unet_config(TrainConfig(**state["config"])))
+    config = TrainConfig(**state["config"])
+    model = build_model(config)
     model.load_state_dict(state["ema"])
     folder = Path(folder)
     with staged_folder(folder) as stage:  # all files or none: never a new config beside the old weights
-        model.to(torch.float16).save_pretrained(stage, safe_serialization=True)
-        write_json(stage / "scheduler_config.json", CELEBAHQ_SCHEDULER_CONFIG)
+        if config.arch == "dit":
+            import diffusers
+
+            model.to(torch.float16).save_pretrained(stage / "transformer", safe_serialization=True)
+            (stage / "scheduler").mkdir()
+            write_json(stage / "scheduler" / "scheduler_config.json", FLOW_SCHEDULER_CONFIG)
+            write_json(stage / "model_index.json", {"_class_name": "DiTPipeline", "_diffusers_version": diffusers.__version__,
+                                                    "transformer": ["diffusers", "DiTTransformer2DModel"],
+                                                    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": [None, None]})
+        else:
+            model.to(torch.float16).save_pretrained(stage, safe_serialization=True)
+            write_json(stage / "scheduler_config.json", CELEBAHQ_SCHEDULER_CONFIG)
         write_json(stage / "training.json", {"trained_steps": state["step"], "config": state["config"]})
     return folder
