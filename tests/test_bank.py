@@ -122,3 +122,30 @@ def test_bank_scores_and_bad_input(tmp_path, engine):
         build_bank(tmp_path / "c", engine, 0)
     with pytest.raises(HspaceError, match="not a bank"):
         Bank.open(tmp_path / "nothing")
+
+
+def test_a_bank_of_some_steps_stores_exactly_those_and_its_directions_apply_at_every_step(tmp_path):
+    from hspace.cli import main
+    from hspace.directions.pca import pca_per_timestep
+    from hspace.directions.regression import regression_directions
+    from hspace.directions.supervised import direction_from_scores
+
+    engine = tiny_engine()
+    full = build_bank(tmp_path / "full", engine, 6, 10, 1.0, progress=False)
+    part = build_bank(tmp_path / "part", engine, 6, 10, 1.0, progress=False, h_steps=[9, 0, 3, 6])
+    assert part.h_steps == [0, 3, 6, 9] and part.h_timesteps.tolist() == full.timesteps[[0, 3, 6, 9]].tolist()
+    assert torch.equal(part.h(), full.h()[:, [0, 3, 6, 9]])  # the same samples, h of those steps only
+    assert sum(p.stat().st_size for p in (tmp_path / "part").glob("shard-*")) < 0.6 * sum(p.stat().st_size for p in (tmp_path / "full").glob("shard-*"))
+    pc1 = pca_per_timestep(part.h_chunks(), 1, expected_n=6, spec=part.spec, timesteps=part.h_timesteps).directions[0]
+    part.set_scores("s", {"a": torch.tensor([0.0, 1, 2, 3, 4, 5]), "b": torch.tensor([1.0, 0, 0, 1, 1, 0])})
+    for direction in (pc1, direction_from_scores(part, "a", 2, scores="s"), regression_directions(part, ["a", "b"], scores="s")[0]):
+        assert direction.num_steps == 4 and direction.timesteps.tolist() == part.h_timesteps.tolist()
+        every = engine.direction_at(direction, 10)  # found at 4 of the 10 steps: those are its own, the rest interpolated
+        assert torch.equal(every.delta[[0, 3, 6, 9]], direction.delta)
+        assert torch.allclose(every.delta[1], (2 * direction.delta[0] + direction.delta[1]) / 3, atol=1e-6)
+    with pytest.raises(HspaceError, match="h_steps: bank has"):
+        build_bank(tmp_path / "part", engine, 8, 10, 1.0, progress=False, h_steps=[0, 9])
+    with pytest.raises(HspaceError, match=r"h_steps \[0, 10\] must be distinct step indices from 0 to 9"):
+        build_bank(tmp_path / "bad", engine, 2, 10, 1.0, progress=False, h_steps=[0, 10])
+    assert main(["bank", str(tmp_path / "cli"), "--model", "tiny-random", "--n", "2", "--steps", "10", "--h-steps", "0-2", "9"]) == 0
+    assert Bank.open(tmp_path / "cli").h_steps == [0, 1, 2, 9]

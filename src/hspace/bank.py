@@ -57,7 +57,7 @@ _SHARD = re.compile(r"shard-(\d{12})\.safetensors")
 # What a bank's samples depend on: a bank refuses to mix samples that differ in any of these.
 IDENTITY = ("spec", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
 # A bank over several prompts also has these (absent for one prompt, which is the spec's, as before them).
-PROMPT_KEYS = ("prompts", "prompt_order")
+PROMPT_KEYS = ("prompts", "prompt_order", "h_steps")  # (and "h_steps": the steps whose h is stored, absent for all)
 PROMPT_ORDERS = ("cycle", "random")  # sample i gets prompts[i % P], or one drawn by its seed
 LEGACY_IDENTITY = ("spec", "num_steps", "eta", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
 
@@ -72,6 +72,19 @@ def _identity(settings: dict) -> dict:
         autocast = {"autocast": settings["autocast"]} if settings.get("autocast") is not None else {}
         return {**{k: settings[k] for k in LEGACY_IDENTITY}, **autocast}
     return {k: settings[k] for k in (*IDENTITY, *PROMPT_KEYS) if k in IDENTITY or k in settings}
+
+
+def _stored_steps(h_steps, num_steps: int) -> list[int]:
+    """``h_steps`` checked: distinct step indices from 0 to num_steps - 1, in process order."""
+    try:
+        given = list(h_steps)
+        steps = [s for s in given if isinstance(s, int) and not isinstance(s, bool)]
+    except TypeError:
+        given, steps = None, []
+    if not steps or len(steps) != len(given) or not all(0 <= s < num_steps for s in steps) or len(set(steps)) != len(steps):
+        raise HspaceError(f"h_steps {given if given is not None else h_steps!r} must be distinct step indices from 0 to {num_steps - 1} "
+                          f"(the process has {num_steps} steps)")
+    return sorted(steps)
 
 
 def prompt_of(prompts: list[str], order: str, base_seed: int, index: int) -> str:
@@ -206,9 +219,9 @@ class Bank:
 
     @staticmethod
     def identity_of(engine, num_steps: int, eta, base_seed: int, shard_size: int, thumbnail_size: int,
-                    prompts: str | Sequence[str] | None = None, prompt_order: str = "cycle") -> dict:
+                    prompts: str | Sequence[str] | None = None, prompt_order: str = "cycle", h_steps: Sequence[int] | None = None) -> dict:
         """The settings of a bank of ``engine``; over several ``prompts`` (the spec records the first), else the
-        one prompt (None: the engine's) is the spec's."""
+        one prompt (None: the engine's) is the spec's. ``h_steps``: the steps (indices) whose h is stored (None: all)."""
         from dataclasses import replace
 
         from .diffusion import eta_schedule
@@ -219,6 +232,10 @@ class Bank:
         pool = None if prompts is None else list(dict.fromkeys(engine.fit_prompts(prompts)))
         spec = engine.spec if pool is None else replace(engine.spec, prompt=pool[0])
         extra = {"prompts": pool, "prompt_order": prompt_order} if pool is not None and len(pool) > 1 else {}
+        if h_steps is not None:
+            steps = _stored_steps(h_steps, num_steps)
+            if steps != list(range(num_steps)):
+                extra["h_steps"] = steps
         return {
             **extra,
             "spec": spec.with_process(num_steps, eta_schedule(eta, num_steps).tolist()).to_dict(),
@@ -275,6 +292,16 @@ class Bank:
         return torch.tensor(self.manifest["timesteps"], dtype=torch.float64)
 
     @property
+    def h_steps(self) -> list[int]:
+        """The steps (indices into the process's T) whose h the bank stores: all, unless drawn with ``h_steps``."""
+        return list(self.manifest.get("h_steps", range(self.num_steps)))
+
+    @property
+    def h_timesteps(self) -> torch.Tensor:
+        """[T'] the timesteps of the stored steps: what a direction found from the bank's h was found at."""
+        return self.timesteps[self.h_steps]
+
+    @property
     def prompts(self) -> list[str] | None:
         """The bank's prompts (one for a bank of one prompt); None for an unconditional model."""
         if "prompts" in self.manifest:
@@ -310,7 +337,7 @@ class Bank:
         a value exceeds its range) and uint8 thumbnails [b, 3, h, w], with the bank's fingerprint and a
         checksum of the contents."""
         count = h.shape[0]
-        expected = (count, self.num_steps, *self.h_shape)
+        expected = (count, len(self.h_steps), *self.h_shape)
         if tuple(h.shape) != expected or thumbs.dtype != torch.uint8 or thumbs.shape[0] != count:
             raise HspaceError(f"a shard needs h of shape {expected} and {count} uint8 thumbnails, got {tuple(h.shape)} and {thumbs.dtype} {tuple(thumbs.shape)}")
         if float(h.abs().max()) <= FLOAT16_MAX:
@@ -403,12 +430,13 @@ class Bank:
         return {name: tensors[name] for name in names}
 
     def _check_steps(self, steps) -> list[int] | None:
+        """Indices into the stored steps (all T of the process, unless the bank was drawn with ``h_steps``)."""
         if steps is None:
             return None
-        steps = list(steps)
+        steps, stored = list(steps), len(self.h_steps)
         for s in steps:
-            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < self.num_steps:
-                raise HspaceError(f"step {s!r} is out of range; valid: integers from 0 to {self.num_steps - 1}")
+            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < stored:
+                raise HspaceError(f"step {s!r} is out of range; valid: integers from 0 to {stored - 1} (the bank's {stored} stored steps)")
         return steps
 
     def h_chunks(self, steps: Sequence[int] | None = None, dtype: torch.dtype = torch.float32) -> Callable[[], Iterator[torch.Tensor]]:
@@ -430,7 +458,7 @@ class Bank:
         if indices is None:
             return torch.cat(list(self.h_chunks(steps)()))
         indices, steps = self.check_indices(indices), self._check_steps(steps)
-        out = torch.empty(len(indices), len(steps) if steps else self.num_steps, *self.h_shape)
+        out = torch.empty(len(indices), len(steps) if steps else len(self.h_steps), *self.h_shape)
         want = torch.tensor(indices)
         for start, count in self.shards():
             rows = ((want >= start) & (want < start + count)).nonzero()[:, 0]
@@ -518,11 +546,14 @@ def build_bank(
     processes: "Processes | None" = None,
     prompts: str | Sequence[str] | None = None,
     prompt_order: str = "cycle",
+    h_steps: Sequence[int] | None = None,
 ) -> Bank:
     """Create, resume or extend the bank at ``path`` so that it holds ``n`` samples; returns it.
 
     A conditional model's bank may hold samples of several ``prompts``: sample i gets prompts[i % P]
-    (``prompt_order="cycle"``) or one drawn by its seed (``"random"``); None: the engine's prompt.
+    (``prompt_order="cycle"``) or one drawn by its seed (``"random"``); None: the engine's prompt. ``h_steps``
+    (step indices) stores h at those steps only (a bank of a big model: SDXL's h is 125 MiB per sample at 50
+    steps); directions found from it record their timesteps and are resampled to every step where applied.
 
     Sample i has seed ``base_seed + i``. Missing shards are drawn in order, each in batches of
     ``batch_size`` (so a shard is the same whenever it is drawn) and written atomically; extending a
@@ -549,7 +580,7 @@ def build_bank(
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise HspaceError(f"bank path {str(path)!r} exists and is not a folder")
-    identity = Bank.identity_of(engine, num_steps, eta, base_seed, shard_size, thumbnail_size, prompts, prompt_order)
+    identity = Bank.identity_of(engine, num_steps, eta, base_seed, shard_size, thumbnail_size, prompts, prompt_order, h_steps)
     procs = processes or Processes.current(engine.device)
     procs.agree(_digest(identity) + f" n={n}", "the bank's settings (fingerprint and size)")
     path.mkdir(parents=True, exist_ok=True)
@@ -567,7 +598,8 @@ def build_bank(
                 seeds = list(range(base_seed + start, base_seed + start + count))
                 trajectory = engine.sample(seeds, num_steps, eta, keep_noise=False, batch_size=batch_size, callback=meter,
                                            prompts=bank.sample_prompts(range(start, start + count)))
-                bank.write_shard(start, trajectory.h, thumbnails(trajectory.images, thumbnail_size))
+                stored = trajectory.h if "h_steps" not in bank.manifest else trajectory.h[:, bank.h_steps]
+                bank.write_shard(start, stored, thumbnails(trajectory.images, thumbnail_size))
         procs.barrier()  # every process has written its shards
         procs.main_first(_check_complete, bank)
     return bank
@@ -667,12 +699,13 @@ def _describe(identity: dict) -> str:
 
 def _check_space(path: Path, identity: dict, samples: int) -> None:
     """Log what the samples still to draw will take on disk, and refuse when the disk has less room."""
-    per_sample = 2 * _spec(identity).num_steps * math.prod(identity["h_shape"]) + 3 * identity["thumbnail_size"] ** 2 + 8
+    stored = len(identity.get("h_steps", range(_spec(identity).num_steps)))
+    per_sample = 2 * stored * math.prod(identity["h_shape"]) + 3 * identity["thumbnail_size"] ** 2 + 8
     need = samples * per_sample
     free = shutil.disk_usage(path).free
     logger.info("bank %s: %d samples to draw, about %.1f MB on disk (%.1f MB free); h is %.2f MiB per sample (%d steps x %s in float16)",
-                path, samples, need / 1e6, free / 1e6, 2 * _spec(identity).num_steps * math.prod(identity["h_shape"]) / 2**20,
-                _spec(identity).num_steps, "x".join(map(str, identity["h_shape"])))
+                path, samples, need / 1e6, free / 1e6, 2 * stored * math.prod(identity["h_shape"]) / 2**20, stored,
+                "x".join(map(str, identity["h_shape"])))
     if need > free:
         raise HspaceError(
             f"bank {str(path)!r} needs about {need / 1e6:.1f} MB for {samples} more samples but the disk has "

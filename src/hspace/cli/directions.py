@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--base-seed", type=nonnegative_int, default=0, help="sample i has seed base_seed + i (default 0)")
     p.add_argument("--shard-size", type=positive_int, default=64, help="samples per shard file (default 64)")
     p.add_argument("--thumbnail-size", type=positive_int, default=64, help="longest side of the stored x_0 thumbnails (default 64)")
+    p.add_argument("--h-steps", nargs="+", default=None, metavar="STEPS",
+                   help="store h at these step indices only, e.g. 0-9 or 0,10,20 (default: every step); a big model's bank: "
+                        "directions found from it are resampled to every step where applied")
     p.add_argument("--prompt-order", choices=PROMPT_ORDERS, default="cycle",
                    help="with several prompts: sample i gets prompt i mod P (cycle, default) or one drawn by its seed (random)")
     add_processes_arg(p)
@@ -111,6 +114,7 @@ def run_bank(args) -> None:
         args.out, engine, args.n, args.steps, eta,
         base_seed=args.base_seed, shard_size=args.shard_size, batch_size=args.batch_size, thumbnail_size=args.thumbnail_size,
         processes=processes_of(args), prompts=prompts_of(args) if engine.spec.conditional else None, prompt_order=args.prompt_order,
+        h_steps=None if args.h_steps is None else parse_seeds(args.h_steps),
     )
     if processes_of(args).is_main:
         print(f"{bank}: complete, seeds {bank.seeds[0]}..{bank.seeds[-1]}")
@@ -127,7 +131,7 @@ def run_pca(args) -> None:
         raise HspaceError(f"--memory-gb must be positive, got {args.memory_gb}")
     result = pca_per_timestep(
         bank.h_chunks(), args.k, per_timestep=args.over == "timestep", method=args.method,
-        memory_budget_bytes=int(args.memory_gb * 2**30), expected_n=bank.n, spec=bank.spec,
+        memory_budget_bytes=int(args.memory_gb * 2**30), expected_n=bank.n, spec=bank.spec, timesteps=bank.h_timesteps,
     )
     out = Path(args.out)
     paths = result.save(out)

@@ -213,6 +213,7 @@ class PCAResult:
     per_timestep: bool = True
     route: str = ""
     spec: Spec | str | None = None  # the engine whose h this is (set from the bank), or FREE; the directions carry it
+    timesteps: torch.Tensor | None = None  # [T] the timesteps of the steps (``bank.h_timesteps``); the directions carry them
 
     @property
     def k(self) -> int:
@@ -259,7 +260,7 @@ class PCAResult:
                 "variance_ratio": [float(v) for v in self.variance_ratio[j]],
             }
             meta = {"name": f"pc{j + 1}", "method": "pca", "params": params}
-            out.append(Direction(deltas[j].float(), sigma=self.sigma[j].float(), meta=meta, spec=spec))
+            out.append(Direction(deltas[j].float(), sigma=self.sigma[j].float(), meta=meta, spec=spec, timesteps=self.timesteps))
         return out
 
     def project(self, h: torch.Tensor) -> torch.Tensor:
@@ -282,6 +283,8 @@ class PCAResult:
         from pathlib import Path
 
         tensors = {"components": self.components, "sigma": self.sigma, "variance_ratio": self.variance_ratio, "mean": self.mean}
+        if self.timesteps is not None:
+            tensors["timesteps"] = self.timesteps
         meta = {"kind": "hspace.PCAResult", "n": str(self.n), "per_timestep": json.dumps(self.per_timestep), "route": self.route}
         if self.spec is not None:
             meta["spec"] = FREE if self.spec == FREE else self.spec.to_json()
@@ -550,6 +553,7 @@ def pca_per_timestep(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     expected_n: int | None = None,
     spec: Spec | None = None,
+    timesteps: torch.Tensor | None = None,
 ) -> PCAResult:
     """The top-k principal components of h at every timestep (paper Sec. 4.1), streamed over chunks.
 
@@ -563,7 +567,8 @@ def pca_per_timestep(
     memory_budget_bytes: bounds the covariance matrices, and the chunks the Gram route keeps at a time (a
         quarter of it). The Gram route's own n x n float64 matrices per timestep (T * n^2 * 8 bytes) come
         on top.
-    spec: the engine whose h this is (``bank.spec``), carried by the result and its directions.
+    spec: the engine whose h this is (``bank.spec``), carried by the result and its directions; timesteps: those of
+    the steps (``bank.h_timesteps``), so that the directions apply at any step count.
     """
     _check_k(k)
     _check_budget(memory_budget_bytes)
@@ -573,7 +578,7 @@ def pca_per_timestep(
         raise HspaceError(f"expected_n must be an integer or None, got {expected_n!r}")
     source = _Source(chunks, per_timestep)
     if method == "gram":
-        return replace(_GramPCA(source, k, memory_budget_bytes).run(), spec=spec)
+        return replace(_GramPCA(source, k, memory_budget_bytes).run(), spec=spec, timesteps=timesteps)
 
     # The route depends on D: read the first chunk, then go on with this pass (covariance) or restart the
     # passes from scratch (gram; the first chunk is read once more).
@@ -587,13 +592,13 @@ def pca_per_timestep(
         fits = _covariance_bytes(G, D) <= memory_budget_bytes
         if not fits or (expected_n is not None and expected_n < D):
             it.close()  # an unfinished pass records nothing; the Gram route starts over
-            return replace(_GramPCA(source, k, memory_budget_bytes).run(), spec=spec)
+            return replace(_GramPCA(source, k, memory_budget_bytes).run(), spec=spec, timesteps=timesteps)
     if k > D:  # before a whole pass: no number of samples can make k components of dimension D
         raise HspaceError(f"k={k} components requested, but h has dimension D={D}; use 1 <= k <= min(n-1, {D})")
     streaming.add_groups(first[2])
     for _, _, x in it:
         streaming.add_groups(x)
-    return replace(streaming.result(k), spec=spec)
+    return replace(streaming.result(k), spec=spec, timesteps=timesteps)
 
 
 def pca_from_h(
@@ -650,5 +655,5 @@ def random_directions(result: PCAResult, k: int, seed: int, spec: Spec | None = 
         delta = g * (target[j] / g.norm(dim=1))[:, None]
         params = {"component": j, "seed": seed, "matched_to": f"pc{j + 1}", "n": result.n, "per_timestep": result.per_timestep}
         meta = {"name": f"random{j + 1}", "method": "random", "params": params}
-        out.append(Direction(delta.reshape(T, *result.h_shape).float(), meta=meta, spec=spec or result.spec))
+        out.append(Direction(delta.reshape(T, *result.h_shape).float(), meta=meta, spec=spec or result.spec, timesteps=result.timesteps))
     return DirectionSet(out, "random", {"k": k, "seed": seed, "matched_to": "pca"})

@@ -90,4 +90,7 @@ def regression_directions(bank, attributes: Sequence[str], scores: str = "classi
     for chunk in bank.h_chunks()():
         fit.update(chunk, y[offset : offset + len(chunk)])
         offset += len(chunk)
-    return fit.directions(bank.spec, {"bank": str(bank.path), "scores": scores})
+    result = fit.directions(bank.spec, {"bank": str(bank.path), "scores": scores})
+    for direction in result.directions:
+        direction.timesteps = bank.h_timesteps  # the steps whose h was regressed
+    return result

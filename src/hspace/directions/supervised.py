@@ -120,7 +120,7 @@ def bank_difference(bank, positive: Sequence[int], negative: Sequence[int], name
         "positive_seeds": [seeds[i] for i in positive], "negative_seeds": [seeds[i] for i in negative], "eta": bank.eta,
     }
     return Direction(delta.float(), meta={"name": name, "method": "mean_difference", "params": params}, spec=bank.spec,
-                     timesteps=bank.timesteps)
+                     timesteps=bank.h_timesteps)
 
 
 _TRUE, _FALSE = {"1", "true", "yes", "y", "+", "pos", "positive"}, {"0", "false", "no", "n", "-", "neg", "negative"}

@@ -405,7 +405,7 @@ def starter_directions(engine, workdir: str | Path, steps: int, eta: float, n: i
     from ..domains import domain_of
 
     bank = build_bank(Path(workdir) / f"bank-{safe_name(engine.name)}-{steps}-{eta:g}", engine, n, steps, eta, shard_size=n, progress=None)
-    directions = pca_per_timestep(bank.h_chunks(), k, expected_n=bank.n, spec=engine.spec).directions
+    directions = pca_per_timestep(bank.h_chunks(), k, expected_n=bank.n, spec=engine.spec, timesteps=bank.h_timesteps).directions
     try:
         domain = domain_of(engine.name)
     except HspaceError:
