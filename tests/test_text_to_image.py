@@ -129,6 +129,15 @@ def test_a_loaded_pipeline_is_an_engine_and_its_generator_gives_hspaces_seed(fol
         theirs = pipe("a cat", num_inference_steps=STEPS, guidance_scale=1.0, eta=eta, generator=torch.Generator().manual_seed(3),
                       output_type="latent").images
         assert float((ours - theirs).abs().max()) < 1e-4
+    # a diffusers-style callback_on_step_end sees the latents after every step, as the pipeline's does
+    from hspace.progress import step_end_callback
+
+    seen, theirs_seen = [], []
+    engine.sample([3], STEPS, eta=0.0, progress=False, callback=step_end_callback(lambda p, i, t, kw: seen.append((i, t, kw["latents"].clone())), pipe))
+    pipe("a cat", num_inference_steps=STEPS, guidance_scale=1.0, eta=0.0, generator=torch.Generator().manual_seed(3), output_type="latent",
+         callback_on_step_end=lambda p, i, t, kw: theirs_seen.append((i, int(t), kw["latents"].clone())) or kw)
+    assert [(i, t) for i, t, _ in seen] == [(i, t) for i, t, _ in theirs_seen]
+    assert max(float((a[2] - b[2]).abs().max()) for a, b in zip(seen, theirs_seen)) < 1e-4
     sized = Engine.from_pipeline(pipe, prompt="a cat", guidance=3.0, height=48, width=64)  # the pipelines' height/width
     ours = sized.sample([2], STEPS, eta=1.0, progress=False).x0
     theirs = pipe("a cat", height=48, width=64, num_inference_steps=STEPS, guidance_scale=3.0, eta=1.0,

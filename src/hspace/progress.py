@@ -21,6 +21,8 @@ from typing import Callable, Iterator, Union
 
 import torch
 
+from .errors import HspaceError
+
 
 @dataclass(frozen=True)
 class StepEvent:
@@ -109,3 +111,18 @@ class Meter:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def step_end_callback(fn: Callable, pipeline=None) -> Callable:
+    """A ``callback`` for hspace's calls from a diffusers-style ``callback_on_step_end(pipe, step, timestep, kwargs)``:
+    ``fn`` gets ``pipeline`` (None unless given), the step index, the timestep and ``{"latents": x_{t-1}, "x0_pred":
+    P_t, "rows": the batch's samples}`` after every step of every batch. Its return value is ignored: hspace's process
+    stays replayable (change h with interventions, not the latents)."""
+    if not callable(fn):
+        raise HspaceError(f"callback_on_step_end must be callable, got {type(fn).__name__}")
+
+    def callback(event) -> None:
+        if isinstance(event, StepEvent):
+            fn(pipeline, event.step, event.timestep, {"latents": event.x_next, "x0_pred": event.x0_pred, "rows": event.rows})
+
+    return callback
