@@ -545,9 +545,11 @@ class Engine:
         batch_size: int = 32,
         callback: Callable | None = None,
         progress: bool | None = None,
+        units: str = "raw",
     ) -> torch.Tensor:
         """Images [D, S, B, C, H, W] of every sample edited by every direction at every scale: one batched run
-        (``tolerant`` as in ``replay``)."""
+        (``tolerant`` as in ``replay``). ``units="effect"``: the scales are in each direction's calibrated unit
+        (``card.py``: scale 1 = 50% flips of its binary attribute, or one training-data std of a continuous one)."""
         if isinstance(directions, Direction):
             directions = [directions]
         check_trajectory_type(trajectory)
@@ -557,15 +559,18 @@ class Engine:
         bad = [d for d in directions if not isinstance(d, Direction)]
         if bad:
             raise HspaceError(f"directions must be Direction objects, got {type(bad[0]).__name__}")
+        from .card import effect_scales
+
         scales = check_scales(scales)
         steps = trajectory.num_steps
         for d in directions:
             self.check_direction(d, steps)
+        raw = torch.tensor([effect_scales(d, scales, units, steps) for d in directions], dtype=torch.float32)  # [D, S]
         n_d, n_s, n_b = len(directions), len(scales), len(trajectory)
         # Batch item (d, s, b) in row-major order: sample b edited by direction d at scale s.
         d_idx, s_idx, b_idx = torch.meshgrid(torch.arange(n_d), torch.arange(n_s), torch.arange(n_b), indexing="ij")
         coefficients = torch.zeros(n_d * n_s * n_b, n_d)
-        coefficients[torch.arange(coefficients.shape[0]), d_idx.flatten()] = torch.tensor(scales)[s_idx.flatten()]
+        coefficients[torch.arange(coefficients.shape[0]), d_idx.flatten()] = raw[d_idx.flatten(), s_idx.flatten()]
         edit = LinearEdit(self.directions_at(directions, steps), coefficients, self.active_steps(steps, window))
         out = self.replay(
             trajectory, interventions=[edit], source=b_idx.flatten(), eps_pass=eps_pass, tolerant=tolerant,

@@ -36,6 +36,9 @@ def register(sub) -> None:
     p.add_argument("--scales", nargs="+", default=["-2", "-1", "0", "1", "2"], help="edit scales gamma")
     p.add_argument("--window", default=None, help="only edit at timesteps T_START:T_END, e.g. 1000:500")
     p.add_argument("--asyrp", action="store_true", help="inject into P_t only (Asyrp, two U-Net passes per step)")
+    p.add_argument("--units", choices=("raw", "effect"), default="raw",
+                   help="scales in raw units (default) or in each direction's calibrated unit from its card (hspace card): "
+                        "1 = 50%% flips of its attribute, or one training-data std")
     p.add_argument("--save-each", action="store_true", help="also save every edited image on its own")
     p.add_argument("--sequential", action="store_true", help="mode: add the directions one after another (paper Fig. 11), one scale per direction")
     p.add_argument("--out", default="out/edits", help="output folder")
@@ -81,6 +84,19 @@ def register(sub) -> None:
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the fresh noise of DDPM inversion")
     p.add_argument("--out", default="out/invert", help="folder for trajectory.safetensors and the reconstructions")
     p.set_defaults(func=run_invert, eta="0", batch_size=16)
+
+    p = sub.add_parser("card", help="measure what a direction does: dose-response, side effects, flip rates, preservation; "
+                       "calibrate its unit (docs/directions.md)")
+    add_model_args(p)
+    p.add_argument("direction", help="direction file (.safetensors)")
+    p.add_argument("--steps", type=positive_int, default=25, help="steps of the held-out samples' process (default 25)")
+    p.add_argument("--eta", default="1.0", help="eta of that process (default 1)")
+    p.add_argument("--n", type=positive_int, default=64, help="held-out samples (default 64)")
+    p.add_argument("--first-seed", type=nonnegative_int, default=700_000, help="their seeds start here (default 700000)")
+    p.add_argument("--scales", nargs="+", default=None, help="raw scales to sweep, both signs (default -4 -2 -1 -0.5 0 0.5 1 2 4)")
+    p.add_argument("--target", default=None, help="the attribute to calibrate on (default: the direction's own, else the one it moves most)")
+    p.add_argument("--out", default=None, help="folder for card.md, card.json, the plots and the calibrated direction (default out/card-NAME)")
+    p.set_defaults(func=run_card)
 
     p = sub.add_parser("info", help="model, h location and h shape")
     add_model_args(p)
@@ -150,9 +166,20 @@ def run_edit(args) -> None:
     for direction in directions:
         engine.check_direction(direction, trajectory.num_steps)
     if args.sequential:
-        return _sequential_edit(engine, trajectory, directions, scales, window, args)
-    images = engine.edit(trajectory, directions, scales, window=window, eps_pass=eps_pass(args), batch_size=args.batch_size)
+        from ..card import effect_scales
+
+        raw = [effect_scales(d, [s], args.units, trajectory.num_steps)[0] for d, s in zip(directions, scales)]
+        return _sequential_edit(engine, trajectory, directions, raw, window, args)
+    images = engine.edit(trajectory, directions, scales, window=window, eps_pass=eps_pass(args), batch_size=args.batch_size, units=args.units)
     _save_edit_grids(images, trajectory, directions, scales, Path(args.out), args.save_each)
+    from ..card import effect_scales
+    from ..files import write_json
+
+    write_json(Path(args.out) / "edit.json", {  # what the grids show, in which units
+        "units": args.units, "scales": scales, "seeds": trajectory.seeds, "prompts": trajectory.prompts,
+        "directions": [{"name": d.name, "raw_scales": effect_scales(d, scales, args.units), "calibration": d.meta.get("calibration")}
+                       for d in directions],
+    })
     print(f"wrote edit grids for {len(trajectory)} samples to {args.out}")
 
 
@@ -267,6 +294,26 @@ def run_invert(args) -> None:
     for name, m, err in zip(names, mse, (trajectory.images - images).abs().flatten(1).max(1).values):
         print(f"{name}: PSNR {float(10 * torch.log10(4 / m.clamp_min(1e-20))):.1f} dB, max |error| {float(err):.2g}")
     print(f"wrote {out / 'trajectory.safetensors'}; edit it with: hspace edit --trajectory {out / 'trajectory.safetensors'} --direction ...")
+
+
+def run_card(args) -> None:
+    from ..card import DEFAULT_SCALES, card, write_card
+    from ..directions.direction import Direction
+
+    direction = Direction.load(args.direction)
+    scales = parse_scales(args.scales) if args.scales else list(DEFAULT_SCALES)
+    if args.n < 2:
+        raise HspaceError(f"--n must be at least 2 (a standard error needs two samples), got {args.n}")
+    engine = engine_from(args)
+    engine.check_direction(direction)
+    result = card(direction, engine, n=args.n, num_steps=args.steps, eta=parse_eta(args.eta), scales=scales, target=args.target,
+                  first_seed=args.first_seed, batch_size=args.batch_size)
+    out = Path(args.out or f"out/card-{safe_name(direction.name)}")
+    write_card(result, direction, out)
+    unit = result.calibration
+    print(f"card of {direction.name!r} in {out}: target {result.target}; effect unit = {unit['unit']} = raw scale "
+          f"{'not reached' if unit['scale'] is None else format(unit['scale'], '.3g')}; calibrated direction: "
+          f"{out / safe_name(direction.name or 'direction', suffix='.safetensors')}")
 
 
 def run_info(args) -> None:

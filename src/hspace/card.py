@@ -1,0 +1,295 @@
+"""Direction cards: what a direction does, measured, and the calibrated unit it is applied in.
+
+``card(direction, engine, ...)`` applies the direction at a sweep of scales (both signs) to held-out samples in one
+batched replay and scores every edited image with the domain's scorer (the bundled classifier for toy faces, CLIP
+from a local folder, any registered domain). It measures, with standard errors over samples:
+
+- the dose-response of every attribute: the mean change from the unedited sample at each scale (continuous
+  attributes in units of their training-data std, binary ones as a change of probability);
+- the target attribute: the direction's own (its name, when the scorer knows it), else the one it moves most;
+- the flip rate of every binary attribute at each scale: the share of the samples that could flip in the edit's
+  direction (lacking the attribute for a positive change, having it for a negative one) that do, and the scales
+  at which the target's reaches 50% and 90% (linear between grid scales);
+- preservation: the mean absolute pixel change, inside and outside the direction's mask when it has one;
+  realism: the domain's measure (toy FID for toy faces) of the edited images per scale.
+
+The calibration is one number, the raw scale of one effect unit: for a binary target the scale at which half the
+samples that could flip do (its 50% flip scale, on the side the direction moves it), for a continuous one the scale
+that moves it by one training-data std (the slope of the dose-response through zero). It is stored in the direction's
+metadata (``meta["calibration"]``), so ``units="effect"`` applies ``scale x unit`` and two directions at effect scale 1
+move their own attributes by the same amount.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .directions.direction import Direction
+from .errors import HspaceError
+
+UNITS = ("raw", "effect")
+DEFAULT_SCALES = (-4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0)  # geometric: a strong and a weak direction both cross 50%
+CARD_SEED = 700_000  # held-out samples of a card: seeds from here (banks use 0 .. n-1, reproduce 50,000 on)
+
+
+@dataclass
+class Card:
+    """The measurements of one direction (module doc); ``to_json`` / ``markdown`` write them."""
+
+    name: str
+    target: str
+    scales: list[float]
+    n: int
+    change: dict[str, list[float]]  # attribute -> mean change per scale (continuous: in training stds)
+    change_se: dict[str, list[float]]
+    flip: dict[str, list[float | None]]  # binary attribute -> flip rate per scale (None at 0 or where none could flip)
+    flip_eligible: dict[str, list[int]]
+    pixel_change: list[float]  # mean |delta pixel| per scale
+    pixel_change_outside: list[float] | None
+    realism: list[float] | None
+    calibration: dict = field(default_factory=dict)
+    binary: list[str] = field(default_factory=list)
+    steps: int = 0  # the process the card was measured with
+
+    def side_effects(self, scale_index: int, k: int = 2) -> list[tuple[str, float]]:
+        """The k attributes other than the target that move most at one scale (mean change)."""
+        others = [(a, v[scale_index]) for a, v in self.change.items() if a != self.target]
+        return sorted(others, key=lambda item: -abs(item[1]))[:k]
+
+    def to_json(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def markdown(self, plots: dict[str, str] | None = None) -> str:
+        unit = self.calibration.get("unit", "uncalibrated")
+        lines = [f"# Card: {self.name}", "", f"Target attribute: **{self.target}**; {self.n} held-out samples; calibration: {unit} "
+                 f"= raw scale {self.calibration.get('scale', float('nan')):.3g}.", ""]
+        if self.target in self.flip:
+            lines.append(f"Flip rate of {self.target}: 50% at raw scale {_fmt(self.calibration.get('flip50'))}, 90% at "
+                         f"{_fmt(self.calibration.get('flip90'))}.")
+            lines.append("")
+        header = "| attribute | " + " | ".join(f"{s:g}" for s in self.scales) + " |"
+        lines += ["Mean change from the unedited sample (+- standard error over samples; continuous attributes in training-data "
+                  "stds, binary ones in probability):", "", header, "|---" * (len(self.scales) + 1) + "|"]
+        for attribute, values in self.change.items():
+            cells = [f"{v:+.2f} +- {e:.2f}" for v, e in zip(values, self.change_se[attribute])]
+            lines.append(f"| {'**' + attribute + '**' if attribute == self.target else attribute} | " + " | ".join(cells) + " |")
+        lines += ["", "Flip rate of each binary attribute (share of the samples that could flip that do):", "", header,
+                  "|---" * (len(self.scales) + 1) + "|"]
+        for attribute, values in self.flip.items():
+            lines.append(f"| {attribute} | " + " | ".join("-" if v is None else f"{100 * v:.0f}%" for v in values) + " |")
+        lines += ["", "| | " + " | ".join(f"{s:g}" for s in self.scales) + " |", "|---" * (len(self.scales) + 1) + "|",
+                  "| mean abs pixel change | " + " | ".join(f"{v:.3f}" for v in self.pixel_change) + " |"]
+        if self.pixel_change_outside is not None:
+            lines.append("| ... outside the mask | " + " | ".join(f"{v:.3f}" for v in self.pixel_change_outside) + " |")
+        if self.realism is not None:
+            lines.append("| realism (lower: closer to the training data) | " + " | ".join(f"{v:.1f}" for v in self.realism) + " |")
+        for attribute, path in (plots or {}).items():
+            lines += ["", f"![{attribute}]({path})"]
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return "not reached" if value is None else f"{value:.3g}"
+
+
+def card(
+    direction: Direction,
+    engine,
+    *,
+    trajectory=None,
+    n: int = 64,
+    num_steps: int = 25,
+    eta: float = 1.0,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    scorer: Callable[[torch.Tensor], dict] | None = None,
+    domain=None,
+    target: str | None = None,
+    mask: torch.Tensor | None = None,
+    first_seed: int = CARD_SEED,
+    batch_size: int = 32,
+    progress: bool | None = None,
+) -> Card:
+    """Measure ``direction`` (module doc) on ``trajectory`` (held-out samples; default ``n`` samples of seeds
+    ``first_seed`` on, drawn here). ``scorer`` (images -> attribute scores) defaults to the domain's: ``domain``, or
+    the one registered for the engine's model. ``mask`` [H, W] (image pixels) splits the pixel change."""
+    from .domains import domain_of
+    from .engine import check_scales
+
+    scales = sorted(set(check_scales(scales)) | {0.0})
+    if domain is None and scorer is None:
+        domain = domain_of(engine.name)
+    score = scorer or domain.scorer()
+    binary = list(domain.binary) if domain is not None else []
+    spread = domain.spread() if domain is not None and domain.spread is not None else {}
+    if trajectory is None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise HspaceError(f"n must be an integer >= 2 (held-out samples), got {n!r}")
+        trajectory = engine.sample(list(range(first_seed, first_seed + n)), num_steps, eta, batch_size=batch_size, progress=progress)
+    images = engine.edit(trajectory, [direction], scales, batch_size=batch_size, progress=progress)[0]  # [S, B, 3, H, W]
+    scores = _scores(score, images)
+    if not binary:
+        binary = [k for k, v in scores.items() if bool(((v >= 0) & (v <= 1)).all())]
+    change, change_se, flip, eligible = _statistics(scales, scores, binary, spread)
+    target = _target(direction, scores, change, target)
+    if target in flip:  # one more scale where the grid says the target's flip rate crosses 50%: the unit is measured, not interpolated
+        crossing = _crossing(scales, flip[target], 0.5, change[target][-1] >= 0)
+        if crossing is not None and all(abs(crossing - s) > 1e-9 for s in scales):
+            more = engine.edit(trajectory, [direction], [crossing], batch_size=batch_size, progress=progress)[0]
+            order = sorted(range(len(scales) + 1), key=lambda i: (scales + [crossing])[i])
+            scales = [(scales + [crossing])[i] for i in order]
+            images = torch.cat([images, more])[order]
+            extra = _scores(score, more)
+            scores = {k: torch.cat([v, extra[k]])[order] for k, v in scores.items()}
+            change, change_se, flip, eligible = _statistics(scales, scores, binary, spread)
+    S, B = images.shape[:2]
+    zero = scales.index(0.0)
+    pixel = (images - images[zero]).abs()
+    pixel_change = pixel.mean((1, 2, 3, 4)).tolist()
+    outside = None
+    if mask is not None:
+        keep = (torch.as_tensor(mask, dtype=torch.float32) <= 0.5).to(pixel.dtype)
+        outside = ((pixel * keep).sum((1, 2, 3, 4)) / (keep.sum() * pixel.shape[1] * pixel.shape[2]).clamp_min(1)).tolist()
+    realism = None
+    if domain is not None and domain.realism is not None:
+        realism = [float(domain.realism(images[s])) for s in range(S)]
+    result = Card(direction.name, target, scales, B, change, change_se, flip, eligible, pixel_change, outside, realism, binary=binary,
+                  steps=trajectory.num_steps)
+    result.calibration = calibrate(result, spread.get(target, 1.0))
+    return result
+
+
+def _scores(score, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The scorer's outputs of images [S, B, 3, H, W] as [S, B] per attribute (per-sample scores only)."""
+    S, B = images.shape[:2]
+    flat = score(images.reshape(S * B, *images.shape[2:]))
+    return {k: torch.as_tensor(v, dtype=torch.float64).reshape(S, B) for k, v in flat.items() if torch.as_tensor(v).numel() == S * B}
+
+
+def _statistics(scales: list[float], scores: dict, binary: list[str], spread: dict):
+    """Mean change and its standard error per attribute and scale, flip rates and their eligible counts (module doc)."""
+    zero = scales.index(0.0)
+    B = next(iter(scores.values())).shape[1]
+    change, change_se, flip, eligible = {}, {}, {}, {}
+    for attribute, values in scores.items():
+        delta = values - values[zero]
+        if attribute == "background":  # a hue: the shorter way round the circle
+            delta = torch.remainder(delta + 0.5, 1.0) - 0.5
+        delta = delta / spread.get(attribute, 1.0)
+        change[attribute] = delta.mean(1).tolist()
+        change_se[attribute] = (delta.std(1) / math.sqrt(B)).tolist()
+        if attribute in binary:
+            before = values[zero] > 0.5
+            rates, counts = [], []
+            for s, scale in enumerate(scales):
+                could = ~before if scale > 0 else before
+                after = values[s] > 0.5
+                counts.append(int(could.sum()))
+                rates.append(None if scale == 0 or not bool(could.any()) else float((after[could] != before[could]).double().mean()))
+            flip[attribute], eligible[attribute] = rates, counts
+    return change, change_se, flip, eligible
+
+
+def _target(direction: Direction, scores: dict, change: dict, target: str | None) -> str:
+    if target is not None:
+        if target not in scores:
+            raise HspaceError(f"target {target!r} is not scored; valid: {', '.join(sorted(scores))}")
+        return target
+    for candidate in (direction.meta.get("params", {}).get("attribute"), direction.name):
+        if candidate in scores:
+            return candidate
+    return max(change, key=lambda a: abs(change[a][-1]) + abs(change[a][0]))
+
+
+def calibrate(result: Card, spread: float = 1.0) -> dict:
+    """The raw scale of one effect unit (module doc), with the 50% and 90% flip scales of a binary target."""
+    scales = result.scales
+    target = result.target
+    if target in result.flip:
+        # the side that adds the attribute: positive scales when they raise its probability (eq. 10, regression), else
+        # negative ones (a PC's sign is arbitrary)
+        positive = result.change[target][-1] >= 0
+        flip50 = _crossing(scales, result.flip[target], 0.5, positive)
+        flip90 = _crossing(scales, result.flip[target], 0.9, positive)
+        return {"attribute": target, "kind": "flip50", "unit": f"50% flips of {target}", "scale": flip50, "flip50": flip50, "flip90": flip90,
+                "steps": result.steps}
+    # continuous: least-squares slope through zero of the mean change (in training stds) against the scale
+    x = torch.tensor(scales, dtype=torch.float64)
+    y = torch.tensor(result.change[target], dtype=torch.float64)
+    slope = float((x * y).sum() / (x * x).sum())
+    scale = None if abs(slope) < 1e-12 else 1.0 / slope
+    return {"attribute": target, "kind": "std", "unit": f"one training-data std of {target}", "scale": scale, "slope_per_raw_unit": slope,
+            "steps": result.steps}
+
+
+def _crossing(scales: list[float], rates: list, level: float, positive: bool) -> float | None:
+    """The smallest |scale| on one side at which the flip rate reaches ``level`` (linear between grid scales), signed."""
+    side = [(abs(s), r) for s, r in zip(scales, rates) if (s > 0 if positive else s < 0) and r is not None]
+    side.sort()
+    previous = (0.0, 0.0)
+    for scale, rate in side:
+        if rate >= level:
+            s0, r0 = previous
+            value = scale if rate == r0 else s0 + (level - r0) * (scale - s0) / (rate - r0)
+            return value if positive else -value
+        previous = (scale, rate)
+    return None
+
+
+def effect_scales(direction: Direction, scales: Sequence[float], units: str = "raw", num_steps: int | None = None) -> list[float]:
+    """Raw scales for ``scales`` given in ``units``: as they are for "raw", times the direction's calibrated unit for
+    "effect" (an error naming the direction when it has no card). A card measured at another step count than
+    ``num_steps`` is said once (its unit is that process's)."""
+    if units not in UNITS:
+        raise HspaceError(f"unknown units {units!r}; valid: {', '.join(UNITS)}")
+    if units == "raw":
+        return list(scales)
+    calibration = direction.meta.get("calibration") or {}
+    unit = calibration.get("scale")
+    if not isinstance(unit, (int, float)) or not math.isfinite(unit) or unit == 0:
+        why = "has no card" if not calibration else f"has a card whose target ({calibration.get('attribute')}) never reached its unit"
+        raise HspaceError(f"direction {direction.name!r} {why}: it cannot be applied in effect units; make its card first "
+                          f"(hspace card {direction.name}.safetensors) or use --units raw")
+    measured = calibration.get("steps")
+    if num_steps is not None and measured and measured != num_steps:
+        import logging
+
+        logging.getLogger(__name__).warning("direction %r was calibrated at %d steps and is applied at %d: its effect unit is the %d-step "
+                                            "process's (make a card at %d steps for an exact one)", direction.name, measured, num_steps,
+                                            measured, num_steps)
+    return [float(s) * unit for s in scales]
+
+
+def write_card(result: Card, direction: Direction, out: str | Path) -> Path:
+    """card.md, card.json and a dose-response plot per attribute (PNG) in ``out``; the direction with its
+    calibration as ``out/DIRECTION.safetensors``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from .files import safe_name, write_json, write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = {}
+    for attribute, values in result.change.items():
+        fig, ax = plt.subplots(figsize=(3.2, 2.4))
+        ax.errorbar(result.scales, values, yerr=[1.96 * e for e in result.change_se[attribute]], marker="o", capsize=2)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set(xlabel="raw scale", ylabel="change" + (" (stds)" if attribute not in result.flip else " (prob.)"), title=attribute)
+        fig.tight_layout()
+        name = f"dose_{attribute}.png"
+        fig.savefig(out / name, dpi=80)
+        plt.close(fig)
+        plots[attribute] = name
+    write_json(out / "card.json", result.to_json())
+    write_text(out / "card.md", result.markdown(plots))
+    calibrated = Direction(direction.delta, direction.sigma, {**direction.meta, "calibration": {**result.calibration, "n": result.n}},
+                           direction.spec, direction.timesteps)
+    calibrated.save(out / safe_name(direction.name or "direction", suffix=".safetensors"))
+    return out
