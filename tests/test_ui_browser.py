@@ -102,3 +102,30 @@ def test_a_page_of_another_origin_changes_nothing_and_reads_nothing(served, brow
     assert results[2] == "unreadable"  # no CORS: the other origin cannot read the editor's answers
     assert sorted(p.name for p in editor.save_dir.iterdir()) == before  # and what it sent did nothing
     page.close()
+
+
+def test_a_slider_with_a_card_moves_in_effect_units_and_shows_what_the_card_measured(served, browser):
+    editor, port, _ = served
+    engine = editor.engine
+    calibration = {"scale": 0.5, "unit": "50% flips of smile", "target": "smile", "scales": [-1.0, 0.0, 1.0],
+                   "change": {"smile": [-0.4, 0.0, 0.4], "hat": [0.1, 0.0, 0.2], "glasses": [0.0, 0.0, -0.05]}, "flip": [0.5, None, 0.5]}
+    smile = Direction(torch.randn(STEPS, *engine.h_shape, generator=torch.Generator().manual_seed(1)),
+                      meta={"name": "smile", "method": "regression", "calibration": calibration}, spec=engine.spec)
+    name = editor.add_direction(smile)
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"http://127.0.0.1:{port}/")
+    page.wait_for_selector(".dir:nth-child(2) input[type=range]")
+    assert "effect: 1 = 50% flips of smile" in page.text_content(".dir:nth-child(2) .unit")
+    page.eval_on_selector(".dir:nth-child(2) input[type=range]", "el => { el.value = 2; el.dispatchEvent(new Event('input')); }")
+    # effect scale 2 = raw 1.0: the card's last column, read without any request
+    assert page.text_content(".dir:nth-child(2) .effect") == "measured: smile +0.40 (50% flip); side effects: hat +0.20, glasses -0.05"
+    page.eval_on_selector(".dir:nth-child(2) input[type=range]", "el => { el.value = 1; el.dispatchEvent(new Event('input')); }")
+    assert page.text_content(".dir:nth-child(2) .effect") == "measured: smile +0.20 (25% flip); side effects: hat +0.10, glasses -0.03"
+    assert errors == []
+    page.close()
+    # the combination applies raw = effect x unit, and records both
+    combination = editor.combination([{"name": name, "scale": 2.0, "window": None}])
+    assert torch.allclose(combination.delta, 1.0 * smile.delta)
+    assert combination.meta["params"]["parts"][0]["units"] == "effect" and combination.meta["params"]["parts"][0]["raw_scale"] == 1.0

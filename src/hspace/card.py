@@ -264,6 +264,14 @@ def effect_scales(direction: Direction, scales: Sequence[float], units: str = "r
     return [float(s) * unit for s in scales]
 
 
+def calibration_record(result: Card) -> dict:
+    """What a calibrated direction carries (``meta["calibration"]``): its unit, and the card's dose-response in short
+    (scales, every attribute's mean change, the target's flip rate), which the editor reads while a slider moves."""
+    return {**result.calibration, "n": result.n, "target": result.target, "scales": result.scales,
+            "change": {a: [round(v, 4) for v in values] for a, values in result.change.items()},
+            "flip": [None if v is None else round(v, 4) for v in result.flip.get(result.target, [])]}
+
+
 def write_card(result: Card, direction: Direction, out: str | Path) -> Path:
     """card.md, card.json and a dose-response plot per attribute (PNG) in ``out``; the direction with its
     calibration as ``out/DIRECTION.safetensors``."""
@@ -289,7 +297,7 @@ def write_card(result: Card, direction: Direction, out: str | Path) -> Path:
         plots[attribute] = name
     write_json(out / "card.json", result.to_json())
     write_text(out / "card.md", result.markdown(plots))
-    calibrated = Direction(direction.delta, direction.sigma, {**direction.meta, "calibration": {**result.calibration, "n": result.n}},
+    calibrated = Direction(direction.delta, direction.sigma, {**direction.meta, "calibration": calibration_record(result)},
                            direction.spec, direction.timesteps)
     calibrated.save(out / safe_name(direction.name or "direction", suffix=".safetensors"))
     return out

@@ -70,8 +70,17 @@ class _Cache(OrderedDict):
             self.popitem(last=False)
 
 
+def calibrated_unit(direction: Direction) -> float | None:
+    """The raw scale of one effect unit of a direction with a card (``card.py``), else None."""
+    unit = (direction.meta.get("calibration") or {}).get("scale")
+    return float(unit) if isinstance(unit, (int, float)) and unit not in (0, None) and unit == unit else None
+
+
 def unit_of(direction: Direction) -> tuple[str, float]:
-    """A direction's slider unit and range (+-): sigma for PCA, ||h_t|| for Jacobian, raw for the rest."""
+    """A direction's slider unit and range (+-): its card's effect unit when it has one, sigma for PCA, ||h_t|| for
+    Jacobian, raw for the rest."""
+    if calibrated_unit(direction) is not None:
+        return f"effect: 1 = {direction.meta['calibration'].get('unit', 'its card unit')}", 2.0
     method = direction.meta.get("method", "")
     if method in ("pca", "random"):
         return "sigma", 4.0
@@ -111,7 +120,11 @@ class Editor:
         directions = []
         for name, d in self.directions.items():
             unit, limit = unit_of(d)
-            directions.append({"name": name, "method": d.meta.get("method", ""), "unit": unit, "limit": limit})
+            calibration = d.meta.get("calibration") or {}
+            card = None if calibrated_unit(d) is None else {  # the card's dose-response: the page reads it while a slider moves
+                "unit": calibrated_unit(d), "target": calibration.get("target"), "scales": calibration.get("scales", []),
+                "change": calibration.get("change", {}), "flip": calibration.get("flip", [])}
+            directions.append({"name": name, "method": d.meta.get("method", ""), "unit": unit, "limit": limit, "card": card})
         domain = self._domain()
         return {
             "model": self.engine.spec.describe(), "spec": self.engine.spec.to_dict(), "steps": self.steps, "eta": self.eta,
@@ -196,8 +209,11 @@ class Editor:
             window = _window(part.get("window"), part["name"])
             active = self.engine.active_steps(self.steps, window)
             direction = self.directions[part["name"]]
-            delta += float(scale) * self.engine.direction_at(direction, self.steps).per_step(self.steps) * active.float().reshape(-1, *[1] * len(self.engine.h_shape))
-            used.append({"name": part["name"], "scale": float(scale), "window": None if window is None else [float(w) for w in window],
+            unit = calibrated_unit(direction)  # a slider of a direction with a card moves in its effect unit
+            raw = float(scale) * (1.0 if unit is None else unit)
+            delta += raw * self.engine.direction_at(direction, self.steps).per_step(self.steps) * active.float().reshape(-1, *[1] * len(self.engine.h_shape))
+            used.append({"name": part["name"], "scale": float(scale), "units": "raw" if unit is None else "effect", "raw_scale": raw,
+                         "window": None if window is None else [float(w) for w in window],
                          "method": direction.meta.get("method", ""), "params": direction.meta.get("params", {})})
         meta = {"name": name, "method": "combination", "params": {"parts": used, "steps": self.steps}}
         return Direction(delta, meta=meta, spec=self.engine.spec)
