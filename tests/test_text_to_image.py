@@ -207,3 +207,14 @@ def test_a_vae_that_overflows_float16_decodes_in_float32_when_its_config_says_fo
     pipe.vae.register_to_config(force_upcast=False)
     with pytest.raises(HspaceError, match="decoded NaN or infinite values in float16"):
         Engine.from_pipeline(pipe, prompt="a cat", guidance=1.0, dtype="float16").decode(x0.x0)
+
+
+def test_jacobian_directions_of_a_sample_are_taken_under_its_own_prompt(folder):
+    from hspace.directions.jacobian import jacobian_directions
+
+    engine = Engine.load(str(folder), prompt="a cat", guidance=1.0)
+    dog = engine.conditioned(prompt="a dog")
+    trajectory = dog.sample([5], STEPS, eta=1.0, progress=False)  # recorded under "a dog"
+    mine = jacobian_directions(engine, trajectory, steps=[2], k=2, max_iter=15, tol=0, progress=False)[0].singular_values
+    theirs = jacobian_directions(dog, trajectory, steps=[2], k=2, max_iter=15, tol=0, progress=False)[0].singular_values
+    assert torch.allclose(mine, theirs, rtol=1e-4)  # the engine's prompt ("a cat") does not enter

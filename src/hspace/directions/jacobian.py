@@ -343,9 +343,11 @@ def jacobian_directions(
     block, num_blocks = (k, 1) if method == "batched" else (b, math.ceil(k / b))
     per_iteration = 2 * (block + oversample)  # decoder-half passes: a JVP and a VJP per vector
     results = []
+    recorded = one.sample_prompts  # the sample's own prompt, where it is not the engine's
+    prompt = recorded[0] if recorded is not None and recorded[0] != engine.spec.prompt else None
     with Meter.job(callback, len(steps) * num_blocks * max_iter * per_iteration, progress, "jacobian") as meter:
         for step in steps:
-            half = engine.decoder_half(engine.x_t(one, step), schedule.t(step))
+            half = engine.decoder_half(engine.x_t(one, step), schedule.t(step), prompt)
             svd = _decompose(half, schedule.eps_scale(step), out_mask, method, k, b, max_iter, tol, generator,
                              oversample, batching, _iteration_events(meter, step, per_iteration))
             meter.skip(num_blocks * max_iter * per_iteration - sum(svd.iterations) * per_iteration)
