@@ -56,8 +56,9 @@ FLOAT16_MAX = 65504.0
 _SHARD = re.compile(r"shard-(\d{12})\.safetensors")
 # What a bank's samples depend on: a bank refuses to mix samples that differ in any of these.
 IDENTITY = ("spec", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
-# A bank over several prompts also has these (absent for one prompt, which is the spec's, as before them).
-PROMPT_KEYS = ("prompts", "prompt_order", "h_steps")  # (and "h_steps": the steps whose h is stored, absent for all)
+# Settings a bank has only where they differ from the default, so that banks drawn before them keep their fingerprint:
+# its prompts and their order (absent for one prompt, the spec's) and the steps whose h it stores (absent for all).
+OPTIONAL_KEYS = ("prompts", "prompt_order", "h_steps")
 PROMPT_ORDERS = ("cycle", "random")  # sample i gets prompts[i % P], or one drawn by its seed
 LEGACY_IDENTITY = ("spec", "num_steps", "eta", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
 
@@ -71,7 +72,7 @@ def _identity(settings: dict) -> dict:
     if _legacy(settings):
         autocast = {"autocast": settings["autocast"]} if settings.get("autocast") is not None else {}
         return {**{k: settings[k] for k in LEGACY_IDENTITY}, **autocast}
-    return {k: settings[k] for k in (*IDENTITY, *PROMPT_KEYS) if k in IDENTITY or k in settings}
+    return {k: settings[k] for k in (*IDENTITY, *OPTIONAL_KEYS) if k in IDENTITY or k in settings}
 
 
 def _stored_steps(h_steps, num_steps: int) -> list[int]:
@@ -164,7 +165,7 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
 def _mismatch(ours: dict, theirs: dict) -> list[str]:
     """What differs between a bank's settings and those requested (the spec field by field, "spec.FIELD")."""
     bad = [f"spec.{d}" for d in _spec(theirs).differences(_spec(ours), "exact", what="the bank")]
-    keys = [k for k in (*IDENTITY, *PROMPT_KEYS) if k != "spec"]
+    keys = [k for k in (*IDENTITY, *OPTIONAL_KEYS) if k != "spec"]
     return bad + [f"{key}: bank has {ours.get(key)!r}, requested {theirs.get(key)!r}" for key in keys if ours.get(key) != theirs.get(key)]
 
 
