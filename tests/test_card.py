@@ -6,10 +6,10 @@ With ~30 eligible card samples at the crossing and ~60 in the check, a share has
 points, so 50% +- 10 points is the issue's target, not a tolerance fitted to the result."""
 
 import pytest
-import torch
 
 from hspace.bank import build_bank
-from hspace.card import card, effect_scales, write_card
+from hspace.card import card, write_card
+from hspace.directions.direction import effect_scales
 from hspace.cli import main
 from hspace.directions.direction import Direction
 from hspace.directions.regression import regression_directions

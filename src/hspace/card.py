@@ -32,7 +32,6 @@ import torch
 from .directions.direction import Direction
 from .errors import HspaceError
 
-UNITS = ("raw", "effect")
 DEFAULT_SCALES = (-4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0)  # geometric: a strong and a weak direction both cross 50%
 CARD_SEED = 700_000  # held-out samples of a card: seeds from here (banks use 0 .. n-1, reproduce 50,000 on)
 
@@ -238,30 +237,6 @@ def _crossing(scales: list[float], rates: list, level: float, positive: bool) ->
             return value if positive else -value
         previous = (scale, rate)
     return None
-
-
-def effect_scales(direction: Direction, scales: Sequence[float], units: str = "raw", num_steps: int | None = None) -> list[float]:
-    """Raw scales for ``scales`` given in ``units``: as they are for "raw", times the direction's calibrated unit for
-    "effect" (an error naming the direction when it has no card). A card measured at another step count than
-    ``num_steps`` is said once (its unit is that process's)."""
-    if units not in UNITS:
-        raise HspaceError(f"unknown units {units!r}; valid: {', '.join(UNITS)}")
-    if units == "raw":
-        return list(scales)
-    calibration = direction.meta.get("calibration") or {}
-    unit = calibration.get("scale")
-    if not isinstance(unit, (int, float)) or not math.isfinite(unit) or unit == 0:
-        why = "has no card" if not calibration else f"has a card whose target ({calibration.get('attribute')}) never reached its unit"
-        raise HspaceError(f"direction {direction.name!r} {why}: it cannot be applied in effect units; make its card first "
-                          f"(hspace card {direction.name}.safetensors) or use --units raw")
-    measured = calibration.get("steps")
-    if num_steps is not None and measured and measured != num_steps:
-        import logging
-
-        logging.getLogger(__name__).warning("direction %r was calibrated at %d steps and is applied at %d: its effect unit is the %d-step "
-                                            "process's (make a card at %d steps for an exact one)", direction.name, measured, num_steps,
-                                            measured, num_steps)
-    return [float(s) * unit for s in scales]
 
 
 def calibration_record(result: Card) -> dict:

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 
 from .diffusion import Schedule, eta_schedule, process_note, spacing_of
-from .directions.direction import Direction
+from .directions.direction import Direction, effect_scales
 from .errors import HspaceError, check_choice
 from .interventions import LinearEdit, Record, Replace, StepContext, edits_at
 from .loading import DEFAULT_MODEL, Components, load_components, resolve_device, resolve_dtype
@@ -559,8 +559,6 @@ class Engine:
         bad = [d for d in directions if not isinstance(d, Direction)]
         if bad:
             raise HspaceError(f"directions must be Direction objects, got {type(bad[0]).__name__}")
-        from .card import effect_scales
-
         scales = check_scales(scales)
         steps = trajectory.num_steps
         for d in directions:

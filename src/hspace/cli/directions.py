@@ -21,21 +21,7 @@ SUPERVISED_METHODS = ("mean-difference", "regression")  # per timestep, or over 
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bank", help="draw (or resume, or extend) a bank of samples with h at every step, sharded on disk")
-    add_model_args(p)
-    add_process_args(p)
-    p.add_argument("out", help="bank folder (the same command resumes an interrupted bank)")
-    p.add_argument("--n", type=positive_int, default=1000, help="number of samples (default 1000)")
-    p.add_argument("--base-seed", type=nonnegative_int, default=0, help="sample i has seed base_seed + i (default 0)")
-    p.add_argument("--shard-size", type=positive_int, default=64, help="samples per shard file (default 64)")
-    p.add_argument("--thumbnail-size", type=positive_int, default=64, help="longest side of the stored x_0 thumbnails (default 64)")
-    p.add_argument("--h-steps", nargs="+", default=None, metavar="STEPS",
-                   help="store h at these step indices only, e.g. 0-9 or 0,10,20 (default: every step); a big model's bank: "
-                        "directions found from it are resampled to every step where applied")
-    p.add_argument("--prompt-order", choices=PROMPT_ORDERS, default="cycle",
-                   help="with several prompts: sample i gets prompt i mod P (cycle, default) or one drawn by its seed (random)")
-    add_processes_arg(p)
-    p.set_defaults(func=run_bank)
+    _register_bank(sub)
 
     p = sub.add_parser("pca", help="per-timestep PCA of a bank's h (paper Sec. 4.1), plus matched-norm random directions")
     p.add_argument("bank", help="bank folder")
@@ -103,6 +89,24 @@ def register(sub) -> None:
     p.add_argument("--name", default=None, help="name of the result (default NAME-disentangled)")
     p.add_argument("-o", "--output", required=True, help="direction file to write")
     p.set_defaults(func=run_disentangle)
+
+
+def _register_bank(sub) -> None:
+    p = sub.add_parser("bank", help="draw (or resume, or extend) a bank of samples with h at every step, sharded on disk")
+    add_model_args(p)
+    add_process_args(p)
+    p.add_argument("out", help="bank folder (the same command resumes an interrupted bank)")
+    p.add_argument("--n", type=positive_int, default=1000, help="number of samples (default 1000)")
+    p.add_argument("--base-seed", type=nonnegative_int, default=0, help="sample i has seed base_seed + i (default 0)")
+    p.add_argument("--shard-size", type=positive_int, default=64, help="samples per shard file (default 64)")
+    p.add_argument("--thumbnail-size", type=positive_int, default=64, help="longest side of the stored x_0 thumbnails (default 64)")
+    p.add_argument("--h-steps", nargs="+", default=None, metavar="STEPS",
+                   help="store h at these step indices only, e.g. 0-9 or 0,10,20 (default: every step); a big model's bank: "
+                        "directions found from it are resampled to every step where applied")
+    p.add_argument("--prompt-order", choices=PROMPT_ORDERS, default="cycle",
+                   help="with several prompts: sample i gets prompt i mod P (cycle, default) or one drawn by its seed (random)")
+    add_processes_arg(p)
+    p.set_defaults(func=run_bank)
 
 
 def run_bank(args) -> None:

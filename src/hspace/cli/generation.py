@@ -62,6 +62,23 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="direction file to write (.safetensors)")
     p.set_defaults(func=run_arith)
 
+    p = sub.add_parser("invert", help="real images into trajectories: DDIM inversion (eta 0) or edit-friendly DDPM inversion (eta > 0)")
+    add_model_args(p)
+    add_process_args(p)
+    p.add_argument("images", nargs="+", help="image files (the model's size, or pass --resize)")
+    p.add_argument("--resize", action="store_true", help="centre-crop and resize images of another size to the model's")
+    p.add_argument("--fixed-point", type=nonnegative_int, default=3, help="fixed-point refinements per deterministic step (0: classic DDIM inversion)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the fresh noise of DDPM inversion")
+    p.add_argument("--out", default="out/invert", help="folder for trajectory.safetensors and the reconstructions")
+    p.set_defaults(func=run_invert, eta="0", batch_size=16)
+
+    p = sub.add_parser("info", help="model, h location and h shape")
+    add_model_args(p)
+    p.set_defaults(func=run_info)
+    _register_directions_of_prompts_and_cards(sub)
+
+
+def _register_directions_of_prompts_and_cards(sub) -> None:
     p = sub.add_parser("prompt-direction", help="a text slider without training: mean paired difference of h between two prompts "
                        "over the same seeds (eq. 10 with paired samples)")
     add_model_args(p)
@@ -75,16 +92,6 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="direction file to write (.safetensors)")
     p.set_defaults(func=run_prompt_direction)
 
-    p = sub.add_parser("invert", help="real images into trajectories: DDIM inversion (eta 0) or edit-friendly DDPM inversion (eta > 0)")
-    add_model_args(p)
-    add_process_args(p)
-    p.add_argument("images", nargs="+", help="image files (the model's size, or pass --resize)")
-    p.add_argument("--resize", action="store_true", help="centre-crop and resize images of another size to the model's")
-    p.add_argument("--fixed-point", type=nonnegative_int, default=3, help="fixed-point refinements per deterministic step (0: classic DDIM inversion)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the fresh noise of DDPM inversion")
-    p.add_argument("--out", default="out/invert", help="folder for trajectory.safetensors and the reconstructions")
-    p.set_defaults(func=run_invert, eta="0", batch_size=16)
-
     p = sub.add_parser("card", help="measure what a direction does: dose-response, side effects, flip rates, preservation; "
                        "calibrate its unit (docs/directions.md)")
     add_model_args(p)
@@ -97,10 +104,6 @@ def register(sub) -> None:
     p.add_argument("--target", default=None, help="the attribute to calibrate on (default: the direction's own, else the one it moves most)")
     p.add_argument("--out", default=None, help="folder for card.md, card.json, the plots and the calibrated direction (default out/card-NAME)")
     p.set_defaults(func=run_card)
-
-    p = sub.add_parser("info", help="model, h location and h shape")
-    add_model_args(p)
-    p.set_defaults(func=run_info)
 
 
 def sample(engine, args, seeds, steps: int | None = None, eta=None):
@@ -166,13 +169,13 @@ def run_edit(args) -> None:
     for direction in directions:
         engine.check_direction(direction, trajectory.num_steps)
     if args.sequential:
-        from ..card import effect_scales
+        from ..directions.direction import effect_scales
 
         raw = [effect_scales(d, [s], args.units, trajectory.num_steps)[0] for d, s in zip(directions, scales)]
         return _sequential_edit(engine, trajectory, directions, raw, window, args)
     images = engine.edit(trajectory, directions, scales, window=window, eps_pass=eps_pass(args), batch_size=args.batch_size, units=args.units)
     _save_edit_grids(images, trajectory, directions, scales, Path(args.out), args.save_each)
-    from ..card import effect_scales
+    from ..directions.direction import effect_scales
     from ..files import write_json
 
     write_json(Path(args.out) / "edit.json", {  # what the grids show, in which units

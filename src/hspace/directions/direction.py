@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -306,3 +307,27 @@ def _is_direction_file(path: Path) -> bool:
 def load_directions(items: Sequence[str | Path]) -> list[Direction]:
     """The directions of files and folders (see ``direction_files``)."""
     return [Direction.load(p) for p in direction_files(items)]
+
+
+UNITS = ("raw", "effect")  # scales as given, or in a direction's calibrated unit (its card: ``hspace.card``)
+
+
+def effect_scales(direction: Direction, scales: Sequence[float], units: str = "raw", num_steps: int | None = None) -> list[float]:
+    """Raw scales for ``scales`` given in ``units``: as they are for "raw", times the direction's calibrated unit for
+    "effect" (an error naming the direction when it has no card). A card measured at another step count than
+    ``num_steps`` is said once (its unit is that process's)."""
+    if units not in UNITS:
+        raise HspaceError(f"unknown units {units!r}; valid: {', '.join(UNITS)}")
+    if units == "raw":
+        return list(scales)
+    calibration = direction.meta.get("calibration") or {}
+    unit = calibration.get("scale")
+    if not isinstance(unit, (int, float)) or not math.isfinite(unit) or unit == 0:
+        why = "has no card" if not calibration else f"has a card whose target ({calibration.get('attribute')}) never reached its unit"
+        raise HspaceError(f"direction {direction.name!r} {why}: it cannot be applied in effect units; make its card first "
+                          f"(hspace card {direction.name}.safetensors) or use --units raw")
+    measured = calibration.get("steps")
+    if num_steps is not None and measured and measured != num_steps:
+        logger.warning("direction %r was calibrated at %d steps and is applied at %d: its effect unit is the %d-step process's "
+                       "(make a card at %d steps for an exact one)", direction.name, measured, num_steps, measured, num_steps)
+    return [float(s) * unit for s in scales]

@@ -17,8 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
-
 from ..errors import HspaceError
 from ..progress import Meter
 from .direction import Direction
