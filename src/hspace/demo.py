@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .directions.direction import Direction
 from .directions.disentangle import disentangle
 from .directions.jacobian import jacobian_directions
 from .directions.pca import pca_from_h, random_directions
@@ -130,13 +131,11 @@ def _attributes(demo: Demo, pool, scores, targets) -> None:
     # each partial effect rescaled to the norm of the eq. 10 direction of its attribute, so that only the direction differs.
     fit = Regression(list(ATTRIBUTES))
     fit.update(pool.h, torch.stack([scores[name].double() for name in ATTRIBUTES], 1))
-    regression = []
-    for d, plain in zip(fit.directions(engine.spec), directions):
-        d.delta = d.delta * (plain.delta.norm() / d.delta.norm())
-        d.meta["name"] = f"{plain.name} (regression)"
-        plain.meta["name"] = f"{plain.name} (eq. 10)"
-        regression.append(d)
-    both = [d for pair in zip(directions, regression) for d in pair]
+    both = []
+    for d, plain in zip(fit.directions(engine.spec, timesteps=pool.timesteps), directions):
+        both.append(Direction(plain.delta, meta={**plain.meta, "name": f"{plain.name} (eq. 10)"}, spec=plain.spec, timesteps=plain.timesteps))
+        both.append(Direction(d.delta * (plain.delta.norm() / d.delta.norm()), meta={**d.meta, "name": f"{plain.name} (regression)"},
+                              spec=d.spec, timesteps=d.timesteps))
     demo.save(
         _edit_grid(engine.edit(targets[[0]], both, SCALES), both, targets.seeds[:1], [f"{s:g}" for s in SCALES]),
         "attributes.png",
@@ -146,8 +145,6 @@ def _attributes(demo: Demo, pool, scores, targets) -> None:
         "least entangled method: in its Table 1 the mean change of the other attributes is 39% below eq. 10's, "
         "docs/reproduce.md). The training data correlates smile with hat, which eq. 10's smile direction carries along.",
     )
-    for d in directions:
-        d.meta["name"] = d.meta["name"].replace(" (eq. 10)", "")
     # The smile direction also adds hats (the training data correlates them); removing its projection onto
     # the other attribute directions keeps the smile only.
     by_name = {d.name: d for d in directions}

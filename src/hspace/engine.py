@@ -135,10 +135,7 @@ class Engine:
         model's own setting). A conditional model (Stable Diffusion, SDXL) takes ``prompt``, ``negative_prompt``,
         ``guidance`` and ``guide_edit`` (see ``spec.py``); ``engine.conditioned(prompt=...)`` changes them later.
         ``speed`` (``hspace.speed.Speed``) chooses how the U-Net runs: channels_last, torch.compile, autocast."""
-        unknown = sorted(set(condition) - set(CONDITION_FIELDS) - set(SIZE_FIELDS))
-        if unknown:
-            raise HspaceError(f"unknown option(s) {', '.join(unknown)}; valid: h_location, device, dtype, clip_sample, speed, folder, "
-                              f"{', '.join(CONDITION_FIELDS + SIZE_FIELDS)}")
+        _check_options(condition, "folder")
         if _is_pipeline(model):
             if folder is not None:
                 raise HspaceError("folder= relocates the model of a spec; a loaded pipeline is its own model")
@@ -178,10 +175,7 @@ class Engine:
 
         if not _is_pipeline(pipeline):
             raise HspaceError(f"from_pipeline takes a loaded diffusers pipeline, got a {type(pipeline).__name__}")
-        unknown = sorted(set(condition) - set(CONDITION_FIELDS) - set(SIZE_FIELDS))
-        if unknown:
-            raise HspaceError(f"unknown option(s) {', '.join(unknown)}; valid: h_location, device, dtype, clip_sample, speed, name, "
-                              f"{', '.join(CONDITION_FIELDS + SIZE_FIELDS)}")
+        _check_options(condition, "name")
         denoiser = denoiser_of(pipeline)
         label = name or getattr(pipeline, "name_or_path", None) or f"{type(pipeline).__name__} (in memory)"
         components = components_of_pipeline(pipeline, str(label))
@@ -205,9 +199,8 @@ class Engine:
                 raise
             raise HspaceError(f"the model of this spec (fingerprint {spec.fingerprint}) cannot be loaded from {spec.model!r}: {e}. "
                               "If it was moved, pass where it is now (Engine.load(spec, folder=DIR), or --model DIR)") from None
-        size = {} if spec.size is None else {"height": spec.size[0], "width": spec.size[1]}
         engine = cls(components, spec.h_location, device, spec.dtype, spec.clip_sample, **{k: getattr(spec, k) for k in CONDITION_FIELDS},
-                     speed=replace(speed, autocast=spec.autocast), **size)
+                     speed=replace(speed, autocast=spec.autocast), **_size_options(spec))
         engine.spec.check(spec.engine, f"the spec's model (found at {folder or spec.model!r})", kind="exact")
         return engine
 
@@ -220,8 +213,8 @@ class Engine:
         condition = {**{k: getattr(self.spec, k) for k in CONDITION_FIELDS}, **changes}
         if "guidance" in changes and "guide_edit" not in changes:
             condition["guide_edit"] = None  # the default for the new guidance
-        size = {} if self.spec.size is None else {"height": self.spec.size[0], "width": self.spec.size[1]}
-        return Engine(self.components, self.h_location, self.device, self.dtype, self.spec.clip_sample, **condition, speed=self.speed, **size)
+        return Engine(self.components, self.h_location, self.device, self.dtype, self.spec.clip_sample, **condition, speed=self.speed,
+                      **_size_options(self.spec))
 
     # ------------------------------------------------------------------ what the engine is
 
@@ -640,6 +633,19 @@ class Engine:
 
 
 SIZE_FIELDS = ("height", "width")  # the image size in pixels (both or neither; default: the model's)
+
+
+def _check_options(options: dict, own: str) -> None:
+    """The keyword options of ``load`` / ``from_pipeline`` (whose own extra option is ``own``): conditions and sizes only."""
+    unknown = sorted(set(options) - set(CONDITION_FIELDS) - set(SIZE_FIELDS))
+    if unknown:
+        raise HspaceError(f"unknown option(s) {', '.join(unknown)}; valid: h_location, device, dtype, clip_sample, speed, {own}, "
+                          f"{', '.join(CONDITION_FIELDS + SIZE_FIELDS)}")
+
+
+def _size_options(spec: Spec) -> dict:
+    """The ``height``/``width`` keywords that rebuild a spec's image size (none for the model's default)."""
+    return {} if spec.size is None else {"height": spec.size[0], "width": spec.size[1]}
 
 
 def _size(height, width) -> tuple[int, int] | None:

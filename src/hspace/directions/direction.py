@@ -192,11 +192,6 @@ def _spec_of(metadata: dict, path) -> Spec | str:
     return Spec.from_json(metadata["spec"])
 
 
-def stack_directions(directions: Sequence[Direction], num_steps: int) -> torch.Tensor:
-    """[D, T, *h_shape] from directions of one h shape (of T steps each, or one; ``Engine.direction_at`` resamples)."""
-    return torch.stack([d.per_step(num_steps) for d in directions])
-
-
 def interpolation_weights(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """[len(target), len(source)]: each row the weights of linear interpolation in t between the two ``source``
     timesteps that enclose that target t (the nearest end's alone beyond them); rows sum to 1."""
@@ -312,6 +307,14 @@ def load_directions(items: Sequence[str | Path]) -> list[Direction]:
 UNITS = ("raw", "effect")  # scales as given, or in a direction's calibrated unit (its card: ``hspace.card``)
 
 
+def calibrated_unit(direction: Direction) -> float | None:
+    """The raw scale of one effect unit of a direction with a card (``meta["calibration"]["scale"]``): a finite number
+    other than 0, else None (no card, or a card whose target never reached its unit)."""
+    unit = (direction.meta.get("calibration") or {}).get("scale")
+    ok = isinstance(unit, (int, float)) and not isinstance(unit, bool) and math.isfinite(unit) and unit != 0
+    return float(unit) if ok else None
+
+
 def effect_scales(direction: Direction, scales: Sequence[float], units: str = "raw", num_steps: int | None = None) -> list[float]:
     """Raw scales for ``scales`` given in ``units``: as they are for "raw", times the direction's calibrated unit for
     "effect" (an error naming the direction when it has no card). A card measured at another step count than
@@ -321,8 +324,8 @@ def effect_scales(direction: Direction, scales: Sequence[float], units: str = "r
     if units == "raw":
         return list(scales)
     calibration = direction.meta.get("calibration") or {}
-    unit = calibration.get("scale")
-    if not isinstance(unit, (int, float)) or not math.isfinite(unit) or unit == 0:
+    unit = calibrated_unit(direction)
+    if unit is None:
         why = "has no card" if not calibration else f"has a card whose target ({calibration.get('attribute')}) never reached its unit"
         raise HspaceError(f"direction {direction.name!r} {why}: it cannot be applied in effect units; make its card first "
                           f"(hspace card {direction.name}.safetensors) or use --units raw")

@@ -61,12 +61,14 @@ class Regression:
         shape = self.xth.shape
         return torch.linalg.solve(self.xtx, self.xth.reshape(p, -1)).reshape(shape)
 
-    def directions(self, spec: Spec | str, params: dict | None = None) -> DirectionSet:
+    def directions(self, spec: Spec | str, params: dict | None = None, timesteps: torch.Tensor | None = None) -> DirectionSet:
+        """One Direction per attribute (its partial effect), with ``timesteps``: those of the steps of h (a bank's
+        ``h_timesteps``), so that the directions apply at any step count."""
         W = self.coefficients()
         out = []
         for a, name in enumerate(self.names):
             meta = {"name": name, "method": "regression", "params": {**(params or {}), "attributes": self.names, "n": self.n, "unit": f"one unit of {name}"}}
-            out.append(Direction(W[a + 1].float(), meta=meta, spec=spec))
+            out.append(Direction(W[a + 1].float(), meta=meta, spec=spec, timesteps=timesteps))
         return DirectionSet(out, "regression", {**(params or {}), "attributes": self.names, "n": self.n})
 
 
@@ -90,7 +92,4 @@ def regression_directions(bank, attributes: Sequence[str], scores: str = "classi
     for chunk in bank.h_chunks()():
         fit.update(chunk, y[offset : offset + len(chunk)])
         offset += len(chunk)
-    result = fit.directions(bank.spec, {"bank": str(bank.path), "scores": scores})
-    for direction in result.directions:
-        direction.timesteps = bank.h_timesteps  # the steps whose h was regressed
-    return result
+    return fit.directions(bank.spec, {"bank": str(bank.path), "scores": scores}, bank.h_timesteps)

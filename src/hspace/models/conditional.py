@@ -88,11 +88,6 @@ class TextConditioner:
 
     ENCODERS = ("text_encoder", "text_encoder_2")  # the pipeline's attributes holding its text encoders
 
-    @property
-    def vae_scale_factor(self) -> int:
-        """Image pixels per latent pixel (the pipeline's own factor)."""
-        return self.pipeline.vae_scale_factor
-
     def to(self, device: torch.device, dtype: torch.dtype, offload: bool = False) -> "TextConditioner":
         """Encode on ``device`` in ``dtype``; with ``offload`` the encoders wait on the CPU between prompts."""
         if (getattr(self, "device", None), getattr(self, "dtype", None), getattr(self, "offload", False)) == (device, dtype, offload):
@@ -183,7 +178,7 @@ class ConditionalUNetModel(UNetModel):
         super().__init__(unet, decoder, h_location, device, dtype, speed, spec.size)
         self.conditioner = conditioner.to(device, dtype, self.speed.offload)
         self.guided, self.guidance, self.guide_edit = spec.guided, spec.guidance, spec.guide_edit
-        self.image_size = tuple(s * conditioner.vae_scale_factor for s in self.sample_shape[1:])  # the pipeline's default size
+        self.image_size = tuple(s * self.pixels_per_latent() for s in self.sample_shape[1:])  # the images' size, as the pipeline's
         self.negative_prompt = spec.negative_prompt
         self.uncond, self.cond = self.conditioner.embed(spec.prompt, spec.negative_prompt, spec.guided, self.image_size)
 

@@ -130,7 +130,6 @@ class ClassConditioner:
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
-        self.vae_scale_factor = 2 ** (len(pipeline.vae.config.block_out_channels) - 1) if getattr(pipeline, "vae", None) else 1
         self.num_classes = int(getattr(pipeline.transformer.config, "num_embeds_ada_norm", None) or 1000)
         # The unconditional embedding is the one after the classes (1000 for ImageNet's, as DiTPipeline). A model of one
         # class (the bundled toy DiT: trained without labels) is unconditional: class 0, one pass, by default.

@@ -215,8 +215,8 @@ class UNetModel:
         self.sample_shape = self._sample_shape() if size is None else self._sized(size)
         self._h_shape: tuple[int, ...] | None = None
 
-    # Image pixels per latent pixel that a size must be a multiple of (the VAE's factor; x2 for FLUX's packing).
     def pixels_per_latent(self) -> int:
+        """Image pixels per latent pixel: 2 per down block of the VAE, as the pipelines' ``vae_scale_factor``; 1 in pixel space."""
         if self.decoder is None:
             return 1
         channels = getattr(self.decoder.config, "block_out_channels", None)
@@ -228,13 +228,12 @@ class UNetModel:
 
     def _sized(self, size: tuple[int, int]) -> tuple[int, ...]:
         """[C, H, W] of x_t for images of ``size`` (height, width) pixels."""
-        step = self.size_multiple()
+        step, factor, default = self.size_multiple(), self.pixels_per_latent(), self._sample_shape()
         bad = [s for s in size if s % step]
         if bad:
             raise HspaceError(f"image size {size[0]}x{size[1]}: {bad[0]} is not a multiple of {step}; valid: heights and widths that are "
-                              f"multiples of {step} for this model (its default is {'x'.join(str(s * self.pixels_per_latent()) for s in self._sample_shape()[1:])})")
-        factor = self.pixels_per_latent()
-        return (self._sample_shape()[0], size[0] // factor, size[1] // factor)
+                              f"multiples of {step} for this model (its default is {'x'.join(str(s * factor) for s in default[1:])})")
+        return (default[0], size[0] // factor, size[1] // factor)
 
     def _sample_shape(self) -> tuple[int, ...]:
         """[C, H, W] of x_t: the denoiser's in_channels and sample_size."""

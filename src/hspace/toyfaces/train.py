@@ -395,13 +395,13 @@ def _flow_training_step(model, ema, optimizer, generator, pool, alphas, t_weight
     torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
         prediction = model(x_t, timestep=(1000 * t).to(device), class_labels=labels).sample
-    error = (prediction.float() - target) ** 2
+    return _update(model, ema, optimizer, (prediction.float() - target) ** 2, weight_map, config, step)
+
+
+def _update(model, ema, optimizer, error: torch.Tensor, weight_map, config: TrainConfig, step: int) -> float:
+    """The loss (the mean squared ``error``, per pixel weighted by ``weight_map`` when given), the optimizer step
+    (clipped gradients, the run's learning rate) and the EMA update."""
     loss = error.mean() if weight_map is None else (error * weight_map).mean() / weight_map.mean()
-    return _update(model, ema, optimizer, loss, config, step)
-
-
-def _update(model, ema, optimizer, loss: torch.Tensor, config: TrainConfig, step: int) -> float:
-    """The optimizer step (clipped gradients, the run's learning rate) and the EMA update."""
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(config, step)
     optimizer.zero_grad(set_to_none=True)
@@ -430,8 +430,7 @@ def _training_step(model, ema, optimizer, generator, pool, alphas, t_weights, we
     error = (prediction.float() - noise) ** 2
     if config.v_weight_cap != 1:
         error = error * t_weights[t].view(-1, 1, 1, 1).to(device)
-    loss = error.mean() if weight_map is None else (error * weight_map).mean() / weight_map.mean()
-    return _update(model, ema, optimizer, loss, config, step)
+    return _update(model, ema, optimizer, error, weight_map, config, step)
 
 
 def export(checkpoint: str | Path, folder: str | Path) -> Path:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..directions.direction import Direction
+from ..directions.direction import Direction, calibrated_unit
 from ..errors import HspaceError
 from ..files import free_name, safe_name
 from ..images import to_pil
@@ -68,12 +68,6 @@ class _Cache(OrderedDict):
         self.move_to_end(key)
         while len(self) > self.limit:
             self.popitem(last=False)
-
-
-def calibrated_unit(direction: Direction) -> float | None:
-    """The raw scale of one effect unit of a direction with a card (``card.py``), else None."""
-    unit = (direction.meta.get("calibration") or {}).get("scale")
-    return float(unit) if isinstance(unit, (int, float)) and unit not in (0, None) and unit == unit else None
 
 
 def unit_of(direction: Direction) -> tuple[str, float]:
