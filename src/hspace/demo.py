@@ -133,9 +133,7 @@ def _attributes(demo: Demo, pool, scores, targets) -> None:
     fit.update(pool.h, torch.stack([scores[name].double() for name in ATTRIBUTES], 1))
     both = []
     for d, plain in zip(fit.directions(engine.spec, timesteps=pool.timesteps), directions):
-        both.append(Direction(plain.delta, meta={**plain.meta, "name": f"{plain.name} (eq. 10)"}, spec=plain.spec, timesteps=plain.timesteps))
-        both.append(Direction(d.delta * (plain.delta.norm() / d.delta.norm()), meta={**d.meta, "name": f"{plain.name} (regression)"},
-                              spec=d.spec, timesteps=d.timesteps))
+        both += [plain.renamed(f"{plain.name} (eq. 10)"), d.renamed(f"{plain.name} (regression)", norm_of=plain)]
     demo.save(
         _edit_grid(engine.edit(targets[[0]], both, SCALES), both, targets.seeds[:1], [f"{s:g}" for s in SCALES]),
         "attributes.png",

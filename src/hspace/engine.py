@@ -331,6 +331,7 @@ class Engine:
         progress: bool | None = None,
         stage: str = "run",
         prompts: Sequence[str] | None = None,
+        reuse=None,
     ) -> torch.Tensor:
         """Steps ``start .. stop-1`` of eq. 2 of the ``num_steps``-step process from x (x_t at the start of
         step ``start``; x_T for 0), in batches; returns the state where it stops (x_0 for the whole process).
@@ -340,6 +341,8 @@ class Engine:
         ``eps_pass="clean"`` takes D_t's eps from a second pass without them (Asyrp), at the steps where
         one of them edits. ``callback`` gets a ``StepEvent`` after every step of every batch. ``prompts``
         (a conditional model) gives each of the N samples its prompt (``prompts_for``); None: the engine's.
+        ``reuse`` (``preview.Reuse``): the steps where the denoiser runs, and the outputs it estimates at the
+        others (an approximate, faster process: the editor's preview); None: it runs at every step.
         """
         check_batch_size(batch_size)
         check_choice("eps_pass", eps_pass, EPS_PASSES)
@@ -355,7 +358,8 @@ class Engine:
         prompts = None if prompts is None else self.prompts_for(prompts, n)
         if prompts is not None and len(set(prompts)) == 1 and prompts[0] == self.spec.prompt:
             prompts = None  # the engine's own conditioning, embedded once
-        total = n * sum(1 + c for c in clean[start:stop])
+        runs = [reuse is None or reuse.computes(i) for i in range(num_steps)]
+        total = n * sum((1 + c) * r for c, r in zip(clean[start:stop], runs[start:stop]))
         out = []
         with Meter.job(callback, total, progress, stage) as meter:
             for rows in torch.arange(n).split(batch_size):
@@ -365,17 +369,24 @@ class Engine:
                 for i in range(start, stop):
                     t = schedule.t(i)
                     ctx = StepContext(i, t, num_steps, rows, n)
-                    p, eps = schedule.split_output(i, state, self.model.output(state, t, interventions, ctx, condition).to(self.compute_dtype))
+                    if runs[i]:
+                        output = self.model.output(state, t, interventions, ctx, condition).to(self.compute_dtype)
+                        clean_output = self.model.output(state, t, condition=condition).to(self.compute_dtype) if clean[i] else None
+                        if reuse is not None:
+                            reuse.observe(i, rows, output, clean_output)
+                    else:
+                        output, clean_output = reuse.estimate(i, rows, clean[i])
+                    p, eps = schedule.split_output(i, state, output)
                     if clean[i]:
-                        _, eps = schedule.split_output(i, state, self.model.output(state, t, condition=condition).to(self.compute_dtype))
+                        _, eps = schedule.split_output(i, state, clean_output)
                     s = float(sigma[i])
                     if s > 0 and z is None:
                         raise HspaceError(f"step {i} has sigma_t = {s:.4g} > 0 but no noise z_t was given")
                     following = schedule.step(i, state, p, eps, s, z[:, i].to(self.device) if s > 0 else None)
                     check_finite(following, i, t)
                     meter.emit(
-                        StepEvent, len(rows) * (1 + clean[i]), stage=stage, step=i, num_steps=num_steps, timestep=t,
-                        rows=rows, x_t=state, x0_pred=p, x_next=following,
+                        StepEvent, len(rows) * (1 + clean[i]) * runs[i], stage=stage, step=i, num_steps=num_steps, timestep=t,
+                        rows=rows, x_t=state, x0_pred=p, x_next=following, output=output,
                     )
                     state = following
                 out.append(state.cpu())

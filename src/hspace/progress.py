@@ -38,6 +38,7 @@ class StepEvent:
     x_next: torch.Tensor  # [b, C, H, W] x_{t-1}
     done: int  # U-Net sample-passes of the job done, this step included
     total: int
+    output: torch.Tensor | None = None  # [b, C, H, W] the denoiser's output that made P_t (None where not run: inversion)
 
 
 @dataclass(frozen=True)

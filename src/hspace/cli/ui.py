@@ -36,9 +36,11 @@ def register(sub) -> None:
 
 
 def build_editor(args):
+    """A ``Startup`` that builds the editor: what can be refused (the model, the bank, the directions given) is
+    checked here, at once; the starter set, which a first start draws, is drawn in its thread."""
     from ..bank import Bank
     from ..directions.direction import load_directions
-    from ..ui.server import Editor, starter_directions
+    from ..ui.server import Editor, Startup, starter_directions
 
     if args.bank:
         bank = Bank.open(args.bank)
@@ -51,8 +53,16 @@ def build_editor(args):
         eta = float(eta[0]) if len(set(map(float, eta))) == 1 else None
         if eta is None:
             raise HspaceError("the editor draws samples with one eta for all steps; give one number")
-    directions = load_directions(args.directions) if args.directions else starter_directions(engine, args.workdir, steps, eta)
-    return Editor(engine, directions, args.save_dir, steps, eta, bank)
+    given = load_directions(args.directions) if args.directions else None
+
+    def build(startup: Startup) -> Editor:
+        if given is not None:
+            return Editor(engine, given, args.save_dir, steps, eta, bank)
+        startup.report("drawing the starter set")
+        directions = starter_directions(engine, args.workdir, steps, eta, callback=startup.step_callback("drawing the starter set"))
+        return Editor(engine, directions, args.save_dir, steps, eta, bank)
+
+    return Startup(build)
 
 
 def run_ui(args) -> None:
@@ -67,10 +77,10 @@ def run_ui(args) -> None:
     if args.host not in LOCAL_HOSTS:
         print(f"warning: listening on {args.host}: anyone who can reach this port can use the editor and write to {args.save_dir}", file=sys.stderr)
     args.port = _bindable(args.host, args.port)  # before any work: a taken port is a message, 0 a free port (printed)
-    editor = build_editor(args)
+    startup = build_editor(args)
     print(f"hspace editor: http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/  "
-          f"({len(editor.directions)} directions; saves go to {args.save_dir}; Ctrl-C stops)", flush=True)
-    uvicorn.run(create_app(editor, args.host, args.port), host=args.host, port=args.port, log_level="warning")
+          f"(saves go to {args.save_dir}; Ctrl-C stops; the page shows the editor's start)", flush=True)
+    uvicorn.run(create_app(startup, args.host, args.port), host=args.host, port=args.port, log_level="warning")
 
 
 def _bindable(host: str, port: int) -> int:

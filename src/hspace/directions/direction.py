@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -79,6 +80,12 @@ class Direction:
     @property
     def h_shape(self) -> tuple[int, ...]:
         return tuple(self.delta.shape[1:])
+
+    def renamed(self, name: str, norm_of: "Direction | None" = None) -> "Direction":
+        """A copy named ``name``; with ``norm_of``, its delta rescaled to that direction's norm (two methods'
+        directions compared at the same size: only the direction differs)."""
+        delta = self.delta if norm_of is None else self.delta * (norm_of.delta.norm() / self.delta.norm())
+        return dataclasses.replace(self, delta=delta, meta={**self.meta, "name": name})
 
     def norms(self) -> torch.Tensor:
         """||delta_t|| per step."""

@@ -8,6 +8,12 @@ on request) and caches of sampled and uploaded trajectories. One lock serialises
 intervention is a hook on the shared U-Net. A request that waits for the lock while a newer one from the
 same tab arrives is dropped (HTTP 409): a slider dragged fast costs one edit, not one per position.
 
+Live edits (``preview.py``): every sample the editor shows keeps its unedited run step by step (a
+``Reference``), so an edit replays from the first step its windows touch. While a slider moves the page asks
+for a preview (``quality: "preview"``: the denoiser at every 2nd step, its output at the others estimated
+from the reference; the main image only) and, when the slider is released, for the final image (every step,
+exact, with the strip). A request superseded by a newer one of the same tab stops at its next step.
+
 The combination is one Direction: delta_t = sum_i scale_i delta_i[t] inside direction i's window. The
 page's image is ``engine.edit(trajectory, [combination], [1.0])``, and Save writes exactly that
 Direction, so applying the saved file in Python gives the image the page showed.
@@ -21,13 +27,19 @@ allows), and an ``Origin`` or ``Sec-Fetch-Site`` header, where the browser sends
 
 
 import base64
+import hashlib
 import hmac
 import io
+import json
 import secrets
+import sys
 import threading
+import time
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -44,6 +56,20 @@ CACHED = 64  # trajectories kept per kind (seeds, uploads)
 MAX_ADDED = 64  # Jacobian directions added on request over the server's life (each holds T x h of memory)
 MAX_TABS = 1024  # tabs whose newest request number is remembered
 STATIC = Path(__file__).parent / "static"
+PREVIEW_STRIDE = 2  # the denoiser at every 2nd step while a slider moves (preview.py; docs/ui.md: measured fidelity)
+EXACT_BUDGET = 0.25  # seconds: a preview whose exact edit is expected within this is computed exactly
+
+
+class Superseded(Exception):
+    """A newer request of the same tab arrived: this one stops (HTTP 409)."""
+
+
+@dataclass
+class Shown:
+    """A sample the editor shows: its trajectory and its unedited run (``preview.Reference``)."""
+
+    trajectory: object
+    reference: object
 
 
 def _png(image: torch.Tensor) -> str:
@@ -99,6 +125,7 @@ class Editor:
         self._latest_lock = threading.Lock()
         schedule = engine.schedule(steps)
         self.timesteps = [schedule.t(i) for i in range(steps)]  # ints, or floats for flow matching (sigma * 1000)
+        self.pass_seconds = None  # measured time of one denoiser pass at batch 1 (chooses exact or preview)
 
     # ---------------------------------------------------------------- what there is
     def add_direction(self, direction: Direction) -> str:
@@ -137,15 +164,20 @@ class Editor:
             return None
 
     # ---------------------------------------------------------------- samples
-    def trajectory(self, source: dict):
-        """The trajectory of {"seed": s} | {"bank": i} | {"upload": id} (sampled once, then cached)."""
+    def shown(self, source: dict) -> Shown:
+        """The sample {"seed": s} | {"bank": i} | {"upload": id} with its reference (drawn once, then cached)."""
+        from .. import preview
+
         if not isinstance(source, dict) or len(source) != 1:
             raise HspaceError('a sample is {"seed": N}, {"bank": INDEX} or {"upload": ID}')
         (kind, value), = source.items()
         if kind == "seed":
             seed = _integer(value, "seed", 0, 2**63 - 1)
             if seed not in self.samples:
-                self.samples.put(seed, self.engine.sample([seed], self.steps, self.eta, record_h=False, progress=False))
+                began = time.perf_counter()
+                trajectory, reference = preview.sample(self.engine, [seed], self.steps, self.eta, record_h=False, progress=False)
+                self._timed(began, self.steps)
+                self.samples.put(seed, Shown(trajectory, reference))
             return self.samples[seed]
         if kind == "bank":
             if self.bank is None:
@@ -153,13 +185,24 @@ class Editor:
             index = _integer(value, "bank index", 0, self.bank.n - 1)
             key = ("bank", index)
             if key not in self.samples:
-                self.samples.put(key, self.bank.trajectory(self.engine, [index], progress=False))
+                recorder = preview.Recorder(1, self.steps)
+                trajectory = self.bank.trajectory(self.engine, [index], callback=recorder, progress=False)
+                self.samples.put(key, Shown(trajectory, recorder.reference()))
             return self.samples[key]
         if kind == "upload":
             if not isinstance(value, str) or value not in self.uploads:
                 raise HspaceError(f"no uploaded image {value!r} (uploads are kept while the server runs; upload it again)")
             return self.uploads[value]
         raise HspaceError(f"unknown sample kind {kind!r}; valid: seed, bank, upload")
+
+    def trajectory(self, source: dict):
+        return self.shown(source).trajectory
+
+    def _timed(self, began: float, passes: int) -> None:
+        """Keep the measured time of one pass (a running mean that follows the machine's load)."""
+        if passes > 0:
+            seconds = (time.perf_counter() - began) / passes
+            self.pass_seconds = seconds if self.pass_seconds is None else 0.7 * self.pass_seconds + 0.3 * seconds
 
     def upload(self, data: bytes) -> str:
         """Decode an uploaded image safely, invert it (edit-friendly DDPM inversion) and keep it; its id."""
@@ -180,10 +223,13 @@ class Editor:
             raise
         except Exception as e:
             raise HspaceError(f"the upload is not an image this server can read ({type(e).__name__}); valid: PNG, JPEG, ...") from None
+        from ..preview import reference
+
         with self.lock:
             trajectory = invert(self.engine, tensor[None], self.steps, self.eta, progress=False)
+            shown = Shown(trajectory, reference(self.engine, trajectory))
         key = uuid.uuid4().hex[:12]
-        self.uploads.put(key, trajectory)
+        self.uploads.put(key, shown)
         return key
 
     # ---------------------------------------------------------------- the combination
@@ -213,25 +259,51 @@ class Editor:
         return Direction(delta, meta=meta, spec=self.engine.spec)
 
     def edit(self, request: dict) -> dict:
-        """Original and edited image of the sample (and of a strip of seeds) under the combination."""
+        """Original and edited image of the sample under the combination: ``quality`` "final" (exact, every step,
+        with the strip of seeds) or "preview" (the main image only, approximate where the exact edit would take
+        longer than ``EXACT_BUDGET``: module doc). Superseded by a newer request of the tab: {"superseded": True}."""
+        from .. import preview
+
+        began = time.perf_counter()
         tab, seq = str(request.get("tab", "")), request.get("seq", 0)
         if isinstance(seq, int):
             with self._latest_lock:  # requests arrive on several threads
                 self.latest.put(tab, max(self.latest.get(tab, -1), seq))
+        quality = request.get("quality", "final")
+        if quality not in ("preview", "final"):
+            raise HspaceError(f"bad quality {quality!r}; valid: preview, final")
         asyrp = _flag(request.get("asyrp", False), "asyrp")
         strip = request.get("strip") or []
         if not isinstance(strip, list) or len(strip) > MAX_STRIP:
             raise HspaceError(f"a strip is a list of at most {MAX_STRIP} seeds")
-        combination = self.combination(request.get("parts") or [])
-        with self.lock:
+        delta = self.combination(request.get("parts") or []).per_step(self.steps)
+        start = preview.first_edited_step(delta)
+        passes = 0 if start is None else self.steps - start
+
+        def newer(_event=None):
             if isinstance(seq, int) and seq < self.latest.get(tab, -1):
+                raise Superseded
+
+        with self.lock:
+            try:
+                newer()
+                main = self.shown(request.get("sample"))
+                strip = [] if quality == "preview" else [(s, self.shown({"seed": s})) for s in strip]
+                newer()
+                cheap = self.pass_seconds is not None and passes * self.pass_seconds <= EXACT_BUDGET
+                stride = PREVIEW_STRIDE if quality == "preview" and not cheap else 1
+                trajectory = _concat([main.trajectory, *(shown.trajectory for _, shown in strip)])
+                reference = preview.Reference.cat([main.reference, *(shown.reference for _, shown in strip)])
+                computing = time.perf_counter()
+                images = preview.edit(self.engine, trajectory, reference, delta, eps_pass="clean" if asyrp else "edited",
+                                      stride=stride, callback=newer)
+                if len(trajectory) == 1 and start is not None:
+                    self._timed(computing, len(range(start, self.steps, stride)) * (2 if asyrp else 1))
+            except Superseded:
                 return {"superseded": True}
-            trajectory = self.trajectory(request.get("sample"))
-            others = [self.trajectory({"seed": s}) for s in strip]
-            batch = _concat([trajectory, *others])
-            images = self.engine.edit(batch, [combination], [1.0], eps_pass="clean" if asyrp else "edited", progress=False)[0, 0]
-        out = {"original": _png(batch.images[0]), "edited": _png(images[0]),
-               "strip": [{"seed": s, "original": _png(batch.images[i + 1]), "edited": _png(images[i + 1])} for i, s in enumerate(strip)]}
+        out = {"original": _png(trajectory.images[0]), "edited": _png(images[0]), "quality": quality, "exact": stride == 1,
+               "stride": stride, "first_step": start, "server_ms": round(1000 * (time.perf_counter() - began), 1), "seq": seq,
+               "strip": [{"seed": s, "original": _png(trajectory.images[i + 1]), "edited": _png(images[i + 1])} for i, (s, _) in enumerate(strip)]}
         if _flag(request.get("raw", False), "raw"):
             out["edited_raw"] = _raw(images[0])
         return out
@@ -251,7 +323,7 @@ class Editor:
         from ..directions.jacobian import jacobian_directions
         from ..domains import load_mask
 
-        step = _integer(request.get("step", self.steps // 2), "step", 0, self.steps - 1)
+        step = self._step_of(request)
         k = _integer(request.get("k", 3), "k", 1, MAX_JACOBIAN_K)
         if self.added + k > MAX_ADDED:
             raise HspaceError(f"this editor already holds {self.added} directions computed on request (at most {MAX_ADDED}); "
@@ -268,7 +340,52 @@ class Editor:
             trajectory = self.trajectory(request.get("sample"))
             result = jacobian_directions(self.engine, trajectory, steps=[step], k=k, mask=mask, mask_name=mask_name, max_iter=30, progress=False)
         self.added += len(result[0].directions)
-        return [self.add_direction(d) for d in result[0].directions]
+        t = self.timesteps[step]
+        names = []
+        for i, d in enumerate(result[0].directions):  # readable: the part and the timestep, not j12_0-3
+            label = f"jacobian {mask_name or 'whole image'} t={t:g} #{i + 1}"
+            names.append(self.add_direction(d.renamed(label)))
+        return names
+
+    def _step_of(self, request: dict) -> int:
+        """The step of a Jacobian request: {"t": a timestep of the schedule} or {"step": its index}."""
+        if "t" in request:
+            t = request["t"]
+            if isinstance(t, bool) or not isinstance(t, (int, float)):
+                raise HspaceError(f"bad t {t!r}; valid: one of the {self.steps} timesteps, {self.timesteps[0]:g} .. {self.timesteps[-1]:g}")
+            matches = [i for i, u in enumerate(self.timesteps) if abs(float(u) - float(t)) < 1e-6]
+            if not matches:
+                raise HspaceError(f"t = {t:g} is not a timestep of the {self.steps} steps; valid: {', '.join(f'{u:g}' for u in self.timesteps)}")
+            return matches[0]
+        return _integer(request.get("step", self.steps // 2), "step", 0, self.steps - 1)
+
+    # ---------------------------------------------------------------- saved combinations
+    def saved(self) -> list[dict]:
+        """The saved directions in ``save_dir``, newest first: file, name, parts."""
+        from safetensors import safe_open
+
+        found = []
+        for path in sorted(self.save_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True):
+            try:
+                with safe_open(str(path), "pt") as f:
+                    meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+            except Exception:
+                continue  # not a direction file: not listed
+            parts = meta.get("params", {}).get("parts", [])
+            found.append({"file": path.name, "name": meta.get("name", path.stem), "parts": [f"{p.get('name')} x {p.get('scale'):g}" for p in parts]})
+        return found
+
+    def saved_path(self, file: str) -> Path:
+        """The path of a saved file named by the page: only a file listed in ``save_dir``."""
+        names = {entry["file"] for entry in self.saved()}
+        if not isinstance(file, str) or file not in names:
+            raise HspaceError(f"no saved direction {file!r}; valid: {', '.join(sorted(names)) or 'none saved yet'}")
+        return self.save_dir / file
+
+    def load_saved(self, file: str) -> str:
+        """Add a saved direction as a slider; its name."""
+        direction = Direction.load(self.saved_path(file))
+        return self.add_direction(direction.renamed(f"saved: {direction.name}"))
 
     def _painted(self, mask) -> torch.Tensor:
         try:
@@ -279,6 +396,44 @@ class Editor:
             raise HspaceError("a painted mask is a 2-D list of numbers in [0, 1] with something painted, at most 1024x1024")
         size = self.engine.sample_shape[1:]
         return torch.nn.functional.interpolate(grid[None, None], size=size, mode="area")[0]
+
+
+class Startup:
+    """The editor, built in a thread while the page is already served: the first ``hspace ui`` on an empty
+    workdir draws its starter set (seconds to minutes), and the page shows its progress meanwhile."""
+
+    def __init__(self, build: Callable[["Startup"], Editor] | None = None, editor: Editor | None = None):
+        self.editor, self.error = editor, None
+        self.progress = {"stage": "starting", "done": 0, "total": 0}
+        if build is not None:
+            threading.Thread(target=self._build, args=(build,), daemon=True, name="hspace-editor-startup").start()
+
+    def _build(self, build) -> None:
+        try:
+            self.editor = build(self)
+        except Exception as e:  # shown in the page and on the terminal; the server keeps answering
+            self.error = str(e) if isinstance(e, HspaceError) else f"{type(e).__name__}: {e}"
+            print(f"error: the editor could not start: {self.error}", file=sys.stderr, flush=True)
+
+    def report(self, stage: str, done: int = 0, total: int = 0) -> None:
+        self.progress = {"stage": stage, "done": int(done), "total": int(total)}
+
+    def step_callback(self, stage: str):
+        """A ``callback`` for the engine's jobs that reports their passes as ``stage``."""
+        return lambda event: self.report(stage, getattr(event, "done", 0), getattr(event, "total", 0))
+
+    def get(self) -> Editor:
+        if self.editor is None:
+            raise NotReady(self.error and f"the editor could not start: {self.error}" or
+                           f"the editor is still starting ({self.progress['stage']}); try again when the page says it is ready")
+        return self.editor
+
+    def status(self) -> dict:
+        return {"loading": self.progress} if self.error is None else {"load_error": self.error}
+
+
+class NotReady(HspaceError):
+    """The editor is not built yet (or failed to): HTTP 503."""
 
 
 def _flag(value, what: str) -> bool:
@@ -336,15 +491,18 @@ def refusal(method: str, path: str, headers, hosts: set[str], token: str) -> str
     return None
 
 
-def create_app(editor: Editor, host: str = "127.0.0.1", port: int = 7860, token: str | None = None):
+def create_app(editor: "Editor | Startup", host: str = "127.0.0.1", port: int = 7860, token: str | None = None):
     """The FastAPI app of an editor served at ``host``:``port``: the page and its JSON API (errors are
-    {"error": message}, HTTP 400; refused requests HTTP 403). ``token`` defaults to a new random one."""
+    {"error": message}, HTTP 400; refused requests HTTP 403; while a ``Startup`` builds the editor, HTTP 503 and
+    ``/api/info`` says how far it is). ``token`` defaults to a new random one."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
 
+    startup = editor if isinstance(editor, Startup) else Startup(editor=editor)
     app = FastAPI(title="hspace editor", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.token = token = token or secrets.token_urlsafe(24)
+    app.state.startup = startup
     names = {*LOCAL_NAMES, f"[{host}]" if ":" in host else host}
     hosts = {f"{name}:{port}" for name in names}
 
@@ -357,7 +515,7 @@ def create_app(editor: Editor, host: str = "127.0.0.1", port: int = 7860, token:
 
     @app.exception_handler(HspaceError)
     async def bad_request(_request, error: HspaceError):
-        return JSONResponse({"error": str(error)}, status_code=400)
+        return JSONResponse({"error": str(error)}, status_code=503 if isinstance(error, NotReady) else 400)
 
     async def body(request: Request) -> dict:
         try:
@@ -375,24 +533,41 @@ def create_app(editor: Editor, host: str = "127.0.0.1", port: int = 7860, token:
 
     @app.get("/api/info")
     def info():
-        return editor.info()
+        return startup.get().info() if startup.editor is not None else startup.status()
 
     @app.post("/api/edit")
     async def edit(request: Request):
         data = await body(request)
-        result = await run_in_threadpool(editor.edit, data)
+        result = await run_in_threadpool(startup.get().edit, data)
         return JSONResponse(result, status_code=409 if result.get("superseded") else 200)
 
     @app.post("/api/save")
     async def save(request: Request):
         data = await body(request)
-        path = editor.save(data.get("name"), data.get("parts"))
+        path = startup.get().save(data.get("name"), data.get("parts"))
         asked = safe_name(str(data.get("name", "")).strip(), suffix=".safetensors")
         return {"saved": path.name, "renamed": path.name != asked}
+
+    @app.get("/api/saved")
+    def saved():
+        return {"saved": startup.get().saved()}
+
+    @app.get("/api/saved/{file}")
+    def download(file: str):
+        path = startup.get().saved_path(file)
+        return Response(path.read_bytes(), media_type="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="{path.name}"'})
+
+    @app.post("/api/load")
+    async def load(request: Request):
+        data = await body(request)
+        editor = startup.get()
+        return {"added": [editor.load_saved(data.get("file"))], **editor.info()}
 
     @app.post("/api/jacobian")
     async def jacobian(request: Request):
         data = await body(request)
+        editor = startup.get()
         return {"added": await run_in_threadpool(editor.jacobian, data), **editor.info()}
 
     @app.post("/api/upload")
@@ -400,26 +575,47 @@ def create_app(editor: Editor, host: str = "127.0.0.1", port: int = 7860, token:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:  # refused before the body is read
             raise HspaceError(f"the upload has {declared} bytes; valid: at most {MAX_UPLOAD_BYTES} bytes")
-        return {"upload": await run_in_threadpool(editor.upload, await request.body())}  # Editor.upload checks the bytes
+        return {"upload": await run_in_threadpool(startup.get().upload, await request.body())}  # Editor.upload checks the bytes
 
     return app
 
 
-def starter_directions(engine, workdir: str | Path, steps: int, eta: float, n: int = 48, k: int = 6) -> list[Direction]:
+def starter_folder(engine, workdir: str | Path, steps: int, eta: float) -> Path:
+    """Where the starter set of this engine and process is kept: one folder per model, steps, eta and engine
+    options that change the samples (another ``--autocast`` draws its own set beside; ``--channels-last`` reuses)."""
+    key = hashlib.sha256(json.dumps(engine.spec.key(), sort_keys=True).encode()).hexdigest()[:8]
+    return Path(workdir) / f"bank-{safe_name(engine.name)}-{steps}-{eta:g}-{key}"
+
+
+def starter_directions(engine, workdir: str | Path, steps: int, eta: float, n: int = 48, k: int = 6, callback=None) -> list[Direction]:
     """What the editor shows when no directions are given: the top-k PCs of a small bank (drawn once into
-    ``workdir`` and reused) and, for a model with a domain classifier, its eq. 10 directions per binary
-    attribute (top n/6 minus bottom n/6 by the classifier)."""
+    ``starter_folder`` and reused) and, for a model with a domain classifier, one direction per binary attribute:
+    h of all n samples regressed on the classifier's scores of every attribute at once (each direction holds the
+    others fixed: the least entangled method of docs/reproduce.md), at the norm of the attribute's eq. 10
+    direction (top n/6 minus bottom n/6). They are also written to the folder's ``starter/`` (for ``hspace card``).
+    ``callback`` gets the bank's ``StepEvent``s."""
     from ..bank import build_bank
     from ..directions.pca import pca_per_timestep
+    from ..directions.regression import regression_directions
     from ..directions.supervised import annotate_bank, direction_from_scores
     from ..domains import domain_of
 
-    bank = build_bank(Path(workdir) / f"bank-{safe_name(engine.name)}-{steps}-{eta:g}", engine, n, steps, eta, shard_size=n, progress=None)
+    folder = starter_folder(engine, workdir, steps, eta)
+    bank = build_bank(folder, engine, n, steps, eta, shard_size=n, callback=callback, progress=None)
     directions = pca_per_timestep(bank.h_chunks(), k, expected_n=bank.n, spec=engine.spec, timesteps=bank.h_timesteps).directions
     try:
         domain = domain_of(engine.name)
     except HspaceError:
-        return directions
-    if not bank.scores_path("classifier").is_file():
-        annotate_bank(bank, domain.scorer())
-    return directions + [direction_from_scores(bank, a, max(1, n // 6)) for a in domain.binary]
+        domain = None
+    if domain is not None:
+        if not bank.scores_path("classifier").is_file():
+            annotate_bank(bank, domain.scorer())
+        fitted = regression_directions(bank, list(domain.binary)).directions
+        for attribute, d in zip(domain.binary, fitted):
+            directions.append(d.renamed(attribute, norm_of=direction_from_scores(bank, attribute, max(1, n // 6))))
+    (folder / "starter").mkdir(exist_ok=True)
+    for d in directions:
+        path = folder / "starter" / safe_name(d.name, suffix=".safetensors")
+        if not path.is_file():
+            d.save(path)
+    return directions
