@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from .directions.direction import Direction
 from .directions.disentangle import disentangle
 from .directions.jacobian import jacobian_directions
 from .directions.pca import pca_from_h, random_directions

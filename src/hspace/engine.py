@@ -332,6 +332,7 @@ class Engine:
         stage: str = "run",
         prompts: Sequence[str] | None = None,
         reuse=None,
+        denoiser: Callable | None = None,
     ) -> torch.Tensor:
         """Steps ``start .. stop-1`` of eq. 2 of the ``num_steps``-step process from x (x_t at the start of
         step ``start``; x_T for 0), in batches; returns the state where it stops (x_0 for the whole process).
@@ -343,6 +344,7 @@ class Engine:
         (a conditional model) gives each of the N samples its prompt (``prompts_for``); None: the engine's.
         ``reuse`` (``preview.Reuse``): the steps where the denoiser runs, and the outputs it estimates at the
         others (an approximate, faster process: the editor's preview); None: it runs at every step.
+        ``denoiser`` replaces ``model.output`` for the edited pass (same signature: ``preview.compiled_denoiser``).
         """
         check_batch_size(batch_size)
         check_choice("eps_pass", eps_pass, EPS_PASSES)
@@ -370,7 +372,7 @@ class Engine:
                     t = schedule.t(i)
                     ctx = StepContext(i, t, num_steps, rows, n)
                     if runs[i]:
-                        output = self.model.output(state, t, interventions, ctx, condition).to(self.compute_dtype)
+                        output = (denoiser or self.model.output)(state, t, interventions, ctx, condition).to(self.compute_dtype)
                         clean_output = self.model.output(state, t, condition=condition).to(self.compute_dtype) if clean[i] else None
                         if reuse is not None:
                             reuse.observe(i, rows, output, clean_output)

@@ -6,20 +6,22 @@ run, step by step: x_t and the denoiser's output, recorded once), two things mak
 
 - Exact: before the first step that delta-h touches, the edited process is the unedited one, so the replay
   starts there from the reference's x_t. A window that starts late costs only its steps and those after.
-- Approximate (``stride`` k > 1): the denoiser runs at every k-th step only (from the first edited step on).
-  At the others its output is the reference's output at that step plus the change the edit made to the
-  output at the last step where it ran: out'_i ~ out_i + (out'_j - out_j). The output itself changes a lot
-  from step to step, the edit's change of it slowly. Under Asyrp (``eps_pass="clean"``) the clean pass's
-  change is held the same way. The result is a preview of the edit, not the edit: measured on the bundled
-  model at 25 steps (``benchmarks/bench_ui.py --fidelity``), its mean absolute difference from the exact edit
-  is a fraction of the edit's own change (docs/ui.md gives the figures per stride). Holding the output
-  itself (out'_i ~ out'_j, "step caching") is several times worse there: the change is what varies slowly.
+- Approximate (``computed``: the steps where the denoiser runs): at the other steps its output is the
+  reference's output at that step plus the change the edit made to the output at the last step where it ran:
+  out'_i ~ out_i + (out'_j - out_j). The output itself changes a lot from step to step, the edit's change of
+  it slowly. Under Asyrp (``eps_pass="clean"``) the clean pass's change is held the same way. The result is a
+  preview of the edit, not the edit. ``preview_steps`` is the editor's choice: every 2nd step over the first
+  half of the steps that run, every 4th over the second (10 passes of 25), because on the bundled model the
+  early steps decide what the image becomes (a hat kept or removed) and every 3rd step there already misses
+  such a change. Holding the output itself (out'_i ~ out'_j, "step caching") is several times worse. Its
+  fidelity, measured: ``benchmarks/bench_ui.py --fidelity`` (docs/ui.md).
 
-``stride=1`` is exact: equal to ``Engine.edit`` of the trajectory (tests/test_preview.py).
+With every step computed (the default) it is exact: equal to ``Engine.edit`` of the trajectory (tests/test_preview.py).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -85,23 +87,23 @@ def sample(engine, seeds, num_steps: int, eta: float, **options):
     return trajectory, recorder.reference()
 
 
-def check_stride(stride) -> int:
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise HspaceError(f"bad stride {stride!r}; valid: an integer >= 1 (1: the denoiser runs at every step, exact)")
-    return stride
+def preview_steps(start: int, num_steps: int) -> list[int]:
+    """The steps where the denoiser runs in the editor's preview of an edit that starts at ``start`` (module doc)."""
+    half = start + 2 * ((num_steps - start) // 4)
+    return sorted({*range(start, half, 2), *range(half, num_steps, 4), num_steps - 1})
 
 
 class Reuse:
-    """The steps where the denoiser runs (every ``stride``-th from ``start``) and, at the others, its output
-    estimated from the reference (module doc). Passed to ``Engine.run`` as ``reuse``."""
+    """The steps where the denoiser runs and, at the others, its output estimated from the reference (module
+    doc). Passed to ``Engine.run`` as ``reuse``; the first step of the run must be one that it computes."""
 
-    def __init__(self, reference: Reference, start: int, stride: int):
-        self.reference, self.start, self.stride = reference, start, stride
+    def __init__(self, reference: Reference, computed):
+        self.reference, self.computed = reference, set(computed)
         self.change: torch.Tensor | None = None
         self.clean_change: torch.Tensor | None = None
 
     def computes(self, i: int) -> bool:
-        return i < self.start or (i - self.start) % self.stride == 0
+        return i in self.computed
 
     def observe(self, i: int, rows: torch.Tensor, output: torch.Tensor, clean_output: torch.Tensor | None) -> None:
         reference = self.reference.output[rows, i].to(output.device, output.dtype)
@@ -125,12 +127,29 @@ def first_edited_step(delta: torch.Tensor) -> int | None:
     return int(nonzero.nonzero()[0]) if bool(nonzero.any()) else None
 
 
-def edit(engine, trajectory, reference: Reference, delta: torch.Tensor, *, eps_pass: str = "edited", stride: int = 1,
-         callback: Callable | None = None) -> torch.Tensor:
+def compiled_denoiser(engine) -> Callable | None:
+    """The engine's denoiser compiled for additive edits (``UNetModel.compiled_additive``), compiled now by one
+    pass; None where the model has no such path (a conditional or transformer model) or compiling fails here
+    (no C++ compiler): previews then run eagerly."""
+    make = getattr(engine.model, "compiled_additive", None)
+    if make is None or engine.spec.conditional or engine.speed.autocast or engine.speed.compile:
+        return None
+    try:
+        denoiser = make()
+        x = torch.zeros(1, *engine.sample_shape)
+        denoiser(x, engine.schedule(2).t(0), [LinearEdit(torch.zeros(1, 1, *engine.h_shape), torch.zeros(1, 1))])
+    except Exception as e:  # noqa: BLE001 - any failure of the compiler leaves the eager path, which always works
+        print(f"note: previews run eagerly: compiling the denoiser failed ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
+        return None
+    return denoiser
+
+
+def edit(engine, trajectory, reference: Reference, delta: torch.Tensor, *, eps_pass: str = "edited", preview: bool = False,
+         callback: Callable | None = None, denoiser: Callable | None = None) -> torch.Tensor:
     """Images [B, 3, H, W] of the trajectory's samples edited by ``delta`` [T, *h_shape] (one delta for all),
-    from the first step it touches on; ``stride`` > 1: the approximate preview (module doc)."""
+    from the first step it touches on; ``preview``: the approximate, faster one (module doc). ``denoiser``:
+    another implementation of the edited pass (``compiled_denoiser``)."""
     schedule = engine._check_trajectory(trajectory)
-    check_stride(stride)
     n, steps = len(trajectory), trajectory.num_steps
     if len(reference) != n or reference.x.shape[1] != steps:
         raise HspaceError(f"the reference holds {len(reference)} samples of {reference.x.shape[1]} steps; the trajectory {n} of {steps}")
@@ -140,10 +159,10 @@ def edit(engine, trajectory, reference: Reference, delta: torch.Tensor, *, eps_p
     start = first_edited_step(delta)
     if start is None:
         return trajectory.images
-    reuse = Reuse(reference, start, stride) if stride > 1 else None
+    reuse = Reuse(reference, preview_steps(start, steps)) if preview else None
     x0 = engine.run(
         reference.x[:, start], schedule.num_steps, trajectory.eta, noise=engine._noise_of(trajectory, torch.arange(n)), start=start,
         interventions=[LinearEdit(delta[None], torch.ones(n, 1))], eps_pass=eps_pass, callback=callback, progress=False,
-        prompts=trajectory.sample_prompts, reuse=reuse, stage="preview" if stride > 1 else "replay",
+        prompts=trajectory.sample_prompts, reuse=reuse, stage="preview" if preview else "replay", denoiser=denoiser,
     )
     return x0 if engine.decoder is None else engine.decode(x0)

@@ -308,6 +308,31 @@ class UNetModel:
             with self._hook(self.speed.h_function(lambda h: apply_all(interventions, h, ctx))):
                 return self._forward(x, t, {})
 
+    def compiled_additive(self) -> Callable:
+        """A denoiser with ``output``'s signature for interventions that add to h (``LinearEdit``): the whole U-Net
+        compiled (``torch.compile`` with freezing: the weights prepacked as constants), delta-h an input of the graph,
+        so nothing recompiles when the edit changes. ~30% faster per pass at batch 1 on a CPU; its output within
+        float rounding of ``output`` (not bit-equal), so the editor uses it for previews only. The first call
+        compiles (tens of seconds; cached on disk by torch for the next start)."""
+        unet, location, h_shape = self.unet, self.h_location, self.h_shape
+
+        def additive(x, t, delta):
+            cache = encode(unet, x, t, location)
+            return decode(unet, cache.h + delta, cache)
+
+        compiled = torch.compile(additive, options={"freezing": True}, dynamic=False)
+
+        def output(x_t, t, interventions=(), ctx=None, condition=None):
+            if condition is not None:
+                raise HspaceError("an unconditional model takes no prompts")
+            x = x_t.to(self.device, self.dtype)
+            ctx = ctx or context(int(t), len(x))
+            with torch.no_grad():
+                delta = apply_all(interventions, torch.zeros(len(x), *h_shape, device=self.device, dtype=self.dtype), ctx)
+                return compiled(x, torch.tensor([int(t)], device=self.device), delta)
+
+        return output
+
     @property
     def h_shape(self) -> tuple[int, ...]:
         """Shape of h_t for one sample, found by one U-Net pass the first time it is asked for."""

@@ -10,7 +10,7 @@ same tab arrives is dropped (HTTP 409): a slider dragged fast costs one edit, no
 
 Live edits (``preview.py``): every sample the editor shows keeps its unedited run step by step (a
 ``Reference``), so an edit replays from the first step its windows touch. While a slider moves the page asks
-for a preview (``quality: "preview"``: the denoiser at every 2nd step, its output at the others estimated
+for a preview (``quality: "preview"``: the denoiser at 10 of 25 steps, its output at the others estimated
 from the reference; the main image only) and, when the slider is released, for the final image (every step,
 exact, with the strip). A request superseded by a newer one of the same tab stops at its next step.
 
@@ -32,7 +32,6 @@ import hmac
 import io
 import json
 import secrets
-import sys
 import threading
 import time
 import uuid
@@ -56,7 +55,6 @@ CACHED = 64  # trajectories kept per kind (seeds, uploads)
 MAX_ADDED = 64  # Jacobian directions added on request over the server's life (each holds T x h of memory)
 MAX_TABS = 1024  # tabs whose newest request number is remembered
 STATIC = Path(__file__).parent / "static"
-PREVIEW_STRIDE = 2  # the denoiser at every 2nd step while a slider moves (preview.py; docs/ui.md: measured fidelity)
 EXACT_BUDGET = 0.25  # seconds: a preview whose exact edit is expected within this is computed exactly
 
 
@@ -112,7 +110,8 @@ def unit_of(direction: Direction) -> tuple[str, float]:
 class Editor:
     """The editor's state and operations, independent of the web framework (the app below wraps it)."""
 
-    def __init__(self, engine, directions: list[Direction], save_dir: str | Path, steps: int = 25, eta: float = 1.0, bank=None):
+    def __init__(self, engine, directions: list[Direction], save_dir: str | Path, steps: int = 25, eta: float = 1.0, bank=None,
+                 compile_preview: bool = False):
         self.engine, self.steps, self.eta, self.bank = engine, steps, eta, bank
         self.save_dir = Path(save_dir)
         self.lock = threading.Lock()
@@ -126,6 +125,16 @@ class Editor:
         schedule = engine.schedule(steps)
         self.timesteps = [schedule.t(i) for i in range(steps)]  # ints, or floats for flow matching (sigma * 1000)
         self.pass_seconds = None  # measured time of one denoiser pass at batch 1 (chooses exact or preview)
+        self.denoiser, self.preview_denoiser = None, "eager"  # previews' denoiser: compiled where it can be (preview.py)
+        if compile_preview:
+            self.preview_denoiser = "compiling"
+            threading.Thread(target=self._compile, daemon=True, name="hspace-preview-compile").start()
+
+    def _compile(self) -> None:
+        from ..preview import compiled_denoiser
+
+        self.denoiser = compiled_denoiser(self.engine)
+        self.preview_denoiser = "eager" if self.denoiser is None else "compiled"
 
     # ---------------------------------------------------------------- what there is
     def add_direction(self, direction: Direction) -> str:
@@ -152,7 +161,7 @@ class Editor:
             "timesteps": self.timesteps, "h_shape": list(self.engine.h_shape), "directions": directions,
             "bank": None if self.bank is None else {"path": str(self.bank.path), "n": self.bank.n},
             "parts": sorted(domain.parts) if domain is not None and domain.parts else [],
-            "max_upload_bytes": MAX_UPLOAD_BYTES,
+            "max_upload_bytes": MAX_UPLOAD_BYTES, "preview_denoiser": self.preview_denoiser,
         }
 
     def _domain(self):
@@ -291,18 +300,20 @@ class Editor:
                 strip = [] if quality == "preview" else [(s, self.shown({"seed": s})) for s in strip]
                 newer()
                 cheap = self.pass_seconds is not None and passes * self.pass_seconds <= EXACT_BUDGET
-                stride = PREVIEW_STRIDE if quality == "preview" and not cheap else 1
+                approximate = quality == "preview" and not cheap and start is not None
+                computed = preview.preview_steps(start, self.steps) if approximate else range(start or 0, self.steps)
                 trajectory = _concat([main.trajectory, *(shown.trajectory for _, shown in strip)])
                 reference = preview.Reference.cat([main.reference, *(shown.reference for _, shown in strip)])
                 computing = time.perf_counter()
                 images = preview.edit(self.engine, trajectory, reference, delta, eps_pass="clean" if asyrp else "edited",
-                                      stride=stride, callback=newer)
+                                      preview=approximate, callback=newer, denoiser=self.denoiser if approximate and not asyrp else None)
                 if len(trajectory) == 1 and start is not None:
-                    self._timed(computing, len(range(start, self.steps, stride)) * (2 if asyrp else 1))
+                    self._timed(computing, len(computed) * (2 if asyrp else 1))
             except Superseded:
                 return {"superseded": True}
-        out = {"original": _png(trajectory.images[0]), "edited": _png(images[0]), "quality": quality, "exact": stride == 1,
-               "stride": stride, "first_step": start, "server_ms": round(1000 * (time.perf_counter() - began), 1), "seq": seq,
+        out = {"original": _png(trajectory.images[0]), "edited": _png(images[0]), "quality": quality, "exact": not approximate,
+               "computed_steps": 0 if start is None else len(computed), "first_step": start,
+               "denoiser": "compiled" if approximate and not asyrp and self.denoiser is not None else "eager", "server_ms": round(1000 * (time.perf_counter() - began), 1), "seq": seq,
                "strip": [{"seed": s, "original": _png(trajectory.images[i + 1]), "edited": _png(images[i + 1])} for i, (s, _) in enumerate(strip)]}
         if _flag(request.get("raw", False), "raw"):
             out["edited_raw"] = _raw(images[0])
@@ -403,17 +414,22 @@ class Startup:
     workdir draws its starter set (seconds to minutes), and the page shows its progress meanwhile."""
 
     def __init__(self, build: Callable[["Startup"], Editor] | None = None, editor: Editor | None = None):
-        self.editor, self.error = editor, None
+        self.build, self.editor, self.error, self.on_error = build, editor, None, None
         self.progress = {"stage": "starting", "done": 0, "total": 0}
-        if build is not None:
-            threading.Thread(target=self._build, args=(build,), daemon=True, name="hspace-editor-startup").start()
+
+    def start(self, on_error: Callable | None = None) -> "Startup":
+        """Build the editor in a thread; ``on_error`` is called there if that fails."""
+        self.on_error = on_error
+        threading.Thread(target=self._build, args=(self.build,), daemon=True, name="hspace-editor-startup").start()
+        return self
 
     def _build(self, build) -> None:
         try:
             self.editor = build(self)
         except Exception as e:  # shown in the page and on the terminal; the server keeps answering
             self.error = str(e) if isinstance(e, HspaceError) else f"{type(e).__name__}: {e}"
-            print(f"error: the editor could not start: {self.error}", file=sys.stderr, flush=True)
+            if self.on_error is not None:
+                self.on_error()
 
     def report(self, stage: str, done: int = 0, total: int = 0) -> None:
         self.progress = {"stage": stage, "done": int(done), "total": int(total)}
