@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -146,6 +147,124 @@ def test_tabs_do_not_disturb_each_other(editor):
     again = editor.edit({"tab": "a", "seq": 6, "sample": {"seed": 0}, "parts": []})
     assert again["edited"] == first["edited"]  # tab b's sliders did not leak into tab a
     json.dumps(again)
+
+
+def test_a_preview_is_labelled_and_the_final_is_exact(editor):
+    parts = [{"name": "pc1", "scale": 2.0, "window": None}]
+    final = editor.edit({"tab": "q", "seq": 1, "quality": "final", "sample": {"seed": 2}, "parts": parts, "raw": True})
+    assert final["exact"] and final["quality"] == "final" and final["computed_steps"] == STEPS
+    editor.pass_seconds = 1.0  # as on a machine where the exact edit takes seconds: the preview is the approximate one
+    preview = editor.edit({"tab": "q", "seq": 2, "quality": "preview", "sample": {"seed": 2}, "parts": parts, "raw": True, "strip": [5]})
+    assert not preview["exact"] and preview["computed_steps"] < STEPS and preview["strip"] == []  # the strip waits for the final
+    assert preview["edited_raw"] != final["edited_raw"]
+    # a window that starts late: the replay starts there (the steps before are the reference's)
+    late = [{"name": "pc1", "scale": 2.0, "window": [editor.timesteps[STEPS - 1], editor.timesteps[STEPS - 1]]}]
+    assert editor.edit({"tab": "q", "seq": 3, "quality": "final", "sample": {"seed": 2}, "parts": late})["first_step"] == STEPS - 1
+    assert "bad quality" in str(pytest.raises(Exception, editor.edit, {"tab": "q", "seq": 4, "quality": "fast", "sample": {"seed": 2}}).value)
+
+
+def test_a_superseded_request_stops_at_its_next_step(editor):
+    """A final image with a strip of 16 new seeds (sampled first, one by one) is overtaken by a newer request of its tab:
+    it stops and answers {"superseded": true}; the newer one is answered."""
+    import threading
+
+    editor.latest.clear()
+    answers = {}
+    slow = threading.Thread(target=lambda: answers.setdefault("old", editor.edit(
+        {"tab": "s", "seq": 1, "quality": "final", "sample": {"seed": 0}, "parts": [{"name": "pc1", "scale": 1}], "strip": list(range(1000, 1016))})))
+    slow.start()
+    while not editor.lock.locked():
+        pass
+    answers["new"] = editor.edit({"tab": "s", "seq": 2, "quality": "final", "sample": {"seed": 0}, "parts": []})
+    slow.join()
+    assert answers["old"] == {"superseded": True} and "edited" in answers["new"]
+
+
+def test_saved_directions_are_listed_loaded_and_downloaded(client, editor):
+    saved = client.post("/api/save", json={"name": "listed", "parts": [{"name": "pc1", "scale": 0.5, "window": None}]}).json()["saved"]
+    listing = client.get("/api/saved").json()["saved"]
+    entry = next(e for e in listing if e["file"] == saved)
+    assert entry["name"] == "listed" and entry["parts"] == ["pc1 x 0.5"]
+    download = client.get(f"/api/saved/{saved}")
+    assert download.status_code == 200 and download.content == (editor.save_dir / saved).read_bytes()
+    assert client.get(f"/api/saved/{saved}", headers={"X-Hspace-Token": "wrong"}).status_code == 403
+    for bad in ["nope.safetensors", "..%2F..%2Fetc%2Fpasswd"]:
+        response = client.get(f"/api/saved/{bad}")
+        assert response.status_code in (400, 404) and (response.status_code == 404 or "no saved direction" in response.json()["error"])
+    loaded = client.post("/api/load", json={"file": saved}).json()
+    name = loaded["added"][0]
+    assert name == "saved: listed" and name in [d["name"] for d in loaded["directions"]]
+    assert torch.allclose(editor.directions[name].delta, 0.5 * editor.directions["pc1"].delta)
+    assert "no saved direction" in client.post("/api/load", json={"file": "../x"}).json()["error"]
+
+
+def test_jacobian_at_a_timestep_gets_a_readable_name(client, editor):
+    t = editor.timesteps[1]
+    info = client.post("/api/jacobian", json={"sample": {"seed": 1}, "t": t, "k": 1}).json()
+    assert info["added"] == [f"jacobian whole image t={t:g} #1"]
+    error = client.post("/api/jacobian", json={"sample": {"seed": 1}, "t": 1234.5, "k": 1}).json()["error"]
+    assert "t = 1234.5 is not a timestep" in error and f"{editor.timesteps[0]:g}" in error
+
+
+def test_the_page_is_served_while_the_editor_starts(editor):
+    import threading
+
+    from hspace.ui.server import Startup
+
+    release = threading.Event()
+
+    def build(startup):
+        startup.report("drawing the starter set", 3, 10)
+        release.wait(30)
+        return editor
+
+    startup = Startup(build)
+    client = TestClient(create_app(startup, port=7860, token=TOKEN), base_url="http://127.0.0.1:7860", headers={"X-Hspace-Token": TOKEN})
+    startup.start()
+    assert client.get("/").status_code == 200
+    deadline = time.monotonic() + 30
+    while (info := client.get("/api/info").json()).get("loading", {}).get("done") != 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert info == {"loading": {"stage": "drawing the starter set", "done": 3, "total": 10}}
+    response = client.post("/api/edit", json={"sample": {"seed": 0}, "parts": []})
+    assert response.status_code == 503 and "still starting (drawing the starter set)" in response.json()["error"]
+    release.set()
+    deadline = time.monotonic() + 30
+    while startup.editor is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert client.get("/api/info").json()["steps"] == STEPS
+
+    failed = []
+    broken = Startup(lambda startup: Engine.load("no-such-model"))
+    broken.start(on_error=lambda: failed.append(True))
+    deadline = time.monotonic() + 30
+    while not failed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "no-such-model" in broken.status()["load_error"]
+    assert "could not start" in str(pytest.raises(Exception, broken.get).value)
+
+
+def test_starter_directions_are_regression_at_the_norm_of_eq10(tmp_path):
+    from hspace.bank import Bank
+    from hspace.directions.supervised import direction_from_scores
+    from hspace.speed import Speed
+    from hspace.ui.server import starter_directions, starter_folder
+
+    engine = Engine.load("toyfaces")
+    directions = starter_directions(engine, tmp_path, 4, 1.0, n=24, k=2)
+    by_name = {d.name: d for d in directions}
+    assert list(by_name) == ["pc1", "pc2", "smile", "eyes_open", "glasses", "hat"]
+    folder = starter_folder(engine, tmp_path, 4, 1.0)
+    bank = Bank.open(folder)
+    for attribute in ("smile", "hat"):
+        eq10 = direction_from_scores(bank, attribute, 4)
+        assert by_name[attribute].meta["method"] == "regression"
+        assert torch.allclose(by_name[attribute].delta.norm(), eq10.delta.norm(), rtol=1e-5)
+        assert not torch.allclose(by_name[attribute].delta / by_name[attribute].delta.norm(), eq10.delta / eq10.delta.norm(), atol=1e-3)
+        assert (folder / "starter" / f"{attribute}.safetensors").is_file()
+    # another autocast draws its own set beside; channels_last (same samples) reuses it
+    assert starter_folder(Engine.load("toyfaces", speed=Speed(channels_last=True)), tmp_path, 4, 1.0) == folder
+    assert starter_folder(Engine.load("toyfaces", speed=Speed(autocast="bfloat16")), tmp_path, 4, 1.0) != folder
 
 
 # ------------------------------------------------------------------ safety: only the editor's own page drives it
