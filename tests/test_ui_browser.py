@@ -39,8 +39,9 @@ def served(tmp_path_factory):
 
     engine = Engine.load("tiny-random")
     direction = Direction(torch.randn(STEPS, *engine.h_shape, generator=torch.Generator().manual_seed(0)) * 3, meta={"name": "pc1", "method": "pca"}, spec=engine.spec)
+    other = Direction(torch.randn(STEPS, *engine.h_shape, generator=torch.Generator().manual_seed(5)) * 3, meta={"name": "pc2", "method": "pca"}, spec=engine.spec)
     saved = tmp_path_factory.mktemp("saved")
-    editor = Editor(engine, [direction], saved, steps=STEPS, eta=1.0)
+    editor = Editor(engine, [direction, other], saved, steps=STEPS, eta=1.0)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(editor, "127.0.0.1", port), host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
@@ -86,7 +87,7 @@ def test_the_page_works_with_its_token(served, browser):
     page.wait_for_function(f"document.getElementById('edited').src !== {before!r}", timeout=30_000)
     page.fill("#savename", "from the page")
     page.click("#save")
-    page.wait_for_function("document.getElementById('status').textContent.includes('saved') || document.getElementById('error').textContent", timeout=30_000)
+    page.wait_for_function("document.getElementById('savemsg').textContent.includes('saved') || document.getElementById('error').textContent", timeout=30_000)
     assert page.text_content("#error") == "" and errors == []
     assert [p.name for p in editor.save_dir.iterdir()] == ["from_the_page.safetensors"]
     page.close()
@@ -116,16 +117,148 @@ def test_a_slider_with_a_card_moves_in_effect_units_and_shows_what_the_card_meas
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(f"http://127.0.0.1:{port}/")
-    page.wait_for_selector(".dir:nth-child(2) input[type=range]")
-    assert "effect: 1 = 50% flips of smile" in page.text_content(".dir:nth-child(2) .unit")
-    page.eval_on_selector(".dir:nth-child(2) input[type=range]", "el => { el.value = 2; el.dispatchEvent(new Event('input')); }")
+    page.wait_for_selector(f'.dir[data-name="{name}"] input.scale')
+    assert "effect: 1 = 50% flips of smile" in page.text_content(f'.dir[data-name="{name}"] .unit')
+    page.eval_on_selector(f'.dir[data-name="{name}"] input.scale', "el => { el.value = 2; el.dispatchEvent(new Event('input')); }")
     # effect scale 2 = raw 1.0: the card's last column, read without any request
-    assert page.text_content(".dir:nth-child(2) .effect") == "measured: smile +0.40 (50% flip); side effects: hat +0.20, glasses -0.05"
-    page.eval_on_selector(".dir:nth-child(2) input[type=range]", "el => { el.value = 1; el.dispatchEvent(new Event('input')); }")
-    assert page.text_content(".dir:nth-child(2) .effect") == "measured: smile +0.20 (25% flip); side effects: hat +0.10, glasses -0.03"
+    assert page.text_content(f'.dir[data-name="{name}"] .effect') == "measured: smile +0.40 (50% flip); side effects: hat +0.20, glasses -0.05"
+    page.eval_on_selector(f'.dir[data-name="{name}"] input.scale', "el => { el.value = 1; el.dispatchEvent(new Event('input')); }")
+    assert page.text_content(f'.dir[data-name="{name}"] .effect') == "measured: smile +0.20 (25% flip); side effects: hat +0.10, glasses -0.03"
     assert errors == []
     page.close()
     # the combination applies raw = effect x unit, and records both
     combination = editor.combination([{"name": name, "scale": 2.0, "window": None}])
     assert torch.allclose(combination.delta, 1.0 * smile.delta)
     assert combination.meta["params"]["parts"][0]["units"] == "effect" and combination.meta["params"]["parts"][0]["raw_scale"] == 1.0
+
+
+SETTLED = "window.hspace.finalVersion === window.hspace.version && !document.getElementById('edited').classList.contains('stale')"
+
+
+def _settle(page):
+    page.wait_for_function(SETTLED, timeout=60_000, polling=50)
+
+
+def _api_final(page) -> str:
+    """The exact image of the page's current state, asked of the API directly."""
+    return page.evaluate("""() => api('/api/edit', JSON.stringify({tab: 'check', seq: 0, quality: 'final', sample: sample(),
+        parts: parts(), asyrp: document.getElementById('asyrp').checked, strip: []})).then((d) => d.edited)""")
+
+
+def test_every_feature_through_the_page(served, browser, tmp_path):
+    """As a user would, with the mouse and the keyboard: sliders, a window, Asyrp, a strip, an upload, a Jacobian
+    direction of a painted region, save and load back, a reload that restores the state, a rapid drag that ends
+    on the exact image of where it stopped, and bad input shown in the page."""
+    from PIL import Image
+
+    editor, port, _ = served
+    page = browser.new_page(viewport={"width": 1300, "height": 1000})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"http://127.0.0.1:{port}/")
+    page.wait_for_selector(".dir input.scale")
+    _settle(page)
+    original = page.get_attribute("#edited", "src")
+    assert original == page.get_attribute("#original", "src")  # every slider at 0: the sample itself
+
+    # a slider, moved with the mouse: the image changes, and is the exact edit of the slider's position
+    slider = page.locator('.dir[data-name="pc1"] input.scale')
+    box = slider.bounding_box()
+    page.mouse.click(box["x"] + box["width"] * 0.85, box["y"] + box["height"] / 2)
+    _settle(page)
+    moved = page.get_attribute("#edited", "src")
+    assert moved != original, "moving a slider did not change the image"
+    assert moved == _api_final(page) and page.text_content("#badge") == "exact"
+    assert float(page.input_value('.dir[data-name="pc1"] input.scale')) > 1
+
+    # the window: its start handle one step later, with the keyboard
+    page.focus('.dir[data-name="pc1"] input.from')
+    page.keyboard.press("ArrowRight")
+    _settle(page)
+    label = page.text_content('.dir[data-name="pc1"] .wlabel')
+    assert f"t {editor.timesteps[1]} (step 1) to t {editor.timesteps[-1]} (step {STEPS - 1})" in label
+    assert page.evaluate("parts()")[0]["window"] == [editor.timesteps[1], editor.timesteps[-1]]
+    windowed = page.get_attribute("#edited", "src")
+    assert windowed != moved and windowed == _api_final(page)
+
+    # Asyrp and a strip of two seeds
+    page.check("#asyrp")
+    _settle(page)
+    assert page.get_attribute("#edited", "src") != windowed
+    page.fill("#strip", "5,6")
+    page.press("#strip", "Enter")
+    page.locator("#strip").blur()
+    _settle(page)
+    assert page.locator("#stripview figure").count() == 2
+
+    # save the combination, see it listed, load it back as a slider
+    page.fill("#savename", "my combination")
+    page.click("#save")
+    page.wait_for_function("document.querySelectorAll('#saved li').length > 0")
+    assert "saved my_combination.safetensors" in page.text_content("#savemsg")
+    page.click("#saved li:first-child button.load")
+    page.wait_for_selector('.dir[data-name="saved: my combination"]')
+
+    # the state lives in the address: a reload restores it and shows the same image
+    before = page.get_attribute("#edited", "src")
+    page.reload()
+    page.wait_for_selector(".dir input.scale")
+    _settle(page)
+    assert page.is_checked("#asyrp") and page.input_value("#strip") == "5,6"
+    assert page.get_attribute("#edited", "src") == before
+    page.uncheck("#asyrp")
+    _settle(page)
+
+    # a rapid drag: the image shown at the end is the exact edit of where the slider stopped
+    box = slider.bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * 0.85, y)
+    page.mouse.down()
+    for i in range(30):
+        page.mouse.move(box["x"] + box["width"] * (0.85 - 0.02 * i), y)
+    page.mouse.up()
+    _settle(page)
+    assert abs(float(page.input_value('.dir[data-name="pc1"] input.scale')) - 4 * (2 * 0.27 - 1)) < 0.3
+    assert page.get_attribute("#edited", "src") == _api_final(page)
+
+    # a Jacobian direction of a painted region: the button is disabled while it computes; the new slider is named
+    canvas = page.locator("#paint").bounding_box()
+    page.mouse.move(canvas["x"] + 40, canvas["y"] + 40)
+    page.mouse.down()
+    page.mouse.move(canvas["x"] + 120, canvas["y"] + 90, steps=8)
+    page.mouse.up()
+    assert page.input_value("#jpart") == "__painted"
+    page.select_option("#jt", str(STEPS - 1))
+    page.evaluate("""() => { window.__disabled = false; const b = document.getElementById('jacobian');
+        new MutationObserver(() => { if (b.disabled) window.__disabled = true; }).observe(b, {attributes: true}); }""")
+    page.click("#jacobian")
+    page.wait_for_function("document.getElementById('jmsg').textContent.startsWith('added')", timeout=60_000)
+    name = f"jacobian painted t={editor.timesteps[-1]} #1"
+    assert page.locator(f'.dir[data-name="{name}"]').count() == 1 and not page.is_disabled("#jacobian")
+    assert page.evaluate("window.__disabled")  # it was disabled while computing
+
+    # a slider removed is gone from the page and from the combination
+    page.click('.dir[data-name="pc2"] button.remove')
+    assert page.locator('.dir[data-name="pc2"]').count() == 0 and page.is_visible("#restore")
+
+    # an uploaded image, inverted: with every slider at 0 the page shows the image itself
+    page.click("#reset")
+    _settle(page)
+    picture = Image.fromarray((torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
+    picture.save(tmp_path / "face.png")
+    page.select_option("#kind", "upload")
+    page.set_input_files("#file", str(tmp_path / "face.png"))
+    page.wait_for_function("document.getElementById('status').textContent.includes('applied')", timeout=60_000)
+    _settle(page)
+    assert page.get_attribute("#edited", "src") == page.get_attribute("#original", "src") != original
+
+    # bad input is shown in the page, and what was there is kept
+    page.select_option("#kind", "seed")
+    page.fill("#sample", "")
+    page.locator("#sample").dispatch_event("change")
+    page.wait_for_function("document.getElementById('error').textContent.includes('not valid')")
+    page.fill("#jk", "0")
+    page.click("#jacobian")
+    assert "k \"0\" is not valid" in page.text_content("#jmsg")
+    assert errors == []
+    page.close()

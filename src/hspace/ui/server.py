@@ -512,7 +512,7 @@ def create_app(editor: "Editor | Startup", host: str = "127.0.0.1", port: int = 
     {"error": message}, HTTP 400; refused requests HTTP 403; while a ``Startup`` builds the editor, HTTP 503 and
     ``/api/info`` says how far it is). ``token`` defaults to a new random one."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.responses import HTMLResponse, JSONResponse
     from starlette.concurrency import run_in_threadpool
 
     startup = editor if isinstance(editor, Startup) else Startup(editor=editor)
@@ -564,21 +564,7 @@ def create_app(editor: "Editor | Startup", host: str = "127.0.0.1", port: int = 
         asked = safe_name(str(data.get("name", "")).strip(), suffix=".safetensors")
         return {"saved": path.name, "renamed": path.name != asked}
 
-    @app.get("/api/saved")
-    def saved():
-        return {"saved": startup.get().saved()}
-
-    @app.get("/api/saved/{file}")
-    def download(file: str):
-        path = startup.get().saved_path(file)
-        return Response(path.read_bytes(), media_type="application/octet-stream",
-                        headers={"Content-Disposition": f'attachment; filename="{path.name}"'})
-
-    @app.post("/api/load")
-    async def load(request: Request):
-        data = await body(request)
-        editor = startup.get()
-        return {"added": [editor.load_saved(data.get("file"))], **editor.info()}
+    _saved_routes(app, startup, body)
 
     @app.post("/api/jacobian")
     async def jacobian(request: Request):
@@ -594,6 +580,28 @@ def create_app(editor: "Editor | Startup", host: str = "127.0.0.1", port: int = 
         return {"upload": await run_in_threadpool(startup.get().upload, await request.body())}  # Editor.upload checks the bytes
 
     return app
+
+
+def _saved_routes(app, startup: Startup, body) -> None:
+    """The saved combinations: listed, downloaded (only files of ``save_dir`` that the list names), loaded as sliders."""
+    from fastapi import Request
+    from fastapi.responses import Response
+
+    @app.get("/api/saved")
+    def saved():
+        return {"saved": startup.get().saved()}
+
+    @app.get("/api/saved/{file}")
+    def download(file: str):
+        path = startup.get().saved_path(file)
+        return Response(path.read_bytes(), media_type="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="{path.name}"'})
+
+    @app.post("/api/load")
+    async def load(request: Request):
+        data = await body(request)
+        editor = startup.get()
+        return {"added": [editor.load_saved(data.get("file"))], **editor.info()}
 
 
 def starter_folder(engine, workdir: str | Path, steps: int, eta: float) -> Path:
