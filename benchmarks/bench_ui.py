@@ -1,6 +1,6 @@
 """The editor, live: from a slider input to the image shown, in Chromium, on the bundled model.
 
-    python benchmarks/bench_ui.py [--moves 24] [--steps 25] [--workdir DIR] [--chromium PATH]
+    python benchmarks/bench_ui.py [--moves 24] [--steps 25] [--workdir DIR] [--server-args=--eager-preview] [--chromium PATH]
 
 Starts `hspace ui` as a user would (a subprocess, on a free port, with an empty workdir unless --workdir is
 given) and prints:
@@ -48,9 +48,9 @@ def percentile(values, q):
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
 
 
-def launch(workdir: str, steps: int):
+def launch(workdir: str, steps: int, extra: list[str] = ()):
     command = [sys.executable, "-m", "hspace", "ui", "--port", "0", "--workdir", workdir, "--save-dir", os.path.join(workdir, "saved"),
-               "--steps", str(steps)]
+               "--steps", str(steps), *extra]
     began = time.perf_counter()
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=open(os.path.join(workdir, "server.log"), "w"), text=True)
     line = server.stdout.readline()
@@ -115,6 +115,7 @@ def main():
     p.add_argument("--workdir", default=None, help="reuse a workdir (default: a new empty one: a first start)")
     p.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server-args", default="", help="more options of hspace ui, e.g. '--eager-preview' or '--channels-last'")
     p.add_argument("--fidelity", action="store_true", help="measure the preview against the exact edit (no browser)")
     args = p.parse_args()
     if args.fidelity:
@@ -124,8 +125,10 @@ def main():
 
     rng = random.Random(args.seed)
     workdir = args.workdir or tempfile.mkdtemp(prefix="hspace-ui-bench-")
+    os.makedirs(workdir, exist_ok=True)
+    empty = not os.listdir(workdir)
     load_before = os.getloadavg()
-    server, url, printed, served, began = launch(workdir, args.steps)
+    server, url, printed, served, began = launch(workdir, args.steps, args.server_args.split())
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
@@ -202,8 +205,8 @@ def main():
         server.wait(10)
     load_after = os.getloadavg()
 
-    print(f"machine: {os.cpu_count()} CPUs; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
-    print(f"first start ({'reused workdir' if args.workdir else 'empty workdir'}): URL printed after {printed:.1f} s, page served after "
+    print(f"hspace ui {args.server_args}".rstrip() + f"; machine: {os.cpu_count()} CPUs; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    print(f"first start ({'empty workdir' if empty else 'workdir drawn before'}): URL printed after {printed:.1f} s, page served after "
           f"{served:.1f} s, editor ready after {ready:.1f} s; previews' denoiser {denoiser} after {compiled:.1f} s")
     print(f"\n{args.moves} moves on the bundled model at {args.steps} steps (ms, input event to image shown):")
     print("| | median | p90 | server median |")
