@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import HspaceError
 from ..hooks import DEFAULT_H_LOCATION, H_LOCATIONS, bottleneck, check_location, h_hook
-from ..interventions import StepContext, apply_all, context
+from ..interventions import LinearEdit, StepContext, apply_all, context
 from ..speed import Speed, eager
 
 
@@ -325,6 +325,8 @@ class UNetModel:
         def output(x_t, t, interventions=(), ctx=None, condition=None):
             if condition is not None:
                 raise HspaceError("an unconditional model takes no prompts")
+            if not all(isinstance(intervention, LinearEdit) for intervention in interventions):
+                raise HspaceError("the compiled denoiser takes additive edits only (LinearEdit); run the others through output()")
             x = x_t.to(self.device, self.dtype)
             ctx = ctx or context(int(t), len(x))
             with torch.no_grad():

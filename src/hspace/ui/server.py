@@ -313,7 +313,8 @@ class Editor:
                 return {"superseded": True}
         out = {"original": _png(trajectory.images[0]), "edited": _png(images[0]), "quality": quality, "exact": not approximate,
                "computed_steps": 0 if start is None else len(computed), "first_step": start,
-               "denoiser": "compiled" if approximate and not asyrp and self.denoiser is not None else "eager", "server_ms": round(1000 * (time.perf_counter() - began), 1), "seq": seq,
+               "denoiser": "compiled" if approximate and not asyrp and self.denoiser is not None else "eager",
+               "server_ms": round(1000 * (time.perf_counter() - began), 1), "seq": seq,
                "strip": [{"seed": s, "original": _png(trajectory.images[i + 1]), "edited": _png(images[i + 1])} for i, (s, _) in enumerate(strip)]}
         if _flag(request.get("raw", False), "raw"):
             out["edited_raw"] = _raw(images[0])
@@ -380,10 +381,10 @@ class Editor:
             try:
                 with safe_open(str(path), "pt") as f:
                     meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+                parts = [f"{p['name']} x {float(p['scale']):g}" for p in meta.get("params", {}).get("parts", [])]
             except Exception:
-                continue  # not a direction file: not listed
-            parts = meta.get("params", {}).get("parts", [])
-            found.append({"file": path.name, "name": meta.get("name", path.stem), "parts": [f"{p.get('name')} x {p.get('scale'):g}" for p in parts]})
+                continue  # not a direction file of this editor: not listed
+            found.append({"file": path.name, "name": meta.get("name", path.stem), "parts": parts})
         return found
 
     def saved_path(self, file: str) -> Path:
@@ -426,7 +427,7 @@ class Startup:
     def _build(self, build) -> None:
         try:
             self.editor = build(self)
-        except Exception as e:  # shown in the page and on the terminal; the server keeps answering
+        except Exception as e:  # shown in the page; ``on_error`` (hspace ui: stop the server, print it, exit 2)
             self.error = str(e) if isinstance(e, HspaceError) else f"{type(e).__name__}: {e}"
             if self.on_error is not None:
                 self.on_error()
