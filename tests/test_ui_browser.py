@@ -194,8 +194,9 @@ def test_every_feature_through_the_page(served, browser, tmp_path):
     # save the combination, see it listed, load it back as a slider
     page.fill("#savename", "my combination")
     page.click("#save")
-    page.wait_for_function("document.querySelectorAll('#saved li').length > 0")
-    assert "saved my_combination.safetensors" in page.text_content("#savemsg")
+    page.wait_for_function("document.getElementById('savemsg').textContent.startsWith('saved')")
+    assert page.text_content("#savemsg") == "saved my_combination.safetensors"
+    page.wait_for_function("document.querySelector('#saved li span').textContent.startsWith('my_combination.safetensors')")
     page.click("#saved li:first-child button.load")
     page.wait_for_selector('.dir[data-name="saved: my combination"]')
 
