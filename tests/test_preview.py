@@ -123,3 +123,25 @@ def test_the_compiled_denoiser_equals_the_eager_one():
         eager = engine.model.output(x, t, [edit], ctx)
         assert (denoiser(x, t, [edit], ctx) - eager).abs().max() < 1e-4 * (1 + eager.abs().max())
         assert (engine.model.output(x, t) - eager).abs().max() > 1e-3  # the edit changes the output: it reached the graph
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_every_step_computed_equals_the_engines_edit_under_guidance_and_flow_matching(tmp_path, family):
+    """A Stable Diffusion model under classifier-free guidance (the guided output is what the reference holds) and
+    SD3 (flow matching: the output is a velocity): exact from the first edited step, and the preview runs."""
+    import tiny_sd
+    import tiny_transformers
+
+    (tiny_sd.sd_pipeline if family == "sd" else tiny_transformers.sd3_pipeline)(tmp_path / family)
+    engine = Engine.load(str(tmp_path / family), prompt="a cat", guidance=4.0)
+    steps = 5
+    trajectory, reference = preview.sample(engine, [1], steps, 1.0 if family == "sd" else 0.0, record_h=False, progress=False)
+    direction = Direction(torch.randn(steps, *engine.h_shape, generator=torch.Generator().manual_seed(3)) * 2,
+                          meta={"name": "d"}, spec=engine.spec)
+    window = (float(engine.schedule(steps).t(1)), float(engine.schedule(steps).t(steps - 1)))
+    expected = engine.edit(trajectory, [direction], [1.0], window=window, progress=False)[0, 0]
+    delta = direction.delta * engine.active_steps(steps, window).float().reshape(-1, *[1] * len(engine.h_shape))
+    assert (preview.edit(engine, trajectory, reference, delta) - expected).abs().max() < 1e-5
+    approximate = preview.edit(engine, trajectory, reference, delta, preview=True)
+    assert approximate.shape == expected.shape and bool(torch.isfinite(approximate).all())
+    assert preview.compiled_denoiser(engine) is None  # conditional models preview eagerly
