@@ -26,7 +26,7 @@ def run_reproduce(out: str | Path, quick: bool = False, engine=None) -> Path:
     run = Run(out, config, engine)
     start = time.perf_counter()
     run.bank, run.ddim_bank  # drawn (or resumed) and annotated first, so that their time is their own stage
-    results = {claim.NAME: run.section(claim.NAME, claim.measure) for claim in CLAIMS}
+    results = {claim.NAME: run.section(claim.NAME, claim.measure, getattr(claim, "VERSION", None)) for claim in CLAIMS}
     total = time.perf_counter() - start
     lines = [
         "# hspace reproduce: the paper's claims measured on the bundled toy-faces model",

@@ -135,20 +135,22 @@ class Run:
         (self.out / "figures").mkdir(exist_ok=True)
         self._cache: dict = {}
 
-    def section(self, name: str, compute: Callable[["Run"], dict]) -> dict:
-        """A cached section: computed once, then read from sections/NAME.json (resume after interruption)."""
+    def section(self, name: str, compute: Callable[["Run"], dict], version: int | None = None) -> dict:
+        """A cached section: computed once, then read from sections/NAME.json (resume after interruption). A claim's
+        ``version`` (where it has one) is part of the key: a claim that measures more is measured again."""
         path = self.out / "sections" / f"{name}.json"
         saved = _read_cached(path)
-        if saved is not None and saved.get("config") == self.key and saved.get("checksum") == _checksum(saved):
+        key = self.key if version is None else {**self.key, "version": version}
+        if saved is not None and saved.get("config") == key and saved.get("checksum") == _checksum(saved):
             self.timings[name] = saved["seconds"]
             return saved
-        if saved is not None and saved.get("config") == self.key:
+        if saved is not None and saved.get("config") == key:
             logger.warning("section %s was changed since it was measured (its checksum does not match): measuring it again", name)
         logger.info("measuring %s", name)
         start = time.perf_counter()
         result = compute(self)
         result["seconds"] = time.perf_counter() - start
-        result["config"] = self.key
+        result["config"] = key
         result = json.loads(json.dumps(result))  # as it reads back (tuples become lists)
         result["checksum"] = _checksum(result)
         write_json(path, result)
