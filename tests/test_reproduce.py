@@ -112,3 +112,16 @@ def _assert_pinned(sections):
         {"smile": near(1 / 3), "glasses": 0.5, "hat": 0.0},
         {"smile": near(1 / 6), "glasses": near(5 / 6), "hat": near(2 / 3)},
     ]
+
+
+def test_the_committed_full_fig8_curves_rise_within_their_intervals():
+    """docs/reproduce (full mode, 20 draws of the pairs per n): no cosine curve of h falls from one n to the next by
+    more than its intervals allow (the one-split curves before dipped from 0.339 at 1 pair to -0.265 at 2)."""
+    from pathlib import Path
+
+    rows = json.loads((Path(__file__).parent.parent / "docs/reproduce/sections/fig8.json").read_text())["rows"]
+    assert [r["pairs"] for r in rows] == [1, 2, 5, 10, 20, 50, 100, 200]
+    for space, key in (("h", "split_half"), ("h", "to_all"), ("x_T", "to_all")):
+        for before, after in zip(rows, rows[1:]):
+            assert after[f"{space}_{key}_interval"][1] >= before[f"{space}_{key}_interval"][0], (space, key, before["pairs"])
+        assert rows[-1][f"{space}_{key}"] > rows[0][f"{space}_{key}"]
