@@ -72,11 +72,8 @@ def launch(workdir: str, steps: int, extra: list[str] = ()):
 
 
 def fidelity(steps: int, workdir: str) -> None:
-    import torch
-
     from hspace import preview
     from hspace.engine import Engine
-    from hspace.interventions import LinearEdit
     from hspace.ui.server import starter_directions
 
     engine = Engine.load()
@@ -87,7 +84,6 @@ def fidelity(steps: int, workdir: str) -> None:
     seconds = {name: 0.0 for name in ["exact", *schedules]}
     for seed in range(4):
         trajectory, reference = preview.sample(engine, [seed], steps, 1.0, record_h=False, progress=False)
-        noise = engine._noise_of(trajectory, torch.arange(1))
         for d in directions:
             delta = engine.direction_at(d, steps).per_step(steps) * (2.0 if d.meta.get("method") == "pca" else 1.0)
             began = time.perf_counter()
@@ -96,8 +92,7 @@ def fidelity(steps: int, workdir: str) -> None:
             change = (exact - trajectory.images).abs().mean()
             for name, computed in schedules.items():
                 began = time.perf_counter()
-                x0 = engine.run(trajectory.x_T, steps, trajectory.eta, noise=noise, interventions=[LinearEdit(delta[None], torch.ones(1, 1))],
-                                reuse=preview.Reuse(reference, computed), progress=False)
+                x0 = preview.edit(engine, trajectory, reference, delta, computed=computed)
                 seconds[name] += time.perf_counter() - began
                 errors[name].append(float((x0 - exact).abs().mean() / change))
     print(f"preview fidelity on the bundled model, {steps} steps, {len(errors['every 2nd step'])} edits (10 directions x 4 seeds):")

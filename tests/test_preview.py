@@ -56,7 +56,7 @@ def test_every_step_computed_equals_the_engines_edit(tiny, eps_pass, window):
 def test_preview_runs_the_denoiser_only_at_its_steps(tiny):
     engine, trajectory, reference, direction = tiny
     events = []
-    preview.edit(engine, trajectory, reference, direction.delta, preview=True, callback=events.append)
+    preview.edit(engine, trajectory, reference, direction.delta, computed=preview.preview_steps(0, STEPS), callback=events.append)
     computed = preview.preview_steps(0, STEPS)
     assert events[-1].done == len(trajectory) * len(computed) and len(computed) < STEPS
     assert [e.step for e in events if e.output is not None] == list(range(STEPS))
@@ -102,7 +102,7 @@ def test_the_preview_is_close_to_the_exact_edit_on_the_bundled_model():
         delta = 2 * pc.sigma.reshape(-1, *[1] * len(engine.h_shape)) * pc.delta
         exact = preview.edit(engine, trajectory, reference, delta)
         change = (exact - trajectory.images).abs().mean()
-        approximate = preview.edit(engine, trajectory, reference, delta, preview=True)
+        approximate = preview.edit(engine, trajectory, reference, delta, computed=computed)
         held = engine.run(trajectory.x_T, steps, trajectory.eta, noise=noise, interventions=[LinearEdit(delta[None], torch.ones(2, 1))],
                           reuse=Held(reference, computed), progress=False)
         error, held_error = (approximate - exact).abs().mean() / change, (held - exact).abs().mean() / change
@@ -142,6 +142,6 @@ def test_every_step_computed_equals_the_engines_edit_under_guidance_and_flow_mat
     expected = engine.edit(trajectory, [direction], [1.0], window=window, progress=False)[0, 0]
     delta = direction.delta * engine.active_steps(steps, window).float().reshape(-1, *[1] * len(engine.h_shape))
     assert (preview.edit(engine, trajectory, reference, delta) - expected).abs().max() < 1e-5
-    approximate = preview.edit(engine, trajectory, reference, delta, preview=True)
+    approximate = preview.edit(engine, trajectory, reference, delta, computed=preview.preview_steps(1, steps))
     assert approximate.shape == expected.shape and bool(torch.isfinite(approximate).all())
     assert preview.compiled_denoiser(engine) is None  # conditional models preview eagerly

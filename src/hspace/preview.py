@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -144,11 +144,12 @@ def compiled_denoiser(engine) -> Callable | None:
     return denoiser
 
 
-def edit(engine, trajectory, reference: Reference, delta: torch.Tensor, *, eps_pass: str = "edited", preview: bool = False,
+def edit(engine, trajectory, reference: Reference, delta: torch.Tensor, *, eps_pass: str = "edited", computed: Sequence[int] | None = None,
          callback: Callable | None = None, denoiser: Callable | None = None) -> torch.Tensor:
     """Images [B, 3, H, W] of the trajectory's samples edited by ``delta`` [T, *h_shape] (one delta for all),
-    from the first step it touches on; ``preview``: the approximate, faster one (module doc). ``denoiser``:
-    another implementation of the edited pass (``compiled_denoiser``)."""
+    from the first step it touches on. ``computed``: the steps where the denoiser runs, the first edited step among
+    them (the editor's preview: ``preview_steps``; module doc); None: every step, exact. ``denoiser``: another
+    implementation of the edited pass (``compiled_denoiser``)."""
     schedule = engine._check_trajectory(trajectory)
     n, steps = len(trajectory), trajectory.num_steps
     if len(reference) != n or reference.x.shape[1] != steps:
@@ -159,10 +160,12 @@ def edit(engine, trajectory, reference: Reference, delta: torch.Tensor, *, eps_p
     start = first_edited_step(delta)
     if start is None:
         return trajectory.images
-    reuse = Reuse(reference, preview_steps(start, steps)) if preview else None
+    if computed is not None and start not in computed:
+        raise HspaceError(f"the denoiser must run at the first edited step {start}; computed steps: {sorted(computed)}")
+    reuse = None if computed is None else Reuse(reference, computed)
     x0 = engine.run(
         reference.x[:, start], schedule.num_steps, trajectory.eta, noise=engine._noise_of(trajectory, torch.arange(n)), start=start,
         interventions=[LinearEdit(delta[None], torch.ones(n, 1))], eps_pass=eps_pass, callback=callback, progress=False,
-        prompts=trajectory.sample_prompts, reuse=reuse, stage="preview" if preview else "replay", denoiser=denoiser,
+        prompts=trajectory.sample_prompts, reuse=reuse, stage="replay" if reuse is None else "preview", denoiser=denoiser,
     )
     return x0 if engine.decoder is None else engine.decode(x0)

@@ -301,18 +301,18 @@ class Editor:
                 newer()
                 cheap = self.pass_seconds is not None and passes * self.pass_seconds <= EXACT_BUDGET
                 approximate = quality == "preview" and not cheap and start is not None
-                computed = preview.preview_steps(start, self.steps) if approximate else range(start or 0, self.steps)
+                computed = preview.preview_steps(start, self.steps) if approximate else None
                 trajectory = _concat([main.trajectory, *(shown.trajectory for _, shown in strip)])
                 reference = preview.Reference.cat([main.reference, *(shown.reference for _, shown in strip)])
                 computing = time.perf_counter()
                 images = preview.edit(self.engine, trajectory, reference, delta, eps_pass="clean" if asyrp else "edited",
-                                      preview=approximate, callback=newer, denoiser=self.denoiser if approximate and not asyrp else None)
+                                      computed=computed, callback=newer, denoiser=self.denoiser if approximate and not asyrp else None)
                 if len(trajectory) == 1 and start is not None:
-                    self._timed(computing, len(computed) * (2 if asyrp else 1))
+                    self._timed(computing, (self.steps - start if computed is None else len(computed)) * (2 if asyrp else 1))
             except Superseded:
                 return {"superseded": True}
         out = {"original": _png(trajectory.images[0]), "edited": _png(images[0]), "quality": quality, "exact": not approximate,
-               "computed_steps": 0 if start is None else len(computed), "first_step": start,
+               "computed_steps": 0 if start is None else passes if computed is None else len(computed), "first_step": start,
                "denoiser": "compiled" if approximate and not asyrp and self.denoiser is not None else "eager",
                "server_ms": round(1000 * (time.perf_counter() - began), 1), "seq": seq,
                "strip": [{"seed": s, "original": _png(trajectory.images[i + 1]), "edited": _png(images[i + 1])} for i, (s, _) in enumerate(strip)]}
