@@ -115,6 +115,13 @@ def test_labels_csv_and_x_T_space(tmp_path, engine, trajectory):
     moved = engine.sample([3], trajectory.num_steps, 1.0)
     moved.x_T = moved.x_T + 0.5 * delta.float()
     assert (images[1, :1] - engine.replay(moved).images).abs().max() <= tolerance
+    # K directions stacked: one run, each direction's images as if edited alone
+    stacked = edit_x_T(engine, trajectory, torch.stack([delta, -2 * delta]), [0.5])
+    assert stacked.shape == (2, 1, *trajectory.images.shape)
+    assert (stacked[0, 0] - images[1]).abs().max() <= tolerance
+    assert (stacked[1, 0] - edit_x_T(engine, trajectory, -delta, [1.0])[0]).abs().max() <= tolerance
+    with pytest.raises(HspaceError, match=r"K of them stacked"):
+        edit_x_T(engine, trajectory, delta[..., :2], [1.0])
 
 
 def test_supervised_from_a_csv_of_seeds(tmp_path):

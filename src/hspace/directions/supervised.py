@@ -177,26 +177,32 @@ def x_T_difference(positive: Trajectory, negative: Trajectory) -> torch.Tensor:
 
 
 def edit_x_T(engine, trajectory: Trajectory, delta: torch.Tensor, scales: Sequence[float], batch_size: int = 32, **run) -> torch.Tensor:
-    """Images [S, B, C, H, W] of every sample regenerated from x_T + scale * delta (with its own z): one batched run."""
+    """Images [S, B, C, H, W] of every sample regenerated from x_T + scale * delta (with its own z): one batched run.
+    ``delta`` may also be K directions stacked, [K, *x_T]: images [K, S, B, C, H, W], still one run."""
     from dataclasses import replace
 
     delta = torch.as_tensor(delta, dtype=torch.float32)
-    if tuple(delta.shape) != tuple(trajectory.x_T.shape[1:]):
-        raise HspaceError(f"an x_T direction has the shape of x_T, {tuple(trajectory.x_T.shape[1:])}; got {tuple(delta.shape)}")
+    shape = tuple(trajectory.x_T.shape[1:])
+    stacked = tuple(delta.shape[1:]) == shape
+    if not stacked and tuple(delta.shape) != shape:
+        raise HspaceError(f"an x_T direction has the shape of x_T, {shape} (or K of them stacked, [K, *{shape}]); got {tuple(delta.shape)}")
+    deltas = delta if stacked else delta[None]
     scales = torch.tensor([float(s) for s in scales])
-    n = len(trajectory)
+    n, copies = len(trajectory), len(deltas) * len(scales)
     noise = trajectory.noise() if trajectory.z is None and bool((trajectory.eta > 0).any()) else trajectory.z
+    steps = scales.view(1, -1, *[1] * (deltas.ndim + 0)) * deltas[:, None, None]  # [K, S, 1, *x_T]
     moved = replace(
         trajectory,
-        seeds=trajectory.seeds * len(scales),
-        x_T=(trajectory.x_T[None] + scales.view(-1, 1, 1, 1, 1) * delta).flatten(0, 1),
-        x0=trajectory.x0.repeat(len(scales), 1, 1, 1),
-        z=None if noise is None else noise.repeat(len(scales), *([1] * (noise.ndim - 1))),
+        seeds=trajectory.seeds * copies,
+        x_T=(trajectory.x_T[None, None] + steps).flatten(0, 2),
+        x0=trajectory.x0.repeat(copies, 1, 1, 1),
+        z=None if noise is None else noise.repeat(copies, *([1] * (noise.ndim - 1))),
         h=None,
         image=None,
     )
     images = engine.replay(moved, batch_size=batch_size, **run).images
-    return images.reshape(len(scales), n, *images.shape[1:])
+    images = images.reshape(len(deltas), len(scales), n, *images.shape[1:])
+    return images if stacked else images[0]
 
 
 def clip_scorer(model: str, prompts: dict[str, tuple[str, str]], device: str | None = None) -> Scorer:

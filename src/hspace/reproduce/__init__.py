@@ -1,7 +1,8 @@
 """`hspace reproduce`: the paper's claims as numbers on the bundled toy-faces model, written as a report.
 
-One module per claim (``CLAIMS``, in report order): each measures its numbers, judges them against its
-thresholds (the ``verdict`` stored in ``sections/NAME.json``) and renders its Markdown apart. The runner
+One module per claim (``CLAIMS``, in report order): each measures its numbers with their intervals, judges
+them against its thresholds (``judge``: holds, fails or undecided; the ``verdict`` stored in
+``sections/NAME.json``) and renders its Markdown apart. The runner
 (``runner.py``) does the caching, timing, seed ranges and shared building blocks.
 """
 
@@ -26,7 +27,7 @@ def run_reproduce(out: str | Path, quick: bool = False, engine=None) -> Path:
     run = Run(out, config, engine)
     start = time.perf_counter()
     run.bank, run.ddim_bank  # drawn (or resumed) and annotated first, so that their time is their own stage
-    results = {claim.NAME: run.section(claim.NAME, claim.measure, getattr(claim, "VERSION", None)) for claim in CLAIMS}
+    results = {claim.NAME: run.section(claim.NAME, claim.measure, getattr(claim, "VERSION", None), claim.judge) for claim in CLAIMS}
     total = time.perf_counter() - start
     lines = [
         "# hspace reproduce: the paper's claims measured on the bundled toy-faces model",

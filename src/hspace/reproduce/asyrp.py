@@ -20,9 +20,16 @@ def measure(run: Run) -> dict:
     rows = {mode: {s: float(x.mean()) for s, x in by_scale.items()} for mode, by_scale in changes.items()}
     # how much further Asyrp moves each sample than the single pass, in the edit's own direction (paired)
     gain = {s: mean_interval((changes["asyrp"][s] - changes["single"][s]) * (1.0 if rows["single"][s] >= 0 else -1.0)) for s in rows["single"]}
+    return {"direction": "smile (supervised)", "mean_smile_change": rows, "asyrp_gain_interval": gain}
+
+
+def judge(res: dict) -> dict:
+    """Holds when Asyrp's paired gain is above 0 beyond its interval at every scale; fails when it is below 0 beyond
+    its interval at some scale (Asyrp clearly weaker there)."""
+    gain = res["asyrp_gain_interval"]
     amplifies = all(low > 0 for low, _ in gain.values())
-    return {"direction": "smile (supervised)", "mean_smile_change": rows, "asyrp_gain_interval": gain,
-            "verdict": verdict(amplifies, {f"asyrp_gain_at_{s}": v for s, v in gain.items()}, gain=0.0)}
+    weaker = any(high < 0 for _, high in gain.values())
+    return verdict(amplifies, weaker, {f"asyrp_gain_at_{s}": v for s, v in gain.items()}, gain=0.0)
 
 
 def render(res: dict, config) -> list[str]:

@@ -9,17 +9,20 @@ sample), the smile attribute, n pairs from 1 to the bank's limit.
   to all pairs exceeds 0.5 with its interval clear of 0.5 and of the floor's, for h and for x_T.
 - Edits: each n-pair direction rescaled to the all-pairs norm and applied at a calibrated scale (the
   smallest of a grid at which the all-pairs direction gives the attribute to most test samples), against
-  a random direction of the same norm (one draw of the pairs per n: the first n of a fixed random order).
+  a random direction of the same norm, over ``fig8_edit_draws`` draws: each draw takes its own n pairs per n
+  (the first half of the cosines' draw of the same number), its own random direction and its own
+  ``fig8_draw_samples`` of the held-out samples. The success share pools the draws; its interval is the
+  percentile bootstrap over draws (``cluster_bootstrap``), so that both which pairs and which samples count.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .runner import Run, holds, mean_interval, pct, share_interval, verdict
+from .runner import Run, cluster_bootstrap, combine, holds, mean_interval, pct, verdict
 
 NAME = "fig8"
-VERSION = 2  # 2: the cosines over DRAWS draws (a section measured from one split is measured again)
+VERSION = 3  # 2: the cosines over DRAWS draws; 3: the edits over draws too (an older section is measured again)
 DRAWS = 20  # draws of the pairs per n, in both modes (the cosines cost no denoiser pass)
 HALF = 0.5  # the cosine to all pairs that the direct question asks for
 ATTRIBUTE = "smile"
@@ -39,22 +42,41 @@ def measure(run: Run) -> dict:
         row.update(e)
     run.plot(lambda fig: _plot(fig, rows), "fig8_h_vs_xT.png", size=(10, 3.5))
     reference = next((r["h_split_half"] for r in rows if r["pairs"] >= REFERENCE_PAIRS), None)
-    h_n = _first(rows, "h_split_half", reference)
-    x_n = _first(rows, "x_T_split_half", reference)
-    converges = reference is not None and (x_n is None or (h_n is not None and x_n >= RATIO * h_n))
     to_half = {space: next((r["pairs"] for r in rows if _clear_of_half(r, space)), None) for space in spaces}
-    # edit success with a margin: the lower end of h's 95% interval clears the target and the random direction's upper end
-    n = edits["test_samples"]
-    intervals = {f"{r['pairs']}_pairs": {k: share_interval(r[k] * n, n) for k in ("h_success", "random_success")} for r in rows}
-    first_h = next((r["pairs"] for r in rows if _clears(intervals[f"{r['pairs']}_pairs"], SUCCESS)), None)
-    edits_ok = first_h is not None and first_h <= MAX_PAIRS
     return {
         "attribute": ATTRIBUTE, "eta": 0.0, "bank": bank.n, "positives": len(positives), "negatives": len(negatives),
         "rows": rows, "calibrated_scale": edits["scale"], "test_samples": edits["test_samples"],
-        "reference_cosine": reference, "h_pairs_to_reference": h_n, "x_T_pairs_to_reference": x_n, "first_h_success": first_h,
+        "edit_draws": edits["draws"], "samples_per_draw": edits["samples_per_draw"], "reference_cosine": reference,
+        "h_pairs_to_reference": _first(rows, "h_split_half", reference), "x_T_pairs_to_reference": _first(rows, "x_T_split_half", reference),
+        "first_h_success": next((r["pairs"] for r in rows if _clears(r)), None),
         "draws": DRAWS, "h_pairs_to_half": to_half["h"], "x_T_pairs_to_half": to_half["x_T"],
-        "verdict": verdict(converges and edits_ok, intervals, success=SUCCESS, max_pairs=MAX_PAIRS, ratio=RATIO, reference_pairs=REFERENCE_PAIRS),
     }
+
+
+def judge(res: dict) -> dict:
+    """Two halves, each with its intervals.
+
+    Convergence: the pairs h needs for its split-half cosine at REFERENCE_PAIRS (the mean there) against the pairs x_T
+    needs, at least RATIO times more. Holds when even the slowest reading of h (its interval's lower end reaches the
+    reference) and the fastest of x_T (its upper end does) keep the ratio; fails when the reverse readings (h's upper
+    end, x_T's lower end) break it. Edits: holds when at some n <= MAX_PAIRS the lower end of h's success interval
+    reaches SUCCESS and lies above random's upper end; fails when at no n <= MAX_PAIRS the upper end of h's reaches
+    SUCCESS above random's lower end."""
+    rows, ref = res["rows"], res["reference_cosine"]
+
+    def first(space: str, end: int) -> int | None:
+        return next((r["pairs"] for r in rows if r[f"{space}_split_half_interval"][end] >= ref), None)
+
+    def keeps(h_n, x_n) -> bool:
+        return x_n is None or (h_n is not None and x_n >= RATIO * h_n)
+
+    # without a reference (a bank too small for REFERENCE_PAIRS pairs per half) the convergence half is undecided
+    convergence = verdict(False, False) if ref is None else verdict(keeps(first("h", 0), first("x_T", 1)), not keeps(first("h", 1), first("x_T", 0)))
+    small = [r for r in rows if r["pairs"] <= MAX_PAIRS]
+    edits = verdict(any(_clears(r) for r in small), not any(r["h_success_interval"][1] >= SUCCESS and r["h_success_interval"][1] > r["random_success_interval"][0] for r in small))
+    intervals = {f"{r['pairs']}_pairs": {k: r[f"{k}_interval"] for k in ("h_split_half", "x_T_split_half", "h_success", "random_success")} for r in rows}
+    return {**combine(convergence, edits, intervals=intervals, success=SUCCESS, max_pairs=MAX_PAIRS, ratio=RATIO, reference_pairs=REFERENCE_PAIRS),
+            "convergence": convergence["state"], "edits": edits["state"]}
 
 
 def _clear_of_half(row: dict, space: str) -> bool:
@@ -63,8 +85,10 @@ def _clear_of_half(row: dict, space: str) -> bool:
     return row[f"{space}_to_all"] > HALF and low > HALF and low > row[f"{space}_floor_interval"][1]
 
 
-def _clears(interval: dict, target: float) -> bool:
-    return interval["h_success"][0] >= target and interval["h_success"][0] > interval["random_success"][1]
+def _clears(row: dict) -> bool:
+    """h's edit success at this n clears the target and random's success, beyond both intervals."""
+    low = row["h_success_interval"][0]
+    return low >= SUCCESS and low > row["random_success_interval"][1]
 
 
 def _first(rows, key, target):
@@ -118,10 +142,22 @@ def _convergence(x: torch.Tensor, positives, negatives, n: int) -> dict:
     return result
 
 
+def _draw(positives, negatives, n: int, draw: int) -> tuple[list[int], list[int]]:
+    """Draw number ``draw`` of n pairs: the first half of the cosines' draw of the same number (same generator)."""
+    generator = torch.Generator().manual_seed(1000 * n + draw)
+    pos = [positives[i] for i in torch.randperm(len(positives), generator=generator)[:n].tolist()]
+    neg = [negatives[i] for i in torch.randperm(len(negatives), generator=generator)[:n].tolist()]
+    return pos, neg
+
+
 def _edit_success(run: Run, bank, spaces, positives, negatives, pairs) -> dict:
-    """Share of held-out samples without the attribute that gain it, per n, for h, x_T and a random h direction."""
+    """Share of held-out samples without the attribute that gain it, per n, for h, x_T and a random h direction, over
+    ``fig8_edit_draws`` draws (each: its own pairs, random direction and ``fig8_draw_samples`` test samples)."""
     from ..directions.direction import Direction
     from ..directions.supervised import edit_x_T
+    from tqdm.auto import tqdm
+
+    from ..progress import progress_enabled
 
     c = run.config
     pool = run.test_samples(c.fig8_test * 3, NAME, eta=0.0)
@@ -129,24 +165,38 @@ def _edit_success(run: Run, bank, spaces, positives, negatives, pairs) -> dict:
     test = pool[lacking]
     shape = {"h": bank.h_shape, "x_T": run.engine.sample_shape}
     full = {s: _difference(x, positives, negatives) for s, x in spaces.items()}
-    gains = lambda images: float((run.classify(images)[ATTRIBUTE] > 0.5).double().mean())  # noqa: E731  (45/50 is exactly 0.9)
-    h_all = Direction(full["h"].float().reshape(bank.num_steps, *shape["h"]), meta={"name": "all"}, spec=bank.spec)
-    calibration = run.engine.edit(test, h_all, list(SCALES), batch_size=c.batch_size)[0]
-    scale = next((s for s, images in zip(SCALES, calibration) if gains(images) >= SUCCESS), SCALES[-1])
-    random = torch.randn(full["h"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    random = Direction((random * full["h"].norm() / random.norm()).float().reshape(bank.num_steps, *shape["h"]), meta={"name": "random"}, spec=bank.spec)
-    directions, x_deltas = [], []
-    for n in pairs:
-        d = {s: _difference(x, positives[:n], negatives[:n]) for s, x in spaces.items()}
-        d = {s: (v * full[s].norm() / v.norm().clamp_min(1e-30)).float() for s, v in d.items()}  # rescaled to the all-pairs norm
-        directions.append(Direction(d["h"].reshape(bank.num_steps, *shape["h"]), meta={"name": f"n{n}"}, spec=bank.spec))
-        x_deltas.append(d["x_T"].reshape(shape["x_T"]))
-    h_images = run.engine.edit(test, directions + [random], [scale], batch_size=c.batch_size)[:, 0]
+    gained = lambda images: (run.classify(images)[ATTRIBUTE] > 0.5).double().tolist()  # noqa: E731
+    h_direction = lambda delta, name: Direction(delta.float().reshape(bank.num_steps, *shape["h"]), meta={"name": name}, spec=bank.spec)  # noqa: E731
+    calibration = run.engine.edit(test, h_direction(full["h"], "all"), list(SCALES), batch_size=c.batch_size)[0]
+    scale = next((s for s, images in zip(SCALES, calibration) if sum(gained(images)) >= SUCCESS * len(lacking)), SCALES[-1])
+    per_draw = min(c.fig8_draw_samples, len(lacking))
+    outcomes = {(space, n): [] for space in ("h", "x_T", "random") for n in pairs}
+    for draw in tqdm(range(c.fig8_edit_draws), desc="fig8 edits", unit="draw", disable=not progress_enabled(None)):
+        generator = torch.Generator().manual_seed(7_000_000 + draw)
+        shown = test[torch.randperm(len(lacking), generator=generator)[:per_draw].tolist()]
+        random = torch.randn(full["h"].shape, generator=generator, dtype=torch.float64)
+        directions, x_deltas = [], []
+        for n in pairs:
+            pos, neg = _draw(positives, negatives, n, draw)
+            d = {s: _difference(x, pos, neg) for s, x in spaces.items()}
+            d = {s: v * full[s].norm() / v.norm().clamp_min(1e-30) for s, v in d.items()}  # rescaled to the all-pairs norm
+            directions.append(h_direction(d["h"], f"n{n}"))
+            x_deltas.append(d["x_T"].float().reshape(shape["x_T"]))
+        directions.append(h_direction(random * full["h"].norm() / random.norm(), "random"))
+        h_images = run.engine.edit(shown, directions, [scale], batch_size=c.batch_size, progress=False)[:, 0]
+        x_images = edit_x_T(run.engine, shown, torch.stack(x_deltas), [scale], batch_size=c.batch_size, progress=False)[:, 0]
+        for i, n in enumerate(pairs):
+            outcomes["h", n].append(gained(h_images[i]))
+            outcomes["random", n].append(gained(h_images[-1]))
+            outcomes["x_T", n].append(gained(x_images[i]))
     rows = []
-    for i, n in enumerate(pairs):
-        x_images = edit_x_T(run.engine, test, scale * x_deltas[i], [1.0], batch_size=c.batch_size)[0]
-        rows.append({"h_success": gains(h_images[i]), "x_T_success": gains(x_images), "random_success": gains(h_images[-1])})
-    return {"scale": scale, "test_samples": len(lacking), "rows": rows}
+    for n in pairs:
+        row = {}
+        for space in ("h", "x_T", "random"):
+            mean, interval = cluster_bootstrap(outcomes[space, n], seed=n)
+            row[f"{space}_success"], row[f"{space}_success_interval"] = mean, list(interval)
+        rows.append(row)
+    return {"scale": scale, "test_samples": len(lacking), "draws": c.fig8_edit_draws, "samples_per_draw": per_draw, "rows": rows}
 
 
 def _plot(fig, rows) -> None:
@@ -156,10 +206,11 @@ def _plot(fig, rows) -> None:
         for key, label, line in (("to_all", "to all pairs", style), ("floor", "shuffled floor", ":")):
             left.plot(n, [r[f"{space}_{key}"] for r in rows], line, label=f"{space}: {label}")
             left.fill_between(n, [r[f"{space}_{key}_interval"][0] for r in rows], [r[f"{space}_{key}_interval"][1] for r in rows], alpha=0.2)
-        right.plot(n, [r[f"{space}_success"] for r in rows], style, label=space)
-    right.plot(n, [r["random_success"] for r in rows], ":", label="random (same norm)")
+    for space, style, label in (("h", "o-", "h"), ("x_T", "s--", "x_T"), ("random", ":", "random (same norm)")):
+        right.plot(n, [r[f"{space}_success"] for r in rows], style, label=label)
+        right.fill_between(n, [r[f"{space}_success_interval"][0] for r in rows], [r[f"{space}_success_interval"][1] for r in rows], alpha=0.2)
     left.set(xscale="log", xlabel="labelled pairs n", ylabel="cosine", title=f"convergence ({DRAWS} draws, 95% interval)", ylim=(-0.05, 1.02))
-    right.set(xscale="log", xlabel="labelled pairs n", ylabel=f"share gaining {ATTRIBUTE}", title="edits (rescaled)", ylim=(-0.02, 1.02))
+    right.set(xscale="log", xlabel="labelled pairs n", ylabel=f"share gaining {ATTRIBUTE}", title="edits (rescaled; 95% bootstrap interval)", ylim=(-0.02, 1.02))
     left.legend(fontsize=7)
     right.legend(fontsize=7)
 
@@ -178,32 +229,38 @@ def render(res: dict, config) -> list[str]:
         f"direction rescaled to the all-pairs norm, at the calibrated scale {res['calibrated_scale']:g}, on "
         f"{res['test_samples']} held-out samples without {res['attribute']}; random: a random h direction of the same norm. "
         f"Target: x_T needs >= {t['ratio']}x the pairs h needs to reach h's split-half cosine at n = {t['reference_pairs']}, "
-        f"and h edits reach {pct(t['success'])} with <= {t['max_pairs']} pairs, above random (with a margin: the lower end of the "
-        "95% Wilson interval of h's success clears the target and the upper end of random's). The cosines are means over "
-        f"{res.get('draws', 1)} random draws of the pairs per n, +- the half-width of the normal 95% interval of the mean over the "
-        "draws; the convergence half of the verdict compares those means (no margin yet). The edits use one draw per n.",
+        f"and h edits reach {pct(t['success'])} with <= {t['max_pairs']} pairs, above random. The cosines are means over "
+        f"{res['draws']} random draws of the pairs per n, +- the half-width of the normal 95% interval of the mean over the "
+        f"draws. The edits pool {res['edit_draws']} draws per n, each with its own pairs, random direction and {res['samples_per_draw']} "
+        f"of the {res['test_samples']} held-out samples; their interval is the percentile bootstrap over the draws. Margins: "
+        "the convergence half holds when h's slowest reading (the lower end of its interval reaching the reference) and x_T's "
+        "fastest (the upper end) keep the ratio, and fails when the opposite readings break it; the edit half holds when the "
+        "lower end of h's success interval clears the target and random's upper end at some n within the limit, and fails "
+        "when the upper end does at none.",
         "",
         "| pairs | h split-half | h to all | h floor | x_T split-half | x_T to all | x_T floor | h edit | x_T edit | random |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     cos = lambda r, key: f"{r[key]:.3f}" + (f" +- {(r[key + '_interval'][1] - r[key + '_interval'][0]) / 2:.3f}" if key + "_interval" in r else "")  # noqa: E731
+    share = lambda r, key: f"{pct(r[key])} [{pct(r[key + '_interval'][0])}, {pct(r[key + '_interval'][1])}]"  # noqa: E731
     lines += [
         f"| {r['pairs']} | {cos(r, 'h_split_half')} | {cos(r, 'h_to_all')} | {cos(r, 'h_floor')} | {cos(r, 'x_T_split_half')} | "
-        f"{cos(r, 'x_T_to_all')} | {cos(r, 'x_T_floor')} | {pct(r['h_success'])} | {pct(r['x_T_success'])} | {pct(r['random_success'])} |"
+        f"{cos(r, 'x_T_to_all')} | {cos(r, 'x_T_floor')} | {share(r, 'h_success')} | {share(r, 'x_T_success')} | {share(r, 'random_success')} |"
         for r in res["rows"]
     ]
-    if "h_pairs_to_half" in res:
-        last = res["rows"][-1]["pairs"]
-        said = {s: res[f"{s}_pairs_to_half"] if res[f"{s}_pairs_to_half"] is not None else f"none up to {last}" for s in ("h", "x_T")}
-        lines += ["", f"The paper's question asked directly: the smallest n whose mean cosine to all pairs exceeds {HALF:g} with its interval "
-                      f"clear of {HALF:g} and of the shuffled floor's: h {said['h']}, x_T {said['x_T']}."]
+    last = res["rows"][-1]["pairs"]
+    said = {s: res[f"{s}_pairs_to_half"] if res[f"{s}_pairs_to_half"] is not None else f"none up to {last}" for s in ("h", "x_T")}
+    lines += ["", f"The paper's question asked directly: the smallest n whose mean cosine to all pairs exceeds {HALF:g} with its interval "
+                  f"clear of {HALF:g} and of the shuffled floor's: h {said['h']}, x_T {said['x_T']}; the edit success at "
+                  f"scale {res['calibrated_scale']:g} per n is in the table."]
     ref = res["reference_cosine"]
     x_text = res["x_T_pairs_to_reference"] if res["x_T_pairs_to_reference"] is not None else f"not within {res['rows'][-1]['pairs']}"
     h_text = res["first_h_success"] if res["first_h_success"] is not None else f"no number up to {res['rows'][-1]['pairs']} of"
     lines += [
         "",
         (f"Result: h's split-half cosine at n = {t['reference_pairs']} is {ref:.3f}; h reaches it with {res['h_pairs_to_reference']} pairs, "
-         f"x_T with {x_text}; h edits reach {pct(t['success'])} with {h_text} pairs: {holds(res)}.")
+         f"x_T with {x_text} (convergence: **{res['verdict']['convergence']}**); h edits reach {pct(t['success'])} beyond the "
+         f"intervals with {h_text} pairs (edits: **{res['verdict']['edits']}**): {holds(res)}.")
         if ref is not None else f"Result: the bank is too small for n = {t['reference_pairs']} pairs per half: {holds(res)}.",
         "",
         "![fig8](figures/fig8_h_vs_xT.png)",

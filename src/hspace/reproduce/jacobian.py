@@ -41,18 +41,27 @@ def measure(run: Run) -> dict:
                 "inside_transfer_interval": mean_interval(inside[1:]), "concentration_transfer_interval": mean_interval(concentration[1:]),
             })
     best = {part: max((r for r in rows if r["part"] == part), key=lambda r: (r["inside_source"] + r["inside_transfer"])) for part in PARTS}
-    # the transfers with a margin (the lower ends of their 95% intervals over faces); the source is one face
+    grid = _figure(run, faces, masks, best, found)
+    return {"faces": len(faces), "rows": rows, "best": best, "grid": grid}
+
+
+def judge(res: dict) -> dict:
+    """The best protocol per part. Holds when, for every part, the transfers clear their targets beyond their 95%
+    intervals over faces and the source (one face: no interval) meets its target; fails when some part's source
+    misses it or a transfer interval lies below its target."""
+    best = res["best"]
     ok = all(
         b["inside_source"] >= INSIDE_SOURCE and b["inside_transfer_interval"][0] >= INSIDE_TRANSFER
         and b["concentration_transfer_interval"][0] >= CONCENTRATION
         for b in best.values()
     )
+    short = any(
+        b["inside_source"] < INSIDE_SOURCE or b["inside_transfer_interval"][1] < INSIDE_TRANSFER
+        or b["concentration_transfer_interval"][1] < CONCENTRATION
+        for b in best.values()
+    )
     intervals = {f"{p}_{k}": b[f"{k}_interval"] for p, b in best.items() for k in ("inside_transfer", "concentration_transfer")}
-    grid = _figure(run, faces, masks, best, found)
-    return {
-        "faces": len(faces), "rows": rows, "best": best, "grid": grid,
-        "verdict": verdict(ok, intervals, inside_source=INSIDE_SOURCE, inside_transfer=INSIDE_TRANSFER, concentration=CONCENTRATION, gamma=GAMMA),
-    }
+    return verdict(ok, short, intervals, inside_source=INSIDE_SOURCE, inside_transfer=INSIDE_TRANSFER, concentration=CONCENTRATION, gamma=GAMMA)
 
 
 def _faces(run: Run, n: int):

@@ -2,14 +2,17 @@
 and the shared building blocks the claims measure with (the bank, held-out samples, supervised
 directions, classifier scores of edits).
 
-A claim is a module with ``NAME``, ``measure(run) -> dict`` (its numbers, thresholds and ``verdict``)
-and ``render(result, config) -> list[str]`` (Markdown); ``CLAIMS`` in ``__init__`` lists them in order.
+A claim is a module with ``NAME``, ``measure(run) -> dict`` (its numbers and intervals), ``judge(result) ->
+dict`` (its ``verdict``, with its thresholds) and ``render(result, config) -> list[str]`` (Markdown); ``CLAIMS`` in ``__init__`` lists them in order.
 Sections are cached as JSON (``sections/NAME.json``), so an interrupted run resumes where it stopped.
 
-Verdicts have a margin: a claim holds only where the 95% interval of what it measures (``mean_interval``
-over samples: normal; ``share_interval`` of a share: Wilson) lies on the right side of its threshold, so
-that a difference smaller than the sampling noise (Asyrp 0.00003 stronger on 6 samples) does not decide
-it. The thresholds are the ones stated before measuring; only the margin is new.
+Verdicts are three-way and have a margin: a claim **holds** where the 95% interval of what it measures
+(``mean_interval`` over samples: normal; ``share_interval`` of a share: Wilson; ``cluster_bootstrap`` over
+repeated draws) lies on the right side of its threshold, **fails** where it lies on the wrong side, and is
+**undecided** where it straddles it, so that a difference smaller than the sampling noise (Asyrp 0.00003
+stronger on 6 samples) decides nothing. A claim's ``judge(result)`` reads the verdict off the measured
+numbers and is applied at every run, cached section or not: a verdict's rule is never part of what is
+measured. The thresholds are the ones stated before measuring.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -61,12 +64,21 @@ class Config:
     sequential_samples: int
     eta: float = 1.0
     batch_size: int = 64
+    # A claim's own counts (``metadata["section"]``) key only its own section: adding one measures that claim again,
+    # not the banks and the other claims.
+    pca_random_per_pc: int = field(default=3, metadata={"section": "pca_vs_random"})  # random directions per PC (R = k x this)
+    fig8_edit_draws: int = field(default=20, metadata={"section": "fig8"})  # draws of the pairs (and test samples) for the edits
+    fig8_draw_samples: int = field(default=10, metadata={"section": "fig8"})  # held-out samples edited per draw
+
+    def key(self, section: str | None = None) -> dict:
+        """What a cached stage was measured with: the shared counts, and ``section``'s own."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("section") in (None, section)}
 
 
 QUICK = Config(
     steps=8, bank_n=64, pca_k=3, pca_samples=6, pca_scales=[-3.0, 3.0], pca_large_scales=[8.0], table_n=16, table_k=8, table_scale=1.0,
     fig8_bank_n=64, fig8_pairs=[1, 2, 4, 8], fig8_test=8, jacobian_transfer=3, jacobian_found_at=["late"], jacobian_max_iter=10, swap_pairs=8,
-    asyrp_samples=6, asyrp_scales=[0.5, 1.0], sequential_samples=6,
+    asyrp_samples=6, asyrp_scales=[0.5, 1.0], sequential_samples=6, pca_random_per_pc=2, fig8_edit_draws=5, fig8_draw_samples=4,
 )
 FULL = Config(
     steps=20, bank_n=400, pca_k=8, pca_samples=32, pca_scales=[-3.0, 3.0], pca_large_scales=[6.0, 10.0], table_n=200, table_k=40,
@@ -110,10 +122,37 @@ def share_interval(successes: float, n: int) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def verdict(holds: bool, intervals: dict | None = None, **thresholds) -> dict:
-    """What a claim stores about itself: whether it holds (its intervals clear the thresholds), the intervals
-    it was judged by, and the thresholds."""
-    return {"holds": bool(holds), "intervals": intervals or {}, "thresholds": thresholds}
+def cluster_bootstrap(groups: list, resamples: int = 2000, seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """The mean of every value in ``groups`` (one list of values per independent draw) and its percentile 95%
+    bootstrap interval, resampling whole draws with replacement (so that what varies between draws and what
+    varies within one both count)."""
+    sums = torch.tensor([float(sum(g)) for g in groups], dtype=torch.float64)
+    counts = torch.tensor([float(len(g)) for g in groups], dtype=torch.float64)
+    mean = float(sums.sum() / counts.sum())
+    if len(groups) < 2:
+        return mean, (-float("inf"), float("inf"))
+    pick = torch.randint(len(groups), (resamples, len(groups)), generator=torch.Generator().manual_seed(seed))
+    means = sums[pick].sum(1) / counts[pick].sum(1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return mean, (low, high)
+
+
+STATES = ("holds", "fails", "undecided")
+
+
+def verdict(holds: bool, fails: bool, intervals: dict | None = None, **thresholds) -> dict:
+    """A claim's verdict: ``state`` "holds" (its intervals clear the thresholds), "fails" (they lie on the wrong
+    side) or "undecided"; the intervals it was judged by, and the thresholds."""
+    if holds and fails:
+        raise ValueError("a verdict cannot both hold and fail")
+    state = "holds" if holds else "fails" if fails else "undecided"
+    return {"state": state, "holds": state == "holds", "intervals": intervals or {}, "thresholds": thresholds}
+
+
+def combine(*verdicts: dict, intervals: dict | None = None, **thresholds) -> dict:
+    """The verdict of a claim with several parts: it holds when every part holds, fails when any part fails."""
+    states = [v["state"] for v in verdicts]
+    return verdict(all(s == "holds" for s in states), any(s == "fails" for s in states), intervals, **thresholds)
 
 
 class Run:
@@ -129,21 +168,24 @@ class Run:
             raise HspaceError(f"reproduce measures with the toy-faces classifier; the engine is {self.engine.name!r}")
         self.classify = DOMAIN.scorer()
         # what a cached section was measured with: the counts and the process (clipping is part of the spec)
-        self.key = {**asdict(config), "spec": self.engine.spec.to_dict()}
+        self.key = {**config.key(), "spec": self.engine.spec.to_dict()}
         self.timings: dict[str, float] = {}
         (self.out / "sections").mkdir(parents=True, exist_ok=True)
         (self.out / "figures").mkdir(exist_ok=True)
         self._cache: dict = {}
 
-    def section(self, name: str, compute: Callable[["Run"], dict], version: int | None = None) -> dict:
-        """A cached section: computed once, then read from sections/NAME.json (resume after interruption). A claim's
-        ``version`` (where it has one) is part of the key: a claim that measures more is measured again."""
+    def section(self, name: str, compute: Callable[["Run"], dict], version: int | None = None, judge: Callable[[dict], dict] | None = None) -> dict:
+        """A cached section: computed once, then read from sections/NAME.json (resume after interruption). The key is
+        the shared counts, the section's own (``Config.key``) and the claim's ``version`` where it has one (a claim
+        that measures more is measured again). ``judge(result)`` gives the verdict, at every call: it is stored in
+        the section (its checksum follows), and a changed rule never measures again."""
         path = self.out / "sections" / f"{name}.json"
         saved = _read_cached(path)
-        key = self.key if version is None else {**self.key, "version": version}
+        key = {**self.key, **self.config.key(name)}
+        key = key if version is None else {**key, "version": version}
         if saved is not None and saved.get("config") == key and saved.get("checksum") == _checksum(saved):
             self.timings[name] = saved["seconds"]
-            return saved
+            return self._judged(path, saved, judge)
         if saved is not None and saved.get("config") == key:
             logger.warning("section %s was changed since it was measured (its checksum does not match): measuring it again", name)
         logger.info("measuring %s", name)
@@ -153,8 +195,19 @@ class Run:
         result["config"] = key
         result = json.loads(json.dumps(result))  # as it reads back (tuples become lists)
         result["checksum"] = _checksum(result)
-        write_json(path, result)
+        write_json(path, result)  # before judging: a judge that fails loses nothing measured
         self.timings[name] = result["seconds"]
+        return self._judged(path, result, judge)
+
+    @staticmethod
+    def _judged(path: Path, result: dict, judge) -> dict:
+        """``result`` with its verdict by ``judge``, written back where that changed it."""
+        if judge is not None:
+            judged = json.loads(json.dumps(judge(result)))
+            if judged != result.get("verdict"):
+                result["verdict"] = judged
+                result["checksum"] = _checksum(result)
+                write_json(path, result)
         return result
 
     def figure(self, image, name: str) -> str:
@@ -259,4 +312,5 @@ def pct(x: float) -> str:
 
 
 def holds(result: dict) -> str:
-    return "**holds**" if result["verdict"]["holds"] else "**does not hold**"
+    """The verdict as the report writes it: **holds**, **fails** or **undecided**."""
+    return f"**{result['verdict']['state']}**"

@@ -31,9 +31,16 @@ def measure(run: Run) -> dict:
         labelled_grid(torch.stack([first.images[:6], second.images[:6], swapped.images[:6]], 1), [str(i) for i in range(shown)], ["noise of", "h of", "swapped"]),
         "swap.png",
     )
-    intervals = {k: share_interval(result[k]["follows_h"] * result[k]["pairs_that_differ"], result[k]["pairs_that_differ"]) for k in BINARY if k in result}
+    return {"attributes": result, "grid": grid}
+
+
+def judge(res: dict) -> dict:
+    """Holds when every binary attribute follows h beyond its Wilson interval (lower end >= FOLLOWS); fails when one
+    follows it in clearly fewer (upper end below FOLLOWS)."""
+    found = res["attributes"]
+    intervals = {k: share_interval(found[k]["follows_h"] * found[k]["pairs_that_differ"], found[k]["pairs_that_differ"]) for k in BINARY if k in found}
     ok = bool(intervals) and min(low for low, _ in intervals.values()) >= FOLLOWS
-    return {"attributes": result, "grid": grid, "verdict": verdict(ok, intervals, follows=FOLLOWS)}
+    return verdict(ok, any(high < FOLLOWS for _, high in intervals.values()), intervals, follows=FOLLOWS)
 
 
 def render(res: dict, config) -> list[str]:

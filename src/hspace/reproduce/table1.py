@@ -57,12 +57,23 @@ def measure(run: Run) -> dict:
         }
     for variant in result.values():
         variant["off_diagonal_interval"] = _off_diagonal_interval(variant)
-    reg = result["regression"]
-    own_clear = [_own_clearly_strongest(reg["matrix"], reg["standard_error"], i) for i in range(len(reg["matrix"]))]
-    falls = reg["off_diagonal_interval"][1] <= (1 - OFF_DIAGONAL_FALL) * result["supervised"]["off_diagonal_interval"][0]
-    intervals = {f"{v}_off_diagonal": result[v]["off_diagonal_interval"] for v in VARIANTS}
-    result["verdict"] = verdict(all(own_clear) and falls, intervals, off_diagonal_fall=OFF_DIAGONAL_FALL)
     return result
+
+
+def judge(res: dict) -> dict:
+    """The conditional directions: holds when every row's own effect is the strongest beyond the entries' intervals and
+    the off-diagonal mean falls by OFF_DIAGONAL_FALL beyond both means' intervals; fails when some row's own effect is
+    clearly weaker than another, or the fall is clearly short of the target (the regression's lower end above the
+    target at eq. 10's upper end)."""
+    reg, base = res["regression"], res["supervised"]
+    rows = range(len(reg["matrix"]))
+    own_clear = all(_own_clearly_strongest(reg["matrix"], reg["standard_error"], i) for i in rows)
+    own_beaten = any(_own_clearly_weaker(reg["matrix"], reg["standard_error"], i) for i in rows)
+    keep = 1 - OFF_DIAGONAL_FALL
+    falls = reg["off_diagonal_interval"][1] <= keep * base["off_diagonal_interval"][0]
+    short = reg["off_diagonal_interval"][0] > keep * base["off_diagonal_interval"][1]
+    intervals = {f"{v}_off_diagonal": res[v]["off_diagonal_interval"] for v in VARIANTS}
+    return verdict(own_clear and falls, own_beaten or short, intervals, off_diagonal_fall=OFF_DIAGONAL_FALL)
 
 
 def _off_diagonal_interval(variant: dict) -> tuple[float, float]:
@@ -77,6 +88,12 @@ def _own_clearly_strongest(matrix, errors, i: int) -> bool:
     """Row i's own effect is the strongest beyond the 95% intervals: |own| - Z se above every |other| + Z se."""
     own = abs(matrix[i][i]) - Z * errors[i][i]
     return all(own > abs(matrix[i][j]) + Z * errors[i][j] for j in range(len(matrix)) if j != i)
+
+
+def _own_clearly_weaker(matrix, errors, i: int) -> bool:
+    """Row i's own effect is beaten beyond the 95% intervals: |own| + Z se below some |other| - Z se."""
+    own = abs(matrix[i][i]) + Z * errors[i][i]
+    return any(own < abs(matrix[i][j]) - Z * errors[i][j] for j in range(len(matrix)) if j != i)
 
 
 def render(res: dict, config) -> list[str]:
@@ -108,5 +125,7 @@ def render(res: dict, config) -> list[str]:
                   f"{sum(r['own_is_strongest'])}/{len(TABLE_ATTRIBUTES)} rows", ""]
     base = res["supervised"]["mean_off_diagonal"]
     falls = ", ".join(f"{v} {100 * (1 - res[v]['mean_off_diagonal'] / base):.0f}%" for v in VARIANTS[1:]) if base else "n/a"
-    lines += [f"Result: the mean |off-diagonal| falls, relative to eq. 10, by: {falls}. Conditional directions: {holds(res)}.", ""]
+    iv = ", ".join(f"{v} [{res[v]['off_diagonal_interval'][0]:.3f}, {res[v]['off_diagonal_interval'][1]:.3f}]" for v in VARIANTS)
+    lines += [f"Result: the mean |off-diagonal| falls, relative to eq. 10, by: {falls} (95% intervals of the means: {iv}). "
+              f"Conditional directions: {holds(res)}.", ""]
     return lines
