@@ -1,5 +1,7 @@
 """eq. 10 and eq. 11 on hand-made tensors; annotation picks exactly the top and bottom k."""
 
+import json
+
 import pytest
 import torch
 
@@ -231,3 +233,40 @@ def test_clip_scorer_prepares_images_with_the_folders_own_processor(tmp_path):
     # the plain resize (no processor file) gives other numbers: the processor was really used
     (tmp_path / "preprocessor_config.json").unlink()
     assert not torch.allclose(clip_scorer(str(tmp_path), {"smile": ("a smiling face", "a face")})(images)["smile"], scores["smile"], atol=1e-4)
+
+
+def test_a_card_with_a_clip_scorer_scores_prompt_pairs_and_measures_image_similarity(tmp_path, engine, trajectory):
+    """The text-to-image card (a tiny random CLIP: its numbers mean nothing; the plumbing, the shapes and the
+    similarity's arithmetic are what is checked)."""
+    pytest.importorskip("transformers")
+    from hspace.card import card
+    from hspace.cli import main
+    from hspace.directions.direction import Direction
+    from hspace.directions.supervised import clip_scorer
+
+    _tiny_clip(tmp_path)
+    prompts = {"smile": ("a smiling face", "a face"), "hat": ("a face with a hat", "a face")}
+    scorer = clip_scorer(str(tmp_path), prompts)
+    direction = Direction(torch.randn(6, *engine.h_shape, generator=torch.Generator().manual_seed(0)), meta={"name": "smile"}, spec=engine.spec)
+    result = card(direction, engine, trajectory=trajectory, scales=[-4.0, 4.0], scorer=scorer, progress=False)
+    assert result.target == "smile" and set(result.change) == {"smile", "hat"} and set(result.binary) == {"smile", "hat"}
+    assert len(result.similarity) == len(result.scales) and result.similarity[result.scales.index(0.0)] == pytest.approx(1.0, abs=1e-6)
+    # the similarity is the mean cosine of CLIP image embeddings, edited vs unedited, recomputed here at the last scale
+    edited = engine.edit(trajectory, direction, [result.scales[-1]], progress=False)[0, 0]
+    expected = (scorer.embed(edited) * scorer.embed(trajectory.images)).sum(-1).mean()
+    assert result.similarity[-1] == pytest.approx(float(expected), abs=1e-5) and result.similarity[-1] < 1.0
+    assert "CLIP similarity to the unedited image" in result.markdown()
+
+    from hspace.engine import Engine
+
+    other = Engine.load("tiny-random")  # the CLI loads its model by name: a direction of that model
+    Direction(torch.randn(6, *other.h_shape), meta={"name": "smile"}, spec=other.spec).save(tmp_path / "smile.safetensors")
+    out = tmp_path / "card"
+    # the CLI: --scorer clip:DIR --attributes NAME='with|without'
+
+    argv = ["card", str(tmp_path / "smile.safetensors"), "--model", "tiny-random", "--steps", "2", "--n", "2", "--scales", "-1", "1",
+            "--scorer", f"clip:{tmp_path}", "--out", str(out)]
+    assert main([*argv, "--attributes", "smile=a smiling face|a face", "hat=a face with a hat|a face"]) == 0
+    written = json.loads((out / "card.json").read_text())
+    assert written["target"] == "smile" and len(written["similarity"]) == 3 and set(written["flip"]) == {"smile", "hat"}
+    assert main([*argv, "--attributes", "smile=a smiling face"]) == 2  # not a pair: a clear error, exit 2

@@ -10,8 +10,10 @@ from a local folder, any registered domain). It measures, with standard errors o
 - the flip rate of every binary attribute at each scale: the share of the samples that could flip in the edit's
   direction (lacking the attribute for a positive change, having it for a negative one) that do, and the scales
   at which the target's reaches 50% and 90% (linear between grid scales);
-- preservation: the mean absolute pixel change, inside and outside the direction's mask when it has one;
-  realism: the domain's measure (toy FID for toy faces) of the edited images per scale.
+- preservation: the mean absolute pixel change, inside and outside the direction's mask when it has one, and with a
+  CLIP scorer the CLIP image-image cosine similarity of each edited image to its unedited sample (the text-to-image
+  models' measure: no toy FID there); realism: the domain's measure (toy FID for toy faces) of the edited images per
+  scale.
 
 The calibration is one number, the raw scale of one effect unit: for a binary target the scale at which half the
 samples that could flip do (its 50% flip scale, on the side the direction moves it), for a continuous one the scale
@@ -54,6 +56,7 @@ class Card:
     calibration: dict = field(default_factory=dict)
     binary: list[str] = field(default_factory=list)
     steps: int = 0  # the process the card was measured with
+    similarity: list[float] | None = None  # mean CLIP image cosine to the unedited sample per scale (a scorer with ``embed``)
 
     def side_effects(self, scale_index: int, k: int = 2) -> list[tuple[str, float]]:
         """The k attributes other than the target that move most at one scale (mean change)."""
@@ -66,7 +69,7 @@ class Card:
     def markdown(self, plots: dict[str, str] | None = None) -> str:
         unit = self.calibration.get("unit", "uncalibrated")
         lines = [f"# Card: {self.name}", "", f"Target attribute: **{self.target}**; {self.n} held-out samples; calibration: {unit} "
-                 f"= raw scale {self.calibration.get('scale', float('nan')):.3g}.", ""]
+                 f"= raw scale {_fmt(self.calibration.get('scale'))}.", ""]
         if self.target in self.flip:
             lines.append(f"Flip rate of {self.target}: 50% at raw scale {_fmt(self.calibration.get('flip50'))}, 90% at "
                          f"{_fmt(self.calibration.get('flip90'))}.")
@@ -85,6 +88,8 @@ class Card:
                   "| mean abs pixel change | " + " | ".join(f"{v:.3f}" for v in self.pixel_change) + " |"]
         if self.pixel_change_outside is not None:
             lines.append("| ... outside the mask | " + " | ".join(f"{v:.3f}" for v in self.pixel_change_outside) + " |")
+        if self.similarity is not None:
+            lines.append("| CLIP similarity to the unedited image | " + " | ".join(f"{v:.3f}" for v in self.similarity) + " |")
         if self.realism is not None:
             lines.append("| realism (lower: closer to the training data) | " + " | ".join(f"{v:.1f}" for v in self.realism) + " |")
         for attribute, path in (plots or {}).items():
@@ -156,8 +161,12 @@ def card(
     realism = None
     if domain is not None and domain.realism is not None:
         realism = [float(domain.realism(images[s])) for s in range(S)]
+    similarity = None
+    if callable(getattr(score, "embed", None)):  # a CLIP scorer: how much of each image survives the edit
+        embedded = score.embed(images.reshape(S * B, *images.shape[2:])).reshape(S, B, -1).double()
+        similarity = (embedded * embedded[zero]).sum(-1).mean(1).tolist()
     result = Card(direction.name, target, scales, B, change, change_se, flip, eligible, pixel_change, outside, realism, binary=binary,
-                  steps=trajectory.num_steps)
+                  steps=trajectory.num_steps, similarity=similarity)
     result.calibration = calibrate(result, spread.get(target, 1.0))
     return result
 

@@ -208,13 +208,13 @@ def _jacobian_of(engine, trajectory, mask, at, scales, args, out: Path) -> None:
 
 def _clip_prompts(items: list[str] | None) -> dict[str, tuple[str, str]]:
     if not items:
-        raise HspaceError("a CLIP scorer needs at least one --prompt NAME='with the attribute|without it'")
+        raise HspaceError("a CLIP scorer needs at least one attribute as a prompt pair: NAME='with the attribute|without it'")
     prompts = {}
     for item in items:
         name, _, pair = item.partition("=")
         texts = pair.split("|")
         if not name or len(texts) != 2 or not all(t.strip() for t in texts):
-            raise HspaceError(f"bad --prompt {item!r}; valid: NAME='a photo of a smiling person|a photo of a person'")
+            raise HspaceError(f"bad attribute {item!r}; valid: NAME='a photo of a smiling person|a photo of a person'")
         prompts[name.strip()] = (texts[0].strip(), texts[1].strip())
     return prompts
 
@@ -228,7 +228,7 @@ def scorer_from(text: str, prompts: list[str] | None, model: str):
 
         return clip_scorer(text[len("clip:"):], _clip_prompts(prompts))
     if prompts:
-        raise HspaceError("--prompt needs a CLIP scorer (--scorer clip:DIR)")
+        raise HspaceError("attributes given as prompt pairs need a CLIP scorer (--scorer clip:DIR)")
     return (domain_of(model) if text == "domain" else get_domain(text)).scorer()
 
 

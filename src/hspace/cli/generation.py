@@ -102,6 +102,10 @@ def _register_directions_of_prompts_and_cards(sub) -> None:
     p.add_argument("--first-seed", type=nonnegative_int, default=700_000, help="their seeds start here (default 700000)")
     p.add_argument("--scales", nargs="+", default=None, help="raw scales to sweep, both signs (default -4 -2 -1 -0.5 0 0.5 1 2 4)")
     p.add_argument("--target", default=None, help="the attribute to calibrate on (default: the direction's own, else the one it moves most)")
+    p.add_argument("--scorer", default="domain", help="domain (the classifier of the model's domain; default), a domain name, or clip:DIR "
+                   "(a local CLIP model, with --attributes; text-to-image models)")
+    p.add_argument("--attributes", nargs="+", default=None, metavar="NAME='WITH|WITHOUT'",
+                   help="with a CLIP scorer: the attributes as prompt pairs, e.g. smile='a smiling face|a face'")
     p.add_argument("--out", default=None, help="folder for card.md, card.json, the plots and the calibrated direction (default out/card-NAME)")
     p.set_defaults(func=run_card)
 
@@ -309,8 +313,17 @@ def run_card(args) -> None:
         raise HspaceError(f"--n must be at least 2 (a standard error needs two samples), got {args.n}")
     engine = engine_from(args)
     engine.check_direction(direction)
+    scorer, domain = None, None
+    if args.scorer.startswith("clip:") or args.attributes:
+        from .directions import scorer_from
+
+        scorer = scorer_from(args.scorer, args.attributes, args.model)  # CLIP probabilities: every attribute binary
+    elif args.scorer != "domain":
+        from ..domains import get_domain
+
+        domain = get_domain(args.scorer)
     result = card(direction, engine, n=args.n, num_steps=args.steps, eta=parse_eta(args.eta), scales=scales, target=args.target,
-                  first_seed=args.first_seed, batch_size=args.batch_size)
+                  first_seed=args.first_seed, batch_size=args.batch_size, scorer=scorer, domain=domain)
     out = Path(args.out or f"out/card-{safe_name(direction.name)}")
     write_card(result, direction, out)
     unit = result.calibration

@@ -233,15 +233,19 @@ def clip_scorer(model: str, prompts: dict[str, tuple[str, str]], device: str | N
         text = torch.nn.functional.normalize(_features(clip.get_text_features(**tokens)), dim=-1)
     prepare = _clip_preprocessing(model, clip.config.vision_config.image_size)
 
-    def score(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        """Unit CLIP image embeddings [N, D] (a card's image-image similarity to the unedited sample)."""
         x = prepare(images).to(clip.device)
         with torch.no_grad():
-            image = torch.nn.functional.normalize(_features(clip.get_image_features(pixel_values=x)), dim=-1)
-            logits = clip.logit_scale.exp() * image @ text.T  # [N, 2 * attributes]
+            return torch.nn.functional.normalize(_features(clip.get_image_features(pixel_values=x)), dim=-1)
+
+    def score(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = clip.logit_scale.exp() * embed(images) @ text.T  # [N, 2 * attributes]
         pairs = logits.view(len(images), len(prompts), 2).softmax(dim=-1)[..., 0].cpu()
         return {name: pairs[:, j] for j, name in enumerate(prompts)}
 
     score.__qualname__ = f"clip_scorer({model})"
+    score.embed = embed
     return score
 
 
