@@ -16,6 +16,7 @@ from PIL import Image
 from hspace.spec import FREE
 from hspace.directions.direction import Direction
 from hspace.engine import Engine
+from hspace.errors import HspaceError
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -369,3 +370,58 @@ def test_what_requests_fill_stays_bounded(editor, client, monkeypatch):
     assert refused.status_code == 400 and "at most 64" in refused.json()["error"]
     added = client.post("/api/jacobian", json={"sample": {"seed": 1}, "step": 1, "k": 1}).json()["added"]
     assert len(added) == 1 and editor.added == server.MAX_ADDED
+
+
+def _brightness(images: torch.Tensor) -> dict:
+    """A scorer for the tiny random model (it has no domain): how bright each image is, as a probability."""
+    return {"bright": torch.sigmoid(200 * (images.mean((1, 2, 3)) + 0.035)), "red": torch.sigmoid(40 * (images[:, 0] - images[:, 2]).mean((1, 2)))}
+
+
+def test_a_card_made_from_the_editor_is_the_card_and_the_slider_moves_in_its_unit(tmp_path):
+    import threading
+
+    from hspace.card import card
+
+    engine = Engine.load("tiny-random")
+    # a direction strong enough to brighten the tiny model's samples (their mean pixel -0.05 -> +0.01 at raw scale 4)
+    direction = Direction(torch.randn(STEPS, *engine.h_shape, generator=torch.Generator().manual_seed(3)) * 400,
+                          meta={"name": "pc1", "method": "pca"}, spec=engine.spec)
+    editor = Editor(engine, [direction], tmp_path / "saved", steps=STEPS, eta=1.0, scorer=_brightness)
+    client = TestClient(create_app(editor, port=7860, token=TOKEN), base_url="http://127.0.0.1:7860", headers={"X-Hspace-Token": TOKEN})
+    info = client.get("/api/info").json()
+    assert info["can_card"] is True and info["job"] is None and info["directions"][0]["card"] is None
+
+    # the progress of a card being measured is read from /api/info meanwhile (a real second thread)
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(client.post("/api/card", json={"name": "pc1", "n": 6})))
+    worker.start()
+    jobs = []
+    while worker.is_alive():
+        job = client.get("/api/info").json()["job"]
+        if job is not None and job["total"]:
+            jobs.append(job)
+        time.sleep(0.01)
+    worker.join()
+    response = seen[0]
+    assert response.status_code == 200, response.text
+    assert jobs and all(j["what"] == "card of pc1" and 0 <= j["done"] <= j["total"] for j in jobs)
+    made = response.json()["made"]
+    # the same card as card() measures in Python with the editor's process
+    expected = card(direction, engine, n=6, num_steps=STEPS, eta=1.0, scorer=_brightness, progress=False)
+    assert made["target"] == expected.target
+    assert made["unit"] == (pytest.approx(expected.calibration["scale"]) if expected.calibration["scale"] is not None else None)
+    assert (tmp_path / "saved" / "cards" / "pc1" / "card.md").is_file() and response.json()["job"] is None
+    shown = response.json()["directions"][0]
+    assert made["unit"] is not None and 0 < made["unit"] <= 4  # the sweep reaches half the flips of "bright"
+    # the slider moves in effect units: its combination is effect x unit
+    assert shown["card"]["unit"] == pytest.approx(made["unit"]) and shown["unit"].startswith("effect")
+    combination = editor.combination([{"name": "pc1", "scale": 1.0, "window": None}])
+    assert torch.allclose(combination.delta, made["unit"] * direction.delta, rtol=1e-5, atol=1e-6)
+
+    for body, message in [({"name": "nope"}, "unknown direction 'nope'"), ({"name": "pc1", "n": 1}, "n"), ({"name": "pc1", "n": True}, "n")]:
+        answer = client.post("/api/card", json=body)
+        assert answer.status_code == 400 and message in answer.json()["error"]
+    plain = Editor(engine, [direction], tmp_path / "other", steps=STEPS, eta=1.0)  # no scorer, no domain: no card button, a clear refusal
+    assert plain.info()["can_card"] is False
+    with pytest.raises(HspaceError, match="no scorer measures 'tiny-random'"):
+        plain.make_card({"name": "pc1"})

@@ -132,6 +132,36 @@ def test_a_slider_with_a_card_moves_in_effect_units_and_shows_what_the_card_meas
     assert combination.meta["params"]["parts"][0]["units"] == "effect" and combination.meta["params"]["parts"][0]["raw_scale"] == 1.0
 
 
+def test_the_card_button_measures_a_card_and_the_slider_keeps_its_image_in_effect_units(served, browser):
+    from test_ui import _brightness
+
+    editor, port, _ = served
+    engine = editor.engine
+    strong = Direction(torch.randn(STEPS, *engine.h_shape, generator=torch.Generator().manual_seed(3)) * 400,
+                       meta={"name": "brighten", "method": "pca"}, spec=engine.spec)
+    name = editor.add_direction(strong)
+    editor.scorer = _brightness  # as `hspace ui --scorer ...` would give it
+    try:
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"http://127.0.0.1:{port}/")
+        row = f'.dir[data-name="{name}"]'
+        page.wait_for_selector(f"{row} button.card:not([hidden])")
+        assert "no card yet" in page.text_content(f"{row} .effect")
+        page.eval_on_selector(f"{row} input.scale", "el => { el.value = 1; el.dispatchEvent(new Event('input')); el.dispatchEvent(new Event('change')); }")
+        page.click(f"{row} button.card")
+        page.wait_for_function(f"document.querySelector('{row} .unit').textContent.includes('effect')", timeout=120_000)
+        unit = editor.directions[name].meta["calibration"]["scale"]
+        # the same raw scale as before the card: 1 raw = 1 / unit effect units (the range's step is 0.02), and the line reads the card
+        assert float(page.input_value(f"{row} input.scale")) == pytest.approx(1 / unit, abs=0.02)
+        assert page.text_content(f"{row} .effect").startswith("measured: bright")
+        assert page.is_hidden(f"{row} button.card") and errors == []
+        page.close()
+    finally:
+        editor.scorer = None
+
+
 SETTLED = "window.hspace.finalVersion === window.hspace.version && !document.getElementById('edited').classList.contains('stale')"
 
 

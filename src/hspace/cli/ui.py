@@ -34,6 +34,10 @@ def register(sub) -> None:
     p.add_argument("--eager-preview", action="store_true", help="do not compile the previews' denoiser (by default it is compiled in "
                    "the background at start, ~30%% faster per pass on a CPU; the bundled kind of model only)")
     p.add_argument("--allow-remote", action="store_true", help="needed to listen on another address than this machine's")
+    p.add_argument("--scorer", default="domain", help="what the card button scores with: domain (the model's classifier; default), a "
+                   "domain name, or clip:DIR (a local CLIP model, with --attributes; text-to-image models)")
+    p.add_argument("--attributes", nargs="+", default=None, metavar="NAME='WITH|WITHOUT'",
+                   help="with a CLIP scorer: the attributes as prompt pairs, e.g. smile='a smiling face|a face'")
     p.set_defaults(func=run_ui, outputs={"save_dir": "dir", "workdir": "dir"})
 
 
@@ -61,7 +65,12 @@ def build_editor(args, startup):
     else:
         startup.report("drawing the starter set")
         directions = starter_directions(engine, args.workdir, steps, eta, callback=startup.step_callback("drawing the starter set"))
-    return Editor(engine, directions, args.save_dir, steps, eta, bank, compile_preview=not args.eager_preview)
+    scorer = None  # the model's domain, looked up by the editor
+    if args.scorer != "domain" or args.attributes:
+        from .directions import scorer_from
+
+        scorer = scorer_from(args.scorer, args.attributes, engine.name)
+    return Editor(engine, directions, args.save_dir, steps, eta, bank, compile_preview=not args.eager_preview, scorer=scorer)
 
 
 def run_ui(args) -> None:

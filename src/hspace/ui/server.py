@@ -52,6 +52,7 @@ MAX_UPLOAD_PIXELS = 4096 * 4096
 MAX_STRIP = 16
 MAX_JACOBIAN_K = 8
 CACHED = 64  # trajectories kept per kind (seeds, uploads)
+CARD_SAMPLES, MAX_CARD_SAMPLES, CARD_BATCH = 32, 256, 64  # a card from the editor: held-out samples (default, most) and batch
 MAX_ADDED = 64  # Jacobian directions added on request over the server's life (each holds T x h of memory)
 MAX_TABS = 1024  # tabs whose newest request number is remembered
 STATIC = Path(__file__).parent / "static"
@@ -111,8 +112,10 @@ class Editor:
     """The editor's state and operations, independent of the web framework (the app below wraps it)."""
 
     def __init__(self, engine, directions: list[Direction], save_dir: str | Path, steps: int = 25, eta: float = 1.0, bank=None,
-                 compile_preview: bool = False):
+                 compile_preview: bool = False, scorer: Callable | None = None):
         self.engine, self.steps, self.eta, self.bank = engine, steps, eta, bank
+        self.scorer = scorer  # what cards are scored by: this, else the model's domain (None for neither: no card button)
+        self.job = None  # the card being measured: {"what", "done", "total"} (read by /api/info while it runs)
         self.save_dir = Path(save_dir)
         self.lock = threading.Lock()
         self.directions: dict[str, Direction] = {}
@@ -162,6 +165,7 @@ class Editor:
             "bank": None if self.bank is None else {"path": str(self.bank.path), "n": self.bank.n},
             "parts": sorted(domain.parts) if domain is not None and domain.parts else [],
             "max_upload_bytes": MAX_UPLOAD_BYTES, "preview_denoiser": self.preview_denoiser,
+            "can_card": self.scorer is not None or domain is not None, "card_samples": CARD_SAMPLES, "job": self.job,
         }
 
     def _domain(self):
@@ -358,6 +362,40 @@ class Editor:
             label = f"jacobian {mask_name or 'whole image'} t={t:g} #{i + 1}"
             names.append(self.add_direction(d.renamed(label)))
         return names
+
+    def make_card(self, request: dict) -> dict:
+        """Measure the card of a slider's direction ({"name", "n"}: ``card.py`` on n held-out samples of the editor's
+        process), write it to ``save_dir/cards/NAME/`` and make the slider move in its effect unit."""
+        from ..card import card, write_card
+
+        name = request.get("name")
+        if not isinstance(name, str) or name not in self.directions:
+            raise HspaceError(f"unknown direction {name!r}; valid: {', '.join(self.directions)}")
+        n = _integer(request.get("n", CARD_SAMPLES), "n", 2, MAX_CARD_SAMPLES)
+        domain = self._domain() if self.scorer is None else None
+        if self.scorer is None and domain is None:
+            raise HspaceError(f"no scorer measures {self.engine.name!r}'s images: start the editor with --scorer clip:DIR --attributes ..., "
+                              "or make the card with hspace card")
+        direction = self.directions[name]
+        job = self.job = {"what": f"card of {name}", "done": 0, "total": 0}
+
+        def counted(event) -> None:
+            if hasattr(event, "done"):
+                job.update(stage=event.stage, done=event.done, total=event.total)
+
+        try:
+            with self.lock:
+                result = card(direction, self.engine, n=n, num_steps=self.steps, eta=self.eta, scorer=self.scorer, domain=domain,
+                              batch_size=CARD_BATCH, progress=False, callback=counted)
+            folder = write_card(result, direction, self.save_dir / "cards" / safe_name(name))
+        finally:
+            self.job = None
+        calibrated = Direction.load(folder / safe_name(direction.name or "direction", suffix=".safetensors"))
+        self.directions[name] = calibrated  # the same delta: the slider now moves in its effect unit (where the card found one)
+        unit = calibrated_unit(calibrated)
+        return {"card": str(folder / "card.md"), "target": result.target, "unit": unit, "samples": n,
+                "message": f"card of {name}: target {result.target}; " + (f"effect unit = raw scale {unit:.3g}" if unit is not None
+                                                                           else "its unit was not reached within the sweep: the slider stays raw")}
 
     def _step_of(self, request: dict) -> int:
         """The step of a Jacobian request: {"t": a timestep of the schedule} or {"step": its index}."""
@@ -572,6 +610,12 @@ def create_app(editor: "Editor | Startup", host: str = "127.0.0.1", port: int = 
         data = await body(request)
         editor = startup.get()
         return {"added": await run_in_threadpool(editor.jacobian, data), **editor.info()}
+
+    @app.post("/api/card")
+    async def make_card(request: Request):
+        data = await body(request)
+        editor = startup.get()
+        return {"made": await run_in_threadpool(editor.make_card, data), **editor.info()}
 
     @app.post("/api/upload")
     async def upload(request: Request):
