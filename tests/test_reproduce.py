@@ -72,7 +72,7 @@ def _assert_pinned(sections):
     assert pca["random_rise_interval"] == [pytest.approx(-11.575, rel=1e-3), pytest.approx(57.965, rel=1e-3)]
     assert pca["variance_ratio"] == [near(0.136382), near(0.081174), near(0.055175)]
     assert pca["toy_fid_unedited"] == pytest.approx(193.7206, rel=1e-3)
-    assert pca["toy_fid_rise_at_large_scale"] == {"pc": pytest.approx(89.345, rel=1e-3), "random": pytest.approx(32.358, rel=1e-3), "scale": 8.0}
+    assert pca["toy_fid_rise_at_large_scale"] == {"pc": pytest.approx(89.345, rel=1e-3), "random": pytest.approx(23.1947, rel=1e-3), "scale": 8.0}
     offs = {v: sections["table1"][v]["mean_off_diagonal"] for v in ("supervised", "disentangled", "disentangled_per_step", "regression")}
     assert offs == {"supervised": near(0.105834), "disentangled": near(0.067233), "disentangled_per_step": near(0.06202), "regression": near(0.084861)}
     fig8 = [(r["pairs"], r["h_split_half"], r["x_T_split_half"]) for r in sections["fig8"]["rows"]]
