@@ -254,13 +254,13 @@ def render(res: dict, config) -> list[str]:
                   f"clear of {HALF:g} and of the shuffled floor's: h {said['h']}, x_T {said['x_T']}; the edit success at "
                   f"scale {res['calibrated_scale']:g} per n is in the table."]
     ref = res["reference_cosine"]
-    x_text = res["x_T_pairs_to_reference"] if res["x_T_pairs_to_reference"] is not None else f"not within {res['rows'][-1]['pairs']}"
-    h_text = res["first_h_success"] if res["first_h_success"] is not None else f"no number up to {res['rows'][-1]['pairs']} of"
+    x_text = f"with {res['x_T_pairs_to_reference']} pairs" if res["x_T_pairs_to_reference"] is not None else f"not within {res['rows'][-1]['pairs']}"
+    h_text = f"from {res['first_h_success']} pairs" if res["first_h_success"] is not None else f"at no n up to {res['rows'][-1]['pairs']}"
     lines += [
         "",
         (f"Result: h's split-half cosine at n = {t['reference_pairs']} is {ref:.3f}; h reaches it with {res['h_pairs_to_reference']} pairs, "
-         f"x_T with {x_text} (convergence: **{res['verdict']['convergence']}**); h edits reach {pct(t['success'])} beyond the "
-         f"intervals with {h_text} pairs (edits: **{res['verdict']['edits']}**): {holds(res)}.")
+         f"x_T {x_text} (convergence: **{res['verdict']['convergence']}**); h edits reach {pct(t['success'])} beyond the "
+         f"intervals {h_text} (target: within {t['max_pairs']} pairs; edits: **{res['verdict']['edits']}**): {holds(res)}.")
         if ref is not None else f"Result: the bank is too small for n = {t['reference_pairs']} pairs per half: {holds(res)}.",
         "",
         "![fig8](figures/fig8_h_vs_xT.png)",
