@@ -4,6 +4,10 @@
 Each batch size runs in a fresh process and reports its peak resident memory (CPU) or the CUDA
 allocator's peak (GPU), against the same process after the model is built (the baseline in the
 same run). Usage: python benchmarks/bench_sd_memory.py [--device cuda] [--dtype float16] [--batch 1 2 4]
+
+``--vae`` measures the decode of the SD/SDXL-shaped VAE (random weights) instead: a batch decoded at once, one image
+per call (``--vae-slicing``: hspace splits the batch into single images) and in tiles (``--vae-tiling``: the VAE's
+``enable_tiling``), each in a fresh process: ``--vae --batch 4 --size 512`` (SD 1.5), ``--size 1024`` (SDXL).
 """
 
 from __future__ import annotations
@@ -48,13 +52,59 @@ def one(batch: int, device: str, dtype: str) -> dict:
             "peak_gib": peak / 2**30, "pass_gib": (peak - base) / 2**30, "seconds": seconds, "h_shape": list(kept[0].shape[1:])}
 
 
+SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+)
+
+
+def one_vae(batch: int, size: int, mode: str, device: str, dtype: str) -> dict:
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**SD_VAE).to(device, getattr(torch, dtype)).eval().requires_grad_(False)
+    if mode == "tiling":
+        vae.enable_tiling()
+    z = torch.randn(batch, 4, size // 8, size // 8, device=device, dtype=vae.dtype)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    with torch.no_grad():
+        parts = z.split(1) if mode == "slicing" else [z]  # what hspace's decode does with vae_slicing
+        images = torch.cat([vae.decode(p).sample.float().cpu() for p in parts])
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"batch": batch, "size": size, "mode": mode, "after_model_gib": base / 2**30, "peak_gib": peak / 2**30,
+            "decode_gib": (peak - base) / 2**30, "seconds": seconds, "shape": list(images.shape)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 2])
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--vae", action="store_true", help="measure the VAE's decode: at once, sliced, tiled")
+    p.add_argument("--size", type=int, default=512, help="with --vae: the image size (512: SD 1.5, 1024: SDXL)")
+    p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.vae:
+        if args.one is not None:
+            print(json.dumps(one_vae(args.one, args.size, args.mode, args.device, args.dtype)))
+            return
+        print(f"SD-shaped VAE (random weights), {args.size} px, {args.device}, {args.dtype}: the decode's peak memory beyond the model")
+        print("| batch | decode | peak GiB | of it the decode | seconds |")
+        print("|---|---|---|---|---|")
+        for b in args.batch:
+            for mode in ("batched", "slicing", "tiling"):
+                out = subprocess.run([sys.executable, __file__, "--vae", "--one", str(b), "--mode", mode, "--size", str(args.size),
+                                      "--device", args.device, "--dtype", args.dtype], capture_output=True, text=True, check=True)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"| {b} | {mode} | {r['peak_gib']:.2f} | {r['decode_gib']:.2f} | {r['seconds']:.1f} |", flush=True)
+        return
     if args.one is not None:
         print(json.dumps(one(args.one, args.device, args.dtype)))
         return

@@ -218,3 +218,43 @@ def test_jacobian_directions_of_a_sample_are_taken_under_its_own_prompt(folder):
     mine = jacobian_directions(engine, trajectory, steps=[2], k=2, max_iter=15, tol=0, progress=False)[0].singular_values
     theirs = jacobian_directions(dog, trajectory, steps=[2], k=2, max_iter=15, tol=0, progress=False)[0].singular_values
     assert torch.allclose(mine, theirs, rtol=1e-4)  # the engine's prompt ("a cat") does not enter
+
+
+def test_vae_slicing_decodes_one_image_per_call_and_tiling_tiles(folder):
+    """``Speed(vae_slicing=True)``: every VAE call sees one image (counted by a forward hook on the VAE's decoder and
+    encoder), with the images of a batched decode; ``vae_tiling``: the VAE's own tiling, used once an image exceeds
+    the tile (made small here), blended where tiles meet; refused for a model without a VAE."""
+    from hspace.speed import Speed
+
+    plain = Engine.load(str(folder), prompt="a cat", guidance=1.0)
+    sliced = Engine.load(str(folder), prompt="a cat", guidance=1.0, speed=Speed(vae_slicing=True))
+    assert sliced.speed.describe() == "vae_slicing"
+    x0 = plain.sample([1, 2, 3], STEPS, 1.0, progress=False).x0
+    seen = {"decoder": [], "encoder": []}
+    hooks = [getattr(sliced.decoder, part).register_forward_hook(lambda m, args, out, part=part: seen[part].append(len(args[0])))
+             for part in seen]
+    try:
+        images = sliced.decode(x0)
+        latents = sliced.encode(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == {"decoder": [1, 1, 1], "encoder": [1, 1, 1]}
+    assert torch.allclose(images, plain.decode(x0), atol=1e-5) and torch.allclose(latents, plain.encode(images), atol=1e-5)
+
+    tiled = Engine.load(str(folder), prompt="a cat", guidance=1.0, speed=Speed(vae_tiling=True))
+    vae = tiled.decoder
+    assert vae.use_tiling
+    # the tiny VAE's images are below diffusers' default tile (512 px): tiling only starts above it, so shrink the tile
+    size = images.shape[-1]
+    vae.tile_sample_min_size, vae.tile_latent_min_size = size // 2, x0.shape[-1] // 2
+    calls = []
+    hook = vae.decoder.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape[-2:])))
+    try:
+        tiles = tiled.decode(x0)
+    finally:
+        hook.remove()
+    assert len(calls) > 1 and all(c[0] <= x0.shape[-2] // 2 for c in calls)  # several tiles, each at most the tile size
+    assert tiles.shape == images.shape and bool(torch.isfinite(tiles).all()) and not torch.equal(tiles, images)
+    with pytest.raises(HspaceError, match="no VAE"):
+        Engine.load("tiny-random", speed=Speed(vae_tiling=True))

@@ -22,6 +22,13 @@ process the same up to a stated tolerance (measured by ``benchmarks/bench_peak.p
   run (encoding a prompt, once per prompt; decoding or encoding images), as diffusers'
   ``enable_model_cpu_offload`` does for a pipeline's components: only the denoiser stays on the GPU. The
   values are the same (the same modules on the same device when they run); the moves cost time.
+- ``vae_slicing``: the VAE decodes and encodes one image per call (diffusers' ``enable_vae_slicing``), so its peak
+  memory is one image's whatever the batch. Each image is computed as alone: equal to a batched decode up to the
+  kernels' batch-shape rounding.
+- ``vae_tiling``: the VAE decodes and encodes large images in overlapping tiles (the VAE's own ``enable_tiling``,
+  diffusers' tile sizes and blending): memory bounded by a tile for SDXL at 1024 px and beyond. Tiles are blended, so
+  an image differs slightly from the untiled decode where tiles overlap (images below the tile size are not tiled).
+  Only for a latent model whose VAE supports it.
 
 Nothing is on by default (docs/performance.md): channels_last + compile are within tolerance but gain 9%
 at batch 32 on this project's CPU, cost 30-55 s of compilation per batch shape, and would make results
@@ -49,16 +56,18 @@ class Speed:
     compile: bool = False
     autocast: str | None = None
     offload: bool = False  # text encoders and the VAE on the CPU between uses (module doc)
+    vae_slicing: bool = False  # the VAE one image per call
+    vae_tiling: bool = False  # the VAE in overlapping tiles (its enable_tiling)
 
     def __post_init__(self):
-        for name in ("channels_last", "compile", "offload"):
+        for name in ("channels_last", "compile", "offload", "vae_slicing", "vae_tiling"):
             if not isinstance(getattr(self, name), bool):
                 raise HspaceError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
             raise HspaceError(f"unknown autocast dtype {self.autocast!r}; valid: {', '.join(AUTOCAST_DTYPES)} (or None: off)")
 
     def describe(self) -> str:
-        on = [name for name in ("channels_last", "compile", "offload") if getattr(self, name)]
+        on = [name for name in ("channels_last", "compile", "offload", "vae_slicing", "vae_tiling") if getattr(self, name)]
         if self.autocast:
             on.append(f"{self.autocast} autocast")
         return ", ".join(on) or "default"

@@ -194,7 +194,7 @@ def speed_of(args):
     from ..speed import Speed
 
     return Speed(bool(getattr(args, "channels_last", False)), bool(getattr(args, "compile", False)), getattr(args, "autocast", None),
-                 bool(getattr(args, "offload", False)))
+                 bool(getattr(args, "offload", False)), bool(getattr(args, "vae_slicing", False)), bool(getattr(args, "vae_tiling", False)))
 
 
 def batch_size_arg(text: str):
@@ -244,6 +244,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--autocast", choices=AUTOCAST_DTYPES, default=None,
                    help="U-Net matmuls/convolutions in this precision, h and weights in float32 (not within 1e-4; recorded in banks)")
     s.add_argument("--offload", action="store_true", help="keep the text encoders and the VAE on the CPU between uses (a GPU holds the denoiser only)")
+    s.add_argument("--vae-slicing", action="store_true", help="the VAE decodes and encodes one image at a time (its peak memory: one image's)")
+    s.add_argument("--vae-tiling", action="store_true", help="the VAE works in overlapping tiles (large images; blended where tiles meet)")
     g = p.add_argument_group("text-conditioned models (Stable Diffusion, SDXL, SD3, FLUX, PixArt; DiT: a class)")
     g.add_argument("--prompt", action="append", default=None,
                    help='the prompt (default ""); repeat it for several: the samples cycle over them (sample i gets prompt i mod P)')

@@ -212,6 +212,11 @@ class UNetModel:
         upcast = decoder is not None and dtype == torch.float16 and bool(getattr(decoder.config, "force_upcast", False))
         self.decoder_dtype = torch.float32 if upcast else dtype
         self.decoder = None if decoder is None else _prepare(decoder, torch.device("cpu") if self.speed.offload else device, self.decoder_dtype)
+        if self.speed.vae_tiling:
+            if self.decoder is None or not callable(getattr(self.decoder, "enable_tiling", None)):
+                what = "this model has no VAE (it runs in pixel space)" if self.decoder is None else f"its {type(self.decoder).__name__} has no enable_tiling"
+                raise HspaceError(f"vae_tiling (--vae-tiling) tiles a latent model's VAE; {what}")
+            self.decoder.enable_tiling()
         self.sample_shape = self._sample_shape() if size is None else self._sized(size)
         self._h_shape: tuple[int, ...] | None = None
 
@@ -380,7 +385,7 @@ class UNetModel:
             return x0
         out = []
         with torch.no_grad(), self._decoder_on_device():
-            for part in x0.split(batch_size):
+            for part in x0.split(1 if self.speed.vae_slicing else batch_size):
                 z = part.to(self.device, self.decoder_dtype) / self.latent_scale
                 if self.latent_shift is not None:
                     z = z + self.latent_shift
@@ -399,7 +404,7 @@ class UNetModel:
             return images.float()
         out = []
         with torch.no_grad(), self._decoder_on_device():
-            for part in images.split(batch_size):
+            for part in images.split(1 if self.speed.vae_slicing else batch_size):
                 encoded = self.decoder.encode(part.to(self.device, self.decoder_dtype))
                 latents = encoded.latents if hasattr(encoded, "latents") else encoded.latent_dist.mean
                 if self.latent_shift is not None:
