@@ -258,3 +258,51 @@ def test_vae_slicing_decodes_one_image_per_call_and_tiling_tiles(folder):
     assert tiles.shape == images.shape and bool(torch.isfinite(tiles).all()) and not torch.equal(tiles, images)
     with pytest.raises(HspaceError, match="no VAE"):
         Engine.load("tiny-random", speed=Speed(vae_tiling=True))
+
+
+def test_precomputed_prompt_embeddings_stand_for_a_prompt(folder):
+    """diffusers' ``prompt_embeds`` / ``negative_prompt_embeds``: the embeddings of "a cat" draw what the text draws,
+    exactly; their label is what a trajectory records, and a replay needs the same tensors."""
+    text = Engine.load(str(folder), prompt="a cat", negative_prompt="blurry", guidance=3.0)
+    pipe = text.components.conditioner.pipeline
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt("a cat", "cpu", 1, True, "blurry")
+    embedded = Engine.load(str(folder), prompt_embeds=cond, negative_prompt_embeds=uncond, guidance=3.0)
+    label = embedded.spec.prompt
+    assert label.startswith("<prompt embeds ") and embedded.spec.negative_prompt is None
+    a, b = text.sample([1, 2], STEPS, 1.0, progress=False), embedded.sample([1, 2], STEPS, 1.0, progress=False)
+    assert torch.equal(a.x0, b.x0) and b.prompts == [label, label]
+    # the negative side from text when only prompt_embeds are given (the pipelines' rule), and other tensors are another prompt
+    half = Engine.load(str(folder), prompt_embeds=cond, negative_prompt="blurry", guidance=3.0)
+    one = text.sample([1], STEPS, 1.0, progress=False).x0  # (the same batch shape: exactly equal)
+    assert torch.equal(half.sample([1], STEPS, 1.0, progress=False).x0, one)
+    other = embedded.prompt_embeds(1.5 * cond, uncond)
+    assert other != label and not torch.allclose(embedded.sample([1], STEPS, 1.0, progress=False, prompts=[other]).x0, one, atol=1e-3)
+    # per-sample prompts mix labels and text
+    mixed = embedded.sample([1, 2], STEPS, 1.0, progress=False, prompts=[label, "a dog"])
+    dog = Engine.load(str(folder), prompt="a dog", guidance=3.0).sample([2], STEPS, 1.0, progress=False)
+    assert torch.allclose(mixed.x0[0], a.x0[0], atol=1e-5) and torch.allclose(mixed.x0[1], dog.x0[0], atol=1e-5)
+
+    # a replay: the spec names the label; without the tensors it is refused, with them it replays exactly
+    with pytest.raises(HspaceError, match="precomputed embeddings that this engine does not hold"):
+        Engine.load(b.spec)
+    again = Engine.load(b.spec, prompt_embeds=cond, negative_prompt_embeds=uncond)
+    assert torch.equal(again.replay(b, progress=False).x0, b.x0)
+    with pytest.raises(HspaceError, match="not the spec's prompt"):
+        Engine.load(b.spec, prompt_embeds=cond)
+
+    for options, message in [
+        ({"prompt": "a cat", "prompt_embeds": cond}, "not both"),
+        ({"prompt_embeds": cond[:, :, :5]}, r"prompt_embeds has shape \(1, \d+, 5\); valid: \[1, L, \d+\]"),
+        ({"prompt_embeds": cond * float("nan")}, "NaN"),
+        ({"negative_prompt_embeds": uncond}, "prompt_embeds is needed"),
+    ]:
+        with pytest.raises(HspaceError, match=message):
+            Engine.load(str(folder), guidance=3.0, **options)
+    with pytest.raises(HspaceError, match="takes no prompt embeddings"):
+        Engine.load("tiny-random", prompt_embeds=cond)
+    xl = tiny_sd.sdxl_pipeline()
+    with torch.no_grad():
+        xl_cond = xl.encode_prompt("a cat", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+    with pytest.raises(HspaceError, match="SDXL pipeline needs pooled_prompt_embeds"):
+        Engine.from_pipeline(xl, prompt_embeds=xl_cond, guidance=1.0)

@@ -136,10 +136,11 @@ class Engine:
         ``guidance`` and ``guide_edit`` (see ``spec.py``); ``engine.conditioned(prompt=...)`` changes them later.
         ``speed`` (``hspace.speed.Speed``) chooses how the U-Net runs: channels_last, torch.compile, autocast."""
         _check_options(condition, "folder")
+        embeds = _pop_embeds(condition)
         if _is_pipeline(model):
             if folder is not None:
                 raise HspaceError("folder= relocates the model of a spec; a loaded pipeline is its own model")
-            return cls.from_pipeline(model, h_location, device, dtype, clip_sample, speed, **condition)
+            return cls.from_pipeline(model, h_location, device, dtype, clip_sample, speed, **condition, **embeds)
         if not isinstance(model, (str, Spec)) and not hasattr(model, "__fspath__"):
             raise HspaceError(f"model must be a name, a folder, a hub id, a Spec or a loaded diffusers pipeline; got a {type(model).__name__}")
         if isinstance(model, Spec):
@@ -147,12 +148,13 @@ class Engine:
             extra = [k for k, v in given.items() if v is not None]
             if extra:
                 raise HspaceError(f"a spec fixes {', '.join(extra)}; load it alone (Engine.load(spec, device=..., speed=...))")
-            return cls._of_spec(model, device, speed, folder)
+            return cls._of_spec(model, device, speed, folder, embeds)
         if folder is not None:
             raise HspaceError("folder= relocates the model of a spec; to load a folder pass it as the model")
         if h_location is not None:
             Spec(str(model), h_location)  # checks the name of the h location before loading
-        return cls(load_components(model), h_location, device, dtype, clip_sample, **condition, speed=speed)
+        components = load_components(model)
+        return cls(components, h_location, device, dtype, clip_sample, **_embedded(components, condition, embeds), speed=speed)
 
     @classmethod
     def from_pipeline(
@@ -176,6 +178,7 @@ class Engine:
         if not _is_pipeline(pipeline):
             raise HspaceError(f"from_pipeline takes a loaded diffusers pipeline, got a {type(pipeline).__name__}")
         _check_options(condition, "name")
+        embeds = _pop_embeds(condition)
         denoiser = denoiser_of(pipeline)
         label = name or getattr(pipeline, "name_or_path", None) or f"{type(pipeline).__name__} (in memory)"
         components = components_of_pipeline(pipeline, str(label))
@@ -183,10 +186,10 @@ class Engine:
             first = next(denoiser.parameters(), None)
             device = device if device is not None else (None if first is None else first.device)
             dtype = dtype if dtype is not None else (None if first is None else first.dtype)
-        return cls(components, h_location, device, dtype, clip_sample, **condition, speed=speed)
+        return cls(components, h_location, device, dtype, clip_sample, **_embedded(components, condition, embeds), speed=speed)
 
     @classmethod
-    def _of_spec(cls, spec: Spec, device, speed: Speed | None, folder: str | None) -> "Engine":
+    def _of_spec(cls, spec: Spec, device, speed: Speed | None, folder: str | None, embeds: dict | None = None) -> "Engine":
         """The engine of ``spec``, with its autocast, from its model (at ``folder`` when given), checked by fingerprint."""
         speed = speed or Speed()
         if speed.autocast is not None and speed.autocast != spec.autocast:
@@ -199,10 +202,22 @@ class Engine:
                 raise
             raise HspaceError(f"the model of this spec (fingerprint {spec.fingerprint}) cannot be loaded from {spec.model!r}: {e}. "
                               "If it was moved, pass where it is now (Engine.load(spec, folder=DIR), or --model DIR)") from None
+        if embeds:  # a spec whose prompt is precomputed embeddings: the same tensors, registered before the prompt is encoded
+            label = _embedded(components, {}, embeds)["prompt"]
+            if label != spec.prompt:
+                raise HspaceError(f"these embeddings are {label}, not the spec's prompt {spec.prompt!r}")
         engine = cls(components, spec.h_location, device, spec.dtype, spec.clip_sample, **{k: getattr(spec, k) for k in CONDITION_FIELDS},
                      speed=replace(speed, autocast=spec.autocast), **_size_options(spec))
         engine.spec.check(spec.engine, f"the spec's model (found at {folder or spec.model!r})", kind="exact")
         return engine
+
+    def prompt_embeds(self, prompt_embeds, negative_prompt_embeds=None, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None) -> str:
+        """Precomputed embeddings (diffusers' names and shapes, one prompt's) as a prompt: the label to pass wherever a
+        prompt goes (``prompts=[...]``, ``conditioned(prompt=...)``); it is what trajectories and banks record, and a
+        replay needs the same tensors registered (``models/conditional.py``). SD 1.x/2.x and SDXL pipelines."""
+        return _embedded(self.components, {}, {k: v for k, v in zip(
+            ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
+            (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)) if v is not None})["prompt"]
 
     def conditioned(self, **changes) -> "Engine":
         """This engine (the same loaded model, no reload) for another prompt, negative prompt, guidance or
@@ -649,11 +664,34 @@ SIZE_FIELDS = ("height", "width")  # the image size in pixels (both or neither; 
 
 
 def _check_options(options: dict, own: str) -> None:
-    """The keyword options of ``load`` / ``from_pipeline`` (whose own extra option is ``own``): conditions and sizes only."""
-    unknown = sorted(set(options) - set(CONDITION_FIELDS) - set(SIZE_FIELDS))
+    """The keyword options of ``load`` / ``from_pipeline`` (whose own extra option is ``own``): conditions, sizes and
+    precomputed prompt embeddings only."""
+    from .models.conditional import EMBED_KEYS
+
+    unknown = sorted(set(options) - set(CONDITION_FIELDS) - set(SIZE_FIELDS) - set(EMBED_KEYS))
     if unknown:
         raise HspaceError(f"unknown option(s) {', '.join(unknown)}; valid: h_location, device, dtype, clip_sample, speed, {own}, "
-                          f"{', '.join(CONDITION_FIELDS + SIZE_FIELDS)}")
+                          f"{', '.join(CONDITION_FIELDS + SIZE_FIELDS + EMBED_KEYS)}")
+
+
+def _pop_embeds(options: dict) -> dict:
+    """The precomputed prompt embeddings among ``options`` (diffusers' keyword names), taken out of them."""
+    from .models.conditional import EMBED_KEYS
+
+    return {k: options.pop(k) for k in EMBED_KEYS if options.get(k) is not None}
+
+
+def _embedded(components: Components, condition: dict, embeds: dict) -> dict:
+    """``condition`` with the prompt standing for ``embeds`` (registered on the model's text conditioner) where given."""
+    if not embeds:
+        return condition
+    if components.conditioner is None or not callable(getattr(components.conditioner, "register", None)):
+        raise HspaceError(f"{components.name!r} takes no prompt embeddings (it is not a text-conditioned pipeline)")
+    if condition.get("prompt") is not None:
+        raise HspaceError("give the prompt as text (prompt=) or as embeddings (prompt_embeds=), not both")
+    if "negative_prompt_embeds" in embeds and condition.get("negative_prompt") is not None:
+        raise HspaceError("give the negative prompt as text (negative_prompt=) or as embeddings (negative_prompt_embeds=), not both")
+    return {**condition, "prompt": components.conditioner.register(**embeds)}
 
 
 def _size_options(spec: Spec) -> dict:

@@ -13,6 +13,13 @@ Without guidance (guidance <= 1) there is one pass (conditional), and it is what
 The prompt's embeddings (and SDXL's pooled embeddings and time ids) are computed once per prompt by the
 pipeline's own ``encode_prompt``, so that a zero-delta sample equals diffusers' pipeline.
 
+Precomputed embeddings (diffusers' ``prompt_embeds``, ``negative_prompt_embeds`` and SDXL's pooled ones: prompt
+weighting, textual inversion, interpolated prompts) are registered with ``TextConditioner.register`` and then stand
+for a prompt: their label, ``<prompt embeds SHA>`` with the SHA-256 of the tensors, is what a spec, a trajectory or a
+bank records, so a replay needs the same tensors registered (an error says so) and other tensors are another prompt.
+They go through the same ``encode_prompt`` as the pipelines (which computes the negative side from the negative
+prompt when no negative embeddings are given).
+
 The Jacobian's function (eq. 6) here is the guided output as a function of the h that the interventions
 see: J = g J_cond for "cond", (1 - g) J_uncond for "uncond", (1 - g) J_uncond + g J_cond for "both", which is
 what an edit of that h does to the step. It runs the whole U-Net with h replaced by a hook: under
@@ -23,6 +30,7 @@ U-Net (as ``unet.py`` does for UNet2DModel) would save little (docs/directions.m
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -53,6 +61,10 @@ class EmbeddingCache(dict):
             del self[next(iter(self))]
 
 
+EMBEDS = "<prompt embeds "  # the label of registered prompt embeddings: EMBEDS + 16 hex digits + ">"
+EMBED_KEYS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
 class TextConditioner:
     """The text side of a Stable Diffusion-like pipeline: prompt -> the U-Net's conditioning keywords.
 
@@ -67,6 +79,49 @@ class TextConditioner:
         self.pipeline = pipeline
         self.xl = getattr(pipeline, "text_encoder_2", None) is not None or "text_time" == pipeline.unet.config.addition_embed_type
         self._cache = EmbeddingCache()
+        self.registered: dict[str, dict[str, torch.Tensor]] = {}  # label -> precomputed embeddings (module doc)
+
+    def register(self, prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None) -> str:
+        """Precomputed embeddings as a prompt: their label (module doc). Each is [1, ...] or without the batch axis."""
+        if type(self).embed is not TextConditioner.embed:
+            raise HspaceError(f"precomputed prompt embeddings are taken for Stable Diffusion 1.x/2.x and SDXL pipelines; not yet for "
+                              f"this model ({type(self).__name__}): give the prompt as text")
+        given = dict(zip(EMBED_KEYS, (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)))
+        width = self.pipeline.unet.config.cross_attention_dim
+        tensors = {}
+        for key, value in given.items():
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise HspaceError(f"{key} must be a tensor, got {type(value).__name__}")
+            pooled = key.endswith("pooled_prompt_embeds")
+            value = value.detach().to("cpu", torch.float32)
+            value = value if value.ndim == (2 if pooled else 3) else value[None]
+            expected = "[1, D]" if pooled else f"[1, L, {width}]"
+            if value.ndim != (2 if pooled else 3) or value.shape[0] != 1 or (not pooled and value.shape[-1] != width):
+                raise HspaceError(f"{key} has shape {tuple(value.shape)}; valid: {expected} (one prompt's, as encode_prompt returns it)")
+            if not bool(torch.isfinite(value).all()):
+                raise HspaceError(f"{key} holds NaN or infinite values")
+            tensors[key] = value
+        if "prompt_embeds" not in tensors:
+            raise HspaceError("prompt_embeds is needed (the other embeddings go with it)")
+        if self.xl and ("pooled_prompt_embeds" not in tensors or ("negative_prompt_embeds" in tensors) != ("negative_pooled_prompt_embeds" in tensors)):
+            raise HspaceError("an SDXL pipeline needs pooled_prompt_embeds with prompt_embeds, and negative_pooled_prompt_embeds with "
+                              "negative_prompt_embeds (as its encode_prompt returns them)")
+        digest = hashlib.sha256()
+        for key, value in tensors.items():
+            digest.update(key.encode() + str(tuple(value.shape)).encode() + value.numpy().tobytes())
+        label = f"{EMBEDS}{digest.hexdigest()[:16]}>"
+        self.registered[label] = tensors
+        return label
+
+    def _registered(self, prompt: str) -> dict | None:
+        if not prompt.startswith(EMBEDS):
+            return None
+        if prompt not in self.registered:
+            raise HspaceError(f"the prompt {prompt} is precomputed embeddings that this engine does not hold: register the same tensors "
+                              "first (engine.prompt_embeds(...) returns this label for them)")
+        return self.registered[prompt]
 
     @property
     def kind(self) -> str:
@@ -78,6 +133,10 @@ class TextConditioner:
         tokenizer = getattr(self.pipeline, "tokenizer", None) or getattr(self.pipeline, "tokenizer_2", None)
         if not isinstance(prompt, str) or tokenizer is None:
             return prompt  # (not a string: the spec says what is wrong with it)
+        if self._registered(prompt) is not None:
+            if what != "prompt":
+                raise HspaceError(f"the {what} cannot be precomputed embeddings: give them as negative_prompt_embeds with the prompt's")
+            return prompt
         ids = tokenizer(prompt, truncation=False, add_special_tokens=False).input_ids
         room = tokenizer.model_max_length - 2  # the start and end tokens
         if len(ids) <= room:
@@ -118,19 +177,26 @@ class TextConditioner:
     def embed(self, prompt: str, negative_prompt: str | None, guided: bool, image_size: tuple[int, int]) -> tuple[dict | None, dict]:
         key = (prompt, negative_prompt, guided, image_size)
         if key not in self._cache:
+            given = self._registered(prompt) or {}
+            if given:
+                prompt = None  # as the pipelines take embeddings: prompt=None, prompt_embeds=...
+                if "negative_prompt_embeds" in given:
+                    negative_prompt = None
+                given = {k: v.to(self.device, self.dtype) for k, v in given.items()}
             with torch.no_grad(), self.on_device():
-                self._cache[key] = self._embed_xl(*key) if self.xl else self._embed_sd(*key[:3])
+                self._cache[key] = self._embed_xl(prompt, negative_prompt, guided, image_size, given) if self.xl else self._embed_sd(prompt, negative_prompt, guided, given)
         return self._cache[key]
 
-    def _embed_sd(self, prompt, negative_prompt, guided):
-        cond, uncond = self.pipeline.encode_prompt(prompt, self.device, 1, guided, negative_prompt)
+    def _embed_sd(self, prompt, negative_prompt, guided, given=None):
+        cond, uncond = self.pipeline.encode_prompt(prompt, self.device, 1, guided, negative_prompt, **(given or {}))
         wrap = lambda e: {"encoder_hidden_states": e.to(self.dtype)}  # noqa: E731
         return (wrap(uncond) if guided else None), wrap(cond)
 
-    def _embed_xl(self, prompt, negative_prompt, guided, image_size):
+    def _embed_xl(self, prompt, negative_prompt, guided, image_size, given=None):
         pipe = self.pipeline
         cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
-            prompt=prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guided, negative_prompt=negative_prompt
+            prompt=prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=guided, negative_prompt=negative_prompt,
+            **(given or {}),
         )
         projection = int(pooled.shape[-1]) if getattr(pipe, "text_encoder_2", None) is None else pipe.text_encoder_2.config.projection_dim
         # As the pipeline with its defaults: original size = target size = the image size, crop (0, 0).
