@@ -268,3 +268,29 @@ def write_json(path: str | Path | None, report: dict) -> None:
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         write(path, report)
+
+
+def _clip_prompts(items: list[str] | None) -> dict[str, tuple[str, str]]:
+    if not items:
+        raise HspaceError("a CLIP scorer needs at least one attribute as a prompt pair: NAME='with the attribute|without it'")
+    prompts = {}
+    for item in items:
+        name, _, pair = item.partition("=")
+        texts = pair.split("|")
+        if not name or len(texts) != 2 or not all(t.strip() for t in texts):
+            raise HspaceError(f"bad attribute {item!r}; valid: NAME='a photo of a smiling person|a photo of a person'")
+        prompts[name.strip()] = (texts[0].strip(), texts[1].strip())
+    return prompts
+
+
+def scorer_from(text: str, prompts: list[str] | None, model: str):
+    """A scorer named on the command line: "domain" (the model's), a domain name, or "clip:DIR"."""
+    from ..domains import domain_of, get_domain
+
+    if text.startswith("clip:"):
+        from ..directions.supervised import clip_scorer
+
+        return clip_scorer(text[len("clip:"):], _clip_prompts(prompts))
+    if prompts:
+        raise HspaceError("attributes given as prompt pairs need a CLIP scorer (--scorer clip:DIR)")
+    return (domain_of(model) if text == "domain" else get_domain(text)).scorer()

@@ -10,7 +10,7 @@ from ..errors import HspaceError, check_choice
 from ..files import save_image, write_json
 from .common import (
     add_model_args, add_process_args, add_processes_arg, processes_of, engine_from, finite_float, nonnegative_int, parse_eta, parse_scales, parse_seeds,
-    positive_int, prompts_of, saved_trajectory,
+    positive_int, prompts_of, saved_trajectory, scorer_from,
 )
 from .generation import sample
 
@@ -204,32 +204,6 @@ def _jacobian_of(engine, trajectory, mask, at, scales, args, out: Path) -> None:
         print(f"seed {trajectory.seeds[0]}, step {r['step']} (t={r['timestep']}): singular values {', '.join(f'{v:.3g}' for v in r['singular_values'])}; "
               f"iterations {r['iterations']} ({state})")
     print(f"wrote {len(paths)} directions, jacobian.json and grid.png to {out}")
-
-
-def _clip_prompts(items: list[str] | None) -> dict[str, tuple[str, str]]:
-    if not items:
-        raise HspaceError("a CLIP scorer needs at least one attribute as a prompt pair: NAME='with the attribute|without it'")
-    prompts = {}
-    for item in items:
-        name, _, pair = item.partition("=")
-        texts = pair.split("|")
-        if not name or len(texts) != 2 or not all(t.strip() for t in texts):
-            raise HspaceError(f"bad attribute {item!r}; valid: NAME='a photo of a smiling person|a photo of a person'")
-        prompts[name.strip()] = (texts[0].strip(), texts[1].strip())
-    return prompts
-
-
-def scorer_from(text: str, prompts: list[str] | None, model: str):
-    """A scorer named on the command line: "domain" (the model's), a domain name, or "clip:DIR"."""
-    from ..domains import domain_of, get_domain
-
-    if text.startswith("clip:"):
-        from ..directions.supervised import clip_scorer
-
-        return clip_scorer(text[len("clip:"):], _clip_prompts(prompts))
-    if prompts:
-        raise HspaceError("attributes given as prompt pairs need a CLIP scorer (--scorer clip:DIR)")
-    return (domain_of(model) if text == "domain" else get_domain(text)).scorer()
 
 
 def run_annotate(args) -> None:

@@ -315,7 +315,7 @@ def run_card(args) -> None:
     engine.check_direction(direction)
     scorer, domain = None, None
     if args.scorer.startswith("clip:") or args.attributes:
-        from .directions import scorer_from
+        from .common import scorer_from
 
         scorer = scorer_from(args.scorer, args.attributes, args.model)  # CLIP probabilities: every attribute binary
     elif args.scorer != "domain":

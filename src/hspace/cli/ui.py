@@ -67,7 +67,7 @@ def build_editor(args, startup):
         directions = starter_directions(engine, args.workdir, steps, eta, callback=startup.step_callback("drawing the starter set"))
     scorer = None  # the model's domain, looked up by the editor
     if args.scorer != "domain" or args.attributes:
-        from .directions import scorer_from
+        from .common import scorer_from
 
         scorer = scorer_from(args.scorer, args.attributes, engine.name)
     return Editor(engine, directions, args.save_dir, steps, eta, bank, compile_preview=not args.eager_preview, scorer=scorer)
