@@ -3,7 +3,8 @@ and the shared building blocks the claims measure with (the bank, held-out sampl
 directions, classifier scores of edits).
 
 A claim is a module with ``NAME``, ``measure(run) -> dict`` (its numbers and intervals), ``judge(result) ->
-dict`` (its ``verdict``, with its thresholds) and ``render(result, config) -> list[str]`` (Markdown); ``CLAIMS`` in ``__init__`` lists them in order.
+dict`` (its ``verdict``, with its thresholds) and ``render(result, config) -> list[str]`` (Markdown);
+``CLAIMS`` in ``__init__`` lists them in order.
 Sections are cached as JSON (``sections/NAME.json``), so an interrupted run resumes where it stopped.
 
 Verdicts are three-way and have a margin: a claim **holds** where the 95% interval of what it measures
@@ -135,9 +136,6 @@ def cluster_bootstrap(groups: list, resamples: int = 2000, seed: int = 0) -> tup
     means = sums[pick].sum(1) / counts[pick].sum(1)
     low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return mean, (low, high)
-
-
-STATES = ("holds", "fails", "undecided")
 
 
 def verdict(holds: bool, fails: bool, intervals: dict | None = None, **thresholds) -> dict:
