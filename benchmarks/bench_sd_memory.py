@@ -27,16 +27,31 @@ SD15_UNET = dict(
 )
 
 
-def one(batch: int, device: str, dtype: str) -> dict:
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+
+
+def one(batch: int, device: str, dtype: str, sdxl: bool = False) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
     from hspace.hooks import h_hook
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET).to(device, getattr(torch, dtype)).eval().requires_grad_(False)
-    x = torch.randn(2 * batch, 4, 64, 64, device=device, dtype=unet.dtype)  # conditional + unconditional rows
-    text = torch.randn(2 * batch, 77, 768, device=device, dtype=unet.dtype)
+    config = SDXL_UNET if sdxl else SD15_UNET
+    unet = UNet2DConditionModel(**config).to(device, getattr(torch, dtype)).eval().requires_grad_(False)
+    side = config["sample_size"]
+    x = torch.randn(2 * batch, 4, side, side, device=device, dtype=unet.dtype)  # conditional + unconditional rows
+    text = torch.randn(2 * batch, 77, config["cross_attention_dim"], device=device, dtype=unet.dtype)
+    extra = {}
+    if sdxl:  # the pooled text embedding and the size/crop time ids
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(2 * batch, 1280, device=device, dtype=unet.dtype),
+                                      "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2 * batch, device=device, dtype=unet.dtype)}
     kept = []
     if device == "cuda":
         torch.cuda.synchronize()
@@ -44,7 +59,7 @@ def one(batch: int, device: str, dtype: str) -> dict:
     base = torch.cuda.memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     with torch.no_grad(), h_hook(unet, "mid.out", lambda h: kept.append(h.float().cpu()) or h):
-        unet(x, torch.tensor(500, device=device), encoder_hidden_states=text)
+        unet(x, torch.tensor(500, device=device), encoder_hidden_states=text, **extra)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     params = sum(p.numel() * p.element_size() for p in unet.parameters())
@@ -88,6 +103,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 2])
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--vae", action="store_true", help="measure the VAE's decode: at once, sliced, tiled")
+    p.add_argument("--sdxl", action="store_true", help="an SDXL-shaped U-Net (1024 px: 128x128 latents, h 1280x32x32) instead of SD 1.5's")
     p.add_argument("--size", type=int, default=512, help="with --vae: the image size (512: SD 1.5, 1024: SDXL)")
     p.add_argument("--mode", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -106,16 +122,16 @@ def main() -> None:
                 print(f"| {b} | {mode} | {r['peak_gib']:.2f} | {r['decode_gib']:.2f} | {r['seconds']:.1f} |", flush=True)
         return
     if args.one is not None:
-        print(json.dumps(one(args.one, args.device, args.dtype)))
+        print(json.dumps(one(args.one, args.device, args.dtype, args.sdxl)))
         return
     rows = []
     for b in args.batch:
-        out = subprocess.run([sys.executable, __file__, "--one", str(b), "--device", args.device, "--dtype", args.dtype],
+        out = subprocess.run([sys.executable, __file__, "--one", str(b), "--device", args.device, "--dtype", args.dtype] + (["--sdxl"] if args.sdxl else []),
                              capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     h = rows[0]["h_shape"]
     per_step = 4 * h[0] * h[1] * h[2]
-    print(f"SD 1.5-shaped U-Net, {args.device}, {args.dtype}: weights {rows[0]['weights_gib']:.2f} GiB; h {h} = {per_step / 2**10:.0f} KiB "
+    print(f"{'SDXL' if args.sdxl else 'SD 1.5'}-shaped U-Net, {args.device}, {args.dtype}: weights {rows[0]['weights_gib']:.2f} GiB; h {h} = {per_step / 2**10:.0f} KiB "
           f"per sample and step in float32 (50 steps: {50 * per_step / 2**20:.1f} MiB in RAM, half that in a bank on disk)")
     print("| batch (rows under guidance) | peak GiB | of it the pass | pass s | ratio of pass memory to batch 1 |")
     print("|---|---|---|---|---|")
