@@ -423,5 +423,9 @@ def test_a_card_made_from_the_editor_is_the_card_and_the_slider_moves_in_its_uni
         assert answer.status_code == 400 and message in answer.json()["error"]
     plain = Editor(engine, [direction], tmp_path / "other", steps=STEPS, eta=1.0)  # no scorer, no domain: no card button, a clear refusal
     assert plain.info()["can_card"] is False
+    from hspace.domains import get_domain
+
+    named = Editor(engine, [direction], tmp_path / "named", steps=STEPS, eta=1.0, scorer_domain=get_domain("toyfaces"))  # --scorer toyfaces
+    assert named.info()["can_card"] is True
     with pytest.raises(HspaceError, match="no scorer measures 'tiny-random'"):
         plain.make_card({"name": "pc1"})

@@ -258,6 +258,12 @@ def calibration_record(result: Card) -> dict:
             "flip": [None if v is None else round(v, 4) for v in result.flip.get(result.target, [])]}
 
 
+def calibrated(result: Card, direction: Direction) -> Direction:
+    """``direction`` carrying ``result``'s calibration (``meta["calibration"]``): the same delta, now with its unit."""
+    return Direction(direction.delta, direction.sigma, {**direction.meta, "calibration": calibration_record(result)},
+                     direction.spec, direction.timesteps)
+
+
 def write_card(result: Card, direction: Direction, out: str | Path) -> Path:
     """card.md, card.json and a dose-response plot per attribute (PNG) in ``out``; the direction with its
     calibration as ``out/DIRECTION.safetensors``."""
@@ -283,7 +289,5 @@ def write_card(result: Card, direction: Direction, out: str | Path) -> Path:
         plots[attribute] = name
     write_json(out / "card.json", result.to_json())
     write_text(out / "card.md", result.markdown(plots))
-    calibrated = Direction(direction.delta, direction.sigma, {**direction.meta, "calibration": calibration_record(result)},
-                           direction.spec, direction.timesteps)
-    calibrated.save(out / safe_name(direction.name or "direction", suffix=".safetensors"))
+    calibrated(result, direction).save(out / safe_name(direction.name or "direction", suffix=".safetensors"))
     return out

@@ -215,9 +215,10 @@ class Engine:
         """Precomputed embeddings (diffusers' names and shapes, one prompt's) as a prompt: the label to pass wherever a
         prompt goes (``prompts=[...]``, ``conditioned(prompt=...)``); it is what trajectories and banks record, and a
         replay needs the same tensors registered (``models/conditional.py``). SD 1.x/2.x and SDXL pipelines."""
-        return _embedded(self.components, {}, {k: v for k, v in zip(
-            ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
-            (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)) if v is not None})["prompt"]
+        from .models.conditional import EMBED_KEYS
+
+        given = (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        return _embedded(self.components, {}, {k: v for k, v in zip(EMBED_KEYS, given) if v is not None})["prompt"]
 
     def conditioned(self, **changes) -> "Engine":
         """This engine (the same loaded model, no reload) for another prompt, negative prompt, guidance or

@@ -48,6 +48,9 @@ from .errors import HspaceError
 from .spec import AUTOCAST_DTYPES
 
 
+FLAGS = ("channels_last", "compile", "offload", "vae_slicing", "vae_tiling")  # Speed's on/off options
+
+
 @dataclass(frozen=True)
 class Speed:
     """How an engine runs its U-Net (module doc); ``Speed()`` is the plain float32 eager default."""
@@ -60,14 +63,14 @@ class Speed:
     vae_tiling: bool = False  # the VAE in overlapping tiles (its enable_tiling)
 
     def __post_init__(self):
-        for name in ("channels_last", "compile", "offload", "vae_slicing", "vae_tiling"):
+        for name in FLAGS:
             if not isinstance(getattr(self, name), bool):
                 raise HspaceError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
             raise HspaceError(f"unknown autocast dtype {self.autocast!r}; valid: {', '.join(AUTOCAST_DTYPES)} (or None: off)")
 
     def describe(self) -> str:
-        on = [name for name in ("channels_last", "compile", "offload", "vae_slicing", "vae_tiling") if getattr(self, name)]
+        on = [name for name in FLAGS if getattr(self, name)]
         if self.autocast:
             on.append(f"{self.autocast} autocast")
         return ", ".join(on) or "default"

@@ -294,3 +294,15 @@ def scorer_from(text: str, prompts: list[str] | None, model: str):
     if prompts:
         raise HspaceError("attributes given as prompt pairs need a CLIP scorer (--scorer clip:DIR)")
     return (domain_of(model) if text == "domain" else get_domain(text)).scorer()
+
+
+def card_scoring(args, model: str) -> tuple:
+    """What a card is scored by, from ``--scorer`` and ``--attributes``: (a CLIP scorer, None), (None, a named
+    domain: its classifier, spreads and realism), or (None, None) for the model's own domain."""
+    if args.scorer.startswith("clip:") or args.attributes:
+        return scorer_from(args.scorer, args.attributes, model), None  # CLIP probabilities: every attribute binary
+    if args.scorer != "domain":
+        from ..domains import get_domain
+
+        return None, get_domain(args.scorer)
+    return None, None

@@ -9,9 +9,8 @@ from pathlib import Path
 from ..errors import HspaceError
 from ..files import safe_name, save_image, unique_names
 from .common import (
-    add_model_args, add_process_args, add_processes_arg, engine_from, engine_of_spec, eps_pass, nonnegative_int, parse_eta, parse_scales,
-    positive_int,
-    parse_seeds, parse_window, processes_of, prompts_of, saved_trajectory,
+    add_model_args, add_process_args, add_processes_arg, card_scoring, engine_from, engine_of_spec, eps_pass, nonnegative_int, parse_eta,
+    parse_scales, positive_int, parse_seeds, parse_window, processes_of, prompts_of, saved_trajectory,
 )
 
 
@@ -313,15 +312,7 @@ def run_card(args) -> None:
         raise HspaceError(f"--n must be at least 2 (a standard error needs two samples), got {args.n}")
     engine = engine_from(args)
     engine.check_direction(direction)
-    scorer, domain = None, None
-    if args.scorer.startswith("clip:") or args.attributes:
-        from .common import scorer_from
-
-        scorer = scorer_from(args.scorer, args.attributes, args.model)  # CLIP probabilities: every attribute binary
-    elif args.scorer != "domain":
-        from ..domains import get_domain
-
-        domain = get_domain(args.scorer)
+    scorer, domain = card_scoring(args, args.model)
     result = card(direction, engine, n=args.n, num_steps=args.steps, eta=parse_eta(args.eta), scales=scales, target=args.target,
                   first_seed=args.first_seed, batch_size=args.batch_size, scorer=scorer, domain=domain)
     out = Path(args.out or f"out/card-{safe_name(direction.name)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import HspaceError
-from .common import add_model_args, engine_from, engine_of_spec, nonnegative_int, parse_eta, positive_int
+from .common import add_model_args, card_scoring, engine_from, engine_of_spec, nonnegative_int, parse_eta, positive_int
 
 
 def port_number(text: str) -> int:
@@ -65,12 +65,9 @@ def build_editor(args, startup):
     else:
         startup.report("drawing the starter set")
         directions = starter_directions(engine, args.workdir, steps, eta, callback=startup.step_callback("drawing the starter set"))
-    scorer = None  # the model's domain, looked up by the editor
-    if args.scorer != "domain" or args.attributes:
-        from .common import scorer_from
-
-        scorer = scorer_from(args.scorer, args.attributes, engine.name)
-    return Editor(engine, directions, args.save_dir, steps, eta, bank, compile_preview=not args.eager_preview, scorer=scorer)
+    scorer, domain = card_scoring(args, engine.name)
+    return Editor(engine, directions, args.save_dir, steps, eta, bank, compile_preview=not args.eager_preview, scorer=scorer,
+                  scorer_domain=domain)
 
 
 def run_ui(args) -> None:

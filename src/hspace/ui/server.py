@@ -112,9 +112,10 @@ class Editor:
     """The editor's state and operations, independent of the web framework (the app below wraps it)."""
 
     def __init__(self, engine, directions: list[Direction], save_dir: str | Path, steps: int = 25, eta: float = 1.0, bank=None,
-                 compile_preview: bool = False, scorer: Callable | None = None):
+                 compile_preview: bool = False, scorer: Callable | None = None, scorer_domain=None):
         self.engine, self.steps, self.eta, self.bank = engine, steps, eta, bank
-        self.scorer = scorer  # what cards are scored by: this, else the model's domain (None for neither: no card button)
+        # what cards are scored by: ``scorer`` (CLIP), a named domain, else the model's domain (none of them: no card button)
+        self.scorer, self.scorer_domain = scorer, scorer_domain
         self.job = None  # the card being measured: {"what", "done", "total"} (read by /api/info while it runs)
         self.save_dir = Path(save_dir)
         self.lock = threading.Lock()
@@ -165,7 +166,8 @@ class Editor:
             "bank": None if self.bank is None else {"path": str(self.bank.path), "n": self.bank.n},
             "parts": sorted(domain.parts) if domain is not None and domain.parts else [],
             "max_upload_bytes": MAX_UPLOAD_BYTES, "preview_denoiser": self.preview_denoiser,
-            "can_card": self.scorer is not None or domain is not None, "card_samples": CARD_SAMPLES, "job": self.job,
+            "can_card": self.scorer is not None or self.scorer_domain is not None or domain is not None, "card_samples": CARD_SAMPLES,
+            "job": self.job,
         }
 
     def _domain(self):
@@ -366,13 +368,13 @@ class Editor:
     def make_card(self, request: dict) -> dict:
         """Measure the card of a slider's direction ({"name", "n"}: ``card.py`` on n held-out samples of the editor's
         process), write it to ``save_dir/cards/NAME/`` and make the slider move in its effect unit."""
-        from ..card import card, write_card
+        from ..card import calibrated, card, write_card
 
         name = request.get("name")
         if not isinstance(name, str) or name not in self.directions:
             raise HspaceError(f"unknown direction {name!r}; valid: {', '.join(self.directions)}")
         n = _integer(request.get("n", CARD_SAMPLES), "n", 2, MAX_CARD_SAMPLES)
-        domain = self._domain() if self.scorer is None else None
+        domain = None if self.scorer is not None else self.scorer_domain or self._domain()
         if self.scorer is None and domain is None:
             raise HspaceError(f"no scorer measures {self.engine.name!r}'s images: start the editor with --scorer clip:DIR --attributes ..., "
                               "or make the card with hspace card")
@@ -390,9 +392,8 @@ class Editor:
             folder = write_card(result, direction, self.save_dir / "cards" / safe_name(name))
         finally:
             self.job = None
-        calibrated = Direction.load(folder / safe_name(direction.name or "direction", suffix=".safetensors"))
-        self.directions[name] = calibrated  # the same delta: the slider now moves in its effect unit (where the card found one)
-        unit = calibrated_unit(calibrated)
+        self.directions[name] = calibrated(result, direction)  # the same delta: the slider now moves in its effect unit (where found)
+        unit = calibrated_unit(self.directions[name])
         return {"card": str(folder / "card.md"), "target": result.target, "unit": unit, "samples": n,
                 "message": f"card of {name}: target {result.target}; " + (f"effect unit = raw scale {unit:.3g}" if unit is not None
                                                                            else "its unit was not reached within the sweep: the slider stays raw")}
