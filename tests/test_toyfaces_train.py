@@ -1,5 +1,7 @@
 """Training the toy-faces model checkpoints and resumes exactly; export writes a loadable float16 folder."""
 
+from dataclasses import asdict
+
 import pytest
 import torch
 
@@ -255,3 +257,42 @@ def test_the_dit_is_trained_on_the_flow_matching_loss_with_logit_normal_times(tm
         TrainConfig(arch="dit", dit_width=50)
     with pytest.raises(HspaceError, match="unknown arch 'vit'"):
         TrainConfig(arch="vit")
+
+
+def test_a_low_resolution_dit_stage_trains_on_area_averaged_faces_and_starts_a_full_resolution_run(tmp_path):
+    """--resolution 16: the faces are the 32 px faces averaged over 2x2 (the first loss recomputed by hand at 16 px
+    with the same draws); the model keeps its 32 px size, so a full-resolution run starts from its checkpoint."""
+    from hspace.toyfaces.train import build_model, render_pool
+
+    low = TrainConfig(**{**asdict(small_dit(2)), "resolution": 16})
+    losses = []
+    train(tmp_path / "low", low, callback=lambda info: losses.append(info["loss"]))
+    torch.manual_seed(low.seed)
+    model = build_model(low)
+    assert model.config.sample_size == 32
+    pool = torch.nn.functional.avg_pool2d(render_pool(low.pool, 32).float(), 2).round()
+    generator = torch.Generator().manual_seed(low.seed)
+    index = torch.randint(0, len(pool), (4,), generator=generator)
+    x0 = pool[index] / 127.5 - 1
+    t = torch.sigmoid(torch.randn(4, generator=generator))
+    eps = torch.randn(x0.shape, generator=generator)
+    assert x0.shape == (4, 3, 16, 16)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    with torch.no_grad():
+        v = model(x_t, timestep=1000 * t, class_labels=torch.zeros(4, dtype=torch.long)).sample
+    assert abs(float(((v - (eps - x0)) ** 2).mean()) - losses[0]) < 1e-5
+    trained = torch.load(tmp_path / "low" / "checkpoint.pt", weights_only=True)
+    full = TrainConfig(**{**asdict(small_dit(3)), "init": str(tmp_path / "low" / "checkpoint.pt")})
+    seen = []
+    train(tmp_path / "full", full, callback=lambda info: seen.append(info["step"]))
+    assert seen == [1, 2, 3]
+    # the full run started from the low run's weights: one step of the optimizer moves them only a little
+    started = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    key = "transformer_blocks.0.attn1.to_q.weight"
+    fresh = build_model(full).state_dict()[key]
+    assert (started[key] - trained["model"][key]).abs().max() < (started[key] - fresh).abs().max()
+    for bad, message in ((dict(resolution=12), "even divisor of the size 32"), (dict(resolution=64), "even divisor"),
+                         (dict(arch="unet", resolution=16), "for --arch dit only")):
+        with pytest.raises(HspaceError, match=message):
+            TrainConfig(**{**asdict(small_dit(2)), **bad})

@@ -466,3 +466,19 @@ def test_channels_last_and_autocast_run_on_transformers(folders, kind):
     assert record.h.dtype == torch.float32 and 0 < float((out - reference).abs().mean()) < 0.1 * float(reference.abs().mean())
     with pytest.raises(HspaceError, match="--compile is not supported for"):
         Engine.load(str(root / kind), **CONDITION[kind], speed=Speed(compile=True))
+
+
+def test_x_T_edits_keep_each_samples_own_prompt(folders):
+    """Fig. 8's x_T edits on a conditional model: every copy of a sample (K directions x S scales) is generated with
+    that sample's own prompt, so scale 0 replays each sample exactly (a wrong prompt changes the image)."""
+    from hspace.directions.supervised import edit_x_T
+
+    root, _ = folders
+    engine = Engine.load(str(root / "dit"), device="cpu", **CONDITION["dit"])
+    trajectory = engine.sample([0, 1, 2], STEPS, eta=1.0, prompts=["0", "1"], progress=False)
+    assert trajectory.prompts == ["0", "1", "0"]
+    delta = torch.randn(trajectory.x_T.shape[1:], generator=torch.Generator().manual_seed(0))
+    images = edit_x_T(engine, trajectory, torch.stack([delta, -delta]), [0.0, 1.0], progress=False)
+    assert images.shape == (2, 2, *trajectory.images.shape)
+    assert (images[:, 0] - trajectory.images).abs().max() < 1e-4
+    assert (images[0, 1] - trajectory.images).abs().max() > 1e-2

@@ -72,7 +72,7 @@ def run_demo(out: str | Path, model: str | None = None, steps: int = 50, device:
     demo.save(
         labelled_grid(torch.stack([single, asyrp]), ["single pass", "Asyrp"], [f"{s:g}" for s in SCALES]),
         "asyrp.png",
-        "Injection into P_t and D_t (one U-Net pass per step, the paper's choice) vs Asyrp (P_t only, two passes).",
+        "Injection into P_t and D_t (one denoiser pass per step, the paper's choice) vs Asyrp (P_t only, two passes).",
     )
     index = out / "index.md"
     lines = [f"# hspace demo: {engine.name}", ""]
@@ -88,7 +88,8 @@ def _samples_and_swap(demo: Demo):
     demo.save(
         labelled_grid(torch.stack([ddpm.images, ddim.images]), ["eta=1", "eta=0"], [f"seed {s}" for s in seeds]),
         "samples.png",
-        f"Samples of {engine.name} ({steps} steps): DDPM (eta=1) and DDIM (eta=0) from the same seeds.",
+        f"Samples of {engine.name} ({steps} steps): " + ("flow matching, stochastic (eta=1) and the Euler ODE (eta=0)"
+                                                         if engine.schedule(steps).process == "flow" else "DDPM (eta=1) and DDIM (eta=0)") + " from the same seeds.",
     )
     a, b = ddpm[[0, 1, 2, 3]], ddpm[[4, 5, 6, 7]]
     swapped = engine.swap(a, b)

@@ -81,20 +81,26 @@ def _tiny_random() -> Components:
 
 
 TOYFACES_FOLDER = Path(__file__).parent / "toyfaces" / "model"
+TOYDIT_FOLDER = Path(__file__).parent / "toyfaces" / "toydit"
 
 
-def _toyfaces() -> Components:
-    if not (TOYFACES_FOLDER / "config.json").is_file():
-        raise HspaceError(
-            f"the bundled toy-faces weights are missing from {str(TOYFACES_FOLDER)!r}; "
-            "train and export them with `hspace toyfaces train` and `hspace toyfaces export`"
-        )
-    return load_folder(TOYFACES_FOLDER, "toyfaces")
+def _bundled(folder: Path, name: str, arch: str) -> Callable[[], Components]:
+    def load() -> Components:
+        if not (folder / "config.json").is_file() and not (folder / "model_index.json").is_file():
+            raise HspaceError(
+                f"the bundled {name} weights are missing from {str(folder)!r}; "
+                f"train and export them with `hspace toyfaces train --arch {arch}` and `hspace toyfaces export`"
+            )
+        return load_folder(folder, name)
+
+    return load
 
 
-# Built-in models, loadable by name wherever a model id is accepted.
+# Built-in models, loadable by name wherever a model id is accepted: the toy-faces U-Net (the default) and the
+# toy-faces diffusion transformer trained with flow matching (docs/toyfaces.md).
 BUILTIN: dict[str, Callable[[], Components]] = {
-    "toyfaces": _toyfaces,
+    "toyfaces": _bundled(TOYFACES_FOLDER, "toyfaces", "unet"),
+    "toydit": _bundled(TOYDIT_FOLDER, "toydit", "dit"),
     "tiny-random": _tiny_random,
 }
 DEFAULT_MODEL = "toyfaces"

@@ -12,6 +12,14 @@ def register(sub) -> None:
     p.add_argument("--out", default="out/reproduce", help="report folder (an interrupted run resumes from it)")
     p.set_defaults(func=run_reproduce, batch_size=64)
 
+    p = sub.add_parser("blocks", help="which block is h in a diffusion transformer: four of the report's claims measured at every block")
+    p.add_argument("--model", default="toydit", help="a diffusion transformer (default: toydit, the bundled one)")
+    p.add_argument("--blocks", nargs="+", default=None, metavar="block.N", help="only these blocks (default: every block)")
+    p.add_argument("--quick", action="store_true", help="small counts and 4 steps (the tests' mode)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="out/blocks", help="study folder (an interrupted study resumes from it)")
+    p.set_defaults(func=run_blocks)
+
     p = sub.add_parser("demo", help="the main job: samples, swaps and edits of the bundled model into a folder")
     p.add_argument("--model", default=None, help="model (default: the bundled model)")
     p.add_argument("--steps", type=positive_int, default=50)
@@ -31,3 +39,9 @@ def run_reproduce(args) -> None:
     from ..reproduce import run_reproduce as reproduce
 
     print(f"wrote {reproduce(args.out, quick=args.quick, engine=engine_from(args))}")
+
+
+def run_blocks(args) -> None:
+    from ..reproduce.blocks import run_blocks as blocks
+
+    print(f"wrote {blocks(args.out, model=args.model, quick=args.quick, blocks=args.blocks, device=args.device)}")

@@ -199,6 +199,7 @@ def edit_x_T(engine, trajectory: Trajectory, delta: torch.Tensor, scales: Sequen
         z=None if noise is None else noise.repeat(copies, *([1] * (noise.ndim - 1))),
         h=None,
         image=None,
+        prompts=None if trajectory.prompts is None else list(trajectory.prompts) * copies,
     )
     images = engine.replay(moved, batch_size=batch_size, **run).images
     images = images.reshape(len(deltas), len(scales), n, *images.shape[1:])

@@ -64,10 +64,13 @@ class TransformerModel(ConditionalUNetModel):
             found.update({f"{kind}.{i}": f"output of {what} {i} of {n} on the image tokens" for i in range(n)})
         return found
 
+    default_depth = 0.5  # the default h: this fraction of the way through the blocks (0.5: the middle, not measured)
+
     @classmethod
     def default_location(cls, denoiser: nn.Module) -> str:
-        """The middle block of all blocks in forward order (until a measurement says which is best)."""
-        return list(cls.locations(denoiser))[len(cls.locations(denoiser)) // 2]
+        """The block ``default_depth`` of the way through all blocks in forward order (block int(depth x n))."""
+        names = list(cls.locations(denoiser))
+        return names[min(len(names) - 1, int(cls.default_depth * len(names)))]
 
     @classmethod
     def check_location(cls, denoiser: nn.Module, location: str | None) -> str:
@@ -118,7 +121,7 @@ class TransformerModel(ConditionalUNetModel):
             handle.remove()
 
     def describe(self) -> dict:
-        blocks = ", ".join(f"{len(getattr(self.unet, a))} {k}" for k, a in self.kinds.items())
+        blocks = ", ".join(f"{len(getattr(self.unet, a))}" + ("" if k == "block" else f" {k}") for k, a in self.kinds.items())
         return {**super().describe(), "kind": f"{self.family} ({self.conditioner.kind}), patch {self.unet.config.patch_size}, {blocks} blocks"}
 
 

@@ -1,4 +1,5 @@
-"""`hspace reproduce`: the paper's claims as numbers on the bundled toy-faces model, written as a report.
+"""`hspace reproduce`: the paper's claims as numbers on a bundled toy-faces model (the U-Net ``toyfaces`` by default,
+or the diffusion transformer ``toydit``), written as a report.
 
 One module per claim (``CLAIMS``, in report order): each measures its numbers with their intervals, judges
 them against its thresholds (``judge``: holds, fails or undecided; the ``verdict`` stored in
@@ -30,7 +31,7 @@ def run_reproduce(out: str | Path, quick: bool = False, engine=None) -> Path:
     results = {claim.NAME: run.section(claim.NAME, claim.measure, getattr(claim, "VERSION", None), claim.judge) for claim in CLAIMS}
     total = time.perf_counter() - start
     lines = [
-        "# hspace reproduce: the paper's claims measured on the bundled toy-faces model",
+        f"# hspace reproduce: the paper's claims measured on the bundled toy-faces model `{run.engine.name}` (h at {run.engine.h_location})",
         "",
         f"Mode: {'quick' if quick else 'full'}; {config.steps} generative steps, eta {config.eta:g}, {_clipping(run.engine)}; bank of "
         f"{config.bank_n} samples (seeds 0..{config.bank_n - 1}; and one of {config.fig8_bank_n} under DDIM for Fig. 8), held-out samples from seed {HELD_OUT}. "

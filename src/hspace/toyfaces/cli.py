@@ -41,6 +41,8 @@ def register(sub) -> None:
                    help="unet (the bundled toyfaces: epsilon, DDPM schedule; default) or dit (a DiT trained with flow matching: toydit)")
     p.add_argument("--dit-layers", dest="dit_layers", type=positive_int, default=None, help="transformer blocks of the DiT (default 8)")
     p.add_argument("--dit-width", dest="dit_width", type=positive_int, default=None, help="hidden size of the DiT, a multiple of 48 (default 192)")
+    p.add_argument("--resolution", type=nonnegative_int, default=None,
+                   help="DiT only: train on the faces area-averaged to this resolution (e.g. 16; 0 = the size); the model keeps its size, so a later run at full resolution starts from it with --init")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present); a run may resume on another device")
     p.set_defaults(func=run_train, outputs={"run": "dir"})
     p = toy_sub.add_parser("train-classifier", help="train the attribute classifier; prints held-out accuracy and R^2")

@@ -49,7 +49,7 @@ TOYFACES = register(
         parts=PARTS,
         mask=_mask,
         render=_render,
-        models=("toyfaces",),
+        models=("toyfaces", "toydit"),
         realism=_realism,
         spread=_spread,
     )

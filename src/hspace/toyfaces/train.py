@@ -89,6 +89,10 @@ class TrainConfig:
     arch: str = "unet"  # ARCHES: the U-Net (epsilon, DDPM schedule) or the DiT (flow matching)
     dit_layers: int = 8
     dit_width: int = 192
+    # Training images at this resolution (0: size), area-averaged from the faces rendered at ``size``; the DiT keeps
+    # its size (its sine-cosine positions span the same grid at any resolution), so a cheap low-resolution stage can
+    # start a run at full resolution (--init), as SD3 and PixArt train from 256 px up. DiT only.
+    resolution: int = 0
 
     def __post_init__(self):
         """Every number in its range, so that no value reaches the optimizer or the model unchecked."""
@@ -99,14 +103,16 @@ class TrainConfig:
             if not ok or (name in ("min_lr_ratio", "ema_decay") and value > 1):
                 bound = "from 0 to 1" if name in ("min_lr_ratio", "ema_decay") else (">= 0" if inclusive else "> 0")
                 raise HspaceError(f"{name} must be a finite number {bound}, got {value!r}")
-        for name in ("steps", "batch_size", "pool", "size", "checkpoint_every", "warmup", "seed"):
-            value, low = getattr(self, name), 0 if name in ("warmup", "seed") else 1
+        for name in ("steps", "batch_size", "pool", "size", "checkpoint_every", "warmup", "seed", "resolution"):
+            value, low = getattr(self, name), 0 if name in ("warmup", "seed", "resolution") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise HspaceError(f"{name} must be an integer >= {low}, got {value!r}")
         # the rest of the settings, checked here too: an error before the training faces are rendered
         parse_region_weights(self.region_weights)
         if self.arch not in ARCHES:
             raise HspaceError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHES)}")
+        if self.resolution and (self.arch != "dit" or self.resolution > self.size or self.size % self.resolution or self.resolution % 2):
+            raise HspaceError(f"resolution {self.resolution!r} must be 0 (the size) or, for --arch dit only, an even divisor of the size {self.size} (e.g. {self.size // 2})")
         if self.arch == "dit":
             dit_config(self)
             if self.v_weight_cap != 1:
@@ -339,6 +345,8 @@ def train(
         step = state["step"]
 
     pool = render_pool(config.pool, config.size)
+    if config.resolution and config.resolution != config.size:
+        pool = torch.nn.functional.avg_pool2d(pool.float(), config.size // config.resolution).round().to(torch.uint8)
     if weight_map is not None:
         weight_map = weight_map.to(device)
 

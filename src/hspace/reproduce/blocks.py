@@ -1,0 +1,181 @@
+"""Which block is h in a diffusion transformer? The paper's tests of h-space, measured at every block.
+
+A transformer has no bottleneck, so h could be the output of any block. For every block N this runs four of
+the report's claims with h at ``block.N`` (each with its own bank, since h differs; the samples do not), with
+the same protocols and code as ``hspace reproduce``:
+
+- **PCA vs random** (Sec. 4.1): the weakest of the top k PCs over the strongest random direction of the same
+  per-timestep norm, on all attributes (their largest mean |change| at +-3 sigma). Above 1: every PC is a
+  stronger edit than every random direction.
+- **h-swap** (Fig. 3): the share of binary attributes' differing pairs that follow the h donor.
+- **Regression directions' off-diagonal mass** (Table 1): the mean |off-diagonal| effect of the conditional
+  directions over their mean |own| effect (lower: each direction moves its own attribute and less else).
+- **Jacobian locality** (Fig. 7): the share of the pixel change that the top singular vector at a part makes
+  inside that part on other rendered faces (the best protocol, mean over eyes and mouth).
+
+The block that wins is the one with the best mean rank over the four; each section is cached
+(``block.N/sections/*.json``), so an interrupted study resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import HspaceError
+from ..files import read_json, write_json, write_text
+from . import jacobian, pca_vs_random, swap, table1
+from .runner import BINARY, QUICK, Run
+
+logger = logging.getLogger(__name__)
+
+CLAIMS = (pca_vs_random, table1, swap, jacobian)
+# (key, column title, True where higher is better)
+METRICS = (
+    ("pca_ratio", "weakest PC / strongest random", True),
+    ("swap_follows", "swap: binary pairs following h", True),
+    ("off_diagonal", "regression: off-diagonal / own", False),
+    ("locality", "Jacobian: change inside the part", True),
+)
+# The study's counts: the quick report's protocol with 8 PCs against 8 random directions, and more samples.
+STUDY = replace(QUICK, bank_n=96, pca_k=8, pca_samples=8, pca_random_per_pc=1, table_n=16, table_k=16, swap_pairs=16, jacobian_transfer=4)
+STUDY_QUICK = replace(QUICK, bank_n=24, pca_k=2, pca_samples=3, pca_random_per_pc=1, pca_large_scales=[6.0], table_n=4, table_k=6, swap_pairs=4,
+                      jacobian_transfer=1, jacobian_max_iter=3, steps=4)
+
+
+def block_locations(engine) -> list[str]:
+    """Every ``block.N`` location of a transformer engine, in forward order."""
+    names = [name for name in engine.model.locations(engine.unet) if name.split(".")[0] == "block"]
+    if not names:
+        raise HspaceError(f"{engine.name!r} has no transformer blocks (its h locations: {', '.join(engine.model.locations(engine.unet))}); "
+                          "the block study is for diffusion transformers")
+    return names
+
+
+def _block_name(engine, name: str) -> str | None:
+    """``name`` in its positive form (block.-1 -> block.5), or None where it is no location of the engine."""
+    try:
+        return engine.model.check_location(engine.unet, name)
+    except HspaceError:
+        return None
+
+
+def metrics(results: dict) -> dict:
+    """The four numbers of one block from its four claims' sections."""
+    strongest = results["pca_vs_random"]["strongest_change_at_max_scale"]
+    pcs = [v for k, v in strongest.items() if k.startswith("pc")]
+    randoms = [v for k, v in strongest.items() if k.startswith("random")]
+    swapped = [v["follows_h"] for k, v in results["swap"]["attributes"].items() if k in BINARY]
+    regression = results["table1"]["regression"]
+    best = results["jacobian"]["best"]
+    return {
+        "pca_ratio": min(pcs) / max(max(randoms), 1e-12),
+        "swap_follows": sum(swapped) / len(swapped) if swapped else float("nan"),
+        "off_diagonal": regression["mean_off_diagonal"] / max(regression["mean_own"], 1e-12),
+        "locality": sum(b["inside_transfer"] for b in best.values()) / len(best),
+        "verdicts": {claim.NAME: results[claim.NAME]["verdict"]["state"] for claim in CLAIMS},
+    }
+
+
+def ranking(per_block: dict[str, dict]) -> dict:
+    """Each block's mean rank over the metrics (1 = best on every one), the winner and its margins."""
+    names = list(per_block)
+    ranks = {name: [] for name in names}
+    for key, _, higher in METRICS:
+        values = {n: per_block[n][key] if higher else -per_block[n][key] for n in names}
+        for name in names:  # 1 + the blocks strictly better; tied blocks share the mean of their places
+            better = sum(values[o] > values[name] for o in names)
+            tied = sum(values[o] == values[name] for o in names) - 1
+            ranks[name].append(1 + better + tied / 2)
+    mean_rank = {name: sum(r) / len(r) for name, r in ranks.items()}
+    # ties on the mean rank go to the stronger PCA ratio (the paper's first test of a semantic space)
+    winner = min(names, key=lambda n: (mean_rank[n], -per_block[n]["pca_ratio"]))
+    margins = {}
+    for key, _, higher in METRICS:
+        others = [per_block[n][key] for n in names if n != winner]
+        best_other = (max if higher else min)(others) if others else float("nan")
+        margins[key] = {"winner": per_block[winner][key], "best_other": best_other}
+    return {"mean_rank": mean_rank, "ranks": ranks, "winner": winner, "margins": margins}
+
+
+def run_blocks(out: str | Path, model: str = "toydit", quick: bool = False, blocks: list[str] | None = None, device: str | None = None) -> Path:
+    """Measure every block of a transformer (or ``blocks``), write ``out/blocks.md``, ``out/blocks.json`` and a figure;
+    returns the report's path."""
+    from ..engine import Engine
+
+    config = STUDY_QUICK if quick else STUDY
+    out = Path(out)
+    first = Engine.load(model, device=device)
+    names = block_locations(first)
+    if blocks:
+        chosen = [_block_name(first, b) for b in blocks]
+        unknown = [b for b, name in zip(blocks, chosen) if name not in names]
+        if unknown:
+            raise HspaceError(f"unknown block(s) {', '.join(unknown)}; valid: {', '.join(names)} (a negative N counts from the end)")
+        names = list(dict.fromkeys(chosen))
+    start = time.perf_counter()
+    per_block, seconds = {}, {}
+    for name in names:
+        logger.info("block study: h at %s", name)
+        engine = Engine.load(model, h_location=name, device=device)
+        run = Run(out / name, config, engine)
+        results = {claim.NAME: run.section(claim.NAME, claim.measure, getattr(claim, "VERSION", None), claim.judge) for claim in CLAIMS}
+        per_block[name] = metrics(results)
+        seconds[name] = sum(run.timings.values())
+    order = ranking(per_block)
+    summary = {"model": model, "mode": "quick" if quick else "full", "steps": config.steps, "blocks": per_block, "ranking": order,
+               "seconds": seconds, "this_invocation_seconds": time.perf_counter() - start, "default_before": first.h_location}
+    write_json(out / "blocks.json", summary)
+    figure = _figure(out, per_block, order["winner"])
+    report = out / "blocks.md"
+    write_text(report, "\n".join(render(summary, figure)))
+    return report
+
+
+def _figure(out: Path, per_block: dict, winner: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_block)
+    index = [int(n.split(".")[1]) for n in names]
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3))
+    for ax, (key, title, higher) in zip(axes, METRICS):
+        ax.plot(index, [per_block[n][key] for n in names], "o-")
+        ax.axvline(int(winner.split(".")[1]), color="0.7", ls="--")
+        ax.set(title=title + (" (higher better)" if higher else " (lower better)"), xlabel="block N")
+        ax.title.set_fontsize(8)
+    fig.tight_layout()
+    fig.savefig(out / "blocks.png", dpi=100)
+    plt.close(fig)
+    return "blocks.png"
+
+
+def render(summary: dict, figure: str) -> list[str]:
+    order = summary["ranking"]
+    lines = [
+        f"# Which block is h? `{summary['model']}`, {summary['mode']} mode ({summary['steps']} steps)",
+        "",
+        "Every block's output on the image tokens taken as h in turn, and four of the report's claims measured there with the "
+        "report's protocols (src/hspace/reproduce/blocks.py says what each number is).",
+        "",
+        "| h at | " + " | ".join(title + (" (up)" if higher else " (down)") for _, title, higher in METRICS) + " | mean rank | verdicts (pca, table1, swap, jacobian) |",
+        "|---" * (len(METRICS) + 3) + "|",
+    ]
+    for name, m in summary["blocks"].items():
+        mark = f"**{name}**" if name == order["winner"] else name
+        verdicts = ", ".join(m["verdicts"][c.NAME] for c in CLAIMS)
+        lines.append(f"| {mark} | " + " | ".join(f"{m[key]:.2f}" for key, _, _ in METRICS) + f" | {order['mean_rank'][name]:.2f} | {verdicts} |")
+    margins = "; ".join(f"{title}: {v['winner']:.2f} against the best other block's {v['best_other']:.2f}"
+                        for (key, title, _), v in zip(METRICS, order["margins"].values()))
+    lines += ["", f"Winner: **{order['winner']}** (best mean rank {order['mean_rank'][order['winner']]:.2f}; ties go to the higher PCA ratio). {margins}.",
+              "", f"![per block]({figure})", "",
+              "Seconds per block: " + ", ".join(f"{n} {s:.0f}" for n, s in summary["seconds"].items()), ""]
+    return lines
+
+
+def read_summary(out: str | Path) -> dict:
+    return read_json(Path(out) / "blocks.json", "block study")
