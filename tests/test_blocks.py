@@ -43,3 +43,30 @@ def test_the_study_refuses_a_u_net_and_an_unknown_block(tmp_path):
     with pytest.raises(HspaceError, match=r"unknown block\(s\) block.9; valid: block.0, block.1"):
         run_blocks(tmp_path / "d", model="toydit", blocks=["block.9"])
     assert not (tmp_path / "d").exists() and not (tmp_path / "u").exists()
+
+
+# The quick study on the bundled toy DiT, first and last block (all six take six times as long; the full study's
+# table is docs/blocks/blocks.md). Tolerances as tests/test_reproduce.py's (measured there: 1 vs 2 threads differ
+# by at most 4.1e-6 relative): rel 1e-3 on every ratio; the swap shares of a few pairs are pinned exactly.
+QUICK_PINNED = {}
+
+
+def test_the_quick_block_study_on_the_bundled_dit_writes_its_table_and_resumes(tmp_path):
+    out = tmp_path / "blocks"
+    assert main(["blocks", "--quick", "--blocks", "block.0", "block.-1", "--device", "cpu", "--out", str(out)]) == 0
+    summary = json.loads((out / "blocks.json").read_text())
+    assert list(summary["blocks"]) == ["block.0", "block.5"] and summary["default_before"] == Engine.load("toydit").h_location
+    report = (out / "blocks.md").read_text()
+    assert report.count("| block.") + report.count("| **block.") == 2 and (out / "blocks.png").stat().st_size > 5000
+    for name, pinned in QUICK_PINNED.items():
+        m = summary["blocks"][name]
+        assert m["swap_follows"] == pinned["swap_follows"], name
+        for key in ("pca_ratio", "off_diagonal", "locality"):
+            assert m[key] == pytest.approx(pinned[key], rel=1e-3, abs=1e-4), (name, key)
+        assert m["verdicts"] == pinned["verdicts"], name
+    assert summary["ranking"]["winner"] in summary["blocks"]
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("sections/*.json")}
+    assert len(stamp) == 2 * 5  # four claims and the bank's record per block
+    assert main(["blocks", "--quick", "--blocks", "block.0", "block.5", "--device", "cpu", "--out", str(out)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("sections/*.json")} == stamp  # resumed: nothing measured again
+    assert json.loads((out / "blocks.json").read_text())["blocks"] == summary["blocks"]

@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from hspace import HspaceError
 from hspace.cli import main
 from hspace.reproduce import SECTIONS, TABLE_ATTRIBUTES
 
@@ -41,6 +42,18 @@ def test_quick_reproduce_writes_a_sane_report_and_resumes(tmp_path):
     assert main(["reproduce", "--quick", "--device", "cpu", "--out", str(out)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in (out / "sections").iterdir()} == stamp
     assert (out / "report.md").read_text().split("## Timings")[0] == report.split("## Timings")[0]
+
+    # the side-by-side table of finished reports: one row per claim, each cell its report's verdict and headline
+    from hspace.reproduce import TITLES, compare
+
+    rows = compare([out, out]).splitlines()
+    assert rows[0] == "| claim | `toyfaces` (h at mid.out; 8 steps, bank 64) | `toyfaces` (h at mid.out; 8 steps, bank 64) |" and len(rows) == 2 + len(SECTIONS)
+    for name, row in zip(SECTIONS, rows[2:]):
+        cells = row.split(" | ")
+        assert cells[0] == f"| {TITLES[name]}" and cells[1] == cells[2].rstrip(" |")
+        assert cells[1].startswith(f"**{sections[name]['verdict']['state']}**: ")
+    with pytest.raises(HspaceError, match="has no pca_vs_random section"):
+        compare([out, tmp_path / "nothing"])
 
 
 # The quick mode's numbers on the bundled model. A regression in any method, the engine or the seeds

@@ -47,3 +47,26 @@ def test_classifier_rejects_bad_images():
 
     with pytest.raises(HspaceError, match=r"got \(2, 1, 32, 32\)"):
         classify(torch.zeros(2, 1, 32, 32))
+
+
+def test_the_bundled_toy_dit_samples_faces_with_h_where_the_block_study_put_it():
+    """toydit: a float16 DiT trained with flow matching, at most 25 MB, whose default h is the block study's winner
+    (docs/blocks/blocks.json), and whose samples the classifier reads as faces with confidence."""
+    import json
+    from pathlib import Path
+
+    from hspace.loading import TOYDIT_FOLDER
+    from hspace.reproduce.runner import confidence
+    from safetensors.torch import load_file
+
+    engine = Engine.load("toydit", device="cpu")
+    study = json.loads((Path(__file__).parents[1] / "docs" / "blocks" / "blocks.json").read_text())
+    assert engine.model.family == "DiT" and engine.spec.spacing == "flow:shift=1" and not engine.model.guided
+    assert engine.h_location == study["ranking"]["winner"] == "block.5" and engine.h_shape == (192, 16, 16)
+    weights = TOYDIT_FOLDER / "transformer" / "diffusion_pytorch_model.safetensors"
+    assert weights.stat().st_size <= 25e6 and {t.dtype for t in load_file(weights).values()} == {torch.float16}
+    samples = engine.sample(range(16), 10, eta=0.0)
+    scores = classify(samples.images)
+    assert float(confidence(scores).mean()) >= 0.9
+    # different faces: every binary attribute both present and absent among 16 samples
+    assert all(0 < int((scores[name] > 0.5).sum()) < 16 for name in BINARY)

@@ -221,7 +221,8 @@ def test_a_dit_run_resumes_exactly_and_exports_a_flow_pipeline_the_engine_loads(
     twice = torch.load(tmp_path / "twice" / "checkpoint.pt", weights_only=False)
     for key in once["ema"]:
         assert torch.equal(once["ema"][key], twice["ema"][key]), key
-    folder = export(tmp_path / "once" / "checkpoint.pt", tmp_path / "toydit")
+    export(tmp_path / "twice" / "checkpoint.pt", tmp_path / "toydit")
+    folder = export(tmp_path / "once" / "checkpoint.pt", tmp_path / "toydit")  # again into the same pipeline folder
     engine = Engine.load(str(folder), device="cpu")
     assert engine.model.family == "DiT" and engine.spec.spacing == "flow:shift=1" and engine.decoder is None
     assert engine.spec.prompt == "0" and not engine.model.guided  # one class: unconditional, one pass

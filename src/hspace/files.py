@@ -103,15 +103,25 @@ def staged_folder(folder: str | Path) -> Iterator[Path]:
     stage.mkdir()
     try:
         yield stage
-        for item in sorted(stage.iterdir()):
-            os.replace(item, folder / item.name)
-        fsync(folder)
+        _move_into(stage, folder)
     except Exception as e:
         if isinstance(e, OSError) or (not isinstance(e, HspaceError) and _disk_full(e)):
             raise _write_error(folder, e) from None
         raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _move_into(source: Path, folder: Path) -> None:
+    """Move every file under ``source`` to the same place under ``folder``, replacing files of the same name; a
+    subfolder that exists there already is filled file by file (a pipeline folder's ``transformer/`` exported again)."""
+    for item in sorted(source.iterdir()):
+        target = folder / item.name
+        if item.is_dir() and target.is_dir():
+            _move_into(item, target)
+        else:
+            os.replace(item, target)
+    fsync(folder)
 
 
 def remove_stale_temporaries(folder: str | Path) -> int:

@@ -10,6 +10,8 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--quick", action="store_true", help="small counts and 8 steps: minutes instead of half an hour")
     p.add_argument("--out", default="out/reproduce", help="report folder (an interrupted run resumes from it)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="DIR",
+                   help="measure nothing: print a side-by-side table of these finished reports' verdicts, claim by claim")
     p.set_defaults(func=run_reproduce, batch_size=64)
 
     p = sub.add_parser("blocks", help="which block is h in a diffusion transformer: four of the report's claims measured at every block")
@@ -36,8 +38,12 @@ def run_demo(args) -> None:
 
 
 def run_reproduce(args) -> None:
+    from ..reproduce import compare
     from ..reproduce import run_reproduce as reproduce
 
+    if args.compare:
+        print(compare(args.compare), end="")
+        return
     print(f"wrote {reproduce(args.out, quick=args.quick, engine=engine_from(args))}")
 
 

@@ -3,8 +3,8 @@
 A transformer has no bottleneck. h is the output of transformer block N on the image tokens, [B, L, D]
 with L = (H/p)(W/p) tokens of a p x p patch each, seen as [B, D, H/p, W/p] (unpatchified) so that
 directions, masks, PCA cells and painted regions keep their spatial meaning. ``block.N`` names it
-(N from 0; negative counts from the end; the spec records it from 0). The default is the middle block
-until a measurement says otherwise (docs/transformers.md).
+(N from 0; negative counts from the end; the spec records it from 0). The default is the block a measurement
+chose where one was made (DiT: the last block, docs/blocks/blocks.md), else the middle block (docs/transformers.md).
 
 Guidance is the pipelines' own: both passes as one batch, uncond + g (cond - uncond); the interventions
 see h as ``ConditionalUNetModel.route`` gives it (``guide_edit``). DiT's learned-variance channels are
@@ -176,6 +176,9 @@ class DiTModel(TransformerModel):
     """``DiTTransformer2DModel`` (DiTPipeline): class labels, adaLN-Zero blocks, DDPM-family schedulers."""
 
     family = "DiT"
+    # The last block: it won the block study on the bundled toy DiT (docs/blocks/blocks.md: best mean rank over PCA vs
+    # random, regression entanglement and Jacobian locality; by a small margin, and not on every test).
+    default_depth = 1.0
 
     @classmethod
     def conditioner_for(cls, pipeline) -> ClassConditioner:
@@ -260,6 +263,7 @@ class PixArtModel(DiTModel):
     its pass is DiT's (the learned-variance channels dropped), its conditioning T5 text."""
 
     family = "PixArt"
+    default_depth = 0.5  # not measured: the middle block
 
     @classmethod
     def conditioner_for(cls, pipeline) -> PixArtConditioner:

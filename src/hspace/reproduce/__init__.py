@@ -12,14 +12,25 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..files import write_json, write_text
+from ..errors import HspaceError
+from ..files import read_json, write_json, write_text
 from . import asyrp, fig8, jacobian, pca_vs_random, sequential, swap, table1
 from .runner import FULL, HELD_OUT, QUICK, TABLE_ATTRIBUTES, Config, Run
 
 CLAIMS = (pca_vs_random, table1, fig8, jacobian, swap, asyrp, sequential)
 SECTIONS = tuple(claim.NAME for claim in CLAIMS)
 
-__all__ = ["CLAIMS", "SECTIONS", "TABLE_ATTRIBUTES", "Config", "QUICK", "FULL", "run_reproduce"]
+TITLES = {
+    "pca_vs_random": "PCs are semantic, random directions not (Sec. 4.1, Fig. 5-6)",
+    "table1": "conditional directions less entangled (Sec. 5, Table 1)",
+    "fig8": "supervised h directions from few pairs, not x_T (Fig. 8)",
+    "jacobian": "Jacobian directions are local and transfer (Sec. 4.2, Fig. 7)",
+    "swap": "h-swap carries the content (Fig. 3)",
+    "asyrp": "Asyrp amplifies an edit (SM A)",
+    "sequential": "sequential edits add up (Fig. 11)",
+}
+
+__all__ = ["CLAIMS", "SECTIONS", "TABLE_ATTRIBUTES", "Config", "QUICK", "FULL", "run_reproduce", "compare"]
 
 
 def run_reproduce(out: str | Path, quick: bool = False, engine=None) -> Path:
@@ -53,3 +64,25 @@ def _clipping(engine) -> str:
     on = engine.scheduler_config.get("clip_sample")
     chosen = "the model's setting" if engine.spec.clip_sample is None else "--no-clip" if not engine.spec.clip_sample else "forced on"
     return f"predicted x_0 {'clipped to [-1, 1]' if on else 'not clipped'} ({chosen})"
+
+
+def compare(outs: list[str | Path]) -> str:
+    """A side-by-side Markdown table of finished reports (their folders), claim by claim: each verdict (judged again by
+    today's rule) with its headline numbers, and what each report measured with."""
+    reports = []
+    for out in outs:
+        sections = {}
+        for claim in CLAIMS:
+            path = Path(out) / "sections" / f"{claim.NAME}.json"
+            if not path.is_file():
+                raise HspaceError(f"{str(out)!r} has no {claim.NAME} section; run `hspace reproduce --out {out}` (with its --model) first")
+            result = read_json(path, "reproduce section")
+            sections[claim.NAME] = {**result, "verdict": claim.judge(result)}
+        key = sections[CLAIMS[0].NAME]["config"]
+        spec = key["spec"]
+        reports.append((f"`{spec['model']}` (h at {spec['h_location']}; {key['steps']} steps, bank {key['bank_n']})", sections))
+    lines = ["| claim | " + " | ".join(label for label, _ in reports) + " |", "|---" * (len(reports) + 1) + "|"]
+    for claim in CLAIMS:
+        cells = [f"**{s[claim.NAME]['verdict']['state']}**: {claim.headline(s[claim.NAME])}" for _, s in reports]
+        lines.append(f"| {TITLES[claim.NAME]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -53,3 +53,8 @@ def render(res: dict, config) -> list[str]:
 
 def _interval(pair) -> str:
     return "n/a" if pair is None else f"[{pair[0]:+.3f}, {pair[1]:+.3f}]"
+
+
+def headline(res: dict) -> str:
+    """One line for a side-by-side table."""
+    return "Asyrp's gain " + ", ".join(f"at {s}: [{low:+.2f}, {high:+.2f}]" for s, (low, high) in res["asyrp_gain_interval"].items())

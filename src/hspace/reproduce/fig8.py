@@ -267,3 +267,11 @@ def render(res: dict, config) -> list[str]:
         "",
     ]
     return lines
+
+
+def headline(res: dict) -> str:
+    """One line for a side-by-side table."""
+    small = [r for r in res["rows"] if r["pairs"] <= MAX_PAIRS] or res["rows"][:1]
+    r = small[-1]
+    return (f"convergence {res['verdict']['convergence']}, edits {res['verdict']['edits']}; at {r['pairs']} pairs h {100 * r['h_success']:.0f}% "
+            f"[{100 * r['h_success_interval'][0]:.0f}, {100 * r['h_success_interval'][1]:.0f}], x_T {100 * r['x_T_success']:.0f}%, random {100 * r['random_success']:.0f}%")

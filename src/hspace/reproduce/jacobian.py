@@ -144,3 +144,9 @@ def render(res: dict, config) -> list[str]:
     )
     lines += ["", f"Best protocol per part: {best}: {holds(res)}.", "", f"![jacobian]({res['grid']})", ""]
     return lines
+
+
+def headline(res: dict) -> str:
+    """One line for a side-by-side table."""
+    return "; ".join(f"{part}: {100 * b['inside_transfer']:.0f}% inside on other faces, concentration {b['concentration_transfer']:.1f}x"
+                     for part, b in res["best"].items())

@@ -164,3 +164,11 @@ def render(res: dict, config) -> list[str]:
         "",
     ]
     return lines
+
+
+def headline(res: dict) -> str:
+    """One line for a side-by-side table."""
+    strongest = res["strongest_change_at_max_scale"]
+    pcs = min(v for k, v in strongest.items() if k.startswith("pc"))
+    rnd = max(v for k, v in strongest.items() if k.startswith("random"))
+    return f"weakest PC {pcs:.2f} vs strongest of {res['random_draws']} random {rnd:.2f}; realism half {res['verdict']['realism']}"

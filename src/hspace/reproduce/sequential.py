@@ -56,3 +56,9 @@ def render(res: dict, config) -> list[str]:
     lines += ["", f"Result: all three present in most samples at the end (the lower end of each 95% interval >= {pct(res['verdict']['thresholds']['present'])}): "
               f"{holds(res)}.", "", f"![sequential]({res['grid']})", ""]
     return lines
+
+
+def headline(res: dict) -> str:
+    """One line for a side-by-side table."""
+    last = res["rows"][-1]["present"] if res["rows"] else {}
+    return "present at the end: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in last.items())

@@ -59,3 +59,9 @@ def render(res: dict, config) -> list[str]:
     lines += ["", f"Result: every binary attribute follows h in most pairs (the lower end of its 95% interval >= {pct(res['verdict']['thresholds']['follows'])}): "
               f"{holds(res)}.", "", f"![swap]({res['grid']})", ""]
     return lines
+
+
+def headline(res: dict) -> str:
+    """One line for a side-by-side table."""
+    found = {k: v["follows_h"] for k, v in res["attributes"].items() if k in BINARY}
+    return ", ".join(f"{k} {100 * v:.0f}%" for k, v in found.items()) + " of differing pairs follow h"

@@ -129,3 +129,9 @@ def render(res: dict, config) -> list[str]:
     lines += [f"Result: the mean |off-diagonal| falls, relative to eq. 10, by: {falls} (95% intervals of the means: {iv}). "
               f"Conditional directions: {holds(res)}.", ""]
     return lines
+
+
+def headline(res: dict) -> str:
+    """One line for a side-by-side table."""
+    reg, base = res["regression"]["off_diagonal_interval"], res["supervised"]["off_diagonal_interval"]
+    return f"off-diagonal: regression [{reg[0]:.3f}, {reg[1]:.3f}] vs eq. 10 [{base[0]:.3f}, {base[1]:.3f}]"
