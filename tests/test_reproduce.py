@@ -160,3 +160,35 @@ def test_the_committed_full_fig8_curves_rise_within_their_intervals():
     for claim in CLAIMS:
         section = json.loads((folder / f"{claim.NAME}.json").read_text())
         assert json.loads(json.dumps(claim.judge(section))) == section["verdict"], claim.NAME
+
+
+# The same quick report on the bundled toy DiT (h at its default, the last block), pinned with the same tolerances.
+DIT_PINNED_VERDICTS = {
+    "pca_vs_random": "holds", "table1": "undecided", "fig8": "fails", "jacobian": "holds", "swap": "undecided", "asyrp": "undecided",
+    "sequential": "undecided",
+}
+
+
+def test_quick_reproduce_on_the_toy_dit_runs_every_claim_and_pins_its_numbers(tmp_path):
+    out = tmp_path / "dit"
+    assert main(["reproduce", "--quick", "--model", "toydit", "--device", "cpu", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert report.startswith("# hspace reproduce: the paper's claims measured on the bundled toy-faces model `toydit` (h at block.5)")
+    assert len(re.findall(r"\*\*(holds|fails|undecided)\*\*", report)) == 8
+    sections = {name: json.loads((out / "sections" / f"{name}.json").read_text()) for name in SECTIONS}
+    near = lambda x: pytest.approx(x, rel=RELATIVE, abs=1e-4)  # noqa: E731
+    assert {name: s["verdict"]["state"] for name, s in sections.items()} == DIT_PINNED_VERDICTS
+    pca = sections["pca_vs_random"]
+    assert (pca["verdict"]["semantic"], pca["verdict"]["realism"]) == ("holds", "fails")
+    assert pca["strongest_change_at_max_scale"] == {
+        "pc1": near(1.69055), "pc2": near(1.240846), "pc3": near(1.135533), "random1": near(0.342219), "random2": near(0.176098),
+        "random3": near(0.209861), "random4": near(0.341115), "random5": near(0.341272), "random6": near(0.10299),
+    }
+    assert pca["variance_ratio"] == [near(0.116841), near(0.10259), near(0.083153)]
+    assert pca["toy_fid_unedited"] == pytest.approx(156.4693, rel=1e-3)
+    offs = {v: sections["table1"][v]["mean_off_diagonal"] for v in ("supervised", "disentangled", "disentangled_per_step", "regression")}
+    assert offs == {"supervised": near(0.159357), "disentangled": near(0.103895), "disentangled_per_step": near(0.107034), "regression": near(0.096273)}
+    # h-swap in a transformer: the block's output is the whole stream, so the swapped sample is the donor's velocity
+    # integrated from the other noise (docs/transformers.md); its shares of a few pairs, pinned exactly
+    assert {k: (v["pairs_that_differ"], v["follows_h"]) for k, v in sections["swap"]["attributes"].items() if k in ("smile", "eyes_open", "glasses", "hat")} == {
+        "smile": (3, 1.0), "eyes_open": (4, 0.5), "glasses": (3, pytest.approx(1 / 3)), "hat": (4, 1.0)}
