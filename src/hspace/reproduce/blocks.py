@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import HspaceError
-from ..files import read_json, write_json, write_text
+from ..files import write_json, write_text
 from . import jacobian, pca_vs_random, swap, table1
 from .runner import BINARY, QUICK, Run
 
@@ -175,7 +175,3 @@ def render(summary: dict, figure: str) -> list[str]:
               "", f"![per block]({figure})", "",
               "Seconds per block: " + ", ".join(f"{n} {s:.0f}" for n, s in summary["seconds"].items()), ""]
     return lines
-
-
-def read_summary(out: str | Path) -> dict:
-    return read_json(Path(out) / "blocks.json", "block study")
