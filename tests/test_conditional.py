@@ -303,7 +303,7 @@ def test_a_prompt_longer_than_the_tokenizer_is_cut_said_and_recorded_as_the_pipe
 
     root, pipes = folders
     long = "a cat sitting on a very long wall"  # letters are tokens here: far more than the tiny tokenizer's 16
-    with caplog.at_level(logging.WARNING, logger="hspace.models.conditional"):
+    with caplog.at_level(logging.WARNING, logger="hspace.models.conditioning"):
         engine = Engine.load(str(root / "sd"), prompt=long, guidance=3.0)
     assert engine.spec.prompt != long and long.replace(" ", "").startswith(engine.spec.prompt.replace(" ", ""))
     assert any("longer than the text encoder's 14" in r.getMessage() for r in caplog.records)

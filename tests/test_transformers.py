@@ -45,12 +45,12 @@ def _pipeline_latents(pipe, kind: str, x_T: torch.Tensor, guidance: float):
             pipe.vae.decode = decode
         return seen[0] * pipe.vae.config.scaling_factor, images
     if kind == "flux":  # the pipeline takes and gives packed latents
-        from hspace.models import FluxModel
+        from hspace.models import FluxCall
 
         options = {"num_inference_steps": STEPS, "guidance_scale": guidance}
-        latents = pipe("a cat", latents=FluxModel.pack(x_T.clone()), output_type="latent", **options).images
-        images = pipe("a cat", latents=FluxModel.pack(x_T.clone()), output_type="pt", **options).images
-        return FluxModel.unpack(latents, tuple(x_T.shape[2:])), images
+        latents = pipe("a cat", latents=FluxCall.pack(x_T.clone()), output_type="latent", **options).images
+        images = pipe("a cat", latents=FluxCall.pack(x_T.clone()), output_type="pt", **options).images
+        return FluxCall.unpack(latents, tuple(x_T.shape[2:])), images
     options = {"num_inference_steps": STEPS, "guidance_scale": guidance, "num_images_per_prompt": len(x_T), **PIPELINE_OPTIONS[kind]}
     latents = pipe("a cat", latents=x_T.clone(), output_type="latent", **options).images
     images = pipe("a cat", latents=x_T.clone(), output_type="pt", **options).images
@@ -114,13 +114,13 @@ def test_replay_is_exact_and_a_zero_edit_is_the_sample(folders, kind):
 
 def _seen_by_next_block(engine):
     """A hook that keeps the image tokens the block after h receives, as h's grid: [B, D, H/p, W/p]."""
-    blocks = engine.model.block_list(engine.unet)
+    blocks = engine.unet.transformer_blocks
     index = int(engine.h_location.split(".")[1])
     seen = []
 
     def pre(_module, args, kwargs):
         tokens = args[0] if args else kwargs["hidden_states"]
-        seen.append(tokens.transpose(1, 2).reshape(len(tokens), -1, *engine.model.grid).clone())
+        seen.append(tokens.transpose(1, 2).reshape(len(tokens), -1, *engine.h_shape[1:]).clone())
 
     return blocks[index + 1].register_forward_pre_hook(pre, with_kwargs=True), seen
 
@@ -153,10 +153,10 @@ def test_delta_h_changes_exactly_the_passes_it_names(folders, kind, guide_edit):
 def test_h_locations_are_listed_checked_and_counted_from_either_end(folders, kind):
     root, _ = folders
     engine = Engine.load(str(root / kind), **CONDITION[kind])
-    n = len(engine.model.block_list(engine.unet))
+    n = len(engine.unet.transformer_blocks)
     # DiT: the last block (the block study's winner on the toy DiT, docs/blocks/blocks.md); the others: the middle block
     assert engine.h_location == (f"block.{n - 1}" if kind == "dit" else f"block.{n // 2}")
-    assert list(engine.model.locations(engine.unet)) == [f"block.{i}" for i in range(n)]
+    assert list(engine.model.locations()) == [f"block.{i}" for i in range(n)]
     last = Engine.load(str(root / kind), **CONDITION[kind], h_location="block.-1")
     assert last.h_location == f"block.{n - 1}"
     width = engine.unet.config.num_attention_heads * engine.unet.config.attention_head_dim
@@ -285,9 +285,9 @@ def test_another_image_size_equals_the_pipeline_at_that_size(folders, kind, tmp_
     options = {"num_inference_steps": STEPS, "guidance_scale": CONDITION[family]["guidance"], "height": 24, "width": 40,
                "output_type": "latent", **PIPELINE_OPTIONS.get(family, {})}
     if family == "flux":
-        from hspace.models import FluxModel
+        from hspace.models import FluxCall
 
-        theirs = FluxModel.unpack(pipes[kind]("a cat", latents=FluxModel.pack(x_T.clone()), **options).images, (12, 20))
+        theirs = FluxCall.unpack(pipes[kind]("a cat", latents=FluxCall.pack(x_T.clone()), **options).images, (12, 20))
     else:
         theirs = pipes[kind]("a cat", latents=x_T.clone(), **options).images
     assert float((ours - theirs).abs().max()) < 1e-4 * max(1.0, float(theirs.abs().max()) / 10)
@@ -378,16 +378,16 @@ def test_a_bank_by_two_processes_equals_one_on_a_transformer(folders, tmp_path, 
 def test_flux_packs_latents_as_the_pipeline_and_edits_its_one_pass(folders):
     from diffusers import FluxPipeline
 
-    from hspace.models import FluxModel
+    from hspace.models import FluxCall
 
     root, _ = folders
     x = torch.randn(2, 4, 128, 128, generator=torch.Generator().manual_seed(0))
-    packed = FluxModel.pack(x)
+    packed = FluxCall.pack(x)
     assert torch.equal(packed, FluxPipeline._pack_latents(x, 2, 4, 128, 128))
-    assert torch.equal(FluxModel.unpack(packed, (128, 128)), x)
+    assert torch.equal(FluxCall.unpack(packed, (128, 128)), x)
     assert torch.equal(FluxPipeline._unpack_latents(packed, 256, 256, 2), x)  # 256 px through the 2x VAE
     engine = Engine.load(str(root / "flux"), prompt="a cat", h_location="joint.0")
-    assert list(engine.model.locations(engine.unet)) == ["joint.0", "single.0"] and engine.h_shape == (32, 64, 64)
+    assert list(engine.model.locations()) == ["joint.0", "single.0"] and engine.h_shape == (32, 64, 64)
     assert Engine.load(str(root / "flux"), prompt="a cat").h_location == "single.0"  # the middle of 2 blocks in forward order
     assert Engine.load(str(root / "flux"), prompt="a cat", h_location="single.-1").h_location == "single.0"
     with pytest.raises(HspaceError, match="valid: joint.0 to joint.0 .*; single.0 to single.0"):

@@ -8,6 +8,7 @@ D_t with one U-Net pass per step, or into P_t only with Asyrp's second, clean pa
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import replace
@@ -20,7 +21,8 @@ from .directions.direction import Direction, effect_scales
 from .errors import HspaceError, check_choice
 from .interventions import LinearEdit, Record, Replace, StepContext, edits_at
 from .loading import DEFAULT_MODEL, Components, load_components, resolve_device, resolve_dtype
-from .models import backbone_for
+from .models import backbone_for, build
+from .models.conditioning import EMBED_KEYS, resolve
 from .progress import Meter, StepEvent
 from .spec import CONDITION_FIELDS, Spec
 from .speed import Speed
@@ -31,33 +33,6 @@ _noted: set[str] = set()  # what was said once per process (process_note)
 
 EPS_PASSES = ("edited", "clean")  # where D_t's eps comes from: the edited pass, or Asyrp's clean one
 Noise = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
-
-
-def _condition(components: Components, prompt, negative_prompt, guidance, guide_edit) -> dict:
-    """The conditioning of the spec, with a conditional model's defaults (prompt "", the pipelines' guidance
-    7.5, delta-h in both passes); an error for conditioning given to an unconditional model."""
-    given = {"prompt": prompt, "negative_prompt": negative_prompt, "guidance": guidance, "guide_edit": guide_edit}
-    if components.conditioner is None:
-        named = [k for k, v in given.items() if v is not None]
-        if named:
-            raise HspaceError(
-                f"{components.name!r} is an unconditional model: {', '.join(named)} apply(ies) only to text-conditioned "
-                "models (a Stable Diffusion or SDXL pipeline folder or hub id)"
-            )
-        return given
-    from .models.conditional import DEFAULT_GUIDANCE
-
-    prompt = components.conditioner.fit("" if prompt is None else prompt)
-    negative_prompt = components.conditioner.fit(negative_prompt, "negative prompt")
-    guidance = getattr(components.conditioner, "default_guidance", DEFAULT_GUIDANCE) if guidance is None else guidance
-    if getattr(components.conditioner, "guidance_embedded", False):  # FLUX: guidance is an input of the one pass
-        if guide_edit is not None:
-            raise HspaceError(f"guide_edit {guide_edit!r}: this model's guidance is an embedding of its one pass (FLUX), there is "
-                              "no second pass to route delta-h to; leave guide_edit out")
-        return {"prompt": prompt, "negative_prompt": negative_prompt, "guidance": guidance, "guide_edit": None}
-    if guide_edit is None and isinstance(guidance, (int, float)) and guidance > 1:
-        guide_edit = "both"
-    return {"prompt": prompt, "negative_prompt": negative_prompt, "guidance": guidance, "guide_edit": guide_edit}
 
 
 class Engine:
@@ -83,7 +58,7 @@ class Engine:
         if speed is not None and not isinstance(speed, Speed):
             raise HspaceError(f"speed must be a hspace.speed.Speed, got {type(speed).__name__}")
         self.speed = speed or Speed()
-        condition = _condition(components, prompt, negative_prompt, guidance, guide_edit)
+        condition = resolve(components.conditioner, components.name, prompt, negative_prompt, guidance, guide_edit)
         backbone = backbone_for(components.unet)
         h_location = backbone.check_location(components.unet, h_location)  # the family's default for None
         self.spec = Spec(
@@ -109,8 +84,8 @@ class Engine:
         if note and note not in _noted:
             _noted.add(note)
             logger.warning("%s", note)
-        self.model = backbone.build(components, h_location, self.device, dtype, self.spec, self.speed)
-        if self.spec.size is not None and self.model.sample_shape == self.model._sample_shape():
+        self.model = build(components, h_location, self.device, dtype, self.spec, self.speed)
+        if self.spec.size is not None and self.model.sample_shape == self.model.default_shape():
             self.spec = replace(self.spec, size=None)  # the model's default size: the spec of no size, as before sizes existed
         self._schedules: dict[int, Schedule] = {}
 
@@ -214,9 +189,7 @@ class Engine:
     def prompt_embeds(self, prompt_embeds, negative_prompt_embeds=None, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None) -> str:
         """Precomputed embeddings (diffusers' names and shapes, one prompt's) as a prompt: the label to pass wherever a
         prompt goes (``prompts=[...]``, ``conditioned(prompt=...)``); it is what trajectories and banks record, and a
-        replay needs the same tensors registered (``models/conditional.py``). SD 1.x/2.x and SDXL pipelines."""
-        from .models.conditional import EMBED_KEYS
-
+        replay needs the same tensors registered (``models/conditioning.py``). SD 1.x/2.x and SDXL pipelines."""
         given = (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
         return _embedded(self.components, {}, {k: v for k, v in zip(EMBED_KEYS, given) if v is not None})["prompt"]
 
@@ -232,6 +205,14 @@ class Engine:
         return Engine(self.components, self.h_location, self.device, self.dtype, self.spec.clip_sample, **condition, speed=self.speed,
                       **_size_options(self.spec))
 
+    def at(self, location: str) -> "Engine":
+        """This engine (the same loaded model, conditioning and speed: no reload) reading and editing h at another
+        hook point: ``engine.at("block.2")``. Its spec names the new location, so what it makes is that h's."""
+        model = self.model.at(location)
+        other = copy.copy(self)
+        other.model, other.spec = model, replace(self.spec, h_location=model.h_location)
+        return other
+
     # ------------------------------------------------------------------ what the engine is
 
     @property
@@ -243,8 +224,14 @@ class Engine:
         return self.spec.h_location
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        """The diffusers denoiser (a U-Net or a transformer)."""
+        return self.model.denoiser
+
+    @property
     def unet(self) -> torch.nn.Module:
-        return self.model.unet
+        """The denoiser, under the name the engine has always given it (a transformer too)."""
+        return self.model.denoiser
 
     @property
     def decoder(self) -> torch.nn.Module | None:
@@ -667,8 +654,6 @@ SIZE_FIELDS = ("height", "width")  # the image size in pixels (both or neither; 
 def _check_options(options: dict, own: str) -> None:
     """The keyword options of ``load`` / ``from_pipeline`` (whose own extra option is ``own``): conditions, sizes and
     precomputed prompt embeddings only."""
-    from .models.conditional import EMBED_KEYS
-
     unknown = sorted(set(options) - set(CONDITION_FIELDS) - set(SIZE_FIELDS) - set(EMBED_KEYS))
     if unknown:
         raise HspaceError(f"unknown option(s) {', '.join(unknown)}; valid: h_location, device, dtype, clip_sample, speed, {own}, "
@@ -677,8 +662,6 @@ def _check_options(options: dict, own: str) -> None:
 
 def _pop_embeds(options: dict) -> dict:
     """The precomputed prompt embeddings among ``options`` (diffusers' keyword names), taken out of them."""
-    from .models.conditional import EMBED_KEYS
-
     return {k: options.pop(k) for k in EMBED_KEYS if options.get(k) is not None}
 
 

@@ -41,13 +41,31 @@ class StepContext:
     rows: torch.Tensor  # [b] long: which of the run's samples this batch holds
     num_samples: int  # samples in the whole run
     branch: str | None = None  # the pass under guidance: "cond", "uncond", or None (the one pass, or both's mean)
+    location: str | None = None  # the hook point whose h this is (its name as the model lists it)
 
     def on(self, branch: str | None) -> "StepContext":
         return self if branch == self.branch else replace(self, branch=branch)
 
+    def at(self, location: str | None) -> "StepContext":
+        return self if location == self.location else replace(self, location=location)
+
 
 class Intervention(Protocol):
     def __call__(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor: ...
+
+
+def locations_of(intervention: Callable) -> tuple[str | None, ...]:
+    """The hook points where ``intervention`` acts (its ``locations``, names as the model lists them: ``mid.in``,
+    ``block.3``); (None,): the engine's own h location."""
+    locations = getattr(intervention, "locations", None)
+    if locations is None:
+        return (None,)
+    if isinstance(locations, str):
+        return (locations,)
+    locations = tuple(locations)
+    if not locations or not all(isinstance(name, str) for name in locations):
+        raise HspaceError(f"intervention {intervention!r} names locations {locations!r}; valid: a list of h location names (None: the engine's)")
+    return locations
 
 
 def edits_at(intervention: Callable, step: int) -> bool:
@@ -156,33 +174,63 @@ class Record:
     """Keeps h_t of every step as the decoder half saw it: ``h`` [N, T, *h_shape] float32 on the CPU.
 
     ``branch`` (module doc) chooses the pass under guidance: None (where delta-h goes), "cond", "uncond", or
-    "both", whose ``h`` is [N, T, 2, *h_shape] with the unconditional pass first.
+    "both", whose ``h`` is [N, T, 2, *h_shape] with the unconditional pass first. ``locations`` (names of hook
+    points: ``["block.2", "block.5"]``) records h at each of them in the same run (``h_at(name)``,
+    ``by_location()``); None records the engine's h location.
     On a GPU the copy of each step's h to the host does not stop the GPU: it goes, asynchronously, into
     pinned memory (a batch's rows are contiguous), and reading ``h`` waits for the copies once."""
 
-    def __init__(self, branch: str | None = None):
+    def __init__(self, branch: str | None = None, locations: str | Sequence[str] | None = None):
         if branch not in BRANCHES:
             raise HspaceError(f"unknown branch {branch!r}; valid: None (where delta-h goes), 'cond', 'uncond', 'both'")
         self.branch = branch
-        self._h: dict[str | None, torch.Tensor] = {}
+        self.locations = None if locations is None else ((locations,) if isinstance(locations, str) else tuple(locations))
+        if self.locations is not None:
+            locations_of(self)
+        self._h: dict[tuple[str | None, str | None], torch.Tensor] = {}  # (location, branch) -> h
         self._pending = False
 
-    @property
-    def h(self) -> torch.Tensor | None:
+    def _wait(self) -> None:
         if self._pending:
             torch.cuda.synchronize()
             self._pending = False
+
+    def _of(self, location: str | None) -> torch.Tensor | None:
+        stored = {branch: h for (where, branch), h in self._h.items() if where == location}
         if self.branch == "both":
-            return torch.stack([self._h["uncond"], self._h["cond"]], 2) if len(self._h) == 2 else None
-        return next(iter(self._h.values()), None)
+            return torch.stack([stored["uncond"], stored["cond"]], 2) if len(stored) == 2 else None
+        return next(iter(stored.values()), None)
+
+    @property
+    def h(self) -> torch.Tensor | None:
+        """h at the one location recorded (None before a run)."""
+        self._wait()
+        seen = list(dict.fromkeys(where for where, _ in self._h))
+        if len(seen) > 1:
+            raise HspaceError(f"this record holds h at {len(seen)} locations ({', '.join(map(str, seen))}): read one with h_at(name)")
+        return self._of(seen[0]) if seen else None
+
+    def h_at(self, location: str) -> torch.Tensor:
+        """h at ``location`` (a name as the model lists it)."""
+        self._wait()
+        seen = list(dict.fromkeys(where for where, _ in self._h))
+        if location not in seen:
+            raise HspaceError(f"no h recorded at {location!r}; recorded: {', '.join(map(str, seen)) or 'nothing yet'}")
+        return self._of(location)
+
+    def by_location(self) -> dict[str, torch.Tensor]:
+        """Every location's h, in the order of the hooks' first calls (forward order)."""
+        self._wait()
+        return {where: self._of(where) for where in dict.fromkeys(where for where, _ in self._h)}
 
     def edits(self, step: int) -> bool:
         return False
 
     def __call__(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        if ctx.branch not in self._h:
-            self._h[ctx.branch] = torch.empty(ctx.num_samples, ctx.num_steps, *h.shape[1:], pin_memory=h.is_cuda)
-        store, rows = self._h[ctx.branch], ctx.rows
+        key = (ctx.location, ctx.branch)
+        if key not in self._h:
+            self._h[key] = torch.empty(ctx.num_samples, ctx.num_steps, *h.shape[1:], pin_memory=h.is_cuda)
+        store, rows = self._h[key], ctx.rows
         first = int(rows[0])
         if h.is_cuda and bool((rows == torch.arange(first, first + len(rows))).all()):
             store[first : first + len(rows), ctx.step].copy_(h.detach().float(), non_blocking=True)

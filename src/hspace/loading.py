@@ -7,7 +7,7 @@ Layouts understood (what diffusers writes):
   (a latent model, e.g. CompVis/ldm-celebahq-256);
 - a text-to-image pipeline folder whose unet/ is a UNet2DConditionModel (Stable Diffusion 1.x/2.x,
   SDXL): loaded as the diffusers pipeline (without its safety checker), whose text encoders and
-  ``encode_prompt`` become the engine's conditioner (``models.conditional``).
+  ``encode_prompt`` become the engine's conditioner (``models.conditioning``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class Components:
     scheduler_config: dict
     decoder: torch.nn.Module | None  # VQModel or AutoencoderKL of a latent model
     name: str
-    conditioner: object | None = None  # models.conditional.TextConditioner of a text-conditioned model
+    conditioner: object | None = None  # models.conditioning: the prompt encoding of a conditional model
     fingerprint: str | None = None  # the model's content (fingerprint.py); None: hashed from the modules in memory
 
     def content_fingerprint(self) -> str:

@@ -21,7 +21,7 @@ With every step computed (the default) it is exact: equal to ``Engine.edit`` of 
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -29,6 +29,8 @@ import torch
 
 from .errors import HspaceError
 from .interventions import LinearEdit
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,18 +130,17 @@ def first_edited_step(delta: torch.Tensor) -> int | None:
 
 
 def compiled_denoiser(engine) -> Callable | None:
-    """The engine's denoiser compiled for additive edits (``UNetModel.compiled_additive``), compiled now by one
+    """The engine's denoiser compiled for additive edits (``Backbone.compiled_additive``), compiled now by one
     pass; None where the model has no such path (a conditional or transformer model) or compiling fails here
     (no C++ compiler): previews then run eagerly."""
-    make = getattr(engine.model, "compiled_additive", None)
-    if make is None or engine.spec.conditional or engine.speed.autocast or engine.speed.compile:
-        return None
     try:
-        denoiser = make()
+        denoiser = engine.model.compiled_additive()
+        if denoiser is None:
+            return None
         x = torch.zeros(1, *engine.sample_shape)
         denoiser(x, engine.schedule(2).t(0), [LinearEdit(torch.zeros(1, 1, *engine.h_shape), torch.zeros(1, 1))])
     except Exception as e:  # noqa: BLE001 - any failure of the compiler leaves the eager path, which always works
-        print(f"note: previews run eagerly: compiling the denoiser failed ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
+        logger.warning("previews run eagerly: compiling the denoiser failed (%s: %s)", type(e).__name__, str(e)[:200])
         return None
     return denoiser
 

@@ -329,7 +329,7 @@ def run_info(args) -> None:
     from ..diffusion import describe_process
 
     engine = engine_from(args)
-    locations = engine.model.locations(engine.unet)
+    locations = engine.model.locations()
     info = {
         "model": engine.spec.describe(),
         **engine.model.describe(),

@@ -1,12 +1,11 @@
-"""Backbone plug-ins: one wrapper per denoiser family, found by the denoiser's diffusers class.
+"""Backbones: a composition of a denoiser call, its hook points, a latent codec and a conditioner (``backbone.py``).
 
-A wrapper is what the engine asks of a model (k-diffusion's wrappers are the pattern): the output at
-(x_t, t) with interventions on h, its h locations and their shapes, its conditioning and guidance, the
-function of h that the Jacobian differentiates, the latent autoencoder, and what its pipeline passes
-to the scheduler. The engine, banks, methods, CLI and editor ask ``backbone_for`` and nothing else.
+The denoiser call is the one part chosen by the denoiser's diffusers class (``families.py``; k-diffusion's wrappers
+are the pattern): its signature, its hook points (``hooks.py``) and default h, its sample shape, what its pipeline
+passes to the scheduler, and the conditioner its pipeline needs (``conditioning.py``). The engine, banks, methods,
+CLI and editor build a ``Backbone`` through ``build`` and ask it, and nothing else, about the model.
 
-A new family enters with ``register("ItsDiffusersClass")`` on a subclass of ``UNetModel`` (or of
-``TransformerModel``) that overrides what differs.
+A new family enters with ``register("ItsDiffusersClass")`` on a ``DenoiserCall`` subclass that overrides what differs.
 """
 
 from __future__ import annotations
@@ -14,33 +13,34 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import HspaceError
-from .conditional import ConditionalUNetModel
-from .transformer import DiTModel, FluxModel, PixArtModel, SD3Model, TransformerModel
-from .unet import DecoderHalf, UNetModel
+from .backbone import Backbone, HookedDecoderHalf
+from .families import (ConditionalUNetCall, DenoiserCall, DiTCall, FluxCall, PixArtCall, SD3Call, TransformerCall,
+                       calculate_shift)
+from .unet import DecoderHalf
 
-# diffusers class name -> wrapper class
-BACKBONES: dict[str, type] = {
-    "UNet2DModel": UNetModel,
-    "UNet2DConditionModel": ConditionalUNetModel,
-    "DiTTransformer2DModel": DiTModel,
-    "SD3Transformer2DModel": SD3Model,
-    "PixArtTransformer2DModel": PixArtModel,
-    "FluxTransformer2DModel": FluxModel,
+# diffusers class name -> denoiser call
+BACKBONES: dict[str, type[DenoiserCall]] = {
+    "UNet2DModel": DenoiserCall,
+    "UNet2DConditionModel": ConditionalUNetCall,
+    "DiTTransformer2DModel": DiTCall,
+    "SD3Transformer2DModel": SD3Call,
+    "PixArtTransformer2DModel": PixArtCall,
+    "FluxTransformer2DModel": FluxCall,
 }
 
 
 def register(class_name: str):
-    """Class decorator: the wrapper of denoisers of the diffusers class ``class_name``."""
+    """Class decorator: the denoiser call of denoisers of the diffusers class ``class_name``."""
 
-    def add(wrapper: type) -> type:
-        BACKBONES[class_name] = wrapper
-        return wrapper
+    def add(call: type[DenoiserCall]) -> type[DenoiserCall]:
+        BACKBONES[class_name] = call
+        return call
 
     return add
 
 
-def backbone_for(denoiser: nn.Module) -> type:
-    """The wrapper class of ``denoiser``, by its class (or the nearest registered base class). A denoiser
+def backbone_for(denoiser: nn.Module) -> type[DenoiserCall]:
+    """The denoiser call of ``denoiser``, by its class (or the nearest registered base class). A denoiser
     compiled by its user is refused: its hooks would not run, so every edit would be a no-op and nothing recorded."""
     compiled = hasattr(denoiser, "_orig_mod") or getattr(denoiser, "_compiled_call_impl", None) is not None
     if compiled:
@@ -54,4 +54,10 @@ def backbone_for(denoiser: nn.Module) -> type:
     raise HspaceError(f"no backbone for a {type(denoiser).__name__}; valid denoisers: {', '.join(BACKBONES)}")
 
 
-__all__ = ["BACKBONES", "ConditionalUNetModel", "DecoderHalf", "DiTModel", "FluxModel", "PixArtModel", "SD3Model", "TransformerModel", "UNetModel", "backbone_for", "register"]
+def build(components, h_location: str | None, device, dtype, spec, speed) -> Backbone:
+    """The backbone of ``components`` for ``spec``'s conditioning, with h at ``h_location`` (None: the family's default)."""
+    return Backbone(backbone_for(components.unet), components, h_location, device, dtype, spec, speed)
+
+
+__all__ = ["BACKBONES", "Backbone", "ConditionalUNetCall", "DecoderHalf", "DenoiserCall", "DiTCall", "FluxCall", "HookedDecoderHalf",
+           "PixArtCall", "SD3Call", "TransformerCall", "backbone_for", "build", "calculate_shift", "register"]

@@ -47,9 +47,9 @@ STUDY_QUICK = replace(QUICK, bank_n=24, pca_k=2, pca_samples=3, pca_random_per_p
 
 def block_locations(engine) -> list[str]:
     """Every ``block.N`` location of a transformer engine, in forward order."""
-    names = [name for name in engine.model.locations(engine.unet) if name.split(".")[0] == "block"]
+    names = [name for name in engine.model.locations() if name.split(".")[0] == "block"]
     if not names:
-        raise HspaceError(f"{engine.name!r} has no transformer blocks (its h locations: {', '.join(engine.model.locations(engine.unet))}); "
+        raise HspaceError(f"{engine.name!r} has no transformer blocks (its h locations: {', '.join(engine.model.locations())}); "
                           "the block study is for diffusion transformers")
     return names
 
@@ -57,7 +57,7 @@ def block_locations(engine) -> list[str]:
 def _block_name(engine, name: str) -> str | None:
     """``name`` in its positive form (block.-1 -> block.5), or None where it is no location of the engine."""
     try:
-        return engine.model.check_location(engine.unet, name)
+        return engine.model.check_location(name)
     except HspaceError:
         return None
 
