@@ -45,7 +45,7 @@ from .progress import Meter
 from .spec import Spec
 from .trajectory import MAX_SEED, Trajectory
 
-__all__ = ["Bank", "build_bank"]
+__all__ = ["Bank", "build_bank", "build_banks"]
 
 logger = logging.getLogger(__name__)
 
@@ -568,42 +568,77 @@ def build_bank(
     process draws, and a bank interrupted on any process resumes with any number of processes. The main
     process alone writes the manifest and draws the progress bar (its own passes times the number of processes).
     """
+    settings = dict(base_seed=base_seed, shard_size=shard_size, batch_size=batch_size, thumbnail_size=thumbnail_size, callback=callback,
+                    progress=progress, processes=processes, prompts=prompts, prompt_order=prompt_order, h_steps=h_steps)
+    return build_banks({engine.h_location: path}, engine, n, num_steps, eta, **settings)[engine.h_location]
+
+
+def build_banks(paths: dict[str, str | Path], engine, n: int, num_steps: int = 50, eta: float | Sequence[float] = 1.0, *,
+                base_seed: int = 0, shard_size: int = 64, batch_size: int = 32, thumbnail_size: int = 64,
+                callback: Callable | None = None, progress: bool | None = None, processes: "Processes | None" = None,
+                prompts: str | Sequence[str] | None = None, prompt_order: str = "cycle", h_steps: Sequence[int] | None = None) -> dict[str, Bank]:
+    """One bank per h location (``{location: path}``) from one draw: every sample is denoised once and h is
+    recorded at all the locations (one ``Record``), so N locations cost one bank's sampling, not N. Each bank is
+    an ordinary bank of ``engine.at(location)`` (the same as ``build_bank`` with that engine draws, bit for bit),
+    and each resumes and extends as ``build_bank``'s (see there for the arguments)."""
     _positive_int("n", n)
     if n > MAX_SAMPLES:
         raise HspaceError(f"n = {n:,} samples; valid: at most {MAX_SAMPLES:,} in one bank (draw several banks for more)")
-    _positive_int("num_steps", num_steps)
-    _positive_int("shard_size", shard_size)
-    _positive_int("batch_size", batch_size)
-    _positive_int("thumbnail_size", thumbnail_size)
-    _positive_int("base_seed", base_seed, 0)
+    for name, value, least in (("num_steps", num_steps, 1), ("shard_size", shard_size, 1), ("batch_size", batch_size, 1),
+                               ("thumbnail_size", thumbnail_size, 1), ("base_seed", base_seed, 0)):
+        _positive_int(name, value, least)
     if base_seed + n - 1 > MAX_SEED:
         raise HspaceError(f"base_seed + n - 1 = {base_seed + n - 1} exceeds the largest seed 2**63-1")
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise HspaceError(f"bank path {str(path)!r} exists and is not a folder")
-    identity = Bank.identity_of(engine, num_steps, eta, base_seed, shard_size, thumbnail_size, prompts, prompt_order, h_steps)
+    if not paths:
+        raise HspaceError("no h location to draw a bank at; valid: at least one {location: folder}")
+    engines = {engine.model.check_location(name): engine if name == engine.h_location else engine.at(name) for name in paths}
+    paths = {engine.model.check_location(name): Path(p) for name, p in paths.items()}
+    for path in paths.values():
+        if path.exists() and not path.is_dir():
+            raise HspaceError(f"bank path {str(path)!r} exists and is not a folder")
+    identities = {name: Bank.identity_of(e, num_steps, eta, base_seed, shard_size, thumbnail_size, prompts, prompt_order, h_steps)
+                  for name, e in engines.items()}
     procs = processes or Processes.current(engine.device)
-    procs.agree(_digest(identity) + f" n={n}", "the bank's settings (fingerprint and size)")
-    path.mkdir(parents=True, exist_ok=True)
-    # The main process takes the bank's lock for the whole group and prepares the manifest; then every
+    procs.agree(" ".join(_digest(i) for i in identities.values()) + f" n={n}", "the bank's settings (fingerprint and size)")
+    for path in paths.values():
+        path.mkdir(parents=True, exist_ok=True)
+    # The main process takes the banks' locks for the whole group and prepares the manifests; then every
     # process draws its share of the missing shards (each shard by exactly one process, the same shard
     # whoever draws it), and the main process checks that none is missing.
-    with _lock(path) if procs.is_main else contextlib.nullcontext():
-        missing = procs.main_first(_prepare, path, identity, n)
-        bank = Bank.open(path)
-        done = bank.n - sum(count for _, count in missing)
-        mine = procs.share(missing)
-        with Meter.job(callback, bank.n * num_steps, progress if procs.is_main else False, "bank", done=done * num_steps, scale=procs.num) as meter:
-            for start, count in mine:
-                (logger.info if procs.num > 1 else logger.debug)("process %d of %d draws samples %d..%d", procs.index, procs.num, start, start + count - 1)
-                seeds = list(range(base_seed + start, base_seed + start + count))
-                trajectory = engine.sample(seeds, num_steps, eta, keep_noise=False, batch_size=batch_size, callback=meter,
-                                           prompts=bank.sample_prompts(range(start, start + count)))
-                stored = trajectory.h if "h_steps" not in bank.manifest else trajectory.h[:, bank.h_steps]
-                bank.write_shard(start, stored, thumbnails(trajectory.images, thumbnail_size))
+    with contextlib.ExitStack() as locks:
+        if procs.is_main:
+            for path in paths.values():
+                locks.enter_context(_lock(path))
+        banks = _draw_missing(paths, identities, engine, n, num_steps, eta, batch_size, thumbnail_size, callback, progress, procs)
         procs.barrier()  # every process has written its shards
-        procs.main_first(_check_complete, bank)
-    return bank
+        for bank in banks.values():
+            procs.main_first(_check_complete, bank)
+    return banks
+
+
+def _draw_missing(paths, identities, engine, n, num_steps, eta, batch_size, thumbnail_size, callback, progress, procs) -> dict[str, Bank]:
+    """Every bank opened for ``n`` samples and this process's share of the shards any of them misses drawn once,
+    h recorded at every location and written to each bank that misses the shard."""
+    from .interventions import Record
+
+    missing = {name: dict(procs.main_first(_prepare, paths[name], identities[name], n)) for name in paths}
+    banks = {name: Bank.open(path) for name, path in paths.items()}
+    first = next(iter(banks.values()))
+    todo = sorted(set().union(*(m.items() for m in missing.values())))
+    done = first.n - sum(count for _, count in todo)
+    with Meter.job(callback, first.n * num_steps, progress if procs.is_main else False, "bank", done=done * num_steps, scale=procs.num) as meter:
+        for start, count in procs.share(todo):
+            (logger.info if procs.num > 1 else logger.debug)("process %d of %d draws samples %d..%d", procs.index, procs.num, start, start + count - 1)
+            seeds = list(range(first.manifest["base_seed"] + start, first.manifest["base_seed"] + start + count))
+            record = Record(locations=list(banks))
+            trajectory = engine.sample(seeds, num_steps, eta, keep_noise=False, batch_size=batch_size, callback=meter, record_h=False,
+                                       interventions=[record], prompts=first.sample_prompts(range(start, start + count)))
+            thumbs = thumbnails(trajectory.images, thumbnail_size)
+            for name, bank in banks.items():
+                if start in missing[name]:
+                    h = record.h_at(name)
+                    bank.write_shard(start, h if "h_steps" not in bank.manifest else h[:, bank.h_steps], thumbs)
+    return banks
 
 
 def _prepare(path: Path, identity: dict, n: int) -> list[tuple[int, int]]:

@@ -15,12 +15,14 @@ def register(sub) -> None:
     p.set_defaults(func=run_reproduce, batch_size=64)
 
     p = sub.add_parser("blocks", help="which block is h in a diffusion transformer: four of the report's claims measured at every block")
-    p.add_argument("--model", default="toydit", help="a diffusion transformer (default: toydit, the bundled one)")
-    p.add_argument("--blocks", nargs="+", default=None, metavar="block.N", help="only these blocks (default: every block)")
+    add_model_args(p)
+    p.add_argument("--blocks", nargs="+", default=None, metavar="LOCATION",
+                   help="only these h locations (default: every one; `hspace info` lists them: block.N, FLUX's joint.N and single.N)")
     p.add_argument("--quick", action="store_true", help="small counts and 4 steps (the tests' mode)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--any-model", action="store_true",
+                   help="measure a model outside the toy-faces domain with the toy-faces classifier (tests the mechanics, not the model)")
     p.add_argument("--out", default="out/blocks", help="study folder (an interrupted study resumes from it)")
-    p.set_defaults(func=run_blocks)
+    p.set_defaults(func=run_blocks, model="toydit")
 
     p = sub.add_parser("demo", help="the main job: samples, swaps and edits of the bundled model into a folder")
     p.add_argument("--model", default=None, help="model (default: the bundled model)")
@@ -50,4 +52,4 @@ def run_reproduce(args) -> None:
 def run_blocks(args) -> None:
     from ..reproduce.blocks import run_blocks as blocks
 
-    print(f"wrote {blocks(args.out, model=args.model, quick=args.quick, blocks=args.blocks, device=args.device)}")
+    print(f"wrote {blocks(args.out, quick=args.quick, blocks=args.blocks, engine=engine_from(args), any_model=args.any_model)}")

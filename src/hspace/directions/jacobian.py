@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import HspaceError, check_choice
 from ..progress import IterationEvent, Meter
@@ -260,16 +261,21 @@ def _check_iteration(max_iter, tol, oversample) -> None:
 
 
 def check_mask(mask, out_shape: Sequence[int]) -> torch.Tensor:
-    """The output mask as float [C or 1, H, W]: [H, W] or [C, H, W] over the U-Net's output."""
+    """The output mask as float [C or 1, H, W]: [H, W] or [C, H, W] over the denoiser's output, or [H, W] / [1, H, W]
+    at an integer multiple of its size (a latent model's image: 8x for Stable Diffusion), area-averaged onto it."""
     out_shape = tuple(out_shape)
     mask = torch.as_tensor(mask)
     given = tuple(mask.shape)
     c, hw = out_shape[0], out_shape[1:]
     if mask.ndim == 2:
         mask = mask[None]
+    factor = mask.shape[-1] // hw[-1] if mask.ndim == 3 and len(hw) == 2 and hw[-1] > 0 else 0
+    if mask.ndim == 3 and mask.shape[0] == 1 and factor > 1 and tuple(mask.shape[1:]) == (hw[0] * factor, hw[1] * factor):
+        mask = F.avg_pool2d(mask[None].float(), factor)[0]
     if mask.ndim != 3 or tuple(mask.shape[1:]) != hw or mask.shape[0] not in (1, c):
         raise HspaceError(
-            f"mask has shape {given}; valid: {hw} or {(c, *hw)} (or {(1, *hw)}), the U-Net output's spatial size"
+            f"mask has shape {given}; valid: {hw} or {(c, *hw)} (or {(1, *hw)}), the denoiser output's spatial size, "
+            "or an integer multiple of it (the image of a latent model)"
         )
     mask = mask.float()
     if not torch.isfinite(mask).all() or (mask < 0).any() or not (mask > 0).any():

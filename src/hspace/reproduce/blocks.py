@@ -46,20 +46,25 @@ STUDY_QUICK = replace(QUICK, bank_n=24, pca_k=2, pca_samples=3, pca_random_per_p
 
 
 def block_locations(engine) -> list[str]:
-    """Every ``block.N`` location of a transformer engine, in forward order."""
-    names = [name for name in engine.model.locations() if name.split(".")[0] == "block"]
-    if not names:
-        raise HspaceError(f"{engine.name!r} has no transformer blocks (its h locations: {', '.join(engine.model.locations())}); "
-                          "the block study is for diffusion transformers")
-    return names
+    """Every h location (hook point) of an engine, in forward order: a transformer's blocks of every kind
+    (``block.N``; FLUX's ``joint.N`` and ``single.N``), a U-Net's ``mid.in`` and ``mid.out``."""
+    return list(engine.model.locations())
 
 
-def _block_name(engine, name: str) -> str | None:
-    """``name`` in its positive form (block.-1 -> block.5), or None where it is no location of the engine."""
-    try:
-        return engine.model.check_location(name)
-    except HspaceError:
-        return None
+def _chosen(engine, blocks: list[str] | None) -> list[str]:
+    """The study's locations: every one, or ``blocks`` in their positive form (block.-1 -> block.5)."""
+    names = block_locations(engine)
+    if not blocks:
+        return names
+    chosen, unknown = [], []
+    for b in blocks:
+        try:
+            chosen.append(engine.model.check_location(b))
+        except HspaceError:
+            unknown.append(b)
+    if unknown:
+        raise HspaceError(f"unknown block(s) {', '.join(unknown)}; valid: {', '.join(names)} (a negative N counts from the end)")
+    return list(dict.fromkeys(chosen))
 
 
 def metrics(results: dict) -> dict:
@@ -100,32 +105,28 @@ def ranking(per_block: dict[str, dict]) -> dict:
     return {"mean_rank": mean_rank, "ranks": ranks, "winner": winner, "margins": margins}
 
 
-def run_blocks(out: str | Path, model: str = "toydit", quick: bool = False, blocks: list[str] | None = None, device: str | None = None) -> Path:
+def run_blocks(out: str | Path, model: str = "toydit", quick: bool = False, blocks: list[str] | None = None, device: str | None = None,
+               *, engine=None, any_model: bool = False) -> Path:
     """Measure every block of a transformer (or ``blocks``), write ``out/blocks.md``, ``out/blocks.json`` and a figure;
-    returns the report's path."""
+    returns the report's path. ``engine`` (instead of ``model`` and ``device``): a loaded one, with its prompt and size.
+    ``any_model``: measure a model outside the toy-faces domain with that domain's classifier (``Run``)."""
     from ..engine import Engine
 
     config = STUDY_QUICK if quick else STUDY
     out = Path(out)
-    first = Engine.load(model, device=device)
-    names = block_locations(first)
-    if blocks:
-        chosen = [_block_name(first, b) for b in blocks]
-        unknown = [b for b, name in zip(blocks, chosen) if name not in names]
-        if unknown:
-            raise HspaceError(f"unknown block(s) {', '.join(unknown)}; valid: {', '.join(names)} (a negative N counts from the end)")
-        names = list(dict.fromkeys(chosen))
+    first = engine or Engine.load(model, device=device)
+    names = _chosen(first, blocks)
     start = time.perf_counter()
+    runs = {name: Run(out / name, config, first.at(name), any_model=any_model) for name in names}
+    _draw_banks(runs, config)
     per_block, seconds = {}, {}
-    for name in names:
+    for name, run in runs.items():
         logger.info("block study: h at %s", name)
-        engine = Engine.load(model, h_location=name, device=device)
-        run = Run(out / name, config, engine)
         results = {claim.NAME: run.section(claim.NAME, claim.measure, getattr(claim, "VERSION", None), claim.judge) for claim in CLAIMS}
         per_block[name] = metrics(results)
         seconds[name] = sum(run.timings.values())
     order = ranking(per_block)
-    summary = {"model": model, "mode": "quick" if quick else "full", "steps": config.steps, "blocks": per_block, "ranking": order,
+    summary = {"model": first.name, "mode": "quick" if quick else "full", "steps": config.steps, "blocks": per_block, "ranking": order,
                "seconds": seconds, "this_invocation_seconds": time.perf_counter() - start, "default_before": first.h_location}
     write_json(out / "blocks.json", summary)
     figure = _figure(out, per_block, order["winner"])
@@ -134,23 +135,37 @@ def run_blocks(out: str | Path, model: str = "toydit", quick: bool = False, bloc
     return report
 
 
-def _figure(out: Path, per_block: dict, winner: str) -> str:
-    import matplotlib
+def _draw_banks(runs: dict, config) -> None:
+    """The bank of every block that has none yet, from one draw (h recorded at all of them in each pass)."""
+    from ..bank import build_banks
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    todo = {name: run for name, run in runs.items() if run.cached_bank() is None}
+    if not todo:
+        return
+    logger.info("block study: one bank of %d samples for %d block(s)", config.bank_n, len(todo))
+    start = time.perf_counter()
+    engine = next(iter(todo.values())).engine
+    banks = build_banks({name: run.out / "bank" for name, run in todo.items()}, engine, config.bank_n, config.steps, config.eta,
+                        batch_size=config.batch_size)
+    share = (time.perf_counter() - start) / len(todo)
+    for name, run in todo.items():
+        run.adopt_bank("bank", banks[name], share)
+
+
+def _figure(out: Path, per_block: dict, winner: str) -> str:
+    from matplotlib.figure import Figure
 
     names = list(per_block)
-    index = [int(n.split(".")[1]) for n in names]
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3))
+    fig = Figure(figsize=(3.2 * len(METRICS), 3))
+    axes = fig.subplots(1, len(METRICS))
     for ax, (key, title, higher) in zip(axes, METRICS):
-        ax.plot(index, [per_block[n][key] for n in names], "o-")
-        ax.axvline(int(winner.split(".")[1]), color="0.7", ls="--")
-        ax.set(title=title + (" (higher better)" if higher else " (lower better)"), xlabel="block N")
+        ax.plot(range(len(names)), [per_block[n][key] for n in names], "o-")
+        ax.axvline(names.index(winner), color="0.7", ls="--")
+        ax.set_xticks(range(len(names)), names, rotation=90 if len(names) > 6 else 0, fontsize=7)
+        ax.set(title=title + (" (higher better)" if higher else " (lower better)"), xlabel="h location")
         ax.title.set_fontsize(8)
     fig.tight_layout()
     fig.savefig(out / "blocks.png", dpi=100)
-    plt.close(fig)
     return "blocks.png"
 
 

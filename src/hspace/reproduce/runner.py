@@ -156,14 +156,18 @@ def combine(*verdicts: dict, intervals: dict | None = None, **thresholds) -> dic
 class Run:
     """One reproduction: the engine, the config, the output folder, and the cached building blocks."""
 
-    def __init__(self, out: str | Path, config: Config, engine=None):
+    def __init__(self, out: str | Path, config: Config, engine=None, any_model: bool = False):
         from ..engine import Engine
 
         self.out = Path(out)
         self.config = config
         self.engine = engine or Engine.load("toyfaces")
         if self.engine.name not in DOMAIN.models:
-            raise HspaceError(f"reproduce measures with the toy-faces classifier; the engine is {self.engine.name!r}")
+            if not any_model:
+                raise HspaceError(f"reproduce measures with the toy-faces classifier; the engine is {self.engine.name!r} "
+                                  f"(valid: {', '.join(DOMAIN.models)}; any_model=True measures another model with it anyway)")
+            logger.warning("%r is not a toy-faces model: its images are scored by the toy-faces classifier and parts, so the "
+                           "numbers test that the study runs, not what the model's h does", self.engine.name)
         self.classify = DOMAIN.scorer()
         # what a cached section was measured with: the counts and the process (clipping is part of the spec)
         self.key = {**config.key(), "spec": self.engine.spec.to_dict()}
@@ -241,23 +245,40 @@ class Run:
         return self._cache["ddim_bank"]
 
     def _bank(self, name: str, n: int, eta: float):
-        from ..bank import Bank, build_bank
-        from ..directions.supervised import annotate_bank
+        from ..bank import build_bank
 
-        c = self.config
+        bank = self.cached_bank(name)
+        if bank is not None:
+            return bank
+        logger.info("drawing %s", name)
+        start = time.perf_counter()
+        bank = build_bank(self.out / name, self.engine, n, self.config.steps, eta, batch_size=self.config.batch_size)
+        return self.adopt_bank(name, bank, time.perf_counter() - start)
+
+    def cached_bank(self, name: str = "bank"):
+        """The bank ``name`` as an earlier run of this config drew and annotated it, or None."""
+        from ..bank import Bank
+
         record, path = self.out / "sections" / f"{name}.json", self.out / name
         saved = _read_cached(record)
         if saved is not None and (path / "bank.json").is_file():
             bank = Bank.open(path)
             if saved.get("config") == self.key and isinstance(saved.get("seconds"), (int, float)) and bank.complete and bank.scores_path("classifier").is_file():
                 self.timings[name] = saved["seconds"]
+                self._cache[name] = bank
                 return bank
-        logger.info("drawing %s", name)
+        return None
+
+    def adopt_bank(self, name: str, bank, seconds: float):
+        """``bank`` (drawn at ``self.out / name`` by this run's engine and config) annotated and recorded as the run's
+        ``name``; ``seconds``: what drawing it took (its share, where one draw filled several banks)."""
+        from ..directions.supervised import annotate_bank
+
         start = time.perf_counter()
-        bank = build_bank(path, self.engine, n, c.steps, eta, batch_size=c.batch_size)
         annotate_bank(bank, self.classify)
-        self.timings[name] = time.perf_counter() - start
-        write_json(record, {"seconds": self.timings[name], "config": self.key})
+        self.timings[name] = seconds + time.perf_counter() - start
+        write_json(self.out / "sections" / f"{name}.json", {"seconds": self.timings[name], "config": self.key})
+        self._cache[name] = bank
         return bank
 
     def test_samples(self, n: int, claim: str, eta: float | None = None):
