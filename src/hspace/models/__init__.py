@@ -15,12 +15,12 @@ from torch import nn
 from ..errors import HspaceError
 from .backbone import Backbone, HookedDecoderHalf
 from .families import (ConditionalUNetCall, DenoiserCall, DiTCall, FluxCall, PixArtCall, SD3Call, TransformerCall,
-                       calculate_shift)
+                       UNetCall, calculate_shift)
 from .unet import DecoderHalf
 
 # diffusers class name -> denoiser call
 BACKBONES: dict[str, type[DenoiserCall]] = {
-    "UNet2DModel": DenoiserCall,
+    "UNet2DModel": UNetCall,
     "UNet2DConditionModel": ConditionalUNetCall,
     "DiTTransformer2DModel": DiTCall,
     "SD3Transformer2DModel": SD3Call,
@@ -54,10 +54,18 @@ def backbone_for(denoiser: nn.Module) -> type[DenoiserCall]:
     raise HspaceError(f"no backbone for a {type(denoiser).__name__}; valid denoisers: {', '.join(BACKBONES)}")
 
 
+def hook_points(denoiser: nn.Module) -> dict:
+    """Every h location of a bare diffusers denoiser (a ``UNet2DConditionModel``, a ``FluxTransformer2DModel``, ...) by name,
+    in forward order: ``hook_points(pipe.unet)["mid.out"].attach(pipe.unet, fn)`` routes h through ``fn`` in any call."""
+    call = backbone_for(denoiser)
+    call.check(denoiser)
+    return call.hook_points(denoiser)
+
+
 def build(components, h_location: str | None, device, dtype, spec, speed) -> Backbone:
     """The backbone of ``components`` for ``spec``'s conditioning, with h at ``h_location`` (None: the family's default)."""
     return Backbone(backbone_for(components.unet), components, h_location, device, dtype, spec, speed)
 
 
 __all__ = ["BACKBONES", "Backbone", "ConditionalUNetCall", "DecoderHalf", "DenoiserCall", "DiTCall", "FluxCall", "HookedDecoderHalf",
-           "PixArtCall", "SD3Call", "TransformerCall", "backbone_for", "build", "calculate_shift", "register"]
+           "PixArtCall", "SD3Call", "TransformerCall", "UNetCall", "backbone_for", "build", "hook_points", "calculate_shift", "register"]

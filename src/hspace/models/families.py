@@ -2,7 +2,7 @@
 
 A ``DenoiserCall`` is the part of a backbone that differs by family (``backbone.py`` composes it with the hook
 points, the latent codec and the conditioner). It knows its denoiser's signature (a U-Net's ``(x, t)``, a
-transformer's ``timestep=`` keyword, FLUX's packed tokens and position ids), its hook points (``hookpoints.py``)
+transformer's ``timestep=`` keyword, FLUX's packed tokens and position ids), its hook points (``hooks.py``)
 and default h, the shape of x_t, what an image size must be a multiple of, and what its pipeline passes to the
 scheduler. New families enter with ``models.register``.
 """
@@ -18,11 +18,12 @@ from ..hooks import HookPoint, block_points, latent_grid, position_grid, unet_po
 
 
 class DenoiserCall:
-    """The unconditional ``UNet2DModel``: ``unet(x, t).sample``; h at the mid block's output (or input)."""
+    """What every family's call shares: ``denoiser(x, t, **keywords).sample``, the sample shape from the config, no
+    conditioning and no scheduler options. A family says what differs, its hook points first (``hook_points``)."""
 
-    family = "U-Net"
-    splits = True  # the U-Net split (``unet.py``) computes the Jacobian's decoder half and compiled previews
-    compiles = True  # Speed(compile=True) compiles the blocks around h
+    family = "denoiser"
+    splits = False  # True: the U-Net split (``unet.py``) computes the Jacobian's decoder half and compiled previews
+    compiles = False  # True: Speed(compile=True) compiles the blocks around h
 
     def __init__(self, denoiser: nn.Module):
         self.denoiser = denoiser
@@ -30,9 +31,6 @@ class DenoiserCall:
     @classmethod
     def check(cls, denoiser: nn.Module) -> None:
         """Raise where this family cannot run ``denoiser``."""
-        from .unet import check_unet
-
-        check_unet(denoiser)
 
     @classmethod
     def conditioner_for(cls, pipeline):
@@ -41,11 +39,12 @@ class DenoiserCall:
 
     @classmethod
     def hook_points(cls, denoiser: nn.Module) -> dict[str, HookPoint]:
-        return unet_points(denoiser)
+        """Every h location of ``denoiser`` by name, in forward order (``hooks.py``)."""
+        raise NotImplementedError(f"{cls.__name__} names no hook points")
 
     @classmethod
     def default_location(cls, denoiser: nn.Module) -> str:
-        return "mid.out"
+        return next(iter(cls.hook_points(denoiser)))
 
     @classmethod
     def check_location(cls, denoiser: nn.Module, location: str | None) -> str:
@@ -85,7 +84,29 @@ class DenoiserCall:
         return "unconditional"
 
 
-class ConditionalUNetCall(DenoiserCall):
+class UNetCall(DenoiserCall):
+    """The unconditional ``UNet2DModel``: ``unet(x, t).sample``; h at the mid block's output (or input)."""
+
+    family = "U-Net"
+    splits = True
+    compiles = True
+
+    @classmethod
+    def check(cls, denoiser: nn.Module) -> None:
+        from .unet import check_unet
+
+        check_unet(denoiser)
+
+    @classmethod
+    def hook_points(cls, denoiser: nn.Module) -> dict[str, HookPoint]:
+        return unet_points(denoiser)
+
+    @classmethod
+    def default_location(cls, denoiser: nn.Module) -> str:
+        return "mid.out"
+
+
+class ConditionalUNetCall(UNetCall):
     """``UNet2DConditionModel`` (Stable Diffusion 1.x/2.x, SDXL): the same call with the text keywords."""
 
     family = "conditional U-Net"
@@ -105,7 +126,7 @@ class ConditionalUNetCall(DenoiserCall):
 
 
 class TransformerCall(DenoiserCall):
-    """A diffusion transformer: h after one of its blocks on the image tokens (``hookpoints.py``)."""
+    """A diffusion transformer: h after one of its blocks on the image tokens (``hooks.py``)."""
 
     family = "transformer"
     splits = False
