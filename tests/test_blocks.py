@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from hspace import Engine, HspaceError
 from hspace.cli import main
@@ -35,14 +36,37 @@ def test_the_winner_has_the_best_mean_rank_with_each_metric_in_its_own_direction
     assert [r[1] for r in shared["ranks"].values()] == [2.0, 2.0, 2.0]
 
 
-def test_the_study_refuses_a_u_net_and_an_unknown_block(tmp_path):
-    from hspace.reproduce.blocks import run_blocks
+def test_the_study_takes_every_hook_point_and_refuses_an_unknown_one_or_a_model_outside_the_domain(tmp_path):
+    from hspace.reproduce.blocks import block_locations, run_blocks
 
-    with pytest.raises(HspaceError, match="has no transformer blocks"):
+    assert block_locations(Engine.load("tiny-random")) == ["mid.out", "mid.in"]  # a U-Net's two locations
+    with pytest.raises(HspaceError, match="toy-faces classifier; the engine is 'tiny-random'.*any_model=True"):
         run_blocks(tmp_path / "u", model="tiny-random")
     with pytest.raises(HspaceError, match=r"unknown block\(s\) block.9; valid: block.0, block.1"):
         run_blocks(tmp_path / "d", model="toydit", blocks=["block.9"])
     assert not (tmp_path / "d").exists() and not (tmp_path / "u").exists()
+
+
+def test_the_block_study_measures_a_tiny_fluxs_joint_and_single_blocks_from_one_bank(tmp_path, capsys):
+    import tiny_transformers
+    from hspace.bank import Bank
+
+    tiny_transformers.flux_pipeline(tmp_path / "flux")
+    out = tmp_path / "study"
+    argv = ["blocks", "--model", str(tmp_path / "flux"), "--prompt", "a face", "--height", "64", "--width", "64", "--quick",
+            "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 2 and "--any-model" in capsys.readouterr().err
+    assert main([*argv, "--any-model"]) == 0
+    summary = json.loads((out / "blocks.json").read_text())
+    assert list(summary["blocks"]) == ["joint.0", "single.0"] and summary["ranking"]["winner"] in summary["blocks"]
+    banks = {name: Bank.open(out / name / "bank") for name in summary["blocks"]}
+    assert {name: bank.spec.h_location for name, bank in banks.items()} == {"joint.0": "joint.0", "single.0": "single.0"}
+    assert torch.equal(banks["joint.0"].thumbnails(), banks["single.0"].thumbnails())  # the same samples, drawn once
+    assert not torch.equal(banks["joint.0"].h(), banks["single.0"].h())
+    engine = Engine.load(str(tmp_path / "flux"), prompt="a face", height=64, width=64)
+    alone = engine.at("single.0").sample([0], 4, 1.0, progress=False).h
+    # the bank drew sample 0 in a batch of 24, this in a batch of 1 (float32 differs in its last bits), and stores float16
+    assert float((banks["single.0"].h([0]) - alone).abs().max()) < 2e-3 * float(alone.abs().max())
 
 
 # The quick study on the bundled toy DiT, first and last block (all six take six times as long; the full study's

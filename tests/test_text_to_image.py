@@ -202,7 +202,7 @@ def test_a_vae_that_overflows_float16_decodes_in_float32_when_its_config_says_fo
         assert not bool(torch.isfinite(copy.deepcopy(pipe.vae).half().decode(x0.x0.half() / 0.18215).sample).all())
     assert pipe.vae.config.force_upcast
     half = Engine.from_pipeline(pipe, prompt="a cat", guidance=1.0, dtype="float16")
-    assert half.model.decoder_dtype == torch.float32
+    assert half.model.codec.dtype == torch.float32
     assert float((half.decode(x0.x0) - x0.images).abs().max()) < 1e-5  # the float32 decode (batch rounding aside)
     pipe.vae.register_to_config(force_upcast=False)
     with pytest.raises(HspaceError, match="decoded NaN or infinite values in float16"):

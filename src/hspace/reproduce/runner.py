@@ -165,7 +165,7 @@ class Run:
         if self.engine.name not in DOMAIN.models:
             if not any_model:
                 raise HspaceError(f"reproduce measures with the toy-faces classifier; the engine is {self.engine.name!r} "
-                                  f"(valid: {', '.join(DOMAIN.models)}; any_model=True measures another model with it anyway)")
+                                  f"(valid: {', '.join(DOMAIN.models)}; any_model=True, on the command line --any-model, measures another model with it anyway)")
             logger.warning("%r is not a toy-faces model: its images are scored by the toy-faces classifier and parts, so the "
                            "numbers test that the study runs, not what the model's h does", self.engine.name)
         self.classify = DOMAIN.scorer()
