@@ -48,7 +48,7 @@ def main():
     for name, result in cards.items():
         calibrated = found[name]
         calibrated.meta["calibration"] = result.calibration
-        images = engine.edit(test, calibrated, [1.0], units="effect", progress=False)[0, 0]
+        images = engine.edit(test, calibrated, [1.0], units="effect", progress=False).images[0, 0]
         lacking = before[name] <= 0.5
         rate = float((score(images)[name][lacking] > 0.5).double().mean())
         print(f"{name}: effect scale 1 (raw {result.calibration['scale']:.3f}) flips {100 * rate:.1f}% of {int(lacking.sum())} held-out "

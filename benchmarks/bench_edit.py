@@ -21,7 +21,7 @@ def main():
     scales = [float(s) for s in torch.linspace(-2, 2, args.scales)]
 
     def batched():
-        return engine.edit(trajectory, direction, scales, batch_size=len(scales))
+        return engine.edit(trajectory, direction, scales, batch_size=len(scales)).images
 
     def single():
         return [engine.replay(trajectory, direction, scale=s).x0 for s in scales]

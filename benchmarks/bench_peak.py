@@ -89,7 +89,7 @@ def paths_of(engine, B: int, S: int) -> dict:
     invert(engine, images, S, 1.0, batch_size=B, progress=False, callback=lambda e: inversion_passes.__setitem__(0, e.total))
     return {
         "sampling (h recorded)": (lambda: engine.sample(seeds, S, 1.0, batch_size=B, progress=False), B * S),
-        "edit (1 sample x B scales)": (lambda: engine.edit(trajectory[[0]], [d], scales, batch_size=B, progress=False), B * S),
+        "edit (1 sample x B scales)": (lambda: engine.edit(trajectory[[0]], [d], scales, batch_size=B, progress=False).images, B * S),
         "bank drawing": (bank, B * S),
         f"DDPM inversion ({len(images)} images)": (lambda: invert(engine, images, S, 1.0, batch_size=B, progress=False), inversion_passes[0]),
     }, trajectory

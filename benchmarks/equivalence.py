@@ -51,7 +51,7 @@ def unconditional(figures: dict, model: str, work: Path) -> None:
     figures[f"{model}/pca.components"] = digest(pca.components)
     figures[f"{model}/pca.sigma"] = digest(pca.sigma)
     first = directions[0] if isinstance(directions, (list, tuple)) else list(directions)[0]
-    images = engine.edit(t, [first], [-2.0, 0.0, 2.0], progress=False)
+    images = engine.edit(t, [first], [-2.0, 0.0, 2.0], progress=False).images
     images = images.images if hasattr(images, "images") else images
     figures[f"{model}/edit.images"] = digest(images)
     jac = jacobian_directions(engine, t, 0, steps=[3], k=2, max_iter=4, progress=False)
@@ -78,6 +78,7 @@ def blocks(figures: dict, work: Path) -> None:
         data = json.loads(section.read_text())
         data.pop("seconds", None)
         data.pop("elapsed", None)
+        data.pop("checksum", None)  # of the seconds too
         figures[f"blocks/{section.parent.parent.name}/{section.stem}"] = digest(data)
 
 

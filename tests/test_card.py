@@ -9,7 +9,7 @@ import pytest
 
 from hspace.bank import build_bank
 from hspace.card import card, write_card
-from hspace.directions.direction import effect_scales
+from hspace.edits import Edit
 from hspace.cli import main
 from hspace.directions.direction import Direction
 from hspace.directions.regression import regression_directions
@@ -46,14 +46,14 @@ def test_a_calibrated_unit_gives_half_the_flips_on_other_samples_and_two_directi
     test = engine.sample(list(range(800_000, 800_096)), STEPS, 1.0, progress=False)
     score = domain_of("toyfaces").scorer()
     before = score(test.images)
-    images = engine.edit(test, [directions["smile"], directions["hat"]], [1.0], units="effect", progress=False)
+    images = engine.edit(test, [directions["smile"], directions["hat"]], [1.0], units="effect", progress=False).images
     rates = {}
     for i, name in enumerate(("smile", "hat")):
         lacking = before[name] <= 0.5
         rates[name] = float((score(images[i, 0])[name][lacking] > 0.5).double().mean())
         assert abs(rates[name] - 0.5) <= 0.10, (name, rates[name], int(lacking.sum()))
     assert abs(rates["smile"] - rates["hat"]) <= 0.2 * max(rates.values())  # two directions at effect scale 1 move alike
-    assert engine.edit(test[:1], directions["smile"], [2.0], units="effect", progress=False).shape[:3] == (1, 1, 1)
+    assert engine.edit(test[:1], directions["smile"], [2.0], units="effect", progress=False).images.shape[:3] == (1, 1, 1)
 
 
 def test_a_card_is_written_and_read_and_effect_units_need_one(calibrated, tmp_path, capsys):
@@ -66,10 +66,14 @@ def test_a_card_is_written_and_read_and_effect_units_need_one(calibrated, tmp_pa
     assert top[0][0] != "smile" and abs(top[0][1]) >= abs(top[1][1])
     raw = Direction(directions["smile"].delta, meta={"name": "plain"}, spec=engine.spec)
     with pytest.raises(HspaceError, match="direction 'plain' has no card"):
-        effect_scales(raw, [1.0], "effect")
-    assert effect_scales(directions["smile"], [1.0, -2.0], "effect") == pytest.approx([result.calibration["scale"], -2 * result.calibration["scale"]])
+        Edit([raw], [1.0], "effect")
+    unit = result.calibration["scale"]
+    both = Edit([directions["smile"], raw], [1.0, -2.0])  # the one rule (auto): the carded one in effect units, the other raw
+    assert both.unit_names() == ["effect", "raw"] and both.raw_scales(STEPS).flatten().tolist() == pytest.approx([unit, -2 * unit, 1.0, -2.0])
+    assert Edit([directions["smile"]], [1.0], "raw").raw_scales().tolist() == [[1.0]]
+    assert float(Edit([directions["smile"] * 2.0], [1.0]).raw_scales()) == pytest.approx(unit / 2)  # twice the direction, same effect
     with pytest.raises(HspaceError, match="unknown units 'sigma'"):
-        effect_scales(raw, [1.0], "sigma")
+        Edit([raw], [1.0], "sigma")
     out = tmp_path / "edits"
     assert main(["edit", "--direction", str(root / "smile" / "smile.safetensors"), "--seeds", "3", "--steps", str(STEPS),
                  "--scales", "0", "1", "--units", "effect", "--out", str(out)]) == 0
@@ -81,3 +85,40 @@ def test_a_card_is_written_and_read_and_effect_units_need_one(calibrated, tmp_pa
     assert main(["edit", "--direction", str(tmp_path / "plain.safetensors"), "--seeds", "3", "--steps", str(STEPS), "--units", "effect",
                  "--out", str(out)]) == 2
     assert "has no card" in capsys.readouterr().err
+
+
+def test_the_cli_and_the_editor_give_the_same_image_for_a_carded_direction_at_the_same_slider_value(calibrated, tmp_path, capsys, caplog):
+    """One unit rule (hspace.edits): ``hspace edit`` with no --units and the editor's slider both move a carded
+    direction in its effect unit, so slider 1.5 on the page is --scales 1.5 on the command line, pixel for pixel."""
+    import base64
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from hspace.ui.server import Editor
+
+    engine, root, cards, directions = calibrated
+    out = tmp_path / "cli"
+    file = root / "smile" / "smile.safetensors"
+    assert main(["edit", "--direction", str(file), "--seeds", "7", "--steps", str(STEPS), "--eta", "1", "--scales", "1.5",
+                 "--save-each", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    unit = cards["smile"].calibration["scale"]
+    assert f"units: smile: effect units (card at {STEPS} steps; 1 = raw {unit:.4g})" in printed
+    assert json.loads((out / "edit.json").read_text())["directions"][0]["raw_scales"] == [pytest.approx(1.5 * unit)]
+    cli = np.asarray(Image.open(next(out.glob("seed7_0_*.png"))))
+
+    editor = Editor(engine, [Direction.load(file)], tmp_path / "saved", steps=STEPS, eta=1.0)
+    answer = editor.edit({"sample": {"seed": 7}, "parts": [{"name": "smile", "scale": 1.5}], "quality": "final"})
+    page = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["edited"].split(",", 1)[1]))))
+    assert page.shape == cli.shape and np.array_equal(page, cli)
+    unedited = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["original"].split(",", 1)[1]))))
+    assert np.abs(page.astype(int) - unedited).max() > 10  # the edit shows
+
+    # the editor, too, says that a card measured at another step count is applied at this one
+    other = Editor(engine, [Direction.load(file)], tmp_path / "saved", steps=STEPS + 1, eta=1.0)
+    with caplog.at_level("WARNING", logger="hspace.edits"):
+        other.edit({"sample": {"seed": 7}, "parts": [{"name": "smile", "scale": 1.0}], "quality": "final"})
+    assert f"calibrated at {STEPS} steps and is applied at {STEPS + 1}" in caplog.text

@@ -148,7 +148,7 @@ def test_demo_writes_every_figure_it_lists(tmp_path):
     a, b = ddpm[[0, 1, 2, 3]], ddpm[[4, 5, 6, 7]]
     swapped = engine.swap(a, b)
     targets = ddpm[[2, 3, 4, 5]]
-    edits = engine.edit(targets, mean_difference(ddpm[[0]], ddpm[[1]]), [-1.0, -0.5, 0.0, 0.5, 1.0])[0]
+    edits = engine.edit(targets, mean_difference(ddpm[[0]], ddpm[[1]]), [-1.0, -0.5, 0.0, 0.5, 1.0]).images[0]
     expected = {
         "samples.png": labelled_grid(torch.stack([ddpm.images, ddim.images]), ["eta=1", "eta=0"], [f"seed {s}" for s in range(8)]),
         "swap.png": labelled_grid(torch.stack([a.images, b.images, swapped.images], 1), [f"{i}<-h{j}" for i, j in zip(a.seeds, b.seeds)], ["sample", "h donor", "swapped"]),
@@ -191,8 +191,8 @@ def test_sequential_edit_adds_directions_one_after_another(tmp_path):
     argv = ["edit", "--direction", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"), "--seeds", "0", "--sequential"]
     assert main([*argv, "--scales", "0.5", "1", "--out", str(tmp_path / "s"), *common]) == 0
     grid = np.asarray(Image.open(tmp_path / "s" / "sequential.png"))
-    both = engine.edit(t[[0]], a * 0.5 + b, [1.0])[0, 0, 0]
-    expected = np.asarray(labelled_grid(torch.stack([t.images[0], engine.edit(t[[0]], a * 0.5, [1.0])[0, 0, 0], both])[None], ["seed 0"], ["original", "+a (0.5)", "+b (1)"]))
+    both = engine.edit(t[[0]], a * 0.5 + b, [1.0]).images[0, 0, 0]
+    expected = np.asarray(labelled_grid(torch.stack([t.images[0], engine.edit(t[[0]], a * 0.5, [1.0]).images[0, 0, 0], both])[None], ["seed 0"], ["original", "+a (0.5)", "+b (1)"]))
     assert grid.shape == expected.shape and np.abs(grid.astype(int) - expected.astype(int)).max() <= 1
     assert main([*argv, "--scales", "1", *common]) == 2
 

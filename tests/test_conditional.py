@@ -231,7 +231,7 @@ def test_bank_pca_and_supervised_directions_on_a_conditional_model(folders, tmp_
     pca = pca_per_timestep(bank.h_chunks(), 2, expected_n=6, spec=engine.spec)
     bank.set_scores("brightness", {"bright": bank.thumbnails().float().mean((1, 2, 3))})
     supervised = direction_from_scores(bank, "bright", 2, scores="brightness")
-    edited = engine.edit(bank.trajectory(engine, [0]), [pca.directions[0], supervised], [0.0, 2.0], progress=False)
+    edited = engine.edit(bank.trajectory(engine, [0]), [pca.directions[0], supervised], [0.0, 2.0], progress=False).images
     assert edited.shape[:3] == (2, 2, 1)
     assert torch.equal(edited[0, 0], edited[1, 0])  # scale 0 is the sample itself
     assert not torch.equal(edited[0, 1], edited[0, 0])

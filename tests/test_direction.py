@@ -22,13 +22,13 @@ def test_save_load_round_trip(tmp_path):
 
 def test_mismatches_are_clear_errors(engine, trajectory):
     with pytest.raises(HspaceError, match=r"h shape \(16, 8, 8\) but the engine's h at 'mid.out' is \(32, 8, 8\)"):
-        engine.edit(trajectory, make(shape=(16, 8, 8)), [1.0])
+        engine.edit(trajectory, make(shape=(16, 8, 8)), [1.0]).images
     with pytest.raises(HspaceError, match="made by a different engine .h_location: 'mid.in' vs 'mid.out'"):
-        engine.edit(trajectory, make(h_location="mid.in"), [1.0])
+        engine.edit(trajectory, make(h_location="mid.in"), [1.0]).images
     with pytest.raises(HspaceError, match="scales is empty"):
-        engine.edit(trajectory, make(), [])
+        engine.edit(trajectory, make(), []).images
     with pytest.raises(HspaceError, match=r"scales must be a list of numbers, got \['big'\]"):
-        engine.edit(trajectory, make(), ["big"])
+        engine.edit(trajectory, make(), ["big"]).images
 
 
 def test_a_direction_found_at_one_step_count_applies_at_another_resampled_by_timestep(engine, trajectory, tmp_path):
@@ -51,7 +51,7 @@ def test_a_direction_found_at_one_step_count_applies_at_another_resampled_by_tim
     assert torch.equal(Direction.load(tmp_path / "d.safetensors").timesteps, t50)
     # an edit of the 6-step trajectory with the 50-step direction is the edit with it resampled by hand
     by_hand = Direction(found.at(engine.schedule(6).timesteps).delta, meta={"name": "d"}, spec=engine.spec)
-    assert torch.equal(engine.edit(trajectory, found, [1.0], progress=False), engine.edit(trajectory, by_hand, [1.0], progress=False))
+    assert torch.equal(engine.edit(trajectory, found, [1.0], progress=False).images, engine.edit(trajectory, by_hand, [1.0], progress=False).images)
     with pytest.raises(HspaceError, match="no record of their timesteps"):
         older.at(t25)
 
@@ -59,8 +59,8 @@ def test_a_direction_found_at_one_step_count_applies_at_another_resampled_by_tim
 def test_single_step_direction_applies_at_every_step(engine, trajectory):
     one = make(steps=1)
     repeated = Direction(one.delta.repeat(6, 1, 1, 1), meta=one.meta, spec=one.spec)
-    a = engine.edit(trajectory, one, [1.5])
-    b = engine.edit(trajectory, repeated, [1.5])
+    a = engine.edit(trajectory, one, [1.5]).images
+    b = engine.edit(trajectory, repeated, [1.5]).images
     assert torch.equal(a, b)
 
 

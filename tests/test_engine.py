@@ -120,7 +120,7 @@ def test_asyrp_with_zero_delta_equals_the_plain_process(engine, trajectory):
 def test_edit_batches_equal_single_replays(engine, trajectory):
     directions = [Direction(torch.randn(6, *engine.h_shape), meta={"name": n}, spec=engine.spec) for n in "ab"]
     scales = [-1.0, 0.0, 2.0]
-    images = engine.edit(trajectory, directions, scales, batch_size=4)  # chunks split the 18 items unevenly
+    images = engine.edit(trajectory, directions, scales, batch_size=4).images  # chunks split the 18 items unevenly
     assert images.shape == (2, 3, 3, 3, 16, 16)
     tolerance = composition_tolerance(engine, trajectory)  # batches of 4 mixed rows vs batches of 3 (conftest)
     for d, direction in enumerate(directions):

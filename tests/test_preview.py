@@ -39,7 +39,7 @@ def test_the_reference_is_the_unedited_run(tiny):
 @pytest.mark.parametrize("window", [None, (700, 0)])
 def test_every_step_computed_equals_the_engines_edit(tiny, eps_pass, window):
     engine, trajectory, reference, direction = tiny
-    expected = engine.edit(trajectory, [direction], [1.5], window=window, eps_pass=eps_pass, progress=False)[0, 0]
+    expected = engine.edit(trajectory, [direction], [1.5], window=window, eps_pass=eps_pass, progress=False).images[0, 0]
     active = engine.active_steps(STEPS, window).float().reshape(-1, *[1] * len(engine.h_shape))
     delta = 1.5 * direction.delta * active
     passes = []
@@ -139,7 +139,7 @@ def test_every_step_computed_equals_the_engines_edit_under_guidance_and_flow_mat
     direction = Direction(torch.randn(steps, *engine.h_shape, generator=torch.Generator().manual_seed(3)) * 2,
                           meta={"name": "d"}, spec=engine.spec)
     window = (float(engine.schedule(steps).t(1)), float(engine.schedule(steps).t(steps - 1)))
-    expected = engine.edit(trajectory, [direction], [1.0], window=window, progress=False)[0, 0]
+    expected = engine.edit(trajectory, [direction], [1.0], window=window, progress=False).images[0, 0]
     delta = direction.delta * engine.active_steps(steps, window).float().reshape(-1, *[1] * len(engine.h_shape))
     assert (preview.edit(engine, trajectory, reference, delta) - expected).abs().max() < 1e-5
     approximate = preview.edit(engine, trajectory, reference, delta, computed=preview.preview_steps(1, steps))

@@ -124,7 +124,7 @@ def test_a_direction_file_with_non_finite_values_is_refused(tmp_path, saved, val
 def test_api_scales(engine, trajectory, scales, message):
     d = Direction(torch.zeros(6, *engine.h_shape), spec=engine.spec)
     with pytest.raises(HspaceError, match=message):
-        engine.edit(trajectory, d, scales)
+        engine.edit(trajectory, d, scales).images
 
 
 @pytest.mark.parametrize("eta", [1.5, -1.0, float("nan"), [0.5, 2.0, 0, 0, 0, 0]])
@@ -584,8 +584,8 @@ def test_ctrl_c_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda e, t: e.edit("not a trajectory", [], [1.0]), "expected a Trajectory"),
-        (lambda e, t: e.edit(t, ["not a direction"], [1.0]), "directions must be Direction objects"),
+        (lambda e, t: e.edit("not a trajectory", [], [1.0]).images, "expected a Trajectory"),
+        (lambda e, t: e.edit(t, ["not a direction"], [1.0]).images, "directions must be Direction objects"),
         (lambda e, t: e.replay(t, source=[7]), "source indices must lie in 0..2"),
         (lambda e, t: e.swap(t, "x"), "expected a Trajectory"),
         (lambda e, t: e.sample("abc", 2), "seed 'a' is not an integer"),
@@ -648,9 +648,9 @@ def test_a_received_bank_cannot_make_hspace_write_outside_it(tmp_path, engine, p
 @pytest.mark.parametrize(
     "run, message",
     [
-        (lambda e, t: e.edit(t, Direction(torch.ones(6, *e.h_shape), spec=e.spec), [1e39]), "not a finite float32 number"),
-        (lambda e, t: e.edit(t, Direction(torch.ones(6, *e.h_shape), spec=e.spec), [3e38]), "produced NaN or infinite values"),
-        (lambda e, t: e.edit(t, Direction(torch.full((6, *e.h_shape), 1e38), spec=e.spec), [10.0]), "produced NaN or infinite values"),
+        (lambda e, t: e.edit(t, Direction(torch.ones(6, *e.h_shape), spec=e.spec), [1e39]).images, "not a finite float32 number"),
+        (lambda e, t: e.edit(t, Direction(torch.ones(6, *e.h_shape), spec=e.spec), [3e38]).images, "produced NaN or infinite values"),
+        (lambda e, t: e.edit(t, Direction(torch.full((6, *e.h_shape), 1e38), spec=e.spec), [10.0]).images, "produced NaN or infinite values"),
         (lambda e, t: e.replay(t, interventions=[lambda h, ctx: h * 1e30]), "produced NaN or infinite values"),
     ],
 )

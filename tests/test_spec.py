@@ -133,7 +133,7 @@ def test_artefacts_travel_with_a_copy_of_the_model_and_are_refused_after_a_weigh
     assert moved.spec.fingerprint == engine.spec.fingerprint and moved.spec.model != engine.spec.model
     saved = Trajectory.load(tmp_path / "t.safetensors")
     assert torch.equal(moved.replay(saved).x0, trajectory.x0)  # exact
-    assert torch.equal(moved.edit(saved, direction, [1.0])[0, 0], engine.edit(trajectory, direction, [1.0])[0, 0])
+    assert torch.equal(moved.edit(saved, direction, [1.0]).images[0, 0], engine.edit(trajectory, direction, [1.0]).images[0, 0])
     extended = build_bank(tmp_path / "bank", moved, 4, 3, shard_size=2)  # the copy extends the bank
     assert extended.n == 4 and torch.equal(extended.h([0, 1]), bank.h([0, 1]))
     with pytest.raises(HspaceError, match="cannot be loaded from .*pass where it is now"):
@@ -148,7 +148,7 @@ def test_artefacts_travel_with_a_copy_of_the_model_and_are_refused_after_a_weigh
     _change_one_weight(copy)
     changed = Engine.load(str(copy), device="cpu")
     assert changed.spec.fingerprint != engine.spec.fingerprint
-    for use in (lambda: changed.replay(saved), lambda: changed.edit(saved, direction, [1.0]), lambda: Bank.open(tmp_path / "bank").check_engine(changed),
+    for use in (lambda: changed.replay(saved), lambda: changed.edit(saved, direction, [1.0]).images, lambda: Bank.open(tmp_path / "bank").check_engine(changed),
                 lambda: Engine.load(bank.spec, device="cpu", folder=str(copy)), lambda: build_bank(tmp_path / "bank", changed, 6, 3, shard_size=2)):
         with pytest.raises(HspaceError, match=f"fingerprint: {engine.spec.fingerprint}"):
             use()

@@ -252,7 +252,7 @@ def test_a_card_with_a_clip_scorer_scores_prompt_pairs_and_measures_image_simila
     assert result.target == "smile" and set(result.change) == {"smile", "hat"} and set(result.binary) == {"smile", "hat"}
     assert len(result.similarity) == len(result.scales) and result.similarity[result.scales.index(0.0)] == pytest.approx(1.0, abs=1e-6)
     # the similarity is the mean cosine of CLIP image embeddings, edited vs unedited, recomputed here at the last scale
-    edited = engine.edit(trajectory, direction, [result.scales[-1]], progress=False)[0, 0]
+    edited = engine.edit(trajectory, direction, [result.scales[-1]], progress=False).images[0, 0]
     expected = (scorer.embed(edited) * scorer.embed(trajectory.images)).sum(-1).mean()
     assert result.similarity[-1] == pytest.approx(float(expected), abs=1e-5) and result.similarity[-1] < 1.0
     assert "CLIP similarity to the unedited image" in result.markdown()

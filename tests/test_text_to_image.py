@@ -55,7 +55,7 @@ def test_the_slider_workflow_in_python(folder, tmp_path):
 
     fifth = engine.conditioned(prompt="a horse")
     trajectory = fifth.sample([11, 12], STEPS, 1.0, progress=False)
-    edited = fifth.edit(trajectory, slider, [0.0, 2.0], progress=False)
+    edited = fifth.edit(trajectory, slider, [0.0, 2.0], progress=False).images
     assert torch.equal(edited[0, 0], trajectory.images) and float((edited[0, 1] - edited[0, 0]).abs().max()) > 1e-3
 
     slider.save(tmp_path / "smiling.safetensors")
@@ -63,12 +63,12 @@ def test_the_slider_workflow_in_python(folder, tmp_path):
     shutil.copytree(folder, copy)
     moved = Engine.load(trajectory.spec, folder=str(copy))  # the same model by fingerprint, at another path
     loaded = Direction.load(tmp_path / "smiling.safetensors")
-    assert torch.equal(moved.edit(trajectory, loaded, [2.0], progress=False)[0, 0], edited[0, 1])
+    assert torch.equal(moved.edit(trajectory, loaded, [2.0], progress=False).images[0, 0], edited[0, 1])
     # at 2 steps: the 2-step timesteps (501, 1) are 4-step ones, so the direction is its own vectors there
     short = moved.sample([11], 2, 1.0, progress=False)
     assert moved.schedule(2).timesteps.tolist() == [501, 1]
     by_hand = Direction(loaded.delta[[1, 3]], meta={"name": "by hand"}, spec=loaded.spec)
-    assert torch.equal(moved.edit(short, loaded, [2.0], progress=False), moved.edit(short, by_hand, [2.0], progress=False))
+    assert torch.equal(moved.edit(short, loaded, [2.0], progress=False).images, moved.edit(short, by_hand, [2.0], progress=False).images)
 
 
 def test_the_slider_workflow_on_the_command_line(folder, tmp_path, capsys):

@@ -106,7 +106,7 @@ def test_replay_is_exact_and_a_zero_edit_is_the_sample(folders, kind):
     from hspace.directions.direction import Direction
 
     d = Direction(direction[0], spec=engine.spec)
-    edited = engine.edit(trajectory, d, [0.0, 1.0], progress=False)
+    edited = engine.edit(trajectory, d, [0.0, 1.0], progress=False).images
     # scale 0 is the sample (decoded in another batch composition: the VAE's convolutions sum in another order)
     assert torch.allclose(edited[0, 0], engine.decode(trajectory.x0), atol=1e-5)
     assert float((edited[0, 1] - edited[0, 0]).abs().max()) > 1e-3
@@ -245,7 +245,7 @@ def test_bank_pca_supervised_and_regression_on_a_transformer(folders, kind, tmp_
     assert torch.allclose(supervised.delta.double(), expected, atol=1e-3)
     regression = regression_directions(bank, ["bright", "red"], scores="pixels")
     assert [d.name for d in regression] == ["bright", "red"] and regression[0].h_shape == engine.h_shape
-    edited = engine.edit(bank.trajectory(engine, [0]), [pca.directions[0], supervised], [0.0, 3.0], progress=False)
+    edited = engine.edit(bank.trajectory(engine, [0]), [pca.directions[0], supervised], [0.0, 3.0], progress=False).images
     assert torch.equal(edited[0, 0], edited[1, 0]) and not torch.equal(edited[0, 0], edited[0, 1])
 
 
@@ -340,7 +340,7 @@ def test_the_editor_on_a_transformer(folders, tmp_path, kind):
     saved = client.post("/api/save", json={"name": "sd3 edit", "parts": parts}).json()["saved"]
     direction = Direction.load(editor.save_dir / saved)
     assert torch.equal(direction.delta[2:], torch.zeros_like(direction.delta[2:]))  # outside the window
-    again = engine.edit(engine.sample([3], STEPS, 1.0, progress=False), [direction], [1.0], progress=False)[0, 0, 0]
+    again = engine.edit(engine.sample([3], STEPS, 1.0, progress=False), [direction], [1.0], progress=False).images[0, 0, 0]
     page = torch.from_numpy(np.frombuffer(base64.b64decode(shown["edited_raw"]), dtype=np.float32).copy())
     assert torch.equal(again.flatten(), page)
 

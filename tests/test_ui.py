@@ -83,7 +83,7 @@ def test_saved_combination_reproduces_the_page(client, editor):
     engine = Engine.load(direction.spec)
     # the page edited seed 3 in one batch with its strip (4, 5): the same batch composition replays it exactly
     # (another composition sums floats in another order: ~1e-5 apart, more or less on another CPU)
-    again = engine.edit(engine.sample([3, 4, 5], STEPS, 1.0, progress=False), [direction], [1.0], progress=False)[0, 0, 0]
+    again = engine.edit(engine.sample([3, 4, 5], STEPS, 1.0, progress=False), [direction], [1.0], progress=False).images[0, 0, 0]
     assert torch.equal(again.flatten(), edited)
 
 

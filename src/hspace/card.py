@@ -136,7 +136,7 @@ def card(
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise HspaceError(f"n must be an integer >= 2 (held-out samples), got {n!r}")
         trajectory = engine.sample(list(range(first_seed, first_seed + n)), num_steps, eta, batch_size=batch_size, progress=progress, callback=callback)
-    images = engine.edit(trajectory, [direction], scales, batch_size=batch_size, progress=progress, callback=callback)[0]  # [S, B, 3, H, W]
+    images = engine.edit(trajectory, [direction], scales, units="raw", batch_size=batch_size, progress=progress, callback=callback).images[0]  # [S, B, 3, H, W]
     scores = _scores(score, images)
     if not binary:
         binary = [k for k, v in scores.items() if bool(((v >= 0) & (v <= 1)).all())]
@@ -145,7 +145,7 @@ def card(
     if target in flip:  # one more scale where the grid says the target's flip rate crosses 50%: the unit is measured, not interpolated
         crossing = _crossing(scales, flip[target], 0.5, change[target][-1] >= 0)
         if crossing is not None and all(abs(crossing - s) > 1e-9 for s in scales):
-            more = engine.edit(trajectory, [direction], [crossing], batch_size=batch_size, progress=progress, callback=callback)[0]
+            more = engine.edit(trajectory, [direction], [crossing], units="raw", batch_size=batch_size, progress=progress, callback=callback).images[0]
             order = sorted(range(len(scales) + 1), key=lambda i: (scales + [crossing])[i])
             scales = [(scales + [crossing])[i] for i in order]
             images = torch.cat([images, more])[order]

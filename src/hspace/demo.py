@@ -67,8 +67,8 @@ def run_demo(out: str | Path, model: str | None = None, steps: int = 50, device:
         _attributes(demo, pool, scores, targets)
     _pca(demo, pool, targets)
     _jacobian(demo, targets)
-    single = engine.edit(targets[[0]], direction, SCALES)[0, :, 0]
-    asyrp = engine.edit(targets[[0]], direction, SCALES, eps_pass="clean")[0, :, 0]
+    single = engine.edit(targets[[0]], direction, SCALES).images[0, :, 0]
+    asyrp = engine.edit(targets[[0]], direction, SCALES, eps_pass="clean").images[0, :, 0]
     demo.save(
         labelled_grid(torch.stack([single, asyrp]), ["single pass", "Asyrp"], [f"{s:g}" for s in SCALES]),
         "asyrp.png",
@@ -109,7 +109,7 @@ def _arithmetic(demo: Demo, ddpm, pool, scores, targets):
         top, bottom = top_bottom(scores["smile"], 1)
         plus, minus, label = pool[top], pool[bottom], "h(smiling) - h(not smiling)"
     direction = mean_difference(plus, minus, name=label)
-    edits = demo.engine.edit(targets, direction, SCALES)[0]
+    edits = demo.engine.edit(targets, direction, SCALES).images[0]
     demo.save(
         labelled_grid(edits.transpose(0, 1), [f"seed {s}" for s in targets.seeds], [f"{s:g}" for s in SCALES]),
         "arithmetic.png",
@@ -135,7 +135,7 @@ def _attributes(demo: Demo, pool, scores, targets) -> None:
     for d, plain in zip(fit.directions(engine.spec, timesteps=pool.timesteps), directions):
         both += [plain.renamed(f"{plain.name} (eq. 10)"), d.renamed(f"{plain.name} (regression)", norm_of=plain)]
     demo.save(
-        _edit_grid(engine.edit(targets[[0]], both, SCALES), both, targets.seeds[:1], [f"{s:g}" for s in SCALES]),
+        _edit_grid(engine.edit(targets[[0]], both, SCALES).images, both, targets.seeds[:1], [f"{s:g}" for s in SCALES]),
         "attributes.png",
         "Attribute directions from classifier annotation, two ways, at the same norm: eq. 10 (the paper's: mean h of the 8 "
         f"samples the classifier scores highest minus the 8 lowest, of {POOL}) and regression (h of all {POOL} regressed on the "
@@ -148,7 +148,7 @@ def _attributes(demo: Demo, pool, scores, targets) -> None:
     by_name = {d.name: d for d in directions}
     clean = disentangle(by_name["smile"], [d for d in directions if d.name != "smile"])
     demo.save(
-        _edit_grid(engine.edit(targets[[0, 1, 2]], [by_name["smile"], clean], SCALES), [by_name["smile"], clean], targets.seeds[:3], [f"{s:g}" for s in SCALES]),
+        _edit_grid(engine.edit(targets[[0, 1, 2]], [by_name["smile"], clean], SCALES).images, [by_name["smile"], clean], targets.seeds[:3], [f"{s:g}" for s in SCALES]),
         "disentangled.png",
         "Disentanglement (paper eq. 11): the smile direction above, and the same with its projection onto the "
         "glasses, hat and eyes directions removed (over the concatenated h_T..h_1).",
@@ -158,7 +158,7 @@ def _attributes(demo: Demo, pool, scores, targets) -> None:
     # A real image (drawn by the domain's renderer, not by the model) through edit-friendly DDPM inversion.
     face = demo.domain.render([20_000_000], engine.image_size[0])[0]  # (images, labels, masks)
     inverted = invert(engine, face, demo.steps, 1.0)
-    edits = engine.edit(inverted, [by_name["glasses"], by_name["hat"], clean], SCALES)
+    edits = engine.edit(inverted, [by_name["glasses"], by_name["hat"], clean], SCALES).images
     error = float((inverted.images - face).abs().max())
     grid = torch.cat([torch.stack([face[0], inverted.images[0], face[0], inverted.images[0], face[0]])[None], edits[:, :, 0]])
     demo.save(
@@ -177,7 +177,7 @@ def _pca(demo: Demo, pool, targets) -> None:
     pcs = pca.directions_for(engine.spec)
     randoms = random_directions(pca, 2, seed=0, spec=engine.spec)
     sigmas = [-3.0, -1.5, 0.0, 1.5, 3.0]
-    edits = engine.edit(targets[[0, 1]], pcs + randoms, sigmas)
+    edits = engine.edit(targets[[0, 1]], pcs + randoms, sigmas).images
     ratios = ", ".join(f"pc{j + 1} {100 * float(r):.1f}%" for j, r in enumerate(pca.variance_ratio.mean(1)))
     demo.save(
         _edit_grid(edits, pcs + randoms, targets.seeds[:2], [f"{s:g} sigma" for s in sigmas]),
@@ -206,7 +206,7 @@ def _jacobian(demo: Demo, targets) -> None:
     gammas = [-0.3, -0.15, 0.0, 0.15, 0.3]
     others = targets[[0, 1, 2]]  # the source sample, then two others (transfer)
     demo.save(
-        _edit_grid(engine.edit(others, jacobian, gammas), jacobian, others.seeds, [f"{g:g}" for g in gammas]),
+        _edit_grid(engine.edit(others, jacobian, gammas).images, jacobian, others.seeds, [f"{g:g}" for g in gammas]),
         "jacobian.png",
         f"Jacobian directions of seed {source.seeds[0]} at step {at} of {steps} (paper Alg. 1, Fig. 7), "
         + ("restricted to the eyes and the mouth region; " if regions != [None] else "")

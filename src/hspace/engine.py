@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from .diffusion import Schedule, eta_schedule, process_note, spacing_of
-from .directions.direction import Direction, effect_scales
+from .directions.direction import Direction
 from .errors import HspaceError, check_choice
 from .interventions import LinearEdit, Record, Replace, StepContext, edits_at
 from .loading import DEFAULT_MODEL, Components, load_components, resolve_device, resolve_dtype
@@ -545,45 +545,48 @@ class Engine:
     def edit(
         self,
         trajectory: Trajectory,
-        directions: Direction | Sequence[Direction],
-        scales: Sequence[float],
+        directions: "Edit | Direction | Sequence[Direction]",
+        scales: Sequence[float] | None = None,
         *,
         window: tuple[float, float] | None = None,
         eps_pass: str = "edited",
+        units: str = "auto",
         tolerant: bool = False,
         batch_size: int = 32,
         callback: Callable | None = None,
         progress: bool | None = None,
-        units: str = "raw",
-    ) -> torch.Tensor:
-        """Images [D, S, B, C, H, W] of every sample edited by every direction at every scale: one batched run
-        (``tolerant`` as in ``replay``). ``units="effect"``: the scales are in each direction's calibrated unit
-        (``card.py``: scale 1 = 50% flips of its binary attribute, or one training-data std of a continuous one)."""
-        if isinstance(directions, Direction):
-            directions = [directions]
+    ) -> "Edited":
+        """Every sample edited by every direction at every scale, in one batched run: an ``Edit`` (``edits.py``), or
+        directions with scales and the Edit's options (``units``: "auto", the one rule, moves a carded direction in its
+        card's effect unit and any other raw). Returns an ``Edited``: ``images`` [D, S, B, C, H, W] with the directions'
+        names, the scales as given and as applied, each direction's unit, the seeds (``tolerant`` as in ``replay``)."""
+        from .edits import Edit, Edited
+
+        if isinstance(directions, Edit):
+            if scales is not None:
+                raise HspaceError("an Edit carries its scales; give either an Edit or directions with scales")
+            edit = directions
+        else:
+            if scales is None:
+                raise HspaceError("scales are needed with directions (or give an Edit)")
+            edit = Edit(directions, scales, units, window, eps_pass)
         check_trajectory_type(trajectory)
-        directions = list(directions) if isinstance(directions, (list, tuple)) else [directions]
-        if not directions:
-            raise HspaceError("no directions given to edit with")
-        bad = [d for d in directions if not isinstance(d, Direction)]
-        if bad:
-            raise HspaceError(f"directions must be Direction objects, got {type(bad[0]).__name__}")
-        scales = check_scales(scales)
         steps = trajectory.num_steps
-        for d in directions:
+        for d in edit.directions:
             self.check_direction(d, steps)
-        raw = torch.tensor([effect_scales(d, scales, units, steps) for d in directions], dtype=torch.float32)  # [D, S]
-        n_d, n_s, n_b = len(directions), len(scales), len(trajectory)
+        raw = edit.raw_scales(steps)  # [D, S]
+        n_d, n_s, n_b = len(edit.directions), len(edit.scales), len(trajectory)
         # Batch item (d, s, b) in row-major order: sample b edited by direction d at scale s.
         d_idx, s_idx, b_idx = torch.meshgrid(torch.arange(n_d), torch.arange(n_s), torch.arange(n_b), indexing="ij")
         coefficients = torch.zeros(n_d * n_s * n_b, n_d)
         coefficients[torch.arange(coefficients.shape[0]), d_idx.flatten()] = raw[d_idx.flatten(), s_idx.flatten()]
-        edit = LinearEdit(self.directions_at(directions, steps), coefficients, self.active_steps(steps, window))
+        linear = LinearEdit(self.directions_at(list(edit.directions), steps), coefficients, self.active_steps(steps, edit.window))
         out = self.replay(
-            trajectory, interventions=[edit], source=b_idx.flatten(), eps_pass=eps_pass, tolerant=tolerant,
+            trajectory, interventions=[linear], source=b_idx.flatten(), eps_pass=edit.eps_pass, tolerant=tolerant,
             batch_size=batch_size, callback=callback, progress=progress,
         )
-        return out.images.reshape(n_d, n_s, n_b, *out.images.shape[1:])
+        images = out.images.reshape(n_d, n_s, n_b, *out.images.shape[1:])
+        return Edited(images, edit.names, list(edit.scales), raw.tolist(), edit.unit_names(), list(trajectory.seeds), trajectory.prompts)
 
     def swap(
         self,

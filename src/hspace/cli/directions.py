@@ -197,7 +197,7 @@ def _jacobian_of(engine, trajectory, mask, at, scales, args, out: Path) -> None:
         for step in result:
             step.directions = [restrict_to_region(d, mask) for d in step.directions]
     paths = result.save(out, {"seed": trajectory.seeds[0], "mask": args.mask, "h_cells": args.h_cells})
-    images = engine.edit(trajectory, result.directions, scales, batch_size=args.batch_size)
+    images = engine.edit(trajectory, result.directions, scales, batch_size=args.batch_size).images
     save_image(labelled_grid(images[:, :, 0], [d.name for d in result.directions], [f"{s:g}" for s in scales]), out / "grid.png")
     for r in result.summary():
         state = "converged" if r["converged"] else "NOT converged"

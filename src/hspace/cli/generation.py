@@ -35,9 +35,9 @@ def register(sub) -> None:
     p.add_argument("--scales", nargs="+", default=["-2", "-1", "0", "1", "2"], help="edit scales gamma")
     p.add_argument("--window", default=None, help="only edit at timesteps T_START:T_END, e.g. 1000:500")
     p.add_argument("--asyrp", action="store_true", help="inject into P_t only (Asyrp, two U-Net passes per step)")
-    p.add_argument("--units", choices=("raw", "effect"), default="raw",
-                   help="scales in raw units (default) or in each direction's calibrated unit from its card (hspace card): "
-                        "1 = 50%% flips of its attribute, or one training-data std")
+    p.add_argument("--units", choices=("auto", "raw", "effect"), default="auto",
+                   help="auto (default, as the editor): a direction with a card (hspace card) moves in its effect unit, 1 = 50%% "
+                        "flips of its attribute or one training-data std, any other in raw units; raw or effect: force one")
     p.add_argument("--save-each", action="store_true", help="also save every edited image on its own")
     p.add_argument("--sequential", action="store_true", help="mode: add the directions one after another (paper Fig. 11), one scale per direction")
     p.add_argument("--out", default="out/edits", help="output folder")
@@ -169,23 +169,24 @@ def run_edit(args) -> None:
     engine, trajectory = edit_source(args)
     if trajectory is None:
         return
+    from ..edits import Edit
+
+    edit = Edit(directions, scales, args.units, window, eps_pass(args))  # a direction lacking the unit asked for fails here
     for direction in directions:
         engine.check_direction(direction, trajectory.num_steps)
+    print(edit.describe())
     if args.sequential:
-        from ..directions.direction import effect_scales
-
-        raw = [effect_scales(d, [s], args.units, trajectory.num_steps)[0] for d, s in zip(directions, scales)]
+        raw = [float(edit.raw_scales(trajectory.num_steps)[d, d]) for d in range(len(directions))]
         return _sequential_edit(engine, trajectory, directions, raw, window, args)
-    images = engine.edit(trajectory, directions, scales, window=window, eps_pass=eps_pass(args), batch_size=args.batch_size, units=args.units)
-    _save_edit_grids(images, trajectory, directions, scales, Path(args.out), args.save_each)
-    from ..directions.direction import effect_scales
+    edited = engine.edit(trajectory, edit, batch_size=args.batch_size)
+    _save_edit_grids(edited.images, trajectory, directions, scales, Path(args.out), args.save_each)
     from ..files import write_json
 
-    write_json(Path(args.out) / "edit.json", {  # what the grids show, in which units
-        "units": args.units, "scales": scales, "seeds": trajectory.seeds, "prompts": trajectory.prompts,
-        "directions": [{"name": d.name, "raw_scales": effect_scales(d, scales, args.units), "calibration": d.meta.get("calibration")}
-                       for d in directions],
-    })
+    calibrations = {d.name: d.meta.get("calibration") for d in directions}
+    labels = edited.to_dict()
+    for entry in labels["directions"]:
+        entry["calibration"] = calibrations[entry["name"]]
+    write_json(Path(args.out) / "edit.json", {"units": args.units, **labels})  # what the grids show, in which units
     print(f"wrote edit grids for {len(trajectory)} samples to {args.out}")
 
 
@@ -213,7 +214,7 @@ def _sequential_edit(engine, trajectory, directions, scales, window, args) -> No
 
     combos = list(itertools.accumulate(direction * scale for direction, scale in zip(directions, scales)))
     names = [f"+{direction.name} ({scale:g})" for direction, scale in zip(directions, scales)]
-    images = engine.edit(trajectory, combos, [1.0], window=window, eps_pass=eps_pass(args), batch_size=args.batch_size)
+    images = engine.edit(trajectory, combos, [1.0], units="raw", window=window, eps_pass=eps_pass(args), batch_size=args.batch_size).images
     grid = torch.cat([trajectory.images[:, None], images[:, 0].transpose(0, 1)], dim=1)
     rows = [f"seed {s}" if s >= 0 else f"sample {b}" for b, s in enumerate(trajectory.seeds)]
     out = Path(args.out)

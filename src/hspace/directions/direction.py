@@ -160,6 +160,12 @@ class Direction:
 
     def __mul__(self, gamma: float) -> "Direction":
         meta = {**self.meta, "name": f"{gamma:g}*{self.name}"}
+        unit = calibrated_unit(self)
+        if unit is not None:  # the card measured this direction: one effect unit of gamma x it is unit / gamma of it
+            if float(gamma) == 0:
+                meta.pop("calibration")
+            else:
+                meta["calibration"] = {**meta["calibration"], "scale": unit / float(gamma)}
         return Direction(self.delta * float(gamma), self.sigma, meta, self.spec, self.timesteps)
 
     __rmul__ = __mul__
@@ -311,33 +317,9 @@ def load_directions(items: Sequence[str | Path]) -> list[Direction]:
     return [Direction.load(p) for p in direction_files(items)]
 
 
-UNITS = ("raw", "effect")  # scales as given, or in a direction's calibrated unit (its card: ``hspace.card``)
-
-
 def calibrated_unit(direction: Direction) -> float | None:
     """The raw scale of one effect unit of a direction with a card (``meta["calibration"]["scale"]``): a finite number
     other than 0, else None (no card, or a card whose target never reached its unit)."""
     unit = (direction.meta.get("calibration") or {}).get("scale")
     ok = isinstance(unit, (int, float)) and not isinstance(unit, bool) and math.isfinite(unit) and unit != 0
     return float(unit) if ok else None
-
-
-def effect_scales(direction: Direction, scales: Sequence[float], units: str = "raw", num_steps: int | None = None) -> list[float]:
-    """Raw scales for ``scales`` given in ``units``: as they are for "raw", times the direction's calibrated unit for
-    "effect" (an error naming the direction when it has no card). A card measured at another step count than
-    ``num_steps`` is said once (its unit is that process's)."""
-    if units not in UNITS:
-        raise HspaceError(f"unknown units {units!r}; valid: {', '.join(UNITS)}")
-    if units == "raw":
-        return list(scales)
-    calibration = direction.meta.get("calibration") or {}
-    unit = calibrated_unit(direction)
-    if unit is None:
-        why = "has no card" if not calibration else f"has a card whose target ({calibration.get('attribute')}) never reached its unit"
-        raise HspaceError(f"direction {direction.name!r} {why}: it cannot be applied in effect units; make its card first "
-                          f"(hspace card {direction.name}.safetensors) or use --units raw")
-    measured = calibration.get("steps")
-    if num_steps is not None and measured and measured != num_steps:
-        logger.warning("direction %r was calibrated at %d steps and is applied at %d: its effect unit is the %d-step process's "
-                       "(make a card at %d steps for an exact one)", direction.name, measured, num_steps, measured, num_steps)
-    return [float(s) * unit for s in scales]

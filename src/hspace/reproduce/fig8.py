@@ -167,7 +167,7 @@ def _edit_success(run: Run, bank, spaces, positives, negatives, pairs) -> dict:
     full = {s: _difference(x, positives, negatives) for s, x in spaces.items()}
     gained = lambda images: (run.classify(images)[ATTRIBUTE] > 0.5).double().tolist()  # noqa: E731
     h_direction = lambda delta, name: Direction(delta.float().reshape(bank.num_steps, *shape["h"]), meta={"name": name}, spec=bank.spec)  # noqa: E731
-    calibration = run.engine.edit(test, h_direction(full["h"], "all"), list(SCALES), batch_size=c.batch_size)[0]
+    calibration = run.engine.edit(test, h_direction(full["h"], "all"), list(SCALES), batch_size=c.batch_size).images[0]
     scale = next((s for s, images in zip(SCALES, calibration) if sum(gained(images)) >= SUCCESS * len(lacking)), SCALES[-1])
     per_draw = min(c.fig8_draw_samples, len(lacking))
     outcomes = {(space, n): [] for space in ("h", "x_T", "random") for n in pairs}
@@ -183,7 +183,7 @@ def _edit_success(run: Run, bank, spaces, positives, negatives, pairs) -> dict:
             directions.append(h_direction(d["h"], f"n{n}"))
             x_deltas.append(d["x_T"].float().reshape(shape["x_T"]))
         directions.append(h_direction(random * full["h"].norm() / random.norm(), "random"))
-        h_images = run.engine.edit(shown, directions, [scale], batch_size=c.batch_size, progress=False)[:, 0]
+        h_images = run.engine.edit(shown, directions, [scale], batch_size=c.batch_size, progress=False).images[:, 0]
         x_images = edit_x_T(run.engine, shown, torch.stack(x_deltas), [scale], batch_size=c.batch_size, progress=False)[:, 0]
         for i, n in enumerate(pairs):
             outcomes["h", n].append(gained(h_images[i]))

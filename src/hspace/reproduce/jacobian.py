@@ -91,7 +91,7 @@ def _variant(run: Run, faces, found, own_mask: torch.Tensor, step: int, window: 
 
     direction = restrict_to_region(found, own_mask) if cells else found
     span = None if window == "all" else (float(faces.timesteps[step]), 0)
-    return run.engine.edit(faces if shown is None else shown, direction, [-GAMMA, GAMMA], window=span, batch_size=run.config.batch_size)[0]
+    return run.engine.edit(faces if shown is None else shown, direction, [-GAMMA, GAMMA], window=span, batch_size=run.config.batch_size).images[0]
 
 
 def _locality(images: torch.Tensor, originals: torch.Tensor, masks: torch.Tensor):

@@ -302,7 +302,7 @@ class Run:
 
     def edit_scores(self, trajectory, directions, scales, eps_pass: str = "edited"):
         """Classifier scores of every (direction, scale, sample): dict name -> [D, S, B]; and the images."""
-        images = self.engine.edit(trajectory, directions, scales, eps_pass=eps_pass, batch_size=self.config.batch_size)
+        images = self.engine.edit(trajectory, directions, scales, eps_pass=eps_pass, batch_size=self.config.batch_size).images
         D, S, B = images.shape[:3]
         scores = self.classify(images.reshape(D * S * B, *images.shape[3:]))
         return {k: v.reshape(D, S, B) for k, v in scores.items()}, images

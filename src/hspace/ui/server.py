@@ -15,7 +15,7 @@ from the reference; the main image only) and, when the slider is released, for t
 exact, with the strip). A request superseded by a newer one of the same tab stops at its next step.
 
 The combination is one Direction: delta_t = sum_i scale_i delta_i[t] inside direction i's window. The
-page's image is ``engine.edit(trajectory, [combination], [1.0])``, and Save writes exactly that
+page's image is ``engine.edit(trajectory, [combination], [1.0]).images``, and Save writes exactly that
 Direction, so applying the saved file in Python gives the image the page showed.
 
 Safety (``guard``): the editor answers only its own page. A request must name the server by a local host
@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 
 from ..directions.direction import Direction, calibrated_unit
+from ..edits import Edit
 from ..errors import HspaceError
 from ..files import free_name, safe_name
 from ..images import to_pil
@@ -264,10 +265,10 @@ class Editor:
             window = _window(part.get("window"), part["name"])
             active = self.engine.active_steps(self.steps, window)
             direction = self.directions[part["name"]]
-            unit = calibrated_unit(direction)  # a slider of a direction with a card moves in its effect unit
-            raw = float(scale) * (1.0 if unit is None else unit)
+            edit = Edit([direction], [float(scale)])  # the one rule (edits.py): a carded direction moves in its effect unit
+            raw = float(edit.raw_scales(self.steps)[0, 0])
             delta += raw * self.engine.direction_at(direction, self.steps).per_step(self.steps) * active.float().reshape(-1, *[1] * len(self.engine.h_shape))
-            used.append({"name": part["name"], "scale": float(scale), "units": "raw" if unit is None else "effect", "raw_scale": raw,
+            used.append({"name": part["name"], "scale": float(scale), "units": edit.unit_names()[0], "raw_scale": raw,
                          "window": None if window is None else [float(w) for w in window],
                          "method": direction.meta.get("method", ""), "params": direction.meta.get("params", {})})
         meta = {"name": name, "method": "combination", "params": {"parts": used, "steps": self.steps}}
