@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hspace.bank import build_bank
 from hspace.card import card, write_card
-from hspace.directions.pca import pca_per_timestep
+from hspace.directions.pca import pca
 from hspace.directions.regression import regression_directions
 from hspace.directions.supervised import annotate_bank, direction_from_scores
 from hspace.domains import domain_of
@@ -46,7 +46,7 @@ def main():
     for a in ATTRIBUTES:
         eq10 = direction_from_scores(bank, a, args.k)
         directions += [(f"eq. 10 {a}", eq10), (f"regression {a}", regression[a].renamed(a, norm_of=eq10))]
-    pcs = pca_per_timestep(bank.h_chunks(), 3, expected_n=bank.n, spec=engine.spec, timesteps=bank.h_timesteps).directions
+    pcs = pca(bank, 3).directions
     directions += [(f"PCA {d.name}", d) for d in pcs]
     held_out = engine.sample(list(range(700_000, 700_000 + args.n)), args.steps, 1.0, progress=False)
     print(f"{args.n} held-out samples (seeds 700000 on), {args.steps} steps, eta 1; bank of {args.bank}; eq. 10 with k = {args.k}; "

@@ -126,7 +126,7 @@ def test_bank_scores_and_bad_input(tmp_path, engine):
 
 def test_a_bank_of_some_steps_stores_exactly_those_and_its_directions_apply_at_every_step(tmp_path):
     from hspace.cli import main
-    from hspace.directions.pca import pca_per_timestep
+    from hspace.directions.pca import pca
     from hspace.directions.regression import regression_directions
     from hspace.directions.supervised import direction_from_scores
 
@@ -136,7 +136,7 @@ def test_a_bank_of_some_steps_stores_exactly_those_and_its_directions_apply_at_e
     assert part.h_steps == [0, 3, 6, 9] and part.h_timesteps.tolist() == full.timesteps[[0, 3, 6, 9]].tolist()
     assert torch.equal(part.h(), full.h()[:, [0, 3, 6, 9]])  # the same samples, h of those steps only
     assert sum(p.stat().st_size for p in (tmp_path / "part").glob("shard-*")) < 0.6 * sum(p.stat().st_size for p in (tmp_path / "full").glob("shard-*"))
-    pc1 = pca_per_timestep(part.h_chunks(), 1, expected_n=6, spec=part.spec, timesteps=part.h_timesteps).directions[0]
+    pc1 = pca(part, 1).directions[0]
     part.set_scores("s", {"a": torch.tensor([0.0, 1, 2, 3, 4, 5]), "b": torch.tensor([1.0, 0, 0, 1, 1, 0])})
     for direction in (pc1, direction_from_scores(part, "a", 2, scores="s"), regression_directions(part, ["a", "b"], scores="s")[0]):
         assert direction.num_steps == 4 and direction.timesteps.tolist() == part.h_timesteps.tolist()

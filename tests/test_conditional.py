@@ -219,7 +219,7 @@ def test_ddpm_inversion_of_a_tiny_sd_image_is_exact(folders):
 
 def test_bank_pca_and_supervised_directions_on_a_conditional_model(folders, tmp_path):
     from hspace.bank import Bank, build_bank
-    from hspace.directions.pca import pca_per_timestep
+    from hspace.directions.pca import pca
     from hspace.directions.supervised import direction_from_scores
 
     root, _ = folders
@@ -228,10 +228,10 @@ def test_bank_pca_and_supervised_directions_on_a_conditional_model(folders, tmp_
     assert Bank.open(tmp_path / "bank").spec == engine.spec.with_process(STEPS, [1.0] * STEPS)
     again = Engine.load(bank.spec).sample([2], STEPS, 1.0, progress=False)
     assert float((again.h[0] - bank.h([2])[0]).abs().max()) < 1e-2  # h in float16 on disk
-    pca = pca_per_timestep(bank.h_chunks(), 2, expected_n=6, spec=engine.spec)
+    result = pca(bank, 2)
     bank.set_scores("brightness", {"bright": bank.thumbnails().float().mean((1, 2, 3))})
     supervised = direction_from_scores(bank, "bright", 2, scores="brightness")
-    edited = engine.edit(bank.trajectory(engine, [0]), [pca.directions[0], supervised], [0.0, 2.0], progress=False).images
+    edited = engine.edit(bank.trajectory(engine, [0]), [result.directions[0], supervised], [0.0, 2.0], progress=False).images
     assert edited.shape[:3] == (2, 2, 1)
     assert torch.equal(edited[0, 0], edited[1, 0])  # scale 0 is the sample itself
     assert not torch.equal(edited[0, 1], edited[0, 0])

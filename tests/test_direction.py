@@ -92,12 +92,12 @@ def test_method_results_share_one_interface(tmp_path, engine, trajectory):
 
     from hspace.directions import DirectionSet, load_result
     from hspace.directions.jacobian import JacobianDirections, jacobian_directions
-    from hspace.directions.pca import PCAResult, pca_from_h, random_directions
+    from hspace.directions.pca import PCAResult, pca, random_directions
 
-    pca = pca_from_h(trajectory.h, 2, spec=engine.spec)
+    result = pca(trajectory, 2)
     jac = jacobian_directions(engine, trajectory, 0, 2, 2, max_iter=3, generator=torch.Generator().manual_seed(0))
-    rnd = random_directions(pca, 1, seed=3)
-    for name, result, kind in (("pca", pca, PCAResult), ("jac", jac, JacobianDirections), ("rnd", rnd, DirectionSet)):
+    rnd = random_directions(result, 1, seed=3)
+    for name, result, kind in (("pca", result, PCAResult), ("jac", jac, JacobianDirections), ("rnd", rnd, DirectionSet)):
         paths = result.save(tmp_path / name)
         loaded = load_result(tmp_path / name)
         assert isinstance(loaded, kind) and [p.name for p in paths] == [f"{d.name}.safetensors" for d in result.directions]

@@ -14,7 +14,7 @@ import torch
 
 from hspace import Direction, HspaceError, Trajectory
 from hspace.bank import build_bank
-from hspace.directions.pca import PCAResult, pca_from_h
+from hspace.directions.pca import PCAResult, pca
 
 FULL = "the disk is full"
 
@@ -72,10 +72,10 @@ def test_trajectory_and_direction_on_a_full_disk(disk, engine, trajectory):
 
 
 def test_pca_result_on_a_full_disk_appears_whole_or_not_at_all(disk, trajectory):
-    pca = pca_from_h(trajectory.h, 2, spec=trajectory.spec)
+    result = pca(trajectory, 2)
     fill(disk)
     with pytest.raises(HspaceError, match=FULL):
-        pca.save(disk / "pca")
+        result.save(disk / "pca")
     assert not (disk / "pca").exists() or list((disk / "pca").iterdir()) == []
     assert _leftovers(disk) == []
     with pytest.raises(HspaceError):

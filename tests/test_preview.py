@@ -8,7 +8,7 @@ import torch
 
 from hspace import preview
 from hspace.directions.direction import Direction
-from hspace.directions.pca import pca_from_h
+from hspace.directions.pca import pca
 from hspace.engine import Engine
 from hspace.errors import HspaceError
 from hspace.interventions import LinearEdit
@@ -86,7 +86,7 @@ def test_the_preview_is_close_to_the_exact_edit_on_the_bundled_model():
     engine = Engine.load("toyfaces")
     steps = 25
     bank = engine.sample(list(range(100, 116)), steps, 1.0, progress=False)
-    pcs = pca_from_h(bank.h, 2, spec=engine.spec)
+    pcs = pca(bank, 2)
     trajectory, reference = preview.sample(engine, [3, 7], steps, 1.0, record_h=False, progress=False)
     computed = preview.preview_steps(0, steps)
 

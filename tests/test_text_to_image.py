@@ -15,7 +15,7 @@ import tiny_sd
 from hspace.bank import Bank, build_bank
 from hspace.cli import main
 from hspace.directions.direction import Direction
-from hspace.directions.pca import pca_per_timestep
+from hspace.directions.pca import pca
 from hspace.directions.prompts import parse_pairs, prompt_direction
 from hspace.engine import Engine
 from hspace.errors import HspaceError
@@ -42,8 +42,8 @@ def test_the_slider_workflow_in_python(folder, tmp_path):
     again = engine.conditioned(prompt="a red car").sample([bank.seeds[6]], STEPS, 1.0, progress=False)
     assert float((again.h[0] - bank.h([6])[0]).abs().max()) < 1e-2  # (h in float16 on disk)
     assert float((engine.sample([bank.seeds[6]], STEPS, 1.0, progress=False).h[0] - bank.h([6])[0]).abs().max()) > 0.05
-    pca = pca_per_timestep(bank.h_chunks(), 2, expected_n=8, spec=bank.spec)
-    assert len(pca.directions) == 2
+    result = pca(bank, 2)
+    assert len(result.directions) == 2
 
     slider = prompt_direction(engine, [("a smiling cat", "a cat"), ("a smiling dog", "a dog")], 4, STEPS, 1.0, batch_size=4, progress=False)
     # eq. 10 with paired samples, recomputed here from the four pairs of samples drawn one by one

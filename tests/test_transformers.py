@@ -219,17 +219,17 @@ def test_deterministic_flow_inversion_comes_back_near_the_image(folders):
 @pytest.mark.parametrize("kind", [*FAMILIES, "flux"])
 def test_bank_pca_supervised_and_regression_on_a_transformer(folders, kind, tmp_path):
     from hspace.bank import build_bank
-    from hspace.directions.pca import pca_per_timestep
+    from hspace.directions.pca import pca
 
     root, _ = folders
     size = {"height": 24, "width": 24} if kind == "flux" else {}  # (FLUX's default 256 px on the tiny VAE: slow here)
     engine = Engine.load(str(root / kind), **CONDITION[kind], **size)
     bank = build_bank(tmp_path / "bank", engine, 6, STEPS, 1.0, batch_size=3, progress=False)
-    pca = pca_per_timestep(bank.h_chunks(), 2, expected_n=6, spec=engine.spec)
+    result = pca(bank, 2)
     h = bank.h(list(range(6))).double()[:, 1].reshape(6, -1)
     centred = h - h.mean(0)
     top = torch.linalg.svd(centred, full_matrices=False).Vh[0]
-    found = pca.directions[0].delta[1].double().flatten()
+    found = result.directions[0].delta[1].double().flatten()
     cosine = float((found @ top) / (found.norm() * top.norm()))
     assert abs(cosine) > 0.99, cosine  # PC 1 of the bank's h (float16 on disk) at step 1
     # supervised (eq. 10 on the top and bottom 2 by a score) and regression directions from the same bank
@@ -245,7 +245,7 @@ def test_bank_pca_supervised_and_regression_on_a_transformer(folders, kind, tmp_
     assert torch.allclose(supervised.delta.double(), expected, atol=1e-3)
     regression = regression_directions(bank, ["bright", "red"], scores="pixels")
     assert [d.name for d in regression] == ["bright", "red"] and regression[0].h_shape == engine.h_shape
-    edited = engine.edit(bank.trajectory(engine, [0]), [pca.directions[0], supervised], [0.0, 3.0], progress=False).images
+    edited = engine.edit(bank.trajectory(engine, [0]), [result.directions[0], supervised], [0.0, 3.0], progress=False).images
     assert torch.equal(edited[0, 0], edited[1, 0]) and not torch.equal(edited[0, 0], edited[0, 1])
 
 

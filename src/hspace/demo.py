@@ -12,7 +12,7 @@ import torch
 
 from .directions.disentangle import disentangle
 from .directions.jacobian import jacobian_directions
-from .directions.pca import pca_from_h, random_directions
+from .directions.pca import pca, random_directions
 from .directions.supervised import mean_difference, top_bottom
 from .domains import Domain, domain_of
 from .engine import Engine
@@ -173,12 +173,12 @@ def _pca(demo: Demo, pool, targets) -> None:
     """Global directions (Sec. 4.1, Fig. 5-6): per-timestep PCA of the pool's h, and random directions with
     the same per-timestep norm. Scales in units of sigma (std of the data along the component)."""
     engine = demo.engine
-    pca = pca_from_h(pool.h, PCS)
-    pcs = pca.directions_for(engine.spec)
-    randoms = random_directions(pca, 2, seed=0, spec=engine.spec)
+    found = pca(pool, PCS)
+    pcs = found.directions_for(engine.spec)
+    randoms = random_directions(found, 2, seed=0, spec=engine.spec)
     sigmas = [-3.0, -1.5, 0.0, 1.5, 3.0]
     edits = engine.edit(targets[[0, 1]], pcs + randoms, sigmas).images
-    ratios = ", ".join(f"pc{j + 1} {100 * float(r):.1f}%" for j, r in enumerate(pca.variance_ratio.mean(1)))
+    ratios = ", ".join(f"pc{j + 1} {100 * float(r):.1f}%" for j, r in enumerate(found.variance_ratio.mean(1)))
     demo.save(
         _edit_grid(edits, pcs + randoms, targets.seeds[:2], [f"{s:g} sigma" for s in sigmas]),
         "pca.png",

@@ -12,7 +12,7 @@ import copy
 import logging
 import math
 from dataclasses import replace
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -27,6 +27,10 @@ from .progress import Meter, StepEvent
 from .spec import CONDITION_FIELDS, Spec
 from .speed import Speed
 from .trajectory import Trajectory, check_seeds, seeded_noise, seeded_x_T
+
+
+if TYPE_CHECKING:
+    from .edits import Edit, Edited
 
 logger = logging.getLogger(__name__)
 _noted: set[str] = set()  # what was said once per process (process_note)
@@ -562,6 +566,7 @@ class Engine:
         names, the scales as given and as applied, each direction's unit, the seeds (``tolerant`` as in ``replay``)."""
         from .edits import Edit, Edited
 
+        check_trajectory_type(trajectory)
         if isinstance(directions, Edit):
             if scales is not None:
                 raise HspaceError("an Edit carries its scales; give either an Edit or directions with scales")
@@ -570,7 +575,6 @@ class Engine:
             if scales is None:
                 raise HspaceError("scales are needed with directions (or give an Edit)")
             edit = Edit(directions, scales, units, window, eps_pass)
-        check_trajectory_type(trajectory)
         steps = trajectory.num_steps
         for d in edit.directions:
             self.check_direction(d, steps)

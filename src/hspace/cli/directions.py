@@ -127,16 +127,13 @@ def run_bank(args) -> None:
 def run_pca(args) -> None:
     from ..bank import Bank
     from ..directions.direction import save_directions
-    from ..directions.pca import pca_per_timestep, random_directions
+    from ..directions.pca import pca, random_directions
 
     check_choice("--over", args.over, OVER)
     bank = Bank.open(args.bank)
     if not args.memory_gb > 0:
         raise HspaceError(f"--memory-gb must be positive, got {args.memory_gb}")
-    result = pca_per_timestep(
-        bank.h_chunks(), args.k, per_timestep=args.over == "timestep", method=args.method,
-        memory_budget_bytes=int(args.memory_gb * 2**30), expected_n=bank.n, spec=bank.spec, timesteps=bank.h_timesteps,
-    )
+    result = pca(bank, args.k, per_timestep=args.over == "timestep", method=args.method, memory_budget_bytes=int(args.memory_gb * 2**30))
     out = Path(args.out)
     paths = result.save(out)
     if args.random:

@@ -9,6 +9,8 @@ def register(sub) -> None:
     p = sub.add_parser("reproduce", help="measure the paper's claims on the bundled model; a Markdown report with figures")
     add_model_args(p)
     p.add_argument("--quick", action="store_true", help="small counts and 8 steps: minutes instead of half an hour")
+    p.add_argument("--claims", nargs="+", default=None, metavar="CLAIM",
+                   help="measure only these claims (default: every one): pca_vs_random, table1, fig8, jacobian, swap, asyrp, sequential")
     p.add_argument("--out", default="out/reproduce", help="report folder (an interrupted run resumes from it)")
     p.add_argument("--compare", nargs="+", default=None, metavar="DIR",
                    help="measure nothing: print a side-by-side table of these finished reports' verdicts, claim by claim")
@@ -46,7 +48,7 @@ def run_reproduce(args) -> None:
     if args.compare:
         print(compare(args.compare), end="")
         return
-    print(f"wrote {reproduce(args.out, quick=args.quick, engine=engine_from(args))}")
+    print(f"wrote {reproduce(args.out, quick=args.quick, engine=engine_from(args), claims=args.claims)}")
 
 
 def run_blocks(args) -> None:

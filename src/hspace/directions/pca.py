@@ -610,6 +610,7 @@ def pca_from_h(
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
     chunk_size: int = 256,
     spec: Spec | None = None,
+    timesteps: torch.Tensor | None = None,
 ) -> PCAResult:
     """``pca_per_timestep`` over h [N, T, *h_shape] already in memory (e.g. ``Trajectory.h``), in chunks of
     ``chunk_size`` samples to bound the float64 temporaries. "auto" takes the Gram route when N < D."""
@@ -626,8 +627,26 @@ def pca_from_h(
         method=method,
         memory_budget_bytes=memory_budget_bytes,
         spec=spec,
+        timesteps=timesteps,
         expected_n=len(h),
     )
+
+
+def pca(source, k: int, *, per_timestep: bool = True, method: str = "auto", memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> PCAResult:
+    """The top-k principal components of the h of a ``Bank`` (streamed in shards) or a ``Trajectory`` (its h in
+    memory), per timestep (paper Sec. 4.1). What the directions need to be applied anywhere (the engine's spec and
+    the timesteps of the stored steps, so they resample to any step count) comes from the source itself."""
+    from ..bank import Bank
+    from ..trajectory import Trajectory
+
+    options = {"per_timestep": per_timestep, "method": method, "memory_budget_bytes": memory_budget_bytes}
+    if isinstance(source, Bank):
+        return pca_per_timestep(source.h_chunks(), k, expected_n=source.n, spec=source.spec, timesteps=source.h_timesteps, **options)
+    if isinstance(source, Trajectory):
+        if source.h is None:
+            raise HspaceError("this trajectory holds no h (it was drawn with record_h=False); sample it with h recorded")
+        return pca_from_h(source.h, k, spec=source.spec, timesteps=source.timesteps, **options)
+    raise HspaceError(f"pca takes a Bank or a Trajectory, got {type(source).__name__}; for h tensors use pca_from_h")
 
 
 def random_directions(result: PCAResult, k: int, seed: int, spec: Spec | None = None) -> DirectionSet:

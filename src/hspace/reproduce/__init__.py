@@ -33,13 +33,17 @@ TITLES = {
 __all__ = ["CLAIMS", "SECTIONS", "TABLE_ATTRIBUTES", "Config", "QUICK", "FULL", "run_reproduce", "compare"]
 
 
-def run_reproduce(out: str | Path, quick: bool = False, engine=None) -> Path:
-    """Measure every claim (cached, resumable) and write ``out/report.md``; returns its path."""
+def run_reproduce(out: str | Path, quick: bool = False, engine=None, claims: list[str] | None = None) -> Path:
+    """Measure every claim, or the ``claims`` named (``SECTIONS``), cached and resumable, and write ``out/report.md``
+    with them; returns its path."""
+    chosen = _chosen(claims)
     config = QUICK if quick else FULL
     run = Run(out, config, engine)
     start = time.perf_counter()
-    run.bank, run.ddim_bank  # drawn (or resumed) and annotated first, so that their time is their own stage
-    results = {claim.NAME: run.section(claim.NAME, claim.measure, getattr(claim, "VERSION", None), claim.judge) for claim in CLAIMS}
+    run.bank  # drawn (or resumed) and annotated first, so that their time is their own stage
+    if fig8 in chosen:
+        run.ddim_bank
+    results = {claim.NAME: run.section(claim.NAME, claim.measure, getattr(claim, "VERSION", None), claim.judge) for claim in chosen}
     total = time.perf_counter() - start
     lines = [
         f"# hspace reproduce: the paper's claims measured on the bundled toy-faces model `{run.engine.name}` (h at {run.engine.h_location})",
@@ -49,7 +53,9 @@ def run_reproduce(out: str | Path, quick: bool = False, engine=None) -> Path:
         "Attributes are read by the bundled classifier (binary: probability; hair colour: value in [0, 1]).",
         "",
     ]
-    for claim in CLAIMS:
+    if len(chosen) < len(CLAIMS):
+        lines += [f"Claims measured: {', '.join(c.NAME for c in chosen)} (of {', '.join(SECTIONS)}).", ""]
+    for claim in chosen:
         lines += claim.render(results[claim.NAME], config)
     lines += ["## Timings", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.1f} |" for name, seconds in run.timings.items()]
@@ -58,6 +64,15 @@ def run_reproduce(out: str | Path, quick: bool = False, engine=None) -> Path:
     write_text(report, "\n".join(lines))
     write_json(Path(out) / "timings.json", run.timings)
     return report
+
+
+def _chosen(claims: list[str] | None) -> tuple:
+    if not claims:
+        return CLAIMS
+    unknown = [c for c in claims if c not in SECTIONS]
+    if unknown:
+        raise HspaceError(f"unknown claim(s) {', '.join(map(repr, unknown))}; valid: {', '.join(SECTIONS)}")
+    return tuple(claim for claim in CLAIMS if claim.NAME in claims)
 
 
 def _clipping(engine) -> str:

@@ -21,13 +21,13 @@ REALISM_RATIO = 2.0  # random directions raise the toy FID at least this much mo
 
 
 def measure(run: Run) -> dict:
-    from ..directions.pca import pca_per_timestep, random_directions
+    from ..directions.pca import pca, random_directions
 
     c = run.config
-    pca = pca_per_timestep(run.bank.h_chunks(), c.pca_k, expected_n=run.bank.n, spec=run.engine.spec)
-    pcs = pca.directions
+    found = pca(run.bank, c.pca_k)
+    pcs = found.directions
     # R = k x pca_random_per_pc random directions: draw s matches every PC once (seed s); named random1 .. randomR
-    randoms = [d.renamed(f"random{s * c.pca_k + j + 1}") for s in range(c.pca_random_per_pc) for j, d in enumerate(random_directions(pca, c.pca_k, seed=s))]
+    randoms = [d.renamed(f"random{s * c.pca_k + j + 1}") for s in range(c.pca_random_per_pc) for j, d in enumerate(random_directions(found, c.pca_k, seed=s))]
     test = run.test_samples(c.pca_samples, NAME)
     before = run.classify(test.images)
     scales = sorted(set(c.pca_scales) | set(c.pca_large_scales))
@@ -48,7 +48,7 @@ def measure(run: Run) -> dict:
     return {
         "rows": rows,
         "strongest_change_at_max_scale": strongest,
-        "variance_ratio": [float(v) for v in pca.variance_ratio.mean(1)],
+        "variance_ratio": [float(v) for v in found.variance_ratio.mean(1)],
         "confidence_unedited": float(confidence(before).mean()),
         "toy_fid_unedited": realism0,
         "toy_fid": fid,

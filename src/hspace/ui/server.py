@@ -666,14 +666,14 @@ def starter_directions(engine, workdir: str | Path, steps: int, eta: float, n: i
     direction (top n/6 minus bottom n/6). They are also written to the folder's ``starter/`` (for ``hspace card``).
     ``callback`` gets the bank's ``StepEvent``s."""
     from ..bank import build_bank
-    from ..directions.pca import pca_per_timestep
+    from ..directions.pca import pca
     from ..directions.regression import regression_directions
     from ..directions.supervised import annotate_bank, direction_from_scores
     from ..domains import domain_of
 
     folder = starter_folder(engine, workdir, steps, eta)
     bank = build_bank(folder, engine, n, steps, eta, shard_size=n, callback=callback, progress=None)
-    directions = pca_per_timestep(bank.h_chunks(), k, expected_n=bank.n, spec=engine.spec, timesteps=bank.h_timesteps).directions
+    directions = pca(bank, k).directions
     try:
         domain = domain_of(engine.name)
     except HspaceError:
