@@ -90,21 +90,21 @@ def test_the_preview_is_close_to_the_exact_edit_on_the_bundled_model():
     trajectory, reference = preview.sample(engine, [3, 7], steps, 1.0, record_h=False, progress=False)
     computed = preview.preview_steps(0, steps)
 
-    class Held(preview.Reuse):  # the output itself held between computed steps (what the preview does not do)
+    class Held(preview.Preview):  # the output itself held between computed steps (what the preview does not do)
         def observe(self, i, rows, output, clean_output):
             self.last = output
 
         def estimate(self, i, rows, clean):
             return self.last[rows], None
 
-    noise = engine._noise_of(trajectory, torch.arange(2))
+    noise = engine.noise_of(trajectory, torch.arange(2))
     for pc in pcs.directions:
         delta = 2 * pc.sigma.reshape(-1, *[1] * len(engine.h_shape)) * pc.delta
         exact = preview.edit(engine, trajectory, reference, delta)
         change = (exact - trajectory.images).abs().mean()
         approximate = preview.edit(engine, trajectory, reference, delta, computed=computed)
         held = engine.run(trajectory.x_T, steps, trajectory.eta, noise=noise, interventions=[LinearEdit(delta[None], torch.ones(2, 1))],
-                          reuse=Held(reference, computed), progress=False)
+                          strategy=Held(reference, computed), progress=False)
         error, held_error = (approximate - exact).abs().mean() / change, (held - exact).abs().mean() / change
         assert error < 0.7 and held_error > 2 * error, (pc.name, float(error), float(held_error))
 

@@ -124,7 +124,7 @@ def card(
     the one registered for the engine's model. ``mask`` [H, W] (image pixels) splits the pixel change. ``callback``
     gets the engine's ``StepEvent``s (the sampling, the sweep, the crossing: each call its own ``total``)."""
     from .domains import domain_of
-    from .engine import check_scales
+    from .validate import check_scales
 
     scales = sorted(set(check_scales(scales)) | {0.0})
     if domain is None and scorer is None:

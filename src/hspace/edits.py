@@ -20,7 +20,8 @@ from typing import Sequence
 import torch
 
 from .directions.direction import Direction, calibrated_unit
-from .errors import HspaceError, check_choice
+from .errors import HspaceError
+from .validate import check_choice, check_scales
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +64,6 @@ class Edit:
     eps_pass: str = "edited"
 
     def __post_init__(self):
-        from .engine import check_scales
-
         directions = (self.directions,) if isinstance(self.directions, Direction) else tuple(self.directions)
         if not directions:
             raise HspaceError("no directions given to edit with")

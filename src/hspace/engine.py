@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -19,6 +18,7 @@ import torch
 from .diffusion import Schedule, eta_schedule, process_note, spacing_of
 from .directions.direction import Direction
 from .errors import HspaceError, check_choice
+from .validate import check_batch_size, check_scales
 from .interventions import LinearEdit, Record, Replace, StepContext, edits_at
 from .loading import DEFAULT_MODEL, Components, load_components, resolve_device, resolve_dtype
 from .models import backbone_for, build
@@ -37,6 +37,24 @@ _noted: set[str] = set()  # what was said once per process (process_note)
 
 EPS_PASSES = ("edited", "clean")  # where D_t's eps comes from: the edited pass, or Asyrp's clean one
 Noise = torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
+
+
+class Exact:
+    """How ``Engine.run`` has the denoiser's output at a step: the denoiser itself, at every step (the process as the
+    paper runs it), and a second pass without the interventions where Asyrp's clean eps is asked for. Another strategy
+    overrides ``computes`` and ``outputs`` (the editor's preview, ``preview.Preview``)."""
+
+    def computes(self, i: int) -> bool:
+        """Whether the denoiser runs at step ``i`` (what the progress counts)."""
+        return True
+
+    def outputs(self, model, i, rows, state, t, interventions, ctx, condition, clean: bool, dtype):
+        """The output of step ``i`` (with the interventions) and, where ``clean``, the output without them."""
+        output = model.output(state, t, interventions, ctx, condition).to(dtype)
+        return output, (model.output(state, t, condition=condition).to(dtype) if clean else None)
+
+
+EXACT = Exact()
 
 
 class Engine:
@@ -338,8 +356,7 @@ class Engine:
         progress: bool | None = None,
         stage: str = "run",
         prompts: Sequence[str] | None = None,
-        reuse=None,
-        denoiser: Callable | None = None,
+        strategy: "Exact | None" = None,
     ) -> torch.Tensor:
         """Steps ``start .. stop-1`` of eq. 2 of the ``num_steps``-step process from x (x_t at the start of
         step ``start``; x_T for 0), in batches; returns the state where it stops (x_0 for the whole process).
@@ -349,12 +366,12 @@ class Engine:
         ``eps_pass="clean"`` takes D_t's eps from a second pass without them (Asyrp), at the steps where
         one of them edits. ``callback`` gets a ``StepEvent`` after every step of every batch. ``prompts``
         (a conditional model) gives each of the N samples its prompt (``prompts_for``); None: the engine's.
-        ``reuse`` (``preview.Reuse``): the steps where the denoiser runs, and the outputs it estimates at the
-        others (an approximate, faster process: the editor's preview); None: it runs at every step.
-        ``denoiser`` replaces ``model.output`` for the edited pass (same signature: ``preview.compiled_denoiser``).
+        ``strategy`` says how each step's denoiser output is had (``Exact``, the default: the denoiser at every step;
+        the editor's preview, ``preview.Preview``, computes some steps and estimates the others).
         """
         check_batch_size(batch_size)
         check_choice("eps_pass", eps_pass, EPS_PASSES)
+        strategy = strategy or EXACT
         schedule = self.schedule(num_steps)
         eta = eta_schedule(eta, num_steps)
         stop = num_steps if stop is None else stop
@@ -367,39 +384,34 @@ class Engine:
         prompts = None if prompts is None else self.prompts_for(prompts, n)
         if prompts is not None and len(set(prompts)) == 1 and prompts[0] == self.spec.prompt:
             prompts = None  # the engine's own conditioning, embedded once
-        runs = [reuse is None or reuse.computes(i) for i in range(num_steps)]
+        runs = [strategy.computes(i) for i in range(num_steps)]
         total = n * sum((1 + c) * r for c, r in zip(clean[start:stop], runs[start:stop]))
         out = []
         with Meter.job(callback, total, progress, stage) as meter:
             for rows in torch.arange(n).split(batch_size):
                 z = noise(rows) if callable(noise) else (None if noise is None else noise[rows])
-                state = x[rows].to(self.device, self.compute_dtype)
                 condition = None if prompts is None else self.model.conditioning([prompts[r] for r in rows.tolist()])
+                state = x[rows].to(self.device, self.compute_dtype)
                 for i in range(start, stop):
-                    t = schedule.t(i)
-                    ctx = StepContext(i, t, num_steps, rows, n)
-                    if runs[i]:
-                        output = (denoiser or self.model.output)(state, t, interventions, ctx, condition).to(self.compute_dtype)
-                        clean_output = self.model.output(state, t, condition=condition).to(self.compute_dtype) if clean[i] else None
-                        if reuse is not None:
-                            reuse.observe(i, rows, output, clean_output)
-                    else:
-                        output, clean_output = reuse.estimate(i, rows, clean[i])
-                    p, eps = schedule.split_output(i, state, output)
-                    if clean[i]:
-                        _, eps = schedule.split_output(i, state, clean_output)
-                    s = float(sigma[i])
-                    if s > 0 and z is None:
-                        raise HspaceError(f"step {i} has sigma_t = {s:.4g} > 0 but no noise z_t was given")
-                    following = schedule.step(i, state, p, eps, s, z[:, i].to(self.device) if s > 0 else None)
-                    check_finite(following, i, t)
-                    meter.emit(
-                        StepEvent, len(rows) * (1 + clean[i]) * runs[i], stage=stage, step=i, num_steps=num_steps, timestep=t,
-                        rows=rows, x_t=state, x0_pred=p, x_next=following, output=output,
-                    )
-                    state = following
+                    state = self._step(schedule, i, rows, n, state, z, sigma, interventions, condition, clean[i], strategy, meter, stage)
                 out.append(state.cpu())
         return torch.cat(out)
+
+    def _step(self, schedule, i, rows, n, state, z, sigma, interventions, condition, clean: bool, strategy, meter, stage) -> torch.Tensor:
+        """One step of eq. 2 on a batch: the denoiser's output by the strategy, P_t and D_t, x_{t-1}."""
+        t, s = schedule.t(i), float(sigma[i])
+        ctx = StepContext(i, t, schedule.num_steps, rows, n)
+        output, clean_output = strategy.outputs(self.model, i, rows, state, t, interventions, ctx, condition, clean, self.compute_dtype)
+        p, eps = schedule.split_output(i, state, output)
+        if clean:
+            _, eps = schedule.split_output(i, state, clean_output)
+        if s > 0 and z is None:
+            raise HspaceError(f"step {i} has sigma_t = {s:.4g} > 0 but no noise z_t was given")
+        following = schedule.step(i, state, p, eps, s, z[:, i].to(self.device) if s > 0 else None)
+        check_finite(following, i, t)
+        meter.emit(StepEvent, len(rows) * (1 + clean) * strategy.computes(i), stage=stage, step=i, num_steps=schedule.num_steps,
+                   timestep=t, rows=rows, x_t=state, x0_pred=p, x_next=following, output=output)
+        return following
 
     # ------------------------------------------------------------------ wrappers over the loop
 
@@ -450,7 +462,7 @@ class Engine:
         spec = self.spec.with_process(schedule.num_steps, eta.tolist())
         return Trajectory(seeds, schedule.timesteps, eta, x_T, x0, h, z, image, spec, prompts)
 
-    def _check_trajectory(self, trajectory: Trajectory, tolerant: bool = False) -> Schedule:
+    def check_trajectory(self, trajectory: Trajectory, tolerant: bool = False) -> Schedule:
         check_trajectory_type(trajectory)
         self.spec.check(trajectory.spec, "the trajectory", tolerant=tolerant)
         if tuple(trajectory.x_T.shape[1:]) != self.sample_shape:
@@ -460,7 +472,7 @@ class Engine:
             raise HspaceError("trajectory timesteps differ from this engine's schedule for the same number of steps")
         return schedule
 
-    def _noise_of(self, trajectory: Trajectory, source: torch.Tensor) -> Noise:
+    def noise_of(self, trajectory: Trajectory, source: torch.Tensor) -> Noise:
         """z of the samples ``source`` (stored, or regenerated batch by batch), None where no step needs it."""
         if not bool((self.schedule(trajectory.num_steps).sigma(trajectory.eta) > 0).any()):
             return None
@@ -492,7 +504,7 @@ class Engine:
         ``tolerant=True`` replays a trajectory drawn with another autocast (approximately: ``spec.py``).
         """
         check_batch_size(batch_size)
-        schedule = self._check_trajectory(trajectory, tolerant)
+        schedule = self.check_trajectory(trajectory, tolerant)
         source = torch.arange(len(trajectory)) if source is None else torch.as_tensor(source, dtype=torch.long).flatten()
         if len(source) and not (0 <= int(source.min()) and int(source.max()) < len(trajectory)):
             raise HspaceError(f"source indices must lie in 0..{len(trajectory) - 1}")
@@ -503,7 +515,7 @@ class Engine:
         prompts = trajectory.sample_prompts
         prompts = None if prompts is None else [prompts[i] for i in source.tolist()]
         x0 = self.run(
-            trajectory.x_T[source], schedule.num_steps, trajectory.eta, noise=self._noise_of(trajectory, source),
+            trajectory.x_T[source], schedule.num_steps, trajectory.eta, noise=self.noise_of(trajectory, source),
             interventions=steps + ([record] if record else []), eps_pass=eps_pass,
             batch_size=batch_size, callback=callback, progress=progress, stage="replay", prompts=prompts,
         )
@@ -622,11 +634,11 @@ class Engine:
     def x_t(self, trajectory: Trajectory, step: int, *, tolerant: bool = False, batch_size: int = 32) -> torch.Tensor:
         """x_t at the start of step ``step`` (0 = x_T, num_steps = x_0) of every sample, [B, C, H, W]:
         the first ``step`` steps of eq. 2 with the trajectory's x_T, z and eta, without delta-h."""
-        self._check_trajectory(trajectory, tolerant)
+        self.check_trajectory(trajectory, tolerant)
         n = trajectory.num_steps
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= n:
             raise HspaceError(f"step must be an integer from 0 to {n} (0 = x_T, {n} = x_0), got {step!r}")
-        noise = self._noise_of(trajectory, torch.arange(len(trajectory)))
+        noise = self.noise_of(trajectory, torch.arange(len(trajectory)))
         return self.run(trajectory.x_T, n, trajectory.eta, noise=noise, stop=step, batch_size=batch_size, progress=False,
                         prompts=trajectory.sample_prompts)
 
@@ -713,30 +725,6 @@ def check_finite(x: torch.Tensor, step: int, t: int) -> None:
         )
 
 
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-
-
-def check_scales(scales) -> list[float]:
-    """A list of finite numbers, at least one (a string is not a list of digits)."""
-    if isinstance(scales, (str, bytes)):
-        raise HspaceError(f"scales must be a list of numbers, got the string {scales!r}")
-    try:
-        scales = [float(s) for s in scales]
-    except (TypeError, ValueError):
-        raise HspaceError(f"scales must be a list of numbers, got {scales!r}") from None
-    if not scales:
-        raise HspaceError("scales is empty; give at least one scale, e.g. [-2, 0, 2]")
-    bad = [s for s in scales if not math.isfinite(s) or abs(s) > FLOAT32_MAX]
-    if bad:
-        raise HspaceError(f"scale {bad[0]} is not a finite float32 number; valid: finite numbers like -2, 0, 2 (at most {FLOAT32_MAX:.3g})")
-    return scales
-
-
 def check_trajectory_type(trajectory) -> None:
     if not isinstance(trajectory, Trajectory):
         raise HspaceError(f"expected a Trajectory (from Engine.sample, Trajectory.load or invert), got {type(trajectory).__name__}")
-
-
-def check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise HspaceError(f"batch_size must be a positive integer, got {batch_size!r}")

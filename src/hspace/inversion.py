@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from .diffusion import eta_schedule
-from .engine import check_batch_size
+from .validate import check_batch_size
 from .errors import HspaceError
 from .progress import Meter, StepEvent
 from .trajectory import Trajectory

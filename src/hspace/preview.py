@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .engine import Exact
 from .errors import HspaceError
 from .interventions import LinearEdit
 
@@ -95,17 +96,26 @@ def preview_steps(start: int, num_steps: int) -> list[int]:
     return sorted({*range(start, half, 2), *range(half, num_steps, 4), num_steps - 1})
 
 
-class Reuse:
-    """The steps where the denoiser runs and, at the others, its output estimated from the reference (module
-    doc). Passed to ``Engine.run`` as ``reuse``; the first step of the run must be one that it computes."""
+class Preview(Exact):
+    """The editor's preview as ``Engine.run``'s strategy (module doc): the denoiser (or ``denoiser``, the compiled
+    one) at the ``computed`` steps, and at the others its output estimated from the reference; the first step of the
+    run must be one that it computes."""
 
-    def __init__(self, reference: Reference, computed):
-        self.reference, self.computed = reference, set(computed)
+    def __init__(self, reference: Reference, computed, denoiser: Callable | None = None):
+        self.reference, self.computed, self.denoiser = reference, set(computed), denoiser
         self.change: torch.Tensor | None = None
         self.clean_change: torch.Tensor | None = None
 
     def computes(self, i: int) -> bool:
         return i in self.computed
+
+    def outputs(self, model, i, rows, state, t, interventions, ctx, condition, clean: bool, dtype):
+        if i not in self.computed:
+            return self.estimate(i, rows, clean)
+        output = (self.denoiser or model.output)(state, t, interventions, ctx, condition).to(dtype)
+        clean_output = model.output(state, t, condition=condition).to(dtype) if clean else None
+        self.observe(i, rows, output, clean_output)
+        return output, clean_output
 
     def observe(self, i: int, rows: torch.Tensor, output: torch.Tensor, clean_output: torch.Tensor | None) -> None:
         reference = self.reference.output[rows, i].to(output.device, output.dtype)
@@ -151,7 +161,7 @@ def edit(engine, trajectory, reference: Reference, delta: torch.Tensor, *, eps_p
     from the first step it touches on. ``computed``: the steps where the denoiser runs, the first edited step among
     them (the editor's preview: ``preview_steps``; module doc); None: every step, exact. ``denoiser``: another
     implementation of the edited pass (``compiled_denoiser``)."""
-    schedule = engine._check_trajectory(trajectory)
+    schedule = engine.check_trajectory(trajectory)
     n, steps = len(trajectory), trajectory.num_steps
     if len(reference) != n or reference.x.shape[1] != steps:
         raise HspaceError(f"the reference holds {len(reference)} samples of {reference.x.shape[1]} steps; the trajectory {n} of {steps}")
@@ -163,10 +173,10 @@ def edit(engine, trajectory, reference: Reference, delta: torch.Tensor, *, eps_p
         return trajectory.images
     if computed is not None and start not in computed:
         raise HspaceError(f"the denoiser must run at the first edited step {start}; computed steps: {sorted(computed)}")
-    reuse = None if computed is None else Reuse(reference, computed)
+    strategy = None if computed is None else Preview(reference, computed, denoiser)
     x0 = engine.run(
-        reference.x[:, start], schedule.num_steps, trajectory.eta, noise=engine._noise_of(trajectory, torch.arange(n)), start=start,
+        reference.x[:, start], schedule.num_steps, trajectory.eta, noise=engine.noise_of(trajectory, torch.arange(n)), start=start,
         interventions=[LinearEdit(delta[None], torch.ones(n, 1))], eps_pass=eps_pass, callback=callback, progress=False,
-        prompts=trajectory.sample_prompts, reuse=reuse, stage="replay" if reuse is None else "preview", denoiser=denoiser,
+        prompts=trajectory.sample_prompts, strategy=strategy, stage="replay" if strategy is None else "preview",
     )
     return x0 if engine.decoder is None else engine.decode(x0)
