@@ -22,7 +22,14 @@ SUPERVISED_METHODS = ("mean-difference", "regression")  # per timestep, or over 
 
 def register(sub) -> None:
     _register_bank(sub)
+    _register_pca(sub)
+    _register_jacobian(sub)
+    _register_annotate(sub)
+    _register_supervised(sub)
+    _register_disentangle(sub)
 
+
+def _register_pca(sub) -> None:
     p = sub.add_parser("pca", help="per-timestep PCA of a bank's h (paper Sec. 4.1), plus matched-norm random directions")
     p.add_argument("bank", help="bank folder")
     p.add_argument("--k", type=positive_int, default=10, help="number of principal components (default 10)")
@@ -34,6 +41,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="out/pca", help="folder for pc1..pcK.safetensors, pca.safetensors (the whole result) and pca.json")
     p.set_defaults(func=run_pca)
 
+
+def _register_jacobian(sub) -> None:
     p = sub.add_parser("jacobian", help="image-specific directions: top singular vectors of d eps / d h_t (paper Sec. 4.2)")
     add_model_args(p)
     add_process_args(p)
@@ -56,6 +65,8 @@ def register(sub) -> None:
     add_processes_arg(p)
     p.set_defaults(func=run_jacobian)
 
+
+def _register_annotate(sub) -> None:
     p = sub.add_parser("annotate", help="score every sample of a bank (the model's domain classifier or a local CLIP); stored in the bank")
     p.add_argument("bank", help="bank folder")
     p.add_argument("--name", default="classifier", help="name of the stored scores (default classifier)")
@@ -67,6 +78,8 @@ def register(sub) -> None:
     add_processes_arg(p)
     p.set_defaults(func=run_annotate)
 
+
+def _register_supervised(sub) -> None:
     p = sub.add_parser("supervised", help="eq. 10 directions: a bank's top-k minus bottom-k by a score, or labelled seeds/images")
     add_model_args(p)
     add_process_args(p)
@@ -82,6 +95,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="out/supervised", help="folder for ATTRIBUTE.safetensors")
     p.set_defaults(func=run_supervised)
 
+
+def _register_disentangle(sub) -> None:
     p = sub.add_parser("disentangle", help="eq. 11: remove from a direction its projection onto other directions")
     p.add_argument("direction", help="direction file")
     p.add_argument("--remove", nargs="+", required=True, help="direction files or folders whose span is removed")

@@ -15,6 +15,15 @@ from .common import (
 
 
 def register(sub) -> None:
+    _register_sample(sub)
+    _register_edit(sub)
+    _register_swap(sub)
+    _register_arith(sub)
+    _register_invert(sub)
+    _register_info(sub)
+
+
+def _register_sample(sub) -> None:
     p = sub.add_parser("sample", help="draw samples, recording h at every step")
     add_model_args(p)
     add_process_args(p)
@@ -23,6 +32,8 @@ def register(sub) -> None:
     p.add_argument("--save-trajectory", default=None, help="also save the trajectories (safetensors)")
     p.set_defaults(func=run_sample)
 
+
+def _register_edit(sub) -> None:
     p = sub.add_parser("edit", help="edit samples along directions at several scales (one batched replay)")
     add_model_args(p)
     add_process_args(p)
@@ -43,6 +54,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="out/edits", help="output folder")
     p.set_defaults(func=run_edit)
 
+
+def _register_swap(sub) -> None:
     p = sub.add_parser("swap", help="replay samples with h taken from other samples (paper Fig. 3)")
     add_model_args(p)
     add_process_args(p)
@@ -52,6 +65,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="out/swap", help="output folder")
     p.set_defaults(func=run_swap)
 
+
+def _register_arith(sub) -> None:
     p = sub.add_parser("arith", help="a direction from h of positive minus negative samples (paper Fig. 4, eq. 10)")
     add_model_args(p)
     add_process_args(p)
@@ -61,6 +76,8 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="direction file to write (.safetensors)")
     p.set_defaults(func=run_arith)
 
+
+def _register_invert(sub) -> None:
     p = sub.add_parser("invert", help="real images into trajectories: DDIM inversion (eta 0) or edit-friendly DDPM inversion (eta > 0)")
     add_model_args(p)
     add_process_args(p)
@@ -71,6 +88,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="out/invert", help="folder for trajectory.safetensors and the reconstructions")
     p.set_defaults(func=run_invert, eta="0", batch_size=16)
 
+
+def _register_info(sub) -> None:
     p = sub.add_parser("info", help="model, h location and h shape")
     add_model_args(p)
     p.set_defaults(func=run_info)

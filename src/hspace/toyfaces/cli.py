@@ -50,6 +50,11 @@ def register(sub) -> None:
     p.add_argument("--faces", type=positive_int, default=40000, help="training faces (independent attributes)")
     p.add_argument("--out", default="src/hspace/toyfaces/classifier.safetensors")
     p.set_defaults(func=run_train_classifier, outputs={"out": "file"})
+    _register_checks(toy_sub)
+
+
+def _register_checks(toy_sub) -> None:
+    """The commands that measure and export a trained model."""
     p = toy_sub.add_parser("evaluate", help="sample n images and compare classifier statistics with the training data")
     add_model_args(p)
     add_process_args(p)
@@ -83,7 +88,6 @@ def register(sub) -> None:
     p.add_argument("--run", default="runs/toyfaces")
     p.add_argument("--out", default="src/hspace/toyfaces/model", help="model folder to write")
     p.set_defaults(func=run_export)
-
 
 
 def run_train(args) -> None:
