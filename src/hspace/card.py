@@ -124,7 +124,7 @@ def card(
     the one registered for the engine's model. ``mask`` [H, W] (image pixels) splits the pixel change. ``callback``
     gets the engine's ``StepEvent``s (the sampling, the sweep, the crossing: each call its own ``total``)."""
     from .domains import domain_of
-    from .validate import check_scales
+    from .validate import check_int, check_scales
 
     scales = sorted(set(check_scales(scales)) | {0.0})
     if domain is None and scorer is None:
@@ -133,8 +133,7 @@ def card(
     binary = list(domain.binary) if domain is not None else []
     spread = domain.spread() if domain is not None and domain.spread is not None else {}
     if trajectory is None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-            raise HspaceError(f"n must be an integer >= 2 (held-out samples), got {n!r}")
+        check_int("n", n, 2, valid="an integer >= 2 (held-out samples)")
         trajectory = engine.sample(list(range(first_seed, first_seed + n)), num_steps, eta, batch_size=batch_size, progress=progress, callback=callback)
     images = engine.edit(trajectory, [direction], scales, units="raw", batch_size=batch_size, progress=progress, callback=callback).images[0]  # [S, B, 3, H, W]
     scores = _scores(score, images)
@@ -153,7 +152,17 @@ def card(
             scores = {k: torch.cat([v, extra[k]])[order] for k, v in scores.items()}
             change, change_se, flip, eligible = _statistics(scales, scores, binary, spread)
     S, B = images.shape[:2]
-    zero = scales.index(0.0)
+    pixel_change, outside, realism, similarity = _image_measures(images, scales.index(0.0), mask, domain, score)
+    result = Card(direction.name, target, scales, B, change, change_se, flip, eligible, pixel_change, outside, realism, binary=binary,
+                  steps=trajectory.num_steps, similarity=similarity)
+    result.calibration = calibrate(result, spread.get(target, 1.0))
+    return result
+
+
+def _image_measures(images: torch.Tensor, zero: int, mask, domain, score) -> tuple:
+    """Per scale: the mean pixel change from the unedited images, its share outside ``mask``, the domain's realism
+    and (a CLIP scorer) the mean similarity of each edited image's embedding to its unedited one's."""
+    S, B = images.shape[:2]
     pixel = (images - images[zero]).abs()
     pixel_change = pixel.mean((1, 2, 3, 4)).tolist()
     outside = None
@@ -167,10 +176,7 @@ def card(
     if callable(getattr(score, "embed", None)):  # a CLIP scorer: how much of each image survives the edit
         embedded = score.embed(images.reshape(S * B, *images.shape[2:])).reshape(S, B, -1).double()
         similarity = (embedded * embedded[zero]).sum(-1).mean(1).tolist()
-    result = Card(direction.name, target, scales, B, change, change_se, flip, eligible, pixel_change, outside, realism, binary=binary,
-                  steps=trajectory.num_steps, similarity=similarity)
-    result.calibration = calibrate(result, spread.get(target, 1.0))
-    return result
+    return pixel_change, outside, realism, similarity
 
 
 def _scores(score, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HspaceError, check_choice
+from ..validate import check_int
 from ..progress import IterationEvent, Meter
 from ..files import read_json, read_safetensors, safe_name, save_safetensors, staged_folder, write_json
 from .direction import Direction, save_directions
@@ -338,8 +339,7 @@ def jacobian_directions(
     _check_k(k, torch.empty(engine.h_shape))
     if method == "sequential":
         _check_b(b, k)
-    if isinstance(sample, bool) or not isinstance(sample, int):
-        raise HspaceError(f"sample must be the integer index of one sample of the trajectory, got {sample!r}")
+    check_int("sample", sample, valid="the integer index of one sample of the trajectory")
     if oversample is None:
         oversample = k if method == "batched" else b
     one = trajectory[sample]

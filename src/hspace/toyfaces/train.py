@@ -319,31 +319,10 @@ def train(
     t_weights = timestep_weights(alphas, config.v_weight_cap)  # checks the cap before any work
     alphas = alphas.float()
     init = load_init(config) if state is None and config.init else None  # checked before any work
-    if state is not None:
-        saved = TrainConfig(**state["config"])
-        # The run's total length may grow on resume; nothing else may change under it.
-        if {**asdict(saved), "steps": 0} != {**asdict(config), "steps": 0}:
-            raise HspaceError(f"{ckpt_path} was trained with {asdict(saved)}; resume it with the same settings")
+    _check_resume(state, config, ckpt_path)
     write_json(run_dir / "config.json", asdict(config))
 
-    torch.manual_seed(config.seed)
-    model = build_model(config)
-    ema = build_model(config).requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    model, ema = model.to(device), ema.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    step = 0
-    if init is not None:
-        model.load_state_dict(init[0])
-        ema.load_state_dict(init[1])
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        step = state["step"]
-
+    model, ema, optimizer, generator, step = _start(config, device, init, state)
     pool = render_pool(config.pool, config.size)
     if config.resolution and config.resolution != config.size:
         pool = torch.nn.functional.avg_pool2d(pool.float(), config.size // config.resolution).round().to(torch.uint8)
@@ -376,6 +355,37 @@ def train(
         if step % config.checkpoint_every == 0 or step == config.steps:
             save()
     return ckpt_path
+
+
+def _check_resume(state: dict | None, config: TrainConfig, path: Path) -> None:
+    """A checkpoint resumes only under its own settings: the run's total length may grow, nothing else may change."""
+    if state is not None:
+        saved = TrainConfig(**state["config"])
+        if {**asdict(saved), "steps": 0} != {**asdict(config), "steps": 0}:
+            raise HspaceError(f"{path} was trained with {asdict(saved)}; resume it with the same settings")
+
+
+def _start(config: TrainConfig, device: torch.device, init, state):
+    """The model, its EMA, the optimizer, the CPU generator and the step: new (from the seed, or ``init``'s weights)
+    or as the checkpoint ``state`` left them."""
+    torch.manual_seed(config.seed)
+    model = build_model(config)
+    ema = build_model(config).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    model, ema = model.to(device), ema.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    step = 0
+    if init is not None:
+        model.load_state_dict(init[0])
+        ema.load_state_dict(init[1])
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        step = state["step"]
+    return model, ema, optimizer, generator, step
 
 
 def build_model(config: TrainConfig):

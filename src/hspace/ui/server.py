@@ -554,7 +554,6 @@ def create_app(editor: "Editor | Startup", host: str = "127.0.0.1", port: int = 
     ``/api/info`` says how far it is). ``token`` defaults to a new random one."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.concurrency import run_in_threadpool
 
     startup = editor if isinstance(editor, Startup) else Startup(editor=editor)
     app = FastAPI(title="hspace editor", docs_url=None, redoc_url=None, openapi_url=None)
@@ -592,6 +591,17 @@ def create_app(editor: "Editor | Startup", host: str = "127.0.0.1", port: int = 
     def info():
         return startup.get().info() if startup.editor is not None else startup.status()
 
+    _editing_routes(app, startup, body)
+    _saved_routes(app, startup, body)
+    return app
+
+
+def _editing_routes(app, startup: Startup, body) -> None:
+    """The editor's operations: edit, save, Jacobian directions, cards and uploads (each runs off the event loop)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
     @app.post("/api/edit")
     async def edit(request: Request):
         data = await body(request)
@@ -604,8 +614,6 @@ def create_app(editor: "Editor | Startup", host: str = "127.0.0.1", port: int = 
         path = startup.get().save(data.get("name"), data.get("parts"))
         asked = safe_name(str(data.get("name", "")).strip(), suffix=".safetensors")
         return {"saved": path.name, "renamed": path.name != asked}
-
-    _saved_routes(app, startup, body)
 
     @app.post("/api/jacobian")
     async def jacobian(request: Request):
@@ -625,8 +633,6 @@ def create_app(editor: "Editor | Startup", host: str = "127.0.0.1", port: int = 
         if declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:  # refused before the body is read
             raise HspaceError(f"the upload has {declared} bytes; valid: at most {MAX_UPLOAD_BYTES} bytes")
         return {"upload": await run_in_threadpool(startup.get().upload, await request.body())}  # Editor.upload checks the bytes
-
-    return app
 
 
 def _saved_routes(app, startup: Startup, body) -> None:
