@@ -634,18 +634,18 @@ def pca_from_h(
 
 def pca(source, k: int, *, per_timestep: bool = True, method: str = "auto", memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> PCAResult:
     """The top-k principal components of the h of a ``Bank`` (streamed in shards) or a ``Trajectory`` (its h in
-    memory), per timestep (paper Sec. 4.1). What the directions need to be applied anywhere (the engine's spec and
+    memory), per timestep (paper Sec. 4.1). What the directions need to be applied anywhere (the engine's part of the source's spec, not its process, and
     the timesteps of the stored steps, so they resample to any step count) comes from the source itself."""
     from ..bank import Bank
     from ..trajectory import Trajectory
 
     options = {"per_timestep": per_timestep, "method": method, "memory_budget_bytes": memory_budget_bytes}
     if isinstance(source, Bank):
-        return pca_per_timestep(source.h_chunks(), k, expected_n=source.n, spec=source.spec, timesteps=source.h_timesteps, **options)
+        return pca_per_timestep(source.h_chunks(), k, expected_n=source.n, spec=source.spec.engine, timesteps=source.h_timesteps, **options)
     if isinstance(source, Trajectory):
         if source.h is None:
             raise HspaceError("this trajectory holds no h (it was drawn with record_h=False); sample it with h recorded")
-        return pca_from_h(source.h, k, spec=source.spec, timesteps=source.timesteps, **options)
+        return pca_from_h(source.h, k, spec=source.spec.engine, timesteps=source.timesteps, **options)
     raise HspaceError(f"pca takes a Bank or a Trajectory, got {type(source).__name__}; for h tensors use pca_from_h")
 
 
