@@ -31,9 +31,9 @@ def tiny_unet(seed: int = 0, sample_size: int = 16, in_channels: int = 3):
         )
 
 
-def tiny_engine(h_location: str = "mid.out", scheduler_config: dict | None = None, seed: int = 0, dtype=None) -> Engine:
+def tiny_engine(h_location: str = "mid.out", scheduler_config: dict | None = None, seed: int = 0, dtype=None, speed=None) -> Engine:
     config = dict(scheduler_config or CELEBAHQ_SCHEDULER_CONFIG)
-    return Engine(Components(tiny_unet(seed), config, None, "tiny-test"), h_location=h_location, device="cpu", dtype=dtype)
+    return Engine(Components(tiny_unet(seed), config, None, "tiny-test"), h_location=h_location, device="cpu", dtype=dtype, speed=speed)
 
 
 @pytest.fixture(scope="module")

@@ -105,3 +105,15 @@ def test_method_results_share_one_interface(tmp_path, engine, trajectory):
             assert torch.equal(a.delta, b.delta) and a.meta == b.meta and a.spec == b.spec == engine.spec
     assert torch.equal(load_result(tmp_path / "jac")[0].svd.S, jac[0].svd.S)
     assert (load_result(tmp_path / "rnd").method, load_result(tmp_path / "rnd").params["seed"]) == ("random", 3)
+    import json
+
+    # the kind recorded in result.json is what dispatches, not the files: a PCA folder recorded as a plain set loads as one
+    record = json.loads((tmp_path / "pca" / "result.json").read_text())
+    assert record["kind"] == "pca" and record["directions"] == ["pc1.safetensors", "pc2.safetensors"] and record["params"]["k"] == 2
+    (tmp_path / "pca" / "result.json").write_text(json.dumps({**record, "kind": "directions"}))
+    assert type(load_result(tmp_path / "pca")) is DirectionSet and len(load_result(tmp_path / "pca")) == 2
+    (tmp_path / "pca" / "result.json").write_text(json.dumps({**record, "kind": "lora"}))
+    with pytest.raises(HspaceError, match="records a result of kind 'lora'; valid: pca, jacobian, directions"):
+        load_result(tmp_path / "pca")
+    (tmp_path / "jac" / "result.json").unlink()  # a folder of an earlier version (no record): known by its files
+    assert isinstance(load_result(tmp_path / "jac"), JacobianDirections)

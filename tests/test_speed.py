@@ -18,6 +18,7 @@ from hspace.images import to_uint8
 from hspace.speed import CPU_BATCH_CAP, Speed, activation_bytes, auto_batch_size
 from hspace.toyfaces.classifier import classify
 from hspace.toyfaces.render import BINARY
+from conftest import tiny_engine
 
 TOLERANCE = 1e-4
 
@@ -61,9 +62,10 @@ def test_channels_last_and_autocast_on_a_guided_stable_diffusion_unet(tmp_path):
 
 
 def test_compiled_blocks_are_within_tolerance_and_edits_stay_eager():
-    eager_engine = Engine.load("tiny-random")
+    # conftest's 2-level U-Net: 7 compiled blocks; the 3-level tiny-random's 9 took 95 s to compile on a cold cache here, this 59 s
+    eager_engine = tiny_engine()
     reference, edited = _sample_and_edit(eager_engine)
-    compiled = Engine.load("tiny-random", speed=Speed(compile=True))
+    compiled = tiny_engine(speed=Speed(compile=True))
     assert getattr(compiled.unet.mid_block, "_compiled_call_impl", None) is None  # h's module runs its hooks eagerly
     assert compiled.unet.up_blocks[0]._compiled_call_impl is not None
     trajectory, fast_edited = _sample_and_edit(compiled)

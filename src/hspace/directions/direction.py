@@ -255,13 +255,13 @@ class DirectionSet(list):
         all or nothing."""
         with staged_folder(folder) as stage:
             names = [p.name for p in save_directions(self, stage)]
-            write_json(stage / "result.json", {"method": self.method, "params": self.params, "directions": names})
+            write_result_record(stage, "directions", self.method, self.params, names)
         return [Path(folder) / name for name in names]
 
     @classmethod
     def load(cls, folder: str | Path) -> "DirectionSet":
         folder = Path(folder)
-        info_path = folder / "result.json"
+        info_path = folder / RESULT_FILE
         if info_path.is_file():
             info = read_json(info_path, "direction set")
             names = info.get("directions")
@@ -269,6 +269,14 @@ class DirectionSet(list):
                 raise HspaceError(f"{str(info_path)!r} must list its direction files by plain name under 'directions'")
             return cls([Direction.load(folder / name) for name in names], str(info.get("method", "")), dict(info.get("params") or {}))
         return cls(load_directions([folder]))
+
+
+RESULT_FILE = "result.json"  # every method result's record: its kind (what load_result dispatches on), method, params, files
+
+
+def write_result_record(folder: Path, kind: str, method: str, params: dict, names: Sequence[str]) -> Path:
+    """``folder/result.json``: ``{"kind", "method", "params", "directions"}`` (the direction files in order)."""
+    return write_json(Path(folder) / RESULT_FILE, {"kind": kind, "method": method, "params": params, "directions": list(names)})
 
 
 def save_directions(directions: Sequence[Direction], folder: str | Path) -> list[Path]:

@@ -21,7 +21,7 @@ from ..errors import HspaceError, check_choice
 from ..validate import check_int
 from ..progress import IterationEvent, Meter
 from ..files import read_json, read_safetensors, safe_name, save_safetensors, staged_folder, write_json
-from .direction import Direction, save_directions
+from .direction import Direction, save_directions, write_result_record
 
 BATCHING = ("vmap", "repeat")
 METHODS = ("batched", "sequential")
@@ -462,6 +462,7 @@ class JacobianDirections:
             names = [p.name for p in save_directions(self.directions, stage)]
             save_safetensors(tensors, stage / "jacobian.safetensors", {"kind": "hspace.JacobianDirections"})
             write_json(stage / "jacobian.json", {"results": self.summary(), "directions": names, **(info or {})})
+            write_result_record(stage, "jacobian", "jacobian", {"steps": [r.step for r in self.steps]}, names)
         return [Path(folder) / name for name in names]
 
     @classmethod

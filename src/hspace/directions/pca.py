@@ -50,7 +50,7 @@ import torch
 from ..errors import HspaceError
 from ..spec import FREE, Spec
 from ..files import read_safetensors, save_safetensors, staged_folder
-from .direction import Direction, DirectionSet, save_directions
+from .direction import Direction, DirectionSet, save_directions, write_result_record
 
 __all__ = ["PCAResult", "StreamingPCA", "pca_per_timestep", "pca_from_h", "random_directions"]
 
@@ -291,6 +291,7 @@ class PCAResult:
         with staged_folder(folder) as stage:  # all or nothing: never a partial set of directions
             names = [p.name for p in save_directions(self.directions, stage)]
             save_safetensors(tensors, stage / "pca.safetensors", meta)
+            write_result_record(stage, "pca", "pca", {"k": self.k, "n": self.n, "per_timestep": self.per_timestep, "route": self.route}, names)
         return [Path(folder) / name for name in names]
 
     @classmethod
