@@ -1,6 +1,6 @@
 """Bit-for-bit equivalence of two versions of hspace on the same seeds: zero-delta samples, replays, edits,
-banks, PCA, Jacobian directions and the block study's sections, on the bundled models and tiny random SD, SD3
-and FLUX pipelines.
+banks, PCA, Jacobian directions, the block study's sections and the quick report's sections, on the bundled
+models and tiny random SD, SD3 and FLUX pipelines.
 
 Run it once per version (``PYTHONPATH=OTHER_CHECKOUT/src`` for the other one), then compare:
 
@@ -37,7 +37,7 @@ def unconditional(figures: dict, model: str, work: Path) -> None:
     from hspace import Engine
     from hspace.bank import build_bank
     from hspace.directions.jacobian import jacobian_directions
-    from hspace.directions.pca import pca_per_timestep
+    from hspace.directions import pca as methods
 
     engine = Engine.load(model, device="cpu")
     t = engine.sample([0, 1, 2], num_steps=8, eta=1.0, progress=False)
@@ -46,13 +46,16 @@ def unconditional(figures: dict, model: str, work: Path) -> None:
     figures[f"{model}/replay.x0"] = digest(engine.replay(t, progress=False).x0)
     bank = build_bank(work / f"{model}-bank", engine, 12, num_steps=8, eta=1.0, shard_size=4, progress=False)
     figures[f"{model}/bank.h"] = digest(bank.h())
-    pca = pca_per_timestep(bank.h_chunks(), 3, spec=bank.spec, timesteps=bank.h_timesteps)
+    if hasattr(methods, "pca"):  # this version's one call: pca(bank, k)
+        pca = methods.pca(bank, 3)
+    else:  # the version before it
+        pca = methods.pca_per_timestep(bank.h_chunks(), 3, spec=bank.spec, timesteps=bank.h_timesteps)
     directions = pca.directions() if callable(getattr(pca, "directions", None)) else pca.directions
     figures[f"{model}/pca.components"] = digest(pca.components)
     figures[f"{model}/pca.sigma"] = digest(pca.sigma)
     first = directions[0] if isinstance(directions, (list, tuple)) else list(directions)[0]
-    images = engine.edit(t, [first], [-2.0, 0.0, 2.0], progress=False).images
-    images = images.images if hasattr(images, "images") else images
+    images = engine.edit(t, [first], [-2.0, 0.0, 2.0], progress=False)
+    images = getattr(images, "images", images)  # labelled Edited results here, a bare tensor before
     figures[f"{model}/edit.images"] = digest(images)
     jac = jacobian_directions(engine, t, 0, steps=[3], k=2, max_iter=4, progress=False)
     figures[f"{model}/jacobian.singular_values"] = digest(torch.stack([s.singular_values for s in jac.steps]))
@@ -82,7 +85,20 @@ def blocks(figures: dict, work: Path) -> None:
         figures[f"blocks/{section.parent.parent.name}/{section.stem}"] = digest(data)
 
 
-def measure(skip_blocks: bool) -> dict:
+def reproduce(figures: dict, work: Path) -> None:
+    """Every section of the quick report on the bundled toy faces (timings left out)."""
+    from hspace.cli import main
+
+    out = work / "reproduce"
+    assert main(["reproduce", "--quick", "--device", "cpu", "--out", str(out)]) == 0
+    for section in sorted((out / "sections").glob("*.json")):
+        data = json.loads(section.read_text())
+        for key in ("seconds", "elapsed", "checksum"):
+            data.pop(key, None)
+        figures[f"reproduce/{section.stem}"] = digest(data)
+
+
+def measure(skip_blocks: bool, skip_reproduce: bool = False) -> dict:
     import tiny_sd
     import tiny_transformers
 
@@ -98,6 +114,8 @@ def measure(skip_blocks: bool) -> dict:
         text_to_image(figures, "tiny-flux", tiny_transformers.flux_pipeline(work / "flux"), work, prompt="a face", height=64, width=64)
         if not skip_blocks:
             blocks(figures, work)
+        if not skip_reproduce:
+            reproduce(figures, work)
     return figures
 
 
@@ -116,10 +134,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="write this version's figures here")
     parser.add_argument("--compare", nargs=2, type=Path, metavar="JSON")
     parser.add_argument("--no-blocks", action="store_true", help="skip the block study's sections (the slowest part)")
+    parser.add_argument("--no-reproduce", action="store_true", help="skip the quick report on the toy faces")
     args = parser.parse_args()
     if args.compare:
         return compare(*args.compare)
-    figures = measure(args.no_blocks)
+    figures = measure(args.no_blocks, args.no_reproduce)
     text = json.dumps(figures, indent=1, sort_keys=True)
     if args.out:
         args.out.write_text(text)

@@ -47,6 +47,7 @@ def test_the_study_takes_every_hook_point_and_refuses_an_unknown_one_or_a_model_
     assert not (tmp_path / "d").exists() and not (tmp_path / "u").exists()
 
 
+@pytest.mark.slow
 def test_the_block_study_measures_a_tiny_fluxs_joint_and_single_blocks_from_one_bank(tmp_path, capsys):
     import tiny_transformers
     from hspace.bank import Bank
@@ -80,6 +81,7 @@ QUICK_PINNED = {
 }
 
 
+@pytest.mark.slow
 def test_the_quick_block_study_on_the_bundled_dit_writes_its_table_and_resumes(tmp_path):
     out = tmp_path / "blocks"
     assert main(["blocks", "--quick", "--blocks", "block.0", "block.-1", "--device", "cpu", "--out", str(out)]) == 0

@@ -34,6 +34,7 @@ def calibrated(tmp_path_factory):
     return engine, root, cards, {name: Direction.load(root / name / f"{name}.safetensors") for name in cards}
 
 
+@pytest.mark.slow
 def test_a_calibrated_unit_gives_half_the_flips_on_other_samples_and_two_directions_move_alike(calibrated):
     engine, _, cards, directions = calibrated
     for name, result in cards.items():
@@ -56,6 +57,7 @@ def test_a_calibrated_unit_gives_half_the_flips_on_other_samples_and_two_directi
     assert engine.edit(test[:1], directions["smile"], [2.0], units="effect", progress=False).images.shape[:3] == (1, 1, 1)
 
 
+@pytest.mark.slow
 def test_a_card_is_written_and_read_and_effect_units_need_one(calibrated, tmp_path, capsys):
     engine, root, cards, directions = calibrated
     text = (root / "smile" / "card.md").read_text()
@@ -87,6 +89,7 @@ def test_a_card_is_written_and_read_and_effect_units_need_one(calibrated, tmp_pa
     assert "has no card" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_cli_and_the_editor_give_the_same_image_for_a_carded_direction_at_the_same_slider_value(calibrated, tmp_path, capsys, caplog):
     """One unit rule (hspace.edits): ``hspace edit`` with no --units and the editor's slider both move a carded
     direction in its effect unit, so slider 1.5 on the page is --scales 1.5 on the command line, pixel for pixel."""

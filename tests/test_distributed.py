@@ -64,6 +64,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hspace", *args], capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_bank_by_two_processes_equals_one_and_resumes_with_any_number(tmp_path, one_thread):
     reference = build_bank(tmp_path / "one", Engine.load("tiny-random"), 16, 6, 1.0, shard_size=2, batch_size=2, progress=False)
     assert reference.complete
@@ -105,6 +106,7 @@ def test_bank_by_two_processes_equals_one_and_resumes_with_any_number(tmp_path, 
     assert reference20.complete
 
 
+@pytest.mark.slow
 def test_annotate_and_edit_by_two_processes_equal_one(tmp_path, one_thread):
     bank = build_bank(tmp_path / "bank", Engine.load("toyfaces"), 6, 3, 1.0, shard_size=3, batch_size=3, progress=False)
     assert main(["annotate", str(bank.path), "--batch-size", "2"]) == 0
@@ -125,6 +127,7 @@ def test_annotate_and_edit_by_two_processes_equal_one(tmp_path, one_thread):
         assert np.array_equal(np.asarray(Image.open(tmp_path / "e1" / name)), np.asarray(Image.open(tmp_path / "e2" / name))), name
 
 
+@pytest.mark.slow
 def test_jacobian_of_many_samples_by_two_processes_equals_one(tmp_path, one_thread):
     common = ["jacobian", "--model", "tiny-random", "--steps", "3", "--seeds", "0-2", "--k", "2", "--max-iter", "5", "--tol", "0", "--at", "1"]
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
@@ -152,6 +155,7 @@ def test_processes_share_the_cores_and_a_set_thread_count_is_kept():
     assert '"cpu_threads": 1' in info.stdout, info.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_child_failure_is_its_own_message_and_status_not_the_launchers_traceback(tmp_path, one_thread):
     # every process meets the same bad input: one message, the child's exit status 2
     bad = _run(["bank", str(tmp_path / "bad"), "--model", str(tmp_path / "no-model"), "--n", "4", "--num-processes", "2"])

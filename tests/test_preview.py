@@ -110,6 +110,7 @@ def test_the_preview_is_close_to_the_exact_edit_on_the_bundled_model():
         assert error < 0.7 and held_error > 2 * error, (pc.name, float(error), float(held_error))
 
 
+@pytest.mark.slow
 def test_the_compiled_denoiser_equals_the_eager_one():
     engine = tiny_engine()  # conftest's 2-level U-Net: compiles in 18 s on a cold cache here, tiny-random's 3 levels in 27 s
     denoiser = preview.compiled_denoiser(engine)

@@ -503,6 +503,7 @@ def test_stale_temporaries_of_a_dead_process_are_removed(tmp_path, engine):
     assert not junk.exists()
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_bank(tmp_path):
     """The second writer is refused while the first draws, and told which process holds the bank."""
     code = (

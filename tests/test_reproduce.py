@@ -10,6 +10,7 @@ from hspace.cli import main
 from hspace.reproduce import SECTIONS, TABLE_ATTRIBUTES
 
 
+@pytest.mark.slow
 def test_quick_reproduce_writes_a_sane_report_and_resumes(tmp_path):
     out = tmp_path / "r"
     assert main(["reproduce", "--quick", "--device", "cpu", "--out", str(out)]) == 0
@@ -176,6 +177,7 @@ DIT_PINNED_VERDICTS = {
 DIT_CLAIMS = ["pca_vs_random", "jacobian", "swap"]
 
 
+@pytest.mark.slow
 def test_quick_reproduce_on_the_toy_dit_runs_its_claims_and_pins_their_numbers(tmp_path):
     out = tmp_path / "dit"
     assert main(["reproduce", "--quick", "--model", "toydit", "--device", "cpu", "--claims", *DIT_CLAIMS, "--out", str(out)]) == 0

@@ -61,6 +61,7 @@ def test_channels_last_and_autocast_on_a_guided_stable_diffusion_unet(tmp_path):
     assert torch.equal(autocast.decoder_half(x_t, 500).h, Engine.load(str(tmp_path / "sd"), **condition).decoder_half(x_t, 500).h)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_are_within_tolerance_and_edits_stay_eager():
     # conftest's 2-level U-Net: 7 compiled blocks; the 3-level tiny-random's 9 took 95 s to compile on a cold cache here, this 59 s
     eager_engine = tiny_engine()

@@ -345,6 +345,7 @@ def test_the_editor_on_a_transformer(folders, tmp_path, kind):
     assert torch.equal(again.flatten(), page)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dit", "sd3"])
 def test_a_bank_by_two_processes_equals_one_on_a_transformer(folders, tmp_path, monkeypatch, kind):
     import os

@@ -328,6 +328,7 @@ def _bodies():
             yield from ((path, {**base[path], "parts": [{**part, key: value}]}) for key in part if "parts" in names)
 
 
+@pytest.mark.slow
 def test_json_of_the_wrong_type_is_a_400_with_a_message_never_a_500(editor):
     client = TestClient(create_app(editor, port=7860, token=TOKEN), base_url="http://127.0.0.1:7860", headers={"X-Hspace-Token": TOKEN},
                         raise_server_exceptions=False)
