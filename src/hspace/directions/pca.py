@@ -634,10 +634,11 @@ def pca_from_h(
 
 
 def pca(source, k: int, *, per_timestep: bool = True, method: str = "auto", memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> PCAResult:
-    """The top-k principal components of the h of a ``Bank`` (streamed in shards) or a ``Trajectory`` (its h in
-    memory), per timestep (paper Sec. 4.1). What the directions need to be applied anywhere (the engine's part of the source's spec, not its process, and
+    """The top-k principal components of the h of a ``Bank`` (streamed in shards), a ``Trajectory`` or a ``Recording`` of
+    the user's own pipeline (``hspace.record``; their h in memory), per timestep (paper Sec. 4.1). What the directions need to be applied anywhere (the engine's part of the source's spec, not its process, and
     the timesteps of the stored steps, so they resample to any step count) comes from the source itself."""
     from ..bank import Bank
+    from ..steering import Recording
     from ..trajectory import Trajectory
 
     options = {"per_timestep": per_timestep, "method": method, "memory_budget_bytes": memory_budget_bytes}
@@ -647,7 +648,9 @@ def pca(source, k: int, *, per_timestep: bool = True, method: str = "auto", memo
         if source.h is None:
             raise HspaceError("this trajectory holds no h (it was drawn with record_h=False); sample it with h recorded")
         return pca_from_h(source.h, k, spec=source.spec.engine, timesteps=source.timesteps, **options)
-    raise HspaceError(f"pca takes a Bank or a Trajectory, got {type(source).__name__}; for h tensors use pca_from_h")
+    if isinstance(source, Recording):  # h recorded inside the user's own pipeline (hspace.record)
+        return pca_from_h(source.h, k, spec=source.spec, timesteps=source.timesteps, **options)
+    raise HspaceError(f"pca takes a Bank, a Trajectory or a Recording, got {type(source).__name__}; for h tensors use pca_from_h")
 
 
 def random_directions(result: PCAResult, k: int, seed: int, spec: Spec | None = None) -> DirectionSet:

@@ -83,6 +83,41 @@ class DenoiserCall:
     def describe(self, conditioner) -> str:
         return "unconditional"
 
+    # Calls from a user's own pipeline (``steering.py``): what hspace's t is, and which rows are the guidance's
+    # unconditional pass, read off the bare denoiser's arguments.
+    timestep_scale = 1.0  # the pipeline's ``timestep`` argument times this is hspace's t (0-1000)
+    # where a guided call puts its unconditional rows: "first" half, "labels" (DiT's null class), None: not knowable
+    guidance_layout: str | None = "first"
+
+    @classmethod
+    def pipeline_timestep(cls, denoiser: nn.Module, args: tuple, kwargs: dict, batch: int) -> torch.Tensor:
+        """hspace's t (0-1000, float64) of each of the ``batch`` rows of one call of ``denoiser`` from any pipeline."""
+        import inspect
+
+        try:
+            t = inspect.signature(denoiser.forward).bind_partial(*args, **kwargs).arguments.get("timestep")
+        except TypeError:
+            t = kwargs.get("timestep")
+        if t is None:
+            raise HspaceError(f"this call of the {type(denoiser).__name__} passes no timestep; hspace cannot tell the step to steer")
+        t = torch.as_tensor(t).detach().to("cpu", torch.float64).reshape(-1) * cls.timestep_scale
+        return t.expand(batch) if len(t) == 1 else t
+
+    @classmethod
+    def unconditional_rows(cls, pipeline, denoiser: nn.Module, kwargs: dict, batch: int) -> torch.Tensor | None:
+        """[batch] bool: the rows of this call that are the guidance's unconditional pass (None: an unguided call);
+        an error where the pipeline's layout cannot be told apart."""
+        if cls.guidance_layout is None or not hasattr(pipeline, "do_classifier_free_guidance"):
+            raise HspaceError(f"a {type(pipeline).__name__} does not say which rows of its {type(denoiser).__name__}'s call are the "
+                              "unconditional pass; steer both passes (branch='both')")
+        if not pipeline.do_classifier_free_guidance:
+            return None
+        if batch % 2:
+            raise HspaceError(f"a guided call of {batch} rows cannot be split into conditional and unconditional halves; use branch='both'")
+        rows = torch.zeros(batch, dtype=torch.bool)
+        rows[: batch // 2] = True  # torch.cat([negative, positive]) in every diffusers text pipeline
+        return rows
+
 
 class UNetCall(DenoiserCall):
     """The unconditional ``UNet2DModel``: ``unet(x, t).sample``; h at the mid block's output (or input)."""
@@ -90,6 +125,10 @@ class UNetCall(DenoiserCall):
     family = "U-Net"
     splits = True
     compiles = True
+
+    @classmethod
+    def unconditional_rows(cls, pipeline, denoiser, kwargs, batch):
+        return None  # DDPM/DDIM/LDM pipelines are unguided
 
     @classmethod
     def check(cls, denoiser: nn.Module) -> None:
@@ -108,6 +147,8 @@ class UNetCall(DenoiserCall):
 
 class ConditionalUNetCall(UNetCall):
     """``UNet2DConditionModel`` (Stable Diffusion 1.x/2.x, SDXL): the same call with the text keywords."""
+
+    unconditional_rows = DenoiserCall.unconditional_rows
 
     family = "conditional U-Net"
     splits = False  # under guidance the Jacobian runs the whole U-Net with h replaced by a hook (``backbone.py``)
@@ -184,6 +225,15 @@ class DiTCall(TransformerCall):
     def conditioner_for(cls, pipeline) -> ClassConditioner:
         return ClassConditioner(pipeline)
 
+    @classmethod
+    def unconditional_rows(cls, pipeline, denoiser, kwargs, batch):
+        """DiTPipeline's guided call labels its unconditional rows with the null class (1000, the pipeline's constant)."""
+        labels = kwargs.get("class_labels")
+        if labels is None:
+            return None
+        rows = torch.as_tensor(labels).reshape(-1).cpu() == 1000
+        return rows if bool(rows.any()) else None
+
     def __call__(self, x, t, kwargs):
         timesteps = t.reshape(-1).expand(len(x))
         out = self.denoiser(x, timestep=timesteps, **kwargs).sample
@@ -196,6 +246,7 @@ class PixArtCall(DiTCall):
 
     family = "PixArt"
     default_depth = 0.5  # not measured: the middle block
+    unconditional_rows = DenoiserCall.unconditional_rows  # (PixArt's pipeline keeps its guidance flag local: refused)
 
     @classmethod
     def conditioner_for(cls, pipeline) -> PixArtConditioner:
@@ -244,6 +295,8 @@ class FluxCall(TransformerCall):
     (H/2) x (W/2) grid (read off the call's ``img_ids``)."""
 
     family = "FLUX"
+    timestep_scale = 1000.0  # FluxPipeline passes t / 1000
+    guidance_layout = None  # embedded guidance is one pass; true CFG calls the transformer twice, alike
     kinds = {"joint": "transformer_blocks", "single": "single_transformer_blocks"}
     image_tokens = 1  # both block kinds return (text tokens, image tokens)
     grid_of = staticmethod(position_grid)

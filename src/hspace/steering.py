@@ -1,0 +1,251 @@
+"""hspace inside a user's own diffusers pipeline: ``steer(pipe, directions, scales)`` and ``record(pipe)``.
+
+Both attach to the denoiser's hook points (``models.hook_points``), so they work in whatever loop calls the denoiser:
+the pipeline's own scheduler (DDIM, DPM-Solver++, Euler, UniPC, Karras sigmas, second-order ones that call the
+denoiser twice a step), its LoRAs and ControlNets, its ``pipe(...)`` call. Two hooks per call:
+
+- a pre-hook on the bare denoiser reads hspace's t of each row from its ``timestep`` argument (FLUX passes t / 1000;
+  ``DenoiserCall.pipeline_timestep``) and, for ``branch`` other than "both", which rows are the guidance's
+  unconditional pass (``DenoiserCall.unconditional_rows``: the first half of a guided text pipeline's batch, DiT's
+  null-class rows; refused where a pipeline does not say);
+- the hook point adds ``sum_d scale_d * unit_d * direction_d.at(t)`` to h of the chosen rows (steer) or keeps h
+  (record). ``Direction.at`` resamples a direction to any timestep, so one found with hspace's 50-step DDIM loop
+  applies at the 20 steps of a DPM-Solver++ pipeline.
+
+``window=(t_hi, t_lo)`` limits the edit to t_hi >= t >= t_lo, in hspace's 0-1000 units for every family. Units follow
+the one rule of ``edits.py`` (a carded direction moves in its effect unit under "auto"). Leaving the ``with`` block
+(or ``handle.remove()``) removes every hook, also after an exception: the pipeline is exactly as before.
+
+Not yet: the model's fingerprint is not compared with the direction's (its h location and shape are); diffusers'
+caching hooks (first-block cache, FasterCache, PAB) and group offloading are refused, not supported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .directions.direction import Direction
+from .edits import unit_of
+from .errors import HspaceError
+from .validate import check_choice, check_scales
+
+__all__ = ["steer", "record", "Steering", "Recording"]
+
+BRANCHES = ("both", "cond", "uncond")
+# diffusers' hooks that skip or reuse blocks on some steps (first-block cache, FasterCache, MagCache, SeaCache,
+# TaylorSeer, pyramid attention broadcast, layer skip): the hook point would not run there
+SKIPPING_HOOKS = ("fbc_", "faster_cache", "mag_cache", "sea_cache", "taylorseer", "pyramid_attention_broadcast", "layer_skip")
+
+
+def _denoiser_and_call(pipe):
+    from .loading import denoiser_of
+    from .models import backbone_for
+
+    denoiser = denoiser_of(pipe)
+    if denoiser is None:
+        raise HspaceError(f"a {type(pipe).__name__} has neither a unet nor a transformer: hspace cannot steer it")
+    call = backbone_for(denoiser)  # refuses a compiled denoiser (its hooks would not run) and an unknown class
+    names = {name for module in denoiser.modules() for name in getattr(getattr(module, "_diffusers_hook", None), "hooks", {}) or {}}
+    skipping = sorted(n for n in names if n.startswith(SKIPPING_HOOKS))
+    if skipping:
+        raise HspaceError(f"the {type(denoiser).__name__} has diffusers' hook {skipping[0]!r}, which skips or reuses its blocks on some "
+                          "steps: the hook point would not run there and the edit would silently miss those steps. Remove it "
+                          "while steering (denoiser.disable_cache())")
+    if any("group_offloading" in n for n in names):
+        raise HspaceError("group offloading is not supported by steer yet: use enable_model_cpu_offload() instead")
+    return denoiser, call
+
+
+def _check_window(window) -> tuple[float, float] | None:
+    if window is None:
+        return None
+    try:
+        high, low = (float(w) for w in window)
+    except (TypeError, ValueError):
+        raise HspaceError(f"window must be (t_hi, t_lo), two timesteps from 0 to 1000, got {window!r}") from None
+    if not (0 <= low <= high <= 1000):
+        raise HspaceError(f"window ({high:g}, {low:g}) must run from the larger timestep to the smaller, within 0-1000")
+    return high, low
+
+
+@dataclass
+class _Call:
+    """What the pre-hook read off the current call of the denoiser."""
+
+    t: torch.Tensor | None = None  # [B] hspace's t per row
+    uncond: torch.Tensor | None = None  # [B] bool, or None: no guidance rows
+
+
+class _Hooked:
+    """Hooks on one pipeline's denoiser at one hook point; removed by ``remove`` (idempotent) or leaving ``with``."""
+
+    def __init__(self, pipe, location: str | None, branch: str):
+        check_choice("branch", branch, BRANCHES)
+        self.pipe, self.branch = pipe, branch
+        self.denoiser, self.call = _denoiser_and_call(pipe)
+        self.points = self.call.hook_points(self.denoiser)
+        self.location = self.call.check_location(self.denoiser, location)
+        self.current = _Call()
+        self.handles: list = []
+
+    def _attach(self) -> None:
+        def read(_module, args, kwargs):
+            batch = len(args[0]) if args else len(next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+            uncond = None if self.branch == "both" else self.call.unconditional_rows(self.pipe, self.denoiser, kwargs, batch)
+            self.current = _Call(self.call.pipeline_timestep(self.denoiser, args, kwargs, batch), uncond)
+
+        self.handles = [self.denoiser.register_forward_pre_hook(read, with_kwargs=True),
+                        self.points[self.location].attach(self.denoiser, self._h)]
+
+    def rows(self) -> torch.Tensor:
+        """[B] bool: the rows of the current call that ``branch`` names."""
+        t = self.current.t
+        uncond = self.current.uncond
+        if uncond is None:
+            return torch.ones(len(t), dtype=torch.bool)
+        return uncond if self.branch == "uncond" else ~uncond
+
+    def _h(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class Steering(_Hooked):
+    """The handle of ``steer``: ``.scales`` may be set between calls (a slider), ``.remove()`` ends it."""
+
+    def __init__(self, pipe, directions, scales, window, branch, units, location):
+        directions = [directions] if isinstance(directions, Direction) else list(directions)
+        if not directions or not all(isinstance(d, Direction) for d in directions):
+            raise HspaceError("steer takes a Direction or a list of them")
+        locations = {d.h_location for d in directions} - {None}
+        if len(locations) > 1:
+            raise HspaceError(f"the directions were found at different h locations ({', '.join(sorted(locations))}); steer one location at a time")
+        super().__init__(pipe, location or next(iter(locations), None), branch)
+        self.directions = directions
+        self.units = [unit_of(d, units) for d in directions]
+        self.window = _check_window(window)
+        self.scales = scales
+        self._at: dict[float, torch.Tensor] = {}
+        self._attach()
+
+    @property
+    def scales(self) -> list[float]:
+        return list(self._scales)
+
+    @scales.setter
+    def scales(self, scales) -> None:
+        scales = [scales] if isinstance(scales, (int, float)) and not isinstance(scales, bool) else scales
+        scales = check_scales(scales)
+        if len(scales) != len(self.directions):
+            raise HspaceError(f"{len(scales)} scales for {len(self.directions)} directions; give one scale per direction")
+        self._scales = [float(s) for s in scales]
+
+    def delta_at(self, t: float) -> torch.Tensor:
+        """sum_d unit_d * direction_d.at(t) * scale_d at hspace's timestep ``t``, [*h_shape] (float32)."""
+        if t not in self._at:
+            self._at[t] = torch.stack([d.at(torch.tensor([t], dtype=torch.float64)).delta[0] for d in self.directions])
+        per_direction = self._at[t]
+        coefficients = torch.tensor([s * unit for s, (_, unit) in zip(self._scales, self.units)], dtype=per_direction.dtype)
+        return torch.einsum("d,d...->...", coefficients, per_direction)
+
+    def _h(self, h: torch.Tensor) -> torch.Tensor:
+        t = self.current.t
+        rows = self.rows()
+        if self.window is not None:
+            rows = rows & (t <= self.window[0]) & (t >= self.window[1])
+        if not bool(rows.any()) or not any(self._scales):
+            return h
+        shape = tuple(self.directions[0].h_shape)
+        if tuple(h.shape[1:]) != shape:
+            raise HspaceError(f"the directions have h of shape {shape}, but this pipeline's h at {self.location!r} is {tuple(h.shape[1:])} "
+                              "(another image size or another model); find directions at this size")
+        edited = h.clone()
+        for row in torch.nonzero(rows).flatten().tolist():
+            edited[row] = h[row] + self.delta_at(float(t[row])).to(h.device, h.dtype)
+        return edited
+
+
+def steer(pipe, directions: Direction | Sequence[Direction], scales: float | Sequence[float] = 1.0, *, window=None,
+          branch: str = "both", units: str = "raw", location: str | None = None) -> Steering:
+    """Add the directions to h at every call of ``pipe``'s denoiser until the handle is removed (module doc); a context
+    manager: ``with hspace.steer(pipe, smile, 2.0): image = pipe(prompt).images[0]``."""
+    return Steering(pipe, directions, scales, window, branch, units, location)
+
+
+@dataclass
+class Generation:
+    """h of one pipeline call: ``h`` [n, T, *h_shape] per sample and denoiser call, ``timesteps`` [T] (hspace's t)."""
+
+    h: torch.Tensor
+    timesteps: torch.Tensor
+    calls: list = field(default_factory=list)
+
+
+class Recording(_Hooked):
+    """The handle of ``record``: ``.generations`` (one per pipeline call in the block) and ``.h`` / ``.timesteps``
+    when every generation visited the same timesteps."""
+
+    def __init__(self, pipe, location, branch):
+        super().__init__(pipe, location, branch)
+        self._calls: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+        self._attach()
+
+    def _h(self, h: torch.Tensor) -> torch.Tensor:
+        t = self.current.t
+        rows = self.rows()
+        step_t = float(t[rows][0])
+        if not self._calls or step_t > float(self._calls[-1][-1][0]):  # the timesteps rise again: a new pipeline call
+            self._calls.append([])
+        self._calls[-1].append((torch.tensor(step_t, dtype=torch.float64), h[rows].detach().float().cpu()))
+        return h
+
+    @property
+    def spec(self):
+        """The identity of the pipeline's model with h at the recorded location (``Engine.from_pipeline``'s spec): what
+        directions found from this recording carry."""
+        from .engine import Engine
+
+        if getattr(self, "_spec", None) is None:
+            self._spec = Engine.from_pipeline(self.pipe, h_location=self.location).spec.engine
+        return self._spec
+
+    @property
+    def generations(self) -> list[Generation]:
+        return [Generation(torch.stack([h for _, h in call], dim=1), torch.stack([t for t, _ in call])) for call in self._calls]
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        gens = self.generations
+        if not gens:
+            raise HspaceError("nothing was recorded: call the pipeline inside the record block")
+        if any(not torch.equal(g.timesteps, gens[0].timesteps) for g in gens):
+            raise HspaceError("the recorded generations visited different timesteps; read them one by one (.generations)")
+        return gens[0].timesteps
+
+    @property
+    def h(self) -> torch.Tensor:
+        """[N, T, *h_shape] of every sample of every generation (the conditional rows by default)."""
+        self.timesteps  # noqa: B018 - the same steps everywhere, or a clear error
+        return torch.cat([g.h for g in self.generations])
+
+
+def record(pipe, locations: str | None = None, *, branch: str = "cond") -> Recording:
+    """Record h at the pipeline's own timesteps for every call inside the block (module doc). Under guidance the
+    conditional rows are kept (``branch``: "cond", "uncond" or "both")."""
+    if not isinstance(locations, (str, type(None))):
+        raise HspaceError("record takes one h location (a name such as 'mid.out' or 'block.3') or None for the default")
+    return Recording(pipe, locations, branch)
+

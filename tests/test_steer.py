@@ -1,0 +1,295 @@
+"""hspace.steer and hspace.record inside the user's own diffusers pipeline (steering.py): under the pipeline's DDIM a
+steered call equals Engine.edit; under other schedulers it equals a hand-written hook; the pipeline is exactly as
+before after the block, also after an exception; what cannot be steered is refused, never a silent no-op."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny_sd
+import hspace
+from hspace.directions.direction import Direction
+from hspace.edits import Edit
+from hspace.engine import Engine
+from hspace.errors import HspaceError
+
+STEPS = 6
+
+
+def _direction(engine, seed=0, scale=1.0, steps=STEPS):
+    """A random direction over the engine's own timesteps of ``steps`` steps."""
+    gen = torch.Generator().manual_seed(seed)
+    delta = torch.randn(steps, *engine.h_shape, generator=gen) * scale
+    return Direction(delta, meta={"name": f"d{seed}"}, spec=engine.spec, timesteps=engine.schedule(steps).timesteps)
+
+
+@pytest.fixture(scope="module")
+def toyfaces():
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    engine = Engine.load("toyfaces")
+    pipe = DDPMPipeline(unet=engine.unet, scheduler=DDPMScheduler.from_config(engine.scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    return engine, pipe
+
+
+def _pipe_images(pipe, seed, steps=STEPS):
+    out = pipe(batch_size=1, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps, output_type="np").images
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+def _pixels(images):
+    """hspace's images ([-1, 1]) as the pipelines post-process them ([0, 1])."""
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def _with_scheduler(pipe, name):
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    return pipe
+
+
+def test_steer_under_the_pipelines_ddim_equals_engine_edit_and_the_pipeline_is_unchanged_after(toyfaces):
+    engine, pipe = toyfaces
+    _with_scheduler(pipe, "DDIMScheduler")
+    d = _direction(engine, 0, 3.0)
+    trajectory = engine.sample([5], STEPS, 0.0, progress=False)
+    before = _pipe_images(pipe, 5)
+    # DDPMPipeline with a DDIM scheduler steps at eta 0: the pipeline's image is hspace's sample of seed 5
+    assert float((before - _pixels(trajectory.images)).abs().max()) < 1e-4
+    window = (float(engine.schedule(STEPS).t(1)), float(engine.schedule(STEPS).t(4)))
+    for options in ({}, {"window": window}):
+        expected = _pixels(engine.edit(trajectory, Edit([d], [1.5], **options), progress=False).images[0, 0])
+        with hspace.steer(pipe, d, 1.5, **options) as handle:
+            steered = _pipe_images(pipe, 5)
+            assert handle.scales == [1.5]
+        assert float((steered - expected).abs().max()) < 1e-4, options
+        assert float((steered - before).abs().max()) > 1e-2  # the edit did something
+    assert torch.equal(_pipe_images(pipe, 5), before)  # exactly its old image after the block
+    with pytest.raises(RuntimeError, match="the user's own"):
+        with hspace.steer(pipe, d, 1.5):
+            raise RuntimeError("the user's own error")
+    assert torch.equal(_pipe_images(pipe, 5), before)  # also after an exception
+    assert not pipe.unet._forward_pre_hooks and not pipe.unet.mid_block._forward_hooks
+
+
+@pytest.mark.parametrize("scheduler", ["DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"])
+def test_steer_under_other_schedulers_equals_a_hand_written_hook(toyfaces, scheduler):
+    """The reference: one forward hook on the mid block adding scale * direction.at(t) for the t the U-Net was called
+    with (read by a pre-hook), written here by hand. A direction of 6 steps is resampled to the 9 the pipeline visits."""
+    engine, pipe = toyfaces
+    _with_scheduler(pipe, scheduler)
+    d = _direction(engine, 1, 3.0)
+    seen = []
+
+    def read(_m, args):
+        seen.append(float(torch.as_tensor(args[1]).reshape(-1)[0]))
+
+    def add(_m, _a, output):
+        return output + 0.8 * d.at(torch.tensor([seen[-1]], dtype=torch.float64)).delta[0]
+
+    handles = [pipe.unet.register_forward_pre_hook(read), pipe.unet.mid_block.register_forward_hook(add)]
+    try:
+        expected = _pipe_images(pipe, 2, steps=9)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(set(seen)) == 9 and not set(seen) <= set(d.timesteps.tolist())  # steps the direction was not found at
+    with hspace.steer(pipe, [d], [0.8]):
+        steered = _pipe_images(pipe, 2, steps=9)
+    assert float((steered - expected).abs().max()) < 1e-5
+    assert float((steered - _pipe_images(pipe, 2, steps=9)).abs().max()) > 1e-2
+
+
+def test_scales_move_without_rehooking_and_two_directions_add(toyfaces):
+    engine, pipe = toyfaces
+    _with_scheduler(pipe, "DDIMScheduler")
+    a, b = _direction(engine, 2, 2.0), _direction(engine, 3, 2.0)
+    trajectory = engine.sample([4], STEPS, 0.0, progress=False)
+    with hspace.steer(pipe, [a, b], [1.0, 0.0]) as handle:
+        first = _pipe_images(pipe, 4)
+        handle.scales = [0.5, -1.0]
+        moved = _pipe_images(pipe, 4)
+    assert float((first - _pixels(engine.edit(trajectory, [a], [1.0], progress=False).images[0, 0])).abs().max()) < 1e-4
+    assert float((moved - _pixels(engine.edit(trajectory, [a * 0.5 + b * -1.0], [1.0], progress=False).images[0, 0])).abs().max()) < 1e-4
+    with pytest.raises(HspaceError, match="2 scales for 1 directions"):
+        hspace.steer(pipe, a, [1.0, 2.0])
+    with pytest.raises(HspaceError, match="unknown branch 'pos'"):
+        hspace.steer(pipe, a, 1.0, branch="pos")
+    with pytest.raises(HspaceError, match=r"window \(100, 900\) must run from the larger timestep"):
+        hspace.steer(pipe, a, 1.0, window=(100, 900))
+    assert not pipe.unet._forward_pre_hooks  # a refused steer leaves nothing behind
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd") / "sd"
+    pipe = tiny_sd.sd_pipeline(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return folder, pipe
+
+
+@pytest.mark.parametrize("branch", ["both", "cond", "uncond"])
+def test_steer_under_guidance_edits_the_branch_the_engine_edits(sd, branch):
+    folder, pipe = sd
+    engine = Engine.load(str(folder), prompt="a cat", guidance=4.0, guide_edit=branch)
+    d = _direction(engine, 4, 2.0)
+    trajectory = engine.sample([3], STEPS, 0.0, progress=False)
+    expected = _pixels(engine.edit(trajectory, [d], [1.0], progress=False).images[0, 0])
+    with hspace.steer(pipe, d, 1.0, branch=branch):
+        steered = pipe("a cat", num_inference_steps=STEPS, guidance_scale=4.0, eta=0.0, generator=torch.Generator().manual_seed(3),
+                       output_type="pt").images[0]
+    assert float((steered - expected).abs().max()) < 1e-4
+
+
+def test_what_cannot_be_steered_is_refused(sd, toyfaces):
+    _, pipe = sd
+    engine, ddpm = toyfaces
+    with pytest.raises(HspaceError, match=r"h of shape \(128, 8, 8\), but this pipeline's h at 'mid.out' is \(16, 8, 8\)"):
+        with hspace.steer(pipe, _direction(engine), 1.0):
+            pipe("a cat", num_inference_steps=2, guidance_scale=1.0, output_type="latent")
+    assert not pipe.unet._forward_pre_hooks
+    with pytest.raises(HspaceError, match="neither a unet nor a transformer"):
+        hspace.steer(object(), _direction(engine), 1.0)
+    compiled = type(ddpm)(unet=torch.compile(ddpm.unet), scheduler=ddpm.scheduler)
+    with pytest.raises(HspaceError, match="was compiled"):
+        hspace.steer(compiled, _direction(engine), 1.0)
+    carded = _direction(engine)
+    with pytest.raises(HspaceError, match="direction 'd0' has no card"):
+        hspace.steer(ddpm, carded, 1.0, units="effect")
+
+
+def test_record_gets_h_at_the_pipelines_own_timesteps_and_pca_of_it_steers(toyfaces):
+    from hspace.directions.pca import pca
+
+    engine, pipe = toyfaces
+    _with_scheduler(pipe, "DPMSolverMultistepScheduler")
+    with hspace.record(pipe) as recording:
+        for seed in range(3):
+            _pipe_images(pipe, seed, steps=5)
+    assert len(recording.generations) == 3 and recording.h.shape == (3, 5, *engine.h_shape)
+    pipe.scheduler.set_timesteps(5)
+    assert torch.equal(recording.timesteps, pipe.scheduler.timesteps.double())
+    # h of one recorded generation is what a hand-written hook on the mid block sees
+    seen = []
+    handle = pipe.unet.mid_block.register_forward_hook(lambda _m, _a, out: seen.append(out.clone()))
+    try:
+        _pipe_images(pipe, 1, steps=5)
+    finally:
+        handle.remove()
+    assert torch.equal(recording.generations[1].h[0], torch.cat(seen))
+    result = pca(recording, 2)  # directions from my own generations, with the model's identity
+    assert result.directions[0].spec == Engine.from_pipeline(pipe).spec.engine and torch.equal(result.timesteps, recording.timesteps)
+    with hspace.steer(pipe, result.directions[0], 2.0):
+        steered = _pipe_images(pipe, 0, steps=5)
+    assert float((steered - _pipe_images(pipe, 0, steps=5)).abs().max()) > 1e-2
+
+
+@pytest.fixture(scope="module")
+def transformers(tmp_path_factory):
+    import tiny_transformers
+
+    root = tmp_path_factory.mktemp("steer-transformers")
+    pipes = {"dit": tiny_transformers.dit_pipeline(root / "dit"), "sd3": tiny_transformers.sd3_pipeline(root / "sd3"),
+             "pixart": tiny_transformers.pixart_pipeline(root / "pixart"), "flux": tiny_transformers.flux_pipeline(root / "flux")}
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    return root, pipes
+
+
+GUIDED = {"dit": ("1", 4.0), "sd3": ("a cat", 5.0), "pixart": ("a cat", 4.5), "flux": ("a cat", 3.5)}
+
+
+def _transformer_images(pipe, kind, x_T, guidance, steps):
+    from hspace.models import FluxCall
+
+    if kind == "dit":  # DiTPipeline draws x_T from its generator: seed 3 is hspace's seed 3
+        return pipe(class_labels=[1], num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(3),
+                    output_type="pt").images
+    options = {"use_resolution_binning": False, "clean_caption": False} if kind == "pixart" else {}
+    latents = FluxCall.pack(x_T.clone()) if kind == "flux" else x_T.clone()
+    return pipe("a cat", latents=latents, num_inference_steps=steps, guidance_scale=guidance, output_type="pt", **options).images
+
+
+@pytest.mark.parametrize("kind,branch", [("dit", "both"), ("dit", "cond"), ("sd3", "uncond"), ("pixart", "both"), ("flux", "both")])
+def test_steer_in_transformer_pipelines_equals_engine_edit(transformers, kind, branch):
+    """DiT (its null-class rows are the unconditional pass), SD3 (flow matching, guided halves), PixArt and FLUX (it
+    passes t / 1000): the steered pipeline's image is Engine.edit's, within 1e-4."""
+    root, pipes = transformers
+    prompt, guidance = GUIDED[kind]
+    engine = Engine.load(str(root / kind), prompt=prompt, guidance=guidance, **({} if kind == "flux" else {"guide_edit": branch}))
+    steps = 4
+    trajectory = engine.sample([3], steps, 0.0, progress=False)
+    d = _direction(engine, 5, 2.0, steps=steps)
+    expected = _pixels(engine.edit(trajectory, [d], [1.0], progress=False).images[0, 0])
+    plain = _transformer_images(pipes[kind], kind, trajectory.x_T, guidance, steps)[0]
+    with hspace.steer(pipes[kind], d, 1.0, branch=branch):
+        steered = _transformer_images(pipes[kind], kind, trajectory.x_T, guidance, steps)[0]
+    assert float((steered - expected).abs().max()) < 1e-4
+    assert float((steered - plain).abs().max()) > 1e-3
+    assert torch.equal(_transformer_images(pipes[kind], kind, trajectory.x_T, guidance, steps)[0], plain)
+
+
+def test_a_branch_the_pipeline_cannot_split_is_refused(transformers):
+    root, pipes = transformers
+    engine = Engine.load(str(root / "flux"), prompt="a cat", guidance=3.5)
+    d = _direction(engine, 5, 2.0, steps=4)
+    for kind in ("flux", "pixart"):
+        with pytest.raises(HspaceError, match="does not say which rows .* are the unconditional pass; steer both passes"):
+            with hspace.steer(pipes[kind], d if kind == "flux" else _direction(Engine.load(str(root / kind), prompt="a cat"), 5, steps=4),
+                              1.0, branch="cond"):
+                _transformer_images(pipes[kind], kind, torch.randn(1, 4, 16, 16), GUIDED[kind][1], 2)
+
+
+
+def test_a_block_cache_that_would_skip_the_hook_point_is_refused_and_works_once_removed(transformers):
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    root, pipes = transformers
+    pipe = pipes["flux"]
+    engine = Engine.load(str(root / "flux"), prompt="a cat", guidance=3.5)
+    d = _direction(engine, 5, 2.0, steps=4)
+    x_T = engine.sample([3], 4, 0.0, progress=False).x_T
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    try:
+        with pytest.raises(HspaceError, match="has diffusers' hook 'fbc_block_hook', which skips or reuses its blocks"):
+            hspace.steer(pipe, d, 1.0)
+    finally:
+        pipe.transformer.disable_cache()
+    plain = _transformer_images(pipe, "flux", x_T, 3.5, 4)
+    with hspace.steer(pipe, d, 1.0):
+        assert float((_transformer_images(pipe, "flux", x_T, 3.5, 4) - plain).abs().max()) > 1e-3
+
+
+def test_steer_in_a_controlnet_pipeline_equals_a_hand_written_hook(sd):
+    """A ControlNet adds its residuals after the U-Net's mid block: delta-h goes in at the hook point, before them,
+    exactly where a hook written by hand on the mid block puts it."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    folder, sd_pipe = sd
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(sd_pipe.unet, conditioning_embedding_out_channels=(16, 32))
+    pipe = StableDiffusionControlNetPipeline(**sd_pipe.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    engine = Engine.load(str(folder), prompt="a cat", guidance=4.0)
+    d = _direction(engine, 6, 2.0)
+    hint = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+    def images():
+        return pipe("a cat", image=hint, num_inference_steps=STEPS, guidance_scale=4.0, generator=torch.Generator().manual_seed(3),
+                    output_type="pt").images
+
+    plain, seen = images(), []
+    handles = [pipe.unet.register_forward_pre_hook(lambda _m, args: seen.append(float(torch.as_tensor(args[1]).reshape(-1)[0]))),
+               pipe.unet.mid_block.register_forward_hook(lambda _m, _a, out: out + 1.5 * d.at(torch.tensor([seen[-1]], dtype=torch.float64)).delta[0])]
+    try:
+        expected = images()
+    finally:
+        for h in handles:
+            h.remove()
+    with hspace.steer(pipe, d, 1.5):
+        steered = images()
+    assert float((steered - expected).abs().max()) < 1e-5 and float((steered - plain).abs().max()) > 1e-3
+    assert torch.equal(images(), plain)
