@@ -119,6 +119,8 @@ class Edited:
 
     def image(self, direction: int | str, scale: int, sample: int) -> torch.Tensor:
         """One edited image [C, H, W]; ``direction`` by index or name, ``scale`` and ``sample`` by index."""
+        if isinstance(direction, str) and direction not in self.names:
+            raise HspaceError(f"no direction named {direction!r} in this edit; valid: {', '.join(self.names)}")
         d = self.names.index(direction) if isinstance(direction, str) else direction
         return self.images[d, scale, sample]
 

@@ -172,9 +172,11 @@ class Steering(_Hooked):
         if tuple(h.shape[1:]) != shape:
             raise HspaceError(f"the directions have h of shape {shape}, but this pipeline's h at {self.location!r} is {tuple(h.shape[1:])} "
                               "(another image size or another model); find directions at this size")
+        unique, inverse = torch.unique(t[rows], return_inverse=True)  # one timestep per call in every diffusers pipeline
+        deltas = torch.stack([self.delta_at(float(u)) for u in unique]).to(h.device, h.dtype)
         edited = h.clone()
-        for row in torch.nonzero(rows).flatten().tolist():
-            edited[row] = h[row] + self.delta_at(float(t[row])).to(h.device, h.dtype)
+        rows = rows.to(h.device)
+        edited[rows] = h[rows] + deltas[inverse.to(h.device)]
         return edited
 
 
