@@ -82,3 +82,12 @@ def test_sample_takes_interventions_like_run(engine, trajectory):
     replayed = engine.replay(trajectory, interventions=[edit], record_h=True)
     assert torch.equal(edited.x0, replayed.x0) and torch.equal(edited.h, replayed.h)
     assert not torch.equal(edited.x0, trajectory.x0)
+
+
+def test_an_edit_of_fewer_steps_than_the_run_is_a_clear_error(engine, trajectory):
+    from hspace.interventions import LinearEdit
+
+    edit = LinearEdit(torch.zeros(1, 3, *engine.h_shape), torch.ones(len(trajectory), 1))
+    with pytest.raises(HspaceError, match="LinearEdit holds 3 steps, but this run has 6; resample its directions"):
+        engine.run(trajectory.x_T, trajectory.num_steps, 1.0, noise=engine.noise_of(trajectory, torch.arange(len(trajectory))),
+                   interventions=[edit], progress=False)

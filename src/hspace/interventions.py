@@ -129,6 +129,9 @@ class Windowed:
         return bool(self.active[step])
 
     def __call__(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if ctx.step >= len(self.active):
+            raise HspaceError(f"{type(self).__name__} holds {len(self.active)} steps, but this run has {ctx.num_steps}; "
+                              "resample its directions to the run's steps (Direction.at or per_step)")
         return self.apply(h, ctx) if self.active[ctx.step] else h
 
     def apply(self, h: torch.Tensor, ctx: StepContext) -> torch.Tensor:
