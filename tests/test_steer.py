@@ -293,3 +293,87 @@ def test_steer_in_a_controlnet_pipeline_equals_a_hand_written_hook(sd):
         steered = images()
     assert float((steered - expected).abs().max()) < 1e-5 and float((steered - plain).abs().max()) > 1e-3
     assert torch.equal(images(), plain)
+
+
+def _hand_hooked(denoiser, module, delta_of, run):
+    """``run()`` with h at ``module`` moved by ``delta_of(t, h)`` for the t the denoiser was called with: the reference."""
+    seen = []
+
+    def read(_m, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        seen.append(float(torch.as_tensor(t).reshape(-1)[0]))
+
+    def add(_m, _a, out):
+        if isinstance(out, tuple):  # a transformer block: (text tokens, image tokens)
+            return (out[0], out[1] + delta_of(seen[-1], out[1]))
+        return out + delta_of(seen[-1], out)
+
+    handles = [denoiser.register_forward_pre_hook(read, with_kwargs=True), module.register_forward_hook(add)]
+    try:
+        return run()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_directions_of_another_size_are_refused_unless_resized(sd):
+    import torch.nn.functional as F
+
+    folder, pipe = sd
+    engine = Engine.load(str(folder), prompt="a cat", guidance=1.0)
+    d = _direction(engine, 7, 2.0)
+
+    def images():
+        return pipe("a cat", height=64, width=64, num_inference_steps=STEPS, guidance_scale=1.0, generator=torch.Generator().manual_seed(3),
+                    output_type="pt").images
+
+    with pytest.raises(HspaceError, match=r"is \(16, 16, 16\) \(another image size or another model\); .*or resize=True"):
+        with hspace.steer(pipe, d, 1.0):
+            images()
+    grid = lambda t, h: F.interpolate(d.at(torch.tensor([t], dtype=torch.float64)).delta, size=h.shape[2:], mode="bilinear")  # noqa: E731
+    expected = _hand_hooked(pipe.unet, pipe.unet.mid_block, grid, images)
+    with hspace.steer(pipe, d, 1.0, resize=True):
+        resized = images()
+    assert float((resized - expected).abs().max()) < 1e-5 and float((resized - images()).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["sd", "flux"])
+def test_steer_through_a_peft_lora(kind):
+    """A LoRA loaded with PEFT (not fused) stays active: the steered image is a hand-written hook's on the LoRA'd model,
+    and differs from the same steer without the LoRA."""
+    from peft import LoraConfig
+
+    import tiny_transformers
+    from hspace.hooks import grid_to_tokens
+
+    pipe = tiny_sd.sd_pipeline() if kind == "sd" else tiny_transformers.flux_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    denoiser = pipe.unet if kind == "sd" else pipe.transformer
+    module, location = (pipe.unet.mid_block, "mid.out") if kind == "sd" else (denoiser.single_transformer_blocks[0], "single.0")
+    shape = Engine.from_pipeline(pipe, prompt="a cat").sample_shape
+    x_T = torch.randn(1, *shape, generator=torch.Generator().manual_seed(2))
+
+    def images():
+        if kind == "flux":
+            return _transformer_images(pipe, "flux", x_T, 3.5, 4)
+        return pipe("a cat", num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator().manual_seed(3), output_type="pt").images
+
+    with hspace.record(pipe, location, branch="both") as probe:  # h's grid and the pipeline's timesteps, off one call
+        images()
+    d = Direction(torch.randn(4, *probe.h.shape[2:], generator=torch.Generator().manual_seed(8)) * 2, meta={"name": "d"},
+                  spec=probe.spec, timesteps=probe.timesteps)
+    with hspace.steer(pipe, d, 1.0, location=location):
+        without_lora = images()
+    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+
+    def delta(t, h):
+        grid = d.at(torch.tensor([t * (1000 if kind == "flux" else 1)], dtype=torch.float64)).delta  # [1, C, H, W]
+        return grid if h.ndim == 4 else grid_to_tokens(grid)  # FLUX's blocks hand on tokens [1, H*W, C]
+
+    expected = _hand_hooked(denoiser, module, delta, images)
+    with hspace.steer(pipe, d, 1.0, location=location):
+        steered = images()
+    assert float((steered - expected).abs().max()) < 1e-5
+    assert float((steered - without_lora).abs().max()) > 1e-4  # the LoRA acted
+
+

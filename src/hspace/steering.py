@@ -126,7 +126,7 @@ class _Hooked:
 class Steering(_Hooked):
     """The handle of ``steer``: ``.scales`` may be set between calls (a slider), ``.remove()`` ends it."""
 
-    def __init__(self, pipe, directions, scales, window, branch, units, location):
+    def __init__(self, pipe, directions, scales, window, branch, units, location, resize=False):
         directions = [directions] if isinstance(directions, Direction) else list(directions)
         if not directions or not all(isinstance(d, Direction) for d in directions):
             raise HspaceError("steer takes a Direction or a list of them")
@@ -134,7 +134,7 @@ class Steering(_Hooked):
         if len(locations) > 1:
             raise HspaceError(f"the directions were found at different h locations ({', '.join(sorted(locations))}); steer one location at a time")
         super().__init__(pipe, location or next(iter(locations), None), branch)
-        self.directions = directions
+        self.directions, self.resize = directions, bool(resize)
         self.units = [unit_of(d, units) for d in directions]
         self.window = _check_window(window)
         self.scales = scales
@@ -169,11 +169,14 @@ class Steering(_Hooked):
         if not bool(rows.any()) or not any(self._scales):
             return h
         shape = tuple(self.directions[0].h_shape)
-        if tuple(h.shape[1:]) != shape:
+        if tuple(h.shape[1:]) != shape and not (self.resize and len(shape) == 3 and h.shape[1] == shape[0]):
             raise HspaceError(f"the directions have h of shape {shape}, but this pipeline's h at {self.location!r} is {tuple(h.shape[1:])} "
-                              "(another image size or another model); find directions at this size")
+                              "(another image size or another model); find directions at this size"
+                              + (", or resize=True (bilinear on h's grid, an approximation)" if h.ndim == 4 and h.shape[1] == shape[0] else ""))
         unique, inverse = torch.unique(t[rows], return_inverse=True)  # one timestep per call in every diffusers pipeline
         deltas = torch.stack([self.delta_at(float(u)) for u in unique]).to(h.device, h.dtype)
+        if tuple(deltas.shape[1:]) != tuple(h.shape[1:]):  # resize=True: delta-h bilinear on the grid of this image size
+            deltas = torch.nn.functional.interpolate(deltas, size=tuple(h.shape[2:]), mode="bilinear", align_corners=False)
         edited = h.clone()
         rows = rows.to(h.device)
         edited[rows] = h[rows] + deltas[inverse.to(h.device)]
@@ -181,10 +184,11 @@ class Steering(_Hooked):
 
 
 def steer(pipe, directions: Direction | Sequence[Direction], scales: float | Sequence[float] = 1.0, *, window=None,
-          branch: str = "both", units: str = "raw", location: str | None = None) -> Steering:
+          branch: str = "both", units: str = "raw", location: str | None = None, resize: bool = False) -> Steering:
     """Add the directions to h at every call of ``pipe``'s denoiser until the handle is removed (module doc); a context
-    manager: ``with hspace.steer(pipe, smile, 2.0): image = pipe(prompt).images[0]``."""
-    return Steering(pipe, directions, scales, window, branch, units, location)
+    manager: ``with hspace.steer(pipe, smile, 2.0): image = pipe(prompt).images[0]``. ``resize``: apply directions
+    found at another image size, bilinear on h's grid (an approximation; the channels must agree)."""
+    return Steering(pipe, directions, scales, window, branch, units, location, resize)
 
 
 @dataclass
