@@ -377,3 +377,44 @@ def test_steer_through_a_peft_lora(kind):
     assert float((steered - without_lora).abs().max()) > 1e-4  # the LoRA acted
 
 
+
+
+def test_hspace_edit_with_a_sampler_steers_the_direction_into_diffusers_scheduler(tmp_path, capsys):
+    """``hspace edit --sampler ddim`` draws the very PNGs of hspace's own eta-0 loop; another sampler draws others,
+    and its scale 1 differs from its scale 0; what --sampler cannot take is an error before any pass."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from hspace.cli import main
+
+    d = tmp_path / "d.safetensors"
+    assert main(["arith", "--model", "toyfaces", "--steps", "6", "--plus", "0", "--minus", "1", "-o", str(d)]) == 0
+    common = ["edit", "--direction", str(d), "--seeds", "3", "4", "--steps", "6", "--scales", "0", "1.5", "--save-each"]
+    assert main([*common, "--eta", "0", "--out", str(tmp_path / "own")]) == 0
+    assert main([*common, "--sampler", "ddim", "--out", str(tmp_path / "ddim")]) == 0
+    assert main([*common, "--sampler", "dpm++2m", "--karras", "--out", str(tmp_path / "dpm")]) == 0
+    png = lambda folder, name: np.asarray(Image.open(tmp_path / folder / name)).astype(int)  # noqa: E731
+    names = sorted(p.name for p in (tmp_path / "own").glob("seed*.png"))
+    assert len(names) == 4 and all(np.array_equal(png("own", n), png("ddim", n)) for n in names)
+    assert np.abs(png("dpm", "seed3_0_difference_1.5.png") - png("dpm", "seed3_0_difference_0.png")).max() > 10
+    assert np.abs(png("dpm", "seed3_0_difference_0.png") - png("ddim", "seed3_0_difference_0.png")).max() > 0
+    record = json.loads((tmp_path / "dpm" / "edit.json").read_text())
+    assert (record["sampler"], record["karras"], record["directions"][0]["raw_scales"]) == ("dpm++2m", True, [0.0, 1.5])
+    capsys.readouterr()
+    assert main([*common, "--sampler", "ddim", "--karras", "--out", str(tmp_path / "bad")]) == 2
+    assert "--karras takes one of the samplers dpm++2m, euler, unipc; 'ddim' has no Karras sigmas" in capsys.readouterr().err
+    assert main([*common, "--sampler", "euler", "--asyrp", "--out", str(tmp_path / "bad")]) == 2
+    assert "it does not take --asyrp" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_sampler_of_a_text_pipeline_is_its_own_and_ddim_is_hspaces_sample(sd):
+    from hspace.steering import generate
+
+    folder, _ = sd
+    engine = Engine.load(str(folder), prompt="a cat", guidance=4.0)
+    ours = engine.sample([3], STEPS, 0.0, progress=False).images.clamp(-1, 1)  # the pipeline's images are clamped
+    assert float((generate(engine, [3], STEPS, "ddim") - ours).abs().max()) < 2e-4  # [-1, 1]: the pipelines' 1e-4 in [0, 1]
+    assert float((generate(engine, [3], STEPS, "euler-a") - ours).abs().max()) > 1e-3

@@ -255,3 +255,83 @@ def record(pipe, locations: str | None = None, *, branch: str = "cond") -> Recor
         raise HspaceError("record takes one h location (a name such as 'mid.out' or 'block.3') or None for the default")
     return Recording(pipe, locations, branch)
 
+
+
+# diffusers' schedulers by the names ``hspace edit --sampler`` takes, with the options that make them that sampler
+SAMPLERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+KARRAS = ("dpm++2m", "euler", "unipc")  # the samplers whose schedulers take Karras sigmas
+
+
+def scheduler_for(sampler: str, config: dict, karras: bool = False):
+    """The diffusers scheduler of ``sampler`` (``SAMPLERS``) on the model's noise schedule ``config``."""
+    import diffusers
+
+    check_choice("sampler", sampler, SAMPLERS)
+    if karras and sampler not in KARRAS:
+        raise HspaceError(f"--karras takes one of the samplers {', '.join(KARRAS)}; {sampler!r} has no Karras sigmas")
+    name, options = SAMPLERS[sampler]
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    return getattr(diffusers, name).from_config(config, **options, **({"use_karras_sigmas": True} if karras else {}))
+
+
+def generate(engine, seeds: Sequence[int], num_steps: int, sampler: str, *, karras: bool = False) -> torch.Tensor:
+    """Images [B, C, H, W] in [-1, 1] of ``seeds`` drawn with diffusers' ``sampler`` on the engine's model: its own
+    pipeline for a text-to-image model, else the scheduler's loop around the U-Net (with ``scale_model_input``);
+    one seed per call, so sample b is seed b's whatever the others. Directions steered in act (``steer``)."""
+    pipe, own = pipeline_of(engine)
+    scheduler = scheduler_for(sampler, engine.scheduler_config, karras)
+    images = []
+    if own:
+        for seed in seeds:
+            images.append(_scheduler_loop(engine, pipe, scheduler, num_steps, seed))
+        return torch.cat(images)
+    before = pipe.scheduler
+    pipe.scheduler = scheduler
+    try:
+        height, width = engine.model.image_size
+        options = {"guidance_scale": engine.spec.guidance, "num_inference_steps": num_steps, "output_type": "pt", "height": height,
+                   "width": width}
+        if engine.spec.negative_prompt is not None:
+            options["negative_prompt"] = engine.spec.negative_prompt
+        for seed in seeds:
+            out = pipe(engine.spec.prompt, generator=torch.Generator().manual_seed(seed), **options).images
+            images.append(out.to(torch.float32) * 2 - 1)
+    finally:
+        pipe.scheduler = before
+    return torch.cat(images)
+
+
+def pipeline_of(engine):
+    """(pipeline, own loop): the text-to-image pipeline the engine's conditioner wraps, or a ``DDPMPipeline`` holding
+    the U-Net (steer's handle on it) whose loop hspace runs itself."""
+    from diffusers import DDPMPipeline
+
+    pipe = getattr(engine.model.conditioner, "pipeline", None)
+    if pipe is not None:
+        if not hasattr(type(pipe), "encode_prompt"):
+            raise HspaceError(f"--sampler runs text-to-image pipelines and unconditional U-Nets; a {type(pipe).__name__} is neither")
+        return pipe, False
+    if engine.spec.conditional:
+        raise HspaceError(f"--sampler does not run {engine.name!r}'s conditioning yet; leave --sampler out")
+    return DDPMPipeline(unet=engine.denoiser, scheduler=scheduler_for("ddpm", engine.scheduler_config)), True
+
+
+def _scheduler_loop(engine, pipe, scheduler, num_steps: int, seed: int) -> torch.Tensor:
+    import inspect
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((1, *engine.sample_shape), generator=generator).to(engine.device, engine.dtype) * scheduler.init_noise_sigma
+    scheduler.set_timesteps(num_steps)
+    takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = pipe.unet(scheduler.scale_model_input(x, t), t).sample
+            x = scheduler.step(out, t, x, **({"generator": generator} if takes_generator else {})).prev_sample
+    return (engine.decode(x) if engine.decoder is not None else x).float().cpu()

@@ -51,6 +51,10 @@ def _register_edit(sub) -> None:
                         "flips of its attribute or one training-data std, any other in raw units; raw or effect: force one")
     p.add_argument("--save-each", action="store_true", help="also save every edited image on its own")
     p.add_argument("--sequential", action="store_true", help="mode: add the directions one after another (paper Fig. 11), one scale per direction")
+    p.add_argument("--sampler", default=None, choices=("ddim", "ddpm", "dpm++2m", "euler", "euler-a", "unipc"),
+                   help="draw with this diffusers scheduler (the model's pipeline, the directions steered in: hspace.steer) "
+                        "instead of hspace's own DDIM/DDPM loop; --eta is then the scheduler's")
+    p.add_argument("--karras", action="store_true", help="with --sampler dpm++2m, euler or unipc: Karras sigmas")
     p.add_argument("--out", default="out/edits", help="output folder")
     p.set_defaults(func=run_edit)
 
@@ -185,6 +189,8 @@ def run_edit(args) -> None:
     directions = load_directions(args.direction)
     if args.sequential and len(scales) != len(directions):
         raise HspaceError(f"--sequential takes one scale per direction: {len(directions)} directions, {len(scales)} scales")
+    if args.sampler or args.karras:
+        return _sampler_edit(args, directions, scales, window)
     engine, trajectory = edit_source(args)
     if trajectory is None:
         return
@@ -207,6 +213,54 @@ def run_edit(args) -> None:
         entry["calibration"] = calibrations[entry["name"]]
     write_json(Path(args.out) / "edit.json", {"units": args.units, **labels})  # what the grids show, in which units
     print(f"wrote edit grids for {len(trajectory)} samples to {args.out}")
+
+
+def _sampler_edit(args, directions, scales, window) -> None:
+    """``hspace edit --sampler``: every direction at every scale steered into diffusers' sampler, one seed per call."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ..edits import Edit
+    from ..files import write_json
+    from ..steering import pipeline_of, scheduler_for
+
+    if not args.sampler:
+        raise HspaceError("--karras takes a --sampler (dpm++2m, euler or unipc)")
+    given = [flag for flag, on in (("--trajectory", args.trajectory), ("--bank", args.bank), ("--asyrp", args.asyrp),
+                                    ("--sequential", args.sequential), ("--num-processes", (args.num_processes or 1) > 1)) if on]
+    if given:
+        raise HspaceError(f"--sampler draws new samples with the pipeline's scheduler, one process; it does not take {given[0]}")
+    engine = engine_from(args)
+    scheduler_for(args.sampler, engine.scheduler_config, args.karras)  # a bad combination fails before any pass
+    seeds = parse_seeds(args.seeds)
+    edit = Edit(directions, scales, args.units, window)
+    for direction in directions:
+        engine.check_direction(direction, args.steps)
+    print(edit.describe())
+    raw = edit.raw_scales(args.steps)  # [D, S]
+    pipe, branch = pipeline_of(engine)[0], engine.spec.guide_edit or "both"
+    images = torch.stack([torch.stack([_steered(engine, pipe, d, float(raw[i, j]), window, branch, seeds, args) for j in range(len(scales))])
+                          for i, d in enumerate(directions)])
+    _save_edit_grids(images, SimpleNamespace(seeds=seeds), directions, scales, Path(args.out), args.save_each)
+    write_json(Path(args.out) / "edit.json", {"units": args.units, "sampler": args.sampler, "karras": args.karras,
+                                              **edit_labels(edit, args.steps, seeds)})
+    print(f"wrote edit grids for {len(seeds)} samples to {args.out} ({args.sampler}{', Karras sigmas' if args.karras else ''})")
+
+
+def _steered(engine, pipe, direction, raw_scale, window, branch, seeds, args):
+    from ..steering import generate, steer
+
+    with steer(pipe, direction, raw_scale, window=window, branch=branch):
+        return generate(engine, seeds, args.steps, args.sampler, karras=args.karras)
+
+
+def edit_labels(edit, num_steps: int, seeds) -> dict:
+    """What the grids of ``edit`` show (``Edited.to_dict``'s layout) without an ``Edited``."""
+    raw = edit.raw_scales(num_steps)
+    return {"scales": list(edit.scales), "seeds": list(seeds), "prompts": None,
+            "directions": [{"name": d.name, "units": u, "raw_scales": raw[i].tolist(), "calibration": d.meta.get("calibration")}
+                           for i, (d, u) in enumerate(zip(edit.directions, edit.unit_names()))]}
 
 
 def _save_edit_grids(images, trajectory, directions, scales, out: Path, save_each: bool) -> None:
