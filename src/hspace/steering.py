@@ -71,6 +71,18 @@ def _check_window(window) -> tuple[float, float] | None:
     return high, low
 
 
+def _batch(denoiser, args: tuple, kwargs: dict) -> int:
+    """Rows of one call: the length of its first argument (``sample`` or ``hidden_states``), given by position or name."""
+    import inspect
+
+    if args:
+        return len(args[0])
+    first = next(iter(inspect.signature(denoiser.forward).parameters))
+    if first in kwargs:
+        return len(kwargs[first])
+    return len(next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+
+
 @dataclass
 class _Call:
     """What the pre-hook read off the current call of the denoiser."""
@@ -93,7 +105,7 @@ class _Hooked:
 
     def _attach(self) -> None:
         def read(_module, args, kwargs):
-            batch = len(args[0]) if args else len(next(v for v in kwargs.values() if isinstance(v, torch.Tensor)))
+            batch = _batch(self.denoiser, args, kwargs)
             uncond = None if self.branch == "both" else self.call.unconditional_rows(self.pipe, self.denoiser, kwargs, batch)
             self.current = _Call(self.call.pipeline_timestep(self.denoiser, args, kwargs, batch), uncond)
 
