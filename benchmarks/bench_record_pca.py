@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 
 import torch
+from common import toyfaces_pipeline
 
 
 def main() -> int:
-    from diffusers import DDPMPipeline, DPMSolverMultistepScheduler
-
     import hspace
-    from hspace import Engine
     from hspace.directions.pca import pca
     from hspace.toyfaces.classifier import classify
     from hspace.toyfaces.render import ATTRIBUTES, BINARY
@@ -32,9 +30,7 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=3.0)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    engine = Engine.load("toyfaces")
-    pipe = DDPMPipeline(unet=engine.unet, scheduler=DPMSolverMultistepScheduler.from_config(engine.scheduler_config))
-    pipe.set_progress_bar_config(disable=True)
+    engine, pipe = toyfaces_pipeline("DPMSolverMultistepScheduler")
 
     def draw(seed: int, batch: int) -> torch.Tensor:
         out = pipe(batch_size=batch, generator=torch.Generator().manual_seed(seed), num_inference_steps=args.steps, output_type="np").images

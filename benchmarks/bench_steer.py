@@ -11,22 +11,19 @@ import statistics
 import time
 
 import torch
+from common import toyfaces_pipeline
 
 
 def main() -> int:
-    from diffusers import DDIMScheduler, DDPMPipeline
-
     import hspace
-    from hspace import Direction, Engine
+    from hspace import Direction
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    engine = Engine.load("toyfaces")
-    pipe = DDPMPipeline(unet=engine.unet, scheduler=DDIMScheduler.from_config(engine.scheduler_config))
-    pipe.set_progress_bar_config(disable=True)
+    engine, pipe = toyfaces_pipeline("DDIMScheduler")
     delta = torch.randn(50, *engine.h_shape, generator=torch.Generator().manual_seed(0))
     direction = Direction(delta, meta={"name": "random"}, spec=engine.spec, timesteps=engine.schedule(50).timesteps)
 

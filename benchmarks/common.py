@@ -64,3 +64,14 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int, device) -> dic
             sync(device)
             times[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def toyfaces_pipeline(scheduler: str):
+    """The bundled toy faces as a diffusers ``DDPMPipeline`` with the scheduler class ``scheduler`` (a user's own
+    pipeline, for hspace.steer), and its engine."""
+    import diffusers
+
+    engine = Engine.load("toyfaces")
+    pipe = diffusers.DDPMPipeline(unet=engine.unet, scheduler=getattr(diffusers, scheduler).from_config(engine.scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    return engine, pipe
