@@ -418,3 +418,29 @@ def test_the_sampler_of_a_text_pipeline_is_its_own_and_ddim_is_hspaces_sample(sd
     ours = engine.sample([3], STEPS, 0.0, progress=False).images.clamp(-1, 1)  # the pipeline's images are clamped
     assert float((generate(engine, [3], STEPS, "ddim") - ours).abs().max()) < 2e-4  # [-1, 1]: the pipelines' 1e-4 in [0, 1]
     assert float((generate(engine, [3], STEPS, "euler-a") - ours).abs().max()) > 1e-3
+
+
+def test_a_second_order_scheduler_calls_twice_a_step_and_each_call_is_steered_at_its_own_t(toyfaces):
+    """Heun evaluates the denoiser twice per step, the second time at the next step's t: every call gets the
+    direction resampled to the t it was called with (the reference hook reads it per call, as steer does)."""
+    from diffusers import HeunDiscreteScheduler
+
+    engine, pipe = toyfaces
+    d = _direction(engine, 9, 3.0)
+
+    def heun_loop():
+        scheduler = HeunDiscreteScheduler.from_config(engine.scheduler_config)
+        scheduler.set_timesteps(5)
+        x = torch.randn(1, *engine.sample_shape, generator=torch.Generator().manual_seed(6)) * scheduler.init_noise_sigma
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.step(pipe.unet(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
+        return x
+
+    seen = []
+    expected = _hand_hooked(pipe.unet, pipe.unet.mid_block, lambda t, h: seen.append(t) or 2.0 * d.at(torch.tensor([t], dtype=torch.float64)).delta,
+                            heun_loop)
+    assert len(seen) == 9 and len(set(seen)) == 5  # 5 steps: 1 + 2 x 4 calls, at 5 distinct timesteps
+    with hspace.steer(pipe, d, 2.0):
+        steered = heun_loop()
+    assert float((steered - expected).abs().max()) < 1e-5 and float((steered - heun_loop()).abs().max()) > 1e-2
