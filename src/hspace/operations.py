@@ -13,7 +13,7 @@ from .directions.direction import Direction
 from .errors import HspaceError
 from .interventions import LinearEdit, Record, Replace
 from .trajectory import Trajectory, check_seeds, seeded_noise, seeded_x_T
-from .validate import check_batch_size, check_scales
+from .validate import check_batch_size, check_scales, check_window
 
 if TYPE_CHECKING:
     from .edits import Edit, Edited
@@ -158,12 +158,7 @@ class TrajectoryOperations:
         timesteps = self.schedule(num_steps).timesteps
         if window is None:
             return torch.ones(num_steps, dtype=torch.bool)
-        try:
-            start, end = (float(w) for w in window)
-        except (TypeError, ValueError):
-            raise HspaceError(f"window must be (t_start, t_end), two numbers, got {window!r}") from None
-        if start < end:
-            raise HspaceError(f"window ({start:g}, {end:g}) must run from the larger timestep to the smaller")
+        start, end = check_window(window)
         active = (timesteps <= start) & (timesteps >= end)
         if not active.any():
             raise HspaceError(

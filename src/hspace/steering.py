@@ -22,7 +22,7 @@ caching hooks (first-block cache, FasterCache, PAB) and group offloading are ref
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -30,7 +30,7 @@ import torch
 from .directions.direction import Direction
 from .edits import unit_of
 from .errors import HspaceError
-from .validate import check_choice, check_scales
+from .validate import check_choice, check_scales, check_window
 
 __all__ = ["steer", "record", "Steering", "Recording"]
 
@@ -60,15 +60,11 @@ def _denoiser_and_call(pipe):
 
 
 def _check_window(window) -> tuple[float, float] | None:
-    if window is None:
-        return None
-    try:
-        high, low = (float(w) for w in window)
-    except (TypeError, ValueError):
-        raise HspaceError(f"window must be (t_hi, t_lo), two timesteps from 0 to 1000, got {window!r}") from None
-    if not (0 <= low <= high <= 1000):
-        raise HspaceError(f"window ({high:g}, {low:g}) must run from the larger timestep to the smaller, within 0-1000")
-    return high, low
+    """``validate.check_window``, within hspace's 0-1000 timesteps (a pipeline's are never outside)."""
+    window = check_window(window)
+    if window is not None and not (0 <= window[1] <= window[0] <= 1000):
+        raise HspaceError(f"window ({window[0]:g}, {window[1]:g}) must lie within the timesteps 0-1000")
+    return window
 
 
 def _batch(denoiser, args: tuple, kwargs: dict) -> int:
@@ -209,7 +205,6 @@ class Generation:
 
     h: torch.Tensor
     timesteps: torch.Tensor
-    calls: list = field(default_factory=list)
 
 
 class Recording(_Hooked):
@@ -244,20 +239,23 @@ class Recording(_Hooked):
     def generations(self) -> list[Generation]:
         return [Generation(torch.stack([h for _, h in call], dim=1), torch.stack([t for t, _ in call])) for call in self._calls]
 
-    @property
-    def timesteps(self) -> torch.Tensor:
+    def _alike(self) -> list[Generation]:
+        """The generations, which must have visited the same timesteps."""
         gens = self.generations
         if not gens:
             raise HspaceError("nothing was recorded: call the pipeline inside the record block")
         if any(not torch.equal(g.timesteps, gens[0].timesteps) for g in gens):
             raise HspaceError("the recorded generations visited different timesteps; read them one by one (.generations)")
-        return gens[0].timesteps
+        return gens
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self._alike()[0].timesteps
 
     @property
     def h(self) -> torch.Tensor:
         """[N, T, *h_shape] of every sample of every generation (the conditional rows by default)."""
-        self.timesteps  # noqa: B018 - the same steps everywhere, or a clear error
-        return torch.cat([g.h for g in self.generations])
+        return torch.cat([g.h for g in self._alike()])
 
 
 def record(pipe, locations: str | None = None, *, branch: str = "cond") -> Recording:
@@ -266,7 +264,6 @@ def record(pipe, locations: str | None = None, *, branch: str = "cond") -> Recor
     if not isinstance(locations, (str, type(None))):
         raise HspaceError("record takes one h location (a name such as 'mid.out' or 'block.3') or None for the default")
     return Recording(pipe, locations, branch)
-
 
 
 # diffusers' schedulers by the names ``hspace edit --sampler`` takes, with the options that make them that sampler

@@ -11,7 +11,7 @@ import torch
 
 from .errors import HspaceError, check_choice
 
-__all__ = ["FLOAT32_MAX", "check_batch_size", "check_choice", "check_int", "check_scales", "is_int"]
+__all__ = ["FLOAT32_MAX", "check_batch_size", "check_choice", "check_int", "check_scales", "check_window", "is_int"]
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -30,6 +30,19 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None,
         valid = ("an integer" if low is None else "a positive integer" if low == 1 and high is None else f"an integer >= {low}"
                  if high is None else f"an integer from {low} to {high}")
     raise HspaceError(f"{name} must be {valid}, got {value!r}")
+
+
+def check_window(window) -> tuple[float, float] | None:
+    """A timestep window (t_start, t_end) with t_start >= t_end, as two floats; None stays None (every step)."""
+    if window is None:
+        return None
+    try:
+        start, end = (float(w) for w in window)
+    except (TypeError, ValueError):
+        raise HspaceError(f"window must be (t_start, t_end), two numbers, got {window!r}") from None
+    if start < end:
+        raise HspaceError(f"window ({start:g}, {end:g}) must run from the larger timestep to the smaller")
+    return start, end
 
 
 def check_scales(scales) -> list[float]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import HspaceError
 from ..files import safe_name, save_image, unique_names
+from ..steering import KARRAS, SAMPLERS
 from .common import (
     add_model_args, add_process_args, add_processes_arg, card_scoring, engine_from, engine_of_spec, eps_pass, nonnegative_int, parse_eta,
     parse_scales, positive_int, parse_seeds, parse_window, processes_of, prompts_of, saved_trajectory,
@@ -51,10 +52,10 @@ def _register_edit(sub) -> None:
                         "flips of its attribute or one training-data std, any other in raw units; raw or effect: force one")
     p.add_argument("--save-each", action="store_true", help="also save every edited image on its own")
     p.add_argument("--sequential", action="store_true", help="mode: add the directions one after another (paper Fig. 11), one scale per direction")
-    p.add_argument("--sampler", default=None, choices=("ddim", "ddpm", "dpm++2m", "euler", "euler-a", "unipc"),
+    p.add_argument("--sampler", default=None, choices=tuple(SAMPLERS),
                    help="draw with this diffusers scheduler (the model's pipeline, the directions steered in: hspace.steer) "
                         "instead of hspace's own DDIM/DDPM loop; --eta is then the scheduler's")
-    p.add_argument("--karras", action="store_true", help="with --sampler dpm++2m, euler or unipc: Karras sigmas")
+    p.add_argument("--karras", action="store_true", help=f"with --sampler {', '.join(KARRAS)}: Karras sigmas")
     p.add_argument("--out", default="out/edits", help="output folder")
     p.set_defaults(func=run_edit)
 
@@ -205,14 +206,19 @@ def run_edit(args) -> None:
         return _sequential_edit(engine, trajectory, directions, raw, window, args)
     edited = engine.edit(trajectory, edit, batch_size=args.batch_size)
     _save_edit_grids(edited.images, trajectory, directions, scales, Path(args.out), args.save_each)
+    _write_edit_record(edited, directions, args)
+    print(f"wrote edit grids for {len(trajectory)} samples to {args.out}")
+
+
+def _write_edit_record(edited, directions, args, **extra) -> None:
+    """``edit.json`` beside the grids: what they show, in which units, each direction's calibration."""
     from ..files import write_json
 
     calibrations = {d.name: d.meta.get("calibration") for d in directions}
     labels = edited.to_dict()
     for entry in labels["directions"]:
         entry["calibration"] = calibrations[entry["name"]]
-    write_json(Path(args.out) / "edit.json", {"units": args.units, **labels})  # what the grids show, in which units
-    print(f"wrote edit grids for {len(trajectory)} samples to {args.out}")
+    write_json(Path(args.out) / "edit.json", {"units": args.units, **extra, **labels})
 
 
 def _sampler_edit(args, directions, scales, window) -> None:
@@ -221,8 +227,7 @@ def _sampler_edit(args, directions, scales, window) -> None:
 
     import torch
 
-    from ..edits import Edit
-    from ..files import write_json
+    from ..edits import Edit, Edited
     from ..steering import pipeline_of, scheduler_for
 
     if not args.sampler:
@@ -243,8 +248,8 @@ def _sampler_edit(args, directions, scales, window) -> None:
     images = torch.stack([torch.stack([_steered(engine, pipe, d, float(raw[i, j]), window, branch, seeds, args) for j in range(len(scales))])
                           for i, d in enumerate(directions)])
     _save_edit_grids(images, SimpleNamespace(seeds=seeds), directions, scales, Path(args.out), args.save_each)
-    write_json(Path(args.out) / "edit.json", {"units": args.units, "sampler": args.sampler, "karras": args.karras,
-                                              **edit_labels(edit, args.steps, seeds)})
+    edited = Edited(images, edit.names, list(scales), raw.tolist(), edit.unit_names(), list(seeds))
+    _write_edit_record(edited, directions, args, sampler=args.sampler, karras=args.karras)
     print(f"wrote edit grids for {len(seeds)} samples to {args.out} ({args.sampler}{', Karras sigmas' if args.karras else ''})")
 
 
@@ -253,14 +258,6 @@ def _steered(engine, pipe, direction, raw_scale, window, branch, seeds, args):
 
     with steer(pipe, direction, raw_scale, window=window, branch=branch):
         return generate(engine, seeds, args.steps, args.sampler, karras=args.karras)
-
-
-def edit_labels(edit, num_steps: int, seeds) -> dict:
-    """What the grids of ``edit`` show (``Edited.to_dict``'s layout) without an ``Edited``."""
-    raw = edit.raw_scales(num_steps)
-    return {"scales": list(edit.scales), "seeds": list(seeds), "prompts": None,
-            "directions": [{"name": d.name, "units": u, "raw_scales": raw[i].tolist(), "calibration": d.meta.get("calibration")}
-                           for i, (d, u) in enumerate(zip(edit.directions, edit.unit_names()))]}
 
 
 def _save_edit_grids(images, trajectory, directions, scales, out: Path, save_each: bool) -> None:

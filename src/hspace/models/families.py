@@ -86,8 +86,7 @@ class DenoiserCall:
     # Calls from a user's own pipeline (``steering.py``): what hspace's t is, and which rows are the guidance's
     # unconditional pass, read off the bare denoiser's arguments.
     timestep_scale = 1.0  # the pipeline's ``timestep`` argument times this is hspace's t (0-1000)
-    # where a guided call puts its unconditional rows: "first" half, "labels" (DiT's null class), None: not knowable
-    guidance_layout: str | None = "first"
+    guidance_halves = True  # a guided call is [unconditional, conditional] halves (False: the rows cannot be told apart)
 
     @classmethod
     def pipeline_timestep(cls, denoiser: nn.Module, args: tuple, kwargs: dict, batch: int) -> torch.Tensor:
@@ -107,7 +106,7 @@ class DenoiserCall:
     def unconditional_rows(cls, pipeline, denoiser: nn.Module, kwargs: dict, batch: int) -> torch.Tensor | None:
         """[batch] bool: the rows of this call that are the guidance's unconditional pass (None: an unguided call);
         an error where the pipeline's layout cannot be told apart."""
-        if cls.guidance_layout is None or not hasattr(pipeline, "do_classifier_free_guidance"):
+        if not cls.guidance_halves or not hasattr(pipeline, "do_classifier_free_guidance"):
             raise HspaceError(f"a {type(pipeline).__name__} does not say which rows of its {type(denoiser).__name__}'s call are the "
                               "unconditional pass; steer both passes (branch='both')")
         if not pipeline.do_classifier_free_guidance:
@@ -296,7 +295,7 @@ class FluxCall(TransformerCall):
 
     family = "FLUX"
     timestep_scale = 1000.0  # FluxPipeline passes t / 1000
-    guidance_layout = None  # embedded guidance is one pass; true CFG calls the transformer twice, alike
+    guidance_halves = False  # embedded guidance is one pass; true CFG calls the transformer twice, alike
     kinds = {"joint": "transformer_blocks", "single": "single_transformer_blocks"}
     image_tokens = 1  # both block kinds return (text tokens, image tokens)
     grid_of = staticmethod(position_grid)
