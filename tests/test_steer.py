@@ -148,7 +148,7 @@ def test_what_cannot_be_steered_is_refused(sd, toyfaces):
     _, pipe = sd
     engine, ddpm = toyfaces
     with pytest.raises(HspaceError, match=r"h of shape \(128, 8, 8\), but this pipeline's h at 'mid.out' is \(16, 8, 8\)"):
-        with hspace.steer(pipe, _direction(engine), 1.0):
+        with hspace.steer(pipe, _direction(engine), 1.0, check=False):
             pipe("a cat", num_inference_steps=2, guidance_scale=1.0, output_type="latent")
     assert not pipe.unet._forward_pre_hooks
     with pytest.raises(HspaceError, match="neither a unet nor a transformer"):
@@ -159,6 +159,112 @@ def test_what_cannot_be_steered_is_refused(sd, toyfaces):
     carded = _direction(engine)
     with pytest.raises(HspaceError, match="direction 'd0' has no card"):
         hspace.steer(ddpm, carded, 1.0, units="effect")
+
+
+def test_a_direction_is_checked_against_the_denoisers_weights_not_its_scheduler_or_folder(sd, tmp_path, caplog):
+    """The identity steer compares is the denoiser's (architecture and weights): the folder hspace loaded and the same
+    weights in a pipeline of another scheduler and in float16 agree; a fused LoRA (weights changed) and another model
+    are refused with both fingerprints, unless check says otherwise; a LoRA loaded but not fused is said once."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from peft import LoraConfig
+
+    folder, _ = sd
+    engine = Engine.load(str(folder), prompt="a cat", guidance=1.0)
+    d = _direction(engine, 9, 2.0)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    run = lambda: pipe("a cat", num_inference_steps=3, guidance_scale=1.0, output_type="latent").images  # noqa: E731
+    with hspace.steer(pipe, d, 1.0):  # another scheduler, another loading of the folder: the same denoiser
+        run()
+    pipe.unet.to(torch.float16)
+    with hspace.steer(pipe, d, 1.0):  # weights hashed at float16: the float32 model's direction is its own
+        pass
+    pipe.unet.to(torch.float32)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k"], init_lora_weights=False))
+    with caplog.at_level("WARNING", logger="hspace.steering"), hspace.steer(pipe, d, 1.0):
+        run()
+    assert "LoRA loaded but not fused" in caplog.text
+    pipe.unet.fuse_lora()
+    with pytest.raises(HspaceError, match=r"direction 'd9' was found on another denoiser: its weights differ \(fingerprint \w+:\w+ .* vs "
+                                          r"this pipeline's UNet2DConditionModel \w+:\w+\).*check='architecture'"):
+        hspace.steer(pipe, d, 1.0)
+    assert not pipe.unet._forward_pre_hooks
+    with hspace.steer(pipe, d, 1.0, check="architecture"):
+        run()
+    other = tiny_sd.sd_pipeline(seed=1)  # the same architecture, other weights
+    for check, message in ((True, "its weights differ"), ("architecture", None), (False, None)):
+        if message:
+            with pytest.raises(HspaceError, match=message):
+                hspace.steer(other, d, 1.0, check=check)
+        else:
+            hspace.steer(other, d, 1.0, check=check).remove()
+    with pytest.raises(HspaceError, match="its architecture differ.*check=False steers it anyway"):
+        hspace.steer(tiny_sd.sdxl_pipeline(), d, 1.0, check="architecture")
+    with pytest.raises(HspaceError, match=r"check must be True .* got 'weights'"):
+        hspace.steer(other, d, 1.0, check="weights")
+
+
+def test_steer_in_sdxl_equals_engine_edit_and_in_img2img_a_hand_written_hook(tmp_path, sd):
+    """SDXL (two text encoders, added time conditioning, guided halves) under its DDIM is Engine.edit's image; the
+    img2img variant of SD (starts part-way, at its own strength) is a hand-written hook's."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    folder = tmp_path / "sdxl"
+    pipe = tiny_sd.sdxl_pipeline(folder)
+    engine = Engine.load(str(folder), prompt="a cat", guidance=5.0, guide_edit="cond")
+    trajectory = engine.sample([3], STEPS, 0.0, progress=False)
+    d = _direction(engine, 10, 2.0)
+    expected = _pixels(engine.edit(trajectory, [d], [1.0], progress=False).images[0, 0])
+    run = lambda: pipe("a cat", num_inference_steps=STEPS, guidance_scale=5.0, generator=torch.Generator().manual_seed(3),  # noqa: E731
+                       output_type="pt").images[0]
+    plain = run()
+    with hspace.steer(pipe, d, 1.0, branch="cond"):
+        steered = run()
+    assert float((steered - expected).abs().max()) < 1e-4 and float((steered - plain).abs().max()) > 1e-3
+
+    folder, sd_pipe = sd
+    img2img = StableDiffusionImg2ImgPipeline(**sd_pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    d = _direction(Engine.load(str(folder), prompt="a cat", guidance=4.0), 11, 2.0)
+    start = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    run = lambda: img2img("a cat", image=start, strength=0.6, num_inference_steps=10, guidance_scale=4.0,  # noqa: E731
+                          generator=torch.Generator().manual_seed(3), output_type="pt").images
+    delta = lambda t, h: d.at(torch.tensor([t], dtype=torch.float64)).delta[0]  # noqa: E731
+    expected = _hand_hooked(img2img.unet, img2img.unet.mid_block, delta, run)
+    with hspace.steer(img2img, d, 1.0):
+        steered = run()
+    assert float((steered - expected).abs().max()) < 1e-5 and float((steered - run()).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("offload", ["block_level", "leaf_level", "meta"])
+def test_an_offloaded_denoiser_steers_as_the_plain_one(offload):
+    """Group offloading (diffusers' hooks move blocks on and off the device around each call) keeps the hook point
+    running: the steered image equals the one without offloading. Weights on the meta device (what sequential offload
+    leaves in the module) have no fingerprint: check=True says so, check='architecture' compares the shapes."""
+    from diffusers.hooks import apply_group_offloading
+
+    pipe = tiny_sd.sd_pipeline()
+    engine = Engine.from_pipeline(pipe, prompt="a cat", guidance=4.0)
+    d = _direction(engine, 12, 2.0)
+    if offload == "meta":
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(pipe.unet.config)
+        meta_pipe = type(pipe)(**{**pipe.components, "unet": unet})
+        with pytest.raises(HspaceError, match="offloaded to the meta device .* check='architecture'"):
+            hspace.steer(meta_pipe, d, 1.0)
+        hspace.steer(meta_pipe, d, 1.0, check="architecture").remove()
+        return
+    run = lambda: pipe("a cat", num_inference_steps=4, guidance_scale=4.0, generator=torch.Generator().manual_seed(3), output_type="pt").images  # noqa: E731
+    with hspace.steer(pipe, d, 1.0):
+        expected = run()
+    apply_group_offloading(pipe.unet, onload_device=torch.device("cpu"), offload_device=torch.device("cpu"), offload_type=offload,
+                           num_blocks_per_group=1)
+    with hspace.steer(pipe, d, 1.0):
+        steered = run()
+    assert torch.equal(steered, expected) and float((steered - run()).abs().max()) > 1e-3
 
 
 def test_record_gets_h_at_the_pipelines_own_timesteps_and_pca_of_it_steers(toyfaces):

@@ -18,6 +18,7 @@ import torch
 from .diffusion import Schedule, eta_schedule, process_note, spacing_of
 from .directions.direction import Direction
 from .errors import HspaceError, check_choice
+from .fingerprint import denoiser_fingerprint
 from .interventions import StepContext, edits_at
 from .loading import (
     DEFAULT_MODEL,
@@ -87,7 +88,7 @@ class Engine(TrajectoryOperations):
         self.spec = Spec(
             components.name, h_location, str(dtype).replace("torch.", ""), clip_sample, **condition,
             fingerprint=components.content_fingerprint(), spacing=spacing_of(components.scheduler_config), autocast=self.speed.autocast,
-            size=_size(height, width),
+            size=_size(height, width), denoiser=denoiser_fingerprint(components.unet),
         )
         self.components = components
         self.device = resolve_device(device)

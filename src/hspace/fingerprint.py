@@ -107,3 +107,49 @@ def modules_fingerprint(modules: Iterable[torch.nn.Module | None], config: dict 
             digest.update(f"{index}.{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return "sha256:" + digest.hexdigest()[:LENGTH]
+
+
+# The denoiser's own identity, by its weights alone (``Spec.denoiser``): what ``steer`` compares, so that a direction
+# found with hspace's loop applies in the user's pipeline whatever its scheduler, folder or text encoders.
+LORA_KEYS = ("lora_", "lora_magnitude_vector")  # PEFT's adapter tensors (an adapter loaded but not fused)
+
+
+def _base_weights(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The denoiser's state dict without PEFT's adapter tensors (``base_layer.`` named as the plain layer) and
+    without ``torch.compile``'s ``_orig_mod.`` prefix, sorted by name."""
+    weights = []
+    for name, tensor in module.state_dict().items():
+        if any(key in name for key in LORA_KEYS):
+            continue
+        weights.append((name.replace("_orig_mod.", "").replace(".base_layer.", "."), tensor))
+    return sorted(weights, key=lambda item: item[0])
+
+
+def has_unfused_lora(module: torch.nn.Module) -> bool:
+    return any(any(key in name for key in LORA_KEYS) for name in module.state_dict())
+
+
+def denoiser_fingerprint(module: torch.nn.Module) -> str:
+    """``ARCH:WEIGHTS``: a digest of the denoiser's class, config and tensor names and shapes (its architecture), and
+    one of its weights. Floating weights are hashed as float16, so one model loaded in float32 or float16 is one model
+    (in bfloat16 it rounds differently: another, unless the user asks for ``check="architecture"``). PEFT adapters
+    not fused are left out (the base model's identity); a fused LoRA changes the weights. Hashed on every call, not
+    cached: a LoRA fuses in place through ``.data``, which no version counter sees (about a second for SD 1.5).
+    Weights on the meta device (sequential offload) have no content here: ``ARCH:offloaded``."""
+    weights = _base_weights(module)
+    inner = getattr(module, "_orig_mod", module)
+    config = dict(getattr(inner, "config", {}) or {})
+    architecture = hashlib.sha256(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True, default=str).encode())
+    architecture.update(type(inner).__name__.encode())
+    content = hashlib.sha256()
+    offloaded = any(t.is_meta for _, t in weights)
+    for name, tensor in weights:
+        architecture.update(f"{name}:{tuple(tensor.shape)}\n".encode())
+        if offloaded:
+            continue
+        tensor = tensor.detach()
+        if tensor.is_floating_point():
+            tensor = tensor.to(torch.float16)
+        content.update(f"{name}\n".encode())
+        content.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"{architecture.hexdigest()[:16]}:{'offloaded' if offloaded else content.hexdigest()[:LENGTH]}"

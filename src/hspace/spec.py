@@ -28,6 +28,9 @@ The fields, and what a mismatch means (``MUST_MATCH``):
 - A direction needs only the model and h location (it is a vector in h-space; it applies under any
   prompt, as the paper's directions transfer between samples). A direction made without any engine has
   the explicit spec ``FREE``: it applies to any engine whose h has its shape.
+- ``denoiser`` is the denoiser's own identity, ``ARCH:WEIGHTS`` (``fingerprint.denoiser_fingerprint``): implied by
+  ``fingerprint`` and compared by no reader here; ``steer`` compares it with the denoiser of a user's pipeline, whose
+  folder, scheduler and text encoders may differ from hspace's loading of the same model.
 
 Conditioning (None for an unconditional model): ``prompt`` (a conditional model's default is ""),
 ``negative_prompt`` (None: the pipeline's own default, e.g. SDXL's zeros), ``guidance`` (the
@@ -64,6 +67,7 @@ MUST_MATCH = {
     "exact": ("model", "h_location", "dtype", "clip_sample", *CONDITION_FIELDS, "spacing", "autocast", "size", *PROCESS_FIELDS),  # extending a bank
     "direction": ("model", "h_location"),
 }
+NON_EMPTY = ("fingerprint", "spacing", "denoiser")
 FREE = "free"  # the spec of a direction made without an engine: it applies to any engine whose h has its shape
 _warned: set[str] = set()
 
@@ -86,6 +90,7 @@ class Spec:
     num_steps: int | None = None
     eta: tuple[float, ...] | None = None
     size: tuple[int, int] | None = None  # (height, width) of the images in pixels; None: the model's default
+    denoiser: str | None = None  # the denoiser's own architecture and weights (fingerprint.denoiser_fingerprint); informational
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -95,10 +100,10 @@ class Spec:
             raise HspaceError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPE_NAMES)}")
         if self.clip_sample is not None and not isinstance(self.clip_sample, bool):
             raise HspaceError(f"clip_sample must be True, False or None (the model's setting), got {self.clip_sample!r}")
-        for name in ("prompt", "negative_prompt", "fingerprint", "spacing"):
+        for name in ("prompt", "negative_prompt", "fingerprint", "spacing", "denoiser"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or (name in ("fingerprint", "spacing") and not value)):
-                raise HspaceError(f"{name} must be a{' non-empty' if name in ('fingerprint', 'spacing') else ''} string, got {value!r}")
+            if value is not None and (not isinstance(value, str) or (name in NON_EMPTY and not value)):
+                raise HspaceError(f"{name} must be a{' non-empty' if name in NON_EMPTY else ''} string, got {value!r}")
         if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
             raise HspaceError(f"unknown autocast dtype {self.autocast!r}; valid: {', '.join(AUTOCAST_DTYPES)} (or None: off)")
         if self.size is not None:
@@ -175,6 +180,8 @@ class Spec:
             del data["size"]  # (a spec of the default size reads as before sizes existed: banks keep their fingerprint)
         else:
             data["size"] = list(data["size"])
+        if data["denoiser"] is None:
+            del data["denoiser"]
         return data
 
     def to_json(self) -> str:
@@ -184,6 +191,7 @@ class Spec:
         """The fields that identify the process, without where the model was found (``model``) when the
         fingerprint identifies it: equal for a copy of the model at another path."""
         data = self.to_dict()
+        data.pop("denoiser", None)  # implied by the fingerprint (and absent from artefacts made before it)
         if self.fingerprint is not None:
             data.pop("model")
         return data

@@ -16,14 +16,24 @@ denoiser twice a step), its LoRAs and ControlNets, its ``pipe(...)`` call. Two h
 the one rule of ``edits.py`` (a carded direction moves in its effect unit under "auto"). Leaving the ``with`` block
 (or ``handle.remove()``) removes every hook, also after an exception: the pipeline is exactly as before.
 
-Not yet: the model's fingerprint is not compared with the direction's (its h location and shape are); diffusers'
-caching hooks (first-block cache, FasterCache, PAB) and group offloading are refused, not supported.
+Identity: a direction carries its denoiser's fingerprint (``Spec.denoiser``: architecture and weights, not the
+scheduler, folder or text encoders), compared with the pipeline's denoiser by ``check``: True (default) refuses
+another model or a fused LoRA; "architecture" allows other weights of the same architecture (a fine-tune, another
+precision); False compares nothing. A PEFT LoRA loaded but not fused is the user's choice: said once, then steered.
+The h location and shape are always checked.
+
+Offloading: model offload and group offloading (block or leaf level) steer as the plain pipeline does (tested on
+the CPU); under sequential offload the weights are on the meta device, so only ``check="architecture"`` or False
+can compare them (diffusers' sequential offload itself fails on a CPU-only machine: untested here). Not supported
+(refused with what to do): diffusers' caching hooks (first-block cache, FasterCache, PAB, ...).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
+
+import logging
 
 import torch
 
@@ -33,6 +43,9 @@ from .errors import HspaceError
 from .validate import check_choice, check_scales, check_window
 
 __all__ = ["steer", "record", "Steering", "Recording"]
+logger = logging.getLogger(__name__)
+CHECKS = (True, "architecture", False)
+_said: set[str] = set()
 
 BRANCHES = ("both", "cond", "uncond")
 # diffusers' hooks that skip or reuse blocks on some steps (first-block cache, FasterCache, MagCache, SeaCache,
@@ -54,8 +67,6 @@ def _denoiser_and_call(pipe):
         raise HspaceError(f"the {type(denoiser).__name__} has diffusers' hook {skipping[0]!r}, which skips or reuses its blocks on some "
                           "steps: the hook point would not run there and the edit would silently miss those steps. Remove it "
                           "while steering (denoiser.disable_cache())")
-    if any("group_offloading" in n for n in names):
-        raise HspaceError("group offloading is not supported by steer yet: use enable_model_cpu_offload() instead")
     return denoiser, call
 
 
@@ -134,7 +145,7 @@ class _Hooked:
 class Steering(_Hooked):
     """The handle of ``steer``: ``.scales`` may be set between calls (a slider), ``.remove()`` ends it."""
 
-    def __init__(self, pipe, directions, scales, window, branch, units, location, resize=False):
+    def __init__(self, pipe, directions, scales, window, branch, units, location, resize=False, check=True):
         directions = [directions] if isinstance(directions, Direction) else list(directions)
         if not directions or not all(isinstance(d, Direction) for d in directions):
             raise HspaceError("steer takes a Direction or a list of them")
@@ -143,6 +154,7 @@ class Steering(_Hooked):
             raise HspaceError(f"the directions were found at different h locations ({', '.join(sorted(locations))}); steer one location at a time")
         super().__init__(pipe, location or next(iter(locations), None), branch)
         self.directions, self.resize = directions, bool(resize)
+        _check_identity(self.denoiser, directions, check)
         self.units = [unit_of(d, units) for d in directions]
         self.window = _check_window(window)
         self.scales = scales
@@ -191,12 +203,49 @@ class Steering(_Hooked):
         return edited
 
 
+def _check_identity(denoiser, directions: list[Direction], check) -> None:
+    """Refuse directions found on another denoiser (module doc: ``check``)."""
+    from .fingerprint import denoiser_fingerprint, has_unfused_lora
+    from .spec import FREE
+
+    if not any(check is c for c in CHECKS):
+        raise HspaceError(f"check must be True (the same weights), 'architecture' (the same architecture) or False (no check), got {check!r}")
+    if check is False:
+        return
+    ours = denoiser_fingerprint(denoiser)
+    if has_unfused_lora(denoiser) and "lora" not in _said:
+        _said.add("lora")
+        logger.warning("the %s has a LoRA loaded but not fused: the directions (found without it, or with it) steer the model "
+                       "with the LoRA active, your choice", type(denoiser).__name__)
+    for d in directions:
+        theirs = None if d.spec == FREE else d.spec.denoiser
+        if theirs is None:
+            if d.spec != FREE and d.name not in _said:
+                _said.add(d.name)
+                logger.warning("direction %r carries no denoiser fingerprint (made before hspace checked it): its model is not "
+                               "compared, only its h shape", d.name)
+            continue
+        if check is True and ours.endswith(":offloaded"):
+            raise HspaceError(f"the {type(denoiser).__name__}'s weights are offloaded to the meta device (sequential offload): their "
+                              "fingerprint cannot be taken; steer with check='architecture' (compares the architecture) or check=False")
+        part = 0 if check == "architecture" else slice(None)
+        if theirs.split(":")[part] != ours.split(":")[part]:
+            what = "architecture" if check == "architecture" or theirs.split(":")[0] != ours.split(":")[0] else "weights"
+            raise HspaceError(
+                f"direction {d.name!r} was found on another denoiser: its {what} differ (fingerprint {theirs} of "
+                f"{d.spec.model!r} vs this pipeline's {type(denoiser).__name__} {ours}). Another model, a fused LoRA, or the same "
+                "model in bfloat16 against float16/float32 (weights rounded otherwise)"
+                + ("; check='architecture' steers it anyway where the architecture agrees, check=False never compares"
+                   if what == "weights" else "; check=False steers it anyway where h's shape agrees"))
+
+
 def steer(pipe, directions: Direction | Sequence[Direction], scales: float | Sequence[float] = 1.0, *, window=None,
-          branch: str = "both", units: str = "raw", location: str | None = None, resize: bool = False) -> Steering:
+          branch: str = "both", units: str = "raw", location: str | None = None, resize: bool = False, check=True) -> Steering:
     """Add the directions to h at every call of ``pipe``'s denoiser until the handle is removed (module doc); a context
     manager: ``with hspace.steer(pipe, smile, 2.0): image = pipe(prompt).images[0]``. ``resize``: apply directions
-    found at another image size, bilinear on h's grid (an approximation; the channels must agree)."""
-    return Steering(pipe, directions, scales, window, branch, units, location, resize)
+    found at another image size, bilinear on h's grid (an approximation; the channels must agree). ``check``: True,
+    "architecture" or False (module doc: identity)."""
+    return Steering(pipe, directions, scales, window, branch, units, location, resize, check)
 
 
 @dataclass
