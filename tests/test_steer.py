@@ -550,3 +550,36 @@ def test_a_second_order_scheduler_calls_twice_a_step_and_each_call_is_steered_at
     with hspace.steer(pipe, d, 2.0):
         steered = heun_loop()
     assert float((steered - expected).abs().max()) < 1e-5 and float((steered - heun_loop()).abs().max()) > 1e-2
+
+
+def test_a_card_under_a_sampler_is_hspaces_card_for_ddim_and_its_own_for_another(tmp_path, capsys):
+    """``card(..., sampler=)`` draws its held-out samples with diffusers' scheduler, the direction steered in: under
+    DDIM its numbers are the card of hspace's eta-0 loop; under DPM-Solver++ it is measured, and the CLI says which."""
+    import json
+
+    from conftest import tiny_engine
+    from hspace.card import card
+    from hspace.cli import main
+
+    engine = tiny_engine()
+    d = _direction(engine, 13, 3.0)
+    score = lambda images: {"red": images[:, 0].mean((1, 2)), "bright": images.mean((1, 2, 3))}  # noqa: E731
+    options = {"n": 3, "num_steps": 6, "scales": [-2.0, 2.0], "first_seed": 40, "scorer": score}
+    ours, ddim = card(d, engine, eta=0.0, **options), card(d, engine, sampler="ddim", **options)
+    assert ddim.sampler == "ddim" and ours.sampler is None and ddim.scales == ours.scales
+    for attribute, values in ours.change.items():
+        assert max(abs(a - b) for a, b in zip(values, ddim.change[attribute])) < 1e-3, attribute
+        assert max(abs(v) for v in values) > 1e-2  # the direction moved it
+    assert ddim.pixel_change == pytest.approx(ours.pixel_change, abs=1e-4)
+    dpm = card(d, engine, sampler="dpm++2m", **options)
+    assert max(abs(a - b) for a, b in zip(dpm.change["red"], ddim.change["red"])) > 1e-4  # another sampler, another card
+    with pytest.raises(HspaceError, match="'ddim' has no Karras sigmas"):
+        card(d, engine, sampler="ddim", karras=True, **options)
+    toy = Engine.load("toyfaces")
+    _direction(toy, 14, 3.0).save(tmp_path / "d.safetensors")
+    out = tmp_path / "card"
+    assert main(["card", str(tmp_path / "d.safetensors"), "--model", "toyfaces", "--steps", "3", "--n", "2", "--scales", "-2", "2",
+                 "--sampler", "dpm++2m", "--karras", "--out", str(out)]) == 0
+    assert "under dpm++2m" in capsys.readouterr().out
+    assert json.loads((out / "card.json").read_text())["sampler"] == "dpm++2m"
+    assert "drawn by diffusers' dpm++2m sampler" in (out / "card.md").read_text()

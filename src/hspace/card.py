@@ -57,6 +57,7 @@ class Card:
     binary: list[str] = field(default_factory=list)
     steps: int = 0  # the process the card was measured with
     similarity: list[float] | None = None  # mean CLIP image cosine to the unedited sample per scale (a scorer with ``embed``)
+    sampler: str | None = None  # the diffusers sampler it was measured under (``steering.SAMPLERS``); None: hspace's own loop
 
     def side_effects(self, scale_index: int, k: int = 2) -> list[tuple[str, float]]:
         """The k attributes other than the target that move most at one scale (mean change)."""
@@ -68,8 +69,9 @@ class Card:
 
     def markdown(self, plots: dict[str, str] | None = None) -> str:
         unit = self.calibration.get("unit", "uncalibrated")
-        lines = [f"# Card: {self.name}", "", f"Target attribute: **{self.target}**; {self.n} held-out samples; calibration: {unit} "
-                 f"= raw scale {_fmt(self.calibration.get('scale'))}.", ""]
+        drawn = f"drawn by diffusers' {self.sampler} sampler (hspace.steer)" if self.sampler else "drawn by hspace's own loop"
+        lines = [f"# Card: {self.name}", "", f"Target attribute: **{self.target}**; {self.n} held-out samples, {self.steps} steps, {drawn}; "
+                 f"calibration: {unit} = raw scale {_fmt(self.calibration.get('scale'))}.", ""]
         if self.target in self.flip:
             lines.append(f"Flip rate of {self.target}: 50% at raw scale {_fmt(self.calibration.get('flip50'))}, 90% at "
                          f"{_fmt(self.calibration.get('flip90'))}.")
@@ -118,13 +120,18 @@ def card(
     batch_size: int = 32,
     progress: bool | None = None,
     callback: Callable | None = None,
+    sampler: str | None = None,
+    karras: bool = False,
 ) -> Card:
     """Measure ``direction`` (module doc) on ``trajectory`` (held-out samples; default ``n`` samples of seeds
     ``first_seed`` on, drawn here). ``scorer`` (images -> attribute scores) defaults to the domain's: ``domain``, or
     the one registered for the engine's model. ``mask`` [H, W] (image pixels) splits the pixel change. ``callback``
-    gets the engine's ``StepEvent``s (the sampling, the sweep, the crossing: each call its own ``total``)."""
+    gets the engine's ``StepEvent``s (the sampling, the sweep, the crossing: each call its own ``total``).
+    ``sampler`` (``steering.SAMPLERS``, ``karras``): the samples are drawn by that diffusers scheduler with the
+    direction steered in at each scale (``hspace.steer``; no trajectory, ``eta`` unused), and the card is that
+    sampler's."""
     from .domains import domain_of
-    from .validate import check_int, check_scales
+    from .validate import check_scales
 
     scales = sorted(set(check_scales(scales)) | {0.0})
     if domain is None and scorer is None:
@@ -132,10 +139,8 @@ def card(
     score = scorer or domain.scorer()
     binary = list(domain.binary) if domain is not None else []
     spread = domain.spread() if domain is not None and domain.spread is not None else {}
-    if trajectory is None:
-        check_int("n", n, 2, valid="an integer >= 2 (held-out samples)")
-        trajectory = engine.sample(list(range(first_seed, first_seed + n)), num_steps, eta, batch_size=batch_size, progress=progress, callback=callback)
-    images = engine.edit(trajectory, [direction], scales, units="raw", batch_size=batch_size, progress=progress, callback=callback).images[0]  # [S, B, 3, H, W]
+    edit = _edits(direction, engine, trajectory, n, num_steps, eta, first_seed, batch_size, progress, callback, sampler, karras)
+    images = edit(scales)  # [S, B, 3, H, W]
     scores = _scores(score, images)
     if not binary:
         binary = [k for k, v in scores.items() if bool(((v >= 0) & (v <= 1)).all())]
@@ -144,7 +149,7 @@ def card(
     if target in flip:  # one more scale where the grid says the target's flip rate crosses 50%: the unit is measured, not interpolated
         crossing = _crossing(scales, flip[target], 0.5, change[target][-1] >= 0)
         if crossing is not None and all(abs(crossing - s) > 1e-9 for s in scales):
-            more = engine.edit(trajectory, [direction], [crossing], units="raw", batch_size=batch_size, progress=progress, callback=callback).images[0]
+            more = edit([crossing])
             order = sorted(range(len(scales) + 1), key=lambda i: (scales + [crossing])[i])
             scales = [(scales + [crossing])[i] for i in order]
             images = torch.cat([images, more])[order]
@@ -154,9 +159,30 @@ def card(
     S, B = images.shape[:2]
     pixel_change, outside, realism, similarity = _image_measures(images, scales.index(0.0), mask, domain, score)
     result = Card(direction.name, target, scales, B, change, change_se, flip, eligible, pixel_change, outside, realism, binary=binary,
-                  steps=trajectory.num_steps, similarity=similarity)
+                  steps=num_steps if trajectory is None else trajectory.num_steps, similarity=similarity, sampler=sampler)
     result.calibration = calibrate(result, spread.get(target, 1.0))
     return result
+
+
+def _edits(direction, engine, trajectory, n, num_steps, eta, first_seed, batch_size, progress, callback, sampler, karras):
+    """scales -> the direction's edited images [S, B, ...] of the held-out samples: a batched replay of their
+    trajectory in hspace's loop, or with ``sampler`` the seeds drawn by diffusers' scheduler, steered."""
+    from .validate import check_int
+
+    if trajectory is None:
+        check_int("n", n, 2, valid="an integer >= 2 (held-out samples)")
+    seeds = list(range(first_seed, first_seed + n))
+    if sampler is not None:
+        from .steering import scheduler_for, steered_images
+
+        if trajectory is not None:
+            raise HspaceError("a card under a sampler draws its own samples with it; it takes no trajectory")
+        scheduler_for(sampler, engine.scheduler_config, karras)  # a bad combination fails before any pass
+        return lambda scales: steered_images(engine, direction, scales, seeds, num_steps, sampler, karras=karras)
+    if trajectory is None:
+        trajectory = engine.sample(seeds, num_steps, eta, batch_size=batch_size, progress=progress, callback=callback)
+    return lambda scales: engine.edit(trajectory, [direction], scales, units="raw", batch_size=batch_size, progress=progress,
+                                      callback=callback).images[0]
 
 
 def _image_measures(images: torch.Tensor, zero: int, mask, domain, score) -> tuple:
@@ -260,6 +286,7 @@ def calibration_record(result: Card) -> dict:
     """What a calibrated direction carries (``meta["calibration"]``): its unit, and the card's dose-response in short
     (scales, every attribute's mean change, the target's flip rate), which the editor reads while a slider moves."""
     return {**result.calibration, "n": result.n, "target": result.target, "scales": result.scales,
+            **({"sampler": result.sampler} if result.sampler else {}),
             "change": {a: [round(v, 4) for v in values] for a, values in result.change.items()},
             "flip": [None if v is None else round(v, 4) for v in result.flip.get(result.target, [])]}
 

@@ -130,17 +130,15 @@ def has_unfused_lora(module: torch.nn.Module) -> bool:
 
 
 def denoiser_fingerprint(module: torch.nn.Module) -> str:
-    """``ARCH:WEIGHTS``: a digest of the denoiser's class, config and tensor names and shapes (its architecture), and
+    """``ARCH:WEIGHTS``: a digest of the denoiser's class and tensor names and shapes (its architecture; not its config,
+    whose sample size or flags a pipeline may change), and
     one of its weights. Floating weights are hashed as float16, so one model loaded in float32 or float16 is one model
     (in bfloat16 it rounds differently: another, unless the user asks for ``check="architecture"``). PEFT adapters
     not fused are left out (the base model's identity); a fused LoRA changes the weights. Hashed on every call, not
     cached: a LoRA fuses in place through ``.data``, which no version counter sees (about a second for SD 1.5).
     Weights on the meta device (sequential offload) have no content here: ``ARCH:offloaded``."""
     weights = _base_weights(module)
-    inner = getattr(module, "_orig_mod", module)
-    config = dict(getattr(inner, "config", {}) or {})
-    architecture = hashlib.sha256(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True, default=str).encode())
-    architecture.update(type(inner).__name__.encode())
+    architecture = hashlib.sha256(type(getattr(module, "_orig_mod", module)).__name__.encode())
     content = hashlib.sha256()
     offloaded = any(t.is_meta for _, t in weights)
     for name, tensor in weights:

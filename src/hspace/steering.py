@@ -366,6 +366,19 @@ def generate(engine, seeds: Sequence[int], num_steps: int, sampler: str, *, karr
     return torch.cat(images)
 
 
+def steered_images(engine, direction: Direction, raw_scales: Sequence[float], seeds: Sequence[int], num_steps: int, sampler: str, *,
+                   karras: bool = False, window=None, branch: str | None = None) -> torch.Tensor:
+    """Images [S, B, C, H, W] in [-1, 1]: ``seeds`` drawn by ``generate`` with ``direction`` steered in at each raw
+    scale (0 draws the plain sample); ``branch`` defaults to the engine's ``guide_edit``."""
+    pipe = pipeline_of(engine)[0]
+    branch = branch or engine.spec.guide_edit or "both"
+    grids = []
+    for scale in raw_scales:
+        with steer(pipe, direction, float(scale), window=window, branch=branch):
+            grids.append(generate(engine, seeds, num_steps, sampler, karras=karras))
+    return torch.stack(grids)
+
+
 def pipeline_of(engine):
     """(pipeline, own loop): the text-to-image pipeline the engine's conditioner wraps, or a ``DDPMPipeline`` holding
     the U-Net (steer's handle on it) whose loop hspace runs itself."""

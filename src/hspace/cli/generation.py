@@ -129,6 +129,10 @@ def _register_directions_of_prompts_and_cards(sub) -> None:
                    "(a local CLIP model, with --attributes; text-to-image models)")
     p.add_argument("--attributes", nargs="+", default=None, metavar="NAME='WITH|WITHOUT'",
                    help="with a CLIP scorer: the attributes as prompt pairs, e.g. smile='a smiling face|a face'")
+    p.add_argument("--sampler", default=None, choices=tuple(SAMPLERS),
+                   help="measure the card under this diffusers scheduler (the direction steered in: hspace.steer) instead of "
+                        "hspace's own loop; its unit is then the sampler's")
+    p.add_argument("--karras", action="store_true", help=f"with --sampler {', '.join(KARRAS)}: Karras sigmas")
     p.add_argument("--out", default=None, help="folder for card.md, card.json, the plots and the calibrated direction (default out/card-NAME)")
     p.set_defaults(func=run_card)
 
@@ -228,7 +232,7 @@ def _sampler_edit(args, directions, scales, window) -> None:
     import torch
 
     from ..edits import Edit, Edited
-    from ..steering import pipeline_of, scheduler_for
+    from ..steering import scheduler_for, steered_images
 
     if not args.sampler:
         raise HspaceError("--karras takes a --sampler (dpm++2m, euler or unipc)")
@@ -244,20 +248,12 @@ def _sampler_edit(args, directions, scales, window) -> None:
         engine.check_direction(direction, args.steps)
     print(edit.describe())
     raw = edit.raw_scales(args.steps)  # [D, S]
-    pipe, branch = pipeline_of(engine)[0], engine.spec.guide_edit or "both"
-    images = torch.stack([torch.stack([_steered(engine, pipe, d, float(raw[i, j]), window, branch, seeds, args) for j in range(len(scales))])
+    images = torch.stack([steered_images(engine, d, raw[i].tolist(), seeds, args.steps, args.sampler, karras=args.karras, window=window)
                           for i, d in enumerate(directions)])
     _save_edit_grids(images, SimpleNamespace(seeds=seeds), directions, scales, Path(args.out), args.save_each)
     edited = Edited(images, edit.names, list(scales), raw.tolist(), edit.unit_names(), list(seeds))
     _write_edit_record(edited, directions, args, sampler=args.sampler, karras=args.karras)
     print(f"wrote edit grids for {len(seeds)} samples to {args.out} ({args.sampler}{', Karras sigmas' if args.karras else ''})")
-
-
-def _steered(engine, pipe, direction, raw_scale, window, branch, seeds, args):
-    from ..steering import generate, steer
-
-    with steer(pipe, direction, raw_scale, window=window, branch=branch):
-        return generate(engine, seeds, args.steps, args.sampler, karras=args.karras)
 
 
 def _save_edit_grids(images, trajectory, directions, scales, out: Path, save_each: bool) -> None:
@@ -384,12 +380,15 @@ def run_card(args) -> None:
     engine = engine_from(args)
     engine.check_direction(direction)
     scorer, domain = card_scoring(args, args.model)
+    if args.karras and not args.sampler:
+        raise HspaceError("--karras takes a --sampler (dpm++2m, euler or unipc)")
     result = card(direction, engine, n=args.n, num_steps=args.steps, eta=parse_eta(args.eta), scales=scales, target=args.target,
-                  first_seed=args.first_seed, batch_size=args.batch_size, scorer=scorer, domain=domain)
+                  first_seed=args.first_seed, batch_size=args.batch_size, scorer=scorer, domain=domain, sampler=args.sampler,
+                  karras=args.karras)
     out = Path(args.out or f"out/card-{safe_name(direction.name)}")
     write_card(result, direction, out)
     unit = result.calibration
-    print(f"card of {direction.name!r} in {out}: target {result.target}; effect unit = {unit['unit']} = raw scale "
+    print(f"card of {direction.name!r} in {out}{' under ' + result.sampler if result.sampler else ''}: target {result.target}; effect unit = {unit['unit']} = raw scale "
           f"{'not reached' if unit['scale'] is None else format(unit['scale'], '.3g')}; calibrated direction: "
           f"{out / safe_name(direction.name or 'direction', suffix='.safetensors')}")
 
