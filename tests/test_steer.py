@@ -147,7 +147,7 @@ def test_steer_under_guidance_edits_the_branch_the_engine_edits(sd, branch):
 def test_what_cannot_be_steered_is_refused(sd, toyfaces):
     _, pipe = sd
     engine, ddpm = toyfaces
-    with pytest.raises(HspaceError, match=r"h of shape \(128, 8, 8\), but this pipeline's h at 'mid.out' is \(16, 8, 8\)"):
+    with pytest.raises(HspaceError, match=r"h of shape \(128, 8, 8\), but this model's h at 'mid.out' is \(16, 8, 8\)"):
         with hspace.steer(pipe, _direction(engine), 1.0, check=False):
             pipe("a cat", num_inference_steps=2, guidance_scale=1.0, output_type="latent")
     assert not pipe.unet._forward_pre_hooks

@@ -37,10 +37,10 @@ import logging
 
 import torch
 
+from .deltas import DeltaTable
 from .directions.direction import Direction
-from .edits import unit_of
 from .errors import HspaceError
-from .validate import check_choice, check_scales, check_window
+from .validate import check_choice
 
 __all__ = ["steer", "record", "Steering", "Recording"]
 logger = logging.getLogger(__name__)
@@ -68,14 +68,6 @@ def _denoiser_and_call(pipe):
                           "steps: the hook point would not run there and the edit would silently miss those steps. Remove it "
                           "while steering (denoiser.disable_cache())")
     return denoiser, call
-
-
-def _check_window(window) -> tuple[float, float] | None:
-    """``validate.check_window``, within hspace's 0-1000 timesteps (a pipeline's are never outside)."""
-    window = check_window(window)
-    if window is not None and not (0 <= window[1] <= window[0] <= 1000):
-        raise HspaceError(f"window ({window[0]:g}, {window[1]:g}) must lie within the timesteps 0-1000")
-    return window
 
 
 def _batch(denoiser, args: tuple, kwargs: dict) -> int:
@@ -146,61 +138,26 @@ class Steering(_Hooked):
     """The handle of ``steer``: ``.scales`` may be set between calls (a slider), ``.remove()`` ends it."""
 
     def __init__(self, pipe, directions, scales, window, branch, units, location, resize=False, check=True):
-        directions = [directions] if isinstance(directions, Direction) else list(directions)
-        if not directions or not all(isinstance(d, Direction) for d in directions):
-            raise HspaceError("steer takes a Direction or a list of them")
-        locations = {d.h_location for d in directions} - {None}
-        if len(locations) > 1:
-            raise HspaceError(f"the directions were found at different h locations ({', '.join(sorted(locations))}); steer one location at a time")
-        super().__init__(pipe, location or next(iter(locations), None), branch)
-        self.directions, self.resize = directions, bool(resize)
-        _check_identity(self.denoiser, directions, check)
-        self.units = [unit_of(d, units) for d in directions]
-        self.window = _check_window(window)
-        self.scales = scales
-        self._at: dict[float, torch.Tensor] = {}
+        self.table = DeltaTable(directions, scales, units, window)
+        super().__init__(pipe, location or self.table.location, branch)
+        self.directions, self.resize = self.table.directions, bool(resize)
+        _check_identity(self.denoiser, self.directions, check)
         self._attach()
 
     @property
     def scales(self) -> list[float]:
-        return list(self._scales)
+        return self.table.scales
 
     @scales.setter
     def scales(self, scales) -> None:
-        scales = [scales] if isinstance(scales, (int, float)) and not isinstance(scales, bool) else scales
-        scales = check_scales(scales)
-        if len(scales) != len(self.directions):
-            raise HspaceError(f"{len(scales)} scales for {len(self.directions)} directions; give one scale per direction")
-        self._scales = [float(s) for s in scales]
+        self.table.scales = scales
 
     def delta_at(self, t: float) -> torch.Tensor:
-        """sum_d unit_d * direction_d.at(t) * scale_d at hspace's timestep ``t``, [*h_shape] (float32)."""
-        if t not in self._at:
-            self._at[t] = torch.stack([d.at(torch.tensor([t], dtype=torch.float64)).delta[0] for d in self.directions])
-        per_direction = self._at[t]
-        coefficients = torch.tensor([s * unit for s, (_, unit) in zip(self._scales, self.units)], dtype=per_direction.dtype)
-        return torch.einsum("d,d...->...", coefficients, per_direction)
+        """delta-h at hspace's timestep ``t`` (``DeltaTable.at``)."""
+        return self.table.at(t)
 
     def _h(self, h: torch.Tensor) -> torch.Tensor:
-        t = self.current.t
-        rows = self.rows()
-        if self.window is not None:
-            rows = rows & (t <= self.window[0]) & (t >= self.window[1])
-        if not bool(rows.any()) or not any(self._scales):
-            return h
-        shape = tuple(self.directions[0].h_shape)
-        if tuple(h.shape[1:]) != shape and not (self.resize and len(shape) == 3 and h.shape[1] == shape[0]):
-            raise HspaceError(f"the directions have h of shape {shape}, but this pipeline's h at {self.location!r} is {tuple(h.shape[1:])} "
-                              "(another image size or another model); find directions at this size"
-                              + (", or resize=True (bilinear on h's grid, an approximation)" if h.ndim == 4 and h.shape[1] == shape[0] else ""))
-        unique, inverse = torch.unique(t[rows], return_inverse=True)  # one timestep per call in every diffusers pipeline
-        deltas = torch.stack([self.delta_at(float(u)) for u in unique]).to(h.device, h.dtype)
-        if tuple(deltas.shape[1:]) != tuple(h.shape[1:]):  # resize=True: delta-h bilinear on the grid of this image size
-            deltas = torch.nn.functional.interpolate(deltas, size=tuple(h.shape[2:]), mode="bilinear", align_corners=False)
-        edited = h.clone()
-        rows = rows.to(h.device)
-        edited[rows] = h[rows] + deltas[inverse.to(h.device)]
-        return edited
+        return self.table.add(h, self.current.t, self.rows(), self.location, self.resize)
 
 
 def _check_identity(denoiser, directions: list[Direction], check) -> None:
