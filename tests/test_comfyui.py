@@ -124,10 +124,14 @@ def test_stacked_directions_add_and_strength_zero_is_the_plain_model(unet_patche
         apply_direction(patcher, [a], [1.0], units="effect")
 
 
-@pytest.mark.parametrize("location", ["joint.1", "single.0", "single.1"])
-def test_flux_blocks_move_the_image_tokens_only(location):
+class MMDiT(comfy.Flux):
+    """SD3's MMDiT in ComfyUI takes the same ("double_block", N) replace patch: hspace's block.N."""
+
+
+@pytest.mark.parametrize("location", ["joint.1", "single.0", "single.1", "block.1"])
+def test_flux_and_sd3_blocks_move_the_image_tokens_only(location):
     width, grid, n_txt = 8, (3, 2), 4
-    model = comfy.Flux(width)
+    model = MMDiT(width) if location.startswith("block") else comfy.Flux(width)
     patcher = comfy.ModelPatcher(comfy.Model(model, comfy.FlowSampling()))
     img = torch.randn(2, grid[0] * grid[1], width, generator=torch.Generator().manual_seed(3))
     txt = torch.randn(2, n_txt, width, generator=torch.Generator().manual_seed(4))
@@ -136,8 +140,8 @@ def test_flux_blocks_move_the_image_tokens_only(location):
     at = d.at(torch.tensor([sigma * 1000], dtype=torch.float64)).delta[0] * 2.0  # [C, H, W]
     tokens = at.reshape(width, -1).T  # row-major patches, as hspace's grid_to_tokens
     kind, index = location.split(".")
-    block = (model.double_blocks if kind == "joint" else model.single_blocks)[int(index)]
-    if kind == "joint":
+    block = (model.double_blocks if kind in ("joint", "block") else model.single_blocks)[int(index)]
+    if kind in ("joint", "block"):
         hook = lambda _m, _a, out: (out[0] + tokens, out[1])  # noqa: E731
     else:
         hook = lambda _m, _a, out: (torch.cat([out[0][:, :n_txt], out[0][:, n_txt:n_txt + tokens.shape[0]] + tokens], 1), None)  # noqa: E731
@@ -150,7 +154,8 @@ def test_flux_blocks_move_the_image_tokens_only(location):
     out = comfy.call(patched, [img], sigma, [0, 0], txt=[txt])
     assert float((out - expected).abs().max()) < 1e-6 and float((out - comfy.call(patcher, [img], sigma, [0, 0], txt=[txt])).abs().max()) > 1e-3
     assert "patches_replace" not in patcher.model_options["transformer_options"]
-    with pytest.raises(HspaceError, match="not on a ComfyUI patch point of FLUX; valid: joint.N or single.N"):
+    valid = "block.N" if kind == "block" else "joint.N or single.N"
+    with pytest.raises(HspaceError, match=f"not on a ComfyUI patch point of {'SD3' if kind == 'block' else 'FLUX'}; valid: {valid}"):
         apply_direction(patcher, [_direction((width, *grid), "mid.out")], [1.0], units="raw")
 
 
