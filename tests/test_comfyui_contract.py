@@ -49,16 +49,20 @@ def comfy(tmp_path_factory):
     return comfy
 
 
-@pytest.fixture(scope="module")
-def sd15(comfy):
-    config = comfy.supported_models.SD15(dict(UNET))
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({})
-    generator = torch.Generator().manual_seed(0)
+def _tiny(comfy, family, config: dict, seed: int):
+    """A ModelPatcher of ComfyUI's ``supported_models.<family>`` built from ``config`` with seeded random weights."""
+    model_config = getattr(comfy.supported_models, family)(dict(config))
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    generator = torch.Generator().manual_seed(seed)
     for p in model.parameters():  # ComfyUI's layers skip initialisation: random weights, seeded
         p.data = torch.randn(p.shape, generator=generator) * 0.05
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
-    return patcher
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy):
+    return _tiny(comfy, "SD15", UNET, 0)
 
 
 def _sample(comfy, patcher, sampler, scheduler):
@@ -138,13 +142,7 @@ FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_di
 
 @pytest.fixture(scope="module")
 def flux(comfy):
-    config = comfy.supported_models.Flux(dict(FLUX))
-    config.set_inference_dtype(torch.float32, None)
-    model = config.get_model({})
-    generator = torch.Generator().manual_seed(4)
-    for p in model.parameters():
-        p.data = torch.randn(p.shape, generator=generator) * 0.05
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    return _tiny(comfy, "Flux", FLUX, 4)
 
 
 @pytest.mark.parametrize("location", ["joint.0", "single.1"])
