@@ -42,16 +42,14 @@ print(json.dumps(out))
 
 
 def write_bank(folder: Path, n: int, steps: int, h_shape: tuple[int, ...], shard_size: int) -> None:
-    from hspace.bank import Bank
+    from hspace.bank import Bank, Layout
+    from hspace.spec import Spec
 
     if folder.exists():
         shutil.rmtree(folder)
-    identity = {
-        "model": "synthetic", "h_location": "mid.out", "dtype": "float32", "clip_sample": None, "num_steps": steps, "eta": [1.0] * steps,
-        "timesteps": list(range(999, -1, -1000 // steps))[:steps], "base_seed": 0, "shard_size": shard_size,
-        "h_shape": list(h_shape), "sample_shape": [3, 256, 256], "thumbnail_size": 8,
-    }
-    bank = Bank.create(folder, identity, n)
+    spec = Spec("synthetic", "mid.out", num_steps=steps, eta=[1.0] * steps)
+    layout = Layout.of(spec, list(range(999, -1, -1000 // steps))[:steps], 0, shard_size, h_shape, (3, 256, 256), 8)
+    bank = Bank.create(folder, layout, n)
     generator = torch.Generator().manual_seed(0)
     D = math.prod(h_shape)
     basis = torch.randn(steps, 32, D, generator=generator) / math.sqrt(D)  # 32 directions per step

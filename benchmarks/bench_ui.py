@@ -74,7 +74,7 @@ def launch(workdir: str, steps: int, extra: list[str] = ()):
 def fidelity(steps: int, workdir: str) -> None:
     from hspace import preview
     from hspace.engine import Engine
-    from hspace.ui.server import starter_directions
+    from hspace.ui.starter import starter_directions
 
     engine = Engine.load()
     directions = starter_directions(engine, workdir, steps, 1.0)

@@ -46,6 +46,10 @@ def unconditional(figures: dict, model: str, work: Path) -> None:
     figures[f"{model}/replay.x0"] = digest(engine.replay(t, progress=False).x0)
     bank = build_bank(work / f"{model}-bank", engine, 12, num_steps=8, eta=1.0, shard_size=4, progress=False)
     figures[f"{model}/bank.h"] = digest(bank.h())
+    from safetensors import safe_open
+
+    with safe_open(str(bank.shard_path(0)), framework="pt") as f:  # the bank's digest, as every shard carries it
+        figures[f"{model}/bank.digest"] = f.metadata()["bank"]
     if hasattr(methods, "pca"):  # this version's one call: pca(bank, k)
         pca = methods.pca(bank, 3)
     else:  # the version before it

@@ -199,7 +199,7 @@ def test_a_format_2_bank_is_read_with_its_process_in_the_spec(tmp_path, engine):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from hspace import bank as bank_module
+    from hspace.layout import Layout
 
     bank = build_bank(tmp_path / "b", engine, 2, 3)
     h = bank.h()
@@ -213,8 +213,9 @@ def test_a_format_2_bank_is_read_with_its_process_in_the_spec(tmp_path, engine):
     shard = bank.shard_path(0)
     with safe_open(str(shard), framework="pt") as f:
         metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    identity = bank_module._identity(legacy)
-    save_file(tensors, str(shard), {**metadata, "bank": bank_module._digest(identity), "identity": json.dumps(identity)})
+    layout = Layout.of_settings(legacy)
+    assert layout.format == 2 and layout.spec.num_steps == 3
+    save_file(tensors, str(shard), {**metadata, "bank": layout.digest, "identity": json.dumps(layout.to_dict())})
     old = Bank.open(tmp_path / "b")
     assert (old.spec.num_steps, old.spec.eta, old.spec.fingerprint) == (3, (1.0, 1.0, 1.0), None)
     assert torch.equal(old.h(), h)

@@ -138,7 +138,7 @@ def test_supervised_from_a_csv_of_seeds(tmp_path):
 
 
 def test_flip_rates_push_each_sample_towards_the_opposite_label(engine):
-    from hspace.evaluate import flip_rates, mean_off_target
+    from hspace.card import flip_rates, mean_off_target
 
     t = engine.sample(range(6), 3, 1.0)
     threshold = float(t.images.mean(dim=(1, 2, 3)).median())

@@ -1,9 +1,13 @@
 """The bundled toy-faces model and classifier: they load, sample, and score rendered faces correctly."""
 
+import json
+
 import numpy as np
+import pytest
 import torch
 
 from hspace import Engine
+from hspace.errors import HspaceError
 from hspace.loading import DEFAULT_MODEL
 from hspace.toyfaces.classifier import HELDOUT_SEED0, classify, evaluate
 from hspace.toyfaces.render import BINARY, render_batch
@@ -70,3 +74,23 @@ def test_the_bundled_toy_dit_samples_faces_with_h_where_the_block_study_put_it()
     assert float(confidence(scores).mean()) >= 0.9
     # different faces: every binary attribute both present and absent among 16 samples
     assert all(0 < int((scores[name] > 0.5).sum()) < 16 for name in BINARY)
+
+
+def test_a_copied_toyfaces_folder_keeps_its_domain_by_fingerprint(tmp_path):
+    import shutil
+
+    from hspace.bank import build_bank
+    from hspace.directions.supervised import annotate_bank
+    from hspace.domains import domain_of
+    from hspace.loading import TOYFACES_FOLDER
+
+    copy = shutil.copytree(TOYFACES_FOLDER, tmp_path / "my faces")
+    engine = Engine.load(str(copy))
+    assert engine.name != "toyfaces" and domain_of(engine.spec).name == "toyfaces"
+    bank = build_bank(tmp_path / "bank", engine, 4, 3, 1.0, progress=False)
+    scores = annotate_bank(bank)  # the scorer found by the copy's fingerprint, not by its path
+    assert set(scores) >= {"smile", "hat"} and len(scores["smile"]) == 4
+    record = json.loads((copy / "training.json").read_text())
+    (copy / "training.json").write_text(json.dumps({**record, "note": "edited"}))  # a file the fingerprint reads
+    with pytest.raises(HspaceError, match="no domain is registered"):
+        domain_of(Engine.load(str(copy)).spec)  # other content: another model, no domain

@@ -249,7 +249,7 @@ def test_starter_directions_are_regression_at_the_norm_of_eq10(tmp_path):
     from hspace.bank import Bank
     from hspace.directions.supervised import direction_from_scores
     from hspace.speed import Speed
-    from hspace.ui.server import starter_directions, starter_folder
+    from hspace.ui.starter import starter_directions, starter_folder
 
     engine = Engine.load("toyfaces")
     directions = starter_directions(engine, tmp_path, 4, 1.0, n=24, k=2)
@@ -357,7 +357,7 @@ def test_save_never_replaces_a_file_and_says_when_it_renamed(editor, client, nam
 def test_what_requests_fill_stays_bounded(editor, client, monkeypatch):
     """Requests cannot grow the server without bound: cached samples and uploads (64 each), tabs remembered (1024),
     and directions computed on request (64, then a message)."""
-    from hspace.ui import server
+    from hspace.ui import editor as server
 
     for tab in range(server.MAX_TABS + 50):
         editor.latest.put(str(tab), 1)

@@ -28,7 +28,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -40,39 +39,20 @@ import torch.nn.functional as F
 
 from .distributed import Processes
 from .errors import HspaceError
+from .layout import PROMPT_ORDERS, Layout
 from .files import check_inside, read_json, read_safetensors, remove_stale_temporaries, save_safetensors, write_json
 from .progress import Meter
 from .spec import Spec
 from .trajectory import MAX_SEED, Trajectory
 
-__all__ = ["Bank", "build_bank", "build_banks"]
+__all__ = ["Bank", "Layout", "build_bank", "build_banks"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 3  # 3: the whole process (steps, eta, spacing, autocast) is in the spec
-FORMATS = (2, 3)  # 2: steps, eta and autocast as keys beside the spec (read and extended as they are)
+FORMATS = (2, 3)  # 2: steps, eta and autocast as keys beside the spec (read and extended as they are; layout.py)
 MANIFEST = "bank.json"
 FLOAT16_MAX = 65504.0
 _SHARD = re.compile(r"shard-(\d{12})\.safetensors")
-# What a bank's samples depend on: a bank refuses to mix samples that differ in any of these.
-IDENTITY = ("spec", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
-# Settings a bank has only where they differ from the default, so that banks drawn before them keep their fingerprint:
-# its prompts and their order (absent for one prompt, the spec's) and the steps whose h it stores (absent for all).
-OPTIONAL_KEYS = ("prompts", "prompt_order", "h_steps")
-PROMPT_ORDERS = ("cycle", "random")  # sample i gets prompts[i % P], or one drawn by its seed
-LEGACY_IDENTITY = ("spec", "num_steps", "eta", "timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size")
-
-
-def _legacy(settings: dict) -> bool:
-    return "num_steps" in settings  # format 2
-
-
-def _identity(settings: dict) -> dict:
-    """The settings that make a bank what it is (``IDENTITY``; a format-2 bank's, and its autocast where set)."""
-    if _legacy(settings):
-        autocast = {"autocast": settings["autocast"]} if settings.get("autocast") is not None else {}
-        return {**{k: settings[k] for k in LEGACY_IDENTITY}, **autocast}
-    return {k: settings[k] for k in (*IDENTITY, *OPTIONAL_KEYS) if k in IDENTITY or k in settings}
 
 
 def _stored_steps(h_steps, num_steps: int) -> list[int]:
@@ -88,37 +68,8 @@ def _stored_steps(h_steps, num_steps: int) -> list[int]:
     return sorted(steps)
 
 
-def prompt_of(prompts: list[str], order: str, base_seed: int, index: int) -> str:
-    """The prompt of sample ``index`` of a bank over ``prompts`` (``PROMPT_ORDERS``): fixed by the index alone, so a
-    bank drawn in pieces, resumed or extended gives every sample the same prompt."""
-    if order == "cycle":
-        return prompts[index % len(prompts)]
-    import random
-
-    return prompts[random.Random(base_seed + index).randrange(len(prompts))]
-
-
-def _spec(settings: dict) -> Spec:
-    """The spec of a bank's settings, with its process (a format-2 bank's loose keys moved into it)."""
-    spec = Spec.from_dict(settings["spec"])
-    if _legacy(settings):
-        from dataclasses import replace
-
-        spec = replace(spec.with_process(settings["num_steps"], settings["eta"]), autocast=settings.get("autocast"))
-    return spec
-
-
 LOCK = "bank.lock"
 MAX_SAMPLES = 100_000_000  # one bank; its list of shards to draw is held in memory (1.6 M entries at 64 per shard)
-
-
-def _digest(identity: dict) -> str:
-    """A short fingerprint of a bank's settings, stored in every shard (a shard of another bank is refused).
-    The model counts by its fingerprint, not its path (``Spec.key``), so a copy of the model extends the bank."""
-    identity = _identity(identity)
-    if not _legacy(identity):
-        identity = {**identity, "spec": Spec.from_dict(identity["spec"]).key()}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
@@ -162,13 +113,6 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
-def _mismatch(ours: dict, theirs: dict) -> list[str]:
-    """What differs between a bank's settings and those requested (the spec field by field, "spec.FIELD")."""
-    bad = [f"spec.{d}" for d in _spec(theirs).differences(_spec(ours), "exact", what="the bank")]
-    keys = [k for k in (*IDENTITY, *OPTIONAL_KEYS) if k != "spec"]
-    return bad + [f"{key}: bank has {ours.get(key)!r}, requested {theirs.get(key)!r}" for key in keys if ours.get(key) != theirs.get(key)]
-
-
 def thumbnails(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 [B, 3, h, w] from images [B, 3, H, W] in [-1, 1], shrunk by area so the longer side is <= size."""
     x = images.detach().float().cpu()
@@ -185,7 +129,7 @@ class Bank:
     def __init__(self, path: str | Path, manifest: dict):
         self.path = Path(path)
         self.manifest = manifest
-        self._spec: Spec | None = None  # parsed once: only the manifest's n ever changes
+        self._layout: Layout | None = None  # parsed once: only the manifest's n ever changes
 
     # ------------------------------------------------------------------ opening and checking
 
@@ -206,22 +150,21 @@ class Bank:
             raise HspaceError(f"{file} is not an hspace bank manifest (kind={manifest.get('kind')!r})")
         if manifest.get("format") not in FORMATS:
             raise HspaceError(f"{file} has bank format {manifest.get('format')!r}; this hspace reads formats {', '.join(map(str, FORMATS))}")
-        missing = [key for key in (*(LEGACY_IDENTITY if manifest["format"] == 2 else IDENTITY), "n") if key not in manifest]
-        if missing:
-            raise HspaceError(f"{file} lacks {', '.join(missing)}; it is not a complete bank manifest")
+        if "n" not in manifest:
+            raise HspaceError(f"{file} lacks n; it is not a complete bank manifest")
         n = manifest["n"]
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise HspaceError(f"{file} has n = {n!r}; valid: an integer >= 1")
         try:
-            _spec(manifest)
-        except HspaceError as e:
-            raise HspaceError(f"{file} has a bad spec: {e}") from None
+            Layout.of_settings(manifest)
+        except (HspaceError, TypeError, ValueError) as e:
+            raise HspaceError(f"{file} has bad settings: {e}") from None
         return cls(path, manifest)
 
     @staticmethod
-    def identity_of(engine, num_steps: int, eta, base_seed: int, shard_size: int, thumbnail_size: int,
-                    prompts: str | Sequence[str] | None = None, prompt_order: str = "cycle", h_steps: Sequence[int] | None = None) -> dict:
-        """The settings of a bank of ``engine``; over several ``prompts`` (the spec records the first), else the
+    def layout_of(engine, num_steps: int, eta, base_seed: int, shard_size: int, thumbnail_size: int,
+                  prompts: str | Sequence[str] | None = None, prompt_order: str = "cycle", h_steps: Sequence[int] | None = None) -> Layout:
+        """The layout of a bank of ``engine``; over several ``prompts`` (the spec records the first), else the
         one prompt (None: the engine's) is the spec's. ``h_steps``: the steps (indices) whose h is stored (None: all)."""
         from dataclasses import replace
 
@@ -232,28 +175,21 @@ class Bank:
         schedule = engine.schedule(num_steps)
         pool = None if prompts is None else list(dict.fromkeys(engine.fit_prompts(prompts)))
         spec = engine.spec if pool is None else replace(engine.spec, prompt=pool[0])
-        extra = {"prompts": pool, "prompt_order": prompt_order} if pool is not None and len(pool) > 1 else {}
-        if h_steps is not None:
-            steps = _stored_steps(h_steps, num_steps)
-            if steps != list(range(num_steps)):
-                extra["h_steps"] = steps
-        return {
-            **extra,
-            "spec": spec.with_process(num_steps, eta_schedule(eta, num_steps).tolist()).to_dict(),
-            "timesteps": schedule.timesteps.tolist(),  # integers (DDPM family) or floats (flow matching: 1000 sigma)
-            "base_seed": base_seed,
-            "shard_size": shard_size,
-            "h_shape": list(engine.h_shape),
-            "sample_shape": list(engine.sample_shape),
-            "thumbnail_size": thumbnail_size,
-        }
+        steps = None if h_steps is None else _stored_steps(h_steps, num_steps)
+        return Layout.of(spec.with_process(num_steps, eta_schedule(eta, num_steps).tolist()), schedule.timesteps.tolist(), base_seed,
+                         shard_size, engine.h_shape, engine.sample_shape, thumbnail_size, pool, prompt_order, steps)
+
+    @property
+    def layout(self) -> Layout:
+        """What the bank's samples depend on (``layout.py``)."""
+        if self._layout is None:
+            self._layout = Layout.of_settings(self.manifest)
+        return self._layout
 
     @property
     def spec(self) -> Spec:
         """The spec of the engine and process that drew the bank: ``Engine.load(bank.spec)`` rebuilds it."""
-        if self._spec is None:
-            self._spec = _spec(self.manifest)
-        return self._spec
+        return self.layout.spec
 
     def check_engine(self, engine, tolerant: bool = False) -> None:
         """Raise unless ``engine`` is compatible with the one that drew this bank (``Spec.check``)."""
@@ -276,26 +212,26 @@ class Bank:
 
     @property
     def shard_size(self) -> int:
-        return self.manifest["shard_size"]
+        return self.layout.shard_size
 
     @property
     def h_shape(self) -> tuple[int, ...]:
-        return tuple(self.manifest["h_shape"])
+        return self.layout.h_shape
 
     @property
     def seeds(self) -> list[int]:
-        base = self.manifest["base_seed"]
+        base = self.layout.base_seed
         return list(range(base, base + self.n))
 
     @property
     def timesteps(self) -> torch.Tensor:
         """[T] the timesteps of the bank's steps."""
-        return torch.tensor(self.manifest["timesteps"], dtype=torch.float64)
+        return torch.tensor(self.layout.timesteps, dtype=torch.float64)
 
     @property
     def h_steps(self) -> list[int]:
         """The steps (indices into the process's T) whose h the bank stores: all, unless drawn with ``h_steps``."""
-        return list(self.manifest.get("h_steps", range(self.num_steps)))
+        return self.layout.stored_steps
 
     @property
     def h_timesteps(self) -> torch.Tensor:
@@ -305,31 +241,27 @@ class Bank:
     @property
     def prompts(self) -> list[str] | None:
         """The bank's prompts (one for a bank of one prompt); None for an unconditional model."""
-        if "prompts" in self.manifest:
-            return list(self.manifest["prompts"])
+        if self.layout.prompts is not None:
+            return list(self.layout.prompts)
         return [self.spec.prompt] if self.spec.conditional else None
 
     def sample_prompts(self, indices: Sequence[int] | None = None) -> list[str] | None:
         """The prompt of each sample ``indices`` (default all); None for an unconditional model."""
-        pool = self.prompts
-        if pool is None:
+        if not self.spec.conditional:
             return None
-        indices = range(self.n) if indices is None else indices
-        order, base = self.manifest.get("prompt_order", "cycle"), self.manifest["base_seed"]
-        return [prompt_of(pool, order, base, i) for i in indices]
+        return [self.layout.prompt_of(i) for i in (range(self.n) if indices is None else indices)]
 
     @classmethod
-    def create(cls, path: str | Path, identity: dict, n: int, adopt_shards: bool = False) -> "Bank":
-        """A new bank folder with its manifest (``identity``: the keys of ``IDENTITY``); empty unless
-        ``adopt_shards`` (shards of these settings whose bank.json was lost)."""
+    def create(cls, path: str | Path, layout: Layout, n: int, adopt_shards: bool = False) -> "Bank":
+        """A new bank folder with its manifest (``layout``); empty unless ``adopt_shards`` (shards of this layout whose
+        bank.json was lost)."""
         path = Path(path)
-        missing = [key for key in (LEGACY_IDENTITY if _legacy(identity) else IDENTITY) if key not in identity]
-        if missing:
-            raise HspaceError(f"a bank identity needs {', '.join(missing)}")
+        if not isinstance(layout, Layout):
+            raise HspaceError(f"a bank is created from a Layout (hspace.layout), got {type(layout).__name__}")
         path.mkdir(parents=True, exist_ok=True)
         if (path / MANIFEST).exists() or (not adopt_shards and any(_SHARD.fullmatch(p.name) for p in path.iterdir())):
             raise HspaceError(f"{str(path)!r} already holds a bank or shard files; refusing to overwrite them")
-        bank = cls(path, {"kind": "hspace.Bank", "format": 2 if _legacy(identity) else FORMAT, **_identity(identity), "n": n})
+        bank = cls(path, {"kind": "hspace.Bank", "format": layout.format, **layout.to_dict(), "n": n})
         write_json(path / MANIFEST, bank.manifest)
         return bank
 
@@ -343,16 +275,15 @@ class Bank:
             raise HspaceError(f"a shard needs h of shape {expected} and {count} uint8 thumbnails, got {tuple(h.shape)} and {thumbs.dtype} {tuple(thumbs.shape)}")
         if float(h.abs().max()) <= FLOAT16_MAX:
             h = h.half()  # else keep float32: float16 would turn these values into inf
-        base = self.manifest["base_seed"]
+        base = self.layout.base_seed
         tensors = {
             "seeds": torch.arange(base + start, base + start + count, dtype=torch.int64),
             "h": h.detach().cpu().contiguous(),
             "thumbnails": thumbs.detach().cpu().contiguous(),
         }
-        identity = _identity(self.manifest)
         metadata = {
-            "kind": "hspace.BankShard", "start": str(start), "bank": _digest(identity),
-            "identity": json.dumps(identity), "sha256": _checksum(tensors),
+            "kind": "hspace.BankShard", "start": str(start), "bank": self.layout.digest,
+            "identity": json.dumps(self.layout.to_dict()), "sha256": _checksum(tensors),
         }
         return save_safetensors(tensors, self.shard_path(start), metadata)
 
@@ -362,7 +293,7 @@ class Bank:
         a shard of another bank (other settings) is an error naming it."""
         from safetensors import safe_open
 
-        base, found, ours = self.manifest["base_seed"], [], _digest(self.manifest)
+        base, found, ours = self.layout.base_seed, [], self.layout.digest
         for path in sorted(self.path.glob("shard-*.safetensors")):
             match = _SHARD.fullmatch(path.name)
             if not match:
@@ -483,7 +414,7 @@ class Bank:
         """Draw the given samples again from their seeds (with noise and h), e.g. to edit them."""
         self.check_engine(engine)
         indices = self.check_indices(indices)
-        seeds = [self.manifest["base_seed"] + i for i in indices]
+        seeds = [self.layout.base_seed + i for i in indices]
         return engine.sample(seeds, self.num_steps, self.eta, batch_size=batch_size, callback=callback, progress=progress,
                              prompts=self.sample_prompts(indices))
 
@@ -596,10 +527,10 @@ def build_banks(paths: dict[str, str | Path], engine, n: int, num_steps: int = 5
     for path in paths.values():
         if path.exists() and not path.is_dir():
             raise HspaceError(f"bank path {str(path)!r} exists and is not a folder")
-    identities = {name: Bank.identity_of(e, num_steps, eta, base_seed, shard_size, thumbnail_size, prompts, prompt_order, h_steps)
-                  for name, e in engines.items()}
+    layouts = {name: Bank.layout_of(e, num_steps, eta, base_seed, shard_size, thumbnail_size, prompts, prompt_order, h_steps)
+               for name, e in engines.items()}
     procs = processes or Processes.current(engine.device)
-    procs.agree(" ".join(_digest(i) for i in identities.values()) + f" n={n}", "the bank's settings (fingerprint and size)")
+    procs.agree(" ".join(layout.digest for layout in layouts.values()) + f" n={n}", "the bank's settings (fingerprint and size)")
     for path in paths.values():
         path.mkdir(parents=True, exist_ok=True)
     # The main process takes the banks' locks for the whole group and prepares the manifests; then every
@@ -609,19 +540,19 @@ def build_banks(paths: dict[str, str | Path], engine, n: int, num_steps: int = 5
         if procs.is_main:
             for path in paths.values():
                 locks.enter_context(_lock(path))
-        banks = _draw_missing(paths, identities, engine, n, num_steps, eta, batch_size, thumbnail_size, callback, progress, procs)
+        banks = _draw_missing(paths, layouts, engine, n, num_steps, eta, batch_size, thumbnail_size, callback, progress, procs)
         procs.barrier()  # every process has written its shards
         for bank in banks.values():
             procs.main_first(_check_complete, bank)
     return banks
 
 
-def _draw_missing(paths, identities, engine, n, num_steps, eta, batch_size, thumbnail_size, callback, progress, procs) -> dict[str, Bank]:
+def _draw_missing(paths, layouts, engine, n, num_steps, eta, batch_size, thumbnail_size, callback, progress, procs) -> dict[str, Bank]:
     """Every bank opened for ``n`` samples and this process's share of the shards any of them misses drawn once,
     h recorded at every location and written to each bank that misses the shard."""
     from .interventions import Record
 
-    missing = {name: dict(procs.main_first(_prepare, paths[name], identities[name], n)) for name in paths}
+    missing = {name: dict(procs.main_first(_prepare, paths[name], layouts[name], n)) for name in paths}
     banks = {name: Bank.open(path) for name, path in paths.items()}
     first = next(iter(banks.values()))
     todo = sorted(set().union(*(m.items() for m in missing.values())))
@@ -629,7 +560,7 @@ def _draw_missing(paths, identities, engine, n, num_steps, eta, batch_size, thum
     with Meter.job(callback, first.n * num_steps, progress if procs.is_main else False, "bank", done=done * num_steps, scale=procs.num) as meter:
         for start, count in procs.share(todo):
             (logger.info if procs.num > 1 else logger.debug)("process %d of %d draws samples %d..%d", procs.index, procs.num, start, start + count - 1)
-            seeds = list(range(first.manifest["base_seed"] + start, first.manifest["base_seed"] + start + count))
+            seeds = list(range(first.layout.base_seed + start, first.layout.base_seed + start + count))
             record = Record(locations=list(banks))
             trajectory = engine.sample(seeds, num_steps, eta, keep_noise=False, batch_size=batch_size, callback=meter, record_h=False,
                                        interventions=[record], prompts=first.sample_prompts(range(start, start + count)))
@@ -637,25 +568,25 @@ def _draw_missing(paths, identities, engine, n, num_steps, eta, batch_size, thum
             for name, bank in banks.items():
                 if start in missing[name]:
                     h = record.h_at(name)
-                    bank.write_shard(start, h if "h_steps" not in bank.manifest else h[:, bank.h_steps], thumbs)
+                    bank.write_shard(start, h if bank.layout.h_steps is None else h[:, bank.h_steps], thumbs)
     return banks
 
 
-def _prepare(path: Path, identity: dict, n: int) -> list[tuple[int, int]]:
+def _prepare(path: Path, layout: Layout, n: int) -> list[tuple[int, int]]:
     """The bank opened (created, extended or recovered) for ``n`` samples; its missing shards. The disk space
     is checked by arithmetic before anything is written or listed, so a refused size leaves nothing behind."""
     remove_stale_temporaries(path)
-    drawn = _drawn(path, identity)
-    _check_space(path, identity, max(0, n - drawn))
-    return _open_for(path, identity, n, drawn).missing()
+    drawn = _drawn(path, layout)
+    _check_space(path, layout, max(0, n - drawn))
+    return _open_for(path, layout, n, drawn).missing()
 
 
-def _drawn(path: Path, identity: dict) -> int:
-    """Samples already in shards of ``identity`` at ``path`` (0 for a new folder)."""
+def _drawn(path: Path, layout: Layout) -> int:
+    """Samples already in shards of ``layout`` at ``path`` (0 for a new folder)."""
     if not (path / MANIFEST).is_file():
         return 0
     try:
-        return sum(count for _, count in Bank(path, {**_identity(identity), "n": 0})._scan())
+        return sum(count for _, count in Bank(path, {**layout.to_dict(), "n": 0})._scan())
     except HspaceError:
         return 0  # another bank's shards: _open_for says so
 
@@ -667,23 +598,23 @@ def _check_complete(bank: "Bank") -> None:
                           "failed; run the same command again to draw them")
 
 
-def _open_for(path: Path, identity: dict, n: int, drawn: int = 0) -> Bank:
-    """The bank at ``path`` ready to hold ``n`` samples of ``identity``: opened (and extended), created, or
+def _open_for(path: Path, layout: Layout, n: int, drawn: int = 0) -> Bank:
+    """The bank at ``path`` ready to hold ``n`` samples of ``layout``: opened (and extended), created, or
     rebuilt from its shards when only bank.json was lost. A bank with no sample drawn yet (``drawn``) takes any
     ``n`` (a size declared by a run that was refused or killed at once is not binding)."""
     if not (path / MANIFEST).is_file():
         found = _shard_identity(path)
-        if found is not None and _readable_digest(found) != _digest(identity):
+        if found is not None and _readable_digest(found) != layout.digest:
             raise HspaceError(
                 f"{str(path)!r} holds shards of another bank ({_describe(found)}) and no {MANIFEST}; use another folder "
                 "or that bank's settings"
             )
         if found is not None:
             logger.info("rebuilding %s from the shards in %s", MANIFEST, path)
-            return Bank.create(path, identity, n, adopt_shards=True)
-        return Bank.create(path, identity, n)
+            return Bank.create(path, layout, n, adopt_shards=True)
+        return Bank.create(path, layout, n)
     bank = Bank.open(path)
-    bad = _mismatch(bank.manifest, identity)
+    bad = bank.layout.differences(layout)
     if bad:
         raise HspaceError(
             f"bank {str(path)!r} exists with different settings, so it cannot be extended or resumed by this call "
@@ -700,10 +631,10 @@ def _open_for(path: Path, identity: dict, n: int, drawn: int = 0) -> Bank:
     return bank
 
 
-def _readable_digest(identity) -> str | None:
+def _readable_digest(settings) -> str | None:
     """The digest of settings read from a file, or None where they are not settings this hspace can read."""
     try:
-        return _digest(identity)
+        return Layout.of_settings(settings).digest
     except (KeyError, TypeError, AttributeError, ValueError, HspaceError):
         return None
 
@@ -721,27 +652,21 @@ def _shard_identity(path: Path) -> dict | None:
     return None
 
 
-def _describe(identity: dict) -> str:
+def _describe(settings: dict) -> str:
     try:
-        spec = _spec(identity)
-    except (HspaceError, KeyError, TypeError):
+        return Layout.of_settings(settings).describe()
+    except (HspaceError, KeyError, TypeError, AttributeError, ValueError):
         return "settings this hspace cannot read"
-    eta = spec.eta if spec.eta is None or len(set(spec.eta)) > 1 else spec.eta[0]
-    return (
-        f"model {spec.model!r} (fingerprint {spec.fingerprint}), h location {spec.h_location!r}, {spec.num_steps} steps, "
-        f"eta {eta}, base seed {identity.get('base_seed')}, shard size {identity.get('shard_size')}"
-    )
 
 
-def _check_space(path: Path, identity: dict, samples: int) -> None:
+def _check_space(path: Path, layout: Layout, samples: int) -> None:
     """Log what the samples still to draw will take on disk, and refuse when the disk has less room."""
-    stored = len(identity.get("h_steps", range(_spec(identity).num_steps)))
-    per_sample = 2 * stored * math.prod(identity["h_shape"]) + 3 * identity["thumbnail_size"] ** 2 + 8
+    stored = len(layout.stored_steps)
+    per_sample = layout.h_bytes_per_sample + 3 * layout.thumbnail_size ** 2 + 8
     need = samples * per_sample
     free = shutil.disk_usage(path).free
     logger.info("bank %s: %d samples to draw, about %.1f MB on disk (%.1f MB free); h is %.2f MiB per sample (%d steps x %s in float16)",
-                path, samples, need / 1e6, free / 1e6, 2 * stored * math.prod(identity["h_shape"]) / 2**20, stored,
-                "x".join(map(str, identity["h_shape"])))
+                path, samples, need / 1e6, free / 1e6, layout.h_bytes_per_sample / 2**20, stored, "x".join(map(str, layout.h_shape)))
     if need > free:
         raise HspaceError(
             f"bank {str(path)!r} needs about {need / 1e6:.1f} MB for {samples} more samples but the disk has "

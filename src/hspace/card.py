@@ -34,6 +34,7 @@ import torch
 from .directions.direction import Direction
 from .errors import HspaceError
 
+THRESHOLD = 0.5  # a binary score above it: the attribute is present (every flip below counts by this one label)
 DEFAULT_SCALES = (-4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0)  # geometric: a strong and a weak direction both cross 50%
 CARD_SEED = 700_000  # held-out samples of a card: seeds from here (banks use 0 .. n-1, reproduce 50,000 on)
 
@@ -135,7 +136,7 @@ def card(
 
     scales = sorted(set(check_scales(scales)) | {0.0})
     if domain is None and scorer is None:
-        domain = domain_of(engine.name)
+        domain = domain_of(engine.spec)
     score = scorer or domain.scorer()
     binary = list(domain.binary) if domain is not None else []
     spread = domain.spread() if domain is not None and domain.spread is not None else {}
@@ -144,7 +145,7 @@ def card(
     scores = _scores(score, images)
     if not binary:
         binary = [k for k, v in scores.items() if bool(((v >= 0) & (v <= 1)).all())]
-    change, change_se, flip, eligible = _statistics(scales, scores, binary, spread)
+    change, change_se, flip, eligible = _statistics(scales, scores, binary, spread, domain)
     target = _target(direction, scores, change, target)
     if target in flip:  # one more scale where the grid says the target's flip rate crosses 50%: the unit is measured, not interpolated
         crossing = _crossing(scales, flip[target], 0.5, change[target][-1] >= 0)
@@ -155,7 +156,7 @@ def card(
             images = torch.cat([images, more])[order]
             extra = _scores(score, more)
             scores = {k: torch.cat([v, extra[k]])[order] for k, v in scores.items()}
-            change, change_se, flip, eligible = _statistics(scales, scores, binary, spread)
+            change, change_se, flip, eligible = _statistics(scales, scores, binary, spread, domain)
     S, B = images.shape[:2]
     pixel_change, outside, realism, similarity = _image_measures(images, scales.index(0.0), mask, domain, score)
     result = Card(direction.name, target, scales, B, change, change_se, flip, eligible, pixel_change, outside, realism, binary=binary,
@@ -212,26 +213,118 @@ def _scores(score, images: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: torch.as_tensor(v, dtype=torch.float64).reshape(S, B) for k, v in flat.items() if torch.as_tensor(v).numel() == S * B}
 
 
-def _statistics(scales: list[float], scores: dict, binary: list[str], spread: dict):
+def present(scores: torch.Tensor) -> torch.Tensor:
+    """The label of binary scores: the attribute is present where the score is above ``THRESHOLD``."""
+    return scores > THRESHOLD
+
+
+def flip_rate(before: torch.Tensor, after: torch.Tensor, could: torch.Tensor | None = None) -> float | None:
+    """The one flip protocol (cards, ``flip_rates``, reproduce): the share of the samples that could flip (``could``,
+    default all) whose label differs after the edit; None when no sample could."""
+    if could is None:
+        could = torch.ones_like(before, dtype=torch.bool)
+    if not bool(could.any()):
+        return None
+    return float((present(after[could]) != present(before[could])).double().mean())
+
+
+def flip_rates(
+    engine,
+    trajectory,
+    directions: dict[str, Direction],
+    scale: float,
+    classify: Callable[[torch.Tensor], dict],
+    *,
+    watch: list[str] | None = None,
+    domain=None,
+    batch_size: int = 32,
+    callback=None,
+    progress: bool | None = None,
+) -> dict:
+    """For each attribute -> direction: the share of samples whose classifier label flips (``flip_rate``) when the
+    direction is applied towards the opposite label (+scale where the attribute is absent, -scale where it
+    is present), and the share flipped of every other binary attribute (what the edit drags along).
+
+    ``classify`` maps images to probabilities per attribute (names as the keys of ``directions``);
+    ``watch`` names the binary scores to count as other attributes (default: the binary attributes of
+    ``domain``, or of the domain registered for the engine's model, among the scores). Every edit of
+    every sample is one batched replay.
+    """
+    from .interventions import LinearEdit
+
+    before = classify(trajectory.images)
+    watch = _watched(engine, before, directions, watch, domain)
+    binary = list(dict.fromkeys(list(directions) + watch))  # the edited ones, then the rest
+    for direction in directions.values():
+        engine.check_direction(direction, trajectory.num_steps)
+    n, names = len(trajectory), list(directions)
+    # One batched run: row (d, b) is sample b edited by direction d towards its opposite label.
+    labels = torch.stack([present(before[name]) for name in names])  # [D, n]
+    coefficients = torch.zeros(len(names) * n, len(names))
+    for d in range(len(names)):
+        coefficients[d * n : (d + 1) * n, d] = torch.where(labels[d], -1.0, 1.0) * float(scale)
+    edit = LinearEdit(engine.directions_at(list(directions.values()), trajectory.num_steps), coefficients)
+    source = torch.arange(n).repeat(len(names))
+    edited = engine.replay(trajectory, interventions=[edit], source=source, batch_size=batch_size, callback=callback, progress=progress)
+    after_all = classify(edited.images)
+    report = {"n": n, "scale": float(scale), "attributes": {}}
+    for d, name in enumerate(names):
+        after = {k: v[d * n : (d + 1) * n] for k, v in after_all.items()}
+        label = labels[d]
+        flips = {k: flip_rate(before[k], after[k]) for k in binary}
+        report["attributes"][name] = {
+            "flipped": flips[name],
+            "flipped_to_present": flip_rate(before[name], after[name], ~label) or 0.0,
+            "flipped_to_absent": flip_rate(before[name], after[name], label) or 0.0,
+            "others_flipped": {k: v for k, v in flips.items() if k != name},
+        }
+    return report
+
+
+def _watched(engine, before: dict, directions: dict, watch, domain) -> list[str]:
+    """The binary scores ``flip_rates`` counts as other attributes, checked against what the classifier scores."""
+    missing = [name for name in directions if name not in before]
+    if missing:
+        raise HspaceError(f"the classifier has no {missing[0]!r}; it scores {', '.join(sorted(before))}")
+    if watch is None:
+        from .domains import domain_of
+
+        watch = _binary_keys(before, domain or domain_of(engine.spec, required=False))
+    unknown = [k for k in watch if k not in before]
+    if unknown:
+        raise HspaceError(f"the classifier has no {unknown[0]!r} to watch; it scores {', '.join(sorted(before))}")
+    return list(watch)
+
+
+def _binary_keys(scores: dict, domain) -> list[str]:
+    """The domain's binary attributes among the scores (no domain: only the edited ones count)."""
+    return [] if domain is None else [k for k in domain.binary if k in scores]
+
+
+def mean_off_target(report: dict) -> float:
+    """Mean share of other attributes flipped, over all directions of a ``flip_rates`` report."""
+    values = [v for a in report["attributes"].values() for v in a["others_flipped"].values()]
+    return sum(values) / len(values) if values else 0.0
+
+
+def _statistics(scales: list[float], scores: dict, binary: list[str], spread: dict, domain=None):
     """Mean change and its standard error per attribute and scale, flip rates and their eligible counts (module doc)."""
+    from .domains import attribute_change
+
     zero = scales.index(0.0)
     B = next(iter(scores.values())).shape[1]
     change, change_se, flip, eligible = {}, {}, {}, {}
     for attribute, values in scores.items():
-        delta = values - values[zero]
-        if attribute == "background":  # a hue: the shorter way round the circle
-            delta = torch.remainder(delta + 0.5, 1.0) - 0.5
-        delta = delta / spread.get(attribute, 1.0)
+        delta = attribute_change(attribute, values[zero], values, domain) / spread.get(attribute, 1.0)
         change[attribute] = delta.mean(1).tolist()
         change_se[attribute] = (delta.std(1) / math.sqrt(B)).tolist()
         if attribute in binary:
-            before = values[zero] > 0.5
+            before = present(values[zero])
             rates, counts = [], []
             for s, scale in enumerate(scales):
                 could = ~before if scale > 0 else before
-                after = values[s] > 0.5
                 counts.append(int(could.sum()))
-                rates.append(None if scale == 0 or not bool(could.any()) else float((after[could] != before[could]).double().mean()))
+                rates.append(None if scale == 0 else flip_rate(values[zero], values[s], could))
             flip[attribute], eligible[attribute] = rates, counts
     return change, change_se, flip, eligible
 
@@ -300,10 +393,7 @@ def calibrated(result: Card, direction: Direction) -> Direction:
 def write_card(result: Card, direction: Direction, out: str | Path) -> Path:
     """card.md, card.json and a dose-response plot per attribute (PNG) in ``out``; the direction with its
     calibration as ``out/DIRECTION.safetensors``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure
 
     from .files import safe_name, write_json, write_text
 
@@ -311,14 +401,14 @@ def write_card(result: Card, direction: Direction, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plots = {}
     for attribute, values in result.change.items():
-        fig, ax = plt.subplots(figsize=(3.2, 2.4))
+        fig = Figure(figsize=(3.2, 2.4))
+        ax = fig.subplots()
         ax.errorbar(result.scales, values, yerr=[1.96 * e for e in result.change_se[attribute]], marker="o", capsize=2)
         ax.axhline(0, color="grey", lw=0.5)
         ax.set(xlabel="raw scale", ylabel="change" + (" (stds)" if attribute not in result.flip else " (prob.)"), title=attribute)
         fig.tight_layout()
         name = f"dose_{attribute}.png"
         fig.savefig(out / name, dpi=80)
-        plt.close(fig)
         plots[attribute] = name
     write_json(out / "card.json", result.to_json())
     write_text(out / "card.md", result.markdown(plots))

@@ -57,7 +57,7 @@ def run_demo(out: str | Path, model: str | None = None, steps: int = 50, device:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     engine = Engine.load(model or DEFAULT_MODEL, device=device)
-    demo = Demo(engine, domain_of(engine.name, required=False), out, steps)
+    demo = Demo(engine, domain_of(engine.spec, required=False), out, steps)
     ddpm = _samples_and_swap(demo)
     targets = ddpm[[2, 3, 4, 5]]
     pool = engine.sample(range(1000, 1000 + POOL), steps, eta=1.0)  # serves the PCA and the annotation

@@ -283,7 +283,7 @@ def _clip_prompts(items: list[str] | None) -> dict[str, tuple[str, str]]:
     return prompts
 
 
-def scorer_from(text: str, prompts: list[str] | None, model: str):
+def scorer_from(text: str, prompts: list[str] | None, model):
     """A scorer named on the command line: "domain" (the model's), a domain name, or "clip:DIR"."""
     from ..domains import domain_of, get_domain
 

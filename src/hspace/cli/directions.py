@@ -178,7 +178,7 @@ def run_jacobian(args) -> None:
     if at and max(at) >= steps:
         raise HspaceError(f"--at {max(at)} is out of range; valid: step indices from 0 to {steps - 1} (the process has {steps} steps)")
     engine = engine or engine_from(args)
-    mask = load_mask(args.mask, engine.sample_shape[1:], domain_of(engine.name, required=False), "--mask") if args.mask else None
+    mask = load_mask(args.mask, engine.sample_shape[1:], domain_of(engine.spec, required=False), "--mask") if args.mask else None
     if args.h_cells and mask is None:
         raise HspaceError("--h-cells needs --mask (the region whose cells of h the directions keep)")
     if args.seeds and saved is not None:
@@ -223,7 +223,7 @@ def run_annotate(args) -> None:
     from ..directions.supervised import annotate_bank
 
     bank = Bank.open(args.bank)
-    scorer = scorer_from(f"clip:{args.clip}" if args.clip else args.scorer, args.prompt, bank.spec.model)
+    scorer = scorer_from(f"clip:{args.clip}" if args.clip else args.scorer, args.prompt, bank.spec)
     procs = processes_of(args)
     scores = annotate_bank(bank, scorer, name=args.name, batch_size=args.batch_size, processes=procs)
     if not procs.is_main:

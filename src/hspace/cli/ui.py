@@ -46,7 +46,8 @@ def build_editor(args, startup):
     loaded (importing diffusers alone takes seconds) and, on a first start, the starter set drawn."""
     from ..bank import Bank
     from ..directions.direction import load_directions
-    from ..ui.server import Editor, starter_directions
+    from ..ui.editor import Editor
+    from ..ui.starter import starter_directions
 
     startup.report("loading the model")
     if args.bank:

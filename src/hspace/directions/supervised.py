@@ -69,7 +69,7 @@ def annotate_bank(bank, scorer: Scorer | None = None, name: str = "classifier", 
     if scorer is None:
         from ..domains import domain_of
 
-        scorer = domain_of(bank.spec.model).scorer()
+        scorer = domain_of(bank.spec).scorer()
     chunks = list(enumerate(bank.thumbnails().split(batch_size)))
     mine = [(i, _score_chunk(scorer, chunk)) for i, chunk in procs.share(chunks)]
     parts = dict(item for gathered in procs.gather(mine) for item in gathered)

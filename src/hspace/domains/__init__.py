@@ -33,11 +33,25 @@ class Domain:
     models: tuple[str, ...] = field(default=())  # model names (Spec.model) this domain describes
     realism: Callable[[torch.Tensor], float] | None = None  # images -> distance to real data (lower: more real)
     spread: Callable[[], dict[str, float]] | None = None  # each attribute's std in the real data (binary: 1)
+    fingerprints: Callable[[], tuple[str, ...]] | None = None  # the model fingerprints (Spec.fingerprint) it describes
+    circular: tuple[str, ...] = ()  # continuous attributes on a circle of period 1 (a hue): changes go the shorter way
+
+    def change(self, attribute: str, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        """The signed change of an attribute's scores: ``after - before``, the shorter way round for a circular one."""
+        return attribute_change(attribute, before, after, self)
 
     def part_mask(self, part: str, size: int) -> torch.Tensor:
         if self.mask is None or part not in self.parts:
             raise HspaceError(f"domain {self.name!r} has no part {part!r}; valid: {', '.join(self.parts) or 'none'}")
         return self.mask(part, size)
+
+
+def attribute_change(attribute: str, before: torch.Tensor, after: torch.Tensor, domain: Domain | None = None) -> torch.Tensor:
+    """``after - before``, the shorter way round the circle where ``domain`` says the attribute is circular."""
+    delta = after - before
+    if domain is not None and attribute in domain.circular:
+        delta = torch.remainder(delta + 0.5, 1.0) - 0.5
+    return delta
 
 
 _REGISTRY: dict[str, Domain] = {}
@@ -68,12 +82,22 @@ def get_domain(name: str) -> Domain:
     return _REGISTRY[name]
 
 
-def domain_of(model: str, required: bool = True) -> Domain | None:
-    """The domain registered for a model name (None, or an error when ``required``)."""
+def domain_of(model, required: bool = True) -> Domain | None:
+    """The domain registered for a model: a ``Spec`` (or anything with ``spec``: an engine, a bank) is found by its
+    name, else by its content fingerprint, so a copy of a bundled model in another folder keeps its domain; a string
+    by name. None, or an error when ``required``."""
     _load_builtins()
+    spec = getattr(model, "spec", model)
+    name = getattr(spec, "model", spec)
+    fingerprint = getattr(spec, "fingerprint", None)
     for domain in _REGISTRY.values():
-        if model in domain.models:
+        if name in domain.models:
             return domain
+    if fingerprint is not None:
+        for domain in _REGISTRY.values():
+            if domain.fingerprints is not None and fingerprint in domain.fingerprints():
+                return domain
+    model = name
     if required:
         known = ", ".join(f"{d.name} ({', '.join(d.models)})" for d in _REGISTRY.values())
         raise HspaceError(

@@ -153,6 +153,7 @@ def _draw(positives, negatives, n: int, draw: int) -> tuple[list[int], list[int]
 def _edit_success(run: Run, bank, spaces, positives, negatives, pairs) -> dict:
     """Share of held-out samples without the attribute that gain it, per n, for h, x_T and a random h direction, over
     ``fig8_edit_draws`` draws (each: its own pairs, random direction and ``fig8_draw_samples`` test samples)."""
+    from ..card import present
     from ..directions.direction import Direction
     from ..directions.supervised import edit_x_T
     from tqdm.auto import tqdm
@@ -161,11 +162,11 @@ def _edit_success(run: Run, bank, spaces, positives, negatives, pairs) -> dict:
 
     c = run.config
     pool = run.test_samples(c.fig8_test * 3, NAME, eta=0.0)
-    lacking = (run.classify(pool.images)[ATTRIBUTE] <= 0.5).nonzero()[:, 0].tolist()[: c.fig8_test]
+    lacking = (~present(run.classify(pool.images)[ATTRIBUTE])).nonzero()[:, 0].tolist()[: c.fig8_test]
     test = pool[lacking]
     shape = {"h": bank.h_shape, "x_T": run.engine.sample_shape}
     full = {s: _difference(x, positives, negatives) for s, x in spaces.items()}
-    gained = lambda images: (run.classify(images)[ATTRIBUTE] > 0.5).double().tolist()  # noqa: E731
+    gained = lambda images: present(run.classify(images)[ATTRIBUTE]).double().tolist()  # noqa: E731 (all lacked it: a gain is a flip)
     h_direction = lambda delta, name: Direction(delta.float().reshape(bank.num_steps, *shape["h"]), meta={"name": name}, spec=bank.spec)  # noqa: E731
     calibration = run.engine.edit(test, h_direction(full["h"], "all"), list(SCALES), batch_size=c.batch_size).images[0]
     scale = next((s for s, images in zip(SCALES, calibration) if sum(gained(images)) >= SUCCESS * len(lacking)), SCALES[-1])

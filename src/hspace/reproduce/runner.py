@@ -89,11 +89,8 @@ FULL = Config(
 
 
 def change(before: dict, after: dict, name: str) -> torch.Tensor:
-    """Per-sample signed change of an attribute (background hue: the shorter way round the circle)."""
-    d = after[name] - before[name]
-    if name == "background":
-        d = torch.remainder(d + 0.5, 1.0) - 0.5
-    return d
+    """Per-sample signed change of an attribute (the domain's rule: the background hue the shorter way round)."""
+    return DOMAIN.change(name, before[name], after[name])
 
 
 def confidence(scores: dict) -> torch.Tensor:
@@ -217,17 +214,14 @@ class Run:
         return f"figures/{name}"
 
     def plot(self, draw: Callable, name: str, size=(5, 3.5)) -> str:
-        """A matplotlib figure drawn by ``draw(fig)`` into figures/NAME."""
-        import matplotlib
+        """A matplotlib figure drawn by ``draw(fig)`` into figures/NAME (a ``Figure`` of its own: no pyplot, no backend
+        chosen for the process)."""
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig = plt.figure(figsize=size)
+        fig = Figure(figsize=size)
         draw(fig)
         fig.tight_layout()
         fig.savefig(self.out / "figures" / name, dpi=100)
-        plt.close(fig)
         return f"figures/{name}"
 
     @property

@@ -176,7 +176,7 @@ def run_edit_success(args) -> None:
     from ..bank import Bank
     from ..directions.disentangle import disentangle_each
     from ..directions.supervised import direction_from_scores
-    from ..evaluate import flip_rates, mean_off_target
+    from ..card import flip_rates, mean_off_target
     from .domain import TOYFACES
 
     bank = Bank.open(args.bank)

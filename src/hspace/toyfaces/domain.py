@@ -35,6 +35,15 @@ def _spread() -> dict[str, float]:
     return {**{name: 1.0 for name in BINARY}, **{name: float(labels[name].std()) for name in CONTINUOUS}}
 
 
+@lru_cache(maxsize=1)
+def _fingerprints() -> tuple[str, ...]:
+    """The content fingerprints of the bundled toy-faces models: a copy of either folder is the same model."""
+    from ..fingerprint import folder_fingerprint
+    from ..loading import TOYDIT_FOLDER, TOYFACES_FOLDER
+
+    return tuple(folder_fingerprint(folder) for folder in (TOYFACES_FOLDER, TOYDIT_FOLDER) if folder.is_dir())
+
+
 def _render(seeds, size: int):
     images, labels, masks = render_batch(seeds, size=size)
     return torch.from_numpy(images), labels, {part: torch.from_numpy(m) for part, m in masks.items()}
@@ -52,5 +61,7 @@ TOYFACES = register(
         models=("toyfaces", "toydit"),
         realism=_realism,
         spread=_spread,
+        fingerprints=_fingerprints,
+        circular=("background",),
     )
 )
