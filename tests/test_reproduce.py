@@ -72,6 +72,12 @@ PINNED_VERDICTS = {
 RELATIVE = 1e-3
 
 
+def share(value: float, n: int):
+    """A share of n classifier calls: which sample is borderline (a score near 0.5) is fixed on this CPU and the same
+    at 1 and 2 threads, but another CPU's rounding may tip one, so it is pinned give or take one sample (1/n)."""
+    return pytest.approx(value, abs=1 / n + 1e-9)
+
+
 def _assert_pinned(sections):
     near = lambda x: pytest.approx(x, rel=RELATIVE, abs=1e-4)  # noqa: E731
     assert {name: s["verdict"]["state"] for name, s in sections.items()} == PINNED_VERDICTS
@@ -93,12 +99,13 @@ def _assert_pinned(sections):
     # the cosines are means over 20 draws of the pairs (fig8.DRAWS); their intervals' centres are the means
     expected = [(1, 0.06182, 0.00358), (2, 0.15884, 0.00536), (4, 0.24391, 0.00198), (8, 0.32071, 0.01057)]
     assert fig8 == [tuple(near(v) for v in row) for row in expected] and sections["fig8"]["calibrated_scale"] == 1.5
-    # The edits: 5 draws x 4 samples per n, pooled (shares of 20 move in steps of 0.05: pinned exactly), and their
-    # bootstrap intervals (percentiles of 2000 resamples of the draws with a fixed generator: exact given the outcomes).
+    # The edits: 5 draws x 4 samples per n, pooled (shares of 20: steps of 0.05, give or take one sample), and their
+    # bootstrap intervals (percentiles of 2000 resamples of the draws with a fixed generator: exact given the outcomes,
+    # so one tipped sample moves them by a step too).
     edits = [(r["h_success"], *r["h_success_interval"], r["x_T_success"], *r["x_T_success_interval"]) for r in sections["fig8"]["rows"]]
     expected = [(0.65, 0.55, 0.75, 0.45, 0.35, 0.5), (0.75, 0.6, 0.9, 0.5, 0.35, 0.65), (0.9, 0.8, 1.0, 0.55, 0.4, 0.7), (0.95, 0.85, 1.0, 0.8, 0.75, 0.9)]
-    assert edits == [tuple(pytest.approx(v, abs=1e-9) for v in row) for row in expected]
-    assert all((r["random_success"], *r["random_success_interval"]) == (pytest.approx(0.3), pytest.approx(0.25), pytest.approx(0.4)) for r in sections["fig8"]["rows"])
+    assert edits == [tuple(share(v, 20) for v in row) for row in expected]
+    assert all((r["random_success"], *r["random_success_interval"]) == (share(0.3, 20), share(0.25, 20), share(0.4, 20)) for r in sections["fig8"]["rows"])
     assert (sections["fig8"]["verdict"]["convergence"], sections["fig8"]["verdict"]["edits"]) == ("undecided", "undecided")
     to_all = [(r["h_to_all"], r["h_floor"], r["x_T_to_all"]) for r in sections["fig8"]["rows"]]
     expected = [(0.31427, 0.24702, 0.1756), (0.39743, 0.26018, 0.25325), (0.53838, 0.17669, 0.35933), (0.73498, 0.23311, 0.50659)]
@@ -120,7 +127,8 @@ def _assert_pinned(sections):
     ]
     assert jac == [(*row[:4], *(near(v) for v in row[4:])) for row in expected]
     follows = {k: v["follows_h"] for k, v in sections["swap"]["attributes"].items()}
-    assert follows == {"smile": 1.0, "eyes_open": 0.75, "glasses": near(2 / 3), "hat": 1.0, "hair_color": 0.875, "skin_tone": 0.75, "yaw": 1.0, "background": 0.0}
+    assert follows == {"smile": share(1.0, 8), "eyes_open": share(0.75, 8), "glasses": share(2 / 3, 3), "hat": share(1.0, 8), "hair_color": share(0.875, 8),
+                       "skin_tone": share(0.75, 8), "yaw": share(1.0, 8), "background": share(0.0, 8)}
     # Asyrp's mean smile changes are ~1e-5 of a probability: noise, not an effect. What is pinned is that the paired
     # intervals of Asyrp's gain contain 0 (so the claim does not hold here), and the changes to 1e-6 absolute (the
     # measured spread between thread counts is 2e-8).
@@ -200,4 +208,4 @@ def test_quick_reproduce_on_the_toy_dit_runs_its_claims_and_pins_their_numbers(t
     # h-swap in a transformer: the block's output is the whole stream, so the swapped sample is the donor's velocity
     # integrated from the other noise (docs/transformers.md); its shares of a few pairs, pinned exactly
     assert {k: (v["pairs_that_differ"], v["follows_h"]) for k, v in sections["swap"]["attributes"].items() if k in ("smile", "eyes_open", "glasses", "hat")} == {
-        "smile": (3, 1.0), "eyes_open": (4, 0.5), "glasses": (3, pytest.approx(1 / 3)), "hat": (4, 1.0)}
+        "smile": (3, share(1.0, 3)), "eyes_open": (4, share(0.5, 4)), "glasses": (3, share(1 / 3, 3)), "hat": (4, share(1.0, 4))}

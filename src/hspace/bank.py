@@ -150,15 +150,15 @@ class Bank:
             raise HspaceError(f"{file} is not an hspace bank manifest (kind={manifest.get('kind')!r})")
         if manifest.get("format") not in FORMATS:
             raise HspaceError(f"{file} has bank format {manifest.get('format')!r}; this hspace reads formats {', '.join(map(str, FORMATS))}")
+        try:
+            Layout.of_settings(manifest)
+        except (HspaceError, TypeError, ValueError) as e:
+            raise HspaceError(f"{file} has bad settings: {e}") from None
         if "n" not in manifest:
             raise HspaceError(f"{file} lacks n; it is not a complete bank manifest")
         n = manifest["n"]
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise HspaceError(f"{file} has n = {n!r}; valid: an integer >= 1")
-        try:
-            Layout.of_settings(manifest)
-        except (HspaceError, TypeError, ValueError) as e:
-            raise HspaceError(f"{file} has bad settings: {e}") from None
         return cls(path, manifest)
 
     @staticmethod

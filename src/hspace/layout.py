@@ -57,7 +57,7 @@ class Layout:
         legacy = "num_steps" in settings
         missing = [key for key in (_FORMAT2 if legacy else _REQUIRED) if key not in settings]
         if missing:
-            raise HspaceError(f"a bank's settings need {', '.join(missing)}")
+            raise HspaceError(f"lacks {', '.join(missing)} (what a bank's settings of format {2 if legacy else FORMAT} hold)")
         spec = Spec.from_dict(settings["spec"])
         if legacy:
             spec = replace(spec.with_process(settings["num_steps"], settings["eta"]), autocast=settings.get("autocast"))
