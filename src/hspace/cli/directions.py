@@ -120,6 +120,9 @@ def _register_bank(sub) -> None:
                         "directions found from it are resampled to every step where applied")
     p.add_argument("--prompt-order", choices=PROMPT_ORDERS, default="cycle",
                    help="with several prompts: sample i gets prompt i mod P (cycle, default) or one drawn by its seed (random)")
+    p.add_argument("--plan", action="store_true", help="print the disk, memory and denoiser passes the bank will take, from the model's "
+                   "configs alone (no weights loaded), and draw nothing")
+    p.add_argument("--pass-seconds", type=finite_float, default=None, help="with --plan: one denoiser pass's time on your device, for hours")
     add_processes_arg(p)
     p.set_defaults(func=run_bank)
 
@@ -127,6 +130,8 @@ def _register_bank(sub) -> None:
 def run_bank(args) -> None:
     from ..bank import build_bank
 
+    if args.plan:
+        return run_plan(args)
     eta = parse_eta(args.eta)
     engine = engine_from(args)
     bank = build_bank(
@@ -137,6 +142,19 @@ def run_bank(args) -> None:
     )
     if processes_of(args).is_main:
         print(f"{bank}: complete, seeds {bank.seeds[0]}..{bank.seeds[-1]}")
+
+
+def run_plan(args) -> None:
+    from ..loading import DEFAULT_MODEL
+    from ..plan import plan_bank
+
+    if args.pass_seconds is not None and not args.pass_seconds > 0:
+        raise HspaceError(f"--pass-seconds must be positive, got {args.pass_seconds}")
+    plan = plan_bank(args.model or DEFAULT_MODEL, args.n, args.steps, h_location=args.h_location,
+                     h_steps=None if args.h_steps is None else parse_seeds(args.h_steps), height=args.height, width=args.width,
+                     batch_size=args.batch_size if isinstance(args.batch_size, int) else 32, dtype=args.dtype or "float32",
+                     thumbnail_size=args.thumbnail_size)
+    print("\n".join(plan.lines(seconds_per_pass=args.pass_seconds)))
 
 
 def run_pca(args) -> None:
