@@ -226,3 +226,39 @@ def test_saved_result_reloads_and_projects_new_h(tmp_path, per_timestep):
     assert torch.allclose(loaded.project(h).var(0), torch.ones(1, dtype=torch.float64), atol=1e-6)
     with pytest.raises(HspaceError, match="holds no PCA result"):
         PCAResult.load(tmp_path)
+
+
+def _low_rank(n=240, T=3, D=1500, rank=30, seed=0):
+    """h [n, T, 15, 10, 10] with a decaying spectrum of ``rank`` directions plus noise: well separated top components."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(D, rank, generator=g, dtype=torch.float64)).Q
+    coef = torch.randn(n, T, rank, generator=g, dtype=torch.float64) * torch.logspace(1.5, 0, rank, dtype=torch.float64)
+    return (coef @ basis.T + 0.05 * torch.randn(n, T, D, generator=g, dtype=torch.float64)).float().reshape(n, T, 15, 10, 10)
+
+
+def test_the_randomized_route_agrees_with_an_explicit_svd_and_counts_its_passes(monkeypatch):
+    from hspace.directions import pca as pca_module
+
+    h = _low_rank()
+    passes = []
+    chunks = list(torch.split(h, 64))
+
+    def counted():
+        passes.append(1)
+        return iter(chunks)
+
+    fast = pca_per_timestep(counted, 8, method="randomized")
+    from hspace.directions.randomized import POWER_ITERATIONS
+
+    assert fast.route == "randomized" and len(passes) == 2 + 2 * POWER_ITERATIONS  # sketch, power iterations, the last product
+    for t in range(h.shape[1]):
+        x = h[:, t].reshape(len(h), -1).double()
+        _, S, Vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+        V = fast.components[:, t].reshape(8, -1).double()
+        cosines = torch.linalg.svdvals(V @ Vh[:8].T)  # the cosines of the principal angles of the two top-8 subspaces
+        assert float(cosines.min()) > np.cos(np.radians(1.0))
+        assert torch.allclose(fast.sigma[:, t].double(), S[:8] / np.sqrt(len(h) - 1), rtol=1e-3)
+    exact = pca_from_h(h, 8, method="gram")
+    assert torch.allclose(fast.variance_ratio, exact.variance_ratio, rtol=1e-3)
+    monkeypatch.setattr(pca_module, "RANDOMIZED_ABOVE", 1000)  # h of 1500 numbers a step: "auto" takes it above this size
+    assert pca_from_h(h, 3).route == "randomized"

@@ -34,7 +34,7 @@ def _register_pca(sub) -> None:
     p.add_argument("bank", help="bank folder")
     p.add_argument("--k", type=positive_int, default=10, help="number of principal components (default 10)")
     p.add_argument("--over", default="timestep", help="timestep: one PCA per timestep (default); trajectory: one over all timesteps concatenated")
-    p.add_argument("--method", default="auto", help="auto, covariance or gram (default auto)")
+    p.add_argument("--method", default="auto", help="auto, covariance, gram (exact) or randomized (streamed, O(D k) memory a step: FLUX-sized h; auto takes it above 1 M numbers a step) (default auto)")
     p.add_argument("--memory-gb", type=finite_float, default=2.0, help="memory budget of the accumulators (default 2)")
     p.add_argument("--random", type=nonnegative_int, default=0, help="also write this many random directions of matched per-step norm (Fig. 6)")
     p.add_argument("--random-seed", type=nonnegative_int, default=0)

@@ -51,11 +51,12 @@ from ..errors import HspaceError
 from ..spec import FREE, Spec
 from ..files import read_safetensors, save_safetensors, staged_folder
 from .direction import Direction, DirectionSet, save_directions, write_result_record
+from .randomized import RANDOMIZED_ABOVE, RandomizedPCA
 
 __all__ = ["PCAResult", "StreamingPCA", "pca_per_timestep", "pca_from_h", "random_directions"]
 
 DEFAULT_MEMORY_BUDGET = 2**31  # bytes
-METHODS = ("auto", "covariance", "gram")
+METHODS = ("auto", "covariance", "gram", "randomized")  # randomized: randomized.py, streamed, O(D k) memory per timestep
 _F64 = torch.float64
 
 
@@ -563,8 +564,10 @@ def pca_per_timestep(
     k: the number of components, 1 <= k <= min(n-1, D).
     per_timestep: False does one PCA over all timesteps concatenated (h_{T:1} as one T*D vector per sample).
     method: "covariance" (one pass, D x D float64 per timestep), "gram" (n x n Gram matrix per timestep,
-        1 + number of panels passes, never D x D) or "auto": covariance when (G + 2) D x D float64 matrices
-        fit ``memory_budget_bytes`` and ``expected_n`` (if given) is not below D, else gram.
+        1 + number of panels passes, never D x D), "randomized" (``randomized.py``: streamed, 2 + 2 x power iterations
+        passes, O(D k) per timestep, approximate) or "auto": randomized above ``RANDOMIZED_ABOVE`` numbers per
+        timestep, else covariance when (G + 2) D x D float64 matrices fit ``memory_budget_bytes`` and ``expected_n``
+        (if given) is not below D, else gram.
     memory_budget_bytes: bounds the covariance matrices, and the chunks the Gram route keeps at a time (a
         quarter of it). The Gram route's own n x n float64 matrices per timestep (T * n^2 * 8 bytes) come
         on top.
@@ -580,6 +583,8 @@ def pca_per_timestep(
     source = _Source(chunks, per_timestep)
     if method == "gram":
         return replace(_GramPCA(source, k, memory_budget_bytes).run(), spec=spec, timesteps=timesteps)
+    if method == "randomized":
+        return replace(RandomizedPCA(source, k).run(), spec=spec, timesteps=timesteps)
 
     # The route depends on D: read the first chunk, then go on with this pass (covariance) or restart the
     # passes from scratch (gram; the first chunk is read once more).
@@ -589,6 +594,9 @@ def pca_per_timestep(
     if first is None:
         raise HspaceError("PCA needs at least 2 samples, got 0 (chunks yielded no samples)")
     G, D = source.shape.groups, source.shape.dim
+    if method == "auto" and D > RANDOMIZED_ABOVE:  # FLUX-sized h: neither exact route's matrices, the passes start over
+        it.close()
+        return replace(RandomizedPCA(source, k).run(), spec=spec, timesteps=timesteps)
     if method == "auto":
         fits = _covariance_bytes(G, D) <= memory_budget_bytes
         if not fits or (expected_n is not None and expected_n < D):

@@ -92,4 +92,4 @@ def regression_directions(bank, attributes: Sequence[str], scores: str = "classi
     for chunk in bank.h_chunks()():
         fit.update(chunk, y[offset : offset + len(chunk)])
         offset += len(chunk)
-    return fit.directions(bank.spec, {"bank": str(bank.path), "scores": scores}, bank.h_timesteps)
+    return fit.directions(bank.spec.engine, {"bank": str(bank.path), "scores": scores}, bank.h_timesteps)

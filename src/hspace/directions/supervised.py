@@ -38,7 +38,7 @@ def mean_difference(positive: Trajectory, negative: Trajectory, name: str = "dif
         raise HspaceError(f"positives and negatives come from different engines: {positive.spec} vs {negative.spec}")
     delta = h_difference(positive.h, negative.h)
     params = {"positive_seeds": positive.seeds, "negative_seeds": negative.seeds, "eta": positive.eta.tolist()}
-    return Direction(delta.float(), meta={"name": name, "method": "mean_difference", "params": params}, spec=positive.spec,
+    return Direction(delta.float(), meta={"name": name, "method": "mean_difference", "params": params}, spec=positive.spec.engine,
                      timesteps=positive.timesteps)
 
 
@@ -119,7 +119,7 @@ def bank_difference(bank, positive: Sequence[int], negative: Sequence[int], name
         **(params or {}),
         "positive_seeds": [seeds[i] for i in positive], "negative_seeds": [seeds[i] for i in negative], "eta": bank.eta,
     }
-    return Direction(delta.float(), meta={"name": name, "method": "mean_difference", "params": params}, spec=bank.spec,
+    return Direction(delta.float(), meta={"name": name, "method": "mean_difference", "params": params}, spec=bank.spec.engine,
                      timesteps=bank.h_timesteps)
 
 
