@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from .distributed import Processes
 from .errors import HspaceError
+from .validate import check_int
 from .layout import PROMPT_ORDERS, Layout
 from .files import check_inside, read_json, read_safetensors, remove_stale_temporaries, save_safetensors, write_json
 from .progress import Meter
@@ -108,8 +109,7 @@ def _lock(path: Path) -> Iterator[None]:
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise HspaceError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    check_int(name, value, minimum, valid=f"an integer >= {minimum}")
     return value
 
 

@@ -180,11 +180,13 @@ class Engine(TrajectoryOperations):
         embeds = _pop_embeds(condition)
         denoiser = denoiser_of(pipeline)
         label = name or getattr(pipeline, "name_or_path", None) or f"{type(pipeline).__name__} (in memory)"
+        from .models.codec import compute_dtype
+
         components = components_of_pipeline(pipeline, str(label))
         if denoiser is not None and not hasattr(denoiser, "_orig_mod"):
             first = next(denoiser.parameters(), None)
             device = device if device is not None else (None if first is None else first.device)
-            dtype = dtype if dtype is not None else (None if first is None else first.dtype)
+            dtype = dtype if dtype is not None else (None if first is None else compute_dtype(denoiser))
         return cls(components, h_location, device, dtype, clip_sample, **_embedded(components, condition, embeds), speed=speed)
 
     @classmethod

@@ -29,6 +29,7 @@ import torch
 from .diffusion import eta_schedule
 from .validate import check_batch_size
 from .errors import HspaceError
+from .validate import check_int
 from .progress import Meter, StepEvent
 from .trajectory import Trajectory
 
@@ -104,8 +105,7 @@ def invert(
     ``seed`` seeds the fresh noise of the DDPM steps (a CPU generator of its own); h is recorded by a
     replay at the end, which also gives x_0 (check ``(trajectory.images - images).abs().max()``).
     """
-    if isinstance(fixed_point_iterations, bool) or not isinstance(fixed_point_iterations, int) or fixed_point_iterations < 0:
-        raise HspaceError(f"fixed_point_iterations must be an integer >= 0, got {fixed_point_iterations!r}")
+    check_int("fixed_point_iterations", fixed_point_iterations, 0, valid="an integer >= 0")
     check_batch_size(batch_size)
     x0_all = _check_images(engine, images)
     schedule = engine.schedule(num_steps)

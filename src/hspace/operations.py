@@ -11,6 +11,7 @@ import torch
 from .diffusion import Schedule, eta_schedule
 from .directions.direction import Direction
 from .errors import HspaceError
+from .validate import check_int
 from .interventions import LinearEdit, Record, Replace
 from .trajectory import Trajectory, check_seeds, seeded_noise, seeded_x_T
 from .validate import check_batch_size, check_scales, check_window
@@ -245,8 +246,7 @@ class TrajectoryOperations:
         the first ``step`` steps of eq. 2 with the trajectory's x_T, z and eta, without delta-h."""
         self.check_trajectory(trajectory, tolerant)
         n = trajectory.num_steps
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= n:
-            raise HspaceError(f"step must be an integer from 0 to {n} (0 = x_T, {n} = x_0), got {step!r}")
+        check_int("step", step, 0, n, valid=f"an integer from 0 to {n} (0 = x_T, {n} = x_0)")
         noise = self.noise_of(trajectory, torch.arange(len(trajectory)))
         return self.run(trajectory.x_T, n, trajectory.eta, noise=noise, stop=step, batch_size=batch_size, progress=False,
                         prompts=trajectory.sample_prompts)
@@ -269,8 +269,7 @@ class TrajectoryOperations:
 
         ``z`` [B, num_steps - step, C, H, W] is the noise of those steps, needed where sigma_t > 0.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < num_steps:
-            raise HspaceError(f"step must be an integer from 0 to {num_steps - 1} (0 = x_T), got {step!r}")
+        check_int("step", step, 0, num_steps - 1, valid=f"an integer from 0 to {num_steps - 1} (0 = x_T)")
         noise = None if z is None else (lambda rows: torch.cat([torch.zeros(len(rows), step, *z.shape[2:]), z[rows]], 1))
         return self.run(x, num_steps, eta, noise=noise, start=step, batch_size=batch_size, callback=callback, progress=progress, stage="finish",
                         prompts=prompts)

@@ -47,6 +47,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from .errors import HspaceError
+from .validate import check_int
 from .hooks import DEFAULT_H_LOCATION, check_location_name
 
 logger = logging.getLogger(__name__)
@@ -134,8 +135,7 @@ class Spec:
             raise HspaceError("a spec's process needs both num_steps and eta (one value per step), or neither (an engine's spec)")
         if self.num_steps is None:
             return
-        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise HspaceError(f"num_steps must be a positive integer, got {self.num_steps!r}")
+        check_int("num_steps", self.num_steps, 1, valid="a positive integer")
         try:
             eta = tuple(float(e) for e in self.eta)
         except (TypeError, ValueError):

@@ -239,21 +239,17 @@ def _initial(V0, k: int, h: torch.Tensor, generator, name: str) -> torch.Tensor:
 
 def _check_k(k, h: torch.Tensor) -> int:
     d = h.numel()
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
-        raise HspaceError(f"k (number of singular vectors) must be an integer from 1 to dim h = {d}, got {k!r}")
+    check_int("k (number of singular vectors)", k, 1, d, valid=f"an integer from 1 to dim h = {d}")
     return d
 
 
 def _check_b(b, k: int) -> None:
-    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= k:
-        raise HspaceError(f"mini-batch size b must be an integer from 1 to k={k}, got {b!r}")
+    check_int("mini-batch size b", b, 1, k, valid=f"an integer from 1 to k={k}")
 
 
 def _check_iteration(max_iter, tol, oversample) -> None:
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
-        raise HspaceError(f"oversample must be an integer >= 0, got {oversample!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise HspaceError(f"max_iter must be a positive integer, got {max_iter!r}")
+    check_int("oversample", oversample, 0, valid="an integer >= 0")
+    check_int("max_iter", max_iter, 1, valid="a positive integer")
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0 or tol != tol:
         raise HspaceError(f"tol must be a number >= 0 (0: run exactly max_iter iterations), got {tol!r}")
 

@@ -48,6 +48,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from ..errors import HspaceError
+from ..validate import check_int
 from ..spec import FREE, Spec
 from ..files import read_safetensors, save_safetensors, staged_folder
 from .direction import Direction, DirectionSet, save_directions, write_result_record
@@ -65,14 +66,12 @@ _F64 = torch.float64
 
 
 def _check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise HspaceError(f"k (the number of components) must be an integer >= 1, got {k!r}")
+    check_int("k (the number of components)", k, 1, valid="an integer >= 1")
     return k
 
 
 def _check_budget(budget) -> int:
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise HspaceError(f"memory_budget_bytes must be a positive integer, got {budget!r}")
+    check_int("memory_budget_bytes", budget, 1, valid="a positive integer")
     return budget
 
 
@@ -565,14 +564,12 @@ def pca_per_timestep(
     per_timestep: False does one PCA over all timesteps concatenated (h_{T:1} as one T*D vector per sample).
     method: "covariance" (one pass, D x D float64 per timestep), "gram" (n x n Gram matrix per timestep,
         1 + number of panels passes, never D x D), "randomized" (``randomized.py``: streamed, 2 + 2 x power iterations
-        passes, O(D k) per timestep, approximate) or "auto": randomized above ``RANDOMIZED_ABOVE`` numbers per
-        timestep, else covariance when (G + 2) D x D float64 matrices fit ``memory_budget_bytes`` and ``expected_n``
-        (if given) is not below D, else gram.
+        passes, O(D k) per timestep, approximate) or "auto": randomized above ``RANDOMIZED_ABOVE`` numbers a step, else
+        covariance when (G + 2) D x D float64 fit ``memory_budget_bytes`` and ``expected_n`` is not below D, else gram.
     memory_budget_bytes: bounds the covariance matrices, and the chunks the Gram route keeps at a time (a
         quarter of it). The Gram route's own n x n float64 matrices per timestep (T * n^2 * 8 bytes) come
         on top.
-    spec: the engine whose h this is (``bank.spec``), carried by the result and its directions; timesteps: those of
-    the steps (``bank.h_timesteps``), so that the directions apply at any step count.
+    spec: the engine whose h this is, carried by the directions; timesteps: those of the steps (any step count).
     """
     _check_k(k)
     _check_budget(memory_budget_bytes)
@@ -584,7 +581,7 @@ def pca_per_timestep(
     if method == "gram":
         return replace(_GramPCA(source, k, memory_budget_bytes).run(), spec=spec, timesteps=timesteps)
     if method == "randomized":
-        return replace(RandomizedPCA(source, k).run(), spec=spec, timesteps=timesteps)
+        return replace(RandomizedPCA(source, k, _check_n_k, _finish).run(), spec=spec, timesteps=timesteps)
 
     # The route depends on D: read the first chunk, then go on with this pass (covariance) or restart the
     # passes from scratch (gram; the first chunk is read once more).
@@ -596,7 +593,7 @@ def pca_per_timestep(
     G, D = source.shape.groups, source.shape.dim
     if method == "auto" and D > RANDOMIZED_ABOVE:  # FLUX-sized h: neither exact route's matrices, the passes start over
         it.close()
-        return replace(RandomizedPCA(source, k).run(), spec=spec, timesteps=timesteps)
+        return replace(RandomizedPCA(source, k, _check_n_k, _finish).run(), spec=spec, timesteps=timesteps)
     if method == "auto":
         fits = _covariance_bytes(G, D) <= memory_budget_bytes
         if not fits or (expected_n is not None and expected_n < D):
@@ -626,8 +623,7 @@ def pca_from_h(
     if not isinstance(h, torch.Tensor) or h.ndim < 3:
         got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
         raise HspaceError(f"h must be a tensor [N, T, *h_shape], got {got}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise HspaceError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    check_int("chunk_size", chunk_size, 1, valid="a positive integer")
     parts = list(torch.split(h, chunk_size)) if len(h) else [h]
     return pca_per_timestep(
         parts,
@@ -675,8 +671,7 @@ def random_directions(result: PCAResult, k: int, seed: int, spec: Spec | None = 
     _check_k(k)
     if k > result.k:
         raise HspaceError(f"k={k} random directions requested, but the PCA has {result.k} components to match; use k <= {result.k}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise HspaceError(f"seed must be an integer from 0 to 2**63-1, got {seed!r}")
+    check_int("seed", seed, 0, 2**63 - 1, valid="an integer from 0 to 2**63-1")
     generator = torch.Generator(device="cpu").manual_seed(seed)
     T, D = result.num_steps, math.prod(result.h_shape)
     target = result.deltas()[:k].reshape(k, T, D).norm(dim=2)  # [k, T]

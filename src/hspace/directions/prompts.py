@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..errors import HspaceError
+from ..validate import check_int
 from ..progress import Meter
 from .direction import Direction
 
@@ -67,10 +68,8 @@ def prompt_direction(
     memory does not grow with n."""
     if not engine.spec.conditional:
         raise HspaceError(f"{engine.name!r} is an unconditional model: a prompt-pair direction needs a text-conditioned one")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise HspaceError(f"n must be a positive integer (the number of seeds), got {n!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
-        raise HspaceError(f"batch_size must be an integer >= 2 (a plus and a minus sample per seed), got {batch_size!r}")
+    check_int("n", n, 1, valid="a positive integer (the number of seeds)")
+    check_int("batch_size", batch_size, 2, valid="an integer >= 2 (a plus and a minus sample per seed)")
     pairs = [tuple(p) for p in pairs] if isinstance(pairs, (list, tuple)) else pairs
     if not isinstance(pairs, list) or not pairs or not all(len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
         raise HspaceError(f"pairs must be a non-empty list of (plus, minus) prompt pairs, got {str(pairs)[:80]}")

@@ -28,8 +28,10 @@ _F64 = torch.float64
 class RandomizedPCA:
     """The route (module doc) over a ``pca._Source``; ``run()`` returns a ``PCAResult``."""
 
-    def __init__(self, source, k: int, oversample: int = OVERSAMPLE, power: int = POWER_ITERATIONS, seed: int = 0):
+    def __init__(self, source, k: int, check, finish, oversample: int = OVERSAMPLE, power: int = POWER_ITERATIONS, seed: int = 0):
+        """``check(n, k, shape)`` refuses a k the samples cannot give; ``finish(...)`` makes the result (``pca.py``'s)."""
         self.source, self.k, self.power, self.seed = source, k, power, seed
+        self.check, self.finish = check, finish
         self.oversample = oversample
 
     def _chunks(self):
@@ -75,10 +77,8 @@ class RandomizedPCA:
         return torch.cat(rows, dim=1)
 
     def run(self):
-        from .pca import _check_n_k, _finish
-
         n, mean, total, Y = self._sketch()
-        _check_n_k(n, self.k, self.source.shape)
+        self.check(n, self.k, self.source.shape)
         Q = torch.linalg.qr(Y).Q
         for _ in range(self.power):
             Z = torch.linalg.qr(self._times_q(Q, mean)).Q
@@ -87,4 +87,4 @@ class RandomizedPCA:
         _, S, Vh = torch.linalg.svd(B, full_matrices=False)
         lam = S[:, : self.k] ** 2
         vecs = Vh[:, : self.k].transpose(1, 2).contiguous()  # [G, D, k]
-        return _finish(lam, S[:, 0] ** 2, total, vecs, mean, n, self.source.shape, "randomized")
+        return self.finish(lam, S[:, 0] ** 2, total, vecs, mean, n, self.source.shape, "randomized")

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import HspaceError
+from ..validate import check_int
 from ..trajectory import Trajectory
 from .direction import Direction, DirectionSet
 
@@ -45,8 +46,7 @@ def mean_difference(positive: Trajectory, negative: Trajectory, name: str = "dif
 def top_bottom(scores: torch.Tensor, k: int) -> tuple[list[int], list[int]]:
     """Indices of exactly the k highest and the k lowest scores (ties: the lower index first)."""
     scores = torch.as_tensor(scores).flatten()
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or 2 * k > len(scores):
-        raise HspaceError(f"k must be an integer from 1 to n/2 = {len(scores) // 2} (top k and bottom k of {len(scores)} samples), got {k!r}")
+    check_int("k", k, 1 or 2 * k > len(scores), valid=f"an integer from 1 to n/2 = {len(scores) // 2} (top k and bottom k of {len(scores)} samples)")
     if not torch.isfinite(scores).all():
         raise HspaceError("scores contain NaN or infinite values")
     order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))

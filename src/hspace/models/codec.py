@@ -10,10 +10,28 @@ from torch import nn
 from ..errors import HspaceError
 
 
+def casts_itself(module: nn.Module) -> bool:
+    """Whether ``module`` stores its weights in a format of its own and casts them to compute (diffusers' layerwise
+    casting: float8 storage, bfloat16 compute; a quantizer's weights): converting it to a dtype would undo that."""
+    if getattr(module, "hf_quantizer", None) is not None or getattr(module, "is_quantized", False):
+        return True
+    return any("layerwise_casting" in getattr(getattr(m, "_diffusers_hook", None), "hooks", {}) for m in module.modules())
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``module`` computes in: its parameters', or for a module that casts itself the compute dtype diffusers reports."""
+    first = next(module.parameters())
+    return getattr(module, "dtype", first.dtype) if casts_itself(module) else first.dtype
+
+
 def prepare(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """``module`` on ``device`` in ``dtype``, in eval mode, without gradients."""
+    """``module`` on ``device`` in ``dtype`` (its storage kept where it casts itself), in eval mode, without gradients."""
     module = module.to(device)
-    if next(module.parameters()).dtype != dtype:
+    if compute_dtype(module) != dtype:
+        if casts_itself(module):
+            raise HspaceError(f"this {type(module).__name__} computes in {compute_dtype(module)} from weights stored in a format of its "
+                              f"own (layerwise casting or a quantizer); valid dtype: {str(compute_dtype(module)).replace('torch.', '')} "
+                              "(or none: the module's own)")
         module = module.to(dtype)
     return module.eval().requires_grad_(False)
 

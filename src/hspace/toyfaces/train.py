@@ -22,6 +22,7 @@ import torch
 
 from ..files import staged_folder, write_atomic, write_json
 from ..errors import HspaceError
+from ..validate import check_int
 from ..loading import CELEBAHQ_SCHEDULER_CONFIG
 from .render import PARTS, region_mask, render_batch
 
@@ -47,8 +48,7 @@ DIT_HEAD_DIM = 48  # attention head size of the toy DiT: its width is a multiple
 def dit_config(config: "TrainConfig") -> dict:
     """The DiTTransformer2DModel arguments of a run."""
     for name, value, low, high in (("dit_layers", config.dit_layers, 1, 64), ("dit_width", config.dit_width, DIT_HEAD_DIM, 4096)):
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise HspaceError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+        check_int(name, value, low, high, valid=f"an integer from {low} to {high}")
     if config.dit_width % DIT_HEAD_DIM:
         raise HspaceError(f"dit_width {config.dit_width} must be a multiple of {DIT_HEAD_DIM} (the attention head size), e.g. 192 or 384")
     return dict(num_attention_heads=config.dit_width // DIT_HEAD_DIM, attention_head_dim=DIT_HEAD_DIM, in_channels=3, out_channels=3,
@@ -105,8 +105,7 @@ class TrainConfig:
                 raise HspaceError(f"{name} must be a finite number {bound}, got {value!r}")
         for name in ("steps", "batch_size", "pool", "size", "checkpoint_every", "warmup", "seed", "resolution"):
             value, low = getattr(self, name), 0 if name in ("warmup", "seed", "resolution") else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise HspaceError(f"{name} must be an integer >= {low}, got {value!r}")
+            check_int(name, value, low, valid=f"an integer >= {low}")
         # the rest of the settings, checked here too: an error before the training faces are rendered
         parse_region_weights(self.region_weights)
         if self.arch not in ARCHES:
@@ -131,8 +130,7 @@ def unet_config(config: "TrainConfig") -> dict:
         channels = ()
     if len(channels) != 3 or any(c <= 0 or c % 8 for c in channels):
         raise HspaceError(f"channels {config.channels!r} must be three positive multiples of 8 (8 groups per norm), e.g. 32,64,128")
-    if isinstance(config.layers_per_block, bool) or not isinstance(config.layers_per_block, int) or config.layers_per_block < 1:
-        raise HspaceError(f"layers_per_block must be a positive integer, got {config.layers_per_block!r}")
+    check_int("layers_per_block", config.layers_per_block, 1, valid="a positive integer")
     return {**TOYFACES_UNET_CONFIG, "block_out_channels": channels, "layers_per_block": config.layers_per_block}
 
 
@@ -190,8 +188,7 @@ def deepen(model, layers_per_block: int):
     from diffusers import UNet2DModel
 
     old = model.config.layers_per_block
-    if isinstance(layers_per_block, bool) or not isinstance(layers_per_block, int) or layers_per_block < old:
-        raise HspaceError(f"layers_per_block must be an integer >= the model's {old}, got {layers_per_block!r}")
+    check_int("layers_per_block", layers_per_block, old, valid=f"an integer >= the model's {old}")
     extra = layers_per_block - old
     with torch.random.fork_rng(devices=[]):  # the new layers' first convolutions: random, reproducible, global RNG untouched
         torch.manual_seed(0)
