@@ -46,7 +46,7 @@ def mean_difference(positive: Trajectory, negative: Trajectory, name: str = "dif
 def top_bottom(scores: torch.Tensor, k: int) -> tuple[list[int], list[int]]:
     """Indices of exactly the k highest and the k lowest scores (ties: the lower index first)."""
     scores = torch.as_tensor(scores).flatten()
-    check_int("k", k, 1 or 2 * k > len(scores), valid=f"an integer from 1 to n/2 = {len(scores) // 2} (top k and bottom k of {len(scores)} samples)")
+    check_int("k", k, 1, len(scores) // 2, valid=f"an integer from 1 to n/2 = {len(scores) // 2} (top k and bottom k of {len(scores)} samples)")
     if not torch.isfinite(scores).all():
         raise HspaceError("scores contain NaN or infinite values")
     order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
