@@ -65,3 +65,25 @@ def test_a_dtype_other_than_the_cast_modules_compute_dtype_is_a_clear_error(pipe
     _, cast = pipes["flux"]
     with pytest.raises(HspaceError, match="computes in torch.float32 from weights stored in a format of its own"):
         Engine.from_pipeline(cast, prompt="a cat", guidance=3.5, dtype="bfloat16")
+
+
+def test_a_torchao_int8_weight_only_transformer_samples_and_steers_as_its_own_pipeline():
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    plain = tiny_transformers.flux_pipeline()
+    quantized = tiny_transformers.flux_pipeline()
+    quantized.set_progress_bar_config(disable=True)
+    quantize_(quantized.transformer, Int8WeightOnlyConfig())
+    engine = Engine.from_pipeline(quantized, prompt="a cat", guidance=3.5)
+    full = Engine.from_pipeline(plain, prompt="a cat", guidance=3.5)
+    assert engine.spec.denoiser.split(":")[0] == full.spec.denoiser.split(":")[0] and engine.spec.denoiser != full.spec.denoiser
+    assert engine.spec.fingerprint != full.spec.fingerprint  # int8 weights and their scales are hashed as stored
+    trajectory = engine.sample([3], STEPS, 0.0, progress=False)
+    own = _transformer_images(quantized, "flux", trajectory.x_T, 3.5, STEPS)[0]
+    assert float((_pixels(trajectory.images[0]) - own).abs().max()) < 1e-4
+    d = _direction(engine, 5, 2.0, steps=STEPS)
+    expected = _pixels(engine.edit(trajectory, [d], [1.0], progress=False).images[0, 0])
+    with hspace.steer(quantized, d, 1.0):
+        steered = _transformer_images(quantized, "flux", trajectory.x_T, 3.5, STEPS)[0]
+    assert float((steered - expected).abs().max()) < 1e-4 and float((steered - own).abs().max()) > 1e-3

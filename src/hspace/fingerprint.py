@@ -96,16 +96,26 @@ def hub_fingerprint(repo_id: str, snapshot: Path) -> str:
     return f"hub:{repo_id}@{Path(snapshot).name}"
 
 
+def stored_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """What a tensor stores: itself, or for a tensor subclass of a quantizer (torchao's ``Int8Tensor``: int8 data and
+    scales) its inner tensors, as stored (hashing those identifies the quantized weights; a plain tensor is itself)."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return [inner for name in names for inner in stored_tensors(getattr(tensor, name))]
+    return [tensor]
+
+
 def modules_fingerprint(modules: Iterable[torch.nn.Module | None], config: dict | None = None) -> str:
     """The fingerprint of models in memory: every tensor of their state dicts, and the scheduler config."""
     digest = hashlib.sha256(json.dumps(config or {}, sort_keys=True, default=str).encode())
     for index, module in enumerate(modules):
         if module is None:
             continue
-        for name, tensor in sorted(module.state_dict().items()):
-            tensor = tensor.detach().cpu().contiguous()
-            digest.update(f"{index}.{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        for name, whole in sorted(module.state_dict().items()):
+            for tensor in stored_tensors(whole.detach()):
+                tensor = tensor.cpu().contiguous()
+                digest.update(f"{index}.{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+                digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return "sha256:" + digest.hexdigest()[:LENGTH]
 
 
@@ -145,9 +155,10 @@ def denoiser_fingerprint(module: torch.nn.Module) -> str:
         architecture.update(f"{name}:{tuple(tensor.shape)}\n".encode())
         if offloaded:
             continue
-        tensor = tensor.detach()
-        if tensor.is_floating_point():
-            tensor = tensor.to(torch.float16)
         content.update(f"{name}\n".encode())
-        content.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        quantized = hasattr(tensor, "__tensor_flatten__")
+        for part in stored_tensors(tensor.detach()):  # a quantized weight: its stored parts as stored, else float16
+            if part.is_floating_point() and not quantized:
+                part = part.to(torch.float16)
+            content.update(part.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return f"{architecture.hexdigest()[:16]}:{'offloaded' if offloaded else content.hexdigest()[:LENGTH]}"
