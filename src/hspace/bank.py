@@ -662,8 +662,7 @@ def _describe(settings: dict) -> str:
 def _check_space(path: Path, layout: Layout, samples: int) -> None:
     """Log what the samples still to draw will take on disk, and refuse when the disk has less room."""
     stored = len(layout.stored_steps)
-    per_sample = layout.h_bytes_per_sample + 3 * layout.thumbnail_size ** 2 + 8
-    need = samples * per_sample
+    need = samples * layout.bytes_per_sample
     free = shutil.disk_usage(path).free
     logger.info("bank %s: %d samples to draw, about %.1f MB on disk (%.1f MB free); h is %.2f MiB per sample (%d steps x %s in float16)",
                 path, samples, need / 1e6, free / 1e6, layout.h_bytes_per_sample / 2**20, stored, "x".join(map(str, layout.h_shape)))

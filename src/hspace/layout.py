@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -121,10 +122,12 @@ class Layout:
     @property
     def h_bytes_per_sample(self) -> int:
         """h of one sample on disk, in float16."""
-        size = 1
-        for d in self.h_shape:
-            size *= d
-        return 2 * len(self.stored_steps) * size
+        return 2 * len(self.stored_steps) * math.prod(self.h_shape)
+
+    @property
+    def bytes_per_sample(self) -> int:
+        """One sample on disk: its h, its thumbnail and its seed (``sample_bytes``)."""
+        return sample_bytes(self.h_shape, len(self.stored_steps), self.thumbnail_size)
 
     def prompt_of(self, index: int) -> str | None:
         """The prompt of sample ``index``: fixed by the index alone, so a bank drawn in pieces, resumed or extended
@@ -136,6 +139,11 @@ class Layout:
         import random
 
         return self.prompts[random.Random(self.base_seed + index).randrange(len(self.prompts))]
+
+
+def sample_bytes(h_shape, stored_steps: int, thumbnail_size: int) -> int:
+    """One sample of a bank on disk: h at ``stored_steps`` steps in float16, a uint8 RGB thumbnail, an int64 seed."""
+    return 2 * stored_steps * math.prod(h_shape) + 3 * thumbnail_size**2 + 8
 
 
 def _format2(settings: dict) -> dict:

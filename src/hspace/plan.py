@@ -10,7 +10,6 @@ engine's dtype, beside the denoiser's weights.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,16 +17,10 @@ from pathlib import Path
 import torch
 
 from .errors import HspaceError
+from .files import read_json
+from .layout import sample_bytes
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 ONE_PASS = ("UNet2DModel", "FluxTransformer2DModel")  # unconditional, or embedded guidance: one denoiser pass per step
-
-
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise HspaceError(f"cannot read the config {str(path)!r}: {e}") from None
 
 
 def _configs(model: str) -> tuple[dict, dict | None]:
@@ -42,12 +35,12 @@ def _configs(model: str) -> tuple[dict, dict | None]:
         folder = _hub_configs(model)
     for name in ("transformer", "unet", ""):
         if (folder / name / "config.json").is_file():
-            denoiser = _read(folder / name / "config.json")
+            denoiser = read_json(folder / name / "config.json", "model config")
             break
     else:
         raise HspaceError(f"{str(folder)!r} has no transformer/, unet/ or top-level config.json (the denoiser's config)")
     vaes = [folder / d / "config.json" for d in ("vae", "vqvae") if (folder / d / "config.json").is_file()]
-    return denoiser, _read(vaes[0]) if vaes else None
+    return denoiser, read_json(vaes[0], "model config") if vaes else None
 
 
 def _hub_configs(repo_id: str) -> Path:
@@ -74,11 +67,12 @@ def meta_denoiser(config: dict) -> torch.nn.Module:
         return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
 
-def h_shape_at(denoiser: torch.nn.Module, location: str | None, latent: tuple[int, int, int]) -> tuple[str, tuple[int, ...]]:
-    """(the location, h's [C, H, W]) of ``denoiser`` for samples of ``latent`` [C, H, W] (module doc)."""
-    from .models import backbone_for, hook_points
+def h_shape_at(call, location: str | None, latent: tuple[int, int, int]) -> tuple[str, tuple[int, ...]]:
+    """(the location, h's [C, H, W]) of a family's ``call`` around its denoiser for samples of ``latent`` [C, H, W]
+    (module doc)."""
+    from .models import hook_points
 
-    call = backbone_for(denoiser)(denoiser)
+    denoiser = call.denoiser
     location = call.check_location(denoiser, location)
     point = hook_points(denoiser)[location]
     if point.tokens is not None:  # a transformer block: its width over the token grid
@@ -158,20 +152,22 @@ class Plan:
 def plan_bank(model: str, n: int, num_steps: int, *, h_location: str | None = None, h_steps=None, height: int | None = None,
               width: int | None = None, batch_size: int = 32, dtype: str = "float32", thumbnail_size: int = 64) -> Plan:
     """The plan of a bank of ``n`` samples of ``num_steps`` (``h_steps``: the stored steps) of ``model`` (module doc)."""
+    from .models import backbone_for
+    from .models.backbone import sized_shape
+    from .loading import resolve_dtype
+    from .models.codec import vae_scale_factor
+
     denoiser_config, vae = _configs(model)
     denoiser = meta_denoiser(denoiser_config)
-    factor = 2 ** (len(vae["block_out_channels"]) - 1) if vae else 1
-    from .models import backbone_for
-
-    default = backbone_for(denoiser)(denoiser).sample_shape()
+    call = backbone_for(denoiser)(denoiser)
     if (height is None) != (width is None):
         raise HspaceError("give --height and --width together (or neither: the model's default size)")
-    latent = default if height is None else (default[0], height // factor, width // factor)
-    location, shape = h_shape_at(denoiser, h_location, latent)
+    latent = call.sample_shape() if height is None else sized_shape(call, vae_scale_factor(vae) if vae else 1, (height, width))
+    location, shape = h_shape_at(call, h_location, latent)
     stored = num_steps if h_steps is None else len(h_steps)
     per_step = 2 * math.prod(shape)
-    per_sample = stored * per_step + 3 * thumbnail_size**2 + 8
-    element = DTYPE_BYTES[dtype]
+    per_sample = sample_bytes(shape, stored, thumbnail_size)
+    element = resolve_dtype(dtype).itemsize
     parameters = sum(p.numel() for p in denoiser.parameters())
     passes = n * num_steps * (1 if type(denoiser).__name__ in ONE_PASS else 2)
     return Plan(model, location, shape, n, num_steps, stored, batch_size, dtype, per_step, per_sample, n * per_sample,

@@ -35,6 +35,17 @@ from ..hooks import hooked
 from .unet import DecoderHalf, decode, encode, forward_mode
 
 
+def sized_shape(call: DenoiserCall, factor: int, size: tuple[int, int]) -> tuple[int, ...]:
+    """[C, H, W] of x_t for images of ``size`` (height, width) pixels, ``factor`` image pixels per latent pixel; heights
+    and widths must be multiples of ``factor`` x the call's patch."""
+    step, default = factor * call.patch(), call.sample_shape()
+    bad = [s for s in size if s % step]
+    if bad:
+        raise HspaceError(f"image size {size[0]}x{size[1]}: {bad[0]} is not a multiple of {step}; valid: heights and widths that are "
+                          f"multiples of {step} for this model (its default is {'x'.join(str(s * factor) for s in default[1:])})")
+    return (default[0], size[0] // factor, size[1] // factor)
+
+
 class Backbone:
     """A denoiser (+ codec and conditioner) on a device, in a dtype, for one spec's conditioning, with h at ``h_location``."""
 
@@ -91,18 +102,8 @@ class Backbone:
     def pixels_per_latent(self) -> int:
         return 1 if self.codec is None else self.codec.pixels_per_latent
 
-    def size_multiple(self) -> int:
-        """What an image height or width must be a multiple of."""
-        return self.pixels_per_latent() * self.call.patch()
-
     def _sized(self, size: tuple[int, int]) -> tuple[int, ...]:
-        """[C, H, W] of x_t for images of ``size`` (height, width) pixels."""
-        step, factor, default = self.size_multiple(), self.pixels_per_latent(), self.call.sample_shape()
-        bad = [s for s in size if s % step]
-        if bad:
-            raise HspaceError(f"image size {size[0]}x{size[1]}: {bad[0]} is not a multiple of {step}; valid: heights and widths that are "
-                              f"multiples of {step} for this model (its default is {'x'.join(str(s * factor) for s in default[1:])})")
-        return (default[0], size[0] // factor, size[1] // factor)
+        return sized_shape(self.call, self.pixels_per_latent(), size)
 
     def default_shape(self) -> tuple[int, ...]:
         return self.call.sample_shape()

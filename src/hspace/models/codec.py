@@ -24,13 +24,21 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     return getattr(module, "dtype", first.dtype) if casts_itself(module) else first.dtype
 
 
+def vae_scale_factor(config) -> int:
+    """Image pixels per latent pixel of a VAE config (a dict or a diffusers config): 2 per down block, as the pipelines'
+    ``vae_scale_factor``."""
+    channels = config.get("block_out_channels") if isinstance(config, dict) else getattr(config, "block_out_channels", None)
+    return 2 ** (len(channels) - 1) if channels else 1
+
+
 def prepare(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """``module`` on ``device`` in ``dtype`` (its storage kept where it casts itself), in eval mode, without gradients."""
     module = module.to(device)
-    if compute_dtype(module) != dtype:
+    computes = compute_dtype(module)
+    if computes != dtype:
         if casts_itself(module):
-            raise HspaceError(f"this {type(module).__name__} computes in {compute_dtype(module)} from weights stored in a format of its "
-                              f"own (layerwise casting or a quantizer); valid dtype: {str(compute_dtype(module)).replace('torch.', '')} "
+            raise HspaceError(f"this {type(module).__name__} computes in {computes} from weights stored in a format of its "
+                              f"own (layerwise casting or a quantizer); valid dtype: {str(computes).replace('torch.', '')} "
                               "(or none: the module's own)")
         module = module.to(dtype)
     return module.eval().requires_grad_(False)
@@ -56,9 +64,8 @@ class LatentCodec:
 
     @property
     def pixels_per_latent(self) -> int:
-        """Image pixels per latent pixel: 2 per down block of the VAE, as the pipelines' ``vae_scale_factor``."""
-        channels = getattr(self.vae.config, "block_out_channels", None)
-        return 2 ** (len(channels) - 1) if channels else 1
+        """Image pixels per latent pixel (``vae_scale_factor``)."""
+        return vae_scale_factor(self.vae.config)
 
     @property
     def scale(self) -> float:
