@@ -13,11 +13,8 @@ PCA would start from) and the target (<= 2 GB).
 """
 
 import argparse
-import json
 import math
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -62,8 +59,9 @@ def write_bank(folder: Path, n: int, steps: int, h_shape: tuple[int, ...], shard
 
 
 def child(folder: Path, mode: str, k: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(folder), mode, str(k)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    from common import child_json
+
+    return child_json(CHILD, folder, mode, k)
 
 
 def main():

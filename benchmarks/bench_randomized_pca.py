@@ -10,9 +10,6 @@ the variance (its place above the noise floor), and the variance both top-k subs
 """
 
 import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -37,8 +34,9 @@ print(json.dumps(out))
 
 
 def child(bank: Path, method: str, k: int, out: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", CHILD, str(bank), method, str(k), str(out)], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    from common import child_json
+
+    return child_json(CHILD, bank, method, k, out)
 
 
 def angles(a, b, j: int) -> torch.Tensor:

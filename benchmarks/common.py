@@ -75,3 +75,14 @@ def toyfaces_pipeline(scheduler: str):
     pipe = diffusers.DDPMPipeline(unet=engine.unet, scheduler=getattr(diffusers, scheduler).from_config(engine.scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     return engine, pipe
+
+
+def child_json(code: str, *args) -> dict:
+    """Run ``code`` in a fresh Python process (``sys.argv[1:]`` = ``args``), so that its peak RSS is its own; the JSON
+    object on its last line of output."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
