@@ -1,5 +1,6 @@
-"""Big-model options on tiny FLUX and SD3 pipelines: diffusers' layerwise casting (float8 storage) through
-Engine.from_pipeline, Engine.edit and steer; the fingerprint of cast weights; directions of the full-precision model."""
+"""Big-model options on tiny FLUX and SD3 pipelines: diffusers' layerwise casting (float8 storage), torchao int8 and GGUF
+checkpoints (written here with the gguf package) through Engine.from_pipeline, Engine.edit and steer; the fingerprint of
+cast and quantized weights; directions of the full-precision model."""
 
 import pytest
 import torch
@@ -87,3 +88,65 @@ def test_a_torchao_int8_weight_only_transformer_samples_and_steers_as_its_own_pi
     with hspace.steer(quantized, d, 1.0):
         steered = _transformer_images(quantized, "flux", trajectory.x_T, 3.5, STEPS)[0]
     assert float((steered - expected).abs().max()) < 1e-4 and float((steered - own).abs().max()) > 1e-3
+
+
+def _gguf(pipe, path, qtype):
+    """The pipeline's transformer written as a GGUF checkpoint (diffusers' key names): 2-D weights whose rows fill
+    whole blocks quantized to ``qtype``, the rest float32."""
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), "flux")
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    for name, tensor in pipe.transformer.state_dict().items():
+        array = tensor.float().numpy()
+        if array.ndim == 2 and array.shape[-1] % block == 0:
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _gguf_pipe(folder, path):
+    from diffusers import FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig
+
+    transformer = FluxTransformer2DModel.from_single_file(str(path), config=str(folder), subfolder="transformer", torch_dtype=torch.float32,
+                                                          quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32))
+    pipe = FluxPipeline.from_pretrained(folder, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_a_gguf_checkpoint_loads_fingerprints_samples_and_steers_and_q4_is_another_model_than_q8(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    plain = tiny_transformers.flux_pipeline()
+    plain.save_pretrained(tmp_path / "flux")
+    q8 = _gguf(plain, tmp_path / "q8.gguf", gguf.GGMLQuantizationType.Q8_0)
+    q4 = _gguf(plain, tmp_path / "q4.gguf", gguf.GGMLQuantizationType.Q4_0)
+    pipe8 = _gguf_pipe(tmp_path / "flux", q8)
+    assert any(type(p).__name__ == "GGUFParameter" for p in pipe8.transformer.parameters())  # stored quantized
+    engine = Engine.from_pipeline(pipe8, prompt="a cat", guidance=3.5)
+    again = Engine.from_pipeline(_gguf_pipe(tmp_path / "flux", q8), prompt="a cat", guidance=3.5)
+    pipe4 = _gguf_pipe(tmp_path / "flux", q4)
+    engine4 = Engine.from_pipeline(pipe4, prompt="a cat", guidance=3.5)
+    full = Engine.from_pipeline(plain, prompt="a cat", guidance=3.5)
+    assert again.spec.fingerprint == engine.spec.fingerprint and again.spec.denoiser == engine.spec.denoiser  # the same file
+    arch = {e.spec.denoiser.split(":")[0] for e in (engine, engine4, full)}
+    assert len(arch) == 1 and len({e.spec.denoiser for e in (engine, engine4, full)}) == 3  # one architecture, three weights
+    trajectory = engine.sample([3], STEPS, 0.0, progress=False)
+    own = _transformer_images(pipe8, "flux", trajectory.x_T, 3.5, STEPS)[0]
+    assert float((_pixels(trajectory.images[0]) - own).abs().max()) < 1e-4  # the GGUF pipeline's own call
+    assert float((own - _transformer_images(plain, "flux", trajectory.x_T, 3.5, STEPS)[0]).abs().max()) > 1e-4
+    d = _direction(engine, 5, 2.0, steps=STEPS)
+    expected = _pixels(engine.edit(trajectory, [d], [1.0], progress=False).images[0, 0])
+    with hspace.steer(pipe8, d, 1.0):  # h is read and written at the hook point of the quantized blocks
+        steered = _transformer_images(pipe8, "flux", trajectory.x_T, 3.5, STEPS)[0]
+    assert float((steered - expected).abs().max()) < 1e-4 and float((steered - own).abs().max()) > 1e-3
+    with pytest.raises(HspaceError, match=r"its weights differ .*stored as gguf Q4_0.*a GGUF Q4 and a Q8 are different models"):
+        with hspace.steer(pipe4, d, 1.0):
+            pass
+    with hspace.steer(pipe4, d, 1.0, check="architecture"):  # found on Q8, applied to Q4 when the user asks
+        steered4 = _transformer_images(pipe4, "flux", trajectory.x_T, 3.5, STEPS)[0]
+    assert float((steered4 - _transformer_images(pipe4, "flux", trajectory.x_T, 3.5, STEPS)[0]).abs().max()) > 1e-3

@@ -102,7 +102,7 @@ def test_method_results_share_one_interface(tmp_path, engine, trajectory):
         loaded = load_result(tmp_path / name)
         assert isinstance(loaded, kind) and [p.name for p in paths] == [f"{d.name}.safetensors" for d in result.directions]
         for a, b in zip(loaded.directions, result.directions, strict=True):
-            assert torch.equal(a.delta, b.delta) and a.meta == b.meta and a.spec == b.spec == engine.spec
+            assert torch.equal(a.delta, b.delta) and a.meta == b.meta and a.spec == b.spec == engine.space
     assert torch.equal(load_result(tmp_path / "jac")[0].svd.S, jac[0].svd.S)
     assert (load_result(tmp_path / "rnd").method, load_result(tmp_path / "rnd").params["seed"]) == ("random", 3)
     import json

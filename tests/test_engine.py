@@ -188,8 +188,8 @@ def test_unknown_h_location_lists_the_valid_ones():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"seeds": [-1]}, "seed -1 is not an integer"),
-        ({"seeds": ["a"]}, "seed 'a' is not an integer"),
+        ({"seeds": [-1]}, "seed must be an integer from 0 to 2..63-1, got -1"),
+        ({"seeds": ["a"]}, "seed must be an integer from 0 to 2..63-1, got 'a'"),
         ({"seeds": []}, "seeds is empty"),
         ({"seeds": [1], "eta": [1, 0]}, "eta has 2 values but the process has 3 steps"),
         ({"seeds": [1], "num_steps": 0}, "got 0"),

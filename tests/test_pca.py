@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hspace import Direction, HspaceError
-from hspace.spec import FREE, Spec
+from hspace.spec import FREE, Space, Spec
 from hspace.directions.pca import PCAResult, StreamingPCA, pca_from_h, pca_per_timestep, random_directions
 
 K = 4
@@ -156,7 +156,7 @@ def test_random_baseline_matches_norms_and_is_seeded(tmp_path):
     assert torch.equal(random_directions(res, 1, seed=7)[0].delta, a[0].delta)
     a[0].save(tmp_path / "r.safetensors")
     assert Direction.load(tmp_path / "r.safetensors").meta == a[0].meta
-    assert Direction.load(tmp_path / "r.safetensors").spec == Spec("m", "mid.out")
+    assert Direction.load(tmp_path / "r.safetensors").spec == Space("m", "mid.out", h_shape=(4, 3, 3))
 
 
 def test_random_baseline_matches_concatenated_pc_norms():

@@ -1,5 +1,7 @@
 """Conditional directions by joint regression: exact least squares, partial effects, bank streaming, CLI."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -59,7 +61,7 @@ def test_regression_over_a_bank_and_from_the_command_line(tmp_path, engine):
     found = regression_directions(bank, ["x", "y"], scores="mine")
     expected = regression_from_h(bank.h(), scores, bank.spec)
     for d, e in zip(found, expected):
-        assert torch.allclose(d.delta, e.delta, atol=1e-5) and d.spec == bank.spec.engine  # the engine, not the process
+        assert torch.allclose(d.delta, e.delta, atol=1e-5) and d.spec == replace(bank.spec.space, h_shape=bank.h_shape)  # the space, not the process
     out = tmp_path / "reg"
     assert main(["supervised", str(tmp_path / "b"), "--attribute", "x", "y", "--scores", "mine", "--method", "regression", "--out", str(out)]) == 0
     loaded = load_result(out)

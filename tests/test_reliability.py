@@ -589,7 +589,7 @@ def test_ctrl_c_is_a_message_not_a_traceback(tmp_path, capsys, monkeypatch):
         (lambda e, t: e.edit(t, ["not a direction"], [1.0]).images, "directions must be Direction objects"),
         (lambda e, t: e.replay(t, source=[7]), "source indices must lie in 0..2"),
         (lambda e, t: e.swap(t, "x"), "expected a Trajectory"),
-        (lambda e, t: e.sample("abc", 2), "seed 'a' is not an integer"),
+        (lambda e, t: e.sample("abc", 2), "seed must be an integer from 0 to 2..63-1, got 'a'"),
         (lambda e, t: e.replay(t, torch.zeros(6, *e.h_shape), scale="big"), "scales must be a list of numbers"),
         (lambda e, t: Direction("not a tensor"), "must be a non-empty tensor"),
         (lambda e, t: Direction(torch.zeros(2, 3), meta="name"), "meta must be a dict"),

@@ -10,7 +10,7 @@ from hspace import Direction, Engine, HspaceError, Trajectory
 from hspace.bank import Bank, build_bank
 from hspace.cli import main
 from hspace.loading import CELEBAHQ_SCHEDULER_CONFIG
-from hspace.spec import FREE, Spec
+from hspace.spec import FREE, Space, Spec
 
 
 def test_spec_round_trip_and_validation():
@@ -35,20 +35,43 @@ def test_spec_round_trip_and_validation():
     assert conditional.differences(other_prompt) == []  # a process's samples each record their own prompt
     assert conditional.differences(other_prompt, "exact") == ["prompt: 'a dog' vs 'a cat'"]  # a bank's first prompt
     assert conditional.differences(Spec("sd", prompt="a cat", negative_prompt="blur", guidance=6, guide_edit="cond")) == ["guidance: 6.0 vs 5.0"]
-    assert conditional.differences(Spec("sd", prompt="a dog"), "direction") == []
+    conditional.space.check(Spec("sd", prompt="a dog").space, "a direction")  # a direction carries no prompt
+
+
+def test_a_direction_carries_its_space_and_a_trajectory_its_process():
+    engine_spec = Spec("m", fingerprint="sha256:a", prompt="a cat", guidance=5.0, guide_edit="cond", spacing="leading+1")
+    drawn = engine_spec.with_process(3, [1, 0.5, 0], torch.tensor([999, 666, 333]))
+    assert drawn.timesteps == (999, 666, 333) and drawn.process.timestep_tensor().dtype == torch.long
+    assert drawn.process.prompt == "a cat" and drawn.process.eta == (1.0, 0.5, 0.0) and engine_spec.process is None
+    flow = engine_spec.with_process(2, [0, 0], torch.tensor([1000.0, 500.0], dtype=torch.float64))
+    assert flow.process.timestep_tensor().dtype == torch.float64 and Spec.from_json(flow.to_json()) == flow
+    assert drawn.engine == engine_spec and "timesteps" not in engine_spec.to_dict()  # an engine's spec reads as before
+    with pytest.raises(HspaceError, match=r"timesteps must be 3 finite numbers"):
+        engine_spec.with_process(3, [1, 1, 1], [1, 2])
+    space = drawn.space
+    assert (space.model, space.fingerprint, space.h_location) == ("m", "sha256:a", "mid.out") and not hasattr(space, "prompt")
+    # a direction file written with a whole spec (before spaces) reads as its space; the space round-trips
+    assert Space.from_json(drawn.to_json()) == space and Space.from_json(space.to_json()) == space
+    shaped = Space("m", fingerprint="sha256:a", h_shape=[4, 2, 2])
+    with pytest.raises(HspaceError, match=r"has h shape \(4, 1, 1\) but the engine's h at 'mid.out' is \(4, 2, 2\)"):
+        shaped.check(Space("m", fingerprint="sha256:a", h_shape=(4, 1, 1)), "a direction")
+    with pytest.raises(HspaceError, match="h_location: 'mid.in' vs 'mid.out'"):
+        shaped.check(Space("m", "mid.in", fingerprint="sha256:a"), "a direction")
+    with pytest.raises(HspaceError, match="unknown spec field"):
+        Space.from_dict({"model": "m", "colour": 1})
 
 
 def test_compatibility_rules():
     base = Spec("m", fingerprint="sha256:a")
     base.check(Spec("m", dtype="float16", fingerprint="sha256:a"), "a float16 trajectory")  # dtype: compatible
-    base.check(Spec("m", clip_sample=False, fingerprint="sha256:a"), "a direction", "direction")  # a direction ignores clipping
+    base.space.check(Spec("m", clip_sample=False, fingerprint="sha256:a").space, "a direction")  # a direction ignores clipping
     with pytest.raises(HspaceError, match="clip_sample: False vs None"):
         base.check(Spec("m", clip_sample=False, fingerprint="sha256:a"), "a trajectory")
     # the fingerprint is the model's identity: another path with the same one is the same model, and the same
     # path with another one is another model
-    base.check(Spec("/elsewhere/m", fingerprint="sha256:a"), "a direction", "direction")
+    base.space.check(Spec("/elsewhere/m", fingerprint="sha256:a").space, "a direction")
     with pytest.raises(HspaceError, match="model fingerprint: sha256:b .m. vs sha256:a .m."):
-        base.check(Spec("m", fingerprint="sha256:b"), "a direction", "direction")
+        base.space.check(Spec("m", fingerprint="sha256:b").space, "a direction")
     # the process: an engine's spec runs any; two processes must agree
     drawn = base.with_process(3, [1, 1, 0])
     base.check(drawn, "a trajectory")
@@ -62,9 +85,11 @@ def test_compatibility_rules():
         base.check(Spec("m", fingerprint="sha256:a", autocast="bfloat16"), "a trajectory")
     base.check(Spec("m", fingerprint="sha256:a", autocast="bfloat16"), "a trajectory", tolerant=True)
     # a direction without a spec is refused, FREE is explicit
-    base.check(FREE, "a free direction", "direction")
+    base.space.check(FREE, "a free direction")
     with pytest.raises(HspaceError, match="has no spec"):
-        base.check(None, "a direction", "direction")
+        base.space.check(None, "a direction")
+    with pytest.raises(HspaceError, match="has no spec"):
+        base.check(None, "a trajectory")
     for bad in ({"num_steps": 2}, {"num_steps": 2, "eta": [1]}, {"autocast": "int8"}, {"fingerprint": ""}):
         with pytest.raises(HspaceError):
             Spec("m", **bad)
@@ -87,12 +112,13 @@ def test_an_artefact_without_a_fingerprint_is_compared_by_name_and_said_once(cap
 
 def test_every_artefact_stores_the_spec(tmp_path, engine, trajectory):
     trajectory.save(tmp_path / "t.safetensors")
-    process = engine.spec.with_process(6, [1.0] * 6)
+    process = engine.spec.with_process(6, [1.0] * 6, engine.schedule(6).timesteps)
     assert Trajectory.load(tmp_path / "t.safetensors").spec == trajectory.spec == process
+    assert torch.equal(trajectory.timesteps, engine.schedule(6).timesteps) and trajectory.eta.tolist() == [1.0] * 6
     assert engine.spec.fingerprint.startswith("sha256:") and engine.spec.spacing == "leading+0" and engine.spec.num_steps is None
     d = Direction(trajectory.h[0] - trajectory.h[1], meta={"name": "d"}, spec=engine.spec)
     d.save(tmp_path / "d.safetensors")
-    assert Direction.load(tmp_path / "d.safetensors").spec == engine.spec
+    assert Direction.load(tmp_path / "d.safetensors").spec == engine.space  # a direction carries the space, no process
     Direction(d.delta, meta={"name": "free"}, spec=FREE).save(tmp_path / "free.safetensors")
     assert Direction.load(tmp_path / "free.safetensors").spec == FREE
     with pytest.raises(HspaceError, match="spec=FREE"):

@@ -287,7 +287,7 @@ def test_record_gets_h_at_the_pipelines_own_timesteps_and_pca_of_it_steers(toyfa
         handle.remove()
     assert torch.equal(recording.generations[1].h[0], torch.cat(seen))
     result = pca(recording, 2)  # directions from my own generations, with the model's identity
-    assert result.directions[0].spec == Engine.from_pipeline(pipe).spec.engine and torch.equal(result.timesteps, recording.timesteps)
+    assert result.directions[0].spec == Engine.from_pipeline(pipe).space and torch.equal(result.timesteps, recording.timesteps)
     with hspace.steer(pipe, result.directions[0], 2.0):
         steered = _pipe_images(pipe, 0, steps=5)
     assert float((steered - _pipe_images(pipe, 0, steps=5)).abs().max()) > 1e-2

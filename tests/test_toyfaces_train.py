@@ -231,6 +231,14 @@ def test_a_dit_run_resumes_exactly_and_exports_a_flow_pipeline_the_engine_loads(
     assert torch.equal(engine.unet.state_dict()[key], once["ema"][key].half().float())
     trajectory = engine.sample([0, 1], 3, eta=1.0, progress=False)
     assert torch.equal(engine.replay(trajectory, progress=False).x0, trajectory.x0)
+    # A later session resumes from the exported (bundled) folder: model and EMA both start at its float16 weights.
+    train(tmp_path / "next", TrainConfig(**{**asdict(small_dit(1)), "lr": 0.0, "init": str(folder)}))
+    resumed = torch.load(tmp_path / "next" / "checkpoint.pt", weights_only=False)
+    assert torch.equal(resumed["model"][key], once["ema"][key].half().float())
+    with pytest.raises(HspaceError, match="is a DiT of .*num_layers.: 2.*the run asks for .*num_layers.: 3"):
+        train(tmp_path / "deeper", TrainConfig(**{**asdict(small_dit(1)), "dit_layers": 3, "init": str(folder)}))
+    with pytest.raises(HspaceError, match="neither a DiT checkpoint.pt, a DiT pipeline folder"):
+        train(tmp_path / "nothing", TrainConfig(**{**asdict(small_dit(1)), "init": str(tmp_path)}))
 
 
 def test_the_dit_is_trained_on_the_flow_matching_loss_with_logit_normal_times(tmp_path):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .distributed import Processes
 from .errors import HspaceError
-from .validate import check_int
+from .validate import check_int, is_int
 from .layout import PROMPT_ORDERS, Layout
 from .files import check_inside, read_json, read_safetensors, remove_stale_temporaries, save_safetensors, write_json
 from .progress import Meter
@@ -60,7 +60,7 @@ def _stored_steps(h_steps, num_steps: int) -> list[int]:
     """``h_steps`` checked: distinct step indices from 0 to num_steps - 1, in process order."""
     try:
         given = list(h_steps)
-        steps = [s for s in given if isinstance(s, int) and not isinstance(s, bool)]
+        steps = [s for s in given if is_int(s)]
     except TypeError:
         given, steps = None, []
     if not steps or len(steps) != len(given) or not all(0 <= s < num_steps for s in steps) or len(set(steps)) != len(steps):

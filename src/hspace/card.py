@@ -252,18 +252,17 @@ def flip_rates(
     """
     from .interventions import LinearEdit
 
+    deltas = engine.directions_at(list(directions.values()), trajectory.num_steps)  # each checked once, before any work
     before = classify(trajectory.images)
     watch = _watched(engine, before, directions, watch, domain)
     binary = list(dict.fromkeys(list(directions) + watch))  # the edited ones, then the rest
-    for direction in directions.values():
-        engine.check_direction(direction, trajectory.num_steps)
     n, names = len(trajectory), list(directions)
     # One batched run: row (d, b) is sample b edited by direction d towards its opposite label.
     labels = torch.stack([present(before[name]) for name in names])  # [D, n]
     coefficients = torch.zeros(len(names) * n, len(names))
     for d in range(len(names)):
         coefficients[d * n : (d + 1) * n, d] = torch.where(labels[d], -1.0, 1.0) * float(scale)
-    edit = LinearEdit(engine.directions_at(list(directions.values()), trajectory.num_steps), coefficients)
+    edit = LinearEdit(deltas, coefficients)
     source = torch.arange(n).repeat(len(names))
     edited = engine.replay(trajectory, interventions=[edit], source=source, batch_size=batch_size, callback=callback, progress=progress)
     after_all = classify(edited.images)

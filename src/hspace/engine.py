@@ -31,7 +31,7 @@ from .models import backbone_for, build
 from .models.conditioning import EMBED_KEYS, resolve
 from .operations import Noise, TrajectoryOperations
 from .progress import Meter, StepEvent
-from .spec import CONDITION_FIELDS, Spec
+from .spec import CONDITION_FIELDS, FREE, Space, Spec
 from .speed import Speed
 from .validate import check_batch_size
 
@@ -140,8 +140,11 @@ class Engine(TrajectoryOperations):
             if folder is not None:
                 raise HspaceError("folder= relocates the model of a spec; a loaded pipeline is its own model")
             return cls.from_pipeline(model, h_location, device, dtype, clip_sample, speed, **condition, **embeds)
+        if isinstance(model, Space):
+            return cls._of_space(model, device, speed, folder, clip_sample, condition, embeds, given_h=h_location, given_dtype=dtype)
         if not isinstance(model, (str, Spec)) and not hasattr(model, "__fspath__"):
-            raise HspaceError(f"model must be a name, a folder, a hub id, a Spec or a loaded diffusers pipeline; got a {type(model).__name__}")
+            raise HspaceError(f"model must be a name, a folder, a hub id, a Spec, a direction's Space or a loaded diffusers pipeline; "
+                              f"got a {type(model).__name__}")
         if isinstance(model, Spec):
             given = {"h_location": h_location, "dtype": dtype, "clip_sample": clip_sample, **condition}  # (size too: the spec's)
             extra = [k for k, v in given.items() if v is not None]
@@ -188,6 +191,22 @@ class Engine(TrajectoryOperations):
             device = device if device is not None else (None if first is None else first.device)
             dtype = dtype if dtype is not None else (None if first is None else compute_dtype(denoiser))
         return cls(components, h_location, device, dtype, clip_sample, **_embedded(components, condition, embeds), speed=speed)
+
+    @classmethod
+    def _of_space(cls, space: Space, device, speed, folder, clip_sample, condition: dict, embeds: dict, given_h, given_dtype) -> "Engine":
+        """An engine reading the h-space of a direction (``Engine.load(direction.spec)``): its model (at ``folder`` when
+        given), h location and dtype, checked by fingerprint; the process and the conditioning are the caller's."""
+        fixed = [name for name, value in (("h_location", given_h), ("dtype", given_dtype)) if value is not None]
+        if fixed:
+            raise HspaceError(f"a direction's space fixes {', '.join(fixed)}; give the rest (prompt, guidance, device, speed)")
+        try:
+            components = load_components(folder or space.model)
+        except HspaceError as e:
+            raise HspaceError(f"the model of this direction (fingerprint {space.fingerprint}) cannot be loaded from {folder or space.model!r}: "
+                              f"{e}. If it was moved, pass where it is now (Engine.load(space, folder=DIR))") from None
+        engine = cls(components, space.h_location, device, space.dtype, clip_sample, **_embedded(components, condition, embeds), speed=speed)
+        engine.space.check(space, f"the direction's model (found at {folder or space.model!r})")
+        return engine
 
     @classmethod
     def _of_spec(cls, spec: Spec, device, speed: Speed | None, folder: str | None, embeds: dict | None = None) -> "Engine":
@@ -272,6 +291,11 @@ class Engine(TrajectoryOperations):
         return self.model.h_shape
 
     @property
+    def space(self) -> Space:
+        """The h-space this engine reads and writes (model, h location, dtype, h shape): what its directions carry."""
+        return replace(self.spec.space, h_shape=tuple(self.h_shape))
+
+    @property
     def image_size(self) -> tuple[int, int]:
         """(H, W) of the images: the sample size, or what the decoder of a latent model makes of it."""
         if self.decoder is None:
@@ -324,8 +348,10 @@ class Engine(TrajectoryOperations):
 
     def check_direction(self, direction: Direction, num_steps: int | None = None) -> None:
         """Raise a clear error unless ``direction`` applies to this engine's h (any number of steps: ``direction_at``)."""
-        self.spec.check(direction.spec, f"direction {direction.name!r}", "direction")
-        direction.check_compatible(self.h_shape, self.h_location)
+        if direction.spec == FREE:  # no space to compare: its h shape must fit
+            direction.check_compatible(self.h_shape, self.h_location)
+        else:
+            self.space.check(direction.spec, f"direction {direction.name!r}")
 
     def direction_at(self, direction: Direction, num_steps: int) -> Direction:
         """``direction`` on the steps of this engine's ``num_steps``-step schedule: as it is when found on them,

@@ -105,6 +105,30 @@ def stored_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
     return [tensor]
 
 
+def logical_shape(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The shape a weight has to the model: its own, or for a GGUF-quantized one (diffusers' ``GGUFParameter``, stored
+    as bytes per block) the shape it dequantizes to, so that a Q4 and a Q8 of one model share the architecture."""
+    quant = getattr(tensor, "quant_type", None)
+    if quant is None:
+        return tuple(tensor.shape)
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[quant]
+    return (*tensor.shape[:-1], tensor.shape[-1] // size * block)
+
+
+def storage_of(module: torch.nn.Module) -> str:
+    """How a denoiser stores its weights, in words: "gguf Q8_0", "torchao Int8Tensor", "float8_e4m3fn", "float32", ...
+    (the kinds found, most common first): what a mismatch message says beside two fingerprints."""
+    kinds: dict[str, int] = {}
+    for _, tensor in module.state_dict().items():
+        quant = getattr(tensor, "quant_type", None)
+        kind = (f"gguf {getattr(quant, 'name', quant)}" if quant is not None else f"torchao {type(tensor).__name__}"
+                if hasattr(tensor, "__tensor_flatten__") else str(tensor.dtype).replace("torch.", ""))
+        kinds[kind] = kinds.get(kind, 0) + tensor.numel()
+    return ", ".join(sorted(kinds, key=kinds.get, reverse=True))
+
+
 def modules_fingerprint(modules: Iterable[torch.nn.Module | None], config: dict | None = None) -> str:
     """The fingerprint of models in memory: every tensor of their state dicts, and the scheduler config."""
     digest = hashlib.sha256(json.dumps(config or {}, sort_keys=True, default=str).encode())
@@ -152,7 +176,7 @@ def denoiser_fingerprint(module: torch.nn.Module) -> str:
     content = hashlib.sha256()
     offloaded = any(t.is_meta for _, t in weights)
     for name, tensor in weights:
-        architecture.update(f"{name}:{tuple(tensor.shape)}\n".encode())
+        architecture.update(f"{name}:{logical_shape(tensor)}\n".encode())
         if offloaded:
             continue
         content.update(f"{name}\n".encode())

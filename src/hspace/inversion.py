@@ -129,7 +129,8 @@ def invert(
             x_Ts.append(x_T.cpu())
             zs.append(z)
         x_T, z = torch.cat(x_Ts), torch.cat(zs)
-        draft = Trajectory([-1] * n, schedule.timesteps, eta_t, x_T.to(torch.float32), x0_all.to(torch.float32), None, z.float(), None, engine.spec)
+        spec = engine.spec.with_process(T, eta_t.tolist(), schedule.timesteps)
+        draft = Trajectory([-1] * n, x_T.to(torch.float32), x0_all.to(torch.float32), spec, z=z.float())
         return engine.replay(draft, record_h=True, batch_size=batch_size, callback=meter)
 
 

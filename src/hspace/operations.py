@@ -4,6 +4,7 @@ and parts of a process (``x_t``, ``finish``). ``Engine`` has these as its method
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -74,8 +75,8 @@ class TrajectoryOperations:
 
     def _trajectory(self, seeds, schedule, eta, x_T, x0, h, z, prompts: list[str] | None) -> Trajectory:
         image = None if self.decoder is None else self.decode(x0)
-        spec = self.spec.with_process(schedule.num_steps, eta.tolist())
-        return Trajectory(seeds, schedule.timesteps, eta, x_T, x0, h, z, image, spec, prompts)
+        spec = self.spec.with_process(schedule.num_steps, eta.tolist(), schedule.timesteps)
+        return Trajectory(seeds, x_T, x0, spec, h, z, image, prompts)
 
     def check_trajectory(self, trajectory: Trajectory, tolerant: bool = False) -> Schedule:
         check_trajectory_type(trajectory)
@@ -198,15 +199,14 @@ class TrajectoryOperations:
                 raise HspaceError("scales are needed with directions (or give an Edit)")
             edit = Edit(directions, scales, units, window, eps_pass)
         steps = trajectory.num_steps
-        for d in edit.directions:
-            self.check_direction(d, steps)
+        deltas = self.directions_at(list(edit.directions), steps)  # each direction checked here, once, before any pass
         raw = edit.raw_scales(steps)  # [D, S]
         n_d, n_s, n_b = len(edit.directions), len(edit.scales), len(trajectory)
         # Batch item (d, s, b) in row-major order: sample b edited by direction d at scale s.
         d_idx, s_idx, b_idx = torch.meshgrid(torch.arange(n_d), torch.arange(n_s), torch.arange(n_b), indexing="ij")
         coefficients = torch.zeros(n_d * n_s * n_b, n_d)
         coefficients[torch.arange(coefficients.shape[0]), d_idx.flatten()] = raw[d_idx.flatten(), s_idx.flatten()]
-        linear = LinearEdit(self.directions_at(list(edit.directions), steps), coefficients, self.active_steps(steps, edit.window))
+        linear = LinearEdit(deltas, coefficients, self.active_steps(steps, edit.window))
         out = self.replay(
             trajectory, interventions=[linear], source=b_idx.flatten(), eps_pass=edit.eps_pass, tolerant=tolerant,
             batch_size=batch_size, callback=callback, progress=progress,
@@ -235,7 +235,7 @@ class TrajectoryOperations:
             raise HspaceError(f"swap pairs samples one to one: {len(trajectory)} samples vs {len(donor)} donors")
         if donor.num_steps != trajectory.num_steps or not torch.equal(donor.timesteps, trajectory.timesteps):
             raise HspaceError(f"donor has {donor.num_steps} steps, the trajectory {trajectory.num_steps}; they must match")
-        self.spec.check(donor.spec, "the donor trajectory", "direction")  # its h, a point of the same h-space
+        self.space.check(replace(donor.spec.space, h_shape=self.h_shape), "the donor trajectory")  # its h, a point of the same h-space
         if tuple(donor.h.shape[2:]) != self.h_shape:
             raise HspaceError(f"donor h has shape {tuple(donor.h.shape[2:])}, this engine's h is {self.h_shape}")
         swap = Replace(donor.h, self.active_steps(trajectory.num_steps, window))

@@ -162,7 +162,7 @@ class Steering(_Hooked):
 
 def _check_identity(denoiser, directions: list[Direction], check) -> None:
     """Refuse directions found on another denoiser (module doc: ``check``)."""
-    from .fingerprint import denoiser_fingerprint, has_unfused_lora
+    from .fingerprint import denoiser_fingerprint, has_unfused_lora, storage_of
     from .spec import FREE
 
     if not any(check is c for c in CHECKS):
@@ -190,8 +190,9 @@ def _check_identity(denoiser, directions: list[Direction], check) -> None:
             what = "architecture" if check == "architecture" or theirs.split(":")[0] != ours.split(":")[0] else "weights"
             raise HspaceError(
                 f"direction {d.name!r} was found on another denoiser: its {what} differ (fingerprint {theirs} of "
-                f"{d.spec.model!r} vs this pipeline's {type(denoiser).__name__} {ours}). Another model, a fused LoRA, or the same "
-                "model in bfloat16 against float16/float32 (weights rounded otherwise)"
+                f"{d.spec.model!r} vs this pipeline's {type(denoiser).__name__} {ours}, weights stored as {storage_of(denoiser)}). "
+                "Another model, a fused LoRA, another quantization of the same model (a GGUF Q4 and a Q8 are different models; "
+                "float8 or int8 storage too), or the same model in bfloat16 against float16/float32 (weights rounded otherwise)"
                 + ("; check='architecture' steers it anyway where the architecture agrees, check=False never compares"
                    if what == "weights" else "; check=False steers it anyway where h's shape agrees"))
 

@@ -1,6 +1,7 @@
 """A Trajectory: everything that makes a sample's generative process replayable (paper eq. 2).
 
-seed, x_T, z_t and eta_t per step, the timesteps, h_t at every step and x_0; a batch of samples in one
+seed, x_T, z_t, h_t at every step and x_0, and the spec of the engine and process that drew it; the timesteps and
+eta_t per step are the process's (``Spec.process``), not copies beside it. A batch of samples in one
 object (leading dimension B). Every sample owns its seed: its noise comes from its own generator,
 never from the global RNG, so a sample drawn in a batch equals the same seed drawn alone.
 """
@@ -17,12 +18,13 @@ import torch
 from .errors import HspaceError
 from .files import read_safetensors, save_safetensors
 from .spec import Spec
+from .validate import check_int, is_int
 
 MAX_SEED = 2**63 - 1
 
 
 def check_seeds(seeds) -> list[int]:
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
+    if is_int(seeds):
         seeds = [seeds]
     try:
         seeds = list(seeds)
@@ -31,8 +33,7 @@ def check_seeds(seeds) -> list[int]:
     if not seeds:
         raise HspaceError("seeds is empty; give at least one integer seed")
     for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED:
-            raise HspaceError(f"seed {s!r} is not an integer from 0 to 2**63-1")
+        check_int("seed", s, 0, MAX_SEED, valid="an integer from 0 to 2**63-1")
     return seeds
 
 
@@ -58,23 +59,21 @@ class Trajectory:
     """The generative process of a batch of B samples, with T steps each."""
 
     seeds: list[int]  # one per sample; -1 where the sample did not come from a seed (an inverted image)
-    timesteps: torch.Tensor  # [T] descending: long (DDPM family) or float64 (flow matching: sigma * 1000)
-    eta: torch.Tensor  # [T] float64
     x_T: torch.Tensor  # [B, C, H, W]
     x0: torch.Tensor  # [B, C, H, W], in the U-Net's space (latents for a latent model)
+    spec: Spec  # the engine and the process that drew it: num_steps, eta and timesteps included
     h: torch.Tensor | None = None  # [B, T, *h_shape]: h_t as the decoder half of the U-Net saw it
     z: torch.Tensor | None = None  # [B, T, C, H, W]; None: regenerate from the seeds
     image: torch.Tensor | None = None  # [B, 3, H', W'] decoded images in [-1, 1]; None: x0 is the image
-    spec: Spec | None = None  # the engine and process that drew it (with num_steps and eta); None: unknown, replayed by no engine
     prompts: list[str] | None = None  # each sample's prompt (a conditional model); None: every sample has the spec's prompt
 
     def __post_init__(self):
-        if self.spec is not None and not isinstance(self.spec, Spec):
-            raise HspaceError(f"a trajectory's spec must be a Spec or None, got {type(self.spec).__name__}")
-        if self.spec is not None and self.spec.num_steps is None:  # an engine's spec (or an old file's): the process is this one
-            self.spec = self.spec.with_process(len(self.timesteps), self.eta.tolist())
-        if self.spec is not None and (self.spec.num_steps != len(self.timesteps) or self.spec.eta != tuple(float(e) for e in self.eta)):
-            raise HspaceError(f"the trajectory's spec has {self.spec.num_steps} steps and another eta than its {len(self.timesteps)} steps")
+        if not isinstance(self.spec, Spec) or self.spec.timesteps is None:
+            got = type(self.spec).__name__ if not isinstance(self.spec, Spec) else "an engine's spec without the process's timesteps"
+            raise HspaceError(f"a trajectory's spec must be the Spec of the process that drew it (spec.with_process(num_steps, eta, "
+                              f"timesteps)), got {got}")
+        process = self.spec.process
+        self._timesteps, self._eta = process.timestep_tensor(), process.eta_tensor()
         if self.x_T.ndim != 4:
             raise HspaceError(f"x_T must be [B, C, H, W], got shape {tuple(self.x_T.shape)}")
         if len(self.seeds) != self.x_T.shape[0]:
@@ -97,6 +96,16 @@ class Trajectory:
 
     def __len__(self) -> int:
         return self.x_T.shape[0]
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """[T] descending, the process's: long (DDPM family) or float64 (flow matching: sigma * 1000)."""
+        return self._timesteps
+
+    @property
+    def eta(self) -> torch.Tensor:
+        """[T] float64, the process's eta per step."""
+        return self._eta
 
     @property
     def num_steps(self) -> int:
@@ -151,7 +160,7 @@ class Trajectory:
         for other in trajectories[1:]:
             if not torch.equal(other.timesteps, first.timesteps) or not torch.equal(other.eta, first.eta):
                 raise HspaceError("cannot concatenate trajectories with different timesteps or eta")
-            if (first.spec is None) != (other.spec is None) or (first.spec is not None and first.spec.differences(other.spec, "samples")):
+            if first.spec.differences(other.spec, "samples"):
                 raise HspaceError(f"cannot concatenate trajectories of different engines: {first.spec} vs {other.spec}")
 
         def cat(name):
@@ -164,8 +173,6 @@ class Trajectory:
         return Trajectory(
             seeds=[s for t in trajectories for s in t.seeds],
             prompts=None if any(p is None for p in prompts) else [p for part in prompts for p in part],
-            timesteps=first.timesteps,
-            eta=first.eta,
             x_T=cat("x_T"),
             x0=cat("x0"),
             h=cat("h"),
@@ -178,11 +185,10 @@ class Trajectory:
         """Write atomically to a safetensors file; the metadata (seeds, spec) goes inside it."""
         tensors = {"timesteps": self.timesteps, "eta": self.eta, "x_T": self.x_T, "x0": self.x0}
         tensors.update({name: getattr(self, name) for name in OPTIONAL if getattr(self, name) is not None})
-        meta = {"kind": "hspace.Trajectory", "seeds": json.dumps(self.seeds)}
+        # The timesteps and eta are the spec's; the tensors beside it keep the file readable by an older hspace.
+        meta = {"kind": "hspace.Trajectory", "seeds": json.dumps(self.seeds), "spec": self.spec.to_json()}
         if self.prompts is not None:
             meta["prompts"] = json.dumps(self.prompts)
-        if self.spec is not None:
-            meta["spec"] = self.spec.to_json()
         return save_safetensors(tensors, path, meta)
 
     @classmethod
@@ -201,9 +207,19 @@ class Trajectory:
             spec = Spec.from_json(meta["spec"]) if "spec" in meta else None
         except (json.JSONDecodeError, HspaceError) as e:
             raise HspaceError(f"{where} has bad metadata: {e}") from None
-        if not isinstance(seeds, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        if not isinstance(seeds, list) or not all(is_int(x) for x in seeds):
             raise HspaceError(f"{where} must list its seeds as integers, got {str(meta.get('seeds'))[:80]!r}")
         _check_shapes(tensors, where)
+        if spec is None:
+            raise HspaceError(f"{where} has no spec (made before hspace 0.2): the engine that drew it is unknown, so it replays on "
+                              "none; draw it again")
+        timesteps, eta = tensors.pop("timesteps"), tensors.pop("eta")
+        if spec.num_steps is not None and (spec.num_steps != len(timesteps) or spec.eta != tuple(eta.tolist())):
+            raise HspaceError(f"{where}: its spec has {spec.num_steps} steps and another eta than its {len(timesteps)} steps")
+        if spec.timesteps is None:  # a file from before the process held its timesteps: they are the tensor's
+            spec = spec.with_process(len(timesteps), eta.tolist(), timesteps)
+        elif not torch.equal(spec.process.timestep_tensor(), timesteps.to(spec.process.timestep_tensor().dtype)):
+            raise HspaceError(f"{where}: its spec's timesteps differ from its timesteps entry")
         try:
             return cls(seeds=seeds, spec=spec, prompts=prompts, **tensors)
         except HspaceError as e:

@@ -201,9 +201,8 @@ def run_edit(args) -> None:
         return
     from ..edits import Edit
 
-    edit = Edit(directions, scales, args.units, window, eps_pass(args))  # a direction lacking the unit asked for fails here
-    for direction in directions:
-        engine.check_direction(direction, trajectory.num_steps)
+    # A direction lacking the unit asked for fails here; one that does not fit this engine in engine.edit, before any pass.
+    edit = Edit(directions, scales, args.units, window, eps_pass(args))
     print(edit.describe())
     if args.sequential:
         raw = [float(edit.raw_scales(trajectory.num_steps)[d, d]) for d in range(len(directions))]

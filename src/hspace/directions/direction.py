@@ -3,8 +3,9 @@
 An edit adds gamma * delta[t] to h_t at step t (paper Sec. 3: h_edit = h + gamma v). A direction with
 a single step applies the same offset at every step (e.g. a Jacobian direction found at one t).
 Methods that know a natural unit store delta already scaled by it (PCA: one sigma per step), so that
-scales read in that unit; ``sigma`` keeps the per-step std for reference. ``spec`` is the engine the
-direction was found with (model and h location must match where it is applied; see ``spec.py``), or
+scales read in that unit; ``sigma`` keeps the per-step std for reference. ``spec`` is the ``Space`` of the engine
+the direction was found with (model, h location and h shape must match where it is applied; see ``spec.py``; an
+engine's full ``Spec`` given here is reduced to its space: a direction carries no process), or
 ``FREE``, said explicitly, for a direction made without an engine: it applies to any engine whose h has
 its shape. There is no default: a direction that silently applied anywhere would hide a wrong model.
 
@@ -29,7 +30,7 @@ import torch
 
 from ..errors import HspaceError
 from ..files import parse_json_object, read_json, read_safetensors, safe_name, save_safetensors, staged_folder, write_json
-from ..spec import FREE, Spec
+from ..spec import FREE, Space, Spec
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class Direction:
     delta: torch.Tensor  # [T, C, H, W] float32
     sigma: torch.Tensor | None = None  # [T]
     meta: dict = field(default_factory=dict)  # name, method, params (num_steps is added)
-    spec: Spec | str | None = None  # the engine it was found with, or FREE (module doc); None is refused
+    spec: Space | Spec | str | None = None  # the space it was found in (a Spec is reduced to it), or FREE (module doc); None is refused
     timesteps: torch.Tensor | None = None  # [T] the timesteps it was found at (module doc)
 
     def __post_init__(self):
@@ -65,7 +66,9 @@ class Direction:
         if not isinstance(self.meta["name"], str):
             raise HspaceError(f"a direction's name must be a string, got {self.meta['name']!r}")
         self.meta["num_steps"] = self.num_steps
-        if self.spec != FREE and not isinstance(self.spec, Spec):
+        if isinstance(self.spec, (Spec, Space)):
+            self.spec = dataclasses.replace(self.spec.space if isinstance(self.spec, Spec) else self.spec, h_shape=self.h_shape)
+        elif self.spec != FREE:
             raise HspaceError(f"a direction needs the spec of the engine it was found with (spec=engine.spec), or spec=FREE "
                               f"(hspace.spec.FREE: it applies to any engine whose h has its shape); got {self.spec!r}")
 
@@ -143,7 +146,7 @@ class Direction:
         if other.h_shape != self.h_shape:
             raise HspaceError(f"cannot combine directions of h shapes {self.h_shape} and {other.h_shape}")
         if FREE not in (self.spec, other.spec):
-            self.spec.check(other.spec, f"direction {other.name!r} (combined with {self.name!r})", "direction")
+            self.spec.check(other.spec, f"direction {other.name!r} (combined with {self.name!r})")
         steps = max(self.num_steps, other.num_steps)
         mine, theirs = (self, other) if self.num_steps == other.num_steps or 1 in (self.num_steps, other.num_steps) else _common(self, other)
         delta = mine.per_step(steps) + sign * theirs.per_step(steps)
@@ -180,7 +183,9 @@ class Direction:
             tensors["sigma"] = self.sigma
         if self.timesteps is not None:
             tensors["timesteps"] = self.timesteps
-        metadata = {"kind": "hspace.Direction", "meta": json.dumps(self.meta), "spec": FREE if self.spec == FREE else self.spec.to_json()}
+        # The space without its h shape (the delta carries it): a file an older hspace still reads as a spec.
+        spec = FREE if self.spec == FREE else dataclasses.replace(self.spec, h_shape=None).to_json()
+        metadata = {"kind": "hspace.Direction", "meta": json.dumps(self.meta), "spec": spec}
         return save_safetensors(tensors, path, metadata)
 
     @classmethod
@@ -196,13 +201,14 @@ class Direction:
             raise HspaceError(f"direction file {str(path)!r}: {e}") from None
 
 
-def _spec_of(metadata: dict, path) -> Spec | str:
-    """A direction file's spec; a file from before directions always had one (no "spec") is a free direction."""
+def _spec_of(metadata: dict, path) -> Space | str:
+    """A direction file's space (a file written with a full engine spec gives its space); a file from before directions
+    always had one (no "spec") is a free direction."""
     if metadata.get("spec", FREE) == FREE:
         if "spec" not in metadata:
             logger.warning("direction file %s has no spec (made before hspace 0.2): loaded as a free direction", path)
         return FREE
-    return Spec.from_json(metadata["spec"])
+    return Space.from_json(metadata["spec"])
 
 
 def interpolation_weights(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ def disentangle(direction: Direction, others: Sequence[Direction], per_timestep:
         raise HspaceError("give at least one direction to project out")
     for other in others:
         if FREE not in (direction.spec, other.spec):
-            direction.spec.check(other.spec, f"direction {other.name!r}", "direction")
+            direction.spec.check(other.spec, f"direction {other.name!r}")
         if other.h_shape != direction.h_shape:
             raise HspaceError(f"direction {other.name!r} has h shape {other.h_shape}, {direction.name!r} has {direction.h_shape}")
         if other.num_steps not in (1, direction.num_steps) and direction.num_steps != 1:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import HspaceError, check_choice
-from ..validate import check_int
+from ..validate import check_int, is_int
 from ..progress import IterationEvent, Meter
 from ..files import read_json, read_safetensors, safe_name, save_safetensors, staged_folder, write_json
 from .direction import Direction, save_directions, write_result_record
@@ -360,13 +360,9 @@ def jacobian_directions(
 def _check_steps(steps, n: int) -> list[int]:
     if steps is None:
         return [n // 2]
-    if isinstance(steps, int) and not isinstance(steps, bool):
+    if is_int(steps):
         steps = [steps]
-    steps = list(steps)
-    for s in steps:
-        if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < n:
-            raise HspaceError(f"step {s!r} is out of range; valid: integers from 0 to {n - 1} (the trajectory has {n} steps)")
-    return steps
+    return [check_int("step", s, 0, n - 1, valid=f"an integer from 0 to {n - 1} (the trajectory has {n} steps)") for s in list(steps)]
 
 
 def _iteration_events(meter: Meter, step: int, passes: int):

@@ -575,8 +575,8 @@ def pca_per_timestep(
     _check_budget(memory_budget_bytes)
     if method not in METHODS:
         raise HspaceError(f"unknown PCA method {method!r}; valid: {', '.join(map(repr, METHODS))}")
-    if expected_n is not None and (isinstance(expected_n, bool) or not isinstance(expected_n, int)):
-        raise HspaceError(f"expected_n must be an integer or None, got {expected_n!r}")
+    if expected_n is not None:
+        check_int("expected_n", expected_n, valid="an integer or None")
     source = _Source(chunks, per_timestep)
     if method == "gram":
         return replace(_GramPCA(source, k, memory_budget_bytes).run(), spec=spec, timesteps=timesteps)

@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import HspaceError
 from .conditioning import ClassConditioner, FluxConditioner, PixArtConditioner, SD3Conditioner, TextConditioner
 from ..hooks import HookPoint, block_points, latent_grid, position_grid, unet_points
+from ..validate import is_int
 
 
 class DenoiserCall:
@@ -60,7 +61,7 @@ class DenoiserCall:
         """[C, H, W] of x_t: the denoiser's in_channels and sample_size."""
         size = self.denoiser.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size):
+        if len(size) != 2 or not all(is_int(s) and s >= 1 for s in size):
             raise HspaceError(f"the denoiser's config has sample_size {self.denoiser.config.sample_size!r}; valid: a positive integer "
                               "(or two): the size of the samples it makes")
         return (self.denoiser.config.in_channels, *size)

@@ -34,7 +34,7 @@ def register(sub) -> None:
         help="weight the epsilon loss at step t by min(1/alpha_bar_t, CAP) (the v loss, truncated; mean weight 1): "
         "capacity moves to the noisy steps, where attributes are decided (default 1: the plain epsilon loss)",
     )
-    p.add_argument("--init", default=None, help="start a new run from the weights of a checkpoint.pt, a diffusers model folder or toyfaces (the bundled model); a folder or toyfaces is deepened, function unchanged, to --layers-per-block")
+    p.add_argument("--init", default=None, help="start a new run from the weights of a checkpoint.pt, a diffusers model folder, toyfaces or toydit (the bundled models; a DiT pipeline folder for --arch dit); a U-Net folder or toyfaces is deepened, function unchanged, to --layers-per-block")
     p.add_argument("--channels", default=None, help="block channels of the U-Net (default 32,64,128, the bundled model)")
     p.add_argument("--layers-per-block", dest="layers_per_block", type=positive_int, default=None, help="layers per U-Net block (default 1)")
     p.add_argument("--arch", choices=("unet", "dit"), default=None,

@@ -252,14 +252,14 @@ def load_init(config: "TrainConfig"):
     built-in name (its weights serve as both), deepened to the run's layers per block."""
     from diffusers import UNet2DModel
 
-    from ..loading import TOYFACES_FOLDER
+    from ..loading import TOYDIT_FOLDER, TOYFACES_FOLDER
 
-    source = TOYFACES_FOLDER if config.init == "toyfaces" else Path(config.init)
+    source = {"toyfaces": TOYFACES_FOLDER, "toydit": TOYDIT_FOLDER}.get(config.init, Path(config.init))
     if source.is_file():
         init = load_checkpoint(source)
         return init["model"], init["ema"]
     if config.arch == "dit":
-        raise HspaceError(f"--init {config.init!r}: a DiT run starts from a checkpoint.pt file of a DiT run only")
+        return _dit_init(config, source)
     if not (source / "config.json").is_file():
         raise HspaceError(f"--init {config.init!r} is neither a checkpoint file, a diffusers model folder nor 'toyfaces'")
     unet = UNet2DModel.from_pretrained(source).float()
@@ -270,6 +270,22 @@ def load_init(config: "TrainConfig"):
             f"the run {config.channels}; only the layers per block can grow"
         )
     state = deepen(unet, architecture["layers_per_block"]).state_dict()
+    return state, state
+
+
+def _dit_init(config: "TrainConfig", source: Path):
+    """The weights of an exported DiT pipeline folder (``toydit`` or ``hspace toyfaces export``'s output) as both the
+    model and its EMA: how a later session resumes the bundled model (the optimizer starts fresh)."""
+    from diffusers import DiTTransformer2DModel
+
+    if not (source / "transformer" / "config.json").is_file():
+        raise HspaceError(f"--init {config.init!r} is neither a DiT checkpoint.pt, a DiT pipeline folder (with transformer/) nor 'toydit'")
+    transformer = DiTTransformer2DModel.from_pretrained(source / "transformer").float()
+    expected = dit_config(config)
+    found = {k: transformer.config[k] for k in ("num_layers", "num_attention_heads", "attention_head_dim", "sample_size", "patch_size")}
+    if any(found[k] != expected[k] for k in found):
+        raise HspaceError(f"--init {config.init!r} is a DiT of {found}; the run asks for {({k: expected[k] for k in found})} (--dit-layers, --dit-width, --size)")
+    state = transformer.state_dict()
     return state, state
 
 

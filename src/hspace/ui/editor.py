@@ -40,6 +40,7 @@ from ..errors import HspaceError
 from ..files import free_name, safe_name
 from ..images import to_pil
 from .requests import CardRequest, EditRequest, JacobianRequest, Part
+from ..validate import is_int
 
 MAX_UPLOAD_BYTES = 4 * 2**20
 MAX_UPLOAD_PIXELS = 4096 * 4096
@@ -274,7 +275,7 @@ class Editor:
         began = time.perf_counter()
         request = EditRequest.read(request)
         tab, seq = str(request.tab), request.seq
-        if isinstance(seq, int) and not isinstance(seq, bool):
+        if is_int(seq):
             with self._latest_lock:  # requests arrive on several threads
                 self.latest.put(tab, max(self.latest.get(tab, -1), seq))
         quality, asyrp, strip = request.quality, request.asyrp, request.strip or []
