@@ -7,6 +7,7 @@ import torch
 
 from hspace.bank import Bank, build_bank
 from hspace.errors import HspaceError
+from hspace.spec import FREE
 
 from conftest import tiny_engine
 
@@ -149,3 +150,49 @@ def test_a_bank_of_some_steps_stores_exactly_those_and_its_directions_apply_at_e
         build_bank(tmp_path / "bad", engine, 2, 10, 1.0, progress=False, h_steps=[0, 10])
     assert main(["bank", str(tmp_path / "cli"), "--model", "tiny-random", "--n", "2", "--steps", "10", "--h-steps", "0-2", "9"]) == 0
     assert Bank.open(tmp_path / "cli").h_steps == [0, 1, 2, 9]
+
+
+def test_a_pooled_bank_in_float8_or_bfloat16_stores_h_smaller_and_its_directions_are_lifted_to_the_full_grid(tmp_path):
+    from hspace.bank import lift_h, pool_h
+    from hspace.cli import main
+    from hspace.directions.pca import pca, pca_from_h
+    from hspace.directions.supervised import direction_from_scores
+
+    engine = tiny_engine()  # h 32 x 8 x 8
+    trajectory = engine.sample(list(range(8)), 4, 1.0, progress=False)
+    build_bank(tmp_path / "full", engine, 8, 4, 1.0, progress=False)
+    pooled = build_bank(tmp_path / "pooled", engine, 8, 4, 1.0, progress=False, h_pool=2)
+    assert pooled.stored_h_shape == (32, 4, 4) and pooled.h_shape == (32, 8, 8)
+    expected = pool_h(trajectory.h, 2)  # the mean of every 2 x 2 cell
+    assert torch.allclose(expected[0, 0, :, 0, 0], trajectory.h[0, 0, :, :2, :2].mean(dim=(1, 2)))
+    assert torch.allclose(pooled.h(), expected.half().float())  # float16, as a full bank
+    assert torch.equal(pool_h(lift_h(expected, 2), 2), expected)
+    # float8 (e4m3, a scale per sample and step) and bfloat16: the error bounded by their 3 and 7 mantissa bits
+    for storage, bits in (("float8", 3), ("bfloat16", 7)):
+        bank = build_bank(tmp_path / storage, engine, 8, 4, 1.0, progress=False, h_pool=2, h_storage=storage)
+        error = (bank.h() - expected).abs().flatten(2).amax(2)
+        assert float((error / expected.abs().flatten(2).amax(2)).max()) <= 2.0 ** -bits
+        assert float(error.max()) > 0  # it is rounded: the test sees the storage
+    sizes = {name: sum(p.stat().st_size for p in (tmp_path / name).glob("shard-*")) for name in ("full", "pooled", "float8")}
+    assert sizes["float8"] < 0.6 * sizes["pooled"] < 0.6 * 0.3 * sizes["full"]
+    # PCA of the pooled bank is the PCA of pooled h, lifted: unit components on the full grid, one sigma the std of full h
+    # along them (the pooled coordinate times the pool), so a delta of one sigma is the pooled delta upsampled
+    found, direct = pca(pooled, 2), pca_from_h(pooled.h(), 2)
+    assert found.h_shape == (32, 8, 8) and torch.allclose(found.components.flatten(2).norm(dim=2), torch.ones(2, 4))
+    assert torch.allclose(found.components, lift_h(direct.components, 2) / 2) and torch.allclose(found.sigma, 2 * direct.sigma)
+    along = (pooled.lift(pooled.h()) * found.components[0][None]).flatten(2).sum(2)  # [n, T] coordinates on the full grid
+    assert torch.allclose(along.std(0).double(), found.sigma[0], rtol=1e-4)
+    pc1 = found.directions[0]
+    assert pc1.h_shape == (32, 8, 8) and torch.allclose(pc1.delta, lift_h(direct.directions_for(FREE)[0].delta, 2), atol=1e-6)
+    engine.edit(trajectory[:1], pc1, [1.0], progress=False)  # it applies to the engine's h as it is
+    pooled.set_scores("s", {"a": torch.arange(8.0)})
+    assert direction_from_scores(pooled, "a", 2, scores="s").h_shape == (32, 8, 8)
+    with pytest.raises(HspaceError, match="h_pool: bank has None, requested 2"):
+        build_bank(tmp_path / "full", engine, 10, 4, 1.0, progress=False, h_pool=2)
+    with pytest.raises(HspaceError, match=r"h_pool 3 must divide both sides of h's grid \[32, 8, 8\]"):
+        build_bank(tmp_path / "three", engine, 2, 4, 1.0, progress=False, h_pool=3)
+    with pytest.raises(HspaceError, match="unknown h_storage 'int4'; valid: 'float16', 'bfloat16', 'float8'"):
+        build_bank(tmp_path / "int4", engine, 2, 4, 1.0, progress=False, h_storage="int4")
+    assert main(["bank", str(tmp_path / "cli"), "--model", "tiny-random", "--n", "2", "--steps", "3", "--h-pool", "2", "--h-storage", "float8"]) == 0
+    cli = Bank.open(tmp_path / "cli")
+    assert (cli.layout.h_pool, cli.layout.h_storage) == (2, "float8") and cli.h().shape[2:] == cli.stored_h_shape

@@ -63,6 +63,10 @@ def test_flux_dev_at_1024_px_from_its_configs(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "25.2 MB per step" in text and "704.7 MB per sample" in text and "704.7 GB for 1,000 samples" in text
     assert "--h-steps with at most 3 of the 28 steps (75.5 GB)" in text and "about 11.7 h at 1.5 s a pass" in text
+    assert "--h-pool 2 --h-storage float8: 88.1 GB (fits)" in text and "--h-pool 4 --h-storage float8: 22.0 GB (fits)" in text
+    assert "--h-storage float8: 352.3 GB;" in text  # float8 alone halves it: not enough
+    assert main([*argv, "--h-pool", "2", "--h-storage", "float8"]) == 0
+    assert "3.1 MB per step, 88.1 MB per sample (28 of 28 steps, float8, pooled 2x2" in capsys.readouterr().out
     assert not out.exists()  # a plan draws nothing
 
 

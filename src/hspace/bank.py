@@ -5,7 +5,7 @@ A bank is a folder:
     bank.json                 what drew it: the spec (model fingerprint, h location, dtype, clipping, steps,
                               eta, spacing, autocast), the timesteps, base seed, shard size, h and sample
                               shapes; and how many samples it should hold
-    shard-000000000000.safetensors   samples from 0 on: seeds, h [b, T, *h_shape] in float16,
+    shard-000000000000.safetensors   samples from 0 on: seeds, h [b, T, *h_shape] in float16 (or as the layout says),
     shard-000000000064.safetensors   x_0 thumbnails (uint8, at most ``thumbnail_size`` px) ...
     scores/NAME.safetensors   optional per-sample scores (labels, classifier outputs), [n] per key
 
@@ -75,9 +75,51 @@ MAX_SAMPLES = 100_000_000  # one bank; its list of shards to draw is held in mem
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
-    for name in ("seeds", "h", "thumbnails"):
-        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+    for name in ("seeds", "h", "thumbnails", "h_scale"):  # h_scale: float8 storage only
+        if name in tensors:
+            digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+FLOAT8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
+
+
+def pool_h(h: torch.Tensor, pool: int | None) -> torch.Tensor:
+    """h [..., C, H, W] averaged over ``pool`` x ``pool`` cells of its grid (None: as it is)."""
+    if pool is None:
+        return h
+    *lead, c, height, width = h.shape
+    return h.reshape(*lead, c, height // pool, pool, width // pool, pool).mean(dim=(-3, -1))
+
+
+def lift_h(h: torch.Tensor, pool: int | None) -> torch.Tensor:
+    """A pooled h (or direction) [..., C, H/p, W/p] on the full grid: each cell's value at each of its p x p positions
+    (nearest upsampling; ``pool_h`` of it gives it back exactly)."""
+    if pool is None:
+        return h
+    return h.repeat_interleave(pool, dim=-1).repeat_interleave(pool, dim=-2)
+
+
+def encode_h(h: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
+    """h [b, T, ...] float32 as a shard stores it (``layout.H_STORAGE``): float16 (float32 where a value exceeds its
+    range), bfloat16, or float8 e4m3 with a float32 scale per sample and step (its largest magnitude maps to 448)."""
+    if storage == "bfloat16":
+        return {"h": h.to(torch.bfloat16)}
+    if storage == "float8":
+        amax = h.abs().flatten(2).amax(dim=2)  # [b, T]
+        scale = torch.where(amax > 0, amax / FLOAT8_MAX, torch.ones_like(amax)).float()
+        return {"h": (h / scale.reshape(*scale.shape, *[1] * (h.ndim - 2))).to(torch.float8_e4m3fn), "h_scale": scale}
+    return {"h": h.half() if float(h.abs().max()) <= FLOAT16_MAX else h}
+
+
+def decode_h(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The h of a shard's stored tensors (``encode_h``'s inverse, up to its rounding): float8 scaled back, in float32;
+    float16 and bfloat16 as stored."""
+    h = tensors["h"]
+    if "h_scale" in tensors:
+        scale = tensors["h_scale"]
+        h = h.float() * scale.reshape(*scale.shape, *[1] * (h.ndim - 2))
+    return h
 
 
 @contextlib.contextmanager
@@ -163,9 +205,11 @@ class Bank:
 
     @staticmethod
     def layout_of(engine, num_steps: int, eta, base_seed: int, shard_size: int, thumbnail_size: int,
-                  prompts: str | Sequence[str] | None = None, prompt_order: str = "cycle", h_steps: Sequence[int] | None = None) -> Layout:
+                  prompts: str | Sequence[str] | None = None, prompt_order: str = "cycle", h_steps: Sequence[int] | None = None,
+                  h_pool: int | None = None, h_storage: str | None = None) -> Layout:
         """The layout of a bank of ``engine``; over several ``prompts`` (the spec records the first), else the
-        one prompt (None: the engine's) is the spec's. ``h_steps``: the steps (indices) whose h is stored (None: all)."""
+        one prompt (None: the engine's) is the spec's. ``h_steps``: the steps (indices) whose h is stored (None: all);
+        ``h_pool``, ``h_storage``: how (``layout.py``)."""
         from dataclasses import replace
 
         from .diffusion import eta_schedule
@@ -177,7 +221,7 @@ class Bank:
         spec = engine.spec if pool is None else replace(engine.spec, prompt=pool[0])
         steps = None if h_steps is None else _stored_steps(h_steps, num_steps)
         return Layout.of(spec.with_process(num_steps, eta_schedule(eta, num_steps).tolist()), schedule.timesteps.tolist(), base_seed,
-                         shard_size, engine.h_shape, engine.sample_shape, thumbnail_size, pool, prompt_order, steps)
+                         shard_size, engine.h_shape, engine.sample_shape, thumbnail_size, pool, prompt_order, steps, h_pool, h_storage)
 
     @property
     def layout(self) -> Layout:
@@ -216,7 +260,17 @@ class Bank:
 
     @property
     def h_shape(self) -> tuple[int, ...]:
+        """The engine's h shape (what directions of this bank apply to)."""
         return self.layout.h_shape
+
+    @property
+    def stored_h_shape(self) -> tuple[int, ...]:
+        """The shape of h as the bank stores and reads it: ``h_shape``, or its grid pooled (``layout.h_pool``)."""
+        return self.layout.stored_h_shape
+
+    def lift(self, h: torch.Tensor) -> torch.Tensor:
+        """A direction (or mean) found on the bank's stored h, on the engine's grid (``lift_h``; as it is when not pooled)."""
+        return lift_h(h, self.layout.h_pool)
 
     @property
     def seeds(self) -> list[int]:
@@ -266,19 +320,17 @@ class Bank:
         return bank
 
     def write_shard(self, start: int, h: torch.Tensor, thumbs: torch.Tensor) -> Path:
-        """Write samples start .. start+len(h)-1 atomically: h [b, T, *h_shape] (stored in float16 unless
-        a value exceeds its range) and uint8 thumbnails [b, 3, h, w], with the bank's fingerprint and a
-        checksum of the contents."""
+        """Write samples start .. start+len(h)-1 atomically: h [b, T, *h_shape] (pooled and stored as the layout says:
+        ``encode_h``) and uint8 thumbnails [b, 3, h, w], with the bank's fingerprint and a checksum of the contents."""
         count = h.shape[0]
         expected = (count, len(self.h_steps), *self.h_shape)
         if tuple(h.shape) != expected or thumbs.dtype != torch.uint8 or thumbs.shape[0] != count:
             raise HspaceError(f"a shard needs h of shape {expected} and {count} uint8 thumbnails, got {tuple(h.shape)} and {thumbs.dtype} {tuple(thumbs.shape)}")
-        if float(h.abs().max()) <= FLOAT16_MAX:
-            h = h.half()  # else keep float32: float16 would turn these values into inf
+        stored = encode_h(pool_h(h.detach().cpu().float(), self.layout.h_pool), self.layout.storage)
         base = self.layout.base_seed
         tensors = {
             "seeds": torch.arange(base + start, base + start + count, dtype=torch.int64),
-            "h": h.detach().cpu().contiguous(),
+            **{name: value.contiguous() for name, value in stored.items()},
             "thumbnails": thumbs.detach().cpu().contiguous(),
         }
         metadata = {
@@ -359,6 +411,8 @@ class Bank:
                 f"shard {str(path)!r} is damaged (its contents do not match their checksum); delete it and run the same "
                 "`hspace bank` command again to draw it anew"
             )
+        if "h" in names:
+            tensors = {**tensors, "h": decode_h(tensors)}
         return {name: tensors[name] for name in names}
 
     def _check_steps(self, steps) -> list[int] | None:
@@ -390,7 +444,7 @@ class Bank:
         if indices is None:
             return torch.cat(list(self.h_chunks(steps)()))
         indices, steps = self.check_indices(indices), self._check_steps(steps)
-        out = torch.empty(len(indices), len(steps) if steps else len(self.h_steps), *self.h_shape)
+        out = torch.empty(len(indices), len(steps) if steps else len(self.h_steps), *self.stored_h_shape)
         want = torch.tensor(indices)
         for start, count in self.shards():
             rows = ((want >= start) & (want < start + count)).nonzero()[:, 0]
@@ -479,13 +533,17 @@ def build_bank(
     prompts: str | Sequence[str] | None = None,
     prompt_order: str = "cycle",
     h_steps: Sequence[int] | None = None,
+    h_pool: int | None = None,
+    h_storage: str | None = None,
 ) -> Bank:
     """Create, resume or extend the bank at ``path`` so that it holds ``n`` samples; returns it.
 
     A conditional model's bank may hold samples of several ``prompts``: sample i gets prompts[i % P]
     (``prompt_order="cycle"``) or one drawn by its seed (``"random"``); None: the engine's prompt. ``h_steps``
     (step indices) stores h at those steps only (a bank of a big model: SDXL's h is 125 MiB per sample at 50
-    steps); directions found from it record their timesteps and are resampled to every step where applied.
+    steps); directions found from it record their timesteps and are resampled to every step where applied. ``h_pool``
+    (2, 4: h averaged over cells of its grid) and ``h_storage`` (float16, bfloat16, float8) shrink it further
+    (``layout.py``); the methods lift what they find on a pooled bank to the engine's grid (``Bank.lift``).
 
     Sample i has seed ``base_seed + i``. Missing shards are drawn in order, each in batches of
     ``batch_size`` (so a shard is the same whenever it is drawn) and written atomically; extending a
@@ -500,14 +558,16 @@ def build_bank(
     process alone writes the manifest and draws the progress bar (its own passes times the number of processes).
     """
     settings = dict(base_seed=base_seed, shard_size=shard_size, batch_size=batch_size, thumbnail_size=thumbnail_size, callback=callback,
-                    progress=progress, processes=processes, prompts=prompts, prompt_order=prompt_order, h_steps=h_steps)
+                    progress=progress, processes=processes, prompts=prompts, prompt_order=prompt_order, h_steps=h_steps,
+                    h_pool=h_pool, h_storage=h_storage)
     return build_banks({engine.h_location: path}, engine, n, num_steps, eta, **settings)[engine.h_location]
 
 
 def build_banks(paths: dict[str, str | Path], engine, n: int, num_steps: int = 50, eta: float | Sequence[float] = 1.0, *,
                 base_seed: int = 0, shard_size: int = 64, batch_size: int = 32, thumbnail_size: int = 64,
                 callback: Callable | None = None, progress: bool | None = None, processes: "Processes | None" = None,
-                prompts: str | Sequence[str] | None = None, prompt_order: str = "cycle", h_steps: Sequence[int] | None = None) -> dict[str, Bank]:
+                prompts: str | Sequence[str] | None = None, prompt_order: str = "cycle", h_steps: Sequence[int] | None = None,
+                h_pool: int | None = None, h_storage: str | None = None) -> dict[str, Bank]:
     """One bank per h location (``{location: path}``) from one draw: every sample is denoised once and h is
     recorded at all the locations (one ``Record``), so N locations cost one bank's sampling, not N. Each bank is
     an ordinary bank of ``engine.at(location)`` (the same as ``build_bank`` with that engine draws, bit for bit),
@@ -527,7 +587,7 @@ def build_banks(paths: dict[str, str | Path], engine, n: int, num_steps: int = 5
     for path in paths.values():
         if path.exists() and not path.is_dir():
             raise HspaceError(f"bank path {str(path)!r} exists and is not a folder")
-    layouts = {name: Bank.layout_of(e, num_steps, eta, base_seed, shard_size, thumbnail_size, prompts, prompt_order, h_steps)
+    layouts = {name: Bank.layout_of(e, num_steps, eta, base_seed, shard_size, thumbnail_size, prompts, prompt_order, h_steps, h_pool, h_storage)
                for name, e in engines.items()}
     procs = processes or Processes.current(engine.device)
     procs.agree(" ".join(layout.digest for layout in layouts.values()) + f" n={n}", "the bank's settings (fingerprint and size)")
@@ -664,8 +724,9 @@ def _check_space(path: Path, layout: Layout, samples: int) -> None:
     stored = len(layout.stored_steps)
     need = samples * layout.bytes_per_sample
     free = shutil.disk_usage(path).free
-    logger.info("bank %s: %d samples to draw, about %.1f MB on disk (%.1f MB free); h is %.2f MiB per sample (%d steps x %s in float16)",
-                path, samples, need / 1e6, free / 1e6, layout.h_bytes_per_sample / 2**20, stored, "x".join(map(str, layout.h_shape)))
+    logger.info("bank %s: %d samples to draw, about %.1f MB on disk (%.1f MB free); h is %.2f MiB per sample (%d steps x %s in %s)",
+                path, samples, need / 1e6, free / 1e6, layout.h_bytes_per_sample / 2**20, stored, "x".join(map(str, layout.stored_h_shape)),
+                layout.storage)
     if need > free:
         raise HspaceError(
             f"bank {str(path)!r} needs about {need / 1e6:.1f} MB for {samples} more samples but the disk has "

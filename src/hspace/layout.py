@@ -3,7 +3,9 @@
 A ``Layout`` is the spec of the engine and process that drew the bank (``spec.py``: model fingerprint, h location,
 dtype, steps, eta, spacing, autocast, conditioning), the timesteps, the first seed, the shard size, h's and the
 sample's shapes, the thumbnail size and, only where they differ from the default (so that banks drawn before them
-keep their digest), the prompts and their order and the steps whose h is stored. Every shard of a bank carries the
+keep their digest), the prompts and their order, the steps whose h is stored, the pooling of h's grid (``h_pool``: h
+averaged over cells, a direction found on it applied as its nearest upsampling) and how h is stored (``h_storage``:
+float16, bfloat16, or float8 e4m3 with a float32 scale per sample and step). Every shard of a bank carries the
 layout's ``digest``: a shard of another layout is refused, and extending a bank needs ``differences`` to be empty.
 
 The model counts by its fingerprint, not its path (``Spec.key``), so a copy of the model extends the bank. Banks of
@@ -21,6 +23,7 @@ from typing import Sequence
 
 from .errors import HspaceError, check_choice
 from .spec import Spec
+from .validate import check_int
 
 FORMAT = 3  # 3: the whole process (steps, eta, spacing, autocast) is in the spec
 PROMPT_ORDERS = ("cycle", "random")  # sample i gets prompts[i % P], or one drawn by its seed
@@ -42,6 +45,8 @@ class Layout:
     prompts: tuple[str, ...] | None = None  # several prompts (the spec names the first); None: the spec's one prompt
     prompt_order: str | None = None  # with prompts: PROMPT_ORDERS
     h_steps: tuple[int, ...] | None = None  # the steps whose h is stored; None: all
+    h_pool: int | None = None  # h stored averaged over h_pool x h_pool cells of its grid; None: the full grid
+    h_storage: str | None = None  # H_STORAGE: how h is stored; None: float16
     format2: dict | None = field(default=None, compare=False, repr=False)  # a format-2 bank's settings, as read
 
     def __post_init__(self):
@@ -51,6 +56,12 @@ class Layout:
             raise HspaceError("a bank's layout has prompts and their order together, or neither")
         if self.prompt_order is not None:
             check_choice("prompt_order", self.prompt_order, PROMPT_ORDERS)
+        if self.h_storage is not None:
+            check_choice("h_storage", self.h_storage, H_STORAGE)
+        if self.h_pool is not None:
+            check_int("h_pool", self.h_pool, 2, valid="an integer >= 2 (or None: the full grid)")
+            if len(self.h_shape) != 3 or self.h_shape[1] % self.h_pool or self.h_shape[2] % self.h_pool:
+                raise HspaceError(f"h_pool {self.h_pool} must divide both sides of h's grid {list(self.h_shape)} (C, H, W)")
 
     @classmethod
     def of_settings(cls, settings: dict) -> "Layout":
@@ -63,18 +74,22 @@ class Layout:
         if legacy:
             spec = replace(spec.with_process(settings["num_steps"], settings["eta"]), autocast=settings.get("autocast"))
         optional = {key: tuple(settings[key]) if key in settings else None for key in ("prompts", "h_steps")}
+        optional.update({key: settings.get(key) for key in ("h_pool", "h_storage")})
         return cls(spec, tuple(settings["timesteps"]), settings["base_seed"], settings["shard_size"], tuple(settings["h_shape"]),
                    tuple(settings["sample_shape"]), settings["thumbnail_size"], prompt_order=settings.get("prompt_order"),
                    format2=_format2(settings) if legacy else None, **optional)
 
     @classmethod
     def of(cls, spec: Spec, timesteps: Sequence, base_seed: int, shard_size: int, h_shape, sample_shape, thumbnail_size: int,
-           prompts: Sequence[str] | None = None, prompt_order: str = "cycle", h_steps: Sequence[int] | None = None) -> "Layout":
-        """A new bank's layout: ``prompts`` kept only when there are several, ``h_steps`` only when not every step."""
+           prompts: Sequence[str] | None = None, prompt_order: str = "cycle", h_steps: Sequence[int] | None = None,
+           h_pool: int | None = None, h_storage: str | None = None) -> "Layout":
+        """A new bank's layout: ``prompts`` kept only when there are several, ``h_steps`` only when not every step,
+        ``h_pool`` only above 1 and ``h_storage`` only when not float16 (so that a default bank reads as before)."""
         several = prompts is not None and len(prompts) > 1
         every = h_steps is None or list(h_steps) == list(range(spec.num_steps))
         return cls(spec, tuple(timesteps), base_seed, shard_size, tuple(h_shape), tuple(sample_shape), thumbnail_size,
-                   tuple(prompts) if several else None, prompt_order if several else None, None if every else tuple(h_steps))
+                   tuple(prompts) if several else None, prompt_order if several else None, None if every else tuple(h_steps),
+                   None if h_pool in (None, 1) else h_pool, None if h_storage in (None, "float16") else h_storage)
 
     @property
     def format(self) -> int:
@@ -95,6 +110,7 @@ class Layout:
             data.update(prompts=list(self.prompts), prompt_order=self.prompt_order)
         if self.h_steps is not None:
             data["h_steps"] = list(self.h_steps)
+        data.update({key: getattr(self, key) for key in ("h_pool", "h_storage") if getattr(self, key) is not None})
         return data
 
     @property
@@ -110,7 +126,8 @@ class Layout:
         then every other setting."""
         found = [f"spec.{d}" for d in other.spec.differences(self.spec, "exact", what="the bank")]
         ours, theirs = self.to_dict(), other.to_dict()
-        keys = ("timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size", "prompts", "prompt_order", "h_steps")
+        keys = ("timesteps", "base_seed", "shard_size", "h_shape", "sample_shape", "thumbnail_size", "prompts", "prompt_order", "h_steps",
+                "h_pool", "h_storage")
         return found + [f"{key}: bank has {ours.get(key)!r}, requested {theirs.get(key)!r}" for key in keys if ours.get(key) != theirs.get(key)]
 
     def describe(self) -> str:
@@ -120,14 +137,26 @@ class Layout:
                 f"eta {eta}, base seed {self.base_seed}, shard size {self.shard_size}")
 
     @property
+    def stored_h_shape(self) -> tuple[int, ...]:
+        """The shape of h as stored: the engine's, or its grid averaged over ``h_pool`` x ``h_pool`` cells."""
+        if self.h_pool is None:
+            return tuple(self.h_shape)
+        c, height, width = self.h_shape
+        return (c, height // self.h_pool, width // self.h_pool)
+
+    @property
+    def storage(self) -> str:
+        return self.h_storage or "float16"
+
+    @property
     def h_bytes_per_sample(self) -> int:
-        """h of one sample on disk, in float16."""
-        return 2 * len(self.stored_steps) * math.prod(self.h_shape)
+        """h of one sample on disk, as stored."""
+        return sample_bytes(self.stored_h_shape, len(self.stored_steps), 0, self.storage) - 8
 
     @property
     def bytes_per_sample(self) -> int:
         """One sample on disk: its h, its thumbnail and its seed (``sample_bytes``)."""
-        return sample_bytes(self.h_shape, len(self.stored_steps), self.thumbnail_size)
+        return sample_bytes(self.stored_h_shape, len(self.stored_steps), self.thumbnail_size, self.storage)
 
     def prompt_of(self, index: int) -> str | None:
         """The prompt of sample ``index``: fixed by the index alone, so a bank drawn in pieces, resumed or extended
@@ -141,9 +170,15 @@ class Layout:
         return self.prompts[random.Random(self.base_seed + index).randrange(len(self.prompts))]
 
 
-def sample_bytes(h_shape, stored_steps: int, thumbnail_size: int) -> int:
-    """One sample of a bank on disk: h at ``stored_steps`` steps in float16, a uint8 RGB thumbnail, an int64 seed."""
-    return 2 * stored_steps * math.prod(h_shape) + 3 * thumbnail_size**2 + 8
+# How a bank may store h: 2 bytes a value, or float8 e4m3 (1 byte) with a float32 scale per sample and step.
+H_STORAGE = ("float16", "bfloat16", "float8")
+
+
+def sample_bytes(h_shape, stored_steps: int, thumbnail_size: int, storage: str = "float16") -> int:
+    """One sample of a bank on disk: h (as stored) at ``stored_steps`` steps in ``storage`` (``H_STORAGE``), a uint8 RGB
+    thumbnail, an int64 seed."""
+    per_value, per_step = (1, 4) if storage == "float8" else (2, 0)
+    return stored_steps * (per_value * math.prod(h_shape) + per_step) + 3 * thumbnail_size**2 + 8
 
 
 def _format2(settings: dict) -> dict:

@@ -4,7 +4,7 @@ needs its config files, not its 24 GB.
 
 h's shape comes from the hook point itself: a U-Net's by one forward pass on the meta device (shapes only), a
 transformer's as its blocks' width over the image-token grid (the latent size over the patch). Per sample the bank
-stores h at every stored step in float16, plus a uint8 thumbnail; drawing holds one batch's h at every step in the
+stores h at every stored step in float16 (or pooled, or in float8: ``--h-pool``, ``--h-storage``), plus a uint8 thumbnail; drawing holds one batch's h at every step in the
 engine's dtype, beside the denoiser's weights.
 """
 
@@ -121,19 +121,33 @@ class Plan:
     stored_steps: int
     batch_size: int
     dtype: str
-    h_bytes_per_step: int  # one sample's h at one step, float16 on disk
+    h_bytes_per_step: int  # one sample's h at one step on disk, as stored (pooled, in ``storage``)
     disk_per_sample: int
     disk_total: int
     ram_h_batch: int  # one batch's h at every step while drawing, in the engine's dtype
     ram_weights: int  # the denoiser's weights in the engine's dtype
     passes: int  # denoiser passes (x2 under classifier-free guidance)
     parameters: int
+    h_pool: int = 1
+    storage: str = "float16"
+
+    def _total(self, pool: int, storage: str) -> int:
+        """The bank's disk with h pooled over ``pool`` x ``pool`` cells and stored in ``storage`` (thumbnails as they are)."""
+        c, height, width = self.h_shape
+        thumbnails = self.disk_per_sample - sample_bytes(self.stored_shape, self.stored_steps, 0, self.storage)
+        return self.n * (sample_bytes((c, height // pool, width // pool), self.stored_steps, 0, storage) + thumbnails)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        c, height, width = self.h_shape
+        return (c, height // self.h_pool, width // self.h_pool)
 
     def lines(self, budget: float = 100e9, seconds_per_pass: float | None = None) -> list[str]:
         gb = _size
         out = [f"bank plan: {self.model}, h at {self.location} = {'x'.join(map(str, self.h_shape))} per sample per step",
                f"  disk: {gb(self.h_bytes_per_step)} per step, {gb(self.disk_per_sample)} per sample "
-               f"({self.stored_steps} of {self.num_steps} steps, float16, with its thumbnail), {gb(self.disk_total)} for {self.n:,} samples",
+               f"({self.stored_steps} of {self.num_steps} steps, {self.storage}{f', pooled {self.h_pool}x{self.h_pool}' if self.h_pool > 1 else ''}, "
+               f"with its thumbnail), {gb(self.disk_total)} for {self.n:,} samples",
                f"  memory while drawing: {gb(self.ram_h_batch)} for a batch of {self.batch_size}'s h ({self.dtype}) + {gb(self.ram_weights)} "
                f"of denoiser weights ({self.parameters / 1e6:,.1f} M parameters; text encoders and VAE not counted)",
                f"  time: {self.passes:,} denoiser passes" + (f", about {self.passes * seconds_per_pass / 3600:,.1f} h at {seconds_per_pass:g} s a pass"
@@ -143,6 +157,12 @@ class Plan:
             steps = int(budget // per_step)
             out.append(f"  over {gb(budget)}: " + (f"--h-steps with at most {steps} of the {self.num_steps} steps ({gb(steps * per_step)})" if steps
                        else "no --h-steps choice fits") + f", or --n {max(1, int(budget // self.disk_per_sample)):,} at every stored step")
+            grid = self.h_shape[1:] if len(self.h_shape) == 3 else ()
+            options = [(pool, storage) for pool in (1, 2, 4) for storage in ("float16", "float8")
+                       if (pool, storage) != (1, "float16") and all(side % pool == 0 for side in grid) and (pool == 1 or grid)]
+            out.append("  or store h smaller: " + "; ".join(
+                f"{' '.join(([f'--h-pool {pool}'] if pool > 1 else []) + ([f'--h-storage {storage}'] if storage != 'float16' else []))}: "
+                f"{gb(self._total(pool, storage))}{' (fits)' if self._total(pool, storage) <= budget else ''}" for pool, storage in options))
         return out
 
     def to_dict(self) -> dict:
@@ -150,8 +170,10 @@ class Plan:
 
 
 def plan_bank(model: str, n: int, num_steps: int, *, h_location: str | None = None, h_steps=None, height: int | None = None,
-              width: int | None = None, batch_size: int = 32, dtype: str = "float32", thumbnail_size: int = 64) -> Plan:
-    """The plan of a bank of ``n`` samples of ``num_steps`` (``h_steps``: the stored steps) of ``model`` (module doc)."""
+              width: int | None = None, batch_size: int = 32, dtype: str = "float32", thumbnail_size: int = 64, h_pool: int | None = None,
+              h_storage: str | None = None) -> Plan:
+    """The plan of a bank of ``n`` samples of ``num_steps`` (``h_steps``: the stored steps; ``h_pool``, ``h_storage``: how h
+    is stored, ``layout.py``) of ``model`` (module doc)."""
     from .models import backbone_for
     from .models.backbone import sized_shape
     from .loading import resolve_dtype
@@ -165,10 +187,14 @@ def plan_bank(model: str, n: int, num_steps: int, *, h_location: str | None = No
     latent = call.sample_shape() if height is None else sized_shape(call, vae_scale_factor(vae) if vae else 1, (height, width))
     location, shape = h_shape_at(call, h_location, latent)
     stored = num_steps if h_steps is None else len(h_steps)
-    per_step = 2 * math.prod(shape)
-    per_sample = sample_bytes(shape, stored, thumbnail_size)
+    pool, storage = h_pool or 1, h_storage or "float16"
+    if pool > 1 and (len(shape) != 3 or shape[1] % pool or shape[2] % pool):
+        raise HspaceError(f"--h-pool {pool} must divide both sides of h's grid {list(shape)} (C, H, W)")
+    stored_shape = shape if pool == 1 else (shape[0], shape[1] // pool, shape[2] // pool)
+    per_step = sample_bytes(stored_shape, 1, 0, storage) - 8
+    per_sample = sample_bytes(stored_shape, stored, thumbnail_size, storage)
     element = resolve_dtype(dtype).itemsize
     parameters = sum(p.numel() for p in denoiser.parameters())
     passes = n * num_steps * (1 if type(denoiser).__name__ in ONE_PASS else 2)
     return Plan(model, location, shape, n, num_steps, stored, batch_size, dtype, per_step, per_sample, n * per_sample,
-                batch_size * num_steps * math.prod(shape) * element, parameters * element, passes, parameters)
+                batch_size * num_steps * math.prod(shape) * element, parameters * element, passes, parameters, pool, storage)

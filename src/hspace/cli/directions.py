@@ -15,6 +15,7 @@ from .common import (
 from .generation import sample
 
 PROMPT_ORDERS = ("cycle", "random")  # bank.PROMPT_ORDERS (not imported here: the CLI starts without torch)
+H_STORAGE = ("float16", "bfloat16", "float8")  # layout.H_STORAGE (not imported here: the CLI starts without torch)
 
 OVER = ("timestep", "trajectory")
 SUPERVISED_METHODS = ("mean-difference", "regression")  # per timestep, or over the whole concatenated h_{T:1}
@@ -118,6 +119,11 @@ def _register_bank(sub) -> None:
     p.add_argument("--h-steps", nargs="+", default=None, metavar="STEPS",
                    help="store h at these step indices only, e.g. 0-9 or 0,10,20 (default: every step); a big model's bank: "
                         "directions found from it are resampled to every step where applied")
+    p.add_argument("--h-pool", type=int, choices=(1, 2, 4), default=1,
+                   help="store h averaged over 2x2 or 4x4 cells of its grid (default 1: the full grid); directions found from "
+                        "it are applied as their nearest upsampling")
+    p.add_argument("--h-storage", choices=H_STORAGE, default="float16",
+                   help="how h is stored: float16 (default), bfloat16, or float8 (e4m3 with a scale per sample and step)")
     p.add_argument("--prompt-order", choices=PROMPT_ORDERS, default="cycle",
                    help="with several prompts: sample i gets prompt i mod P (cycle, default) or one drawn by its seed (random)")
     p.add_argument("--plan", action="store_true", help="print the disk, memory and denoiser passes the bank will take, from the model's "
@@ -138,7 +144,7 @@ def run_bank(args) -> None:
         args.out, engine, args.n, args.steps, eta,
         base_seed=args.base_seed, shard_size=args.shard_size, batch_size=args.batch_size, thumbnail_size=args.thumbnail_size,
         processes=processes_of(args), prompts=prompts_of(args) if engine.spec.conditional else None, prompt_order=args.prompt_order,
-        h_steps=None if args.h_steps is None else parse_seeds(args.h_steps),
+        h_steps=None if args.h_steps is None else parse_seeds(args.h_steps), h_pool=args.h_pool, h_storage=args.h_storage,
     )
     if processes_of(args).is_main:
         print(f"{bank}: complete, seeds {bank.seeds[0]}..{bank.seeds[-1]}")
@@ -153,7 +159,7 @@ def run_plan(args) -> None:
     plan = plan_bank(args.model or DEFAULT_MODEL, args.n, args.steps, h_location=args.h_location,
                      h_steps=None if args.h_steps is None else parse_seeds(args.h_steps), height=args.height, width=args.width,
                      batch_size=args.batch_size if isinstance(args.batch_size, int) else 32, dtype=args.dtype or "float32",
-                     thumbnail_size=args.thumbnail_size)
+                     thumbnail_size=args.thumbnail_size, h_pool=args.h_pool, h_storage=args.h_storage)
     print("\n".join(plan.lines(seconds_per_pass=args.pass_seconds)))
 
 

@@ -219,6 +219,15 @@ class PCAResult:
     def k(self) -> int:
         return self.components.shape[0]
 
+    def lifted(self, pool: int) -> "PCAResult":
+        """This PCA of h pooled over ``pool`` x ``pool`` cells (a pooled bank's), on the full grid: component v becomes the
+        unit vector up(v) / pool (nearest upsampling), whose data std is pool x sigma (the pooled coordinate of h along v
+        is the full coordinate along it over pool), so a delta of one sigma is up(sigma v) exactly; the mean is up(mean)."""
+        from ..bank import lift_h
+
+        return replace(self, components=lift_h(self.components, pool) / pool, sigma=self.sigma * pool,
+                       mean=lift_h(self.mean, pool))
+
     @property
     def num_steps(self) -> int:
         return self.components.shape[1]
@@ -647,7 +656,8 @@ def pca(source, k: int, *, per_timestep: bool = True, method: str = "auto", memo
 
     options = {"per_timestep": per_timestep, "method": method, "memory_budget_bytes": memory_budget_bytes}
     if isinstance(source, Bank):
-        return pca_per_timestep(source.h_chunks(), k, expected_n=source.n, spec=source.spec.engine, timesteps=source.h_timesteps, **options)
+        found = pca_per_timestep(source.h_chunks(), k, expected_n=source.n, spec=source.spec.engine, timesteps=source.h_timesteps, **options)
+        return found if source.layout.h_pool is None else found.lifted(source.layout.h_pool)
     if isinstance(source, Trajectory):
         if source.h is None:
             raise HspaceError("this trajectory holds no h (it was drawn with record_h=False); sample it with h recorded")

@@ -61,10 +61,10 @@ class Regression:
         shape = self.xth.shape
         return torch.linalg.solve(self.xtx, self.xth.reshape(p, -1)).reshape(shape)
 
-    def directions(self, spec: Spec | str, params: dict | None = None, timesteps: torch.Tensor | None = None) -> DirectionSet:
+    def directions(self, spec: Spec | str, params: dict | None = None, timesteps: torch.Tensor | None = None, lift=None) -> DirectionSet:
         """One Direction per attribute (its partial effect), with ``timesteps``: those of the steps of h (a bank's
-        ``h_timesteps``), so that the directions apply at any step count."""
-        W = self.coefficients()
+        ``h_timesteps``), so that the directions apply at any step count; ``lift``: a pooled bank's ``Bank.lift``."""
+        W = self.coefficients() if lift is None else lift(self.coefficients())
         out = []
         for a, name in enumerate(self.names):
             meta = {"name": name, "method": "regression", "params": {**(params or {}), "attributes": self.names, "n": self.n, "unit": f"one unit of {name}"}}
@@ -92,4 +92,4 @@ def regression_directions(bank, attributes: Sequence[str], scores: str = "classi
     for chunk in bank.h_chunks()():
         fit.update(chunk, y[offset : offset + len(chunk)])
         offset += len(chunk)
-    return fit.directions(bank.spec.engine, {"bank": str(bank.path), "scores": scores}, bank.h_timesteps)
+    return fit.directions(bank.spec.engine, {"bank": str(bank.path), "scores": scores}, bank.h_timesteps, bank.lift)

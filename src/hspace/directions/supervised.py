@@ -113,7 +113,7 @@ def supervised_directions(bank, attributes: Sequence[str], k: int, scores: str =
 
 def bank_difference(bank, positive: Sequence[int], negative: Sequence[int], name: str, params: dict | None = None) -> Direction:
     """eq. 10 over a bank: mean h of the samples ``positive`` (indices) minus that of ``negative``."""
-    delta = h_difference(bank.h(positive), bank.h(negative))
+    delta = bank.lift(h_difference(bank.h(positive), bank.h(negative)))  # a pooled bank's, on the engine's grid
     seeds = bank.seeds
     params = {
         **(params or {}),
