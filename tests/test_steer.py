@@ -187,7 +187,7 @@ def test_a_direction_is_checked_against_the_denoisers_weights_not_its_scheduler_
     assert "LoRA loaded but not fused" in caplog.text
     pipe.unet.fuse_lora()
     with pytest.raises(HspaceError, match=r"direction 'd9' was found on another denoiser: its weights differ \(fingerprint \w+:\w+ .* vs "
-                                          r"this pipeline's UNet2DConditionModel \w+:\w+\).*check='architecture'"):
+                                          r"this pipeline's UNet2DConditionModel \w+:\w+, weights stored as float32\).*check='architecture'"):
         hspace.steer(pipe, d, 1.0)
     assert not pipe.unet._forward_pre_hooks
     with hspace.steer(pipe, d, 1.0, check="architecture"):

@@ -153,7 +153,7 @@ def test_a_loaded_pipeline_is_an_engine_and_its_generator_gives_hspaces_seed(fol
         fused.replay(trajectory, progress=False)
     with pytest.raises(HspaceError, match="a loaded diffusers pipeline, got a str"):
         Engine.from_pipeline("runwayml/stable-diffusion-v1-5")
-    with pytest.raises(HspaceError, match="model must be a name, a folder, a hub id, a Spec or a loaded diffusers pipeline; got a int"):
+    with pytest.raises(HspaceError, match="model must be a name, a folder, a hub id, a Spec, a direction's Space or a loaded diffusers pipeline; got a int"):
         Engine.load(5)
 
 
