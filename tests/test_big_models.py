@@ -68,25 +68,27 @@ def test_a_dtype_other_than_the_cast_modules_compute_dtype_is_a_clear_error(pipe
         Engine.from_pipeline(cast, prompt="a cat", guidance=3.5, dtype="bfloat16")
 
 
-def test_a_torchao_int8_weight_only_transformer_samples_and_steers_as_its_own_pipeline():
+@pytest.mark.parametrize("kind", ["flux", "sd3"])
+def test_a_torchao_int8_weight_only_transformer_samples_and_steers_as_its_own_pipeline(kind):
     pytest.importorskip("torchao")
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    plain = tiny_transformers.flux_pipeline()
-    quantized = tiny_transformers.flux_pipeline()
+    build = {"flux": tiny_transformers.flux_pipeline, "sd3": tiny_transformers.sd3_pipeline}[kind]
+    prompt, guidance = GUIDED[kind]
+    plain, quantized = build(), build()
     quantized.set_progress_bar_config(disable=True)
     quantize_(quantized.transformer, Int8WeightOnlyConfig())
-    engine = Engine.from_pipeline(quantized, prompt="a cat", guidance=3.5)
-    full = Engine.from_pipeline(plain, prompt="a cat", guidance=3.5)
+    engine = Engine.from_pipeline(quantized, prompt=prompt, guidance=guidance)
+    full = Engine.from_pipeline(plain, prompt=prompt, guidance=guidance)
     assert engine.spec.denoiser.split(":")[0] == full.spec.denoiser.split(":")[0] and engine.spec.denoiser != full.spec.denoiser
     assert engine.spec.fingerprint != full.spec.fingerprint  # int8 weights and their scales are hashed as stored
     trajectory = engine.sample([3], STEPS, 0.0, progress=False)
-    own = _transformer_images(quantized, "flux", trajectory.x_T, 3.5, STEPS)[0]
+    own = _transformer_images(quantized, kind, trajectory.x_T, guidance, STEPS)[0]
     assert float((_pixels(trajectory.images[0]) - own).abs().max()) < 1e-4
     d = _direction(engine, 5, 2.0, steps=STEPS)
     expected = _pixels(engine.edit(trajectory, [d], [1.0], progress=False).images[0, 0])
     with hspace.steer(quantized, d, 1.0):
-        steered = _transformer_images(quantized, "flux", trajectory.x_T, 3.5, STEPS)[0]
+        steered = _transformer_images(quantized, kind, trajectory.x_T, guidance, STEPS)[0]
     assert float((steered - expected).abs().max()) < 1e-4 and float((steered - own).abs().max()) > 1e-3
 
 
