@@ -78,19 +78,11 @@ def _gguf(pipe):
     import torch
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
+    import tiny_transformers
+
     folder = Path(tempfile.mkdtemp())
     pipe.transformer.save_config(folder / "transformer")
-    writer = gguf.GGUFWriter(str(folder / "q8.gguf"), "flux")
-    for name, tensor in pipe.transformer.state_dict().items():
-        array = tensor.float().numpy()
-        if array.ndim == 2 and array.shape[-1] % 32 == 0:
-            writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    tiny_transformers.write_gguf(pipe.transformer, folder / "q8.gguf", gguf.GGMLQuantizationType.Q8_0)
     del pipe.transformer
     return FluxTransformer2DModel.from_single_file(str(folder / "q8.gguf"), config=str(folder), subfolder="transformer", torch_dtype=torch.float32,
                                                    quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32))

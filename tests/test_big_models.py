@@ -93,22 +93,8 @@ def test_a_torchao_int8_weight_only_transformer_samples_and_steers_as_its_own_pi
 
 
 def _gguf(pipe, path, qtype):
-    """The pipeline's transformer written as a GGUF checkpoint (diffusers' key names): 2-D weights whose rows fill
-    whole blocks quantized to ``qtype``, the rest float32."""
-    gguf = pytest.importorskip("gguf")
-    writer = gguf.GGUFWriter(str(path), "flux")
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    for name, tensor in pipe.transformer.state_dict().items():
-        array = tensor.float().numpy()
-        if array.ndim == 2 and array.shape[-1] % block == 0:
-            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-        else:
-            writer.add_tensor(name, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    pytest.importorskip("gguf")
+    return tiny_transformers.write_gguf(pipe.transformer, path, qtype)
 
 
 def _gguf_pipe(folder, path):

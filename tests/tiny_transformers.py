@@ -136,3 +136,23 @@ def flux_pipeline(folder: Path | None = None, seed: int = 0, guidance_embeds: bo
     if folder is not None:
         pipe.save_pretrained(folder)
     return pipe
+
+
+def write_gguf(transformer, path, qtype):
+    """``transformer``'s weights as a GGUF checkpoint at ``path`` (diffusers' key names): 2-D weights whose rows fill whole
+    blocks quantized to ``qtype`` (a ``gguf.GGMLQuantizationType``), the rest float32."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "flux")
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    for name, tensor in transformer.state_dict().items():
+        array = tensor.float().numpy()
+        if array.ndim == 2 and array.shape[-1] % block == 0:
+            writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

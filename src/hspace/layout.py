@@ -60,8 +60,7 @@ class Layout:
             check_choice("h_storage", self.h_storage, H_STORAGE)
         if self.h_pool is not None:
             check_int("h_pool", self.h_pool, 2, valid="an integer >= 2 (or None: the full grid)")
-            if len(self.h_shape) != 3 or self.h_shape[1] % self.h_pool or self.h_shape[2] % self.h_pool:
-                raise HspaceError(f"h_pool {self.h_pool} must divide both sides of h's grid {list(self.h_shape)} (C, H, W)")
+            pooled_shape(self.h_shape, self.h_pool)
 
     @classmethod
     def of_settings(cls, settings: dict) -> "Layout":
@@ -139,10 +138,7 @@ class Layout:
     @property
     def stored_h_shape(self) -> tuple[int, ...]:
         """The shape of h as stored: the engine's, or its grid averaged over ``h_pool`` x ``h_pool`` cells."""
-        if self.h_pool is None:
-            return tuple(self.h_shape)
-        c, height, width = self.h_shape
-        return (c, height // self.h_pool, width // self.h_pool)
+        return pooled_shape(self.h_shape, self.h_pool)
 
     @property
     def storage(self) -> str:
@@ -168,6 +164,17 @@ class Layout:
         import random
 
         return self.prompts[random.Random(self.base_seed + index).randrange(len(self.prompts))]
+
+
+def pooled_shape(h_shape, pool: int | None) -> tuple[int, ...]:
+    """h's shape [C, H, W] with its grid averaged over ``pool`` x ``pool`` cells (None or 1: as it is); a pool that does not
+    divide both sides is an error."""
+    if pool in (None, 1):
+        return tuple(h_shape)
+    if len(h_shape) != 3 or h_shape[1] % pool or h_shape[2] % pool:
+        raise HspaceError(f"h_pool {pool} must divide both sides of h's grid {list(h_shape)} (C, H, W)")
+    c, height, width = h_shape
+    return (c, height // pool, width // pool)
 
 
 # How a bank may store h: 2 bytes a value, or float8 e4m3 (1 byte) with a float32 scale per sample and step.

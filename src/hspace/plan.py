@@ -18,7 +18,7 @@ import torch
 
 from .errors import HspaceError
 from .files import read_json
-from .layout import sample_bytes
+from .layout import pooled_shape, sample_bytes
 
 ONE_PASS = ("UNet2DModel", "FluxTransformer2DModel")  # unconditional, or embedded guidance: one denoiser pass per step
 
@@ -133,14 +133,8 @@ class Plan:
 
     def _total(self, pool: int, storage: str) -> int:
         """The bank's disk with h pooled over ``pool`` x ``pool`` cells and stored in ``storage`` (thumbnails as they are)."""
-        c, height, width = self.h_shape
-        thumbnails = self.disk_per_sample - sample_bytes(self.stored_shape, self.stored_steps, 0, self.storage)
-        return self.n * (sample_bytes((c, height // pool, width // pool), self.stored_steps, 0, storage) + thumbnails)
-
-    @property
-    def stored_shape(self) -> tuple[int, ...]:
-        c, height, width = self.h_shape
-        return (c, height // self.h_pool, width // self.h_pool)
+        ours = sample_bytes(pooled_shape(self.h_shape, self.h_pool), self.stored_steps, 0, self.storage)
+        return self.n * (sample_bytes(pooled_shape(self.h_shape, pool), self.stored_steps, 0, storage) + self.disk_per_sample - ours)
 
     def lines(self, budget: float = 100e9, seconds_per_pass: float | None = None) -> list[str]:
         gb = _size
@@ -188,9 +182,7 @@ def plan_bank(model: str, n: int, num_steps: int, *, h_location: str | None = No
     location, shape = h_shape_at(call, h_location, latent)
     stored = num_steps if h_steps is None else len(h_steps)
     pool, storage = h_pool or 1, h_storage or "float16"
-    if pool > 1 and (len(shape) != 3 or shape[1] % pool or shape[2] % pool):
-        raise HspaceError(f"--h-pool {pool} must divide both sides of h's grid {list(shape)} (C, H, W)")
-    stored_shape = shape if pool == 1 else (shape[0], shape[1] // pool, shape[2] // pool)
+    stored_shape = pooled_shape(shape, pool)
     per_step = sample_bytes(stored_shape, 1, 0, storage) - 8
     per_sample = sample_bytes(stored_shape, stored, thumbnail_size, storage)
     element = resolve_dtype(dtype).itemsize

@@ -101,17 +101,9 @@ class Spec:
     timesteps: tuple[int | float, ...] | None = None  # the model's timestep input per step (ints: DDPM family; floats: flow)
 
     def __post_init__(self):
-        if not isinstance(self.model, str) or not self.model:
-            raise HspaceError(f"a spec's model must be a non-empty string, got {self.model!r}")
-        check_location_name(self.h_location)
-        if self.dtype not in DTYPE_NAMES:
-            raise HspaceError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPE_NAMES)}")
+        _check_identity(self, "spec", ("prompt", "negative_prompt", "fingerprint", "spacing", "denoiser"))
         if self.clip_sample is not None and not isinstance(self.clip_sample, bool):
             raise HspaceError(f"clip_sample must be True, False or None (the model's setting), got {self.clip_sample!r}")
-        for name in ("prompt", "negative_prompt", "fingerprint", "spacing", "denoiser"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or (name in NON_EMPTY and not value)):
-                raise HspaceError(f"{name} must be a{' non-empty' if name in NON_EMPTY else ''} string, got {value!r}")
         if self.autocast is not None and self.autocast not in AUTOCAST_DTYPES:
             raise HspaceError(f"unknown autocast dtype {self.autocast!r}; valid: {', '.join(AUTOCAST_DTYPES)} (or None: off)")
         if self.size is not None:
@@ -270,6 +262,20 @@ class Spec:
             raise HspaceError(f"{what} was made by a different engine ({'; '.join(bad)}, theirs vs this engine's){hint}")
 
 
+def _check_identity(identity, kind: str, strings: tuple[str, ...]) -> None:
+    """The fields a spec and a space share: the model (a non-empty string), the h location, the dtype; and the optional
+    ``strings`` (None or a string; non-empty where ``NON_EMPTY``)."""
+    if not isinstance(identity.model, str) or not identity.model:
+        raise HspaceError(f"a {kind}'s model must be a non-empty string, got {identity.model!r}")
+    check_location_name(identity.h_location)
+    if identity.dtype not in DTYPE_NAMES:
+        raise HspaceError(f"unknown dtype {identity.dtype!r}; valid: {', '.join(DTYPE_NAMES)}")
+    for name in strings:
+        value = getattr(identity, name)
+        if value is not None and (not isinstance(value, str) or (name in NON_EMPTY and not value)):
+            raise HspaceError(f"{name} must be a{' non-empty' if name in NON_EMPTY else ''} string, got {value!r}")
+
+
 def model_difference(ours, theirs, what: str) -> str | None:
     """The model part of a compatibility check (of two specs or spaces): by fingerprint, else (an artefact from before
     fingerprints) by name, warned once."""
@@ -298,15 +304,7 @@ class Space:
     h_shape: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        if not isinstance(self.model, str) or not self.model:
-            raise HspaceError(f"a space's model must be a non-empty string, got {self.model!r}")
-        check_location_name(self.h_location)
-        if self.dtype not in DTYPE_NAMES:
-            raise HspaceError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPE_NAMES)}")
-        for name in ("fingerprint", "denoiser"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise HspaceError(f"{name} must be a non-empty string, got {value!r}")
+        _check_identity(self, "space", ("fingerprint", "denoiser"))
         if self.h_shape is not None:
             shape = tuple(self.h_shape) if isinstance(self.h_shape, (list, tuple)) else ()
             if not shape or not all(is_int(d) and d >= 1 for d in shape):
