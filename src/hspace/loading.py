@@ -82,6 +82,8 @@ def _tiny_random() -> Components:
 
 TOYFACES_FOLDER = Path(__file__).parent / "toyfaces" / "model"
 TOYDIT_FOLDER = Path(__file__).parent / "toyfaces" / "toydit"
+TOYSD_FOLDER = Path(__file__).parent / "toyfaces" / "toysd"
+BUNDLED_FOLDERS = {"toyfaces": TOYFACES_FOLDER, "toydit": TOYDIT_FOLDER, "toysd": TOYSD_FOLDER}  # the toy-faces models' folders
 
 
 def _bundled(folder: Path, name: str, arch: str) -> Callable[[], Components]:
@@ -97,10 +99,12 @@ def _bundled(folder: Path, name: str, arch: str) -> Callable[[], Components]:
 
 
 # Built-in models, loadable by name wherever a model id is accepted: the toy-faces U-Net (the default) and the
-# toy-faces diffusion transformer trained with flow matching (docs/toyfaces.md).
+# toy-faces diffusion transformer trained with flow matching and the text-to-image toy, a Stable Diffusion pipeline of
+# toy faces (docs/toyfaces.md).
 BUILTIN: dict[str, Callable[[], Components]] = {
     "toyfaces": _bundled(TOYFACES_FOLDER, "toyfaces", "unet"),
     "toydit": _bundled(TOYDIT_FOLDER, "toydit", "dit"),
+    "toysd": _bundled(TOYSD_FOLDER, "toysd", "sd"),
     "tiny-random": _tiny_random,
 }
 DEFAULT_MODEL = "toyfaces"

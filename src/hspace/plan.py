@@ -25,9 +25,8 @@ ONE_PASS = ("UNet2DModel", "FluxTransformer2DModel")  # unconditional, or embedd
 
 def _configs(model: str) -> tuple[dict, dict | None]:
     """(the denoiser's config, the VAE's or None) of a folder, a built-in name or a hub id (its config files only)."""
-    from .loading import BUILTIN, TOYDIT_FOLDER, TOYFACES_FOLDER
+    from .loading import BUILTIN, BUNDLED_FOLDERS as folders
 
-    folders = {"toyfaces": TOYFACES_FOLDER, "toydit": TOYDIT_FOLDER}
     if model in BUILTIN and model not in folders:
         raise HspaceError(f"{model!r} is built in code; plan a folder, a hub id, or one of {', '.join(folders)}")
     folder = folders.get(model) or Path(model).expanduser()

@@ -37,8 +37,12 @@ def register(sub) -> None:
     p.add_argument("--init", default=None, help="start a new run from the weights of a checkpoint.pt, a diffusers model folder, toyfaces or toydit (the bundled models; a DiT pipeline folder for --arch dit); a U-Net folder or toyfaces is deepened, function unchanged, to --layers-per-block")
     p.add_argument("--channels", default=None, help="block channels of the U-Net (default 32,64,128, the bundled model)")
     p.add_argument("--layers-per-block", dest="layers_per_block", type=positive_int, default=None, help="layers per U-Net block (default 1)")
-    p.add_argument("--arch", choices=("unet", "dit"), default=None,
-                   help="unet (the bundled toyfaces: epsilon, DDPM schedule; default) or dit (a DiT trained with flow matching: toydit)")
+    p.add_argument("--arch", choices=("unet", "dit", "sd"), default=None,
+                   help="unet (the bundled toyfaces: epsilon, DDPM schedule; default), dit (a DiT trained with flow matching: toydit) "
+                   "or sd (toysd: an autoencoder, then a text-conditioned U-Net with its CLIP text encoder)")
+    p.add_argument("--vae-steps", dest="vae_steps", type=positive_int, default=None, help="--arch sd: the autoencoder's training steps, before the U-Net's (default 2000)")
+    p.add_argument("--caption-drop", dest="caption_drop", type=finite_float, default=None,
+                   help="--arch sd: the chance that each phrase of a training caption is dropped (default 0.3)")
     p.add_argument("--dit-layers", dest="dit_layers", type=positive_int, default=None, help="transformer blocks of the DiT (default 8)")
     p.add_argument("--dit-width", dest="dit_width", type=positive_int, default=None, help="hidden size of the DiT, a multiple of 48 (default 192)")
     p.add_argument("--resolution", type=nonnegative_int, default=None,
@@ -104,6 +108,10 @@ def run_train(args) -> None:
     bar = tqdm(desc="training", total=config.steps, unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def progress(info):
+        if info.get("stage", "") != getattr(bar, "stage", ""):  # toysd: the autoencoder's steps, then the U-Net's
+            bar.reset(total=info["steps"])
+            bar.stage = info.get("stage", "")
+            bar.set_description(f"training {bar.stage}".strip())
         if bar.n == 0:
             bar.update(info["step"] - 1)  # resumed runs start past zero
         bar.update(1)
@@ -119,6 +127,11 @@ def run_train(args) -> None:
 def run_export(args) -> None:
     from .train import export
 
+    if (Path(args.run) / "vae.pt").is_file():  # a toysd run
+        from .toysd import export as export_sd
+
+        print(f"exported to {export_sd(args.run, args.out)}")
+        return
     checkpoint = Path(args.run) / "checkpoint.pt"
     if not checkpoint.is_file():
         raise HspaceError(f"no checkpoint at {str(checkpoint)!r}; train first with `hspace toyfaces train --run {args.run}`")
@@ -150,13 +163,32 @@ def run_evaluate(args) -> None:
     from .quality import evaluate_model
 
     engine = engine_from(args)
-    report = evaluate_model(engine, args.n, args.steps, parse_eta(args.eta), batch_size=args.batch_size)
+    if engine.spec.conditional:  # a text-to-image toy (toysd): how it follows its prompts
+        from .quality import prompt_fidelity
+        from .toysd import autoencoder_agreement
+
+        report = prompt_fidelity(engine, args.n, args.steps, parse_eta(args.eta), batch_size=args.batch_size)
+        if engine.decoder is not None:
+            report["autoencoder_agreement"] = autoencoder_agreement(engine.decoder)
+        _print_fidelity(report)
+    else:
+        report = evaluate_model(engine, args.n, args.steps, parse_eta(args.eta), batch_size=args.batch_size)
     images = report.pop("images")
     if args.grid:
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
         save_image(labelled_grid(images[:64].reshape(8, 8, *images.shape[1:]), min_cell=32, pad=1), args.grid)
     write_json(args.json, report)
     print(json.dumps(report, indent=2))
+
+
+def _print_fidelity(report: dict) -> None:
+    """The prompt-fidelity table of a text-to-image toy, one row per prompt."""
+    print(f"guidance {report['guidance']}, {report['n']} samples per prompt, {report['num_steps']} steps, eta {report['eta']}", file=sys.stderr)
+    for prompt, row in report["named"].items():
+        worst = max(row["unnamed"].items(), key=lambda kv: abs(kv[1]["frequency"] - kv[1]["training_frequency_given_named"]))
+        print(f"{prompt!r:32} agreement {100 * row['agreement']:5.1f}%; unnamed furthest from training: {worst[0]} "
+              f"{100 * worst[1]['frequency']:.1f}% (training {100 * worst[1]['training_frequency_given_named']:.1f}%)", file=sys.stderr)
+    print(f"empty prompt: toy FID {report['empty_prompt']['toy_fid']:.2f}", file=sys.stderr)
 
 
 def run_renoise(args) -> None:

@@ -39,9 +39,9 @@ def _spread() -> dict[str, float]:
 def _fingerprints() -> tuple[str, ...]:
     """The content fingerprints of the bundled toy-faces models: a copy of either folder is the same model."""
     from ..fingerprint import folder_fingerprint
-    from ..loading import TOYDIT_FOLDER, TOYFACES_FOLDER
+    from ..loading import BUNDLED_FOLDERS
 
-    return tuple(folder_fingerprint(folder) for folder in (TOYFACES_FOLDER, TOYDIT_FOLDER) if folder.is_dir())
+    return tuple(folder_fingerprint(folder) for folder in BUNDLED_FOLDERS.values() if folder.is_dir())
 
 
 def _render(seeds, size: int):
@@ -58,7 +58,7 @@ TOYFACES = register(
         parts=PARTS,
         mask=_mask,
         render=_render,
-        models=("toyfaces", "toydit"),
+        models=("toyfaces", "toydit", "toysd"),
         realism=_realism,
         spread=_spread,
         fingerprints=_fingerprints,

@@ -176,3 +176,50 @@ def _renoise_from(engine, schedule, x0, truth, attribute: str, k: int, eta, seed
         "lost": float((~present[truth]).mean()),
         "gained": float(present[~truth].mean()),
     }
+
+
+def prompt_fidelity(
+    engine: Engine,
+    n: int = 200,
+    num_steps: int = 25,
+    eta: float = 0.0,
+    seed0: int = 0,
+    batch_size: int = 100,
+    pool: int = TrainConfig.pool,
+    progress: bool | None = None,
+) -> dict:
+    """How a text-to-image toy (``toysd``) follows its prompts, at the engine's guidance, judged by the classifier.
+
+    Per binary attribute and polarity, ``n`` samples (seeds seed0 ..) under the prompt that names only it
+    (``captions.caption({name: polarity})``): ``agreement``, the share the classifier labels as the prompt says; every
+    other binary attribute's frequency against the training faces' frequency given the named one (the correlations
+    are part of the training distribution: P(hat | smile) = 0.6) and their marginal. Then ``n`` samples of the empty
+    prompt: their frequencies and toy FID."""
+    from .captions import caption
+    from .realism import toy_fid
+
+    if not engine.spec.conditional:
+        raise HspaceError(f"{engine.name!r} is unconditional: prompt fidelity needs a text-to-image model such as toysd")
+    truth = training_labels(pool)
+
+    def draw(prompt: str):
+        trajectory = engine.sample(range(seed0, seed0 + n), num_steps, eta, record_h=False, keep_noise=False,
+                                   batch_size=batch_size, prompts=[prompt], progress=progress)
+        return trajectory.images, {k: v.numpy() for k, v in classify(trajectory.images).items()}
+
+    named = {}
+    for name in BINARY:
+        for polarity in (True, False):
+            prompt = caption({name: polarity})
+            _, scores = draw(prompt)
+            given = truth[name] == float(polarity)
+            named[prompt] = {
+                "attribute": name, "polarity": polarity, "agreement": float(np.mean((scores[name] > 0.5) == polarity)),
+                "unnamed": {other: {"frequency": float(np.mean(scores[other] > 0.5)),
+                                    "training_frequency_given_named": float(truth[other][given].mean()),
+                                    "training_frequency": float(truth[other].mean())} for other in BINARY if other != name},
+            }
+    images, scores = draw("")
+    empty = {other: {"frequency": float(np.mean(scores[other] > 0.5)), "training_frequency": float(truth[other].mean())} for other in BINARY}
+    return {"n": n, "num_steps": num_steps, "eta": eta, "guidance": engine.spec.guidance, "named": named,
+            "empty_prompt": {"toy_fid": toy_fid(images), "binary": empty}, "images": images}

@@ -41,7 +41,7 @@ TOYFACES_UNET_CONFIG = dict(
 )
 
 
-ARCHES = ("unet", "dit")
+ARCHES = ("unet", "dit", "sd")
 DIT_HEAD_DIM = 48  # attention head size of the toy DiT: its width is a multiple of it
 
 
@@ -93,17 +93,23 @@ class TrainConfig:
     # its size (its sine-cosine positions span the same grid at any resolution), so a cheap low-resolution stage can
     # start a run at full resolution (--init), as SD3 and PixArt train from 256 px up. DiT only.
     resolution: int = 0
+    # --arch sd (toysd, toysd.py): the autoencoder's training steps before the U-Net's, and the chance that a phrase
+    # of a training caption is dropped (the attribute it names left free)
+    vae_steps: int = 2000
+    caption_drop: float = 0.3
 
     def __post_init__(self):
         """Every number in its range, so that no value reaches the optimizer or the model unchecked."""
-        ranges = {"lr": (0, True), "weight_decay": (0, True), "min_lr_ratio": (0, True), "ema_decay": (0, True)}
+        if self.arch == "sd" and self.channels == TrainConfig.channels:
+            self.channels = "64,128"  # the toysd U-Net's default width
+        ranges = {"caption_drop": (0, True), "lr": (0, True), "weight_decay": (0, True), "min_lr_ratio": (0, True), "ema_decay": (0, True)}
         for name, (low, inclusive) in ranges.items():
             value = getattr(self, name)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (value >= low if inclusive else value > low)
-            if not ok or (name in ("min_lr_ratio", "ema_decay") and value > 1):
-                bound = "from 0 to 1" if name in ("min_lr_ratio", "ema_decay") else (">= 0" if inclusive else "> 0")
+            if not ok or (name in ("min_lr_ratio", "ema_decay", "caption_drop") and value > 1):
+                bound = "from 0 to 1" if name in ("min_lr_ratio", "ema_decay", "caption_drop") else (">= 0" if inclusive else "> 0")
                 raise HspaceError(f"{name} must be a finite number {bound}, got {value!r}")
-        for name in ("steps", "batch_size", "pool", "size", "checkpoint_every", "warmup", "seed", "resolution"):
+        for name in ("steps", "batch_size", "pool", "size", "checkpoint_every", "warmup", "seed", "resolution", "vae_steps"):
             value, low = getattr(self, name), 0 if name in ("warmup", "seed", "resolution") else 1
             check_int(name, value, low, valid=f"an integer >= {low}")
         # the rest of the settings, checked here too: an error before the training faces are rendered
@@ -112,6 +118,11 @@ class TrainConfig:
             raise HspaceError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHES)}")
         if self.resolution and (self.arch != "dit" or self.resolution > self.size or self.size % self.resolution or self.resolution % 2):
             raise HspaceError(f"resolution {self.resolution!r} must be 0 (the size) or, for --arch dit only, an even divisor of the size {self.size} (e.g. {self.size // 2})")
+        if self.arch == "sd":
+            from .toysd import unet_config as sd_unet_config
+
+            sd_unet_config(self)
+            return
         if self.arch == "dit":
             dit_config(self)
             if self.v_weight_cap != 1:
@@ -252,9 +263,9 @@ def load_init(config: "TrainConfig"):
     built-in name (its weights serve as both), deepened to the run's layers per block."""
     from diffusers import UNet2DModel
 
-    from ..loading import TOYDIT_FOLDER, TOYFACES_FOLDER
+    from ..loading import BUNDLED_FOLDERS
 
-    source = {"toyfaces": TOYFACES_FOLDER, "toydit": TOYDIT_FOLDER}.get(config.init, Path(config.init))
+    source = BUNDLED_FOLDERS.get(config.init, Path(config.init))
     if source.is_file():
         init = load_checkpoint(source)
         return init["model"], init["ema"]
@@ -321,11 +332,14 @@ def train(
     Random numbers are drawn on the CPU, so a run may be resumed on another device.
     """
     device = torch.device(device)
+    config = config or TrainConfig()
+    if config.arch == "sd":
+        from . import toysd
 
+        return toysd.train(run_dir, config, callback, device)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
-    config = config or TrainConfig()
     state = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
     weight_map = loss_weight_map(config.region_weights, config.size)  # checks the specs before any work
     alphas = training_alphas()

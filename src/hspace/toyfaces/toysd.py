@@ -1,0 +1,266 @@
+"""``toysd``: a Stable Diffusion pipeline of toy faces, trained here from scratch (``hspace toyfaces train --arch sd``).
+
+Two stages in one run folder, each checkpointed and resumed by the same command:
+
+1. ``vae.pt``: an ``AutoencoderKL`` (32 px RGB <-> 4 x 16 x 16 latents) trained on the rendered faces for
+   ``vae_steps`` steps: L1 reconstruction plus ``VAE_KL_WEIGHT`` times the KL term per latent element;
+2. ``checkpoint.pt``: a ``UNet2DConditionModel`` (cross-attention at 8 x 8 and in the mid block, h = mid-block output
+   128 x 8 x 8) and a ``CLIPTextModel`` trained jointly from scratch on the latents (the VAE's posterior means,
+   scaled to unit variance as SD scales them) with the epsilon loss under Stable Diffusion's own noise schedule
+   (scaled-linear betas 0.00085 .. 0.012) and captions from ``captions.caption`` (phrases dropped at random, the empty
+   caption 10% of the time for classifier-free guidance).
+
+``export`` writes a folder that ``diffusers.StableDiffusionPipeline.from_pretrained`` loads unchanged (DDIM scheduler,
+no safety checker), float16.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import HspaceError
+from ..files import staged_folder, write_json
+from . import captions
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+    block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=32,
+)
+VAE_KL_WEIGHT = 1e-5
+TEXT_WIDTH = 64
+SD_SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+    "prediction_type": "epsilon", "timestep_spacing": "leading",
+}
+
+
+def unet_config(config) -> dict:
+    """The UNet2DConditionModel arguments of a run (``--channels``, default 64,128; ``--layers-per-block``)."""
+    try:
+        channels = tuple(int(c) for c in config.channels.split(","))
+    except ValueError:
+        channels = ()
+    if len(channels) != 2 or any(c < 16 or c % 16 for c in channels):
+        raise HspaceError(f"channels {config.channels!r} must be two multiples of 16 for --arch sd, e.g. 64,128")
+    return dict(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=config.layers_per_block,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH, norm_num_groups=16, attention_head_dim=8,
+    )
+
+
+def text_config(vocab_size: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=captions.MAX_TOKENS, bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, projection_dim=TEXT_WIDTH,
+    )
+
+
+class TextToImage(torch.nn.Module):
+    """The two modules trained together: the U-Net and its text encoder."""
+
+    def __init__(self, config, vocab_size: int):
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        super().__init__()
+        self.unet = UNet2DConditionModel(**unet_config(config))
+        self.text_encoder = CLIPTextModel(text_config(vocab_size))
+
+    def forward(self, latents, t, ids):
+        return self.unet(latents, t, encoder_hidden_states=self.text_encoder(ids).last_hidden_state).sample
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def sd_alphas() -> torch.Tensor:
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(SD_SCHEDULER_CONFIG).alphas_cumprod.float()
+
+
+def _faces(config):
+    """uint8 faces and their labels, seeds 0 .. pool-1."""
+    from .quality import training_labels
+    from .train import render_pool
+
+    return render_pool(config.pool, config.size), training_labels(config.pool)
+
+
+def train(run_dir: str | Path, config, callback: Callable[[dict], None] | None = None, device: str | torch.device = "cpu") -> Path:
+    """Both stages (module doc) in ``run_dir``, resumed where a checkpoint left them; returns the last checkpoint."""
+    from .train import _check_resume, load_checkpoint
+
+    device = torch.device(device)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.init:
+        raise HspaceError(f"--init {config.init!r}: --arch sd trains from scratch (resume a run with the same command)")
+    tokenizer = captions.write_tokenizer(run_dir / "tokenizer")
+    vae_path, sd_path = run_dir / "vae.pt", run_dir / "checkpoint.pt"
+    vae_config = replace(config, steps=config.vae_steps, arch="sd")
+    vae_state = load_checkpoint(vae_path) if vae_path.exists() else None
+    sd_state = load_checkpoint(sd_path) if sd_path.exists() else None
+    _check_resume(vae_state, config, vae_path)
+    _check_resume(sd_state, config, sd_path)
+    write_json(run_dir / "config.json", asdict(config))
+    pool, labels = _faces(config)
+    if vae_state is None or vae_state["step"] < config.vae_steps:
+        _train_vae(vae_path, vae_config, vae_state, pool, callback, device)
+    vae = build_vae()
+    vae.load_state_dict(load_checkpoint(vae_path)["ema"])
+    latents = encode_pool(vae, pool, device)
+    if sd_state is None or sd_state["step"] < config.steps:
+        _train_unet(sd_path, config, sd_state, latents, labels, tokenizer, callback, device)
+    return sd_path
+
+
+def _loop(path: Path, config, state, build: Callable, step_fn: Callable, callback, device, stage: str) -> None:
+    """The shared training loop of a stage: the model, its EMA, AdamW, the CPU generator, atomic checkpoints."""
+    from .train import _atomic_save
+
+    torch.manual_seed(config.seed)
+    model, ema = build().to(device), build().to(device).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator, step = torch.Generator().manual_seed(config.seed), 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        step = state["step"]
+    model.train()
+    while step < config.steps:
+        loss = step_fn(model, ema, optimizer, generator, step)
+        if not math.isfinite(loss):
+            raise HspaceError(f"training diverged in the {stage} stage: the loss at step {step + 1} is {loss}; the last finite checkpoint, {path}, is kept. Resume with a lower --lr")
+        step += 1
+        if callback is not None:
+            callback({"stage": stage, "step": step, "steps": config.steps, "loss": loss, "lr": optimizer.param_groups[0]["lr"]})
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            _atomic_save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                          "generator": generator.get_state(), "step": step, "config": asdict(config)}, path)
+
+
+def _train_vae(path: Path, config, state, pool: torch.Tensor, callback, device) -> None:
+    from .train import _update
+
+    def step_fn(model, ema, optimizer, generator, step):
+        x = (pool[torch.randint(0, len(pool), (config.batch_size,), generator=generator)].float() / 127.5 - 1).to(device)
+        posterior = model.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
+        error = (model.decode(z).sample - x).abs() + VAE_KL_WEIGHT * posterior.kl().mean() / z[0].numel()
+        return _update(model, ema, optimizer, error, None, config, step)
+
+    _loop(path, config, state, build_vae, step_fn, callback, device, "vae")
+
+
+@torch.no_grad()
+def encode_pool(vae, pool: torch.Tensor, device, batch_size: int = 500) -> torch.Tensor:
+    """The posterior means of the faces, float32 [n, 4, 16, 16] (unscaled)."""
+    vae = vae.to(device).eval()
+    parts = [vae.encode((pool[i:i + batch_size].float() / 127.5 - 1).to(device)).latent_dist.mean.cpu() for i in range(0, len(pool), batch_size)]
+    return torch.cat(parts)
+
+
+def scaling_factor(latents: torch.Tensor) -> float:
+    """SD's latent scale: 1 / the latents' standard deviation, so that the diffusion sees unit-variance latents."""
+    return float(1.0 / latents.std())
+
+
+def _train_unet(path: Path, config, state, latents: torch.Tensor, labels: dict, tokenizer, callback, device) -> None:
+    from .train import _update
+
+    scale, alphas = scaling_factor(latents), sd_alphas()
+    names = captions.ORDER
+    rows = [{n: labels[n][i] for n in names} for i in range(len(latents))]
+    cache: dict[str, list[int]] = {}
+
+    def ids_of(texts):
+        for text in texts:
+            if text not in cache:
+                cache[text] = tokenizer(text, padding="max_length", max_length=captions.MAX_TOKENS, truncation=True).input_ids
+        return torch.tensor([cache[t] for t in texts])
+
+    def step_fn(model, ema, optimizer, generator, step):
+        index = torch.randint(0, len(latents), (config.batch_size,), generator=generator)
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        texts = [captions.caption(_typed(rows[i]), rng, drop=config.caption_drop) for i in index.tolist()]
+        z0 = latents[index] * scale
+        t = torch.randint(0, len(alphas), (config.batch_size,), generator=generator)
+        noise = torch.randn(z0.shape, generator=generator)
+        a = alphas[t].view(-1, 1, 1, 1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+            prediction = model((a.sqrt() * z0 + (1 - a).sqrt() * noise).to(device), t.to(device), ids_of(texts).to(device))
+        return _update(model, ema, optimizer, (prediction.float() - noise.to(device)) ** 2, None, config, step)
+
+    _loop(path, config, state, lambda: TextToImage(config, len(tokenizer)), step_fn, callback, device, "unet")
+
+
+def _typed(row: dict) -> dict:
+    """Labels as the caption grammar reads them: binaries as bools."""
+    return {k: bool(v) if k in captions.BINARY_PHRASES else float(v) for k, v in row.items()}
+
+
+def export(run_dir: str | Path, folder: str | Path) -> Path:
+    """The EMA weights of both stages in float16 as a StableDiffusionPipeline folder (module doc)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from .train import TrainConfig, load_checkpoint, render_pool
+
+    run_dir = Path(run_dir)
+    for name in ("vae.pt", "checkpoint.pt"):
+        if not (run_dir / name).is_file():
+            raise HspaceError(f"{str(run_dir)!r} has no {name}: train it with `hspace toyfaces train --arch sd --run {run_dir}` first")
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    config = TrainConfig(**state["config"])
+    tokenizer = CLIPTokenizer.from_pretrained(str(run_dir / "tokenizer"))
+    vae = build_vae()
+    vae.load_state_dict(load_checkpoint(run_dir / "vae.pt")["ema"])
+    scale = scaling_factor(encode_pool(vae, render_pool(min(config.pool, 5000), config.size), "cpu"))
+    vae.register_to_config(scaling_factor=scale)
+    model = TextToImage(config, len(tokenizer))
+    model.load_state_dict(state["ema"])
+    pipe = StableDiffusionPipeline(
+        unet=model.unet, text_encoder=model.text_encoder, vae=vae, tokenizer=tokenizer,
+        scheduler=DDIMScheduler.from_config(SD_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    ).to(torch.float16)
+    folder = Path(folder)
+    with staged_folder(folder) as stage:
+        pipe.save_pretrained(str(stage), safe_serialization=True)
+        write_json(stage / "training.json", {"trained_steps": state["step"], "vae_steps": config.vae_steps, "config": state["config"]})
+    return folder
+
+
+@torch.no_grad()
+def autoencoder_agreement(vae, seeds=range(100_000, 102_000), batch_size: int = 500) -> dict[str, float]:
+    """Per binary attribute, the share of faces (held-out seeds) whose classifier label survives the autoencoder's
+    round trip (encode to the posterior mean, decode)."""
+    from .classifier import classify
+    from .render import BINARY, render_batch
+
+    images = torch.from_numpy(render_batch(seeds, size=VAE_CONFIG["sample_size"])[0])
+    parameter = next(vae.parameters())
+    parts = [vae.decode(vae.encode(images[i:i + batch_size].to(parameter)).latent_dist.mean).sample.float().cpu().clamp(-1, 1)
+             for i in range(0, len(images), batch_size)]
+    before, after = classify(images), classify(torch.cat(parts))
+    agreement = {name: float(((before[name] > 0.5) == (after[name] > 0.5)).float().mean()) for name in BINARY}
+    agreement["mean_abs_error"] = float((torch.cat(parts) - images).abs().mean())
+    return agreement
