@@ -430,3 +430,61 @@ def test_a_card_made_from_the_editor_is_the_card_and_the_slider_moves_in_its_uni
     assert named.info()["can_card"] is True
     with pytest.raises(HspaceError, match="no scorer measures 'tiny-random'"):
         plain.make_card({"name": "pc1"})
+
+
+def test_a_text_to_image_editor_draws_each_seed_under_its_prompt_and_makes_prompt_pair_sliders(tmp_path):
+    """The prompt of a sample (and of its strip) is the one it is drawn and edited under; a prompt-pair slider made by the
+    API is prompt_direction's; an unconditional editor refuses both; bad values name themselves."""
+    import tiny_sd
+
+    from hspace.directions.prompts import prompt_direction
+    from hspace.ui.editor import PAIR_FIRST_SEED
+
+    tiny_sd.sd_pipeline(tmp_path / "sd")
+    engine = Engine.load(str(tmp_path / "sd"), guidance=3.0)
+    editor = Editor(engine, [], tmp_path / "saved", steps=STEPS, eta=1.0)
+    client = TestClient(create_app(editor, port=7860, token=TOKEN), base_url="http://127.0.0.1:7860", headers={"X-Hspace-Token": TOKEN})
+    assert editor.info()["conditional"] is True
+    response = client.post("/api/prompt-direction", json={"plus": "a smiling cat", "minus": "a cat", "n": 3})
+    assert response.status_code == 200 and response.json()["added"] == ["smiling"]
+    assert [d["name"] for d in response.json()["directions"]] == ["smiling"]
+    bad = client.post("/api/prompt-direction", json={"plus": 5})
+    assert bad.status_code == 400 and bad.json()["error"] == "bad plus 5; valid: the prompt with the attribute, a string"
+    expected = prompt_direction(engine, [("a smiling cat", "a cat")], 3, STEPS, 1.0, base_seed=PAIR_FIRST_SEED, progress=False)
+    assert torch.equal(editor.directions["smiling"].delta, expected.delta)
+
+    shown = editor.edit({"sample": {"seed": 5, "prompt": "a dog"}, "parts": [{"name": "smiling", "scale": 2.0}], "strip": [6]})
+    dog = engine.conditioned(prompt="a dog")
+    drawn = dog.sample([5, 6], STEPS, 1.0, progress=False)
+    edited = dog.edit(drawn, expected, [2.0], progress=False).images[0, 0]
+    assert _decoded(shown["original"]).shape == _decoded(shown["edited"]).shape
+    assert np.abs(_decoded(shown["original"]) - _pixels(drawn.images[0])).max() <= 1
+    assert np.abs(_decoded(shown["edited"]) - _pixels(edited[0])).max() <= 1
+    assert np.abs(_decoded(shown["strip"][0]["edited"]) - _pixels(edited[1])).max() <= 1
+    cat = editor.edit({"sample": {"seed": 5}, "parts": []})["original"]  # without a prompt: the engine's ("")
+    assert np.abs(_decoded(cat) - _pixels(engine.sample([5], STEPS, 1.0, progress=False).images[0])).max() <= 1
+    assert cat != shown["original"]
+
+    with pytest.raises(HspaceError, match="bad prompt 3; valid: a string"):
+        editor.edit({"sample": {"seed": 5, "prompt": 3}, "parts": []})
+    with pytest.raises(HspaceError, match="give the prompt with the attribute"):
+        editor.prompt_slider({"plus": "  ", "minus": "a cat"})
+    with pytest.raises(HspaceError, match="bad n 0"):
+        editor.prompt_slider({"plus": "a red cat", "n": 0})
+    with pytest.raises(HspaceError, match="same prompt on both sides"):
+        editor.prompt_slider({"plus": "a cat", "minus": "a cat", "n": 2})
+    plain = Editor(Engine.load("tiny-random"), [], tmp_path / "plain", steps=STEPS, eta=1.0)
+    with pytest.raises(HspaceError, match="unconditional"):
+        plain.prompt_slider({"plus": "a cat"})
+    with pytest.raises(HspaceError, match="unconditional model: it takes no prompts"):
+        plain.edit({"sample": {"seed": 1, "prompt": "a cat"}, "parts": []})
+
+
+def _decoded(data_url: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("RGB")).astype(int)
+
+
+def _pixels(image: torch.Tensor) -> np.ndarray:
+    from hspace.images import to_pil
+
+    return np.asarray(to_pil(image)).astype(int)

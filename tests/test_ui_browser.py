@@ -32,6 +32,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serve(editor):
+    """The editor's app served by uvicorn on 127.0.0.1 in a thread: (server, port)."""
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(editor, "127.0.0.1", port), host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, port
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The editor on 127.0.0.1 (uvicorn in a thread) and a page of another origin on another port."""
@@ -42,11 +54,7 @@ def served(tmp_path_factory):
     other = Direction(torch.randn(STEPS, *engine.h_shape, generator=torch.Generator().manual_seed(5)) * 3, meta={"name": "pc2", "method": "pca"}, spec=engine.spec)
     saved = tmp_path_factory.mktemp("saved")
     editor = Editor(engine, [direction, other], saved, steps=STEPS, eta=1.0)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(editor, "127.0.0.1", port), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
+    server, port = _serve(editor)
 
     evil = tmp_path_factory.mktemp("evil")
     (evil / "index.html").write_text(f"""<script>
@@ -294,3 +302,46 @@ def test_every_feature_through_the_page(served, browser, tmp_path):
     assert "k \"0\" is not valid" in page.text_content("#jmsg")
     assert errors == []
     page.close()
+
+
+def test_on_toysd_the_prompt_draws_the_sample_and_a_prompt_pair_slider_is_made_in_the_page(browser, tmp_path):
+    """The text-to-image editor: the prompt field redraws the sample under the prompt typed, a prompt-pair slider made
+    in the page is the direction prompt_direction computes, and moving it shows the exact edit of the prompt's sample."""
+    from hspace.directions.prompts import prompt_direction
+    from hspace.ui.editor import PAIR_FIRST_SEED
+
+    engine = Engine.load("toysd", guidance=5.0)
+    editor = Editor(engine, [], tmp_path / "saved", steps=6, eta=0.0)
+    server, port = _serve(editor)
+    try:
+        page = browser.new_page(viewport={"width": 1300, "height": 1000})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_selector("#prompt", state="visible")
+        _settle(page)
+        empty = page.get_attribute("#original", "src")
+        page.fill("#prompt", "a face, with a hat")
+        page.press("#prompt", "Enter")
+        page.locator("#prompt").blur()
+        page.wait_for_function(f"document.getElementById('original').src !== {empty!r}", timeout=60_000)
+        _settle(page)
+        hat = editor.edit({"sample": {"seed": 0, "prompt": "a face, with a hat"}, "parts": []})["original"]
+        assert page.get_attribute("#original", "src") == hat
+
+        page.fill("#plus", "a face, smiling")
+        page.fill("#minus", "a face, neutral")
+        page.fill("#pairn", "4")
+        page.click("#pair")
+        page.wait_for_selector('.dir[data-name="smiling"] input.scale', timeout=120_000)
+        made = editor.directions["smiling"]
+        expected = prompt_direction(engine, [("a face, smiling", "a face, neutral")], 4, 6, 0.0, base_seed=PAIR_FIRST_SEED, progress=False)
+        assert torch.allclose(made.delta, expected.delta, atol=1e-5)
+        page.eval_on_selector('.dir[data-name="smiling"] input.scale', "el => { el.value = el.max; el.dispatchEvent(new Event('input')); el.dispatchEvent(new Event('change')); }")
+        page.wait_for_function(f"document.getElementById('edited').src !== {hat!r}", timeout=60_000)
+        _settle(page)
+        assert page.get_attribute("#edited", "src") == _api_final(page)
+        assert page.text_content("#error") == "" and errors == []
+        page.close()
+    finally:
+        server.should_exit = True

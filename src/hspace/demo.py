@@ -74,12 +74,50 @@ def run_demo(out: str | Path, model: str | None = None, steps: int = 50, device:
         "asyrp.png",
         "Injection into P_t and D_t (one denoiser pass per step, the paper's choice) vs Asyrp (P_t only, two passes).",
     )
+    if model in (None, DEFAULT_MODEL):
+        _text_to_image(demo, device)
     index = out / "index.md"
     lines = [f"# hspace demo: {engine.name}", ""]
     for name, caption in demo.figures:
         lines += [f"## {name}", "", caption, "", f"![{name}]({name})", ""]
     write_text(index, "\n".join(lines))
     return [index] + [out / name for name, _ in demo.figures]
+
+
+TEXT_STEPS = 25
+TEXT_GUIDANCE = 5.0
+
+
+def _text_to_image(demo: Demo, device) -> None:
+    """The text-to-image section, on the bundled toysd (a Stable Diffusion pipeline of toy faces): samples that follow
+    their prompts, a prompt-pair slider for smile (no training) applied under several prompts, and its card."""
+    from .card import card, write_card
+    from .directions.prompts import prompt_direction
+    from .loading import TOYSD_FOLDER
+    from .toyfaces.captions import caption
+
+    if not (TOYSD_FOLDER / "model_index.json").is_file():
+        logger.warning("the bundled toysd is missing from %s: the demo's text-to-image section is skipped", TOYSD_FOLDER)
+        return
+    engine = Engine.load("toysd", device=device, guidance=TEXT_GUIDANCE)
+    prompts = [caption({"smile": False}), caption({"hat": True}), caption({"glasses": True, "hair_color": 0.1}),
+               caption({"eyes_open": False, "skin_tone": 0.9}), caption({"yaw": -0.8, "background": 0.66})]
+    seeds = list(range(20, 20 + len(prompts)))
+    drawn = engine.sample(seeds, TEXT_STEPS, 0.0, prompts=prompts)
+    demo.save(labelled_grid(drawn.images[None], [""], prompts, min_cell=64), "toysd_prompts.png",
+              f"toysd (`--model toysd`, guidance {TEXT_GUIDANCE:g}, DDIM {TEXT_STEPS} steps): one sample per prompt, captions by "
+              "`hspace.toyfaces.captions.caption`.")
+    slider = prompt_direction(engine, [(caption({"smile": True}), caption({"smile": False}))], 32, TEXT_STEPS, 0.0, name="smiling")
+    scales = [0.0, 1.0, 2.0]
+    edits = engine.edit(drawn, slider, scales).images[0]  # [S, B, ...]
+    demo.save(labelled_grid(edits.transpose(0, 1), prompts, [f"{s:g}" for s in scales], min_cell=64), "toysd_slider.png",
+              "A prompt-pair slider ('a face, smiling' | 'a face, neutral', h of 32 seeds, `hspace prompt-direction`) "
+              "added under each prompt, even 'a face, neutral': scales 0, 1, 2.")
+    result = card(slider, engine, n=32, num_steps=TEXT_STEPS, eta=0.0)
+    write_card(result, slider, demo.out / "toysd_card")
+    name, text = demo.figures[-1]
+    demo.figures[-1] = (name, text + " Its card (dose-response, side effects, flip rates on 32 held-out samples): "
+                        "[toysd_card/card.md](toysd_card/card.md).")
 
 
 def _samples_and_swap(demo: Demo):

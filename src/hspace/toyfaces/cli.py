@@ -88,6 +88,18 @@ def _register_checks(toy_sub) -> None:
     p.add_argument("--json", default=None, help="write the report here")
     p.set_defaults(func=run_edit_success, batch_size=100)
 
+    p = toy_sub.add_parser("compare-text", help="text edits on toysd compared with the classifier as ground truth: prompt edit, prompt-pair, "
+                           "regression and PCA directions at matched identity; guidance branches; transfer (docs/text_to_image.md)")
+    add_model_args(p)
+    p.add_argument("--out", required=True, help="work folder (cached sets, directions, the bank; a rerun resumes) and comparison.json/.md")
+    p.add_argument("--n", type=sample_count, default=128, help="held-out seeds (default 128)")
+    p.add_argument("--steps", type=positive_int, default=25, help="DDIM steps (eta 0; default 25)")
+    p.add_argument("--bank-n", dest="bank_n", type=positive_int, default=512, help="bank samples for the regression and PCA directions (default 512)")
+    p.add_argument("--direction-n", dest="direction_n", type=positive_int, default=64, help="seeds of each prompt-pair direction (default 64)")
+    p.add_argument("--resamples", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--md", default=None, help="also write the tables here (markdown)")
+    p.set_defaults(func=run_compare_text, batch_size=64, model="toysd", guidance=5.0)
+
     p = toy_sub.add_parser("export", help="write the EMA weights in float16 as a diffusers folder")
     p.add_argument("--run", default="runs/toyfaces")
     p.add_argument("--out", default="src/hspace/toyfaces/model", help="model folder to write")
@@ -179,6 +191,20 @@ def run_evaluate(args) -> None:
         save_image(labelled_grid(images[:64].reshape(8, 8, *images.shape[1:]), min_cell=32, pad=1), args.grid)
     write_json(args.json, report)
     print(json.dumps(report, indent=2))
+
+
+def run_compare_text(args) -> None:
+    from .text_edits import compare, markdown
+
+    engine = engine_from(args)
+    report = compare(engine, args.out, n=args.n, num_steps=args.steps, bank_n=args.bank_n, direction_n=args.direction_n,
+                     batch_size=args.batch_size, resamples=args.resamples)
+    text = markdown(report)
+    (Path(args.out) / "comparison.md").write_text(text)
+    if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(text)
+    print(text)
 
 
 def _print_fidelity(report: dict) -> None:

@@ -68,6 +68,13 @@ class Study:
             self._base[prompt] = (trajectory, self.scores(f"base {prompt}", lambda: trajectory.images))
         return self._base[prompt]
 
+    def _trajectory(self, engine, prompt: str, guide_edit: str):
+        """The held-out seeds drawn by an engine that edits under another guidance branch (the same unedited samples:
+        the branch is part of the engine that replays them)."""
+        if (prompt, guide_edit) not in self._base:
+            self._base[(prompt, guide_edit)] = engine.sample(self.seeds, self.num_steps, 0.0, record_h=False, progress=self.progress)
+        return self._base[(prompt, guide_edit)]
+
     def scores(self, key: str, images_of) -> dict:
         """Classifier scores and pixel changes of a set of images, cached under ``key``."""
         path = self.out / "sets" / (_slug(key) + ".npz")
@@ -91,8 +98,8 @@ class Study:
 
     def edited(self, key: str, direction, scales, prompt: str = BASE_PROMPT, guide_edit: str = "both") -> list[dict]:
         """Scores of the held-out samples under ``prompt`` edited by ``direction`` at each scale."""
-        trajectory, _ = self.base(prompt)
         engine = self.engine.conditioned(prompt=prompt, guide_edit=guide_edit)
+        trajectory = self.base(prompt)[0] if guide_edit == "both" else self._trajectory(engine, prompt, guide_edit)
         found, missing = {}, []
         for s in scales:
             path = self.out / "sets" / (_slug(f"{key} {guide_edit} {prompt} x{s:g}") + ".npz")
@@ -187,7 +194,9 @@ def bank_directions(study: Study, batch_size: int) -> dict[str, dict]:
     bank = build_bank(study.out / "bank", study.engine, study.bank_n, study.num_steps, 0.0, base_seed=900_000, batch_size=batch_size,
                       thumbnail_size=study.engine.image_size[0], progress=study.progress, prompts=prompts)
     if not bank.scores_path("classifier").is_file():
-        annotate_bank(bank)
+        from .domain import TOYFACES
+
+        annotate_bank(bank, scorer=TOYFACES.scorer())  # the toy-faces classifier, whatever folder the model is loaded from
     regression = {d.name: d for d in regression_directions(bank, list(BINARY))}
     components = pca(bank, 8)
     labels = bank.scores("classifier")

@@ -39,7 +39,7 @@ from ..edits import Edit
 from ..errors import HspaceError
 from ..files import free_name, safe_name
 from ..images import to_pil
-from .requests import CardRequest, EditRequest, JacobianRequest, Part
+from .requests import CardRequest, EditRequest, JacobianRequest, Part, PromptSliderRequest
 from ..validate import is_int
 
 MAX_UPLOAD_BYTES = 4 * 2**20
@@ -47,6 +47,8 @@ MAX_UPLOAD_PIXELS = 4096 * 4096
 MAX_JACOBIAN_K = 8
 CACHED = 64  # trajectories kept per kind (seeds, uploads)
 CARD_SAMPLES, MAX_CARD_SAMPLES, CARD_BATCH = 32, 256, 64  # a card from the editor: held-out samples (default, most) and batch
+PAIR_SEEDS, MAX_PAIR_SEEDS = 16, 256  # a prompt-pair slider made in the page: its seeds (default, most)
+PAIR_FIRST_SEED = 900_000  # they start here, away from the seeds one looks at
 MAX_ADDED = 64  # Jacobian directions added on request over the server's life (each holds T x h of memory)
 MAX_TABS = 1024  # tabs whose newest request number is remembered
 EXACT_BUDGET = 0.25  # seconds: a preview whose exact edit is expected within this is computed exactly
@@ -162,7 +164,8 @@ class Editor:
             "parts": sorted(domain.parts) if domain is not None and domain.parts else [],
             "max_upload_bytes": MAX_UPLOAD_BYTES, "preview_denoiser": self.preview_denoiser,
             "can_card": self.scorer is not None or self.scorer_domain is not None or domain is not None, "card_samples": CARD_SAMPLES,
-            "job": self.job,
+            "job": self.job, "conditional": bool(self.engine.spec.conditional), "prompt": self.engine.spec.prompt,
+            "pair_seeds": PAIR_SEEDS,
         }
 
     def _domain(self):
@@ -175,20 +178,28 @@ class Editor:
 
     # ---------------------------------------------------------------- samples
     def shown(self, source: dict) -> Shown:
-        """The sample {"seed": s} | {"bank": i} | {"upload": id} with its reference (drawn once, then cached)."""
+        """The sample {"seed": s} (a text-to-image model: {"seed": s, "prompt": P}, drawn under P; without it, under the
+        engine's prompt) | {"bank": i} | {"upload": id} with its reference (drawn once, then cached)."""
         from .. import preview
 
+        prompt = source.get("prompt") if isinstance(source, dict) and "seed" in source and len(source) == 2 else None
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise HspaceError(f"bad prompt {prompt!r}; valid: a string")
+            source = {"seed": source["seed"]}
         if not isinstance(source, dict) or len(source) != 1:
-            raise HspaceError('a sample is {"seed": N}, {"bank": INDEX} or {"upload": ID}')
+            raise HspaceError('a sample is {"seed": N} (a text-to-image model: {"seed": N, "prompt": TEXT}), {"bank": INDEX} or {"upload": ID}')
         (kind, value), = source.items()
         if kind == "seed":
             seed = _integer(value, "seed", 0, 2**63 - 1)
-            if seed not in self.samples:
+            key = seed if prompt is None else (seed, self.engine.fit_prompts(prompt)[0])  # (an unconditional model refuses it)
+            if key not in self.samples:
                 began = time.perf_counter()
-                trajectory, reference = preview.sample(self.engine, [seed], self.steps, self.eta, record_h=False, progress=False)
+                trajectory, reference = preview.sample(self.engine, [seed], self.steps, self.eta, record_h=False, progress=False,
+                                                       prompts=None if prompt is None else [key[1]])
                 self._timed(began, self.steps)
-                self.samples.put(seed, Shown(trajectory, reference))
-            return self.samples[seed]
+                self.samples.put(key, Shown(trajectory, reference))
+            return self.samples[key]
         if kind == "bank":
             if self.bank is None:
                 raise HspaceError("no bank was given to the editor (hspace ui --bank DIR)")
@@ -291,7 +302,8 @@ class Editor:
             try:
                 newer()
                 main = self.shown(request.sample)
-                strip = [] if quality == "preview" else [(s, self.shown({"seed": s})) for s in strip]
+                prompt = request.sample.get("prompt") if isinstance(request.sample, dict) and "seed" in request.sample else None
+                strip = [] if quality == "preview" else [(s, self.shown({"seed": s} if prompt is None else {"seed": s, "prompt": prompt})) for s in strip]
                 newer()
                 cheap = self.pass_seconds is not None and passes * self.pass_seconds <= EXACT_BUDGET
                 approximate = quality == "preview" and not cheap and start is not None
@@ -387,6 +399,35 @@ class Editor:
         return {"card": str(folder / "card.md"), "target": result.target, "unit": unit, "samples": n,
                 "message": f"card of {name}: target {result.target}; " + (f"effect unit = raw scale {unit:.3g}" if unit is not None
                                                                            else "its unit was not reached within the sweep: the slider stays raw")}
+
+    def prompt_slider(self, request: "PromptSliderRequest | dict") -> list[str]:
+        """A prompt-pair slider ({"plus", "minus", "n", "name"}: ``prompt_direction`` over n seeds of the editor's process),
+        added to the sliders; its name in a list."""
+        from ..directions.prompts import prompt_direction
+
+        request = PromptSliderRequest.read(request)
+        if not self.engine.spec.conditional:
+            raise HspaceError(f"{self.engine.name!r} is an unconditional model: a prompt-pair slider needs a text-to-image one")
+        if not request.plus.strip():
+            raise HspaceError("give the prompt with the attribute (plus)")
+        n = _integer(PAIR_SEEDS if request.n is None else request.n, "n", 1, MAX_PAIR_SEEDS)
+        if self.added >= MAX_ADDED:
+            raise HspaceError(f"{MAX_ADDED} directions were added while this server runs; restart it to add more")
+        job = self.job = {"what": f"prompt pair {request.plus!r} | {request.minus!r}", "done": 0, "total": 0}
+
+        def counted(event) -> None:
+            if hasattr(event, "done"):
+                job.update(stage=event.stage, done=event.done, total=event.total)
+
+        try:
+            with self.lock:
+                direction = prompt_direction(self.engine, [(request.plus.strip(), request.minus.strip())], n, self.steps, self.eta,
+                                             base_seed=PAIR_FIRST_SEED, name=request.name or None, batch_size=CARD_BATCH,
+                                             callback=counted, progress=False)
+        finally:
+            self.job = None
+        self.added += 1
+        return [self.add_direction(direction)]
 
     def _step_of(self, request: JacobianRequest) -> int:
         """The step of a Jacobian request: {"t": a timestep of the schedule} or {"step": its index}."""

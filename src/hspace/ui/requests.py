@@ -109,3 +109,12 @@ class LoadRequest(Request):
     """/api/load: a saved direction added as a slider."""
 
     file: Any = Field(None, description="a file listed by /api/saved")
+
+
+class PromptSliderRequest(Request):
+    """/api/prompt-direction: a prompt-pair slider (``prompt_direction``) made on the editor's process."""
+
+    plus: StrictStr = Field(description="the prompt with the attribute, a string")
+    minus: StrictStr = Field("", description="the prompt without it, a string (may be empty)")
+    n: StrictInt | None = Field(None, description="an integer number of seeds")
+    name: StrictStr | None = Field(None, description="a name for the slider, a string")

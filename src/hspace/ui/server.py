@@ -14,7 +14,7 @@ from ..errors import HspaceError
 from ..files import safe_name
 from .editor import MAX_UPLOAD_BYTES, Editor, NotReady, Startup
 from .guard import LOCAL_NAMES, refusal
-from .requests import CardRequest, EditRequest, JacobianRequest, LoadRequest, SaveRequest
+from .requests import CardRequest, EditRequest, JacobianRequest, LoadRequest, PromptSliderRequest, SaveRequest
 
 __all__ = ["Editor", "Startup", "create_app"]
 
@@ -98,6 +98,12 @@ def _editing_routes(app, startup: Startup, body) -> None:
         data = await body(request, CardRequest)
         editor = startup.get()
         return {"made": await run_in_threadpool(editor.make_card, data), **editor.info()}
+
+    @app.post("/api/prompt-direction")
+    async def prompt_slider(request: Request):
+        data = await body(request, PromptSliderRequest)
+        editor = startup.get()
+        return {"added": await run_in_threadpool(editor.prompt_slider, data), **editor.info()}
 
     @app.post("/api/upload")
     async def upload(request: Request):

@@ -1,0 +1,171 @@
+"""toysd, the text-to-image toy: its caption grammar and tokenizer, its two-stage training (resumed exactly), its export as
+a folder that diffusers' StableDiffusionPipeline loads unchanged, and the bundled model following its prompts."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from hspace import Engine, HspaceError
+from hspace.toyfaces import captions
+from hspace.toyfaces.captions import caption
+from hspace.toyfaces.train import TrainConfig, train
+from hspace.trajectory import seeded_x_T
+
+
+def test_a_caption_without_rng_names_exactly_the_attributes_given_in_a_fixed_order():
+    assert caption({}) == "a face"
+    assert caption({"smile": True}) == "a face, smiling"
+    assert caption({"hat": False, "smile": False}) == "a face, neutral, without a hat"
+    full = {"smile": True, "eyes_open": False, "glasses": True, "hat": True, "hair_color": 0.9, "skin_tone": 0.5, "yaw": -0.9, "background": 0.66}
+    assert caption(full) == ("a face, smiling, eyes closed, with glasses, with a hat, blonde hair, medium skin, facing left, blue background")
+    # the continuous words split the range evenly; the background hue is the nearest sixth of the circle (1.0 is 0.0)
+    assert [captions.phrase("hair_color", v) for v in (0.0, 0.3, 0.6, 1.0)] == ["black hair", "brown hair", "auburn hair", "blonde hair"]
+    assert [captions.phrase("yaw", v) for v in (-1.0, 0.0, 0.34, 1.0)] == ["facing left", "facing front", "facing right", "facing right"]
+    assert [captions.phrase("background", v) for v in (0.0, 0.08, 0.99, 1 / 3, 0.5)] == [
+        "red background", "red background", "red background", "green background", "cyan background"]
+
+
+@pytest.mark.parametrize("bad, match", [({"smile": "yes"}, "smile must be True or False"), ({"mood": True}, "unknown attribute 'mood'"),
+                                        ({"yaw": 3.0}, r"yaw must be in \[-1.0, 1.0\], got 3.0")])
+def test_a_bad_attribute_names_itself_and_what_is_valid(bad, match):
+    with pytest.raises(HspaceError, match=match):
+        caption(bad)
+
+
+def test_training_captions_drop_each_phrase_and_leave_the_caption_empty_at_their_rates():
+    rng = np.random.default_rng(0)
+    attributes = {"smile": True, "eyes_open": True, "glasses": False, "hat": False, "hair_color": 0.1, "skin_tone": 0.1, "yaw": 0.0, "background": 0.5}
+    drawn = [caption(attributes, rng, drop=0.3, empty=0.1) for _ in range(20000)]
+    empty = sum(d == "" for d in drawn) / len(drawn)
+    assert abs(empty - 0.1) < 0.01
+    named = Counter(p for d in drawn if d for p in d.split(", ")[1:])
+    kept = {p: c / sum(1 for d in drawn if d) for p, c in named.items()}
+    assert set(kept) == {captions.phrase(k, v) for k, v in attributes.items()}
+    assert all(abs(k - 0.7) < 0.015 for k in kept.values()), kept
+    # the phrases that survive keep the grammar's order
+    assert all(d == caption({k: attributes[k] for k in attributes if captions.phrase(k, attributes[k]) in d.split(", ")}) for d in drawn[:500] if d)
+
+
+def test_the_tokenizer_reads_every_word_as_one_token_and_falls_back_to_letters(tmp_path):
+    tokenizer = captions.write_tokenizer(tmp_path / "tok")
+    longest = caption({"smile": False, "eyes_open": False, "glasses": False, "hat": False, "hair_color": 0.5, "skin_tone": 0.5, "yaw": 0.5, "background": 0.5})
+    tokens = tokenizer.tokenize(longest)
+    assert tokens == [w + "</w>" for w in longest.replace(",", " ,").split()]
+    assert len(tokenizer(longest).input_ids) <= captions.MAX_TOKENS
+    assert tokenizer.tokenize("a dog") == ["a</w>", "d", "o", "g</w>"]  # an unknown word: its letters
+    from transformers import CLIPTokenizer
+
+    again = CLIPTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert again(longest).input_ids == tokenizer(longest).input_ids and again.model_max_length == captions.MAX_TOKENS
+
+
+def small_sd(steps, vae_steps=4):
+    return TrainConfig(arch="sd", steps=steps, vae_steps=vae_steps, batch_size=4, pool=32, warmup=2, checkpoint_every=2, channels="16,32")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_at(stage, step):
+    def callback(info):
+        if info["stage"] == stage and info["step"] == step:
+            raise Interrupt
+    return callback
+
+
+def test_both_stages_resume_exactly_after_an_interruption_in_each(tmp_path):
+    train(tmp_path / "once", small_sd(4))
+    for stage in ("vae", "unet"):  # a session ends mid-stage (after a checkpoint); the same command resumes it
+        with pytest.raises(Interrupt):
+            train(tmp_path / "twice", small_sd(4), callback=stop_at(stage, 3))
+    train(tmp_path / "twice", small_sd(4))
+    for name in ("vae.pt", "checkpoint.pt"):
+        once = torch.load(tmp_path / "once" / name, weights_only=True)
+        twice = torch.load(tmp_path / "twice" / name, weights_only=True)
+        assert once["step"] == twice["step"] == 4
+        for key in once["ema"]:
+            assert torch.equal(once["ema"][key], twice["ema"][key]), (name, key)
+    with pytest.raises(HspaceError, match="resume it with the same settings"):
+        train(tmp_path / "twice", TrainConfig(**{**small_sd(4).__dict__, "caption_drop": 0.5}))
+
+
+@pytest.mark.parametrize("field, value, match", [("channels", "16,32,64", "two multiples of 16"), ("caption_drop", 1.5, "caption_drop must be a finite number from 0 to 1"),
+                                                 ("vae_steps", 0, "vae_steps")])
+def test_a_bad_sd_setting_is_refused_before_any_work(tmp_path, field, value, match):
+    with pytest.raises(HspaceError, match=match):
+        train(tmp_path / "run", TrainConfig(**{**small_sd(4).__dict__, field: value}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_export_is_a_float16_pipeline_diffusers_loads_and_the_engine_samples_as_diffusers_does(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from hspace.toyfaces.toysd import export
+
+    train(tmp_path / "run", small_sd(2, vae_steps=2))
+    folder = export(tmp_path / "run", tmp_path / "toysd")
+    from safetensors.torch import load_file
+
+    stored = [load_file(str(f)) for f in sorted(folder.glob("*/*.safetensors"))]
+    assert len(stored) == 3 and {w.dtype for weights in stored for w in weights.values()} == {torch.float16}
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float16)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["ema"]
+    assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], state["unet.conv_in.weight"].half())
+    assert pipe.vae.config.scaling_factor > 0 and pipe.tokenizer.model_max_length == captions.MAX_TOKENS
+    pipe = pipe.to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    engine = Engine.load(str(folder), guidance=5.0)
+    ours = engine.sample([3], 4, 0.0, prompts=["a face, smiling"], progress=False).images
+    x_T = seeded_x_T(3, engine.sample_shape)[None]
+    theirs = pipe("a face, smiling", num_inference_steps=4, guidance_scale=5.0, eta=0.0, latents=x_T, output_type="pt", height=32, width=32).images
+    assert ours.shape == (1, 3, 32, 32)
+    assert float((ours.clamp(-1, 1) - (theirs * 2 - 1)).abs().max()) < 1e-4  # (the pipeline clamps its output)
+
+
+# ---- the bundled toysd ----
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from hspace.loading import TOYSD_FOLDER
+
+    return TOYSD_FOLDER
+
+
+def smiles(images) -> torch.Tensor:
+    from hspace.toyfaces.classifier import classify
+
+    return classify(images)["smile"] > 0.5
+
+
+def test_diffusers_loads_the_bundled_toysd_unchanged_and_its_faces_follow_the_prompt(bundled):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(bundled), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    drawn = {}
+    for prompt in ("a face, smiling", "a face, neutral"):
+        generator = [torch.Generator().manual_seed(s) for s in range(16)]
+        images = pipe([prompt] * 16, num_inference_steps=STEPS, guidance_scale=5.0, generator=generator, output_type="pt").images
+        assert images.shape == (16, 3, 32, 32)
+        drawn[prompt] = smiles(images * 2 - 1)
+    assert int(drawn["a face, smiling"].sum()) >= 14 and int(drawn["a face, neutral"].sum()) <= 2
+
+
+def test_a_prompt_pair_direction_on_the_bundled_toysd_makes_most_of_16_neutral_faces_smile(bundled):
+    from hspace.directions.prompts import prompt_direction
+
+    engine = Engine.load("toysd", guidance=5.0)
+    assert engine.h_shape == (128, 8, 8) and engine.image_size == (32, 32)
+    slider = prompt_direction(engine, [("a face, smiling", "a face, neutral")], 16, STEPS, 0.0, batch_size=32, progress=False)
+    base = engine.conditioned(prompt="a face").sample(range(100, 132), STEPS, 0.0, progress=False)
+    without = [i for i, s in enumerate(smiles(base.images).tolist()) if not s][:16]
+    assert len(without) == 16
+    edited = engine.conditioned(prompt="a face").edit(base[without], slider, [0.0, 1.0], progress=False).images[0]
+    assert torch.equal(edited[0], base[without].images)
+    assert int(smiles(edited[1]).sum()) >= 12
