@@ -10,7 +10,8 @@ import torch
 from hspace import Engine, HspaceError
 from hspace.toyfaces import captions
 from hspace.toyfaces.captions import caption
-from hspace.toyfaces.train import TrainConfig, train
+from hspace.toyfaces.toysd import train
+from hspace.toyfaces.train import TrainConfig
 from hspace.trajectory import seeded_x_T
 
 

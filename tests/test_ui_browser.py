@@ -47,7 +47,6 @@ def _serve(editor):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The editor on 127.0.0.1 (uvicorn in a thread) and a page of another origin on another port."""
-    import uvicorn
 
     engine = Engine.load("tiny-random")
     direction = Direction(torch.randn(STEPS, *engine.h_shape, generator=torch.Generator().manual_seed(0)) * 3, meta={"name": "pc1", "method": "pca"}, spec=engine.spec)

@@ -129,6 +129,8 @@ def run_train(args) -> None:
         bar.update(1)
         bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}")
 
+    if config.arch == "sd":  # toysd: the autoencoder, then the U-Net with its text encoder
+        from .toysd import train
     try:
         checkpoint = train(args.run, config, callback=progress, device=resolve_device(args.device))
     finally:

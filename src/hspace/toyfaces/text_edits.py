@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import HspaceError
-from .captions import BINARY_PHRASES, caption
+from .captions import caption
 from .classifier import classify
 from .render import BINARY, region_mask
 

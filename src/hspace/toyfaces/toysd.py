@@ -27,33 +27,19 @@ import torch
 from ..errors import HspaceError
 from ..files import staged_folder, write_json
 from . import captions
+from .train import SD_TEXT_WIDTH as TEXT_WIDTH  # the text encoder's width: the U-Net's cross_attention_dim
+from .train import sd_unet_config as unet_config
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
     block_out_channels=[32, 64], layers_per_block=1, latent_channels=4, norm_num_groups=16, sample_size=32,
 )
 VAE_KL_WEIGHT = 1e-5
-TEXT_WIDTH = 64
 SD_SCHEDULER_CONFIG = {
     "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
     "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
     "prediction_type": "epsilon", "timestep_spacing": "leading",
 }
-
-
-def unet_config(config) -> dict:
-    """The UNet2DConditionModel arguments of a run (``--channels``, default 64,128; ``--layers-per-block``)."""
-    try:
-        channels = tuple(int(c) for c in config.channels.split(","))
-    except ValueError:
-        channels = ()
-    if len(channels) != 2 or any(c < 16 or c % 16 for c in channels):
-        raise HspaceError(f"channels {config.channels!r} must be two multiples of 16 for --arch sd, e.g. 64,128")
-    return dict(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=config.layers_per_block,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH, norm_num_groups=16, attention_head_dim=8,
-    )
 
 
 def text_config(vocab_size: int):

@@ -55,6 +55,8 @@ def dit_config(config: "TrainConfig") -> dict:
                 num_layers=config.dit_layers, sample_size=config.size, patch_size=2, num_embeds_ada_norm=1, norm_num_groups=32)
 
 
+SD_TEXT_WIDTH = 64  # toysd's text encoder width, the U-Net's cross_attention_dim
+
 FLOW_SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
 
 
@@ -119,8 +121,6 @@ class TrainConfig:
         if self.resolution and (self.arch != "dit" or self.resolution > self.size or self.size % self.resolution or self.resolution % 2):
             raise HspaceError(f"resolution {self.resolution!r} must be 0 (the size) or, for --arch dit only, an even divisor of the size {self.size} (e.g. {self.size // 2})")
         if self.arch == "sd":
-            from .toysd import unet_config as sd_unet_config
-
             sd_unet_config(self)
             return
         if self.arch == "dit":
@@ -143,6 +143,21 @@ def unet_config(config: "TrainConfig") -> dict:
         raise HspaceError(f"channels {config.channels!r} must be three positive multiples of 8 (8 groups per norm), e.g. 32,64,128")
     check_int("layers_per_block", config.layers_per_block, 1, valid="a positive integer")
     return {**TOYFACES_UNET_CONFIG, "block_out_channels": channels, "layers_per_block": config.layers_per_block}
+
+
+def sd_unet_config(config) -> dict:
+    """The UNet2DConditionModel arguments of a run (``--channels``, default 64,128; ``--layers-per-block``)."""
+    try:
+        channels = tuple(int(c) for c in config.channels.split(","))
+    except ValueError:
+        channels = ()
+    if len(channels) != 2 or any(c < 16 or c % 16 for c in channels):
+        raise HspaceError(f"channels {config.channels!r} must be two multiples of 16 for --arch sd, e.g. 64,128")
+    return dict(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=config.layers_per_block,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=SD_TEXT_WIDTH, norm_num_groups=16, attention_head_dim=8,
+    )
 
 
 def training_alphas() -> torch.Tensor:
@@ -334,9 +349,7 @@ def train(
     device = torch.device(device)
     config = config or TrainConfig()
     if config.arch == "sd":
-        from . import toysd
-
-        return toysd.train(run_dir, config, callback, device)
+        raise HspaceError("--arch sd (toysd) is trained by hspace.toyfaces.toysd.train, in two stages")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
