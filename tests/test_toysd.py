@@ -62,8 +62,9 @@ def test_the_tokenizer_reads_every_word_as_one_token_and_falls_back_to_letters(t
     assert again(longest).input_ids == tokenizer(longest).input_ids and again.model_max_length == captions.MAX_TOKENS
 
 
-def small_sd(steps, vae_steps=4):
-    return TrainConfig(arch="sd", steps=steps, vae_steps=vae_steps, batch_size=4, pool=32, warmup=2, checkpoint_every=2, channels="16,32")
+def small_sd(steps, vae_steps=4, decoder_steps=0):
+    return TrainConfig(arch="sd", steps=steps, vae_steps=vae_steps, decoder_steps=decoder_steps, batch_size=4, pool=32, warmup=2,
+                       checkpoint_every=2, channels="16,32")
 
 
 class Interrupt(Exception):
@@ -77,20 +78,30 @@ def stop_at(stage, step):
     return callback
 
 
-def test_both_stages_resume_exactly_after_an_interruption_in_each(tmp_path):
-    train(tmp_path / "once", small_sd(4))
-    for stage in ("vae", "unet"):  # a session ends mid-stage (after a checkpoint); the same command resumes it
+def test_every_stage_resumes_exactly_after_an_interruption_in_each(tmp_path):
+    train(tmp_path / "once", small_sd(4, decoder_steps=4))
+    for stage in ("vae", "unet", "decoder"):  # a session ends mid-stage (after a checkpoint); the same command resumes it
         with pytest.raises(Interrupt):
-            train(tmp_path / "twice", small_sd(4), callback=stop_at(stage, 3))
-    train(tmp_path / "twice", small_sd(4))
-    for name in ("vae.pt", "checkpoint.pt"):
+            train(tmp_path / "twice", small_sd(4, decoder_steps=4), callback=stop_at(stage, 3))
+    train(tmp_path / "twice", small_sd(4, decoder_steps=4))
+    for name in ("vae.pt", "checkpoint.pt", "decoder.pt"):
         once = torch.load(tmp_path / "once" / name, weights_only=True)
         twice = torch.load(tmp_path / "twice" / name, weights_only=True)
         assert once["step"] == twice["step"] == 4
         for key in once["ema"]:
             assert torch.equal(once["ema"][key], twice["ema"][key]), (name, key)
+    # the decoder's fine-tuning leaves the encoder, and so the latents the U-Net learnt, exactly as they were
+    vae, decoder = (torch.load(tmp_path / "once" / n, weights_only=True)["ema"] for n in ("vae.pt", "decoder.pt"))
+    assert all(torch.equal(vae[k], decoder[k]) for k in vae if k.startswith(("encoder.", "quant_conv.")))
+    assert not torch.equal(vae["decoder.conv_out.weight"], decoder["decoder.conv_out.weight"])
     with pytest.raises(HspaceError, match="resume it with the same settings"):
-        train(tmp_path / "twice", TrainConfig(**{**small_sd(4).__dict__, "caption_drop": 0.5}))
+        train(tmp_path / "twice", TrainConfig(**{**small_sd(4, decoder_steps=4).__dict__, "caption_drop": 0.5}))
+    # a decoder stage added to a finished run: the earlier stages are kept, only the decoder trains
+    train(tmp_path / "more", small_sd(4))
+    before = torch.load(tmp_path / "more" / "checkpoint.pt", weights_only=True)["ema"]
+    train(tmp_path / "more", small_sd(4, decoder_steps=2))
+    after = torch.load(tmp_path / "more" / "checkpoint.pt", weights_only=True)["ema"]
+    assert all(torch.equal(before[k], after[k]) for k in before) and (tmp_path / "more" / "decoder.pt").is_file()
 
 
 @pytest.mark.parametrize("field, value, match", [("channels", "16,32,64", "two multiples of 16"), ("caption_drop", 1.5, "caption_drop must be a finite number from 0 to 1"),

@@ -41,6 +41,8 @@ def register(sub) -> None:
                    help="unet (the bundled toyfaces: epsilon, DDPM schedule; default), dit (a DiT trained with flow matching: toydit) "
                    "or sd (toysd: an autoencoder, then a text-conditioned U-Net with its CLIP text encoder)")
     p.add_argument("--vae-steps", dest="vae_steps", type=positive_int, default=None, help="--arch sd: the autoencoder's training steps, before the U-Net's (default 2000)")
+    p.add_argument("--decoder-steps", dest="decoder_steps", type=nonnegative_int, default=None,
+                   help="--arch sd: then fine-tune the decoder alone for this many steps (the latents unchanged; default 0)")
     p.add_argument("--caption-drop", dest="caption_drop", type=finite_float, default=None,
                    help="--arch sd: the chance that each phrase of a training caption is dropped (default 0.3)")
     p.add_argument("--dit-layers", dest="dit_layers", type=positive_int, default=None, help="transformer blocks of the DiT (default 8)")

@@ -1,6 +1,6 @@
 """``toysd``: a Stable Diffusion pipeline of toy faces, trained here from scratch (``hspace toyfaces train --arch sd``).
 
-Two stages in one run folder, each checkpointed and resumed by the same command:
+Two stages in one run folder (and an optional third), each checkpointed and resumed by the same command:
 
 1. ``vae.pt``: an ``AutoencoderKL`` (32 px RGB <-> 4 x 16 x 16 latents) trained on the rendered faces for
    ``vae_steps`` steps: L1 reconstruction plus ``VAE_KL_WEIGHT`` times the KL term per latent element;
@@ -8,7 +8,9 @@ Two stages in one run folder, each checkpointed and resumed by the same command:
    128 x 8 x 8) and a ``CLIPTextModel`` trained jointly from scratch on the latents (the VAE's posterior means,
    scaled to unit variance as SD scales them) with the epsilon loss under Stable Diffusion's own noise schedule
    (scaled-linear betas 0.00085 .. 0.012) and captions from ``captions.caption`` (phrases dropped at random, the empty
-   caption 10% of the time for classifier-free guidance).
+   caption 10% of the time for classifier-free guidance);
+3. ``decoder.pt`` (``decoder_steps`` > 0): the decoder alone fine-tuned, the mouth and eyes weighted (the latents, and so
+   the U-Net, unchanged).
 
 ``export`` writes a folder that ``diffusers.StableDiffusionPipeline.from_pretrained`` loads unchanged (DDIM scheduler,
 no safety checker), float16.
@@ -97,12 +99,13 @@ def train(run_dir: str | Path, config, callback: Callable[[dict], None] | None =
     if config.init:
         raise HspaceError(f"--init {config.init!r}: --arch sd trains from scratch (resume a run with the same command)")
     tokenizer = captions.write_tokenizer(run_dir / "tokenizer")
-    vae_path, sd_path = run_dir / "vae.pt", run_dir / "checkpoint.pt"
+    vae_path, sd_path, decoder_path = run_dir / "vae.pt", run_dir / "checkpoint.pt", run_dir / "decoder.pt"
     vae_config = replace(config, steps=config.vae_steps, arch="sd")
-    vae_state = load_checkpoint(vae_path) if vae_path.exists() else None
-    sd_state = load_checkpoint(sd_path) if sd_path.exists() else None
-    _check_resume(vae_state, config, vae_path)
-    _check_resume(sd_state, config, sd_path)
+    states = {path: load_checkpoint(path) if path.exists() else None for path in (vae_path, sd_path, decoder_path)}
+    for path, state in states.items():  # the decoder's stage comes last: the earlier ones do not depend on its length
+        saved = state and {**state, "config": {**state["config"], "decoder_steps": config.decoder_steps}}
+        _check_resume(saved if path != decoder_path else state, config if path != decoder_path else _decoder_config(config), path)
+    vae_state, sd_state, decoder_state = states.values()
     write_json(run_dir / "config.json", asdict(config))
     pool, labels = _faces(config)
     if vae_state is None or vae_state["step"] < config.vae_steps:
@@ -112,15 +115,20 @@ def train(run_dir: str | Path, config, callback: Callable[[dict], None] | None =
     latents = encode_pool(vae, pool, device)
     if sd_state is None or sd_state["step"] < config.steps:
         _train_unet(sd_path, config, sd_state, latents, labels, tokenizer, callback, device)
+    if config.decoder_steps and (decoder_state is None or decoder_state["step"] < config.decoder_steps):
+        _train_decoder(decoder_path, config, decoder_state, vae, pool, callback, device)
     return sd_path
 
 
-def _loop(path: Path, config, state, build: Callable, step_fn: Callable, callback, device, stage: str) -> None:
-    """The shared training loop of a stage: the model, its EMA, AdamW, the CPU generator, atomic checkpoints."""
+def _loop(path: Path, config, state, build: Callable, step_fn: Callable, callback, device, stage: str, init: dict | None = None) -> None:
+    """The shared training loop of a stage: the model (new, or ``init``'s weights), its EMA, AdamW, the CPU generator,
+    atomic checkpoints."""
     from .train import _atomic_save
 
     torch.manual_seed(config.seed)
     model, ema = build().to(device), build().to(device).requires_grad_(False)
+    if init is not None:
+        model.load_state_dict(init)
     ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator, step = torch.Generator().manual_seed(config.seed), 0
@@ -154,6 +162,32 @@ def _train_vae(path: Path, config, state, pool: torch.Tensor, callback, device) 
         return _update(model, ema, optimizer, error, None, config, step)
 
     _loop(path, config, state, build_vae, step_fn, callback, device, "vae")
+
+
+DECODER_REGION_WEIGHTS = "mouth=4,eyes=1"  # the decoder's fine-tuning counts the small parts more (train.loss_weight_map)
+
+
+def _decoder_config(config):
+    """The decoder stage's own settings: its steps, a fifth of the learning rate, at most 50 warm-up steps."""
+    return replace(config, steps=max(1, config.decoder_steps), lr=config.lr / 5, warmup=min(config.warmup, 50))
+
+
+def _train_decoder(path: Path, config, state, vae, pool: torch.Tensor, callback, device) -> None:
+    """The autoencoder's decoder fine-tuned alone (Stable Diffusion's ft-MSE decoder does the same): the encoder, and so the
+    latents the U-Net was trained on, stay as they are; the L1 loss on the mouth and eyes counts more. ``decoder_steps``
+    steps at a fifth of the learning rate."""
+    from .train import _update, loss_weight_map
+
+    stage_config = _decoder_config(config)
+    weights = loss_weight_map(DECODER_REGION_WEIGHTS, VAE_CONFIG["sample_size"]).to(device)
+
+    def step_fn(model, ema, optimizer, generator, step):
+        x = (pool[torch.randint(0, len(pool), (config.batch_size,), generator=generator)].float() / 127.5 - 1).to(device)
+        with torch.no_grad():
+            z = model.encode(x).latent_dist.mean
+        return _update(model, ema, optimizer, (model.decode(z).sample - x).abs(), weights, stage_config, step)
+
+    _loop(path, stage_config, state, build_vae, step_fn, callback, device, "decoder", init=vae.state_dict())
 
 
 @torch.no_grad()
@@ -217,8 +251,8 @@ def export(run_dir: str | Path, folder: str | Path) -> Path:
     state = load_checkpoint(run_dir / "checkpoint.pt")
     config = TrainConfig(**state["config"])
     tokenizer = CLIPTokenizer.from_pretrained(str(run_dir / "tokenizer"))
-    vae = build_vae()
-    vae.load_state_dict(load_checkpoint(run_dir / "vae.pt")["ema"])
+    vae = build_vae()  # the fine-tuned decoder where there is one (the encoder is the autoencoder stage's either way)
+    vae.load_state_dict(load_checkpoint(run_dir / ("decoder.pt" if (run_dir / "decoder.pt").is_file() else "vae.pt"))["ema"])
     scale = scaling_factor(encode_pool(vae, render_pool(min(config.pool, 5000), config.size), "cpu"))
     vae.register_to_config(scaling_factor=scale)
     model = TextToImage(config, len(tokenizer))
@@ -231,7 +265,8 @@ def export(run_dir: str | Path, folder: str | Path) -> Path:
     folder = Path(folder)
     with staged_folder(folder) as stage:
         pipe.save_pretrained(str(stage), safe_serialization=True)
-        write_json(stage / "training.json", {"trained_steps": state["step"], "vae_steps": config.vae_steps, "config": state["config"]})
+        write_json(stage / "training.json", {"trained_steps": state["step"], "vae_steps": config.vae_steps,
+                                             "decoder_steps": config.decoder_steps, "config": state["config"]})
     return folder
 
 

@@ -99,6 +99,7 @@ class TrainConfig:
     # of a training caption is dropped (the attribute it names left free)
     vae_steps: int = 2000
     caption_drop: float = 0.3
+    decoder_steps: int = 0  # --arch sd: then the decoder alone fine-tuned (the latents unchanged), after the U-Net
 
     def __post_init__(self):
         """Every number in its range, so that no value reaches the optimizer or the model unchecked."""
@@ -111,8 +112,8 @@ class TrainConfig:
             if not ok or (name in ("min_lr_ratio", "ema_decay", "caption_drop") and value > 1):
                 bound = "from 0 to 1" if name in ("min_lr_ratio", "ema_decay", "caption_drop") else (">= 0" if inclusive else "> 0")
                 raise HspaceError(f"{name} must be a finite number {bound}, got {value!r}")
-        for name in ("steps", "batch_size", "pool", "size", "checkpoint_every", "warmup", "seed", "resolution", "vae_steps"):
-            value, low = getattr(self, name), 0 if name in ("warmup", "seed", "resolution") else 1
+        for name in ("steps", "batch_size", "pool", "size", "checkpoint_every", "warmup", "seed", "resolution", "vae_steps", "decoder_steps"):
+            value, low = getattr(self, name), 0 if name in ("warmup", "seed", "resolution", "decoder_steps") else 1
             check_int(name, value, low, valid=f"an integer >= {low}")
         # the rest of the settings, checked here too: an error before the training faces are rendered
         parse_region_weights(self.region_weights)
