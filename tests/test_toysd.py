@@ -181,3 +181,52 @@ def test_a_prompt_pair_direction_on_the_bundled_toysd_makes_most_of_16_neutral_f
     edited = engine.conditioned(prompt="a face").edit(base[without], slider, [0.0, 1.0], progress=False).images[0]
     assert torch.equal(edited[0], base[without].images)
     assert int(smiles(edited[1]).sum()) >= 12
+
+
+def _curve(flip, side, pixel, identity, n=4):
+    return {"flip": np.full(n, flip), "side": np.full(n, side), "pixel": np.full(n, pixel), "identity": np.full(n, identity)}
+
+
+def test_a_direction_is_read_at_the_scale_where_its_identity_change_equals_the_prompt_edits():
+    from hspace.toyfaces.text_edits import matched, read_at_matched_identity
+
+    rows = np.arange(4)
+    curves = [_curve(0.2, 0.1, 0.02, 0.01), _curve(0.6, 0.3, 0.06, 0.03), _curve(1.0, 0.5, 0.1, 0.05)]  # scales 1, 2, 4
+    at = matched(curves, 0.02, rows, (1.0, 2.0, 4.0))  # halfway between scales 1 and 2
+    assert at["reached"] and at["scale"] == pytest.approx(1.5) and at["flip"] == pytest.approx(0.4) and at["identity"] == pytest.approx(0.02)
+    at = matched(curves, 0.005, rows, (1.0, 2.0, 4.0))  # below the first scale: from 0, where nothing changes
+    assert at["scale"] == pytest.approx(0.5) and at["flip"] == pytest.approx(0.1) and at["side"] == pytest.approx(0.05)
+    at = matched(curves, 0.2, rows, (1.0, 2.0, 4.0))  # never reached: read at the largest scale, and said so
+    assert not at["reached"] and at["scale"] == 4.0 and at["flip"] == 1.0
+    # samples differ: the matching follows the rows drawn, and the intervals hold the point estimate
+    prompt_edit = {"flip": np.array([1.0, 1.0, 0.0, 1.0]), "side": np.array([0.0, 1 / 3, 0.0, 0.0]),
+                   "pixel": np.full(4, 0.05), "identity": np.array([0.01, 0.03, 0.02, 0.02])}
+    report = read_at_matched_identity(prompt_edit, {"prompt_pair": curves}, rows, (1.0, 2.0, 4.0), resamples=200)
+    assert report["prompt_edit"]["flip"] == 0.75 and report["prompt_pair"]["scale"] == pytest.approx(1.5)
+    low, high = report["prompt_pair"]["flip_interval"]
+    assert low <= report["prompt_pair"]["flip"] <= high and low < high
+    assert report["prompt_pair_minus_prompt_edit_flip"]["value"] == pytest.approx(0.4 - 0.75)
+
+
+@pytest.mark.parametrize("flip, side, state", [((-0.05, 0.1), (-0.2, -0.05), "holds"), ((-0.3, -0.15), (-0.2, -0.05), "fails"),
+                                               ((-0.05, 0.1), (0.02, 0.1), "fails"), ((-0.2, 0.1), (-0.2, -0.05), "undecided")])
+def test_the_prompt_pair_verdict_is_three_way(flip, side, state):
+    from hspace.toyfaces.text_edits import _verdict
+
+    row = {"prompt_pair_minus_prompt_edit_flip": {"interval": list(flip)}, "prompt_pair_minus_prompt_edit_side": {"interval": list(side)}}
+    assert _verdict(row)["state"] == state
+
+
+def test_the_demos_text_to_image_section_draws_the_prompts_a_slider_and_its_card(tmp_path):
+    from hspace.demo import Demo, _text_to_image
+
+    demo = Demo(Engine.load("toyfaces"), None, tmp_path, steps=4)
+    _text_to_image(demo, None)
+    assert [name for name, _ in demo.figures] == ["toysd_prompts.png", "toysd_slider.png"]
+    assert all((tmp_path / name).is_file() for name, _ in demo.figures)
+    assert (tmp_path / "toysd_card" / "card.md").is_file() and "toysd_card/card.md" in demo.figures[-1][1]
+    edits = demo.edits["toysd_slider"]
+    drawn = Engine.load("toysd", guidance=5.0).sample(range(20, 25), 4, 0.0, progress=False,
+                                                       prompts=["a face, neutral", "a face, with a hat", "a face, with glasses, black hair",
+                                                                "a face, eyes closed, dark skin", "a face, facing left, blue background"])
+    assert torch.equal(edits[0], drawn.images) and float((edits[2] - edits[0]).abs().max()) > 0.1

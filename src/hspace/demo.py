@@ -39,6 +39,7 @@ class Demo:
     out: Path
     steps: int
     figures: list[tuple[str, str]] = field(default_factory=list)
+    edits: dict = field(default_factory=dict)  # some figures' images, for the tests
 
     def save(self, image, name: str, caption: str) -> None:
         logger.info("writing %s", name)
@@ -84,7 +85,7 @@ def run_demo(out: str | Path, model: str | None = None, steps: int = 50, device:
     return [index] + [out / name for name, _ in demo.figures]
 
 
-TEXT_STEPS = 25
+TEXT_STEPS = 25  # the text-to-image section's DDIM steps (at most; fewer when the demo runs fewer)
 TEXT_GUIDANCE = 5.0
 
 
@@ -99,21 +100,22 @@ def _text_to_image(demo: Demo, device) -> None:
     if not (TOYSD_FOLDER / "model_index.json").is_file():
         logger.warning("the bundled toysd is missing from %s: the demo's text-to-image section is skipped", TOYSD_FOLDER)
         return
-    engine = Engine.load("toysd", device=device, guidance=TEXT_GUIDANCE)
+    engine, steps = Engine.load("toysd", device=device, guidance=TEXT_GUIDANCE), min(demo.steps, TEXT_STEPS)
     prompts = [caption({"smile": False}), caption({"hat": True}), caption({"glasses": True, "hair_color": 0.1}),
                caption({"eyes_open": False, "skin_tone": 0.9}), caption({"yaw": -0.8, "background": 0.66})]
     seeds = list(range(20, 20 + len(prompts)))
-    drawn = engine.sample(seeds, TEXT_STEPS, 0.0, prompts=prompts)
+    drawn = engine.sample(seeds, steps, 0.0, prompts=prompts)
     demo.save(labelled_grid(drawn.images[None], [""], prompts, min_cell=64), "toysd_prompts.png",
-              f"toysd (`--model toysd`, guidance {TEXT_GUIDANCE:g}, DDIM {TEXT_STEPS} steps): one sample per prompt, captions by "
+              f"toysd (`--model toysd`, guidance {TEXT_GUIDANCE:g}, DDIM {steps} steps): one sample per prompt, captions by "
               "`hspace.toyfaces.captions.caption`.")
-    slider = prompt_direction(engine, [(caption({"smile": True}), caption({"smile": False}))], 32, TEXT_STEPS, 0.0, name="smiling")
+    slider = prompt_direction(engine, [(caption({"smile": True}), caption({"smile": False}))], 32, steps, 0.0, name="smiling")
     scales = [0.0, 1.0, 2.0]
     edits = engine.edit(drawn, slider, scales).images[0]  # [S, B, ...]
+    demo.edits["toysd_slider"] = edits
     demo.save(labelled_grid(edits.transpose(0, 1), prompts, [f"{s:g}" for s in scales], min_cell=64), "toysd_slider.png",
               "A prompt-pair slider ('a face, smiling' | 'a face, neutral', h of 32 seeds, `hspace prompt-direction`) "
               "added under each prompt, even 'a face, neutral': scales 0, 1, 2.")
-    result = card(slider, engine, n=32, num_steps=TEXT_STEPS, eta=0.0)
+    result = card(slider, engine, n=32, num_steps=steps, eta=0.0)
     write_card(result, slider, demo.out / "toysd_card")
     name, text = demo.figures[-1]
     demo.figures[-1] = (name, text + " Its card (dose-response, side effects, flip rates on 32 held-out samples): "

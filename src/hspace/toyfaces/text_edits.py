@@ -16,7 +16,8 @@ gain it), side effects (the share of the other binary attributes whose label cha
 **matched identity**: the scale where its identity change equals the prompt edit's (interpolated on the sweep), so
 every method changes the rest of the face equally and the flip rates compare. Intervals: percentile bootstrap over
 the seeds (the matching redone in every resample). Then the prompt-pair direction under each guidance branch
-(``guide_edit`` cond / uncond / both), and found under "a face", applied under ``TRANSFER_PROMPTS``.
+(``guide_edit`` cond / uncond / both, swept over ``BRANCH_SCALES``), and, found under "a face", applied at its matched
+scale under the ten ``TRANSFER`` prompts (on the first ``TRANSFER_SEEDS`` seeds) next to each prompt's own prompt edit.
 
 Every sampled set is cached in ``out/sets`` and every direction in ``out/directions``: a rerun resumes.
 """
@@ -36,7 +37,9 @@ from .render import BINARY, region_mask
 
 ATTRIBUTES = ("smile", "glasses", "hat", "eyes_open")
 REGION = {"smile": "mouth", "glasses": "glasses", "hat": "hat", "eyes_open": "eyes"}
-SCALES = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+SCALES = (0.5, 1.0, 2.0, 4.0)
+BRANCH_SCALES = (1.0, 2.0)  # the guidance branches' sweep (each branch's own matched reading interpolates on it)
+TRANSFER_SEEDS = 32  # the first of the held-out seeds, under each transfer prompt
 BASE_PROMPT = caption({})
 TRANSFER = (  # the attributes of the ten other prompts a direction found under "a face" is applied under
     {"hair_color": 0.1}, {"hair_color": 0.9}, {"skin_tone": 0.1}, {"skin_tone": 0.9}, {"yaw": -0.8}, {"yaw": 0.8},
@@ -64,9 +67,13 @@ class Study:
     def base(self, prompt: str = BASE_PROMPT):
         """The trajectory of the held-out seeds under ``prompt`` (h not recorded) and its classifier scores."""
         if prompt not in self._base:
-            trajectory = self.engine.sample(self.seeds, self.num_steps, 0.0, record_h=False, prompts=[prompt], progress=self.progress)
+            trajectory = self.engine.sample(self.seeds_of(prompt), self.num_steps, 0.0, record_h=False, prompts=[prompt], progress=self.progress)
             self._base[prompt] = (trajectory, self.scores(f"base {prompt}", lambda: trajectory.images))
         return self._base[prompt]
+
+    def seeds_of(self, prompt: str) -> list[int]:
+        """The held-out seeds drawn under ``prompt``: all of them under the base prompt, the first TRANSFER_SEEDS under another."""
+        return self.seeds if prompt == BASE_PROMPT else self.seeds[:TRANSFER_SEEDS]
 
     def _trajectory(self, engine, prompt: str, guide_edit: str):
         """The held-out seeds drawn by an engine that edits under another guidance branch (the same unedited samples:
@@ -228,7 +235,7 @@ def _training_attributes(rng) -> dict:
     return {name: getattr(a, name) for name in ("smile", "eyes_open", "glasses", "hat", "hair_color", "skin_tone", "yaw", "background")}
 
 
-def compare(engine, out: str | Path, *, n: int = 128, num_steps: int = 25, bank_n: int = 512, direction_n: int = 64,
+def compare(engine, out: str | Path, *, n: int = 64, num_steps: int = 20, bank_n: int = 256, direction_n: int = 64,
             first_seed: int = 500_000, batch_size: int = 64, resamples: int = 1000, progress: bool | None = None) -> dict:
     """The whole comparison (module doc); returns the report (also ``out/comparison.json``)."""
     from ..directions.prompts import prompt_direction
@@ -251,8 +258,8 @@ def compare(engine, out: str | Path, *, n: int = 128, num_steps: int = 25, bank_
         sweeps = {name: [per_sample(base, s, a) for s in study.edited(f"{name} {a}", d, SCALES)] for name, d in directions.items()}
         row = read_at_matched_identity(prompt_edit, sweeps, eligible, SCALES, resamples)
         row["pca_component"] = {"index": found[a]["component"] + 1, "correlation": found[a]["correlation"]}
-        branches = {b: [per_sample(base, s, a) for s in study.edited(f"prompt_pair {a}", pair, SCALES, guide_edit=b)] for b in BRANCHES}
-        row["branches"] = read_at_matched_identity(prompt_edit, branches, eligible, SCALES, resamples)
+        branches = {b: [per_sample(base, s, a) for s in study.edited(f"prompt_pair {a}", pair, BRANCH_SCALES, guide_edit=b)] for b in BRANCHES}
+        row["branches"] = read_at_matched_identity(prompt_edit, branches, eligible, BRANCH_SCALES, resamples)
         row["transfer"] = _transfer(study, a, pair, row["prompt_pair"]["scale"])
         row["verdict"] = _verdict(row)
         report["attributes"][a] = row
@@ -275,7 +282,7 @@ def _transfer(study: Study, attribute: str, pair, scale: float) -> dict:
         edited = per_sample(base, study.edited(f"prompt_pair {attribute}", pair, [scale], prompt=prompt)[0], attribute)
         with_phrase = caption({**attributes, attribute: True})
         by_prompt = per_sample(base, study.scores(f"prompt {with_phrase}", lambda: study.engine.sample(
-            study.seeds, study.num_steps, 0.0, record_h=False, prompts=[with_phrase], progress=study.progress).images), attribute)
+            study.seeds_of(prompt), study.num_steps, 0.0, record_h=False, prompts=[with_phrase], progress=study.progress).images), attribute)
         rows[prompt] = {"eligible": int(eligible.sum()), "direction_flip": float(edited["flip"][eligible].mean()),
                         "direction_side": float(edited["side"][eligible].mean()), "prompt_edit_flip": float(by_prompt["flip"][eligible].mean()),
                         "prompt_edit_side": float(by_prompt["side"][eligible].mean())}

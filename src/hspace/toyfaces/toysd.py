@@ -112,9 +112,8 @@ def train(run_dir: str | Path, config, callback: Callable[[dict], None] | None =
         _train_vae(vae_path, vae_config, vae_state, pool, callback, device)
     vae = build_vae()
     vae.load_state_dict(load_checkpoint(vae_path)["ema"])
-    latents = encode_pool(vae, pool, device)
     if sd_state is None or sd_state["step"] < config.steps:
-        _train_unet(sd_path, config, sd_state, latents, labels, tokenizer, callback, device)
+        _train_unet(sd_path, config, sd_state, encode_pool(vae, pool, device), labels, tokenizer, callback, device)
     if config.decoder_steps and (decoder_state is None or decoder_state["step"] < config.decoder_steps):
         _train_decoder(decoder_path, config, decoder_state, vae, pool, callback, device)
     return sd_path
