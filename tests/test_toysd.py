@@ -230,3 +230,20 @@ def test_the_demos_text_to_image_section_draws_the_prompts_a_slider_and_its_card
                                                        prompts=["a face, neutral", "a face, with a hat", "a face, with glasses, black hair",
                                                                 "a face, eyes closed, dark skin", "a face, facing left, blue background"])
     assert torch.equal(edits[0], drawn.images) and float((edits[2] - edits[0]).abs().max()) > 0.1
+
+
+def test_a_comparison_folder_resumes_only_under_its_own_settings(tmp_path):
+    import tiny_sd
+
+    from hspace.toyfaces.text_edits import Study
+
+    tiny_sd.sd_pipeline(tmp_path / "sd")
+    engine = Engine.load(str(tmp_path / "sd"), guidance=5.0)
+    Study(engine, tmp_path / "cmp", 8, 3, 16, 4, 500_000, False)
+    Study(engine, tmp_path / "cmp", 8, 3, 16, 4, 500_000, False)  # the same settings: resumed
+    with pytest.raises(HspaceError, match=r"holds a comparison of other settings \(n: 8 there, 16 now\)"):
+        Study(engine, tmp_path / "cmp", 16, 3, 16, 4, 500_000, False)
+    with pytest.raises(HspaceError, match="guidance: 5.0 there, 3.0 now"):
+        Study(engine.conditioned(guidance=3.0), tmp_path / "cmp", 8, 3, 16, 4, 500_000, False)
+    with pytest.raises(HspaceError, match="unconditional"):
+        Study(Engine.load("tiny-random"), tmp_path / "other", 8, 3, 16, 4, 500_000, False)

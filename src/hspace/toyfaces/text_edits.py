@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import HspaceError
+from ..files import write_atomic, write_json
 from .captions import caption
 from .classifier import classify
 from .render import BINARY, region_mask
@@ -59,10 +60,24 @@ class Study:
             raise HspaceError(f"{engine.name!r} is unconditional: the text-edit comparison needs a text-to-image toy such as toysd")
         self.engine, self.out, self.n, self.num_steps = engine, Path(out), n, num_steps
         self.bank_n, self.direction_n, self.first_seed, self.progress = bank_n, direction_n, first_seed, progress
+        self._check_settings({"model": engine.spec.space.fingerprint, "guidance": engine.spec.guidance, "n": n, "num_steps": num_steps,
+                              "bank_n": bank_n, "direction_n": direction_n, "first_seed": first_seed})
         (self.out / "sets").mkdir(parents=True, exist_ok=True)
         (self.out / "directions").mkdir(exist_ok=True)
         self.seeds = list(range(first_seed, first_seed + n))
         self._base = {}
+
+    def _check_settings(self, settings: dict) -> None:
+        """A work folder holds one comparison: resumed only under the settings it was started with."""
+        path = self.out / "settings.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            differ = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in settings.items() if saved.get(k) != v]
+            if differ:
+                raise HspaceError(f"{str(self.out)!r} holds a comparison of other settings ({'; '.join(differ)}); give another --out or the same settings")
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(path, settings)
 
     def base(self, prompt: str = BASE_PROMPT):
         """The trajectory of the held-out seeds under ``prompt`` (h not recorded) and its classifier scores."""
@@ -90,7 +105,12 @@ class Study:
         images = images_of()
         found = {k: v.numpy() for k, v in classify(images).items() if k in BINARY}
         found["images"] = images.numpy().astype(np.float16)
-        np.savez(path, **found)
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **found)
+
+        write_atomic(path, write)  # a run killed mid-write leaves no half a set behind
         return found
 
     def direction(self, name: str, make):

@@ -90,7 +90,7 @@ def _faces(config):
 
 
 def train(run_dir: str | Path, config, callback: Callable[[dict], None] | None = None, device: str | torch.device = "cpu") -> Path:
-    """Both stages (module doc) in ``run_dir``, resumed where a checkpoint left them; returns the last checkpoint."""
+    """Every stage (module doc) in ``run_dir``, each resumed where its checkpoint left it; returns the U-Net's checkpoint."""
     from .train import _check_resume, load_checkpoint
 
     device = torch.device(device)
@@ -100,13 +100,16 @@ def train(run_dir: str | Path, config, callback: Callable[[dict], None] | None =
         raise HspaceError(f"--init {config.init!r}: --arch sd trains from scratch (resume a run with the same command)")
     tokenizer = captions.write_tokenizer(run_dir / "tokenizer")
     vae_path, sd_path, decoder_path = run_dir / "vae.pt", run_dir / "checkpoint.pt", run_dir / "decoder.pt"
-    vae_config = replace(config, steps=config.vae_steps, arch="sd")
+    vae_config = replace(config, steps=config.vae_steps)
     states = {path: load_checkpoint(path) if path.exists() else None for path in (vae_path, sd_path, decoder_path)}
     for path, state in states.items():  # the decoder's stage comes last: the earlier ones do not depend on its length
         saved = state and {**state, "config": {**state["config"], "decoder_steps": config.decoder_steps}}
         _check_resume(saved if path != decoder_path else state, config if path != decoder_path else _decoder_config(config), path)
     vae_state, sd_state, decoder_state = states.values()
     write_json(run_dir / "config.json", asdict(config))
+    lengths = ((vae_state, config.vae_steps), (sd_state, config.steps), (decoder_state, config.decoder_steps))
+    if all(length == 0 or (state is not None and state["step"] >= length) for state, length in lengths):
+        return sd_path  # a finished run: nothing to render
     pool, labels = _faces(config)
     if vae_state is None or vae_state["step"] < config.vae_steps:
         _train_vae(vae_path, vae_config, vae_state, pool, callback, device)
