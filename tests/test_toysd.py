@@ -247,3 +247,25 @@ def test_a_comparison_folder_resumes_only_under_its_own_settings(tmp_path):
         Study(engine.conditioned(guidance=3.0), tmp_path / "cmp", 8, 3, 16, 4, 500_000, False)
     with pytest.raises(HspaceError, match="unconditional"):
         Study(Engine.load("tiny-random"), tmp_path / "other", 8, 3, 16, 4, 500_000, False)
+
+
+def test_evaluate_on_toysd_reports_prompt_fidelity_the_autoencoder_and_the_training_frequencies(tmp_path, capsys):
+    import json
+
+    from hspace.cli import main
+
+    out = tmp_path / "fidelity.json"
+    assert main(["toyfaces", "evaluate", "--model", "toysd", "--guidance", "5", "--n", "4", "--steps", "3", "--eta", "0", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert list(report["named"]) == ["a face, smiling", "a face, neutral", "a face, eyes open", "a face, eyes closed", "a face, with glasses",
+                                     "a face, without glasses", "a face, with a hat", "a face, without a hat"]
+    smiling = report["named"]["a face, smiling"]
+    # the unnamed attributes' reference is the training faces given the named one: P(hat | smile) = 0.6 (render.py)
+    assert abs(smiling["unnamed"]["hat"]["training_frequency_given_named"] - 0.6) < 0.01
+    assert abs(smiling["unnamed"]["hat"]["training_frequency"] - 0.4) < 0.01
+    assert all(0 <= row["agreement"] <= 1 for row in report["named"].values()) and report["guidance"] == 5.0
+    # the bundled autoencoder keeps every attribute of at least 97% of held-out faces
+    assert all(report["autoencoder_agreement"][a] >= 0.97 for a in ("smile", "eyes_open", "glasses", "hat"))
+    assert "agreement" in capsys.readouterr().err
+    assert main(["toyfaces", "compare-text", "--model", "toyfaces", "--out", str(tmp_path / "cmp")]) == 2
+    assert "'toyfaces' is unconditional: the text-edit comparison needs a text-to-image toy such as toysd" in capsys.readouterr().err
