@@ -31,7 +31,7 @@ def folders(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("model", ["toyfaces", "toydit", "sd", "sdxl", "flux", "sd3"])
+@pytest.mark.parametrize("model", ["toyfaces", "toydit", "toysd", "sd", "sdxl", "flux", "sd3"])
 def test_the_plan_is_the_bank_that_is_drawn(model, folders, tmp_path):
     name = model if model.startswith("toy") else str(folders / model)
     engine = Engine.load(name, device="cpu")
