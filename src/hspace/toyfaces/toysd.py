@@ -125,7 +125,7 @@ def train(run_dir: str | Path, config, callback: Callable[[dict], None] | None =
 def _loop(path: Path, config, state, build: Callable, step_fn: Callable, callback, device, stage: str, init: dict | None = None) -> None:
     """The shared training loop of a stage: the model (new, or ``init``'s weights), its EMA, AdamW, the CPU generator,
     atomic checkpoints."""
-    from .train import _atomic_save
+    from .train import _atomic_save, restore
 
     torch.manual_seed(config.seed)
     model, ema = build().to(device), build().to(device).requires_grad_(False)
@@ -135,11 +135,7 @@ def _loop(path: Path, config, state, build: Callable, step_fn: Callable, callbac
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator, step = torch.Generator().manual_seed(config.seed), 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        step = state["step"]
+        step = restore(state, model, ema, optimizer, generator)
     model.train()
     while step < config.steps:
         loss = step_fn(model, ema, optimizer, generator, step)

@@ -421,12 +421,17 @@ def _start(config: TrainConfig, device: torch.device, init, state):
         model.load_state_dict(init[0])
         ema.load_state_dict(init[1])
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        step = state["step"]
+        step = restore(state, model, ema, optimizer, generator)
     return model, ema, optimizer, generator, step
+
+
+def restore(state: dict, model, ema, optimizer, generator) -> int:
+    """A checkpoint's model, EMA, optimizer and generator put back where it left them; returns its step."""
+    model.load_state_dict(state["model"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    return state["step"]
 
 
 def build_model(config: TrainConfig):

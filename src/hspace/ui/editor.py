@@ -22,6 +22,7 @@ saved file in Python gives the image the page showed.
 """
 
 import base64
+import contextlib
 import io
 import json
 import threading
@@ -366,6 +367,21 @@ class Editor:
             names.append(self.add_direction(d.renamed(label)))
         return names
 
+    @contextlib.contextmanager
+    def _job(self, what: str):
+        """A long operation shown by /api/info while it runs ({"what", "stage", "done", "total"}); yields the engine callback
+        that counts its passes."""
+        job = self.job = {"what": what, "done": 0, "total": 0}
+
+        def counted(event) -> None:
+            if hasattr(event, "done"):
+                job.update(stage=event.stage, done=event.done, total=event.total)
+
+        try:
+            yield counted
+        finally:
+            self.job = None
+
     def make_card(self, request: "CardRequest | dict") -> dict:
         """Measure the card of a slider's direction ({"name", "n"}: ``card.py`` on n held-out samples of the editor's
         process), write it to ``save_dir/cards/NAME/`` and make the slider move in its effect unit."""
@@ -381,19 +397,11 @@ class Editor:
             raise HspaceError(f"no scorer measures {self.engine.name!r}'s images: start the editor with --scorer clip:DIR --attributes ..., "
                               "or make the card with hspace card")
         direction = self.directions[name]
-        job = self.job = {"what": f"card of {name}", "done": 0, "total": 0}
-
-        def counted(event) -> None:
-            if hasattr(event, "done"):
-                job.update(stage=event.stage, done=event.done, total=event.total)
-
-        try:
+        with self._job(f"card of {name}") as counted:
             with self.lock:
                 result = card(direction, self.engine, n=n, num_steps=self.steps, eta=self.eta, scorer=self.scorer, domain=domain,
                               batch_size=CARD_BATCH, progress=False, callback=counted)
             folder = write_card(result, direction, self.save_dir / "cards" / safe_name(name))
-        finally:
-            self.job = None
         self.directions[name] = calibrated(result, direction)  # the same delta: the slider now moves in its effect unit (where found)
         unit = calibrated_unit(self.directions[name])
         return {"card": str(folder / "card.md"), "target": result.target, "unit": unit, "samples": n,
@@ -413,19 +421,10 @@ class Editor:
         n = _integer(PAIR_SEEDS if request.n is None else request.n, "n", 1, MAX_PAIR_SEEDS)
         if self.added >= MAX_ADDED:
             raise HspaceError(f"{MAX_ADDED} directions were added while this server runs; restart it to add more")
-        job = self.job = {"what": f"prompt pair {request.plus!r} | {request.minus!r}", "done": 0, "total": 0}
-
-        def counted(event) -> None:
-            if hasattr(event, "done"):
-                job.update(stage=event.stage, done=event.done, total=event.total)
-
-        try:
-            with self.lock:
-                direction = prompt_direction(self.engine, [(request.plus.strip(), request.minus.strip())], n, self.steps, self.eta,
-                                             base_seed=PAIR_FIRST_SEED, name=request.name or None, batch_size=CARD_BATCH,
-                                             callback=counted, progress=False)
-        finally:
-            self.job = None
+        with self._job(f"prompt pair {request.plus!r} | {request.minus!r}") as counted, self.lock:
+            direction = prompt_direction(self.engine, [(request.plus.strip(), request.minus.strip())], n, self.steps, self.eta,
+                                         base_seed=PAIR_FIRST_SEED, name=request.name or None, batch_size=CARD_BATCH,
+                                         callback=counted, progress=False)
         self.added += 1
         return [self.add_direction(direction)]
 
