@@ -81,6 +81,36 @@ def sd_alphas() -> torch.Tensor:
     return DDIMScheduler.from_config(SD_SCHEDULER_CONFIG).alphas_cumprod.float()
 
 
+def _init_from_folder(config, vae_config, vae_path: Path, vocab_size: int) -> dict:
+    """``--init``: a toysd pipeline folder (``toysd`` is the bundled one) to go on training. Its autoencoder becomes the
+    run's finished first stage (``vae.pt``: the U-Net's latents must stay the ones it learnt); the U-Net and text
+    encoder weights it returns start the second stage (the optimizer starts fresh, the EMA from the same weights)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from ..loading import BUNDLED_FOLDERS
+    from .train import _atomic_save
+
+    source = Path(BUNDLED_FOLDERS.get(config.init, config.init))
+    missing = [part for part in ("unet", "text_encoder", "vae") if not (source / part / "config.json").is_file()]
+    if missing:
+        raise HspaceError(f"--init {config.init!r} is not a toysd pipeline folder: it has no {', '.join(missing)} (use 'toysd' or a folder `hspace toyfaces export` wrote)")
+    model = TextToImage(config, vocab_size)
+    unet = UNet2DConditionModel.from_pretrained(str(source / "unet")).float()
+    text_encoder = CLIPTextModel.from_pretrained(str(source / "text_encoder")).float()
+    found = (list(unet.config.block_out_channels), text_encoder.config.vocab_size, text_encoder.config.hidden_size)
+    expected = (list(model.unet.config.block_out_channels), model.text_encoder.config.vocab_size, model.text_encoder.config.hidden_size)
+    if found != expected:
+        raise HspaceError(f"--init {config.init!r} has U-Net channels {found[0]}, vocabulary {found[1]} and text width {found[2]}; "
+                          f"the run builds {expected[0]}, {expected[1]} and {expected[2]} (--channels)")
+    if not vae_path.exists():
+        vae = AutoencoderKL.from_pretrained(str(source / "vae")).float().state_dict()
+        _atomic_save({"model": vae, "ema": vae, "optimizer": None, "generator": None, "step": vae_config.steps,
+                      "config": asdict(vae_config)}, vae_path)
+    return {**{f"unet.{k}": v for k, v in unet.state_dict().items()},
+            **{f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()}}
+
+
 def _faces(config):
     """uint8 faces and their labels, seeds 0 .. pool-1."""
     from .quality import training_labels
@@ -96,11 +126,12 @@ def train(run_dir: str | Path, config, callback: Callable[[dict], None] | None =
     device = torch.device(device)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if config.init:
-        raise HspaceError(f"--init {config.init!r}: --arch sd trains from scratch (resume a run with the same command)")
     tokenizer = captions.write_tokenizer(run_dir / "tokenizer")
     vae_path, sd_path, decoder_path = run_dir / "vae.pt", run_dir / "checkpoint.pt", run_dir / "decoder.pt"
     vae_config = replace(config, steps=config.vae_steps)
+    unet_init = None
+    if config.init and not sd_path.exists():  # checked before any work; a resumed run has its own weights
+        unet_init = _init_from_folder(config, vae_config, vae_path, len(tokenizer))
     states = {path: load_checkpoint(path) if path.exists() else None for path in (vae_path, sd_path, decoder_path)}
     for path, state in states.items():  # the decoder's stage comes last: the earlier ones do not depend on its length
         saved = state and {**state, "config": {**state["config"], "decoder_steps": config.decoder_steps}}
@@ -116,7 +147,7 @@ def train(run_dir: str | Path, config, callback: Callable[[dict], None] | None =
     vae = build_vae()
     vae.load_state_dict(load_checkpoint(vae_path)["ema"])
     if sd_state is None or sd_state["step"] < config.steps:
-        _train_unet(sd_path, config, sd_state, encode_pool(vae, pool, device), labels, tokenizer, callback, device)
+        _train_unet(sd_path, config, sd_state, encode_pool(vae, pool, device), labels, tokenizer, callback, device, unet_init)
     if config.decoder_steps and (decoder_state is None or decoder_state["step"] < config.decoder_steps):
         _train_decoder(decoder_path, config, decoder_state, vae, pool, callback, device)
     return sd_path
@@ -201,7 +232,7 @@ def scaling_factor(latents: torch.Tensor) -> float:
     return float(1.0 / latents.std())
 
 
-def _train_unet(path: Path, config, state, latents: torch.Tensor, labels: dict, tokenizer, callback, device) -> None:
+def _train_unet(path: Path, config, state, latents: torch.Tensor, labels: dict, tokenizer, callback, device, init: dict | None = None) -> None:
     from .train import _update
 
     scale, alphas = scaling_factor(latents), sd_alphas()
@@ -227,7 +258,7 @@ def _train_unet(path: Path, config, state, latents: torch.Tensor, labels: dict, 
             prediction = model((a.sqrt() * z0 + (1 - a).sqrt() * noise).to(device), t.to(device), ids_of(texts).to(device))
         return _update(model, ema, optimizer, (prediction.float() - noise.to(device)) ** 2, None, config, step)
 
-    _loop(path, config, state, lambda: TextToImage(config, len(tokenizer)), step_fn, callback, device, "unet")
+    _loop(path, config, state, lambda: TextToImage(config, len(tokenizer)), step_fn, callback, device, "unet", init=init)
 
 
 def _typed(row: dict) -> dict:
