@@ -95,14 +95,14 @@ def _init_from_folder(config, vae_config, vae_path: Path, vocab_size: int) -> di
     missing = [part for part in ("unet", "text_encoder", "vae") if not (source / part / "config.json").is_file()]
     if missing:
         raise HspaceError(f"--init {config.init!r} is not a toysd pipeline folder: it has no {', '.join(missing)} (use 'toysd' or a folder `hspace toyfaces export` wrote)")
-    model = TextToImage(config, vocab_size)
     unet = UNet2DConditionModel.from_pretrained(str(source / "unet")).float()
     text_encoder = CLIPTextModel.from_pretrained(str(source / "text_encoder")).float()
-    found = (list(unet.config.block_out_channels), text_encoder.config.vocab_size, text_encoder.config.hidden_size)
-    expected = (list(model.unet.config.block_out_channels), model.text_encoder.config.vocab_size, model.text_encoder.config.hidden_size)
+    run_unet, run_text = unet_config(config), text_config(vocab_size)
+    found = (list(unet.config.block_out_channels), unet.config.layers_per_block, text_encoder.config.vocab_size, text_encoder.config.hidden_size)
+    expected = (list(run_unet["block_out_channels"]), run_unet["layers_per_block"], run_text.vocab_size, run_text.hidden_size)
     if found != expected:
-        raise HspaceError(f"--init {config.init!r} has U-Net channels {found[0]}, vocabulary {found[1]} and text width {found[2]}; "
-                          f"the run builds {expected[0]}, {expected[1]} and {expected[2]} (--channels)")
+        raise HspaceError(f"--init {config.init!r} has U-Net channels {found[0]}, {found[1]} layers per block, vocabulary {found[2]} and text width {found[3]}; "
+                          f"the run builds {expected[0]}, {expected[1]}, {expected[2]} and {expected[3]} (--channels, --layers-per-block)")
     if not vae_path.exists():
         vae = AutoencoderKL.from_pretrained(str(source / "vae")).float().state_dict()
         _atomic_save({"model": vae, "ema": vae, "optimizer": None, "generator": None, "step": vae_config.steps,
