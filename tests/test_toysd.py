@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hspace import Engine, HspaceError
-from hspace.toyfaces import captions
+from hspace.toyfaces import captions, toysd
 from hspace.toyfaces.captions import caption
 from hspace.toyfaces.toysd import train
 from hspace.toyfaces.train import TrainConfig
@@ -104,8 +104,43 @@ def test_every_stage_resumes_exactly_after_an_interruption_in_each(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before) and (tmp_path / "more" / "decoder.pt").is_file()
 
 
+def test_v_weight_cap_weights_the_sd_epsilon_loss_by_timestep(tmp_path):
+    """--v-weight-cap on --arch sd: the U-Net stage's first loss, recomputed by hand from the run's seeded draws."""
+    from transformers import CLIPTokenizer
+
+    from hspace.toyfaces.quality import training_labels
+    from hspace.toyfaces.toysd import TextToImage, encode_pool, scaling_factor, sd_alphas
+    from hspace.toyfaces.train import render_pool, timestep_weights
+
+    config = TrainConfig(**{**small_sd(1).__dict__, "v_weight_cap": 10.0})
+    losses = []
+    train(tmp_path / "run", config, callback=lambda info: losses.append(info["loss"]) if info["stage"] == "unet" else None)
+    vae = toysd.build_vae()
+    vae.load_state_dict(torch.load(tmp_path / "run" / "vae.pt", weights_only=True)["ema"])
+    latents = encode_pool(vae, render_pool(config.pool, config.size), "cpu")
+    labels = training_labels(config.pool)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path / "run" / "tokenizer"))
+    torch.manual_seed(config.seed)
+    model = TextToImage(config, len(tokenizer))
+    generator = torch.Generator().manual_seed(config.seed)
+    index = torch.randint(0, len(latents), (config.batch_size,), generator=generator)
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+    texts = [captions.caption(toysd._typed({n: labels[n][i] for n in captions.ORDER}), rng, drop=config.caption_drop) for i in index.tolist()]
+    alphas = sd_alphas()
+    t = torch.randint(0, len(alphas), (config.batch_size,), generator=generator)
+    noise = torch.randn(latents[index].shape, generator=generator)
+    a = alphas[t].view(-1, 1, 1, 1)
+    z0 = latents[index] * scaling_factor(latents)
+    ids = torch.tensor([tokenizer(x, padding="max_length", max_length=captions.MAX_TOKENS, truncation=True).input_ids for x in texts])
+    with torch.no_grad():
+        error = (model(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, ids) - noise) ** 2
+    w = timestep_weights(alphas, 10.0)
+    assert losses[0] == pytest.approx(float((error * w[t].view(-1, 1, 1, 1)).mean()), rel=1e-4)
+    assert losses[0] != pytest.approx(float(error.mean()), rel=1e-2)  # the weights did change the loss
+
+
 @pytest.mark.parametrize("field, value, match", [("channels", "16,32,64", "two multiples of 16"), ("caption_drop", 1.5, "caption_drop must be a finite number from 0 to 1"),
-                                                 ("vae_steps", 0, "vae_steps")])
+                                                 ("vae_steps", 0, "vae_steps"), ("v_weight_cap", 0.5, "v_weight_cap must be a finite number >= 1")])
 def test_a_bad_sd_setting_is_refused_before_any_work(tmp_path, field, value, match):
     with pytest.raises(HspaceError, match=match):
         train(tmp_path / "run", TrainConfig(**{**small_sd(4).__dict__, field: value}))

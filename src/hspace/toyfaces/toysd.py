@@ -7,8 +7,9 @@ Two stages in one run folder (and an optional third), each checkpointed and resu
 2. ``checkpoint.pt``: a ``UNet2DConditionModel`` (cross-attention at 8 x 8 and in the mid block, h = mid-block output
    128 x 8 x 8) and a ``CLIPTextModel`` trained jointly from scratch on the latents (the VAE's posterior means,
    scaled to unit variance as SD scales them) with the epsilon loss under Stable Diffusion's own noise schedule
-   (scaled-linear betas 0.00085 .. 0.012) and captions from ``captions.caption`` (phrases dropped at random, the empty
-   caption 10% of the time for classifier-free guidance);
+   (scaled-linear betas 0.00085 .. 0.012), weighted per timestep by ``v_weight_cap`` as the toy U-Net's (1: the plain
+   epsilon loss), and captions from ``captions.caption`` (phrases dropped at random, the empty caption 10% of the time
+   for classifier-free guidance);
 3. ``decoder.pt`` (``decoder_steps`` > 0): the decoder alone fine-tuned, the mouth and eyes weighted (the latents, and so
    the U-Net, unchanged).
 
@@ -235,7 +236,10 @@ def scaling_factor(latents: torch.Tensor) -> float:
 def _train_unet(path: Path, config, state, latents: torch.Tensor, labels: dict, tokenizer, callback, device, init: dict | None = None) -> None:
     from .train import _update
 
+    from .train import timestep_weights
+
     scale, alphas = scaling_factor(latents), sd_alphas()
+    t_weights = timestep_weights(alphas, config.v_weight_cap)  # 1: the plain epsilon loss
     names = captions.ORDER
     rows = [{n: labels[n][i] for n in names} for i in range(len(latents))]
     cache: dict[str, list[int]] = {}
@@ -256,7 +260,10 @@ def _train_unet(path: Path, config, state, latents: torch.Tensor, labels: dict, 
         a = alphas[t].view(-1, 1, 1, 1)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             prediction = model((a.sqrt() * z0 + (1 - a).sqrt() * noise).to(device), t.to(device), ids_of(texts).to(device))
-        return _update(model, ema, optimizer, (prediction.float() - noise.to(device)) ** 2, None, config, step)
+        error = (prediction.float() - noise.to(device)) ** 2
+        if config.v_weight_cap != 1:
+            error = error * t_weights[t].view(-1, 1, 1, 1).to(device)
+        return _update(model, ema, optimizer, error, None, config, step)
 
     _loop(path, config, state, lambda: TextToImage(config, len(tokenizer)), step_fn, callback, device, "unet", init=init)
 

@@ -121,15 +121,12 @@ class TrainConfig:
             raise HspaceError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHES)}")
         if self.resolution and (self.arch != "dit" or self.resolution > self.size or self.size % self.resolution or self.resolution % 2):
             raise HspaceError(f"resolution {self.resolution!r} must be 0 (the size) or, for --arch dit only, an even divisor of the size {self.size} (e.g. {self.size // 2})")
-        if self.arch == "sd":
-            sd_unet_config(self)
-            return
         if self.arch == "dit":
             dit_config(self)
             if self.v_weight_cap != 1:
                 raise HspaceError(f"v_weight_cap {self.v_weight_cap!r} weights the U-Net's epsilon loss; the DiT trains on v directly (leave it at 1)")
             return
-        unet_config(self)
+        sd_unet_config(self) if self.arch == "sd" else unet_config(self)
         if not (isinstance(self.v_weight_cap, (int, float)) and self.v_weight_cap >= 1 and math.isfinite(self.v_weight_cap)):
             raise HspaceError(f"v_weight_cap must be a finite number >= 1 (1 = the plain epsilon loss), got {self.v_weight_cap!r}")
 
