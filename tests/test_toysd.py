@@ -308,7 +308,8 @@ def test_evaluate_on_toysd_reports_prompt_fidelity_the_autoencoder_and_the_train
     from hspace.cli import main
 
     out = tmp_path / "fidelity.json"
-    assert main(["toyfaces", "evaluate", "--model", "toysd", "--guidance", "5", "--n", "4", "--steps", "3", "--eta", "0", "--json", str(out)]) == 0
+    assert main(["toyfaces", "evaluate", "--model", "toysd", "--guidance", "5", "--n", "4", "--steps", "3", "--eta", "0", "--json", str(out),
+                 "--autoencoder-faces", "500"]) == 0
     report = json.loads(out.read_text())
     assert list(report["named"]) == ["a face, smiling", "a face, neutral", "a face, eyes open", "a face, eyes closed", "a face, with glasses",
                                      "a face, without glasses", "a face, with a hat", "a face, without a hat"]
@@ -317,7 +318,7 @@ def test_evaluate_on_toysd_reports_prompt_fidelity_the_autoencoder_and_the_train
     assert abs(smiling["unnamed"]["hat"]["training_frequency_given_named"] - 0.6) < 0.01
     assert abs(smiling["unnamed"]["hat"]["training_frequency"] - 0.4) < 0.01
     assert all(0 <= row["agreement"] <= 1 for row in report["named"].values()) and report["guidance"] == 5.0
-    # the bundled autoencoder keeps every attribute of at least 97% of held-out faces
+    # the bundled autoencoder keeps every attribute of at least 97% of held-out faces (the first 500: 99.0% of smiles kept; of 2,000: 99.25%)
     assert all(report["autoencoder_agreement"][a] >= 0.97 for a in ("smile", "eyes_open", "glasses", "hat"))
     assert "agreement" in capsys.readouterr().err
     assert main(["toyfaces", "compare-text", "--model", "toyfaces", "--out", str(tmp_path / "cmp")]) == 2

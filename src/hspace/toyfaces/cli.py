@@ -67,6 +67,8 @@ def _register_checks(toy_sub) -> None:
     p.add_argument("--n", type=sample_count, default=1000)
     p.add_argument("--grid", default=None, help="write an 8x8 sample grid here (PNG)")
     p.add_argument("--json", default=None, help="write the report here")
+    p.add_argument("--autoencoder-faces", dest="autoencoder_faces", type=sample_count, default=2000,
+                   help="a text-to-image toy (toysd): held-out faces (seeds 100000 on) of its autoencoder's round trip (default 2000)")
     p.set_defaults(func=run_evaluate, batch_size=100)
     p = toy_sub.add_parser(
         "renoise",
@@ -185,7 +187,7 @@ def run_evaluate(args) -> None:
 
         report = prompt_fidelity(engine, args.n, args.steps, parse_eta(args.eta), batch_size=args.batch_size)
         if engine.decoder is not None:
-            report["autoencoder_agreement"] = autoencoder_agreement(engine.decoder)
+            report["autoencoder_agreement"] = autoencoder_agreement(engine.decoder, range(100_000, 100_000 + args.autoencoder_faces))
         _print_fidelity(report)
     else:
         report = evaluate_model(engine, args.n, args.steps, parse_eta(args.eta), batch_size=args.batch_size)
