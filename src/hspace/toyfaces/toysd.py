@@ -234,9 +234,7 @@ def scaling_factor(latents: torch.Tensor) -> float:
 
 
 def _train_unet(path: Path, config, state, latents: torch.Tensor, labels: dict, tokenizer, callback, device, init: dict | None = None) -> None:
-    from .train import _update
-
-    from .train import timestep_weights
+    from .train import _update, timestep_weights
 
     scale, alphas = scaling_factor(latents), sd_alphas()
     t_weights = timestep_weights(alphas, config.v_weight_cap)  # 1: the plain epsilon loss
