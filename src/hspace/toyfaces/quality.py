@@ -12,7 +12,7 @@ from ..errors import HspaceError
 from ..progress import Meter
 from .classifier import classify
 from .train import TrainConfig
-from .render import _RANGES, ATTRIBUTES, BINARY, CONTINUOUS, DARK_HAIR_THRESHOLD, attribute_arrays
+from .render import _RANGES, ATTRIBUTES, BINARY, CONTINUOUS, DARK_HAIR_THRESHOLD, sample_attributes
 
 
 def attribute_statistics(scores: dict[str, torch.Tensor], confidence: float = 0.9) -> dict[str, dict[str, float]]:
@@ -71,8 +71,8 @@ def training_labels(pool: int) -> dict[str, np.ndarray]:
 
 def training_labels_range(start: int, stop: int) -> dict[str, np.ndarray]:
     """Ground-truth labels of the training faces of seeds start .. stop-1."""
-    arrays = attribute_arrays(range(start, stop))
-    return {name: arrays[name] for name in ATTRIBUTES}
+    attrs = [sample_attributes(np.random.default_rng(seed)) for seed in range(start, stop)]
+    return {name: np.array([float(getattr(a, name)) for a in attrs]) for name in ATTRIBUTES}
 
 
 def evaluate_model(
