@@ -46,7 +46,7 @@ def main() -> None:
     with torch.no_grad():
         states = encode(["", captions.SUBJECT] + [p for _, _, p in phrases])
         print("| caption | distance of its encoder output from the empty caption's |\n|---|---|")
-        for text, state in zip(["a face"] + [p for _, _, p in phrases], states[1:]):
+        for text, state in zip([captions.SUBJECT] + [p for _, _, p in phrases], states[1:]):
             print(f"| {text} | {float((state - states[0]).norm()):.2f} |")
 
         labels = training_labels(args.n)
@@ -54,18 +54,18 @@ def main() -> None:
         alphas = sd_alphas()
         levels = (300, 500, 700, 900)
         print("\n| phrase | faces | " + " | ".join(f"x_0 error gain at t={t}" for t in levels) + " |\n|---|---|" + "---|" * len(levels))
-        for name, polarity, text in phrases:
+        for (name, polarity, text), phrase_state in zip(phrases, states[2:]):
             mask = torch.from_numpy(labels[name] > 0.5) == polarity
-            k = int(mask.sum())
+            z0, k = latents[mask], int(mask.sum())
             cells = []
             for t in levels:
-                noise = torch.randn(latents[mask].shape, generator=torch.Generator().manual_seed(t))
+                noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(t))
                 a = alphas[t]
-                x_t = a.sqrt() * latents[mask] + (1 - a).sqrt() * noise
+                x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
                 errors = []
-                for prompt in (text, ""):
-                    eps = unet(x_t, torch.full((k,), t), encoder_hidden_states=encode([prompt] * k)).sample
-                    errors.append(float((((x_t - (1 - a).sqrt() * eps) / a.sqrt() - latents[mask]) ** 2).mean()))
+                for state in (phrase_state, states[0]):  # the phrase, then the empty caption
+                    eps = unet(x_t, torch.full((k,), t), encoder_hidden_states=state.expand(k, -1, -1)).sample
+                    errors.append(float((((x_t - (1 - a).sqrt() * eps) / a.sqrt() - z0) ** 2).mean()))
                 cells.append(f"{100 * (errors[1] - errors[0]) / errors[1]:+.1f}%")
             print(f"| {text} | {k} | " + " | ".join(cells) + " |")
 

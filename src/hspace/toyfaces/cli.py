@@ -187,7 +187,7 @@ def run_evaluate(args) -> None:
 
         report = prompt_fidelity(engine, args.n, args.steps, parse_eta(args.eta), batch_size=args.batch_size)
         if engine.decoder is not None:
-            report["autoencoder_agreement"] = autoencoder_agreement(engine.decoder, range(100_000, 100_000 + args.autoencoder_faces))
+            report["autoencoder_agreement"] = autoencoder_agreement(engine.decoder, args.autoencoder_faces)
         _print_fidelity(report)
     else:
         report = evaluate_model(engine, args.n, args.steps, parse_eta(args.eta), batch_size=args.batch_size)
