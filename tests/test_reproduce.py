@@ -7,7 +7,7 @@ import pytest
 
 from hspace import HspaceError
 from hspace.cli import main
-from hspace.reproduce import SECTIONS, TABLE_ATTRIBUTES
+from hspace.reproduce import SECTIONS, TABLE_ATTRIBUTES, run_reproduce
 
 
 @pytest.mark.slow
@@ -44,6 +44,16 @@ def test_quick_reproduce_writes_a_sane_report_and_resumes(tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (out / "sections").iterdir()} == stamp
     assert (out / "report.md").read_text().split("## Timings")[0] == report.split("## Timings")[0]
 
+    # --render-only: the same report from the cached sections, measuring nothing; a missing section is named, not measured
+    assert main(["reproduce", "--quick", "--render-only", "--device", "cpu", "--out", str(out)]) == 0
+    assert (out / "report.md").read_text().split("## Timings")[0] == report.split("## Timings")[0]
+    moved = out / "swap.json.away"
+    (out / "sections" / "swap.json").rename(moved)
+    with pytest.raises(HspaceError, match="section swap of .* cannot be read: there is none"):
+        run_reproduce(out, quick=True, render_only=True)
+    assert not (out / "sections" / "swap.json").exists()
+    moved.rename(out / "sections" / "swap.json")
+
     # the side-by-side table of finished reports: one row per claim, each cell its report's verdict and headline
     from hspace.reproduce import TITLES, compare
 
@@ -52,7 +62,10 @@ def test_quick_reproduce_writes_a_sane_report_and_resumes(tmp_path):
     for name, row in zip(SECTIONS, rows[2:]):
         cells = row.split(" | ")
         assert cells[0] == f"| {TITLES[name]}" and cells[1] == cells[2].rstrip(" |")
-        assert cells[1].startswith(f"**{sections[name]['verdict']['state']}**: ")
+        assert cells[1].startswith(f"**{sections[name]['verdict']['state']}**")
+        more = sections[name]["verdict"].get("decide_at")  # an undecided verdict: the samples that would decide it
+        assert (more is not None) == (sections[name]["verdict"]["state"] == "undecided")
+        assert more is None or cells[1].startswith(f"**undecided** ({more['factor']:g}x n: {more['state']}): " if more["factor"] else "**undecided** (>1000x n): ")
     with pytest.raises(HspaceError, match="has no pca_vs_random section"):
         compare([out, tmp_path / "nothing"])
 

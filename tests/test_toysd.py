@@ -104,15 +104,18 @@ def test_every_stage_resumes_exactly_after_an_interruption_in_each(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before) and (tmp_path / "more" / "decoder.pt").is_file()
 
 
-def test_v_weight_cap_weights_the_sd_epsilon_loss_by_timestep(tmp_path):
-    """--v-weight-cap on --arch sd: the U-Net stage's first loss, recomputed by hand from the run's seeded draws."""
+@pytest.mark.parametrize("settings", [{"v_weight_cap": 10.0}, {"region_weights": "mouth=4,eyes=2", "text_attribute_weight": 0.5}])
+def test_the_sd_loss_options_weight_the_first_loss_as_recomputed_by_hand(tmp_path, settings):
+    """--v-weight-cap (per timestep), --region-weights (per latent cell) and --text-attribute-weight (the encoder's head's
+    cross-entropy on what each caption names) on --arch sd: the U-Net stage's first loss, recomputed by hand from the
+    run's seeded draws."""
     from transformers import CLIPTokenizer
 
     from hspace.toyfaces.quality import training_labels
-    from hspace.toyfaces.toysd import TextToImage, encode_pool, scaling_factor, sd_alphas
-    from hspace.toyfaces.train import render_pool, timestep_weights
+    from hspace.toyfaces.toysd import TextToImage, encode_pool, named_classes, scaling_factor, sd_alphas
+    from hspace.toyfaces.train import loss_weight_map, render_pool, timestep_weights
 
-    config = TrainConfig(**{**small_sd(1).__dict__, "v_weight_cap": 10.0})
+    config = TrainConfig(**{**small_sd(1).__dict__, **settings})
     losses = []
     train(tmp_path / "run", config, callback=lambda info: losses.append(info["loss"]) if info["stage"] == "unet" else None)
     vae = toysd.build_vae()
@@ -133,14 +136,56 @@ def test_v_weight_cap_weights_the_sd_epsilon_loss_by_timestep(tmp_path):
     z0 = latents[index] * scaling_factor(latents)
     ids = torch.tensor([tokenizer(x, padding="max_length", max_length=captions.MAX_TOKENS, truncation=True).input_ids for x in texts])
     with torch.no_grad():
-        error = (model(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, ids) - noise) ** 2
-    w = timestep_weights(alphas, 10.0)
-    assert losses[0] == pytest.approx(float((error * w[t].view(-1, 1, 1, 1)).mean()), rel=1e-4)
-    assert losses[0] != pytest.approx(float(error.mean()), rel=1e-2)  # the weights did change the loss
+        text = model.text_encoder(ids)
+        error = (model.unet(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=text.last_hidden_state).sample - noise) ** 2
+        logits = model.attribute_head(text.pooler_output).view(len(texts), 4, 3) if "text_attribute_weight" in settings else None
+    plain = float(error.mean())
+    if "v_weight_cap" in settings:
+        expected = float((error * timestep_weights(alphas, 10.0)[t].view(-1, 1, 1, 1)).mean())
+    else:
+        cells = loss_weight_map("mouth=4,eyes=2", 16)
+        assert cells.shape == (1, 1, 16, 16) and cells.max() == 5  # mouth cells count 5 times, eye cells 3 times
+        named = torch.tensor([named_classes(x) for x in texts])
+        assert named.ne(0).any()  # some caption names a binary attribute
+        expected = float((error * cells).mean() / cells.mean()) + 0.5 * float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), named.flatten()))
+    assert losses[0] == pytest.approx(expected, rel=1e-4)
+    assert losses[0] != pytest.approx(plain, rel=1e-2)  # the weights did change the loss
+
+
+def test_vae_init_takes_a_folders_autoencoder_as_the_finished_first_stage_and_trains_the_unet_from_scratch(tmp_path):
+    from diffusers import AutoencoderKL
+
+    train(tmp_path / "a", small_sd(1))
+    toysd.export(tmp_path / "a", tmp_path / "folder")
+    losses = []
+    train(tmp_path / "b", TrainConfig(**{**small_sd(1).__dict__, "vae_init": str(tmp_path / "folder"), "seed": 1}),
+          callback=lambda info: losses.append(info["stage"]))
+    assert losses == ["unet"]  # the autoencoder stage did not train
+    taken = torch.load(tmp_path / "b" / "vae.pt", weights_only=True)
+    exported = AutoencoderKL.from_pretrained(str(tmp_path / "folder" / "vae")).float().state_dict()
+    assert taken["step"] == 4 and all(torch.equal(taken["ema"][k], exported[k]) for k in exported)
+    a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=True)["ema"] for r in ("a", "b"))
+    assert not torch.equal(a["unet.conv_in.weight"], b["unet.conv_in.weight"])  # the U-Net was not the folder's
+    with pytest.raises(HspaceError, match="settings of --arch sd"):
+        TrainConfig(text_attribute_weight=0.1)
+    with pytest.raises(HspaceError, match="--vae-init its autoencoder alone"):
+        TrainConfig(**{**small_sd(1).__dict__, "vae_init": "toysd", "init": "toysd"})
+
+
+def test_what_a_caption_names_of_each_binary_attribute():
+    from hspace.toyfaces.toysd import named_classes
+
+    assert named_classes(caption({"smile": True, "hat": False})) == [1, 0, 0, 2]
+    assert named_classes(caption({"eyes_open": False, "glasses": True, "hair_color": 0.9})) == [0, 2, 1, 0]
+    assert named_classes("") == named_classes(caption({})) == [0, 0, 0, 0]
+    assert named_classes(caption({"hat": True})) == [0, 0, 0, 1]  # 'with a hat' is not read inside 'without a hat'
 
 
 @pytest.mark.parametrize("field, value, match", [("channels", "16,32,64", "two multiples of 16"), ("caption_drop", 1.5, "caption_drop must be a finite number from 0 to 1"),
-                                                 ("vae_steps", 0, "vae_steps"), ("v_weight_cap", 0.5, "v_weight_cap must be a finite number >= 1")])
+                                                 ("vae_steps", 0, "vae_steps"), ("v_weight_cap", 0.5, "v_weight_cap must be a finite number >= 1"),
+                                                 ("text_attribute_weight", -1.0, "text_attribute_weight must be a finite number >= 0"),
+                                                 ("vae_init", "nowhere", "--vae-init 'nowhere' is not a toysd pipeline folder: it has no vae"),
+                                                 ("region_weights", "nose=2", "nose")])
 def test_a_bad_sd_setting_is_refused_before_any_work(tmp_path, field, value, match):
     with pytest.raises(HspaceError, match=match):
         train(tmp_path / "run", TrainConfig(**{**small_sd(4).__dict__, field: value}))

@@ -158,3 +158,34 @@ def test_a_section_is_judged_at_every_run_and_a_failing_judge_loses_nothing(tmp_
     assert run.section("demo", measure, judge=strict)["verdict"]["state"] == "undecided" and path.stat().st_mtime_ns == stamp
     assert run.section("demo", measure, judge=lenient)["verdict"]["state"] == "holds" and calls == [1]
     assert Run(tmp_path, QUICK).section("demo", measure, judge=lenient)["verdict"]["state"] == "holds" and calls == [1]  # the checksum follows
+
+
+def test_an_undecided_verdict_names_the_samples_that_would_decide_it():
+    from hspace.reproduce.runner import GROWTH, decide_at, holds, judged, with_more_samples
+
+    # PC [0.5, 1.0] against random [0.3, 0.6]: apart once both narrow by s < 0.3 / 0.4 (they overlap by 0.1 now), i.e.
+    # more than 1 / 0.75**2 = 1.78 times the samples: the first factor tried above that is 2
+    res = {"intervals": {"pc1": [0.5, 1.0], "random1": [0.3, 0.6]}, "toy_fid_rise_at_large_scale": {"pc": 10.0},
+           "random_rise_interval": [30.0, 40.0], "config": {"pca_samples": 32}}
+    assert pca_vs_random.judge(res)["state"] == "undecided"
+    assert with_more_samples(res, 4)["intervals"] == {"pc1": pytest.approx([0.625, 0.875]), "random1": pytest.approx([0.375, 0.525])}
+    assert with_more_samples(res, 4)["random_rise_interval"] == [32.5, 37.5] and res["intervals"]["pc1"] == [0.5, 1.0]
+    assert decide_at(res, pca_vs_random.judge, "pca_samples") == {"factor": 2, "state": "holds",
+                                                                   "samples": {"field": "pca_samples", "now": 32, "needed": 64}}
+    assert pca_vs_random.judge(with_more_samples(res, 1.5))["state"] == "undecided"  # 1.5x is not enough (s = 0.82)
+    text = holds({"verdict": judged("pca_vs_random", res, pca_vs_random.judge)})
+    assert text == "**undecided** (about 2x the samples would decide it, as holds, if the means stay: pca_samples 32 -> 64)"
+    # Wilson intervals of counts: 12 of 20 pairs follow h (60%, against 50%); more pairs keep the share and narrow it
+    shares = _swap({"smile": (20, 20), "hat": (12, 20)})
+    more = decide_at(shares, swap.judge)
+    assert more["state"] == "holds" and swap.judge(_swap({"smile": (20, 20), "hat": (12 * more["factor"], 20 * more["factor"])}))["state"] == "holds"
+    smaller = GROWTH[GROWTH.index(more["factor"]) - 1]
+    assert swap.judge(_swap({"smile": (20, 20), "hat": (12 * smaller, 20 * smaller)}))["state"] == "undecided"
+    # a mean on the threshold: no number of samples decides it; a decided verdict needs none
+    assert decide_at({"asyrp_gain_interval": {"1": [-0.1, 0.1]}}, asyrp.judge) == {"factor": None, "state": "undecided", "tried_up_to": 1000}
+    assert decide_at({"asyrp_gain_interval": {"1": [0.1, 0.2]}}, asyrp.judge) is None
+    assert "decide_at" not in judged("asyrp", {"asyrp_gain_interval": {"1": [0.1, 0.2]}}, asyrp.judge)
+    # standard errors narrow too: table 1's own-effect test reads them
+    table = _table(0.082)
+    assert with_more_samples(table, 4)["regression"]["standard_error"][0][1] == pytest.approx(table["regression"]["standard_error"][0][1] / 2)
+    assert decide_at(table, table1.judge, "table_n")["state"] in ("holds", "fails")

@@ -14,6 +14,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="out/reproduce", help="report folder (an interrupted run resumes from it)")
     p.add_argument("--compare", nargs="+", default=None, metavar="DIR",
                    help="measure nothing: print a side-by-side table of these finished reports' verdicts, claim by claim")
+    p.add_argument("--render-only", action="store_true",
+                   help="measure nothing: write the report again from --out's cached sections, judged by today's rules (e.g. after an update)")
     p.set_defaults(func=run_reproduce, batch_size=64)
 
     p = sub.add_parser("blocks", help="which block is h in a diffusion transformer: four of the report's claims measured at every block")
@@ -48,7 +50,7 @@ def run_reproduce(args) -> None:
     if args.compare:
         print(compare(args.compare), end="")
         return
-    print(f"wrote {reproduce(args.out, quick=args.quick, engine=engine_from(args), claims=args.claims)}")
+    print(f"wrote {reproduce(args.out, quick=args.quick, engine=engine_from(args), claims=args.claims, render_only=args.render_only)}")
 
 
 def run_blocks(args) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import HspaceError
 from ..files import read_json, write_json, write_text
 from . import asyrp, fig8, jacobian, pca_vs_random, sequential, swap, table1
-from .runner import FULL, HELD_OUT, QUICK, TABLE_ATTRIBUTES, Config, Run
+from .runner import FULL, HELD_OUT, QUICK, TABLE_ATTRIBUTES, Config, Run, deciding_short, judged
 
 CLAIMS = (pca_vs_random, table1, fig8, jacobian, swap, asyrp, sequential)
 SECTIONS = tuple(claim.NAME for claim in CLAIMS)
@@ -33,16 +33,21 @@ TITLES = {
 __all__ = ["CLAIMS", "SECTIONS", "TABLE_ATTRIBUTES", "Config", "QUICK", "FULL", "run_reproduce", "compare"]
 
 
-def run_reproduce(out: str | Path, quick: bool = False, engine=None, claims: list[str] | None = None) -> Path:
+def run_reproduce(out: str | Path, quick: bool = False, engine=None, claims: list[str] | None = None, render_only: bool = False) -> Path:
     """Measure every claim, or the ``claims`` named (``SECTIONS``), cached and resumable, and write ``out/report.md``
-    with them; returns its path."""
+    with them; returns its path. ``render_only``: measure nothing, write the report from the cached sections with
+    today's verdict rules (an error names a section that is missing or was measured with other settings)."""
     chosen = _chosen(claims)
     config = QUICK if quick else FULL
-    run = Run(out, config, engine)
+    run = Run(out, config, engine, render_only=render_only)
     start = time.perf_counter()
-    run.bank  # drawn (or resumed) and annotated first, so that their time is their own stage
-    if fig8 in chosen:
-        run.ddim_bank
+    if render_only:
+        run.timings.update({name: read_json(Path(out) / "sections" / f"{name}.json", "reproduce section")["seconds"]
+                            for name in ("bank", "ddim_bank") if (Path(out) / "sections" / f"{name}.json").is_file()})
+    else:
+        run.bank  # drawn (or resumed) and annotated first, so that their time is their own stage
+        if fig8 in chosen:
+            run.ddim_bank
     results = {claim.NAME: run.section(claim.NAME, claim.measure, getattr(claim, "VERSION", None), claim.judge) for claim in chosen}
     total = time.perf_counter() - start
     lines = [
@@ -92,12 +97,12 @@ def compare(outs: list[str | Path]) -> str:
             if not path.is_file():
                 raise HspaceError(f"{str(out)!r} has no {claim.NAME} section; run `hspace reproduce --out {out}` (with its --model) first")
             result = read_json(path, "reproduce section")
-            sections[claim.NAME] = {**result, "verdict": claim.judge(result)}
+            sections[claim.NAME] = {**result, "verdict": judged(claim.NAME, result, claim.judge)}
         key = sections[CLAIMS[0].NAME]["config"]
         spec = key["spec"]
         reports.append((f"`{spec['model']}` (h at {spec['h_location']}; {key['steps']} steps, bank {key['bank_n']})", sections))
     lines = ["| claim | " + " | ".join(label for label, _ in reports) + " |", "|---" * (len(reports) + 1) + "|"]
     for claim in CLAIMS:
-        cells = [f"**{s[claim.NAME]['verdict']['state']}**: {claim.headline(s[claim.NAME])}" for _, s in reports]
+        cells = [f"**{s[claim.NAME]['verdict']['state']}**{deciding_short(s[claim.NAME]['verdict'])}: {claim.headline(s[claim.NAME])}" for _, s in reports]
         lines.append(f"| {TITLES[claim.NAME]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

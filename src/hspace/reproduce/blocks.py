@@ -27,7 +27,7 @@ from pathlib import Path
 from ..errors import HspaceError
 from ..files import write_json, write_text
 from . import jacobian, pca_vs_random, swap, table1
-from .runner import BINARY, QUICK, Run
+from .runner import BINARY, QUICK, Run, deciding_short
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ def metrics(results: dict) -> dict:
         "off_diagonal": regression["mean_off_diagonal"] / max(regression["mean_own"], 1e-12),
         "locality": sum(b["inside_transfer"] for b in best.values()) / len(best),
         "verdicts": {claim.NAME: results[claim.NAME]["verdict"]["state"] for claim in CLAIMS},
+        "decide_at": {claim.NAME: results[claim.NAME]["verdict"]["decide_at"] for claim in CLAIMS if "decide_at" in results[claim.NAME]["verdict"]},
     }
 
 
@@ -182,7 +183,7 @@ def render(summary: dict, figure: str) -> list[str]:
     ]
     for name, m in summary["blocks"].items():
         mark = f"**{name}**" if name == order["winner"] else name
-        verdicts = ", ".join(m["verdicts"][c.NAME] for c in CLAIMS)
+        verdicts = ", ".join(m["verdicts"][c.NAME] + deciding_short({"decide_at": m.get("decide_at", {}).get(c.NAME)}) for c in CLAIMS)
         lines.append(f"| {mark} | " + " | ".join(f"{m[key]:.2f}" for key, _, _ in METRICS) + f" | {order['mean_rank'][name]:.2f} | {verdicts} |")
     margins = "; ".join(f"{title}: {v['winner']:.2f} against the best other block's {v['best_other']:.2f}"
                         for (key, title, _), v in zip(METRICS, order["margins"].values()))

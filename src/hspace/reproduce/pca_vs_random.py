@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..images import labelled_grid
-from .runner import BINARY, CONTINUOUS, DOMAIN, Run, change, confidence, mean_interval, verdict
+from .runner import BINARY, CONTINUOUS, DOMAIN, Run, change, confidence, deciding, mean_interval, verdict
 
 NAME = "pca_vs_random"
 VERSION = 2  # 2: R random directions (a section measured with k of them is measured again)
@@ -142,7 +142,7 @@ def render(res: dict, config) -> list[str]:
     lines += ["", f"{res['random_draws']} random directions: their largest change is {res['random_strongest_mean']:.2f} on average "
               f"(95% interval of the mean over the draws [{r_low:.2f}, {r_high:.2f}]).", "",
               f"Result: PCs min {min(pcs.values()):.2f} (interval from {low:.2f}), random max {max(rnd.values()):.2f} "
-              f"(interval to {high:.2f}): **{res['verdict']['semantic']}**.", ""]
+              f"(interval to {high:.2f}): **{res['verdict']['semantic']}**{deciding(res['verdict'])}.", ""]
     lines += ["What each PC changes (Fig. 5): mean signed change at +" + f"{top:g} sigma.", ""]
     lines += ["| PC | " + " | ".join(ATTRIBUTES) + " | confidence |", "|---" * (len(ATTRIBUTES) + 2) + "|"]
     for row in res["rows"]:

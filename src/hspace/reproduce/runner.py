@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -144,6 +145,70 @@ def verdict(holds: bool, fails: bool, intervals: dict | None = None, **threshold
     return {"state": state, "holds": state == "holds", "intervals": intervals or {}, "thresholds": thresholds}
 
 
+# The sample counts each claim's intervals are over (what ``decide_at`` scales): held-out samples, pairs or draws.
+SAMPLES = {"pca_vs_random": "pca_samples", "table1": "table_n", "fig8": "fig8_edit_draws", "jacobian": "jacobian_transfer",
+           "swap": "swap_pairs", "asyrp": "asyrp_samples", "sequential": "sequential_samples"}
+GROWTH = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 100, 150, 250, 400, 650, 1000)  # the factors decide_at tries
+COUNTS = ("pairs_that_differ", "samples")  # counts that judges turn into Wilson intervals
+
+
+def with_more_samples(result: dict, factor: float) -> dict:
+    """``result`` as ``factor`` times the samples would measure it if every mean stayed where it is: each interval
+    (a value under a key that names an interval) narrowed about its centre by 1 / sqrt(factor), each standard error
+    too, and the counts judges build Wilson intervals from (``COUNTS``) multiplied. The verdict is left out."""
+    narrow = factor ** -0.5
+
+    def walk(value, key: str, inside: bool):
+        inside = inside or "interval" in key
+        if isinstance(value, dict):
+            return {k: walk(v, str(k), inside) for k, v in value.items() if k != "verdict"}
+        if key == "standard_error":
+            return _scaled(value, narrow)
+        if isinstance(value, (list, tuple)):
+            pair = len(value) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) < float("inf") for x in value)
+            if inside and pair:
+                centre, half = (value[0] + value[1]) / 2, (value[1] - value[0]) / 2
+                return [centre - narrow * half, centre + narrow * half]
+            return [walk(v, key, inside) for v in value]
+        if key in COUNTS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value * factor
+        return value
+
+    return walk(result, "", False)
+
+
+def _scaled(value, by: float):
+    return [_scaled(v, by) for v in value] if isinstance(value, (list, tuple)) else value * by
+
+
+def decide_at(result: dict, judge: Callable[[dict], dict], samples: str | None = None) -> dict | None:
+    """A power analysis of an undecided verdict from its own measured spread: the smallest factor in ``GROWTH`` by
+    which more samples (``samples``: the config field they are counted by) would decide it, and which way, if the means
+    stayed where they are and every interval narrowed as 1 / sqrt(n). None when the verdict is decided already;
+    ``factor`` None when even 1000 times the samples would not (a mean on its threshold, or an interval that more of
+    these samples cannot narrow)."""
+    if judge(result)["state"] != "undecided":
+        return None
+    for factor in GROWTH:
+        state = judge(with_more_samples(result, factor))["state"]
+        if state != "undecided":
+            found = {"factor": factor, "state": state}
+            break
+    else:
+        found = {"factor": None, "state": "undecided", "tried_up_to": GROWTH[-1]}
+    now = result.get("config", {}).get(samples) if samples else None
+    if now is not None:
+        found["samples"] = {"field": samples, "now": now, "needed": None if found["factor"] is None else math.ceil(now * found["factor"])}
+    return found
+
+
+def judged(name: str, result: dict, judge: Callable[[dict], dict]) -> dict:
+    """``judge(result)``, with the power analysis of an undecided verdict (``decide_at``) as its ``decide_at``."""
+    found = judge(result)
+    more = decide_at(result, judge, SAMPLES.get(name))
+    return found if more is None else {**found, "decide_at": more}
+
+
 def combine(*verdicts: dict, intervals: dict | None = None, **thresholds) -> dict:
     """The verdict of a claim with several parts: it holds when every part holds, fails when any part fails."""
     states = [v["state"] for v in verdicts]
@@ -153,11 +218,12 @@ def combine(*verdicts: dict, intervals: dict | None = None, **thresholds) -> dic
 class Run:
     """One reproduction: the engine, the config, the output folder, and the cached building blocks."""
 
-    def __init__(self, out: str | Path, config: Config, engine=None, any_model: bool = False):
+    def __init__(self, out: str | Path, config: Config, engine=None, any_model: bool = False, render_only: bool = False):
         from ..engine import Engine
 
         self.out = Path(out)
         self.config = config
+        self.render_only = render_only  # read every section from its cache, measure none (the verdicts judged again)
         self.engine = engine or Engine.load("toyfaces")
         if self.engine.name not in DOMAIN.models:
             if not any_model:
@@ -185,6 +251,16 @@ class Run:
         if saved is not None and saved.get("config") == key and saved.get("checksum") == _checksum(saved):
             self.timings[name] = saved["seconds"]
             return self._judged(path, saved, judge)
+        if self.render_only and saved is not None and saved.get("checksum") == _checksum(saved) and _older_record(saved.get("config"), key):
+            # measured before the spec recorded some of today's fields (their values then unknown): judged as it is
+            logger.warning("section %s was measured before the spec recorded %s; its numbers are judged as they are", name,
+                           ", ".join(sorted(set(key["spec"]) - set(saved["config"]["spec"]))))
+            self.timings[name] = saved["seconds"]
+            return self._judged(path, saved, judge)
+        if self.render_only:
+            why = ("there is none" if saved is None else "it was measured with other settings" if saved.get("config") != key
+                   else "it was changed since it was measured (its checksum does not match)")
+            raise HspaceError(f"--render-only measures nothing, but section {name} of {str(self.out)!r} cannot be read: {why}; run `hspace reproduce` without --render-only to measure it")
         if saved is not None and saved.get("config") == key:
             logger.warning("section %s was changed since it was measured (its checksum does not match): measuring it again", name)
         logger.info("measuring %s", name)
@@ -202,9 +278,9 @@ class Run:
     def _judged(path: Path, result: dict, judge) -> dict:
         """``result`` with its verdict by ``judge``, written back where that changed it."""
         if judge is not None:
-            judged = json.loads(json.dumps(judge(result)))
-            if judged != result.get("verdict"):
-                result["verdict"] = judged
+            found = json.loads(json.dumps(judged(path.stem, result, judge)))
+            if found != result.get("verdict"):
+                result["verdict"] = found
                 result["checksum"] = _checksum(result)
                 write_json(path, result)
         return result
@@ -302,6 +378,14 @@ class Run:
         return {k: v.reshape(D, S, B) for k, v in scores.items()}, images
 
 
+def _older_record(saved: dict | None, key: dict) -> bool:
+    """``saved`` equals ``key`` but for spec fields it predates (``key``'s spec has fields that ``saved``'s lacks)."""
+    if not saved or not isinstance(saved.get("spec"), dict) or set(saved) != set(key):
+        return False
+    spec = {k: v for k, v in key["spec"].items() if k in saved["spec"]}
+    return set(saved["spec"]) < set(key["spec"]) and {**saved, "spec": spec} == {**key, "spec": spec} and saved["spec"] == spec
+
+
 def _checksum(section: dict) -> str:
     """SHA-256 of a section's JSON without its checksum: a hand-edited or damaged cache is measured again,
     never reported as measured."""
@@ -325,5 +409,26 @@ def pct(x: float) -> str:
 
 
 def holds(result: dict) -> str:
-    """The verdict as the report writes it: **holds**, **fails** or **undecided**."""
-    return f"**{result['verdict']['state']}**"
+    """The verdict as the report writes it: **holds**, **fails** or **undecided**; an undecided one with the samples
+    that would decide it (``decide_at``)."""
+    return f"**{result['verdict']['state']}**" + deciding(result["verdict"])
+
+
+def deciding(verdict: dict) -> str:
+    """What would decide an undecided verdict, as the report writes it (empty for a decided one)."""
+    more = verdict.get("decide_at")
+    if not more:
+        return ""
+    counted = more.get("samples")
+    if more["factor"] is None:
+        return f" (not even {more['tried_up_to']}x the samples would decide it: the measured means sit on, or within a hair of, the threshold)"
+    field = f": {counted['field']} {counted['now']} -> {counted['needed']}" if counted else ""
+    return f" (about {more['factor']:g}x the samples would decide it, as {more['state']}, if the means stay{field})"
+
+
+def deciding_short(verdict: dict) -> str:
+    """``deciding`` for a table cell: the factor of samples that would decide an undecided verdict, and which way."""
+    more = verdict.get("decide_at")
+    if not more:
+        return ""
+    return f" (>{more['tried_up_to']}x n)" if more["factor"] is None else f" ({more['factor']:g}x n: {more['state']})"

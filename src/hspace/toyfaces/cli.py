@@ -45,6 +45,10 @@ def register(sub) -> None:
                    help="--arch sd: then fine-tune the decoder alone for this many steps (the latents unchanged; default 0)")
     p.add_argument("--caption-drop", dest="caption_drop", type=finite_float, default=None,
                    help="--arch sd: the chance that each phrase of a training caption is dropped (default 0.3)")
+    p.add_argument("--text-attribute-weight", dest="text_attribute_weight", type=finite_float, default=None,
+                   help="--arch sd: weight of a loss that has the text encoder's pooled output tell, per binary attribute, whether the caption names it true, false or not (default 0: none)")
+    p.add_argument("--vae-init", dest="vae_init", default=None,
+                   help="--arch sd: take the autoencoder of this toysd folder (toysd: the bundled one) as the finished first stage; the U-Net and text encoder start from scratch")
     p.add_argument("--dit-layers", dest="dit_layers", type=positive_int, default=None, help="transformer blocks of the DiT (default 8)")
     p.add_argument("--dit-width", dest="dit_width", type=positive_int, default=None, help="hidden size of the DiT, a multiple of 48 (default 192)")
     p.add_argument("--resolution", type=nonnegative_int, default=None,

@@ -55,8 +55,12 @@ def text_config(vocab_size: int):
     )
 
 
+NAMED_CLASSES = 3  # what a caption says of a binary attribute: 0 not named, 1 named true, 2 named false
+
+
 class TextToImage(torch.nn.Module):
-    """The two modules trained together: the U-Net and its text encoder."""
+    """The two modules trained together: the U-Net and its text encoder; with ``text_attribute_weight`` > 0 also a linear
+    head (not exported) that reads, from the encoder's pooled output, what the caption says of each binary attribute."""
 
     def __init__(self, config, vocab_size: int):
         from diffusers import UNet2DConditionModel
@@ -65,9 +69,21 @@ class TextToImage(torch.nn.Module):
         super().__init__()
         self.unet = UNet2DConditionModel(**unet_config(config))
         self.text_encoder = CLIPTextModel(text_config(vocab_size))
+        if config.text_attribute_weight:
+            self.attribute_head = torch.nn.Linear(TEXT_WIDTH, NAMED_CLASSES * len(captions.BINARY_PHRASES))
 
-    def forward(self, latents, t, ids):
-        return self.unet(latents, t, encoder_hidden_states=self.text_encoder(ids).last_hidden_state).sample
+    def forward(self, latents, t, ids, with_attributes: bool = False):
+        text = self.text_encoder(ids)
+        eps = self.unet(latents, t, encoder_hidden_states=text.last_hidden_state).sample
+        if not with_attributes:
+            return eps
+        return eps, self.attribute_head(text.pooler_output).view(len(ids), len(captions.BINARY_PHRASES), NAMED_CLASSES)
+
+
+def named_classes(text: str) -> list[int]:
+    """Per binary attribute (``captions.BINARY_PHRASES``' order), what ``text`` says of it: 0 not named, 1 true, 2 false."""
+    phrases = set(text.split(", ")[1:])
+    return [1 if true in phrases else 2 if false in phrases else 0 for true, false in captions.BINARY_PHRASES.values()]
 
 
 def build_vae():
@@ -86,16 +102,11 @@ def _init_from_folder(config, vae_config, vae_path: Path, vocab_size: int) -> di
     """``--init``: a toysd pipeline folder (``toysd`` is the bundled one) to go on training. Its autoencoder becomes the
     run's finished first stage (``vae.pt``: the U-Net's latents must stay the ones it learnt); the U-Net and text
     encoder weights it returns start the second stage (the optimizer starts fresh, the EMA from the same weights)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from ..loading import BUNDLED_FOLDERS
-    from .train import _atomic_save
 
-    source = Path(BUNDLED_FOLDERS.get(config.init, config.init))
-    missing = [part for part in ("unet", "text_encoder", "vae") if not (source / part / "config.json").is_file()]
-    if missing:
-        raise HspaceError(f"--init {config.init!r} is not a toysd pipeline folder: it has no {', '.join(missing)} (use 'toysd' or a folder `hspace toyfaces export` wrote)")
+    source = _toysd_folder("--init", config.init, ("unet", "text_encoder", "vae"))
     unet = UNet2DConditionModel.from_pretrained(str(source / "unet")).float()
     text_encoder = CLIPTextModel.from_pretrained(str(source / "text_encoder")).float()
     run_unet, run_text = unet_config(config), text_config(vocab_size)
@@ -104,12 +115,37 @@ def _init_from_folder(config, vae_config, vae_path: Path, vocab_size: int) -> di
     if found != expected:
         raise HspaceError(f"--init {config.init!r} has U-Net channels {found[0]}, {found[1]} layers per block, vocabulary {found[2]} and text width {found[3]}; "
                           f"the run builds {expected[0]}, {expected[1]}, {expected[2]} and {expected[3]} (--channels, --layers-per-block)")
-    if not vae_path.exists():
-        vae = AutoencoderKL.from_pretrained(str(source / "vae")).float().state_dict()
-        _atomic_save({"model": vae, "ema": vae, "optimizer": None, "generator": None, "step": vae_config.steps,
-                      "config": asdict(vae_config)}, vae_path)
+    _vae_from_folder(source, vae_config, vae_path)
     return {**{f"unet.{k}": v for k, v in unet.state_dict().items()},
             **{f"text_encoder.{k}": v for k, v in text_encoder.state_dict().items()}}
+
+
+def _toysd_folder(option: str, value: str, parts: tuple[str, ...]) -> Path:
+    """The toysd pipeline folder ``value`` names ('toysd': the bundled one), checked to hold ``parts``."""
+    from ..loading import BUNDLED_FOLDERS
+
+    source = Path(BUNDLED_FOLDERS.get(value, value))
+    missing = [part for part in parts if not (source / part / "config.json").is_file()]
+    if missing:
+        raise HspaceError(f"{option} {value!r} is not a toysd pipeline folder: it has no {', '.join(missing)} (use 'toysd' or a folder `hspace toyfaces export` wrote)")
+    return source
+
+
+def _vae_from_folder(source: Path, vae_config, vae_path: Path) -> None:
+    """The folder's autoencoder written as the run's finished first stage (``vae.pt``), unless the run has one."""
+    from diffusers import AutoencoderKL
+
+    from .train import _atomic_save
+
+    if vae_path.exists():
+        return
+    vae = AutoencoderKL.from_pretrained(str(source / "vae")).float()
+    if dict(vae.config)["latent_channels"] != VAE_CONFIG["latent_channels"] or list(vae.config.block_out_channels) != VAE_CONFIG["block_out_channels"]:
+        raise HspaceError(f"the autoencoder of {str(source)!r} has channels {list(vae.config.block_out_channels)} and {vae.config.latent_channels} latent channels; "
+                          f"the run builds {VAE_CONFIG['block_out_channels']} and {VAE_CONFIG['latent_channels']}")
+    weights = vae.state_dict()
+    _atomic_save({"model": weights, "ema": weights, "optimizer": None, "generator": None, "step": vae_config.steps,
+                  "config": asdict(vae_config)}, vae_path)
 
 
 def _faces(config):
@@ -125,6 +161,7 @@ def train(run_dir: str | Path, config, callback: Callable[[dict], None] | None =
     from .train import _check_resume, load_checkpoint
 
     device = torch.device(device)
+    vae_source = _toysd_folder("--vae-init", config.vae_init, ("vae",)) if config.vae_init else None  # before any work
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = captions.write_tokenizer(run_dir / "tokenizer")
@@ -133,6 +170,8 @@ def train(run_dir: str | Path, config, callback: Callable[[dict], None] | None =
     unet_init = None
     if config.init and not sd_path.exists():  # checked before any work; a resumed run has its own weights
         unet_init = _init_from_folder(config, vae_config, vae_path, len(tokenizer))
+    if vae_source is not None:
+        _vae_from_folder(vae_source, vae_config, vae_path)
     states = {path: load_checkpoint(path) if path.exists() else None for path in (vae_path, sd_path, decoder_path)}
     for path, state in states.items():  # the decoder's stage comes last: the earlier ones do not depend on its length
         saved = state and {**state, "config": {**state["config"], "decoder_steps": config.decoder_steps}}
@@ -161,8 +200,8 @@ def _loop(path: Path, config, state, build: Callable, step_fn: Callable, callbac
 
     torch.manual_seed(config.seed)
     model, ema = build().to(device), build().to(device).requires_grad_(False)
-    if init is not None:
-        model.load_state_dict(init)
+    if init is not None:  # a pipeline folder's weights; a head of the run's own (not exported) starts fresh
+        model.load_state_dict({**model.state_dict(), **init})
     ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator, step = torch.Generator().manual_seed(config.seed), 0
@@ -236,8 +275,13 @@ def scaling_factor(latents: torch.Tensor) -> float:
 def _train_unet(path: Path, config, state, latents: torch.Tensor, labels: dict, tokenizer, callback, device, init: dict | None = None) -> None:
     from .train import _update, timestep_weights
 
+    from .train import loss_weight_map
+
     scale, alphas = scaling_factor(latents), sd_alphas()
     t_weights = timestep_weights(alphas, config.v_weight_cap)  # 1: the plain epsilon loss
+    # --region-weights at the latents' resolution: a latent cell counts as the image pixels under it
+    region = loss_weight_map(config.region_weights, latents.shape[-1])
+    region = None if region is None else region.to(device)
     names = captions.ORDER
     rows = [{n: labels[n][i] for n in names} for i in range(len(latents))]
     cache: dict[str, list[int]] = {}
@@ -256,12 +300,18 @@ def _train_unet(path: Path, config, state, latents: torch.Tensor, labels: dict, 
         t = torch.randint(0, len(alphas), (config.batch_size,), generator=generator)
         noise = torch.randn(z0.shape, generator=generator)
         a = alphas[t].view(-1, 1, 1, 1)
+        named = config.text_attribute_weight > 0
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            prediction = model((a.sqrt() * z0 + (1 - a).sqrt() * noise).to(device), t.to(device), ids_of(texts).to(device))
+            out = model((a.sqrt() * z0 + (1 - a).sqrt() * noise).to(device), t.to(device), ids_of(texts).to(device), with_attributes=named)
+        prediction, logits = out if named else (out, None)
         error = (prediction.float() - noise.to(device)) ** 2
         if config.v_weight_cap != 1:
             error = error * t_weights[t].view(-1, 1, 1, 1).to(device)
-        return _update(model, ema, optimizer, error, None, config, step)
+        extra = None
+        if named:
+            target = torch.tensor([named_classes(text) for text in texts], device=device)
+            extra = config.text_attribute_weight * torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+        return _update(model, ema, optimizer, error, region, config, step, extra=extra)
 
     _loop(path, config, state, lambda: TextToImage(config, len(tokenizer)), step_fn, callback, device, "unet", init=init)
 

@@ -100,12 +100,19 @@ class TrainConfig:
     vae_steps: int = 2000
     caption_drop: float = 0.3
     decoder_steps: int = 0  # --arch sd: then the decoder alone fine-tuned (the latents unchanged), after the U-Net
+    # --arch sd: the text encoder's pooled output also predicts, for each binary attribute, whether the caption names it
+    # true, false or not at all (a linear head trained with it, not exported); its cross-entropy counts this much in the
+    # loss. It keeps phrases that the denoising loss barely rewards (a smile is a few pixels) apart from the empty caption.
+    text_attribute_weight: float = 0.0
+    # --arch sd: the autoencoder of this toysd folder ('toysd' is the bundled one) as the finished first stage; the U-Net
+    # and the text encoder start from scratch (--init starts them from the folder's too)
+    vae_init: str = ""
 
     def __post_init__(self):
         """Every number in its range, so that no value reaches the optimizer or the model unchecked."""
         if self.arch == "sd" and self.channels == TrainConfig.channels:
             self.channels = "64,128"  # the toysd U-Net's default width
-        ranges = {"caption_drop": (0, True), "lr": (0, True), "weight_decay": (0, True), "min_lr_ratio": (0, True), "ema_decay": (0, True)}
+        ranges = {"caption_drop": (0, True), "text_attribute_weight": (0, True), "lr": (0, True), "weight_decay": (0, True), "min_lr_ratio": (0, True), "ema_decay": (0, True)}
         for name, (low, inclusive) in ranges.items():
             value = getattr(self, name)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (value >= low if inclusive else value > low)
@@ -119,6 +126,10 @@ class TrainConfig:
         parse_region_weights(self.region_weights)
         if self.arch not in ARCHES:
             raise HspaceError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHES)}")
+        if self.arch != "sd" and (self.text_attribute_weight or self.vae_init):
+            raise HspaceError(f"text_attribute_weight {self.text_attribute_weight!r} and vae_init {self.vae_init!r} are settings of --arch sd (toysd), not of --arch {self.arch}")
+        if self.vae_init and self.init:
+            raise HspaceError(f"vae_init {self.vae_init!r} and init {self.init!r} both give the autoencoder: --init takes the folder's autoencoder, U-Net and text encoder, --vae-init its autoencoder alone")
         if self.resolution and (self.arch != "dit" or self.resolution > self.size or self.size % self.resolution or self.resolution % 2):
             raise HspaceError(f"resolution {self.resolution!r} must be 0 (the size) or, for --arch dit only, an even divisor of the size {self.size} (e.g. {self.size // 2})")
         if self.arch == "dit":
@@ -459,10 +470,12 @@ def _flow_training_step(model, ema, optimizer, generator, pool, alphas, t_weight
     return _update(model, ema, optimizer, (prediction.float() - target) ** 2, weight_map, config, step)
 
 
-def _update(model, ema, optimizer, error: torch.Tensor, weight_map, config: TrainConfig, step: int) -> float:
-    """The loss (the mean squared ``error``, per pixel weighted by ``weight_map`` when given), the optimizer step
-    (clipped gradients, the run's learning rate) and the EMA update."""
+def _update(model, ema, optimizer, error: torch.Tensor, weight_map, config: TrainConfig, step: int, extra: torch.Tensor | None = None) -> float:
+    """The loss (the mean squared ``error``, per pixel weighted by ``weight_map`` when given, plus an ``extra`` term),
+    the optimizer step (clipped gradients, the run's learning rate) and the EMA update."""
     loss = error.mean() if weight_map is None else (error * weight_map).mean() / weight_map.mean()
+    if extra is not None:
+        loss = loss + extra
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(config, step)
     optimizer.zero_grad(set_to_none=True)
