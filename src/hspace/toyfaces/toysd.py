@@ -105,7 +105,6 @@ def _init_from_folder(config, vae_config, vae_path: Path, vocab_size: int) -> di
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-
     source = _toysd_folder("--init", config.init, ("unet", "text_encoder", "vae"))
     unet = UNet2DConditionModel.from_pretrained(str(source / "unet")).float()
     text_encoder = CLIPTextModel.from_pretrained(str(source / "text_encoder")).float()
