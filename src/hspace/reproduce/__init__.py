@@ -103,6 +103,6 @@ def compare(outs: list[str | Path]) -> str:
         reports.append((f"`{spec['model']}` (h at {spec['h_location']}; {key['steps']} steps, bank {key['bank_n']})", sections))
     lines = ["| claim | " + " | ".join(label for label, _ in reports) + " |", "|---" * (len(reports) + 1) + "|"]
     for claim in CLAIMS:
-        cells = [f"**{s[claim.NAME]['verdict']['state']}**{deciding_short(s[claim.NAME]['verdict'])}: {claim.headline(s[claim.NAME])}" for _, s in reports]
+        cells = [f"**{s[claim.NAME]['verdict']['state']}**{deciding_short(s[claim.NAME]['verdict'].get('decide_at'))}: {claim.headline(s[claim.NAME])}" for _, s in reports]
         lines.append(f"| {TITLES[claim.NAME]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

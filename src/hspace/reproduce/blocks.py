@@ -183,7 +183,7 @@ def render(summary: dict, figure: str) -> list[str]:
     ]
     for name, m in summary["blocks"].items():
         mark = f"**{name}**" if name == order["winner"] else name
-        verdicts = ", ".join(m["verdicts"][c.NAME] + deciding_short({"decide_at": m.get("decide_at", {}).get(c.NAME)}) for c in CLAIMS)
+        verdicts = ", ".join(m["verdicts"][c.NAME] + deciding_short(m.get("decide_at", {}).get(c.NAME)) for c in CLAIMS)
         lines.append(f"| {mark} | " + " | ".join(f"{m[key]:.2f}" for key, _, _ in METRICS) + f" | {order['mean_rank'][name]:.2f} | {verdicts} |")
     margins = "; ".join(f"{title}: {v['winner']:.2f} against the best other block's {v['best_other']:.2f}"
                         for (key, title, _), v in zip(METRICS, order["margins"].values()))

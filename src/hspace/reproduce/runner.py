@@ -426,9 +426,9 @@ def deciding(verdict: dict) -> str:
     return f" (about {more['factor']:g}x the samples would decide it, as {more['state']}, if the means stay{field})"
 
 
-def deciding_short(verdict: dict) -> str:
-    """``deciding`` for a table cell: the factor of samples that would decide an undecided verdict, and which way."""
-    more = verdict.get("decide_at")
+def deciding_short(more: dict | None) -> str:
+    """``deciding`` for a table cell, from a verdict's ``decide_at``: the factor of samples that would decide it, and
+    which way (empty for a decided verdict)."""
     if not more:
         return ""
     return f" (>{more['tried_up_to']}x n)" if more["factor"] is None else f" ({more['factor']:g}x n: {more['state']})"

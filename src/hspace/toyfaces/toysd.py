@@ -272,9 +272,7 @@ def scaling_factor(latents: torch.Tensor) -> float:
 
 
 def _train_unet(path: Path, config, state, latents: torch.Tensor, labels: dict, tokenizer, callback, device, init: dict | None = None) -> None:
-    from .train import _update, timestep_weights
-
-    from .train import loss_weight_map
+    from .train import _update, loss_weight_map, timestep_weights
 
     scale, alphas = scaling_factor(latents), sd_alphas()
     t_weights = timestep_weights(alphas, config.v_weight_cap)  # 1: the plain epsilon loss
